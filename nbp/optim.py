@@ -1,0 +1,51 @@
+"""The optimizer of every family, from `config.optimizer`.
+
+AdamW with linear warmup and cosine decay (optax schedules), global-norm
+clipping, and weight decay on matrices only ("kernel" and "embedding" leaves,
+never biases, norm scales or learned scalars). The EMA of the parameters is kept
+in the train state and updated with `optax.incremental_update`.
+"""
+
+from __future__ import annotations
+
+import jax
+import ml_collections
+import optax
+
+# Parameter leaf names that get weight decay.
+DECAYED_LEAVES = ("kernel", "embedding")
+
+
+def learning_rate_schedule(cfg: ml_collections.ConfigDict, num_steps: int) -> optax.Schedule:
+  """Linear warmup to cfg.lr, then cosine (or constant) to cfg.lr * cfg.final_lr_fraction."""
+  warmup = min(int(cfg.warmup_steps), max(num_steps - 1, 0))
+  if cfg.schedule == "cosine":
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=cfg.lr, warmup_steps=warmup,
+        decay_steps=max(num_steps, warmup + 1), end_value=cfg.lr * cfg.final_lr_fraction)
+  if cfg.schedule == "constant":
+    return optax.join_schedules(
+        [optax.linear_schedule(0.0, cfg.lr, max(warmup, 1)), optax.constant_schedule(cfg.lr)], [warmup])
+  raise ValueError(f"config.optimizer.schedule={cfg.schedule!r}: expected 'cosine' or 'constant'.")
+
+
+def weight_decay_mask(params):
+  """True for the leaves that are decayed: matrices named kernel or embedding."""
+  def decayed(path, _):
+    last = path[-1]
+    name = getattr(last, "key", getattr(last, "name", str(last)))
+    return name in DECAYED_LEAVES
+  return jax.tree_util.tree_map_with_path(decayed, params)
+
+
+def make_optimizer(cfg: ml_collections.ConfigDict, num_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """Returns the optimizer and its learning-rate schedule (for logging)."""
+  schedule = learning_rate_schedule(cfg, num_steps)
+  if cfg.name != "adamw":
+    raise ValueError(f"config.optimizer.name={cfg.name!r}: only 'adamw' is available.")
+  chain = []
+  if cfg.clip_norm:
+    chain.append(optax.clip_by_global_norm(cfg.clip_norm))
+  chain.append(optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
+                           weight_decay=cfg.weight_decay, mask=weight_decay_mask))
+  return optax.chain(*chain), schedule

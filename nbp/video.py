@@ -1,0 +1,75 @@
+"""Writing videos to look at: animated GIFs (imageio) and PNG frame grids (matplotlib).
+
+Videos are uint8 [N, F, H, W, C] with C in {1, 3}.
+"""
+
+from __future__ import annotations
+
+import imageio.v3 as iio
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+import numpy as np
+
+
+def _check(videos: np.ndarray) -> np.ndarray:
+  videos = np.asarray(videos)
+  if videos.ndim != 5 or videos.shape[-1] not in (1, 3) or videos.dtype != np.uint8:
+    raise ValueError(f"videos must be uint8 [N, F, H, W, 1|3], got {videos.dtype} {videos.shape}")
+  return videos
+
+
+def tile(videos: np.ndarray, columns: int | None = None, pad: int = 1) -> np.ndarray:
+  """[N, F, H, W, C] -> [F, rows*(H+pad), columns*(W+pad), C]: the videos side by side."""
+  videos = _check(videos)
+  n, f, h, w, c = videos.shape
+  columns = columns or int(np.ceil(np.sqrt(n)))
+  rows = int(np.ceil(n / columns))
+  canvas = np.full((f, rows * (h + pad) + pad, columns * (w + pad) + pad, c), 128, np.uint8)
+  for i in range(n):
+    r, col = divmod(i, columns)
+    canvas[:, pad + r * (h + pad):pad + r * (h + pad) + h, pad + col * (w + pad):pad + col * (w + pad) + w] = videos[i]
+  return canvas
+
+
+def save_gif(path: str, videos: np.ndarray, *, fps: int = 8, scale: int = 4) -> None:
+  """All videos tiled in one looping GIF, each pixel scaled up `scale` times."""
+  frames = tile(videos)
+  frames = frames.repeat(scale, axis=1).repeat(scale, axis=2)
+  if frames.shape[-1] == 1:
+    frames = frames[..., 0]
+  iio.imwrite(path, frames, extension=".gif", duration=1000 / fps, loop=0)
+
+
+def save_frame_grid(path: str, videos: np.ndarray, *, max_videos: int = 8, title: str = "") -> None:
+  """A PNG with one row per video and one column per frame."""
+  videos = _check(videos)[:max_videos]
+  n, f = videos.shape[:2]
+  fig, axes = plt.subplots(n, f, figsize=(f * 0.8, n * 0.8), squeeze=False)
+  for i in range(n):
+    for j in range(f):
+      frame = videos[i, j]
+      axes[i, j].imshow(frame[..., 0] if frame.shape[-1] == 1 else frame, cmap="gray", vmin=0, vmax=255)
+      axes[i, j].axis("off")
+  if title:
+    fig.suptitle(title)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+
+
+def save_loss_plot(path: str, rows: list[dict], keys=("loss", "eval/loss")) -> None:
+  """Loss curves from metrics.jsonl rows."""
+  fig, ax = plt.subplots(figsize=(6, 4))
+  for key in keys:
+    points = [(r["step"], r[key]) for r in rows if key in r]
+    if points:
+      ax.plot(*zip(*points), label=key, marker="o" if len(points) < 20 else None)
+  ax.set_xlabel("step")
+  ax.set_ylabel("cross-entropy (nats/token)")
+  ax.legend()
+  ax.grid(alpha=0.3)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
