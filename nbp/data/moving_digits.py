@@ -1,0 +1,265 @@
+"""Moving digits: Moving-MNIST-style videos from sklearn's real 8x8 digit scans.
+
+Dimension letters: N examples, F frames, H height, W width, C channels (1),
+D digits per video, S sprite side (8 * digit_scale).
+
+The 1,797 scans of `sklearn.datasets.load_digits()` are split once, by a fixed
+permutation, into a train pool (80%) and a test pool (20%); a video of the train
+split only shows scans of the train pool, so no test scan is ever seen in
+training, whatever the seed. Example i of a split is drawn from its own
+generator `np.random.default_rng([seed, split_id, i])`: examples are random
+access and do not depend on how many are generated.
+
+Each digit starts at a random position, moves `speed` pixels per frame in a
+random direction and bounces off the borders; digits are combined by max.
+
+Two tfds builders write the data as ArrayRecord without TensorFlow:
+`MovingDigits` (configs named from their knobs, see `moving_digits_config`) and
+`Digits` (the still 8x8 scans). `build` prepares either into a data_dir.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+from nbp.data.generated import GeneratedBuilder
+
+SPLIT_IDS = {"train": 0, "test": 1}  # split name -> id folded into the RNG
+TRAIN_FRACTION = 0.8  # share of the sklearn scans in the train pool
+_POOL_SEED = 20240511  # fixed: the train/test pools never change
+
+
+@functools.cache
+def _digits() -> tuple[np.ndarray, np.ndarray]:
+  """Returns (images uint8 [1797, 8, 8] in 0..255, labels int32 [1797])."""
+  from sklearn.datasets import load_digits  # pylint: disable=g-import-not-at-top
+  d = load_digits()
+  images = np.round(d.images * (255.0 / 16.0)).astype(np.uint8)
+  return images, d.target.astype(np.int32)
+
+
+@functools.cache
+def digit_pool(split: str) -> np.ndarray:
+  """sklearn scan indices (int64 [P]) a split may draw from; pools are disjoint."""
+  if split not in SPLIT_IDS:
+    raise ValueError(f"split must be one of {sorted(SPLIT_IDS)}, got {split!r}")
+  n = len(_digits()[1])
+  perm = np.random.default_rng(_POOL_SEED).permutation(n)
+  n_train = int(TRAIN_FRACTION * n)
+  pool = perm[:n_train] if split == "train" else perm[n_train:]
+  return np.sort(pool)
+
+
+def default_digit_scale(frame_size: int) -> int:
+  """Integer upscale of the 8x8 sprite: 1 up to 32 px frames, frame_size // 32 above."""
+  return 1 if frame_size <= 32 else frame_size // 32
+
+
+def _bounce(pos: float, vel: float, limit: float) -> tuple[float, float]:
+  """Reflects a 1D position off the walls [0, limit]."""
+  pos += vel
+  if pos < 0:
+    pos, vel = -pos, -vel
+  if pos > limit:
+    pos, vel = 2 * limit - pos, -vel
+  return min(max(pos, 0.0), limit), vel
+
+
+def moving_digits_example(
+    index: int,
+    *,
+    seed: int,
+    split: str,
+    num_frames: int = 16,
+    frame_size: int = 32,
+    num_digits: int = 2,
+    speed: float = 2.0,
+    digit_scale: int | None = None,
+) -> dict[str, np.ndarray]:
+  """One video: video uint8 [F,H,W,1], label int32 [D], digit_index int32 [D]."""
+  scale = digit_scale or default_digit_scale(frame_size)
+  side = 8 * scale  # S
+  if side > frame_size:
+    raise ValueError(f"digit sprite {side}px does not fit a {frame_size}px frame")
+  images, labels = _digits()
+  rng = np.random.default_rng([seed, SPLIT_IDS[split], index])
+  chosen = rng.choice(digit_pool(split), size=num_digits)  # [D]
+  limit = float(frame_size - side)
+  video = np.zeros((num_frames, frame_size, frame_size), np.uint8)
+  for idx in chosen:
+    sprite = np.kron(images[idx], np.ones((scale, scale), np.uint8))  # [S, S]
+    y, x = rng.uniform(0, limit, size=2)
+    angle = rng.uniform(0, 2 * np.pi)
+    vy, vx = speed * np.sin(angle), speed * np.cos(angle)
+    for f in range(num_frames):
+      r, c = int(round(y)), int(round(x))
+      window = video[f, r:r + side, c:c + side]
+      np.maximum(window, sprite, out=window)
+      y, vy = _bounce(y, vy, limit)
+      x, vx = _bounce(x, vx, limit)
+  return {
+      "video": video[..., None],
+      "label": labels[chosen].astype(np.int32),
+      "digit_index": chosen.astype(np.int32),
+  }
+
+
+def make_moving_digits(
+    num_videos: int,
+    *,
+    seed: int,
+    split: str,
+    num_frames: int = 16,
+    frame_size: int = 32,
+    num_digits: int = 2,
+    speed: float = 2.0,
+    digit_scale: int | None = None,
+) -> dict[str, np.ndarray]:
+  """Videos 0..N-1 of a split, stacked.
+
+  Returns:
+    video: uint8 [N, F, H, W, 1] in 0..255 (H = W = frame_size).
+    label: int32 [N, D], the classes 0..9 of the digits shown.
+    digit_index: int32 [N, D], the sklearn scan each digit comes from.
+  """
+  examples = [
+      moving_digits_example(
+          i, seed=seed, split=split, num_frames=num_frames,
+          frame_size=frame_size, num_digits=num_digits, speed=speed,
+          digit_scale=digit_scale)
+      for i in range(num_videos)
+  ]
+  return {k: np.stack([e[k] for e in examples]) for k in examples[0]}
+
+
+# ----------------------------------------------------------------- tfds builders
+
+
+@dataclasses.dataclass(eq=False)
+class MovingDigitsConfig(tfds.core.BuilderConfig):
+  """The knobs of a moving digits dataset."""
+  num_frames: int = 16  # F
+  frame_size: int = 32  # H = W
+  num_digits: int = 2  # D digits per video
+  speed: float = 2.0  # pixels per frame
+  num_train: int = 10_000  # videos in the train split
+  num_test: int = 1_000  # videos in the test split
+  seed: int = 0  # folded with (split, index) into each example's RNG
+
+
+_KNOB_DEFAULTS = {f.name: f.default for f in dataclasses.fields(MovingDigitsConfig)
+                  if f.name in ("num_frames", "frame_size", "num_digits", "speed",
+                                "num_train", "num_test", "seed")}
+
+
+def moving_digits_config(name: str | None = None, **knobs) -> MovingDigitsConfig:
+  """A config named from its knobs, e.g. "f16_s32_d2" or "f8_s16_d1_v3_n64-16_seed1".
+
+  The name holds frames, size and digits always, and speed (v), split sizes (n)
+  and seed only where they differ from the defaults. `name` overrides it (used
+  for the registered configs); knobs are the fields of `MovingDigitsConfig`.
+  """
+  unknown = set(knobs) - set(_KNOB_DEFAULTS)
+  if unknown:
+    raise ValueError(f"unknown knobs {sorted(unknown)}; known: {sorted(_KNOB_DEFAULTS)}")
+  k = {**_KNOB_DEFAULTS, **knobs}
+  auto_name = f"f{k['num_frames']}_s{k['frame_size']}_d{k['num_digits']}"
+  if k["speed"] != _KNOB_DEFAULTS["speed"]:
+    auto_name += f"_v{k['speed']:g}"
+  if (k["num_train"], k["num_test"]) != (_KNOB_DEFAULTS["num_train"], _KNOB_DEFAULTS["num_test"]):
+    auto_name += f"_n{k['num_train']}-{k['num_test']}"
+  if k["seed"] != _KNOB_DEFAULTS["seed"]:
+    auto_name += f"_seed{k['seed']}"
+  if name is None:
+    name = auto_name
+  return MovingDigitsConfig(name=name, description=f"moving digits {k}", **k)
+
+
+class MovingDigits(GeneratedBuilder):
+  """Moving digits videos; features video uint8 [F,H,W,1], label int32 [D]."""
+
+  VERSION = tfds.core.Version("1.0.0")
+  BUILDER_CONFIGS = [
+      moving_digits_config(),  # f16_s32_d2: 10k train, 1k test
+      moving_digits_config(name="f8_s16_d1", num_frames=8, frame_size=16, num_digits=1,
+                           num_train=512, num_test=128),  # f8_s16_d1: tiny
+  ]
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    c = self.builder_config
+    return tfds.core.DatasetInfo(
+        builder=self,
+        description=__doc__.split("\n")[0],
+        features=tfds.features.FeaturesDict({
+            "video": tfds.features.Tensor(
+                shape=(c.num_frames, c.frame_size, c.frame_size, 1), dtype=np.uint8),
+            "label": tfds.features.Tensor(shape=(c.num_digits,), dtype=np.int32),
+            "digit_index": tfds.features.Tensor(shape=(c.num_digits,), dtype=np.int32),
+        }),
+    )
+
+  def _split_generators(self, dl_manager):
+    del dl_manager  # generated, nothing to download
+    c = self.builder_config
+    return {"train": self._generate_examples("train", c.num_train),
+            "test": self._generate_examples("test", c.num_test)}
+
+  def _generate_examples(self, split: str, num: int):
+    c = self.builder_config
+    for i in range(num):
+      yield i, moving_digits_example(
+          i, seed=c.seed, split=split, num_frames=c.num_frames,
+          frame_size=c.frame_size, num_digits=c.num_digits, speed=c.speed)
+
+
+class Digits(GeneratedBuilder):
+  """sklearn's 8x8 scans: image uint8 [8,8,1] (0..255), label int32, index int32.
+
+  The train/test splits are the same 80/20 pools as `MovingDigits` uses.
+  """
+
+  VERSION = tfds.core.Version("1.0.0")
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    return tfds.core.DatasetInfo(
+        builder=self,
+        description="sklearn load_digits 8x8 scans",
+        features=tfds.features.FeaturesDict({
+            "image": tfds.features.Tensor(shape=(8, 8, 1), dtype=np.uint8),
+            "label": tfds.features.Tensor(shape=(), dtype=np.int32),
+            "digit_index": tfds.features.Tensor(shape=(), dtype=np.int32),
+        }),
+    )
+
+  def _split_generators(self, dl_manager):
+    del dl_manager
+    return {s: self._generate_examples(s) for s in SPLIT_IDS}
+
+  def _generate_examples(self, split: str):
+    images, labels = _digits()
+    for idx in digit_pool(split):
+      yield int(idx), {"image": images[idx][..., None], "label": labels[idx],
+                       "digit_index": np.int32(idx)}
+
+
+def build(name_or_builder: str | tfds.core.DatasetBuilder,
+          data_dir: str | None = None) -> tfds.core.DatasetBuilder:
+  """Prepares a generated dataset as ArrayRecord in data_dir; returns its builder.
+
+  `name_or_builder` is a tfds name ("moving_digits/f8_s16_d1", "digits") or a
+  builder, e.g. `MovingDigits(config=moving_digits_config(...), data_dir=d)`.
+  Nothing is downloaded; an already prepared dataset is reused as is.
+  """
+  if isinstance(name_or_builder, str):
+    builder = tfds.builder(name_or_builder, data_dir=data_dir,
+                           file_format="array_record")
+  else:
+    builder = name_or_builder
+    if data_dir is not None and str(builder.data_dir_root) != str(data_dir):
+      raise ValueError(f"builder writes to {builder.data_dir_root}, not {data_dir}")
+  builder.download_and_prepare(file_format="array_record")
+  return builder

@@ -1,0 +1,234 @@
+"""Grain input pipelines: sources, per-host sharding, transforms, checkpointable iterators.
+
+Dimension letters: B per-host batch, F frames, H height, W width, C channels,
+L tokens per example (F*H*W), T text window (seq_len + 1).
+
+A pipeline is `MapDataset.source(source)` -> this host's shard -> shuffle ->
+repeat -> transforms -> batch -> `IterDataset`. Sharding comes first (grain's
+advice): each host owns a fixed, disjoint slice of the examples and shuffles it
+anew every epoch. The iterator's position is a small dict (`get_state()`), and
+`iterator_checkpoint_args` wraps the iterator for orbax so it is saved with the
+model:
+
+    mngr.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state),
+        data=iterator_checkpoint_args(it, save=True)))
+    mngr.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state),
+        data=iterator_checkpoint_args(fresh_it, save=False)))  # restores in place
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Any, SupportsIndex
+
+import grain
+import numpy as np
+import tensorflow_datasets as tfds
+
+Transform = grain.transforms.Map | grain.transforms.RandomMap | Callable[[Any], Any]
+
+
+def load_source(builder_or_name: str | tfds.core.DatasetBuilder, split: str,
+                data_dir: str | None = None):
+  """A random-access source (`len`, `[i]`) over a prepared ArrayRecord tfds dataset."""
+  if isinstance(builder_or_name, str):
+    builder = tfds.builder(builder_or_name, data_dir=data_dir)
+  else:
+    builder = builder_or_name
+  return builder.as_data_source(split)
+
+
+def _process_defaults(process_index: int | None, process_count: int | None):
+  if process_index is None or process_count is None:
+    import jax  # pylint: disable=g-import-not-at-top
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"process_index {process_index} not in [0, {process_count})")
+  return process_index, process_count
+
+
+def shard_dataset(ds: grain.MapDataset, process_index: int,
+                  process_count: int) -> grain.MapDataset:
+  """This host's slice `[i::n]` of the first len - len % n examples (equal shards)."""
+  usable = len(ds) - len(ds) % process_count
+  if usable == 0:
+    raise ValueError(f"{len(ds)} examples cannot be shared by {process_count} processes")
+  return ds[:usable][process_index::process_count]
+
+
+def make_dataset(
+    source,
+    *,
+    global_batch_size: int,
+    seed: int,
+    shuffle: bool = True,
+    num_epochs: int | None = None,
+    transforms: Sequence[Transform] = (),
+    process_index: int | None = None,
+    process_count: int | None = None,
+    drop_remainder: bool = True,
+) -> grain.MapDataset:
+  """The MapDataset behind `make_iterator` (batches of B = global // processes)."""
+  process_index, process_count = _process_defaults(process_index, process_count)
+  if global_batch_size % process_count:
+    raise ValueError(
+        f"global_batch_size {global_batch_size} is not divisible by "
+        f"process_count {process_count}")
+  ds = grain.MapDataset.source(source)
+  ds = shard_dataset(ds, process_index, process_count)
+  if shuffle:
+    ds = ds.shuffle(seed=seed)  # a new order every epoch
+  ds = ds.repeat(num_epochs)
+  for i, t in enumerate(transforms):
+    if isinstance(t, grain.transforms.RandomMap):
+      ds = ds.random_map(t, seed=seed + 1 + i)
+    else:
+      ds = ds.map(t)
+  return ds.batch(global_batch_size // process_count, drop_remainder=drop_remainder)
+
+
+def make_iterator(
+    source,
+    *,
+    global_batch_size: int,
+    seed: int,
+    shuffle: bool = True,
+    num_epochs: int | None = None,
+    transforms: Sequence[Transform] = (),
+    process_index: int | None = None,
+    process_count: int | None = None,
+    drop_remainder: bool = True,
+    worker_count: int = 0,
+    read_threads: int = 4,
+) -> grain.DatasetIterator:
+  """A checkpointable iterator of this host's batches (leading dim B).
+
+  Args:
+    source: random-access source (`__len__`, `__getitem__`) of example dicts.
+    global_batch_size: batch over all hosts; each host yields B = this // hosts.
+    seed: shuffle seed (and the seed of random transforms).
+    shuffle: reshuffle every epoch.
+    num_epochs: passes over the data; None repeats forever.
+    transforms: grain Map / RandomMap transforms or plain functions, in order.
+    process_index, process_count: this host and the host count; default jax's.
+    drop_remainder: drop a last partial batch (finite epochs only).
+    worker_count: >0 decodes in that many worker processes (`mp_prefetch`).
+    read_threads: threads prefetching examples in this process.
+  """
+  ds = make_dataset(
+      source, global_batch_size=global_batch_size, seed=seed, shuffle=shuffle,
+      num_epochs=num_epochs, transforms=transforms, process_index=process_index,
+      process_count=process_count, drop_remainder=drop_remainder)
+  it_ds = ds.to_iter_dataset(grain.ReadOptions(
+      num_threads=read_threads, prefetch_buffer_size=max(read_threads, 1) * 2))
+  if worker_count > 0:
+    it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
+  return iter(it_ds)
+
+
+def iterator_checkpoint_args(iterator: grain.DatasetIterator, save: bool):
+  """Orbax args for the iterator: `grain.checkpoint.CheckpointSave/Restore`.
+
+  Put it under a key of `ocp.args.Composite` (the trainer uses "data"); restore
+  writes the saved position into `iterator` in place.
+  """
+  if save:
+    return grain.checkpoint.CheckpointSave(iterator)
+  return grain.checkpoint.CheckpointRestore(iterator)
+
+
+# -------------------------------------------------------------------- transforms
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantizeVideoToTokens(grain.transforms.Map):
+  """Replaces video uint8 [F,H,W,1] by tokens int32 [L=F*H*W] in 0..levels-1."""
+  levels: int = 16  # number of grey levels (the vocabulary)
+  key: str = "video"  # the field to quantize
+
+  def map(self, element: dict[str, Any]) -> dict[str, Any]:
+    element = dict(element)
+    video = np.asarray(element.pop(self.key))
+    if video.dtype != np.uint8:
+      raise ValueError(f"{self.key} must be uint8, got {video.dtype}")
+    element["tokens"] = quantize_video(video, self.levels).reshape(-1)
+    return element
+
+
+def quantize_video(video: np.ndarray, levels: int) -> np.ndarray:
+  """uint8 [...] -> int32 [...] in 0..levels-1 (uniform bins over 0..255)."""
+  return (video.astype(np.int32) * levels) // 256
+
+
+def dequantize_tokens(tokens, levels: int, shape: Sequence[int]) -> np.ndarray:
+  """int tokens [..., L] -> uint8 frames [..., *shape] at the bin centres.
+
+  `shape` is one example's frame shape (F, H, W, 1); leading batch dims are kept.
+  Inverts `quantize_video` exactly on tokens: quantize(dequantize(t)) == t.
+  """
+  tokens = np.asarray(tokens)
+  values = (tokens.astype(np.float64) + 0.5) * (256.0 / levels)
+  frames = np.clip(np.floor(values), 0, 255).astype(np.uint8)
+  return frames.reshape(tokens.shape[:-1] + tuple(shape))
+
+
+@dataclasses.dataclass(frozen=True)
+class NormalizeVideo(grain.transforms.Map):
+  """video uint8 [...] in 0..255 -> float32 in [-1, 1]."""
+  key: str = "video"  # the field to normalize
+
+  def map(self, element: dict[str, Any]) -> dict[str, Any]:
+    element = dict(element)
+    element[self.key] = np.asarray(element[self.key], np.float32) / 127.5 - 1.0
+    return element
+
+
+# ------------------------------------------------------------------------- text
+
+
+@dataclasses.dataclass(frozen=True)
+class TextBytesSource:
+  """Random-access windows of T = seq_len + 1 UTF-8 bytes as int32 tokens (vocab 256).
+
+  Window i starts at byte i * seq_len, so consecutive windows overlap by one
+  byte and the last target of one is the first input of the next.
+  """
+  data: np.ndarray  # uint8 [total bytes] of the split's concatenated text
+  seq_len: int  # model input length; windows hold seq_len + 1 tokens
+  topics: tuple[str, ...]  # the documents (pydoc topics) in this split
+
+  def __len__(self) -> int:
+    return max(0, (len(self.data) - 1) // self.seq_len)
+
+  def __getitem__(self, index: SupportsIndex) -> dict[str, np.ndarray]:
+    i = int(index)
+    if not 0 <= i < len(self):
+      raise IndexError(f"window {i} out of range [0, {len(self)})")
+    start = i * self.seq_len
+    return {"tokens": self.data[start:start + self.seq_len + 1].astype(np.int32)}
+
+
+TEXT_TEST_EVERY = 10  # every 10th topic (sorted by name) is held out for test
+
+
+def text_bytes_source(split: str, seq_len: int) -> TextBytesSource:
+  """CPython's documentation topics (`pydoc_data.topics`) as byte windows.
+
+  Topics are sorted by name; topic k goes to test when k % 10 == 0, else train,
+  so no document is in both. Texts are joined with a blank line. Returns a
+  source of {"tokens": int32 [seq_len + 1]}.
+  """
+  from pydoc_data.topics import topics  # pylint: disable=g-import-not-at-top
+  if split not in ("train", "test"):
+    raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+  if seq_len < 1:
+    raise ValueError(f"seq_len must be positive, got {seq_len}")
+  names = sorted(topics)
+  chosen = tuple(n for k, n in enumerate(names)
+                 if (k % TEXT_TEST_EVERY == 0) == (split == "test"))
+  text = "\n\n".join(topics[n] for n in chosen).encode("utf-8")
+  return TextBytesSource(np.frombuffer(text, np.uint8), seq_len, chosen)

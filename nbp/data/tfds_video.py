@@ -1,0 +1,139 @@
+"""Readers of the tfds-prepared UCF-101 and ImageNet-2012 (ArrayRecord), without TensorFlow.
+
+Dimension letters: F frames, S output side, H/W stored frame size, C = 3.
+
+ImageNet goes through tfds itself: `tfds.builder("imagenet2012", data_dir)
+.as_data_source(split)` reads the ArrayRecord shards and decodes the JPEG with
+PIL, no TensorFlow involved.
+
+UCF-101 cannot: tfds's `Video` feature calls TensorFlow in its constructor
+(checked with tfds 4.9.10), so neither the `ucf101` builder nor a builder
+rebuilt from the prepared folder can be created here. Its on-disk format is
+plain though: each ArrayRecord record is a serialized `tf.train.Example` with
+"video" (bytes list, one JPEG per frame) and "label" (int64). `Ucf101Source`
+opens the shards `data_dir/ucf101/<config>/<version>/ucf101-<split>.array_record-*`
+with array_record, parses the record with the proto bundled in tfds and
+decodes only the frames of the clip with PIL.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import io
+import os
+from typing import SupportsIndex
+
+import numpy as np
+from PIL import Image
+
+from nbp.data import frames as frames_lib
+
+# Stored frame shape (H, W, C) of each tfds ucf101 config; None = any size.
+UCF101_FRAME_SHAPES = {
+    "ucf101_1_256": (256, 256, 3),
+    "ucf101_1": (None, None, 3),
+    "ucf101_2": (None, None, 3),
+    "ucf101_3": (None, None, 3),
+}
+UCF101_VERSION = "2.0.0"  # version of tfds's ucf101 builder
+
+
+def _decode_jpeg(data: bytes) -> np.ndarray:
+  with Image.open(io.BytesIO(data)) as im:
+    return np.asarray(im)
+
+
+@dataclasses.dataclass
+class Ucf101Source:
+  """Random access over tfds ucf101: {"video": uint8 [F,S,S,3], "label": int32}.
+
+  The clip starts at the video's centre clip, or, with `random_clip`, at a start
+  drawn once per example from `default_rng([seed, index])`.
+  """
+  split: str  # "train" or "test"
+  data_dir: str  # tfds data_dir holding ucf101/<config>/<version>/
+  num_frames: int  # F frames per clip
+  frame_size: int  # S output side (short-side resize + centre crop)
+  frame_stride: int = 1  # take every k-th frame
+  config: str = "ucf101_1_256"  # tfds config; sets the expected stored frame shape
+  version: str = UCF101_VERSION  # tfds dataset version folder
+  random_clip: bool = False  # fixed random start per example instead of the centre
+  seed: int = 0  # seed of the random clip starts
+
+  def __post_init__(self):
+    from array_record.python import array_record_data_source  # pylint: disable=g-import-not-at-top
+    folder = os.path.join(os.fspath(self.data_dir), "ucf101", self.config, self.version)
+    pattern = os.path.join(folder, f"ucf101-{self.split}.array_record-*")
+    self.paths = sorted(glob.glob(pattern))
+    if not self.paths:
+      raise ValueError(f"no ucf101 ArrayRecord shards match {pattern}")
+    self.frame_shape = UCF101_FRAME_SHAPES.get(self.config, (None, None, 3))
+    self._records = array_record_data_source.ArrayRecordDataSource(self.paths)
+
+  def __len__(self) -> int:
+    return len(self._records)
+
+  def __getitem__(self, index: SupportsIndex) -> dict[str, np.ndarray]:
+    from tensorflow_datasets.proto import tf_example_pb2  # pylint: disable=g-import-not-at-top
+    i = int(index)
+    example = tf_example_pb2.Example.FromString(self._records[i])
+    feature = example.features.feature
+    if "video" not in feature or "label" not in feature:
+      raise ValueError(f"ucf101 example {i} lacks video/label, has {sorted(feature)}")
+    encoded = feature["video"].bytes_list.value  # one JPEG per frame
+    if not encoded:
+      raise ValueError(f"ucf101 example {i} has no frames")
+    if self.random_clip:
+      span = self.frame_stride * (self.num_frames - 1) + 1
+      rng = np.random.default_rng([self.seed, i])
+      start = int(rng.integers(0, max(1, len(encoded) - span + 1)))
+    else:
+      start = frames_lib.center_start(len(encoded), self.num_frames, self.frame_stride)
+    clip = []
+    for j in frames_lib.clip_indices(len(encoded), self.num_frames, self.frame_stride, start):
+      frame = _decode_jpeg(encoded[j])
+      frames_lib.check_array(frame, self.frame_shape, np.uint8, index=i,
+                             what=f"ucf101/{self.config} frame {j}")
+      clip.append(frames_lib.resize_center_crop(frame, self.frame_size))
+    return {"video": np.stack(clip),
+            "label": np.int32(feature["label"].int64_list.value[0])}
+
+
+def ucf101_source(split: str, data_dir: str, *, num_frames: int, frame_size: int,
+                  **kwargs) -> Ucf101Source:
+  """tfds ucf101 clips {"video": uint8 [F,S,S,3], "label": int32}; see `Ucf101Source`."""
+  return Ucf101Source(split, data_dir, num_frames, frame_size, **kwargs)
+
+
+@dataclasses.dataclass
+class ImagenetSource:
+  """Random access over tfds imagenet2012: {"image": uint8 [S,S,3], "label": int32}.
+
+  Images are short-side resized to S and centre cropped (the evaluation crop).
+  """
+  split: str  # "train" or "validation" (or any tfds split string)
+  data_dir: str  # tfds data_dir holding imagenet2012/<version>/
+  image_size: int  # S output side
+
+  def __post_init__(self):
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+    self.builder = tfds.builder("imagenet2012", data_dir=os.fspath(self.data_dir))
+    self._source = self.builder.as_data_source(self.split)
+
+  def __len__(self) -> int:
+    return len(self._source)
+
+  def __getitem__(self, index: SupportsIndex) -> dict[str, np.ndarray]:
+    i = int(index)
+    example = self._source[i]
+    image = np.asarray(example["image"])
+    frames_lib.check_array(image, (None, None, 3), np.uint8, index=i,
+                           what="imagenet2012 image")
+    return {"image": frames_lib.resize_center_crop(image, self.image_size),
+            "label": np.int32(example["label"])}
+
+
+def imagenet_source(split: str, data_dir: str, *, image_size: int) -> ImagenetSource:
+  """tfds imagenet2012 {"image": uint8 [S,S,3], "label": int32}; see `ImagenetSource`."""
+  return ImagenetSource(split, data_dir, image_size)

@@ -1,0 +1,420 @@
+"""Tests of nbp.data: generated datasets, grain pipelines, video/image loaders.
+
+Everything runs on CPU, offline, in tmp_path. The UCF-101 and ImageNet readers
+are exercised on tiny datasets written here by test-only tfds builders named
+`ucf101` / `imagenet2012` (config, version, split and feature names as the
+real ones), fed JPEG bytes so no TensorFlow is needed: the files on disk have
+the layout of the real prepared datasets, and the readers open them by the same
+path and code as on a pod.
+"""
+
+import io
+import os
+
+import av
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+import tensorflow_datasets as tfds
+from PIL import Image
+
+from nbp.data import moving_digits as md
+from nbp.data import pipeline
+from nbp.data import tfds_video
+from nbp.data.generated import GeneratedBuilder
+from nbp.data.video_folder import VideoFolderSource
+
+TINY = md.moving_digits_config(num_frames=6, frame_size=16, num_digits=2,
+                               num_train=24, num_test=8)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+  """A data_dir with the tiny moving digits config and the digits dataset."""
+  d = str(tmp_path_factory.mktemp("tfds"))
+  md.build(md.MovingDigits(config=TINY, data_dir=d), d)
+  md.build("digits", d)
+  return d
+
+
+def _all(source):
+  return {k: np.stack([source[i][k] for i in range(len(source))]) for k in source[0]}
+
+
+# ------------------------------------------------------------- moving digits
+
+
+def test_make_moving_digits_shapes_range_and_motion():
+  d = md.make_moving_digits(5, seed=0, split="train", num_frames=10, frame_size=32)
+  assert d["video"].shape == (5, 10, 32, 32, 1) and d["video"].dtype == np.uint8
+  assert d["label"].shape == (5, 2) and d["label"].dtype == np.int32
+  assert ((d["label"] >= 0) & (d["label"] <= 9)).all()
+  assert d["video"].max() > 100  # digits are drawn
+  for v in d["video"]:  # digits move: consecutive frames differ
+    assert all(not np.array_equal(v[f], v[f + 1]) for f in range(9))
+
+
+def test_single_digit_stays_inside_frame():
+  d = md.make_moving_digits(4, seed=1, split="train", num_frames=20, frame_size=16,
+                            num_digits=1, speed=3.0)
+  images, _ = md._digits()  # pylint: disable=protected-access
+  for video, idx in zip(d["video"], d["digit_index"][:, 0]):
+    sums = video.reshape(20, -1).sum(-1)
+    assert (sums == int(images[idx].sum())).all()  # the whole sprite is always shown
+
+
+def test_moving_digits_random_access_and_large_frames():
+  a = md.make_moving_digits(4, seed=3, split="test", num_frames=4)
+  b = md.moving_digits_example(3, seed=3, split="test", num_frames=4)
+  np.testing.assert_array_equal(a["video"][3], b["video"])
+  big = md.make_moving_digits(1, seed=0, split="train", num_frames=3, frame_size=64)
+  assert big["video"].shape == (1, 3, 64, 64, 1)
+  assert md.default_digit_scale(64) == 2
+
+
+def test_digit_pools_disjoint_and_cover():
+  train, test = md.digit_pool("train"), md.digit_pool("test")
+  assert not set(train) & set(test)
+  assert len(train) + len(test) == 1797 and len(test) == 1797 - int(0.8 * 1797)
+
+
+def test_config_names():
+  assert md.moving_digits_config().name == "f16_s32_d2"
+  assert md.moving_digits_config(speed=3, num_train=64, num_test=16, seed=1).name == (
+      "f16_s32_d2_v3_n64-16_seed1")
+  names = [c.name for c in md.MovingDigits.BUILDER_CONFIGS]
+  assert names == ["f16_s32_d2", "f8_s16_d1"]
+  with pytest.raises(ValueError, match="unknown knobs"):
+    md.moving_digits_config(fps=3)
+
+
+def test_builder_deterministic_disjoint_and_typed(tiny_dir, tmp_path):
+  other = str(tmp_path / "again")
+  md.build(md.MovingDigits(config=TINY, data_dir=other), other)
+  for split, n in (("train", 24), ("test", 8)):
+    a = _all(pipeline.load_source(md.MovingDigits(config=TINY, data_dir=tiny_dir), split))
+    b = _all(pipeline.load_source(md.MovingDigits(config=TINY, data_dir=other), split))
+    assert a["video"].shape == (n, 6, 16, 16, 1) and a["video"].dtype == np.uint8
+    assert a["label"].shape == (n, 2) and a["label"].dtype == np.int32
+    assert ((a["label"] >= 0) & (a["label"] <= 9)).all()
+    for k in a:
+      np.testing.assert_array_equal(a[k], b[k])
+  train = _all(pipeline.load_source(md.MovingDigits(config=TINY, data_dir=tiny_dir), "train"))
+  test = _all(pipeline.load_source(md.MovingDigits(config=TINY, data_dir=tiny_dir), "test"))
+  assert not set(train["digit_index"].ravel()) & set(test["digit_index"].ravel())
+  train_videos = {v.tobytes() for v in train["video"]}
+  assert not any(v.tobytes() in train_videos for v in test["video"])
+  # Rebuilding an already prepared dataset is a no-op that returns the builder.
+  assert md.build(md.MovingDigits(config=TINY, data_dir=tiny_dir), tiny_dir).info.splits[
+      "train"].num_examples == 24
+
+
+def test_digits_builder(tiny_dir):
+  train = _all(pipeline.load_source("digits", "train", tiny_dir))
+  test = _all(pipeline.load_source("digits", "test", tiny_dir))
+  assert train["image"].shape == (1437, 8, 8, 1) and train["image"].dtype == np.uint8
+  assert set(np.unique(train["label"])) == set(range(10))
+  assert not set(train["digit_index"]) & set(test["digit_index"])
+  np.testing.assert_array_equal(np.sort(test["digit_index"]), md.digit_pool("test"))
+
+
+def test_registered_tiny_config_builds(tmp_path):
+  b = md.build("moving_digits/f8_s16_d1", str(tmp_path))
+  src = pipeline.load_source("moving_digits/f8_s16_d1", "test", str(tmp_path))
+  assert len(src) == 128 and src[0]["video"].shape == (8, 16, 16, 1)
+  assert b.builder_config.num_digits == 1
+
+
+# ------------------------------------------------------------------ pipeline
+
+
+def _index_source(n):
+  return [{"x": np.int32(i), "video": np.full((2, 4, 4, 1), i, np.uint8)} for i in range(n)]
+
+
+def test_batches_shape_and_transforms(tiny_dir):
+  src = pipeline.load_source(md.MovingDigits(config=TINY, data_dir=tiny_dir), "train")
+  it = pipeline.make_iterator(
+      src, global_batch_size=4, seed=0, process_index=0, process_count=1,
+      transforms=[pipeline.QuantizeVideoToTokens(levels=16)])
+  batch = next(it)
+  assert batch["tokens"].shape == (4, 6 * 16 * 16) and batch["tokens"].dtype == np.int32
+  assert batch["tokens"].min() >= 0 and batch["tokens"].max() <= 15
+  assert "video" not in batch and batch["label"].shape == (4, 2)
+  it = pipeline.make_iterator(src, global_batch_size=4, seed=0, process_index=0,
+                              process_count=1, transforms=[pipeline.NormalizeVideo()])
+  video = next(it)["video"]
+  assert video.dtype == np.float32 and video.shape == (4, 6, 16, 16, 1)
+  assert -1 <= video.min() and video.max() <= 1
+
+
+def test_sharding_disjoint_and_covering():
+  src = _index_source(22)  # 22 % 4 = 2 examples dropped so shards are equal
+  seen = []
+  for p in range(4):
+    it = pipeline.make_iterator(src, global_batch_size=8, seed=1, process_index=p,
+                                process_count=4, num_epochs=1, drop_remainder=False)
+    xs = np.concatenate([b["x"] for b in it])
+    assert len(xs) == 5
+    seen.append(set(xs.tolist()))
+  union = set().union(*seen)
+  assert sum(map(len, seen)) == len(union) == 20
+
+
+def test_epochs_reshuffle_and_cover():
+  it = pipeline.make_iterator(_index_source(8), global_batch_size=8, seed=0,
+                              process_index=0, process_count=1, num_epochs=2)
+  e1, e2 = next(it)["x"], next(it)["x"]
+  assert sorted(e1) == sorted(e2) == list(range(8))
+  assert not np.array_equal(e1, e2)
+  with pytest.raises(StopIteration):
+    next(it)
+
+
+def test_batch_not_divisible_names_numbers():
+  with pytest.raises(ValueError, match=r"10.*3"):
+    pipeline.make_iterator(_index_source(9), global_batch_size=10, seed=0,
+                           process_index=0, process_count=3)
+
+
+def test_iterator_state_round_trip():
+  kw = dict(global_batch_size=3, seed=5, process_index=0, process_count=1)
+  it = pipeline.make_iterator(_index_source(10), **kw)
+  for _ in range(4):  # past the first epoch
+    next(it)
+  state = it.get_state()
+  expected = [next(it)["x"] for _ in range(3)]
+  fresh = pipeline.make_iterator(_index_source(10), **kw)
+  fresh.set_state(state)
+  for e in expected:
+    np.testing.assert_array_equal(next(fresh)["x"], e)
+
+
+def test_iterator_saved_with_orbax(tmp_path):
+  kw = dict(global_batch_size=2, seed=7, process_index=0, process_count=1)
+  it = pipeline.make_iterator(_index_source(9), **kw)
+  for _ in range(3):
+    next(it)
+  mngr = ocp.CheckpointManager(tmp_path / "ckpt")
+  mngr.save(3, args=ocp.args.Composite(
+      state=ocp.args.StandardSave({"w": np.arange(3.0)}),
+      data=pipeline.iterator_checkpoint_args(it, save=True)))
+  mngr.wait_until_finished()
+  expected = next(it)["x"]
+  fresh = pipeline.make_iterator(_index_source(9), **kw)
+  restored = ocp.CheckpointManager(tmp_path / "ckpt").restore(3, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore({"w": np.zeros(3)}),
+      data=pipeline.iterator_checkpoint_args(fresh, save=False)))
+  np.testing.assert_array_equal(restored["state"]["w"], np.arange(3.0))
+  np.testing.assert_array_equal(next(fresh)["x"], expected)
+
+
+def test_quantize_dequantize_round_trip():
+  rng = np.random.default_rng(0)
+  video = rng.integers(0, 256, (2, 3, 4, 4, 1)).astype(np.uint8)
+  for levels in (2, 16, 256):
+    tokens = pipeline.quantize_video(video, levels).reshape(2, -1)
+    assert tokens.min() >= 0 and tokens.max() < levels
+    frames = pipeline.dequantize_tokens(tokens, levels, (3, 4, 4, 1))
+    assert frames.shape == video.shape and frames.dtype == np.uint8
+    np.testing.assert_array_equal(pipeline.quantize_video(frames, levels).reshape(2, -1), tokens)
+    assert np.abs(frames.astype(int) - video).max() <= 256 // levels // 2 + 1
+  np.testing.assert_array_equal(pipeline.dequantize_tokens(
+      pipeline.quantize_video(video, 256).reshape(2, -1), 256, (3, 4, 4, 1)), video)
+
+
+# ---------------------------------------------------------------------- text
+
+
+def test_text_source_deterministic_and_disjoint():
+  train = pipeline.text_bytes_source("train", 64)
+  test = pipeline.text_bytes_source("test", 64)
+  again = pipeline.text_bytes_source("train", 64)
+  assert not set(train.topics) & set(test.topics)
+  assert len(train.topics) + len(test.topics) >= 50 and len(test) > 100
+  x = train[17]["tokens"]
+  assert x.shape == (65,) and x.dtype == np.int32 and 0 <= x.min() and x.max() < 256
+  np.testing.assert_array_equal(again[17]["tokens"], x)
+  np.testing.assert_array_equal(train[17]["tokens"][-1], train[18]["tokens"][0])
+  train_windows = {train[i]["tokens"].tobytes() for i in range(len(train))}
+  assert not any(test[i]["tokens"].tobytes() in train_windows for i in range(len(test)))
+  batch = next(pipeline.make_iterator(train, global_batch_size=8, seed=0,
+                                      process_index=0, process_count=1))
+  assert batch["tokens"].shape == (8, 65)
+
+
+# -------------------------------------------------------------- video folder
+
+
+def _write_mp4(path, num_frames, height=24, width=32, seed=0):
+  rng = np.random.default_rng(seed)
+  with av.open(str(path), mode="w") as container:
+    stream = container.add_stream("mpeg4", rate=10)
+    stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+    for f in range(num_frames):
+      img = np.zeros((height, width, 3), np.uint8)
+      img[:, : (f * 3) % width] = rng.integers(0, 255, 3)  # a changing picture
+      for packet in stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+        container.mux(packet)
+    for packet in stream.encode():
+      container.mux(packet)
+
+
+@pytest.fixture(scope="module")
+def video_root(tmp_path_factory):
+  root = tmp_path_factory.mktemp("kinetics")
+  for cls, names in (("archery", ["a.mp4", "b.mp4"]), ("bowling", ["c.mp4"])):
+    (root / cls).mkdir()
+    for k, name in enumerate(names):
+      _write_mp4(root / cls / name, 10, seed=k)
+  (root / "archery" / "notes.txt").write_text("not a video")
+  return root
+
+
+def test_video_folder_shapes_and_labels(video_root):
+  src = VideoFolderSource(video_root, num_frames=4, frame_size=16, frame_stride=2)
+  assert src.classes == ["archery", "bowling"] and len(src) == 3
+  labels = [int(src[i]["label"]) for i in range(3)]
+  assert labels == [0, 0, 1]
+  ex = src[0]
+  assert ex["video"].shape == (4, 16, 16, 3) and ex["video"].dtype == np.uint8
+  long = VideoFolderSource(video_root, num_frames=8, frame_size=12, frame_stride=2,
+                           center_clip=True)  # 15 frames needed: last one repeats
+  v = long[2]["video"]
+  assert v.shape == (8, 12, 12, 3)
+  np.testing.assert_array_equal(v[-1], v[-2])
+  batch = next(pipeline.make_iterator(src, global_batch_size=2, seed=0,
+                                      process_index=0, process_count=1))
+  assert batch["video"].shape == (2, 4, 16, 16, 3)
+
+
+def test_video_folder_errors(tmp_path, video_root):
+  with pytest.raises(ValueError, match="empty_root"):
+    VideoFolderSource(tmp_path / "empty_root", num_frames=2, frame_size=8)
+  (tmp_path / "empty_root" / "cls").mkdir(parents=True)
+  with pytest.raises(ValueError, match="empty_root"):
+    VideoFolderSource(tmp_path / "empty_root", num_frames=2, frame_size=8)
+  bad_root = tmp_path / "bad"
+  (bad_root / "cls").mkdir(parents=True)
+  _write_mp4(bad_root / "cls" / "good.mp4", 3)
+  bad = bad_root / "cls" / "zz_corrupt.mp4"
+  bad.write_bytes(np.random.default_rng(0).integers(0, 256, 4000).astype(np.uint8).tobytes())
+  src = VideoFolderSource(bad_root, num_frames=2, frame_size=8)
+  assert src[0]["video"].shape == (2, 8, 8, 3)
+  with pytest.raises(ValueError, match=r"zz_corrupt\.mp4.*example 1"):
+    src[1]
+
+
+# -------------------------------------------------- ucf101 and imagenet2012
+
+
+def _jpeg(array):
+  buf = io.BytesIO()
+  Image.fromarray(array).save(buf, format="JPEG", quality=90)
+  return buf.getvalue()
+
+
+class _TinyUcf101(GeneratedBuilder, skip_registration=True):
+  """Writes ucf101/ucf101_1_256/2.0.0 with tfds's own writer, like the real builder.
+
+  The real builder's `Video` feature needs TensorFlow to be constructed; a
+  `Sequence(Image(jpeg))` serializes frames identically ("video": bytes list of
+  JPEGs, "label": int64) and takes pre-encoded JPEG bytes without TensorFlow.
+  """
+  name = "ucf101"
+  VERSION = tfds.core.Version(tfds_video.UCF101_VERSION)
+  BUILDER_CONFIGS = [tfds.core.BuilderConfig(name="ucf101_1_256")]
+  frame_side = 256  # stored frame size; a wrong one tests the shape check
+
+  def _info(self):
+    return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+        "video": tfds.features.Sequence(tfds.features.Image(
+            shape=(None, None, 3), encoding_format="jpeg")),
+        "label": tfds.features.ClassLabel(num_classes=101),
+    }))
+
+  def _split_generators(self, dl_manager):
+    return {"train": self._generate_examples(3, 0), "test": self._generate_examples(2, 1)}
+
+  def _generate_examples(self, n, split_seed):
+    rng = np.random.default_rng(split_seed)
+    s = self.frame_side
+    for i in range(n):
+      frames = [_jpeg(np.full((s, s, 3), rng.integers(0, 255, 3), np.uint8))
+                for _ in range(5 + 2 * i)]
+      yield i, {"video": frames, "label": 10 * i + split_seed}
+
+
+class _WrongSizeUcf101(_TinyUcf101, skip_registration=True):
+  name = "ucf101"  # tfds names each subclass anew
+  frame_side = 200
+
+
+@pytest.fixture(scope="module")
+def ucf_dir(tmp_path_factory):
+  d = str(tmp_path_factory.mktemp("ucf"))
+  _TinyUcf101(data_dir=d, file_format="array_record").download_and_prepare()
+  return d
+
+
+def test_ucf101_source(ucf_dir):
+  assert os.path.isdir(os.path.join(ucf_dir, "ucf101", "ucf101_1_256", "2.0.0"))
+  src = tfds_video.ucf101_source("train", ucf_dir, num_frames=6, frame_size=32)
+  assert len(src) == 3
+  labels = sorted(int(src[i]["label"]) for i in range(3))
+  assert labels == [0, 10, 20]
+  ex = src[0]
+  assert ex["video"].shape == (6, 32, 32, 3) and ex["video"].dtype == np.uint8
+  rand = tfds_video.ucf101_source("test", ucf_dir, num_frames=2, frame_size=16,
+                                  frame_stride=2, random_clip=True, seed=3)
+  np.testing.assert_array_equal(rand[1]["video"], rand[1]["video"])
+  batch = next(pipeline.make_iterator(src, global_batch_size=2, seed=0, process_index=0,
+                                      process_count=1, transforms=[pipeline.NormalizeVideo()]))
+  assert batch["video"].shape == (2, 6, 32, 32, 3) and batch["video"].dtype == np.float32
+  with pytest.raises(ValueError, match="ucf101-validation"):
+    tfds_video.ucf101_source("validation", ucf_dir, num_frames=2, frame_size=8)
+
+
+def test_ucf101_wrong_frame_shape_names_example(tmp_path):
+  d = str(tmp_path)
+  _WrongSizeUcf101(data_dir=d, file_format="array_record").download_and_prepare()
+  src = tfds_video.ucf101_source("train", d, num_frames=2, frame_size=16)
+  with pytest.raises(ValueError, match=r"example 0.*\(256, 256, 3\).*\(200, 200, 3\)"):
+    src[0]
+
+
+class _TinyImagenet(GeneratedBuilder, skip_registration=True):
+  """Writes imagenet2012/5.1.0 with the real builder's features (JPEG bytes in)."""
+  name = "imagenet2012"
+  VERSION = tfds.core.Version("5.1.0")
+
+  def _info(self):
+    return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+        "image": tfds.features.Image(encoding_format="jpeg"),
+        "label": tfds.features.ClassLabel(num_classes=1000),
+        "file_name": tfds.features.Text(),
+    }))
+
+  def _split_generators(self, dl_manager):
+    return {"train": self._generate_examples(4), "validation": self._generate_examples(2)}
+
+  def _generate_examples(self, n):
+    rng = np.random.default_rng(n)
+    for i in range(n):
+      image = rng.integers(0, 255, (20 + 3 * i, 30, 3)).astype(np.uint8)
+      yield i, {"image": _jpeg(image), "label": 100 + i, "file_name": f"n0_{i}.JPEG"}
+
+
+def test_imagenet_source(tmp_path):
+  d = str(tmp_path)
+  _TinyImagenet(data_dir=d, file_format="array_record").download_and_prepare()
+  src = tfds_video.imagenet_source("validation", d, image_size=16)
+  assert type(src.builder).__module__.startswith("tensorflow_datasets.")  # the real builder
+  assert len(src) == 2
+  ex = src[1]
+  assert ex["image"].shape == (16, 16, 3) and ex["image"].dtype == np.uint8
+  assert sorted(int(src[i]["label"]) for i in range(2)) == [100, 101]
+  batch = next(pipeline.make_iterator(
+      tfds_video.imagenet_source("train", d, image_size=8), global_batch_size=4,
+      seed=0, process_index=0, process_count=1))
+  assert batch["image"].shape == (4, 8, 8, 3)
