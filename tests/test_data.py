@@ -190,6 +190,21 @@ def test_iterator_state_round_trip():
     np.testing.assert_array_equal(next(fresh)["x"], e)
 
 
+def test_worker_processes_give_same_batches_and_state():
+  kw = dict(global_batch_size=4, seed=0, process_index=0, process_count=1)
+  plain = pipeline.make_iterator(_index_source(20), **kw)
+  expected = [next(plain)["x"] for _ in range(4)]
+  it = pipeline.make_iterator(_index_source(20), worker_count=2, **kw)
+  for e in expected[:2]:
+    np.testing.assert_array_equal(np.asarray(next(it)["x"]), e)
+  state = it.get_state()
+  it.close()
+  fresh = pipeline.make_iterator(_index_source(20), worker_count=2, **kw)
+  fresh.set_state(state)
+  np.testing.assert_array_equal(np.asarray(next(fresh)["x"]), expected[2])
+  fresh.close()
+
+
 def test_iterator_saved_with_orbax(tmp_path):
   kw = dict(global_batch_size=2, seed=7, process_index=0, process_count=1)
   it = pipeline.make_iterator(_index_source(9), **kw)

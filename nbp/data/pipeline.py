@@ -4,9 +4,11 @@ Dimension letters: B per-host batch, F frames, H height, W width, C channels,
 L tokens per example (F*H*W), T text window (seq_len + 1).
 
 A pipeline is `MapDataset.source(source)` -> this host's shard -> shuffle ->
-repeat -> transforms -> batch -> `IterDataset`. Sharding comes first (grain's
-advice): each host owns a fixed, disjoint slice of the examples and shuffles it
-anew every epoch. The iterator's position is a small dict (`get_state()`), and
+repeat -> transforms -> batch -> `IterDataset`. Sharding comes first: each
+host owns a fixed, disjoint slice of the examples (all slices equally long, so
+hosts run the same number of steps) and shuffles it anew every epoch. Sharding
+after `shuffle().repeat()` would also be disjoint per step, but slicing a
+shuffled dataset before repeat would replay one order every epoch. The iterator's position is a small dict (`get_state()`), and
 `iterator_checkpoint_args` wraps the iterator for orbax so it is saved with the
 model:
 
@@ -126,6 +128,9 @@ def make_iterator(
   it_ds = ds.to_iter_dataset(grain.ReadOptions(
       num_threads=read_threads, prefetch_buffer_size=max(read_threads, 1) * 2))
   if worker_count > 0:
+    from absl import flags  # pylint: disable=g-import-not-at-top
+    if not flags.FLAGS.is_parsed():  # grain's workers read absl flags (pytest, Colab)
+      flags.FLAGS.mark_as_parsed()
     it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
   return iter(it_ds)
 
