@@ -1,0 +1,255 @@
+"""Attention masks, dot-product attention and multi-head attention with a KV cache.
+
+Dimension letters: B batch, T query length, S key length, H query heads,
+K kv heads, G = H / K query heads per kv head, D head dim, E width,
+L tokens per block, P prefix length.
+
+The block-causal mask is the one mask of the next-block (NBP) and next-entity
+(xAR) models: tokens 0..P-1 form a prefix that everyone sees; after it, token i
+belongs to block (i - P) // L and sees every token of its own and earlier
+blocks. L = 1 is ordinary causal attention, L >= T full attention.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from layers import position
+
+# Logits of masked pairs: large and finite, so that a fully masked row gives a
+# uniform (finite) average instead of NaN.
+MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+
+# ----------------------------------------------------------------------------
+# Masks: bool arrays, True = the query may see the key.
+
+
+def block_causal_mask(q_len, kv_len=None, *, block_len, prefix_len=0, q_offset=0):
+  """Bool [T, S]: query q_offset + t sees key s (see the module docstring).
+
+  `q_offset` may be a traced integer (the cache index while decoding);
+  `block_len` and `prefix_len` are static.
+  """
+  kv_len = q_len if kv_len is None else kv_len
+  if block_len < 1:
+    raise ValueError(f"block_len must be >= 1, got {block_len}")
+  qi = q_offset + jnp.arange(q_len)[:, None]  # [T, 1] absolute query positions
+  kj = jnp.arange(kv_len)[None, :]  # [1, S] key positions
+  k_prefix = kj < prefix_len
+  q_prefix = qi < prefix_len
+  same_or_later_block = (qi - prefix_len) // block_len >= (kj - prefix_len) // block_len
+  return k_prefix | (~q_prefix & ~k_prefix & same_or_later_block)
+
+
+def causal_mask(q_len, kv_len=None, q_offset=0):
+  """Bool [T, S]: query q_offset + t sees keys 0..q_offset + t."""
+  return block_causal_mask(q_len, kv_len, block_len=1, q_offset=q_offset)
+
+
+def full_mask(q_len, kv_len=None, q_offset=0):
+  """Bool [T, S], all True (bidirectional attention)."""
+  del q_offset  # every query sees every key wherever it is
+  kv_len = q_len if kv_len is None else kv_len
+  return jnp.ones((q_len, kv_len), dtype=bool)
+
+
+def padding_mask(kv_valid_len, kv_len):
+  """Bool [B, 1, 1, S]: key s is visible iff s < kv_valid_len[b]."""
+  valid = jnp.arange(kv_len)[None, :] < jnp.asarray(kv_valid_len)[:, None]  # [B, S]
+  return valid[:, None, None, :]
+
+
+MASK_KINDS = ("full", "causal", "block_causal")
+
+
+@dataclasses.dataclass(frozen=True)
+class MaskSpec:
+  """A mask as data, so a model config can carry it.
+
+  kind "causal" uses block_len 1 (with the prefix, if any); "full" ignores both
+  numbers.
+  """
+
+  kind: str = "causal"  # one of MASK_KINDS
+  block_len: int = 1  # L, tokens per block (block_causal only)
+  prefix_len: int = 0  # P, tokens visible to every query (causal, block_causal)
+
+  def __post_init__(self):
+    if self.kind not in MASK_KINDS:
+      raise ValueError(f"MaskSpec.kind={self.kind!r}: expected one of {MASK_KINDS}")
+    if self.block_len < 1 or self.prefix_len < 0:
+      raise ValueError(f"bad MaskSpec numbers: {self}")
+
+  def make(self, q_len, kv_len=None, q_offset=0):
+    """Bool [T, S] for queries at q_offset..q_offset+T-1 and keys 0..S-1."""
+    if self.kind == "full":
+      return full_mask(q_len, kv_len, q_offset)
+    block_len = 1 if self.kind == "causal" else self.block_len
+    return block_causal_mask(
+        q_len, kv_len, block_len=block_len, prefix_len=self.prefix_len, q_offset=q_offset)
+
+
+# ----------------------------------------------------------------------------
+# Dot-product attention, with a registry of implementations.
+
+
+def _as_bkgts_mask(mask, num_kv_heads):
+  """Mask broadcastable to [B, H, T, S] -> broadcastable to [B, K, G, T, S]."""
+  mask = jnp.asarray(mask, dtype=bool)
+  mask = mask.reshape((1,) * (4 - mask.ndim) + mask.shape)  # [B|1, H|1, T|1, S|1]
+  b, h, t, s = mask.shape
+  if h == 1:
+    return mask[:, :, None]  # [B|1, 1, 1, T|1, S|1]
+  return mask.reshape(b, num_kv_heads, h // num_kv_heads, t, s)  # [B|1, K, G, T|1, S|1]
+
+
+def xla_attention(q, k, v, mask=None):
+  """Softmax attention in plain jnp: the reference every kernel is checked against.
+
+  q [B, T, H, D], k and v [B, S, K, D] with H % K == 0; mask broadcastable to
+  [B, H, T, S]. Logits and softmax in float32, output in q.dtype.
+  """
+  b, t, h, d = q.shape
+  kv_heads = k.shape[2]
+  if h % kv_heads:
+    raise ValueError(f"{h} query heads are not a multiple of {kv_heads} kv heads")
+  q = q.reshape(b, t, kv_heads, h // kv_heads, d)  # [B, T, K, G, D]
+  logits = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
+  logits = logits * (1.0 / math.sqrt(d))  # [B, K, G, T, S]
+  if mask is not None:
+    logits = jnp.where(_as_bkgts_mask(mask, kv_heads), logits, MASK_VALUE)
+  probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+  out = jnp.einsum("bkgts,bskd->btkgd", probs, v)  # [B, T, K, G, D]
+  return out.reshape(b, t, h, d).astype(q.dtype)
+
+
+# name -> fn(q, k, v, mask) with the contract of `xla_attention`. Kernels
+# (kernels/*.py) add themselves with `register_attention_impl`.
+ATTENTION_IMPLS: dict[str, Callable] = {"xla": xla_attention}
+
+
+def register_attention_impl(name: str, fn: Callable) -> None:
+  """Makes `dot_product_attention(..., impl=name)` call fn(q, k, v, mask)."""
+  ATTENTION_IMPLS[name] = fn
+
+
+def dot_product_attention(q, k, v, mask=None, *, impl="xla"):
+  """Grouped-query softmax attention q [B,T,H,D], k,v [B,S,K,D] -> [B,T,H,D].
+
+  mask: bool broadcastable to [B, H, T, S], True = visible. Scale 1/sqrt(D).
+  impl: a name in ATTENTION_IMPLS.
+  """
+  fn = ATTENTION_IMPLS.get(impl)
+  if fn is None:
+    raise NotImplementedError(
+        f"attention impl {impl!r} is not available; registered: {sorted(ATTENTION_IMPLS)}")
+  return fn(q, k, v, mask)
+
+
+# ----------------------------------------------------------------------------
+# Multi-head attention.
+
+ROPE_AXES = {None: 0, "1d": 1, "2d": 2, "3d": 3}
+
+
+def _partitioned(init, names):
+  return nn.with_logical_partitioning(init, names)
+
+
+class MultiHeadAttention(nn.Module):
+  """Multi-head (grouped-query) attention over x [B, T, E] with RoPE and a KV cache.
+
+  Decoding (decode=True): `init` creates a cache of zeros [B, S, K, D] with
+  S = max_decode_len (or T of the init input) and cache_index 0, and returns the
+  ordinary forward pass. Each later `apply(..., mutable=["cache"])` writes its
+  T new keys and values at cache_index, lets the queries at positions
+  cache_index..cache_index+T-1 attend over the written part of the cache under
+  `mask`, and advances cache_index by T.
+  """
+
+  num_heads: int  # H
+  head_dim: int  # D
+  num_kv_heads: int | None = None  # K; None: K = H (no grouping)
+  mask: MaskSpec = MaskSpec("causal")  # which keys each query sees
+  rope: str | None = None  # None, "1d", "2d" or "3d": axes of the rotary positions
+  rope_base: float = 10000.0  # RoPE frequency base
+  impl: str = "xla"  # attention implementation, a key of ATTENTION_IMPLS
+  dtype: jnp.dtype = jnp.float32  # computation dtype
+  param_dtype: jnp.dtype = jnp.float32  # parameter storage dtype
+  use_bias: bool = False  # biases on the q/k/v/out projections
+  max_decode_len: int | None = None  # S of the KV cache; None: T of the init input
+  kernel_init: Callable = nn.initializers.lecun_normal()  # projections' initializer
+
+  def _dense(self, features, axis, kernel_names, name):
+    """DenseGeneral whose kernel (and bias) carry logical axis names."""
+    num_out = len(features) if isinstance(features, tuple) else 1
+    return nn.DenseGeneral(
+        features=features, axis=axis, use_bias=self.use_bias, dtype=self.dtype,
+        param_dtype=self.param_dtype, name=name,
+        kernel_init=_partitioned(self.kernel_init, kernel_names),
+        bias_init=_partitioned(nn.initializers.zeros, kernel_names[-num_out:]))
+
+  def _rope(self, x, positions):
+    if self.rope is None:
+      return x
+    return position.rope(x, positions, base=self.rope_base)
+
+  def _default_positions(self, batch, length, offset):
+    if self.rope is None:
+      return None
+    if self.rope != "1d":
+      raise ValueError(f"rope={self.rope!r} needs explicit positions [B, T, {ROPE_AXES[self.rope]}]")
+    return jnp.broadcast_to(offset + jnp.arange(length, dtype=jnp.int32), (batch, length))
+
+  @nn.compact
+  def __call__(self, x, *, positions=None, kv_valid_len=None, decode=False):
+    if self.rope not in ROPE_AXES:
+      raise ValueError(f"rope={self.rope!r}: expected one of {list(ROPE_AXES)}")
+    b, t, e = x.shape
+    h, d = self.num_heads, self.head_dim
+    kv = self.num_kv_heads or h
+    x = x.astype(self.dtype)
+    q = self._dense((h, d), -1, ("embed", "heads", "head_dim"), "query")(x)  # [B, T, H, D]
+    k = self._dense((kv, d), -1, ("embed", "kv_heads", "head_dim"), "key")(x)  # [B, T, K, D]
+    v = self._dense((kv, d), -1, ("embed", "kv_heads", "head_dim"), "value")(x)  # [B, T, K, D]
+
+    cache_ready = decode and self.has_variable("cache", "cached_key")
+    if decode:
+      cache_len = self.max_decode_len or t
+      if t > cache_len:
+        raise ValueError(f"{t} tokens do not fit a KV cache of {cache_len}")
+      cached_key = self.variable("cache", "cached_key", jnp.zeros, (b, cache_len, kv, d), self.dtype)
+      cached_value = self.variable("cache", "cached_value", jnp.zeros, (b, cache_len, kv, d), self.dtype)
+      cache_index = self.variable("cache", "cache_index", lambda: jnp.array(0, dtype=jnp.int32))
+
+    if cache_ready:
+      offset = cache_index.value
+      if positions is None:
+        positions = self._default_positions(b, t, offset)
+      q, k = self._rope(q, positions), self._rope(k, positions)
+      # One in-place write per tensor: [B, S, K, D] <- [B, T, K, D] at offset.
+      k = jax.lax.dynamic_update_slice(cached_key.value, k.astype(self.dtype), (0, offset, 0, 0))
+      v = jax.lax.dynamic_update_slice(cached_value.value, v.astype(self.dtype), (0, offset, 0, 0))
+      cached_key.value, cached_value.value = k, v
+      cache_index.value = offset + t
+      written = jnp.arange(cache_len) < offset + t  # [S]
+      mask = (self.mask.make(t, cache_len, q_offset=offset) & written[None, :])[None, None]  # [1, 1, T, S]
+      s = cache_len
+    else:
+      if positions is None:
+        positions = self._default_positions(b, t, 0)
+      q, k = self._rope(q, positions), self._rope(k, positions)
+      mask = self.mask.make(t, t)[None, None]  # [1, 1, T, S]
+      s = t
+
+    if kv_valid_len is not None:
+      mask = mask & padding_mask(kv_valid_len, s)  # [B, 1, T, S]
+    out = dot_product_attention(q, k, v, mask, impl=self.impl)  # [B, T, H, D]
+    return self._dense(e, (-2, -1), ("heads", "head_dim", "embed"), "out")(out)  # [B, T, E]

@@ -1,0 +1,356 @@
+"""Tests of layers/: masks, attention, RoPE, KV-cache decoding, blocks and stacks (CPU)."""
+
+import itertools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from layers import attention, position, transformer
+from layers.attention import MaskSpec, MultiHeadAttention, block_causal_mask, dot_product_attention
+from layers.transformer import DecoderStack, Mlp, TransformerBlock
+
+# ----------------------------------------------------------------------------
+# Masks
+
+
+def brute_force_mask(q_len, kv_len, block_len, prefix_len, q_offset):
+  mask = np.zeros((q_len, kv_len), dtype=bool)
+  for t in range(q_len):
+    i = q_offset + t
+    for j in range(kv_len):
+      if j < prefix_len:
+        mask[t, j] = True
+      elif i >= prefix_len:
+        mask[t, j] = (i - prefix_len) // block_len >= (j - prefix_len) // block_len
+  return mask
+
+
+def test_block_causal_mask_matches_brute_force():
+  for q_len, block_len, prefix_len, q_offset in itertools.product(
+      (1, 4, 7), (1, 2, 3, 4, 16), (0, 1, 3), (0, 2, 5)):
+    kv_len = q_offset + q_len + 2  # keys beyond the queries, as in a cache
+    got = block_causal_mask(q_len, kv_len, block_len=block_len, prefix_len=prefix_len, q_offset=q_offset)
+    want = brute_force_mask(q_len, kv_len, block_len, prefix_len, q_offset)
+    np.testing.assert_array_equal(np.asarray(got), want, err_msg=str((q_len, block_len, prefix_len, q_offset)))
+
+
+def test_block_causal_special_cases():
+  t = 9
+  # block_len 1 is causal.
+  np.testing.assert_array_equal(block_causal_mask(t, block_len=1), np.tril(np.ones((t, t), bool)))
+  np.testing.assert_array_equal(attention.causal_mask(t), np.tril(np.ones((t, t), bool)))
+  np.testing.assert_array_equal(attention.causal_mask(3, 8, q_offset=4), np.tril(np.ones((3, 8), bool), k=4))
+  # block_len >= T is full attention after the prefix; the prefix sees only itself.
+  p = 3
+  m = np.asarray(block_causal_mask(t, block_len=t, prefix_len=p))
+  assert m[p:].all()
+  assert m[:p, :p].all() and not m[:p, p:].any()
+  np.testing.assert_array_equal(attention.full_mask(4, 6), np.ones((4, 6), bool))
+
+
+def test_mask_spec_and_traced_offset():
+  spec = MaskSpec("block_causal", block_len=4, prefix_len=3)
+  want = brute_force_mask(4, 20, 4, 3, 7)
+  np.testing.assert_array_equal(spec.make(4, 20, q_offset=7), want)
+  traced = jax.jit(lambda off: spec.make(4, 20, q_offset=off))(jnp.int32(7))
+  np.testing.assert_array_equal(traced, want)
+  np.testing.assert_array_equal(MaskSpec("causal").make(5), np.tril(np.ones((5, 5), bool)))
+  np.testing.assert_array_equal(MaskSpec("causal", prefix_len=2).make(5), brute_force_mask(5, 5, 1, 2, 0))
+  assert MaskSpec("full").make(3, 4).all()
+  with pytest.raises(ValueError):
+    MaskSpec("diagonal")
+  hash(spec)  # a config value: hashable
+
+
+def test_padding_mask():
+  m = attention.padding_mask(jnp.array([2, 5]), 5)
+  assert m.shape == (2, 1, 1, 5)
+  np.testing.assert_array_equal(m[:, 0, 0], [[1, 1, 0, 0, 0], [1, 1, 1, 1, 1]])
+
+
+# ----------------------------------------------------------------------------
+# Dot-product attention
+
+
+def naive_attention(q, k, v, mask):
+  """numpy softmax attention with kv heads repeated to the query heads."""
+  q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
+  groups = q.shape[2] // k.shape[2]
+  k, v = np.repeat(k, groups, axis=2), np.repeat(v, groups, axis=2)
+  logits = np.einsum("bthd,bshd->bhts", q, k) / np.sqrt(q.shape[-1])
+  logits = np.where(np.broadcast_to(mask, logits.shape), logits, -1e30)
+  logits -= logits.max(-1, keepdims=True)
+  probs = np.exp(logits)
+  probs /= probs.sum(-1, keepdims=True)
+  return np.einsum("bhts,bshd->bthd", probs, v)
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (4, 2), (6, 1)])
+def test_dot_product_attention_matches_naive(heads, kv_heads):
+  kq, kk, kv = jax.random.split(jax.random.key(0), 3)
+  b, t, s, d = 2, 5, 7, 8
+  q = jax.random.normal(kq, (b, t, heads, d))
+  k = jax.random.normal(kk, (b, s, kv_heads, d))
+  v = jax.random.normal(kv, (b, s, kv_heads, d))
+  mask = attention.causal_mask(t, s, q_offset=2)[None, None] & attention.padding_mask(jnp.array([6, 3]), s)
+  got = dot_product_attention(q, k, v, mask)
+  np.testing.assert_allclose(got, naive_attention(q, k, v, np.asarray(mask)), atol=1e-5)
+  # A per-head mask [B, H, T, S] also works.
+  head_mask = jax.random.bernoulli(jax.random.key(1), 0.7, (b, heads, t, s)).at[..., 0].set(True)
+  got = dot_product_attention(q, k, v, head_mask)
+  np.testing.assert_allclose(got, naive_attention(q, k, v, np.asarray(head_mask)), atol=1e-5)
+  # No mask.
+  got = dot_product_attention(q, k, v)
+  np.testing.assert_allclose(got, naive_attention(q, k, v, np.ones((1, 1, t, s), bool)), atol=1e-5)
+
+
+def test_fully_masked_rows_are_finite():
+  q = jnp.ones((1, 3, 2, 4))
+  k = v = jnp.ones((1, 5, 2, 4))
+  mask = jnp.zeros((1, 1, 3, 5), bool).at[0, 0, 1, :2].set(True)  # rows 0 and 2 see nothing
+  out = dot_product_attention(q, k, v, mask)
+  assert np.isfinite(np.asarray(out)).all()
+  grads = jax.grad(lambda q: dot_product_attention(q, k, v, mask).sum())(q)
+  assert np.isfinite(np.asarray(grads)).all()
+
+
+def test_attention_impl_registry():
+  q = k = v = jnp.ones((1, 2, 1, 4))
+  for name in ("pallas", "xla_blocksparse", "cudnn", "auto"):
+    with pytest.raises((ValueError, NotImplementedError), match=name):
+      dot_product_attention(q, k, v, impl=name)
+  attention.register_attention_impl("test_double", lambda q, k, v, m: 2 * attention.xla_attention(q, k, v, m))
+  try:
+    np.testing.assert_allclose(dot_product_attention(q, k, v, impl="test_double"), 2 * dot_product_attention(q, k, v))
+  finally:
+    del attention.ATTENTION_IMPLS["test_double"]
+
+
+# ----------------------------------------------------------------------------
+# RoPE and positions
+
+
+def _dot(a, b):
+  return jnp.sum(a * b, axis=-1)  # [B, T, N]
+
+
+@pytest.mark.parametrize("axes", [1, 2, 3])
+def test_rope_relative_positions_and_norm(axes):
+  b, t, n, d = 2, 6, 3, 16
+  kq, kk, kp, kr, ks = jax.random.split(jax.random.key(axes), 5)
+  q = jax.random.normal(kq, (b, t, n, d))
+  k = jax.random.normal(kk, (b, t, n, d))
+  shape = (b, t) if axes == 1 else (b, t, axes)
+  p = jax.random.randint(kp, shape, 0, 50)
+  r = jax.random.randint(kr, shape, 0, 50)
+  shift = jax.random.randint(ks, (axes,), -20, 20)  # one offset per axis
+  shift = shift[0] if axes == 1 else shift
+  base = _dot(position.rope(q, p), position.rope(k, r))
+  shifted = _dot(position.rope(q, p + shift), position.rope(k, r + shift))
+  np.testing.assert_allclose(shifted, base, rtol=1e-4, atol=1e-4)
+  # The score does change with the relative position.
+  other = _dot(position.rope(q, p + shift), position.rope(k, r))
+  assert not np.allclose(other, base, atol=1e-3)
+  np.testing.assert_allclose(jnp.linalg.norm(position.rope(q, p), axis=-1), jnp.linalg.norm(q, axis=-1), rtol=1e-5)
+
+
+def test_rope_sections_and_dtype():
+  assert position.rope_sections(32, 3) == (11, 11, 10)
+  assert position.rope_sections(8, 2) == (4, 4)
+  # 1d positions [B, T] equal 1-axis positions [B, T, 1]; position 0 is the identity.
+  x = jax.random.normal(jax.random.key(0), (1, 4, 2, 8))
+  pos = jnp.arange(4)[None]
+  np.testing.assert_allclose(position.rope(x, pos), position.rope(x, pos[..., None]))
+  np.testing.assert_allclose(position.rope(x, jnp.zeros((1, 4, 3), jnp.int32)), x, atol=1e-6)
+  assert position.rope(x.astype(jnp.bfloat16), pos).dtype == jnp.bfloat16
+
+
+def test_grid_positions_and_learned_embedding():
+  g = position.grid_positions((2, 3, 4))
+  assert g.shape == (24, 3) and g.dtype == jnp.int32
+  np.testing.assert_array_equal(g[:5], [[0, 0, 0], [0, 0, 1], [0, 0, 2], [0, 0, 3], [0, 1, 0]])
+  np.testing.assert_array_equal(g[-1], [1, 2, 3])
+  emb = position.LearnedPositionEmbedding(max_len=10, features=6)
+  variables = emb.init(jax.random.key(0), jnp.zeros((2, 3), jnp.int32))
+  out = emb.apply(variables, jnp.array([[0, 1, 9], [2, 2, 2]]))
+  assert out.shape == (2, 3, 6)
+  assert isinstance(variables["params"]["embedding"], nn.LogicallyPartitioned)
+
+
+# ----------------------------------------------------------------------------
+# KV-cache decoding equals the full forward pass
+
+
+def _stack(scan_layers, mask, rope, cache_len):
+  block = dict(
+      num_heads=4, num_kv_heads=2, head_dim=8, mlp_dim=48, activation="swiglu", norm="rmsnorm",
+      mask=mask, rope=rope, max_decode_len=cache_len)
+  return DecoderStack(num_layers=2, block=block, scan_layers=scan_layers)
+
+
+def _decode_in_chunks(model, variables, x, chunks, positions=None):
+  step = jax.jit(lambda p, c, xs, pos: model.apply(
+      {"params": p, "cache": c}, xs, positions=pos, decode=True, mutable=["cache"]))
+  cache, outs, start = variables["cache"], [], 0
+  for size in chunks:
+    pos = None if positions is None else positions[:, start:start + size]
+    out, mutated = step(variables["params"], cache, x[:, start:start + size], pos)
+    cache, start = mutated["cache"], start + size
+    outs.append(out)
+  return jnp.concatenate(outs, axis=1), cache
+
+
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_decode_token_by_token_matches_forward_causal(scan_layers):
+  t = 10
+  model = _stack(scan_layers, MaskSpec("causal"), "1d", cache_len=t)
+  x = jax.random.normal(jax.random.key(0), (2, t, 32))
+  variables = model.init(jax.random.key(1), x, decode=True)
+  indices = jax.tree.leaves(jax.tree.map(np.asarray, variables["cache"]))
+  assert all((a == 0).all() for a in indices)  # init leaves the cache empty and cache_index at 0
+  full = model.apply({"params": variables["params"]}, x)
+  decoded, cache = _decode_in_chunks(model, variables, x, [1] * t)
+  np.testing.assert_allclose(decoded, full, atol=1e-5)
+  index = cache["layers"]["attention"]["cache_index"] if scan_layers else cache["layer_1"]["attention"]["cache_index"]
+  np.testing.assert_array_equal(index, t)
+
+
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_decode_block_by_block_matches_forward_block_causal(scan_layers):
+  prefix, block, num_blocks = 3, 4, 3
+  t = prefix + block * num_blocks
+  model = _stack(scan_layers, MaskSpec("block_causal", block_len=block, prefix_len=prefix), "1d", cache_len=t + 2)
+  x = jax.random.normal(jax.random.key(2), (2, t, 32))
+  variables = model.init(jax.random.key(3), jnp.zeros((2, t + 2, 32)), decode=True)
+  full = model.apply({"params": variables["params"]}, x)
+  decoded, _ = _decode_in_chunks(model, variables, x, [prefix] + [block] * num_blocks)
+  np.testing.assert_allclose(decoded, full, atol=1e-5)
+
+
+def test_decode_3d_rope_block_causal():
+  grid = (3, 2, 4)  # (time, height, width); a block is one row of 4 tokens
+  prefix, block = 2, 4
+  coords = position.grid_positions(grid) + jnp.array([1, 0, 0])  # the prefix takes time 0
+  prefix_coords = jnp.zeros((prefix, 3), jnp.int32).at[:, 2].set(jnp.arange(prefix))
+  pos = jnp.broadcast_to(jnp.concatenate([prefix_coords, coords])[None], (2, prefix + coords.shape[0], 3))
+  t = pos.shape[1]
+  model = _stack(False, MaskSpec("block_causal", block_len=block, prefix_len=prefix), "3d", cache_len=t)
+  x = jax.random.normal(jax.random.key(4), (2, t, 32))
+  variables = model.init(jax.random.key(5), x, positions=pos, decode=True)
+  full = model.apply({"params": variables["params"]}, x, positions=pos)
+  decoded, _ = _decode_in_chunks(model, variables, x, [prefix] + [block] * (coords.shape[0] // block), positions=pos)
+  np.testing.assert_allclose(decoded, full, atol=1e-5)
+  # Without explicit positions a multi-axis RoPE refuses to guess.
+  with pytest.raises(ValueError, match="positions"):
+    model.apply({"params": variables["params"]}, x)
+
+
+def test_padding_in_multi_head_attention():
+  mha = MultiHeadAttention(num_heads=2, head_dim=4, mask=MaskSpec("full"))
+  x = jax.random.normal(jax.random.key(0), (2, 5, 8))
+  variables = mha.init(jax.random.key(1), x)
+  valid = jnp.array([3, 5])
+  out = mha.apply(variables, x, kv_valid_len=valid)
+  # Changing padded tokens of row 0 leaves its valid outputs unchanged.
+  out2 = mha.apply(variables, x.at[0, 3:].set(7.0), kv_valid_len=valid)
+  np.testing.assert_allclose(out[0, :3], out2[0, :3], atol=1e-6)
+
+
+# ----------------------------------------------------------------------------
+# Blocks, MLP, norms, remat, partitioning, dtypes
+
+
+def test_adaln_block_is_identity_at_init():
+  blk = TransformerBlock(num_heads=2, head_dim=8, mlp_dim=32, adaln=True, mask=MaskSpec("block_causal", block_len=4))
+  x = jax.random.normal(jax.random.key(0), (2, 8, 16))
+  for cond in (jax.random.normal(jax.random.key(1), (2, 12)), jax.random.normal(jax.random.key(1), (2, 8, 12))):
+    variables = blk.init(jax.random.key(2), x, cond)
+    np.testing.assert_allclose(blk.apply(variables, x, cond), x, atol=1e-6)
+  with pytest.raises(ValueError):
+    blk.apply(variables, x)  # adaln without cond
+  mods = transformer.AdaLNModulation(16).init_with_output(jax.random.key(0), jnp.ones((2, 12)))[0]
+  assert len(mods) == 6 and mods[0].shape == (2, 1, 16)
+  np.testing.assert_allclose(transformer.modulate(jnp.ones(3), 1.0, 2.0), 4.0 * np.ones(3))
+
+
+@pytest.mark.parametrize("activation", ["gelu", "swiglu"])
+def test_mlp_shapes(activation):
+  mlp = Mlp(hidden_dim=24, activation=activation)
+  x = jnp.ones((2, 3, 8))
+  out, variables = mlp.init_with_output(jax.random.key(0), x)
+  assert out.shape == (2, 3, 8)
+  names = {"gelu": {"wi", "wo"}, "swiglu": {"wi_gate", "wi_up", "wo"}}[activation]
+  assert set(variables["params"]) == names
+
+
+@pytest.mark.parametrize("kind", ["layernorm", "rmsnorm"])
+def test_norms_in_float32(kind):
+  x = jax.random.normal(jax.random.key(0), (2, 3, 8)).astype(jnp.bfloat16) * 100
+  norm = transformer.make_norm(kind)
+  out, variables = norm.init_with_output(jax.random.key(0), x)
+  assert out.dtype == jnp.bfloat16
+  ms = jnp.mean(out.astype(jnp.float32) ** 2, axis=-1)
+  np.testing.assert_allclose(ms, 1.0, rtol=3e-2)
+  with pytest.raises(ValueError):
+    transformer.make_norm("batchnorm")
+
+
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_remat_policies_same_gradients(scan_layers):
+  block = dict(num_heads=2, head_dim=8, mlp_dim=32, rope="1d", mask=MaskSpec("block_causal", block_len=2))
+  x = jax.random.normal(jax.random.key(0), (2, 6, 16))
+  params = DecoderStack(2, block, scan_layers).init(jax.random.key(1), x)["params"]
+
+  def grads(policy):
+    model = DecoderStack(2, block, scan_layers, remat_policy=policy)
+    return jax.jit(jax.grad(lambda p: jnp.sum(model.apply({"params": p}, x) ** 2)))(params)
+
+  reference = grads("none")
+  for policy in ("full", "dots_with_no_batch_dims_saveable", "nothing_saveable"):
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4), grads(policy), reference)
+  with pytest.raises(ValueError, match="remat_policy"):
+    grads("sometimes")
+
+
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_every_param_is_logically_partitioned(scan_layers):
+  block = dict(num_heads=4, num_kv_heads=2, head_dim=8, mlp_dim=32, adaln=True, norm="layernorm")
+  model = DecoderStack(2, block, scan_layers)
+  x = jnp.ones((1, 4, 16))
+  params = model.init(jax.random.key(0), x, jnp.ones((1, 16)))["params"]
+  leaves = jax.tree.leaves(params, is_leaf=lambda a: isinstance(a, nn.Partitioned))
+  assert leaves and all(isinstance(a, nn.LogicallyPartitioned) for a in leaves)
+  specs = jax.tree.leaves(nn.get_partition_spec(params), is_leaf=lambda a: a is None)
+  assert all(s is not None for s in specs)
+  if scan_layers:
+    assert all(s[0] == "layers" for s in specs)
+  # Unscanned params with adaLN use norms without scale (adaLN supplies it).
+  mha = MultiHeadAttention(num_heads=2, head_dim=4, use_bias=True)
+  params = mha.init(jax.random.key(0), jnp.ones((1, 3, 8)))["params"]
+  leaves = jax.tree.leaves(params, is_leaf=lambda a: isinstance(a, nn.Partitioned))
+  assert len(leaves) == 8 and all(isinstance(a, nn.LogicallyPartitioned) for a in leaves)
+  assert params["query"]["kernel"].names == ("embed", "heads", "head_dim")
+  assert params["key"]["kernel"].names == ("embed", "kv_heads", "head_dim")
+  assert params["out"]["kernel"].names == ("heads", "head_dim", "embed")
+
+
+def test_bfloat16_forward():
+  block = dict(num_heads=4, num_kv_heads=2, head_dim=8, mlp_dim=32, rope="2d", dtype=jnp.bfloat16,
+               mask=MaskSpec("block_causal", block_len=4, prefix_len=1))
+  model = DecoderStack(2, block, scan_layers=True)
+  x = jax.random.normal(jax.random.key(0), (2, 9, 16)).astype(jnp.bfloat16)
+  pos = jnp.broadcast_to(jnp.concatenate([jnp.zeros((1, 2), jnp.int32), position.grid_positions((2, 4))])[None], (2, 9, 2))
+  out, variables = model.init_with_output(jax.random.key(1), x, positions=pos)
+  assert out.dtype == jnp.bfloat16 and np.isfinite(np.asarray(out, np.float32)).all()
+  assert all(a.dtype == jnp.float32 for a in jax.tree.leaves(nn.unbox(variables["params"])))
+
+
+def test_unknown_rope_and_impl_in_module():
+  x = jnp.ones((1, 3, 8))
+  with pytest.raises(ValueError, match="rope"):
+    MultiHeadAttention(num_heads=2, head_dim=4, rope="4d").init(jax.random.key(0), x)
+  with pytest.raises(NotImplementedError, match="pallas"):
+    MultiHeadAttention(num_heads=2, head_dim=4, impl="pallas").init(jax.random.key(0), x)
