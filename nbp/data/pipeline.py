@@ -80,11 +80,14 @@ def make_dataset(
     raise ValueError(
         f"global_batch_size {global_batch_size} is not divisible by "
         f"process_count {process_count}")
+  # One global order, the same on every host, then each host takes every
+  # process_count-th example of it: the union of the hosts' batches at step s is
+  # the single-process batch at step s, so a run is the same on any number of hosts.
   ds = grain.MapDataset.source(source)
-  ds = shard_dataset(ds, process_index, process_count)
   if shuffle:
-    ds = ds.shuffle(seed=seed)  # a new order every epoch
+    ds = ds.shuffle(seed=seed)  # followed by repeat: a new order every epoch
   ds = ds.repeat(num_epochs)
+  ds = shard_dataset(ds, process_index, process_count)
   for i, t in enumerate(transforms):
     if isinstance(t, grain.transforms.RandomMap):
       ds = ds.random_map(t, seed=seed + 1 + i)

@@ -1,0 +1,58 @@
+"""Shared fixtures: a tiny next-token config and a data directory built once per session."""
+
+import os
+import subprocess
+import sys
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import pytest  # pylint: disable=g-import-not-at-top
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_ntp_config(data_dir: str, **overrides):
+  """2 frames of 8x8 (128 tokens), a 2-layer model: one step takes milliseconds."""
+  from experiments.configs import ntp_digits  # pylint: disable=g-import-not-at-top
+  c = ntp_digits.get_config("tiny,local")
+  c.data.dir = data_dir
+  c.data.num_frames = 2
+  c.data.num_train = 64
+  c.data.num_test = 16
+  c.batch_size = 8
+  c.num_steps = 4
+  c.log_every = 1
+  c.checkpoint_every = 2
+  c.eval_steps = 1
+  c.optimizer.warmup_steps = 1
+  c.model.num_samples = 2
+  for key, value in overrides.items():
+    target = c
+    *path, last = key.split(".")
+    for p in path:
+      target = target[p]
+    target[last] = value
+  return c
+
+
+def config_flags_for(config) -> list[str]:
+  """The --config.KEY=VALUE flags that turn the tiny default into `config`."""
+  flags = []
+  for section in ("data", "model", "optimizer"):
+    for key, value in config[section].items():
+      flags.append(f"--config.{section}.{key}={value}")
+  for key in ("batch_size", "num_steps", "log_every", "checkpoint_every", "eval_steps", "seed",
+              "grad_accum_steps"):
+    flags.append(f"--config.{key}={config[key]}")
+  return flags
+
+
+def run_module(args, *, env=None, timeout=600, **kwargs):
+  full_env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu", **(env or {}))
+  return subprocess.run([sys.executable, *args], cwd=REPO, env=full_env, capture_output=True, text=True,
+                        timeout=timeout, **kwargs)
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory):
+  return str(tmp_path_factory.mktemp("data"))

@@ -1,0 +1,249 @@
+"""The shared training loop: config errors, one end-to-end step, resume, preemption, sharding."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from nbp import metrics as metrics_lib
+from nbp import optim
+from nbp import train
+from tests.conftest import REPO, config_flags_for, run_module, tiny_ntp_config
+
+
+# ---------------------------------------------------------------------------
+# Config errors, raised before any compilation.
+
+def test_unknown_config_key_is_named(data_dir):
+  config = tiny_ntp_config(data_dir)
+  config.unlock()
+  config.model.widht = 3
+  with pytest.raises(ValueError, match=r"config\.model\.widht"):
+    train.setup(config)
+  config = tiny_ntp_config(data_dir)
+  config.unlock()
+  config.lr = 3
+  with pytest.raises(ValueError, match=r"config\.lr"):
+    train.setup(config)
+
+
+def test_unknown_key_on_the_command_line_fails(tmp_path):
+  result = run_module(["-m", "experiments.train", "--config", "experiments/configs/ntp_digits.py:tiny,local",
+                       "--workdir", str(tmp_path), "--config.model.widht=3"], timeout=120)
+  assert result.returncode != 0
+  assert "widht" in result.stderr
+
+
+def test_mesh_that_does_not_match_the_devices(data_dir):
+  config = tiny_ntp_config(data_dir, mesh=(("data", 4), ("fsdp", 1), ("tensor", 1)))
+  with pytest.raises(ValueError, match=r"config\.mesh .* needs 4 devices, but there are 1"):
+    train.setup(config)
+
+
+def test_batch_that_does_not_divide(data_dir):
+  config = tiny_ntp_config(data_dir, batch_size=6, grad_accum_steps=4)
+  with pytest.raises(ValueError, match=r"config\.batch_size=6 is not divisible by config\.grad_accum_steps=4"):
+    train.setup(config)
+  # A 4-way data axis (the arithmetic only needs the mesh's shape).
+  four_way = type("FourWayMesh", (), {"shape": {"data": 4}})()
+  with pytest.raises(ValueError, match=r"config\.batch_size=6 .* must be a multiple of 4"):
+    train.sharding.check_batch_size(6, four_way, (("batch", "data"),))
+
+
+def test_sampling_from_a_workdir_without_checkpoint(tmp_path, data_dir):
+  with pytest.raises(FileNotFoundError, match="No checkpoint in workdir"):
+    train.load_state(tiny_ntp_config(data_dir), str(tmp_path))
+
+
+def test_unknown_family_and_size(data_dir):
+  config = tiny_ntp_config(data_dir, family="nope")
+  with pytest.raises(ValueError, match="config.family='nope'"):
+    train.setup(config)
+  config = tiny_ntp_config(data_dir)
+  config.model.size = "XXL"
+  with pytest.raises(ValueError, match="config.model.size='XXL'"):
+    train.setup(config)
+
+
+# ---------------------------------------------------------------------------
+# The optimizer.
+
+def test_weight_decay_only_on_matrices():
+  params = {"dense": {"kernel": np.ones((2, 2)), "bias": np.ones(2)}, "norm": {"scale": np.ones(2)},
+            "embed": {"embedding": np.ones((3, 2))}}
+  mask = optim.weight_decay_mask(params)
+  assert mask == {"dense": {"kernel": True, "bias": False}, "norm": {"scale": False},
+                  "embed": {"embedding": True}}
+
+
+# ---------------------------------------------------------------------------
+# End to end in-process.
+
+def test_one_step_end_to_end(tmp_path, data_dir):
+  config = tiny_ntp_config(data_dir, num_steps=1, checkpoint_every=1)
+  result = train.train_and_evaluate(config, str(tmp_path))
+  assert result["status"] == "done" and result["step"] == 1
+  assert np.isfinite(result["loss"])
+  rows = metrics_lib.read_jsonl(os.path.join(tmp_path, "metrics.jsonl"))
+  assert any("eval/loss" in r for r in rows)
+  assert os.path.exists(os.path.join(tmp_path, "samples", "step_0000001.gif"))
+  assert os.listdir(os.path.join(tmp_path, "tb"))
+  s, state = train.load_state(config, str(tmp_path))
+  assert int(state.step) == 1
+
+
+def test_gradient_accumulation_matches_one_big_batch(data_dir):
+  """Two micro-batches of 4 give the gradient of one batch of 8 (same data, no dropout)."""
+  states, losses = [], []
+  for accum in (1, 2):
+    s = train.setup(tiny_ntp_config(data_dir, grad_accum_steps=accum))
+    state = train.init_state(s, 0)
+    batch = next(train.data_iterator(s, "train", 0))
+    with s.context():
+      state, metrics = train.compile_train_step(s)(state, train.sharding.global_batch(batch, s.batch_sharding),
+                                                   jax.random.key(1))
+    states.append(jax.device_get(state.params))
+    losses.append(float(metrics["loss"]))
+  np.testing.assert_allclose(losses[0], losses[1], rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), *states)
+
+
+def test_nan_stops_with_the_step_number(tmp_path, data_dir):
+  config = tiny_ntp_config(data_dir, num_steps=3)
+  config.optimizer.lr = float("nan")
+  with pytest.raises(FloatingPointError, match=r"Non-finite .* at step 1"):
+    train.train_and_evaluate(config, str(tmp_path))
+
+
+def test_demo_code_path(tmp_path, data_dir):
+  from experiments import demo  # pylint: disable=g-import-not-at-top
+  summary = demo.run(tiny_ntp_config(data_dir, num_steps=4), str(tmp_path))
+  for name in ("samples.gif", "samples.png", "loss.png", "metrics.json"):
+    assert os.path.getsize(os.path.join(tmp_path, name)) > 0, name
+  assert summary["steps"] == 4 and np.isfinite(summary["eval_loss"])
+
+
+def test_loss_falls_in_a_short_run(tmp_path, data_dir):
+  config = tiny_ntp_config(data_dir, num_steps=60, log_every=10, checkpoint_every=60)
+  config.optimizer.lr = 3e-3
+  config.optimizer.warmup_steps = 5
+  train.train_and_evaluate(config, str(tmp_path))
+  rows = [r for r in metrics_lib.read_jsonl(os.path.join(tmp_path, "metrics.jsonl")) if "loss" in r]
+  assert rows[-1]["loss"] < 0.7 * rows[0]["loss"], rows
+
+
+# ---------------------------------------------------------------------------
+# Kill and resume, preemption (subprocesses running experiments.train).
+
+def _train_cmd(config, workdir, *extra):
+  return ["-m", "experiments.train", "--config", "experiments/configs/ntp_digits.py:tiny,local",
+          "--workdir", str(workdir), *config_flags_for(config), *extra]
+
+
+def _final_params(config, workdir):
+  _, state = train.load_state(config, str(workdir))
+  return jax.device_get(state.params), int(state.step)
+
+
+def _wait_for_step(workdir, step, proc, timeout=300):
+  path = os.path.join(workdir, "metrics.jsonl")
+  deadline = time.time() + timeout
+  while time.time() < deadline:
+    if proc.poll() is not None:
+      raise AssertionError(f"run ended early: {proc.communicate()}")
+    if os.path.exists(path):
+      rows = metrics_lib.read_jsonl(path)
+      if rows and max(r["step"] for r in rows) >= step:
+        return
+    time.sleep(0.02)
+  raise AssertionError(f"step {step} not reached")
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_equals_uninterrupted(tmp_path, data_dir):
+  config = tiny_ntp_config(data_dir, num_steps=60, checkpoint_every=10, batch_size=32)
+  straight, killed = tmp_path / "straight", tmp_path / "killed"
+  result = run_module(_train_cmd(config, straight))
+  assert result.returncode == 0, result.stderr[-3000:]
+
+  env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu")
+  proc = subprocess.Popen([sys.executable, *_train_cmd(config, killed)], cwd=REPO, env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  _wait_for_step(str(killed), 25, proc)
+  proc.send_signal(signal.SIGKILL)
+  proc.communicate()
+  assert proc.returncode == -signal.SIGKILL
+  saved = sorted(int(d) for d in os.listdir(killed / "checkpoints") if d.isdigit())
+  assert saved and saved[-1] < 60, saved  # it really died mid-way, after a save
+
+  result = run_module(_train_cmd(config, killed))
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "Resuming from" in result.stderr
+  a, step_a = _final_params(config, straight)
+  b, step_b = _final_params(config, killed)
+  assert step_a == step_b == 60
+  jax.tree.map(np.testing.assert_array_equal, a, b)
+
+
+@pytest.mark.slow
+def test_sigterm_saves_before_exit(tmp_path, data_dir):
+  config = tiny_ntp_config(data_dir, num_steps=100000, checkpoint_every=100000, batch_size=32)
+  env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu")
+  proc = subprocess.Popen([sys.executable, *_train_cmd(config, tmp_path)], cwd=REPO, env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  _wait_for_step(str(tmp_path), 5, proc)
+  proc.send_signal(signal.SIGTERM)
+  out, err = proc.communicate(timeout=300)
+  assert proc.returncode == 0, err[-3000:]
+  result = json.loads(out.strip().splitlines()[-1])
+  assert result["status"] == "preempted"
+  saved = sorted(int(d) for d in os.listdir(tmp_path / "checkpoints") if d.isdigit())
+  assert saved == [result["step"]] and 5 <= saved[0] < 100000
+
+
+# ---------------------------------------------------------------------------
+# Sharding: 8 fake CPU devices, and two processes.
+
+@pytest.mark.slow
+def test_meshes_on_eight_devices_match_one_device(data_dir):
+  result = run_module(["tests/sharded_steps.py", data_dir])
+  assert result.returncode == 0, result.stderr[-5000:]
+  report = json.loads(result.stdout.strip().splitlines()[-1])
+  reference = report.pop("one_device")
+  for mesh, losses in report.items():
+    np.testing.assert_allclose(losses["losses"], reference["losses"], rtol=2e-5, err_msg=mesh)
+    assert losses["max_param_diff"] < 1e-5, (mesh, losses)
+    assert losses["sharded_params"] or mesh == "data8", mesh
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_agree_with_one(tmp_path, data_dir):
+  config = tiny_ntp_config(data_dir, num_steps=3, checkpoint_every=3)
+  result = run_module(_train_cmd(config, tmp_path / "single"))
+  assert result.returncode == 0, result.stderr[-3000:]
+  port = _free_port()
+  env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu")
+  procs = [subprocess.Popen([sys.executable, *_train_cmd(config, tmp_path / "multi"),
+                             f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+                             f"--process_id={i}"], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True) for i in range(2)]
+  outs = [p.communicate(timeout=600) for p in procs]
+  for p, (_, err) in zip(procs, outs):
+    assert p.returncode == 0, err[-3000:]
+  single = [r["loss"] for r in metrics_lib.read_jsonl(tmp_path / "single" / "metrics.jsonl") if "loss" in r]
+  multi = [r["loss"] for r in metrics_lib.read_jsonl(tmp_path / "multi" / "metrics.jsonl") if "loss" in r]
+  assert len(single) == len(multi) == 3
+  np.testing.assert_allclose(multi, single, rtol=1e-5)
