@@ -18,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -227,6 +228,10 @@ class DecoderStack(nn.Module):
   block: Mapping[str, Any]  # keyword arguments of every TransformerBlock
   scan_layers: bool = False  # one nn.scan over stacked weights (axis "layers") vs a loop
   remat_policy: str = "none"  # "none", "full" or a jax.checkpoint_policies name
+
+  def __post_init__(self):
+    self.block = flax.core.FrozenDict(self.block)  # hashable, so the module can be a static arg
+    super().__post_init__()
 
   @nn.compact
   def __call__(self, x, cond=None, *, positions=None, kv_valid_len=None, decode=False):
