@@ -20,6 +20,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from layers import linear
 from layers import position
 
 # Logits of masked pairs: large and finite, so that a fully masked row gives a
@@ -159,10 +160,6 @@ def dot_product_attention(q, k, v, mask=None, *, impl="xla"):
 ROPE_AXES = {None: 0, "1d": 1, "2d": 2, "3d": 3}
 
 
-def _partitioned(init, names):
-  return nn.with_logical_partitioning(init, names)
-
-
 class MultiHeadAttention(nn.Module):
   """Multi-head (grouped-query) attention over x [B, T, E] with RoPE and a KV cache.
 
@@ -185,16 +182,13 @@ class MultiHeadAttention(nn.Module):
   param_dtype: jnp.dtype = jnp.float32  # parameter storage dtype
   use_bias: bool = False  # biases on the q/k/v/out projections
   max_decode_len: int | None = None  # S of the KV cache; None: T of the init input
-  kernel_init: Callable = nn.initializers.lecun_normal()  # projections' initializer
+  kernel_init: Callable | None = None  # projections' initializer; None: fan-in truncated normal
 
   def _dense(self, features, axis, kernel_names, name):
-    """DenseGeneral whose kernel (and bias) carry logical axis names."""
-    num_out = len(features) if isinstance(features, tuple) else 1
-    return nn.DenseGeneral(
-        features=features, axis=axis, use_bias=self.use_bias, dtype=self.dtype,
-        param_dtype=self.param_dtype, name=name,
-        kernel_init=_partitioned(self.kernel_init, kernel_names),
-        bias_init=_partitioned(nn.initializers.zeros, kernel_names[-num_out:]))
+    """A projection whose kernel (and bias) carry logical axis names."""
+    return linear.DenseGeneral(
+        features=features, axis=axis, kernel_axes=kernel_names, use_bias=self.use_bias,
+        dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=self.kernel_init, name=name)
 
   def _rope(self, x, positions):
     if self.rope is None:

@@ -23,6 +23,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from layers import linear
 from layers.attention import MaskSpec, MultiHeadAttention
 
 ACTIVATION_AXES = ("batch", "length", "embed")
@@ -141,10 +142,9 @@ class AdaLNModulation(nn.Module):
   def __call__(self, c):
     if c.ndim == 2:
       c = c[:, None, :]  # [B, C] -> [B, 1, C], broadcast over tokens
-    mods = nn.DenseGeneral(
-        features=(self.num_chunks, self.features), dtype=self.dtype, param_dtype=self.param_dtype,
-        kernel_init=nn.with_logical_partitioning(nn.initializers.zeros, (None, None, "embed")),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (None, "embed")),
+    mods = linear.DenseGeneral(
+        features=(self.num_chunks, self.features), kernel_axes=(None, None, "embed"), use_bias=True,
+        dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=nn.initializers.zeros,
         name="proj")(nn.silu(c.astype(self.dtype)))  # [B, 1|T, 6, E]
     return tuple(mods[..., i, :] for i in range(self.num_chunks))
 

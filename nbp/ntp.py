@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from layers import attention as attention_lib
+from layers import linear
 from layers import position as position_lib
 from layers import transformer as transformer_lib
 from nbp import families
@@ -85,9 +86,8 @@ class NextTokenTransformer(nn.Module):
         scan_layers=self.scan_layers, remat_policy=self.remat_policy)
     self.final_norm = transformer_lib.make_norm(self.norm)
     if not self.tie_embeddings:
-      self.head = nn.DenseGeneral(self.vocab_size, use_bias=False, dtype=self.dtype, param_dtype=jnp.float32,
-                                  kernel_init=nn.with_logical_partitioning(
-                                      nn.initializers.normal(0.02), ("embed", "vocab")))
+      self.head = linear.DenseGeneral(self.vocab_size, kernel_axes=("embed", "vocab"), dtype=self.dtype,
+                                      kernel_init=nn.initializers.normal(0.02))
 
   def __call__(self, tokens: jax.Array, *, positions: jax.Array | None = None, decode: bool = False):
     x = self.embed(tokens)  # [B, N, E]
