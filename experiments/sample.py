@@ -25,7 +25,8 @@ def main(argv):
   config = common.CONFIG.value
   s, state = train.load_state(config, common.WORKDIR.value)
   params = state.ema_params if state.ema_params is not None else state.params
-  samples = jax.device_get(jax.jit(s.task.sample)(params, jax.random.key(SEED.value)))
+  with s.context():
+    samples = jax.device_get(train.compile_sampler(s)(params, jax.random.key(SEED.value)))
   out_dir = os.path.join(common.WORKDIR.value, "samples")
   os.makedirs(out_dir, exist_ok=True)
   step = int(state.step)

@@ -18,13 +18,12 @@ import orbax.checkpoint as ocp
 
 
 class Checkpoints:
-  """Saves every `every_steps` steps, keeps the last `keep`, restores the latest."""
+  """Keeps the last `keep` checkpoints and restores the latest."""
 
-  def __init__(self, directory: str, *, every_steps: int, keep: int, async_save: bool = True):
+  def __init__(self, directory: str, *, keep: int, async_save: bool = True):
     self.directory = os.path.abspath(directory)
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep,
-        save_interval_steps=max(int(every_steps), 1),
         enable_async_checkpointing=async_save,
         create=True,
     )
@@ -33,11 +32,12 @@ class Checkpoints:
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
-  def save(self, step: int, state: Any, data_iterator=None, *, force: bool = False) -> bool:
+  def save(self, step: int, state: Any, data_iterator=None) -> bool:
+    """Starts an async save of `step` (the caller decides when)."""
     items = {"state": ocp.args.StandardSave(state)}
     if data_iterator is not None:
       items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
-    return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+    return self.manager.save(step, args=ocp.args.Composite(**items), force=True)
 
   def restore(self, step: int, abstract_state: Any, data_iterator=None) -> Any:
     """Restores the state onto the shardings of `abstract_state`; the iterator in place."""

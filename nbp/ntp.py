@@ -66,9 +66,14 @@ class NextTokenTransformer(nn.Module):
   remat_policy: str = "none"  # see layers.transformer.DecoderStack
   attention_impl: str = "xla"
   dtype: Any = jnp.float32  # computation dtype; parameters stay float32
+  vocab_multiple: int = 128  # embedding and head rows padded to a multiple (splits over tensor devices)
+
+  @property
+  def padded_vocab(self) -> int:
+    return -(-self.vocab_size // self.vocab_multiple) * self.vocab_multiple
 
   def setup(self):
-    self.embed = nn.Embed(self.vocab_size, self.width, dtype=self.dtype, param_dtype=jnp.float32,
+    self.embed = nn.Embed(self.padded_vocab, self.width, dtype=self.dtype, param_dtype=jnp.float32,
                           embedding_init=nn.with_logical_partitioning(
                               nn.initializers.normal(0.02), ("vocab", "embed")))
     if self.position == "learned":
@@ -86,7 +91,7 @@ class NextTokenTransformer(nn.Module):
         scan_layers=self.scan_layers, remat_policy=self.remat_policy)
     self.final_norm = transformer_lib.make_norm(self.norm)
     if not self.tie_embeddings:
-      self.head = linear.DenseGeneral(self.vocab_size, kernel_axes=("embed", "vocab"), dtype=self.dtype,
+      self.head = linear.DenseGeneral(self.padded_vocab, kernel_axes=("embed", "vocab"), dtype=self.dtype,
                                       kernel_init=nn.initializers.normal(0.02))
 
   def __call__(self, tokens: jax.Array, *, positions: jax.Array | None = None, decode: bool = False):
@@ -104,7 +109,8 @@ class NextTokenTransformer(nn.Module):
       logits = self.embed.attend(x)
     else:
       logits = self.head(x)
-    return nn.with_logical_constraint(logits.astype(jnp.float32), ("batch", "length", "vocab"))
+    logits = nn.with_logical_constraint(logits.astype(jnp.float32), ("batch", "length", "vocab"))
+    return logits[..., :self.vocab_size]  # the padding rows are never predicted
 
 
 def next_token_inputs(tokens: jax.Array, bos: int) -> jax.Array:
@@ -152,7 +158,9 @@ def sample(model: NextTokenTransformer, params, rng, *, batch_size: int, tempera
 
   def step(i, state):
     tokens, last, cache = state
-    logits, updated = model.apply({"params": params, "cache": cache}, last, decode=True, mutable=["cache"])
+    positions = jnp.full((batch_size, 1), i, jnp.int32)
+    logits, updated = model.apply({"params": params, "cache": cache}, last, positions=positions, decode=True,
+                                  mutable=["cache"])
     drawn = sampling.sample_tokens(jax.random.fold_in(rng, i), logits[:, -1, :bos],
                                    temperature=temperature, top_k=top_k, top_p=top_p)
     token = jnp.where(i < num_prompt, tokens[:, i], drawn)

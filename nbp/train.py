@@ -150,7 +150,13 @@ def compile_eval_step(s: Setup):
   def step(params, batch, rng):
     out = evaluate(params, batch, rng)
     return dict(out[1], loss=out[0]) if isinstance(out, tuple) else out
-  return jax.jit(step, in_shardings=(s.state_sharding.params, s.batch_sharding, sharding.replicated(s.mesh)))
+  return jax.jit(step, in_shardings=(s.state_sharding.params, s.batch_sharding, sharding.replicated(s.mesh)),
+                 out_shardings=sharding.replicated(s.mesh))
+
+
+def compile_sampler(s: Setup):
+  """The family's sampler jitted whole; samples come back replicated on every host."""
+  return jax.jit(s.task.sample, out_shardings=sharding.replicated(s.mesh))
 
 
 def data_iterator(s: Setup, split: str, seed: int):
@@ -195,8 +201,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   s = setup(config)
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
-  ckpt = checkpoint_lib.Checkpoints(os.path.join(workdir, "checkpoints"),
-                                    every_steps=config.checkpoint_every, keep=config.keep_checkpoints)
+  ckpt = checkpoint_lib.Checkpoints(os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints)
   train_iter = data_iterator(s, "train", config.seed)
 
   latest = ckpt.latest_step()
@@ -272,7 +277,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         evaluate(s, state, done, writer)
       if (config.sample_every and done % config.sample_every == 0) or is_last:
         write_samples(s, state, done, os.path.join(workdir, "samples"), writer)
-      ckpt.save(done, state, train_iter, force=is_last or preempted)
+      if done % config.checkpoint_every == 0 or is_last or preempted:
+        ckpt.save(done, state, train_iter)
       if preempted:
         logging.warning("SIGTERM: saved step %d, exiting.", done)
         status = "preempted"
@@ -305,8 +311,7 @@ def write_samples(s: Setup, state: TrainState, step: int, out_dir: str,
   if s.task.sample is None:
     return {}
   params = state.ema_params if state.ema_params is not None else state.params
-  sample = jax.jit(s.task.sample)
-  samples = jax.device_get(sample(params, jax.random.fold_in(jax.random.key(s.config.seed + 3), step)))
+  samples = jax.device_get(compile_sampler(s)(params, jax.random.fold_in(jax.random.key(s.config.seed + 3), step)))
   out = {}
   if s.task.write_samples is not None and jax.process_index() == 0:
     os.makedirs(out_dir, exist_ok=True)
@@ -319,8 +324,7 @@ def write_samples(s: Setup, state: TrainState, step: int, out_dir: str,
 def load_state(config: ml_collections.ConfigDict, workdir: str) -> tuple[Setup, TrainState]:
   """The setup and latest state of a workdir (for sampling and evaluation)."""
   directory = os.path.join(os.path.abspath(workdir), "checkpoints")
-  if not os.path.isdir(directory) or checkpoint_lib.Checkpoints(
-      directory, every_steps=1, keep=1).latest_step() is None:
+  if not os.path.isdir(directory) or checkpoint_lib.Checkpoints(directory, keep=1).latest_step() is None:
     raise FileNotFoundError(f"No checkpoint in workdir {workdir!r}: train first (experiments.train).")
   s = setup(config)
   _, state = checkpoint_lib.restore_params(directory, s.abstract_state)
