@@ -3,7 +3,7 @@ r"""Samples from the latest checkpoint of a workdir.
   python -m experiments.sample --config experiments/configs/ntp_digits.py:S,local \
       --workdir runs/ntp_digits_local [--seed 1]
 
-Writes workdir/samples/step_<N>_seed_<seed>.{gif,png,txt}.
+Writes workdir/samples/seed_<seed>/step_<N>.{gif,png} (video) or .txt (text).
 """
 
 import json
@@ -27,7 +27,7 @@ def main(argv):
   params = state.ema_params if state.ema_params is not None else state.params
   with s.context():
     samples = jax.device_get(train.compile_sampler(s)(params, jax.random.key(SEED.value)))
-  out_dir = os.path.join(common.WORKDIR.value, "samples")
+  out_dir = os.path.join(common.WORKDIR.value, "samples", f"seed_{SEED.value}")
   os.makedirs(out_dir, exist_ok=True)
   step = int(state.step)
   metrics = s.task.write_samples(samples, out_dir, step) if s.task.write_samples else {}
