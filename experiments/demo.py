@@ -22,7 +22,7 @@ from nbp import train
 from nbp import video
 
 CONFIG = config_flags.DEFINE_config_file(
-    "config", os.path.join(os.path.dirname(__file__), "configs", "ntp_digits.py") + ":S,local",
+    "config", os.path.join(os.path.dirname(__file__), "configs", "ntp_digits.py") + ":XS,local",
     "The headline model's config.")
 WORKDIR = flags.DEFINE_string("workdir", "runs/demo", "Where everything is written.")
 

@@ -32,6 +32,7 @@ from nbp import video as video_lib
 # rounded up to a multiple of 64 for SwiGLU (same parameter count).
 SIZES = {
     "tiny": (2, 64, 4, 2),
+    "XS": (3, 128, 4, 4),
     "S": (4, 256, 4, 4),
     "M": (8, 512, 8, 8),
     "B": (12, 768, 12, 12),

@@ -50,7 +50,7 @@ class TrainState:
   ema_params: Any  # None when config.optimizer.ema_decay == 0
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(eq=False)  # hashed by identity: jitted functions are cached per Setup
 class Setup:
   """Everything built from a config before the first compilation."""
 
@@ -145,6 +145,7 @@ def compile_train_step(s: Setup):
                  out_shardings=(s.state_sharding, sharding.replicated(s.mesh)), donate_argnums=(0,))
 
 
+@functools.cache
 def compile_eval_step(s: Setup):
   evaluate = s.task.evaluate or s.task.loss
   def step(params, batch, rng):
@@ -154,6 +155,7 @@ def compile_eval_step(s: Setup):
                  out_shardings=sharding.replicated(s.mesh))
 
 
+@functools.cache
 def compile_sampler(s: Setup):
   """The family's sampler jitted whole; samples come back replicated on every host."""
   return jax.jit(s.task.sample, out_shardings=sharding.replicated(s.mesh))
@@ -206,7 +208,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   latest = ckpt.latest_step()
   if latest is not None:
-    logging.info("Resuming from %s at step %d.", ckpt.directory, latest)
+    logging.warning("Resuming from %s at step %d.", ckpt.directory, latest)
     state = ckpt.restore(latest, s.abstract_state, train_iter)
   elif config.init_from:
     step, loaded = checkpoint_lib.restore_params(config.init_from, s.abstract_state)

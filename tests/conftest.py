@@ -17,6 +17,7 @@ def tiny_ntp_config(data_dir: str, **overrides):
   c = ntp_digits.get_config("tiny,local")
   c.data.dir = data_dir
   c.data.num_frames = 2
+  c.data.frame_size = 8
   c.data.num_train = 64
   c.data.num_test = 16
   c.batch_size = 8

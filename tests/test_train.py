@@ -247,3 +247,15 @@ def test_two_processes_agree_with_one(tmp_path, data_dir):
   multi = [r["loss"] for r in metrics_lib.read_jsonl(tmp_path / "multi" / "metrics.jsonl") if "loss" in r]
   assert len(single) == len(multi) == 3
   np.testing.assert_allclose(multi, single, rtol=1e-5)
+
+
+def test_ema_and_profile_trace(tmp_path, data_dir):
+  config = tiny_ntp_config(data_dir, num_steps=3, profile_steps=(1, 1))
+  config.optimizer.ema_decay = 0.5
+  train.train_and_evaluate(config, str(tmp_path))
+  _, state = train.load_state(config, str(tmp_path))
+  params, ema = jax.device_get(state.params), jax.device_get(state.ema_params)
+  diffs = [float(np.max(np.abs(a - b))) for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(ema))]
+  assert max(diffs) > 0  # the average lags the parameters
+  traces = [f for _, _, files in os.walk(tmp_path / "profile") for f in files]
+  assert any(f.endswith(".xplane.pb") for f in traces), traces

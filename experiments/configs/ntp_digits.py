@@ -21,7 +21,7 @@ a bright blob moving and bouncing in most videos.
 from nbp import config as config_lib
 
 
-def get_config(arg: str = "S,local"):
+def get_config(arg: str = "XS,local"):
   size, *flags = arg.split(",")
   local = "local" in flags
   c = config_lib.base_config()
@@ -48,23 +48,24 @@ def get_config(arg: str = "S,local"):
   c.model.num_samples = 8
 
   c.data.name = "moving_digits"
-  c.data.num_frames = 8 if local else 16
-  c.data.frame_size = 8 if local else 32
+  c.data.num_frames = 4 if local else 16
+  c.data.frame_size = 12 if local else 32
   c.data.num_digits = 1 if local else 2
-  c.data.speed = 1.0 if local else 2.0
+  c.data.speed = 2.0
   c.data.num_train = 2000 if local else 20000
   c.data.num_test = 200 if local else 2000
   c.data.levels = 8  # grey levels = vocabulary size (plus one begin token)
   c.data.seq_len = 0  # text only
 
-  c.batch_size = 16 if local else 256
+  c.batch_size = 8 if local else 256
   c.num_steps = 300 if local else 50_000
-  c.optimizer.lr = 1e-3 if local else 3e-4
+  c.optimizer.lr = 2e-3 if local else 3e-4
   c.optimizer.warmup_steps = 30 if local else 1000
   c.optimizer.b2 = 0.95
   c.optimizer.ema_decay = 0.0 if local else 0.9999
   c.log_every = 10 if local else 100
   c.checkpoint_every = 100 if local else 2000
+  c.eval_every = 100 if local else 5000
   c.eval_steps = 4
   c.lock()
   return c
