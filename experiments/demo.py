@@ -14,7 +14,7 @@ import os
 import shutil
 import time
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from nbp import metrics as metrics_lib
@@ -57,6 +57,7 @@ def run(config, workdir: str) -> dict:
 
 def main(argv):
   del argv
+  logging.set_verbosity(logging.WARNING)  # orbax's per-save INFO lines drown the progress bar
   summary = run(CONFIG.value, WORKDIR.value)
   print(json.dumps(summary, indent=1))
   print(f"Samples: {WORKDIR.value}/samples.gif and samples.png; loss curve: {WORKDIR.value}/loss.png")
