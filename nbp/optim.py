@@ -32,9 +32,10 @@ def learning_rate_schedule(cfg: ml_collections.ConfigDict, num_steps: int) -> op
 def weight_decay_mask(params):
   """True for the leaves that are decayed: matrices named kernel or embedding."""
   def decayed(path, _):
-    last = path[-1]
-    name = getattr(last, "key", getattr(last, "name", str(last)))
-    return name in DECAYED_LEAVES
+    # Skip the `.value` of a LogicallyPartitioned box (the state is initialised boxed).
+    names = [getattr(k, "key", getattr(k, "name", None)) for k in path]
+    names = [n for n in names if n not in (None, "value")]
+    return bool(names) and names[-1] in DECAYED_LEAVES
   return jax.tree_util.tree_map_with_path(decayed, params)
 
 

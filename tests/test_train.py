@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 
+import flax.linen as nn
 import jax
 import numpy as np
 import pytest
@@ -81,6 +82,9 @@ def test_weight_decay_only_on_matrices():
   mask = optim.weight_decay_mask(params)
   assert mask == {"dense": {"kernel": True, "bias": False}, "norm": {"scale": False},
                   "embed": {"embedding": True}}
+  boxed = {"dense": {"kernel": nn.LogicallyPartitioned(np.ones((2, 2)), ("embed", "mlp")),
+                     "bias": nn.LogicallyPartitioned(np.ones(2), ("mlp",))}}
+  assert jax.tree.leaves(optim.weight_decay_mask(boxed)) == [False, True]  # bias, kernel
 
 
 # ---------------------------------------------------------------------------
