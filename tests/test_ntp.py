@@ -107,3 +107,14 @@ def test_sample_and_evaluate_entry_points(tmp_path, data_dir):
   assert result.returncode == 0, result.stderr[-3000:]
   metrics = json.loads(result.stdout.strip().splitlines()[-1])
   assert metrics["step"] == 2 and np.isfinite(metrics["eval/loss"])
+
+
+def test_text_config_trains_one_step(tmp_path):
+  from experiments.configs import ntp_text  # pylint: disable=g-import-not-at-top
+  from nbp import train  # pylint: disable=g-import-not-at-top
+  config = ntp_text.get_config("tiny,local")
+  config.data.seq_len, config.batch_size, config.num_steps, config.eval_steps = 64, 4, 1, 1
+  result = train.train_and_evaluate(config, str(tmp_path))
+  assert result["step"] == 1 and abs(result["loss"] - np.log(257)) < 1.0  # near uniform over bytes + begin
+  with open(tmp_path / "samples" / "step_0000001.txt") as f:
+    assert f.read().count("---") == config.model.num_samples
