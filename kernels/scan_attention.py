@@ -32,7 +32,7 @@ Implementations (all equal up to rounding; `scan_attention_auto` picks one):
 - `scan_attention`: the Pallas kernel, forward and backward under
   `jax.custom_vjp`. Grid over the N = B * H sequences, a `fori_loop` over
   chunks inside the kernel carrying (m, u, w). Residuals are the output o and
-  the running logsumexp L_t = m_t + log u_t: O(T * D). The backward is a
+  the running logsumexp L_t = m_t + log u_t (as m and log u): O(T * D). The backward is a
   reverse-time `fori_loop` over chunks (see `_backward_kernel`).
 """
 
@@ -202,8 +202,13 @@ def scan_attention_chunked(s, v, valid=None, *, chunk=64):
 # vectors). Carries are [1, 1] / [1, Dp] values of a fori_loop over chunks.
 
 
-def _forward_kernel(s_row_ref, s_col_ref, v_ref, o_ref, lse_ref, *, chunk, n_chunks):
-  """Writes o [Tp, Dp] and the running logsumexp L [Tp, 1] (NEG_INF where u = 0)."""
+def _forward_kernel(s_row_ref, s_col_ref, v_ref, o_ref, m_ref, log_u_ref, *, chunk, n_chunks):
+  """Writes o [Tp, Dp], and m, log u [Tp, 1]: the running logsumexp L = m + log u in two parts.
+
+  m is NEG_INF (and log u = 0) before the first valid position. Keeping the two
+  parts apart keeps p = exp((s - m) - log u) accurate in the backward even for
+  scores of 1e4, where a float32 L has an ulp of 1e-3.
+  """
   d = v_ref.shape[-1]
   row = lax.broadcasted_iota(jnp.int32, (chunk, chunk), 0)  # t
   col = lax.broadcasted_iota(jnp.int32, (chunk, chunk), 1)  # j
@@ -224,7 +229,8 @@ def _forward_kernel(s_row_ref, s_col_ref, v_ref, o_ref, lse_ref, *, chunk, n_chu
     live = u_t > 0  # u >= 1 once a valid position was seen
     u_safe = jnp.where(live, u_t, 1.0)
     o_ref[pl.ds(start, chunk), :] = jnp.where(live, w_t / u_safe, 0.0).astype(o_ref.dtype)
-    lse_ref[pl.ds(start, chunk), :] = jnp.where(live, m_t + jnp.log(u_safe), NEG_INF)
+    m_ref[pl.ds(start, chunk), :] = m_t
+    log_u_ref[pl.ds(start, chunk), :] = jnp.log(u_safe)
     # The carry after the whole chunk, from the column form of s.
     valid_col = s_col > _HALF_NEG
     m_n = jnp.maximum(m_c, jnp.max(jnp.where(valid_col, s_col, NEG_INF), axis=0, keepdims=True))
@@ -237,51 +243,57 @@ def _forward_kernel(s_row_ref, s_col_ref, v_ref, o_ref, lse_ref, *, chunk, n_chu
   lax.fori_loop(0, n_chunks, body, init)
 
 
-def _backward_kernel(s_col_ref, v_ref, lse_row_ref, lse_col_ref, delta_row_ref, delta_col_ref, do_ref,
-                     ds_ref, dv_ref, *, chunk, n_chunks):
+def _backward_kernel(s_col_ref, v_ref, m_row_ref, m_col_ref, lu_row_ref, lu_col_ref, delta_row_ref,
+                     delta_col_ref, do_ref, ds_ref, dv_ref, *, chunk, n_chunks):
   """Reverse-time pass over chunks.
 
-  With p[t, i] = exp(s_i - L_t) for valid i <= t and delta_t = o_t . dO_t:
+  With p[t, i] = exp(s_i - L_t) for valid i <= t (L_t = m_t + log u_t, the
+  running logsumexp) and delta_t = o_t . dO_t:
     dv_i = sum_{t >= i} p[t, i] dO_t,   ds_i = v_i . dv_i - sum_{t >= i} p[t, i] delta_t.
   Inside a chunk this is a masked [C, C] tile. The later chunks enter through a
-  carry relative to a reference R: A = sum_t exp(R - L_t) dO_t, B = sum_t
-  exp(R - L_t) delta_t over the later live rows, so that p = exp(s_i - R) exp(R - L_t).
-  L_t never decreases in t and L_t >= s_i for i <= t, so R = min of the later
-  live L_t (the first one) keeps both exponents <= 0: nothing overflows.
+  carry relative to a reference R = (R_m, R_l) (R = R_m + R_l, kept in two parts
+  like L): A = sum_t exp(R - L_t) dO_t and B = sum_t exp(R - L_t) delta_t over the
+  later live rows, so that p = exp(s_i - R) exp(R - L_t). L_t never decreases in
+  t and L_t >= s_i for i <= t, so R = L of the first live row after the chunk
+  keeps both exponents <= 0: nothing overflows.
   """
   d = v_ref.shape[-1]
   key = lax.broadcasted_iota(jnp.int32, (chunk, chunk), 0)  # i
   query = lax.broadcasted_iota(jnp.int32, (chunk, chunk), 1)  # t
+  row = lax.broadcasted_iota(jnp.int32, (chunk, 1), 0)
 
   def body(k, carry):
-    ref_c, a_c, b_c = carry  # R [1, 1], A [1, Dp], B [1, 1]
+    ref_m, ref_l, a_c, b_c = carry  # R_m [1, 1], R_l [1, 1], A [1, Dp], B [1, 1]
     start = pl.multiple_of((n_chunks - 1 - k) * chunk, chunk)
     rows = pl.ds(start, chunk)
     s_col = s_col_ref[rows, :]  # [C, 1]
     v = v_ref[rows, :].astype(jnp.float32)  # [C, Dp]
-    lse_row = lse_row_ref[:, rows]  # [1, C]
-    lse_col = lse_col_ref[rows, :]  # [C, 1]
-    delta_row = delta_row_ref[:, rows]  # [1, C]
-    delta_col = delta_col_ref[rows, :]  # [C, 1]
+    m_row, m_col = m_row_ref[:, rows], m_col_ref[rows, :]  # [1, C], [C, 1]
+    lu_row, lu_col = lu_row_ref[:, rows], lu_col_ref[rows, :]
+    delta_row, delta_col = delta_row_ref[:, rows], delta_col_ref[rows, :]
     do = do_ref[rows, :].astype(jnp.float32)  # [C, Dp]
     valid_col = s_col > _HALF_NEG
-    live_col = lse_col > _HALF_NEG
-    mask = (query >= key) & valid_col & (lse_row > _HALF_NEG)  # [i, t]
-    pt = jnp.exp(jnp.where(mask, s_col - lse_row, NEG_INF))  # [C, C], p transposed
-    g = jnp.exp(jnp.where(valid_col, s_col - ref_c, NEG_INF))  # [C, 1], <= 1
+    live_col = m_col > _HALF_NEG  # u_t > 0
+    mask = (query >= key) & valid_col & (m_row > _HALF_NEG)  # [i, t]
+    pt = jnp.exp(jnp.where(mask, (s_col - m_row) - lu_row, NEG_INF))  # [C, C], p transposed
+    g = jnp.exp(jnp.where(valid_col, (s_col - ref_m) - ref_l, NEG_INF))  # [C, 1], <= 1
     dv = jnp.dot(pt, do, preferred_element_type=jnp.float32) + g * a_c  # [C, Dp]
     pd = jnp.sum(pt * delta_row, axis=1, keepdims=True) + g * b_c  # [C, 1]
     dv_ref[rows, :] = dv.astype(dv_ref.dtype)
     ds_ref[rows, :] = (jnp.sum(v * dv, axis=1, keepdims=True) - pd).astype(ds_ref.dtype)
-    # Fold this chunk's rows into the carry.
-    ref_n = jnp.minimum(ref_c, jnp.min(jnp.where(live_col, lse_col, POS_INF), axis=0, keepdims=True))
-    h = jnp.exp(jnp.where(live_col, ref_n - lse_col, NEG_INF))  # [C, 1], <= 1
-    a = jnp.exp(ref_n - ref_c)  # <= 1
-    return ref_n, a_c * a + jnp.sum(h * do, axis=0, keepdims=True), b_c * a + jnp.sum(h * delta_col, axis=0,
-                                                                                        keepdims=True)
+    # Fold this chunk's rows into the carry; the new reference is its first live row.
+    first = jnp.min(jnp.where(live_col, row, chunk), axis=0, keepdims=True)  # [1, 1]
+    pick = row == first
+    any_live = first < chunk
+    new_m = jnp.where(any_live, jnp.sum(jnp.where(pick, m_col, 0.0), axis=0, keepdims=True), ref_m)
+    new_l = jnp.where(any_live, jnp.sum(jnp.where(pick, lu_col, 0.0), axis=0, keepdims=True), ref_l)
+    h = jnp.exp(jnp.where(live_col, (new_m - m_col) + (new_l - lu_col), NEG_INF))  # [C, 1], <= 1
+    a = jnp.exp((new_m - ref_m) + (new_l - ref_l))  # <= 1
+    return (new_m, new_l, a_c * a + jnp.sum(h * do, axis=0, keepdims=True),
+            b_c * a + jnp.sum(h * delta_col, axis=0, keepdims=True))
 
-  init = (jnp.full((1, 1), POS_INF, jnp.float32), jnp.zeros((1, d), jnp.float32),
-          jnp.zeros((1, 1), jnp.float32))
+  init = (jnp.full((1, 1), POS_INF, jnp.float32), jnp.zeros((1, 1), jnp.float32),
+          jnp.zeros((1, d), jnp.float32), jnp.zeros((1, 1), jnp.float32))
   lax.fori_loop(0, n_chunks, body, init)
 
 
@@ -309,40 +321,42 @@ def _scan_attention_padded(s, v, chunk, interpret, backend):
 def _forward(s, v, chunk, interpret, backend):
   n, tp, dp = v.shape
   kernel = functools.partial(_forward_kernel, chunk=chunk, n_chunks=tp // chunk)
-  o, lse = pl.pallas_call(
+  column = jax.ShapeDtypeStruct((n, tp, 1), jnp.float32)
+  o, m, log_u = pl.pallas_call(
       kernel,
       grid=(n,),
       in_specs=[_seq_spec(1, tp), _seq_spec(tp, 1), _seq_spec(tp, dp)],
-      out_specs=[_seq_spec(tp, dp), _seq_spec(tp, 1)],
-      out_shape=[jax.ShapeDtypeStruct((n, tp, dp), jnp.float32), jax.ShapeDtypeStruct((n, tp, 1), jnp.float32)],
+      out_specs=[_seq_spec(tp, dp), _seq_spec(tp, 1), _seq_spec(tp, 1)],
+      out_shape=[jax.ShapeDtypeStruct((n, tp, dp), jnp.float32), column, column],
       compiler_params=_compiler_params(backend, dp),
       interpret=interpret,
       name="scan_attention_forward",
   )(s[:, None, :], s[:, :, None], v)
-  return o, lse[..., 0]
+  return o, m[..., 0], log_u[..., 0]
 
 
 def _scan_attention_fwd(s, v, chunk, interpret, backend):
-  o, lse = _forward(s, v, chunk, interpret, backend)
-  return o, (s, v, o, lse)  # O(T * D) residuals
+  o, m, log_u = _forward(s, v, chunk, interpret, backend)
+  return o, (s, v, o, m, log_u)  # O(T * D) residuals
 
 
 def _scan_attention_bwd(chunk, interpret, backend, residuals, do):
-  s, v, o, lse = residuals
+  s, v, o, m, log_u = residuals
   n, tp, dp = v.shape
   delta = jnp.sum(o * do, axis=-1)  # [N, Tp]
   kernel = functools.partial(_backward_kernel, chunk=chunk, n_chunks=tp // chunk)
   ds, dv = pl.pallas_call(
       kernel,
       grid=(n,),
-      in_specs=[_seq_spec(tp, 1), _seq_spec(tp, dp), _seq_spec(1, tp), _seq_spec(tp, 1), _seq_spec(1, tp),
-                _seq_spec(tp, 1), _seq_spec(tp, dp)],
+      in_specs=[_seq_spec(tp, 1), _seq_spec(tp, dp)] + [_seq_spec(1, tp), _seq_spec(tp, 1)] * 3
+      + [_seq_spec(tp, dp)],
       out_specs=[_seq_spec(tp, 1), _seq_spec(tp, dp)],
       out_shape=[jax.ShapeDtypeStruct((n, tp, 1), jnp.float32), jax.ShapeDtypeStruct(v.shape, v.dtype)],
       compiler_params=_compiler_params(backend, dp),
       interpret=interpret,
       name="scan_attention_backward",
-  )(s[:, :, None], v, lse[:, None, :], lse[:, :, None], delta[:, None, :], delta[:, :, None], do)
+  )(s[:, :, None], v, m[:, None, :], m[:, :, None], log_u[:, None, :], log_u[:, :, None], delta[:, None, :],
+    delta[:, :, None], do)
   return ds[..., 0], dv
 
 
