@@ -447,8 +447,10 @@ def _splash_kernel(q_len, kv_len, heads, block_len, prefix_len, block_q, block_k
       block_q=block_q, block_kv=block_k, block_kv_compute=block_k,
       block_q_dkv=block_q, block_kv_dkv=block_k, block_kv_dkv_compute=block_k,
       block_q_dq=block_q, block_kv_dq=block_k)
-  return splash.make_splash_mha(splash.MultiHeadMask([mask] * heads), block_sizes=sizes,
-                                head_shards=1, q_seq_shards=1, interpret=interpret)
+  # Concrete mask tables even when first called inside a jit (the kernel is cached).
+  with jax.ensure_compile_time_eval():
+    return splash.make_splash_mha(splash.MultiHeadMask([mask] * heads), block_sizes=sizes,
+                                  head_shards=1, q_seq_shards=1, interpret=interpret)
 
 
 def _splash_attention(q, k, v, kv_len, *, block_len, prefix_len, block_q, block_k, interpret):
