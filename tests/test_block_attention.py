@@ -192,6 +192,31 @@ def test_bad_arguments():
     ba.block_attention(q, k[:, :, :1], v[:, :, :1], block_len=0, interpret=True, backend="cpu")
 
 
+def test_triton_lowering_for_cuda():
+  """All three kernels lower through Triton for CUDA (no GPU needed): catches
+  unsupported primitives, block shapes and compiler params here; compiling to
+  PTX and the numerics need a GPU (test_gpu_compiled)."""
+  q, k, v = qkv(0, 2, 200, 200, 4, 2, 80, jnp.bfloat16)  # ragged T, head dim padded to 128
+
+  def loss_grads(q, k, v, valid):
+    fn = lambda q, k, v: ba.block_attention(q, k, v, block_len=16, prefix_len=5,
+                                            kv_valid_len=valid, backend="gpu")
+    return jax.grad(lambda *x: fn(*x).astype(jnp.float32).sum(), argnums=(0, 1, 2))(q, k, v)
+
+  text = jax.jit(loss_grads).trace(q, k, v, jnp.asarray([200, 90])).lower(
+      lowering_platforms=("cuda",)).as_text()
+  for name in ("block_attention_fwd", "block_attention_dq", "block_attention_dkv"):
+    assert f'name = "{name}"' in text
+  assert text.count("xla.gpu.triton") == 3
+  assert "num_warps = 8" in text
+
+
+def test_gpu_tiles_must_suit_triton():
+  q, k, v = qkv(0, 1, 48, 48, 2, 2, 16)
+  with pytest.raises(ValueError, match="power of two"):
+    ba.block_attention(q, k, v, block_len=1, block_q=24, backend="gpu")
+
+
 # ----------------------------------------------------------------------------
 # Which tiles are visited.
 
