@@ -169,6 +169,10 @@ class MultiHeadAttention(nn.Module):
   T new keys and values at cache_index, lets the queries at positions
   cache_index..cache_index+T-1 attend over the written part of the cache under
   `mask`, and advances cache_index by T.
+
+  `impl` picks the attention implementation through `kernels.dispatch.attention`
+  ("auto" chooses per backend and sequence length); cached decode steps always
+  use "xla".
   """
 
   num_heads: int  # H
@@ -177,7 +181,7 @@ class MultiHeadAttention(nn.Module):
   mask: MaskSpec = MaskSpec("causal")  # which keys each query sees
   rope: str | None = None  # None, "1d", "2d" or "3d": axes of the rotary positions
   rope_base: float = 10000.0  # RoPE frequency base
-  impl: str = "xla"  # attention implementation, a key of ATTENTION_IMPLS
+  impl: str = "xla"  # kernels.dispatch.IMPLS ("auto", "xla", "xla_blocksparse", "pallas", "cudnn") or an ATTENTION_IMPLS key
   dtype: jnp.dtype = jnp.float32  # computation dtype
   param_dtype: jnp.dtype = jnp.float32  # parameter storage dtype
   use_bias: bool = False  # biases on the q/k/v/out projections
@@ -201,6 +205,26 @@ class MultiHeadAttention(nn.Module):
     if self.rope != "1d":
       raise ValueError(f"rope={self.rope!r} needs explicit positions [B, T, {ROPE_AXES[self.rope]}]")
     return jnp.broadcast_to(offset + jnp.arange(length, dtype=jnp.int32), (batch, length))
+
+  def _attend(self, q, k, v, *, kv_valid_len, q_offset, decode_step):
+    """q [B, T, H, D], k, v [B, S, K, D] -> [B, T, H, D] under self.mask.
+
+    Implementations of kernels.dispatch get the MaskSpec itself (a kernel may skip
+    invisible tiles); a KV-cache step always runs "xla" (the kernels are for
+    whole sequences). Other names are dense-mask functions of ATTENTION_IMPLS.
+    """
+    from kernels import dispatch  # pylint: disable=g-import-not-at-top  (kernels imports layers)
+    if self.impl in dispatch.IMPLS:
+      impl = "xla" if decode_step and self.impl != "cudnn" else self.impl
+      return dispatch.attention(q, k, v, mask=self.mask, kv_valid_len=kv_valid_len, q_offset=q_offset,
+                                impl=impl)
+    if self.impl not in ATTENTION_IMPLS:
+      raise NotImplementedError(
+          f"attention impl {self.impl!r} is not available; choose one of {dispatch.IMPLS} or a "
+          f"registered dense-mask impl {sorted(ATTENTION_IMPLS)}")
+    t, s = q.shape[1], k.shape[1]
+    mask = dispatch.dense_mask(self.mask, t, s, kv_valid_len=kv_valid_len, q_offset=q_offset)
+    return dot_product_attention(q, k, v, mask, impl=self.impl)
 
   @nn.compact
   def __call__(self, x, *, positions=None, kv_valid_len=None, decode=False):
@@ -233,17 +257,15 @@ class MultiHeadAttention(nn.Module):
       v = jax.lax.dynamic_update_slice(cached_value.value, v.astype(self.dtype), (0, offset, 0, 0))
       cached_key.value, cached_value.value = k, v
       cache_index.value = offset + t
-      written = jnp.arange(cache_len) < offset + t  # [S]
-      mask = (self.mask.make(t, cache_len, q_offset=offset) & written[None, :])[None, None]  # [1, 1, T, S]
-      s = cache_len
+      # The queries sit at offset..offset+T-1 and see the written part of the cache.
+      written = jnp.broadcast_to(offset + t, (b,)).astype(jnp.int32)  # [B]
+      if kv_valid_len is not None:
+        written = jnp.minimum(written, jnp.asarray(kv_valid_len, jnp.int32))
+      out = self._attend(q, k, v, kv_valid_len=written, q_offset=offset, decode_step=True)
     else:
       if positions is None:
         positions = self._default_positions(b, t, 0)
       q, k = self._rope(q, positions), self._rope(k, positions)
-      mask = self.mask.make(t, t)[None, None]  # [1, 1, T, S]
-      s = t
-
-    if kv_valid_len is not None:
-      mask = mask & padding_mask(kv_valid_len, s)  # [B, 1, T, S]
-    out = dot_product_attention(q, k, v, mask, impl=self.impl)  # [B, T, H, D]
+      out = self._attend(q, k, v, kv_valid_len=kv_valid_len, q_offset=0, decode_step=False)
+    # out: [B, T, H, D]
     return self._dense(e, (-2, -1), ("heads", "head_dim", "embed"), "out")(out)  # [B, T, E]

@@ -1,0 +1,170 @@
+"""One entry point per kernel family: it picks the implementation per backend.
+
+`attention(q, k, v, mask=MaskSpec(...), ...)` serves every model's attention:
+
+  impl              what runs                                      serves
+  "xla"             layers.attention.xla_attention, dense mask     everything (decode, 2nd order)
+  "xla_blocksparse" kernels.blocksparse: only the visible keys     self-attention (q_offset 0, T == S)
+  "pallas"          kernels.block_attention.block_attention        q_offset 0; interpret mode on CPU
+  "cudnn"           jax.nn.dot_product_attention(cudnn), dense mask GPU only
+  "auto"            resolve_impl: Pallas on GPU/TPU, on CPU xla_blocksparse for long
+                    self-attention and xla otherwise (short sequences, decoding)
+
+`scan(s, v, valid)` forwards to kernels.scan_attention.scan_attention_auto
+(Aaren's prefix-scan attention), so both kernels have this one module.
+
+Kernel modules are imported inside the functions: they are optional, and a
+missing one is reported as an error naming the implementation.
+
+Dimension letters: B batch, T queries, S keys, H query heads, K kv heads, D head dim.
+"""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+
+from layers import attention as attention_lib
+
+IMPLS = ("auto", "xla", "xla_blocksparse", "pallas", "cudnn")
+
+# "auto" on CPU switches from dense xla to xla_blocksparse at this self-attention
+# length. Measured on the 2-core CPU (float32, B=1, H=4, D=64, causal, forward +
+# backward): blocksparse/dense time 0.38 at T=256, 0.31 at 512, 0.6 at 1024,
+# 0.25 at 4096 (experiments/benchmark_kernels.py). Below 256 both take well under
+# a millisecond, and the dense path compiles faster and allows any mask.
+AUTO_BLOCKSPARSE_MIN_LEN = 256
+
+ACCELERATORS = ("gpu", "cuda", "rocm", "tpu")
+
+
+class AttentionImplError(NotImplementedError, ValueError):
+  """An attention implementation cannot serve a request (or does not exist)."""
+
+
+def _is_static_zero(q_offset) -> bool:
+  """True iff q_offset is known at trace time to be 0 (a traced cache index is not)."""
+  if isinstance(q_offset, jax.core.Tracer):
+    return False
+  try:
+    return int(np.asarray(q_offset)) == 0
+  except (TypeError, ValueError):
+    return False
+
+
+def _is_self_attention(q_len, kv_len, q_offset) -> bool:
+  return q_len == kv_len and _is_static_zero(q_offset)
+
+
+def resolve_impl(impl: str, backend: str, q_len: int, kv_len: int, q_offset=0) -> str:
+  """The implementation that `impl` means for this backend and these shapes.
+
+  "auto": on GPU and TPU "pallas" for self-attention (q_offset 0, T == S), "xla"
+  for decoding; on CPU "xla_blocksparse" for self-attention of at least
+  AUTO_BLOCKSPARSE_MIN_LEN tokens, "xla" otherwise. An explicit impl is returned
+  as is once checked: AttentionImplError says why it cannot serve the request.
+  """
+  if impl not in IMPLS:
+    raise AttentionImplError(f"attention impl {impl!r} is unknown; choose one of {IMPLS}")
+  self_attention = _is_self_attention(q_len, kv_len, q_offset)
+  if impl == "auto":
+    if backend in ACCELERATORS:
+      return "pallas" if self_attention else "xla"
+    return "xla_blocksparse" if self_attention and q_len >= AUTO_BLOCKSPARSE_MIN_LEN else "xla"
+  if impl == "xla_blocksparse" and not self_attention:
+    raise AttentionImplError(
+        f"attention impl 'xla_blocksparse' serves self-attention only (q_offset 0 and as many keys "
+        f"as queries); got {q_len} queries, {kv_len} keys, q_offset={q_offset!r} (a KV-cache decode "
+        f"step?): use impl 'xla' or 'auto'")
+  if impl == "pallas" and not _is_static_zero(q_offset):
+    raise AttentionImplError(
+        f"attention impl 'pallas' needs queries starting at position 0; got q_offset={q_offset!r} "
+        f"(a KV-cache decode step?): use impl 'xla' or 'auto'")
+  if impl == "cudnn" and backend not in ("gpu", "cuda"):
+    raise AttentionImplError(f"attention impl 'cudnn' needs an NVIDIA GPU; the backend is {backend!r}")
+  return impl
+
+
+def mask_numbers(mask: attention_lib.MaskSpec, kv_len: int) -> tuple[int, int]:
+  """(block_len, prefix_len) of a MaskSpec as a block-causal mask over kv_len keys."""
+  if mask.kind == "full":
+    return max(kv_len, 1), 0  # one block holding every key
+  if mask.kind == "causal":
+    return 1, mask.prefix_len
+  return mask.block_len, mask.prefix_len
+
+
+def dense_mask(mask: attention_lib.MaskSpec, q_len, kv_len, *, kv_valid_len=None, q_offset=0):
+  """Bool [1|B, 1, T, S]: the MaskSpec's mask and the key padding."""
+  dense = mask.make(q_len, kv_len, q_offset=q_offset)[None, None]  # [1, 1, T, S]
+  if kv_valid_len is not None:
+    dense = dense & attention_lib.padding_mask(kv_valid_len, kv_len)  # [B, 1, T, S]
+  return dense
+
+
+def attention(q, k, v, *, mask: attention_lib.MaskSpec, kv_valid_len=None, q_offset=0, impl="auto"):
+  """Softmax attention q [B, T, H, D], k and v [B, S, K, D] -> [B, T, H, D] (H % K == 0).
+
+  mask: a MaskSpec (full, causal or block-causal with a prefix); query t sits at
+  absolute position q_offset + t (q_offset may be traced: the cache index while
+  decoding). kv_valid_len: None or int [B] (a scalar is broadcast), keys at
+  s >= kv_valid_len[b] are hidden. Scale 1/sqrt(D), float32 softmax, masked
+  logits a large finite negative, output in q.dtype.
+
+  impl: one of IMPLS (see the module docstring and `resolve_impl`). "pallas"
+  runs the Pallas kernel with interpret=True when the default backend is the
+  CPU, so it can be tested there (slowly). An implementation that cannot serve
+  the request raises AttentionImplError naming it and the reason.
+  """
+  b, t = q.shape[:2]
+  s = k.shape[1]
+  if not isinstance(mask, attention_lib.MaskSpec):
+    raise TypeError(f"mask must be a layers.attention.MaskSpec, got {type(mask).__name__}")
+  backend = jax.default_backend()
+  chosen = resolve_impl(impl, backend, t, s, q_offset)
+  if kv_valid_len is not None:
+    kv_valid_len = jax.numpy.broadcast_to(jax.numpy.asarray(kv_valid_len, jax.numpy.int32), (b,))
+
+  if chosen == "xla":
+    dense = dense_mask(mask, t, s, kv_valid_len=kv_valid_len, q_offset=q_offset)
+    return attention_lib.xla_attention(q, k, v, dense)
+
+  if chosen == "cudnn":
+    dense = dense_mask(mask, t, s, kv_valid_len=kv_valid_len, q_offset=q_offset)
+    h, kv_heads = q.shape[2], k.shape[2]
+    dense = jax.numpy.broadcast_to(dense, (dense.shape[0], h, t, s))
+    del kv_heads  # cuDNN takes grouped-query k/v as they are
+    return jax.nn.dot_product_attention(q, k, v, mask=dense, implementation="cudnn").astype(q.dtype)
+
+  block_len, prefix_len = mask_numbers(mask, s)
+  if chosen == "xla_blocksparse":
+    from kernels import blocksparse  # pylint: disable=g-import-not-at-top
+    return blocksparse.block_attention_blocksparse(
+        q, k, v, block_len=block_len, prefix_len=prefix_len, kv_valid_len=kv_valid_len)
+
+  assert chosen == "pallas", chosen
+  try:
+    from kernels import block_attention  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise AttentionImplError(
+        f"attention impl 'pallas' is not available: kernels/block_attention.py cannot be imported ({e})") from e
+  return block_attention.block_attention(
+      q, k, v, block_len=block_len, prefix_len=prefix_len, kv_valid_len=kv_valid_len,
+      interpret=backend == "cpu")
+
+
+
+def scan(s, v, valid=None, *, impl="auto"):
+  """Aaren's prefix-scan attention: kernels.scan_attention.scan_attention_auto(s, v, valid, impl=impl).
+
+  s [B, T, H] scores, v [B, T, H, D] values, valid bool [B, T] (None: all) ->
+  o [B, T, H, D]. impl: one of kernels.scan_attention.IMPLS, passed through;
+  "auto" is the Pallas kernel on GPU/TPU and the chunked XLA scan on CPU.
+  """
+  try:
+    from kernels import scan_attention  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise AttentionImplError(
+        f"scan attention (impl {impl!r}) is not available: kernels/scan_attention.py cannot be imported ({e})"
+    ) from e
+  return scan_attention.scan_attention_auto(s, v, valid, impl=impl)
