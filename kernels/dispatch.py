@@ -130,10 +130,10 @@ def attention(q, k, v, *, mask: attention_lib.MaskSpec, kv_valid_len=None, q_off
     return attention_lib.xla_attention(q, k, v, dense)
 
   if chosen == "cudnn":
+    if q.dtype not in (jax.numpy.bfloat16, jax.numpy.float16):
+      raise AttentionImplError(f"attention impl 'cudnn' needs bfloat16 or float16 inputs, got {q.dtype}")
+    # [1|B, 1, T, S]: broadcast over heads by cuDNN; grouped-query k/v go in as they are.
     dense = dense_mask(mask, t, s, kv_valid_len=kv_valid_len, q_offset=q_offset)
-    h, kv_heads = q.shape[2], k.shape[2]
-    dense = jax.numpy.broadcast_to(dense, (dense.shape[0], h, t, s))
-    del kv_heads  # cuDNN takes grouped-query k/v as they are
     return jax.nn.dot_product_attention(q, k, v, mask=dense, implementation="cudnn").astype(q.dtype)
 
   block_len, prefix_len = mask_numbers(mask, s)
