@@ -29,11 +29,11 @@ from layers import attention as attention_lib
 IMPLS = ("auto", "xla", "xla_blocksparse", "pallas", "cudnn")
 
 # "auto" on CPU switches from dense xla to xla_blocksparse at this self-attention
-# length. Measured on the 2-core CPU (float32, B=1, H=4, D=64, causal, forward +
-# backward): blocksparse/dense time 0.38 at T=256, 0.31 at 512, 0.6 at 1024,
-# 0.25 at 4096 (experiments/benchmark_kernels.py). Below 256 both take well under
-# a millisecond, and the dense path compiles faster and allows any mask.
-AUTO_BLOCKSPARSE_MIN_LEN = 256
+# length. Measured on the 2-core CPU with experiments/benchmark_kernels.py
+# (float32, B=1, H=4, D=64, L=16, forward + backward, dense/blocksparse time):
+# 1.0 at T=128 and 256, 1.35 at 512, 1.9 at 1024, 3.4 at 4096, 4.8 at 8192.
+# Below 512 the two are even and the dense path compiles to fewer ops.
+AUTO_BLOCKSPARSE_MIN_LEN = 512
 
 ACCELERATORS = ("gpu", "cuda", "rocm", "tpu")
 
