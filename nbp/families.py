@@ -19,7 +19,9 @@ Batch = dict[str, np.ndarray]
 LossFn = Callable[[Any, Batch, Any], tuple[Any, dict[str, Any]]]
 
 FAMILIES = {
-    "ntp": "nbp.ntp",
+    "ntp": "nbp.ntp",  # next-token baseline
+    "video_tokenizer": "nbp.video_tokenizer",  # MAGVIT-v2-style 3D causal CNN + FSQ (issue 4)
+    "next_block": "nbp.next_block",  # NBP: semi-autoregressive next-block prediction (issue 4)
 }
 
 
