@@ -4,8 +4,8 @@ samples (GIF, PNG), metrics (JSON) and a loss plot under the workdir.
   python -m experiments.demo --workdir runs/demo
 
 Until the NBP model lands, the headline model is the next-token baseline
-(experiments/configs/ntp_digits.py:S,local). Run again with the same workdir,
-it resumes (or, when finished, only re-samples).
+(experiments/configs/ntp_digits.py:XS,local). Run again with the same workdir,
+it resumes an interrupted run; a finished run is only summarised again.
 """
 
 import glob

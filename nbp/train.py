@@ -225,11 +225,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   pending: list[tuple[int, dict]] = []  # per-step metrics not yet fetched
   last: dict[str, Any] = {}
   status = "done"
-  tick, tick_step, tokens_since = time.perf_counter(), start, 0.0
+  tick, tick_step = time.perf_counter(), start
   profile_first, profile_count = (tuple(config.profile_steps) or (-1, 0))
   tracing = False
 
-  def flush_metrics(step: int) -> dict[str, float]:
+  def flush_metrics() -> dict[str, float]:
     """Fetches pending metrics, stops on NaN/Inf, returns their means."""
     nonlocal pending
     fetched = [(i, jax.device_get(m)) for i, m in pending]
@@ -261,7 +261,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       is_last = done == config.num_steps
       preempted = preemption.agreed()
       if done % config.log_every == 0 or is_last or preempted or done % config.checkpoint_every == 0:
-        means = flush_metrics(done)
+        means = flush_metrics()
         now = time.perf_counter()
         steps = done - tick_step
         if means and steps:
