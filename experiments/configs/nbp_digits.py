@@ -1,0 +1,103 @@
+r"""Next-block prediction (NBP) on moving digits (pixels quantised to tokens).
+
+The token grid is F x H x W pixels quantised to `levels` grey levels (set
+`data.token_grid` to a video tokenizer's latent grid once that data exists).
+Blocks are cut from it and predicted one block per step (nbp/next_block.py).
+
+Launch (CPU, a few minutes):
+  python -m experiments.train --config experiments/configs/nbp_digits.py:XS,local,row \
+      --workdir runs/nbp_digits_local
+Frame prediction (the first 2 frames given, the last 2 generated):
+  python -m experiments.train --config experiments/configs/nbp_digits.py:XS,local,row,frames \
+      --workdir runs/nbp_digits_frames_local
+On a GPU or TPU host (16 frames of 32x32 = 16384 tokens; not yet run):
+  python -m experiments.train --config experiments/configs/nbp_digits.py:B,row \
+      --workdir gs://BUCKET/nbp_digits_B --config.model.dtype=bfloat16
+
+Argument: "SIZE[,local][,BLOCK][,frames|uncond]" with SIZE a key of
+nbp.ntp.SIZES and BLOCK one of
+  row    1 x 1 x W  one token row (the paper's best), the default
+  2row   2 x 1 x W  a row in two consecutive frames
+  patch  1 x 4 x 4  square patches
+  frame  1 x H x W  a whole frame per step
+  token  1 x 1 x 1  next-token prediction: the NTP baseline from the same code
+The default condition is the class of the digit (UCF-101 style, class tokens as
+a prefix, condition dropout 0.1 for classifier-free guidance); "frames" gives
+the first half of the frames as a prefix (Kinetics style); "uncond" neither.
+`local` is the 2-core CPU setting: 4 frames of 12x12 pixels, one digit, 8 grey
+levels (576 tokens), batch 8, 300 steps.
+
+Measured: XS,local,row (2 cores): see the end of this docstring if filled in;
+otherwise not yet measured.
+"""
+
+from nbp import config as config_lib
+
+BLOCKS = ("row", "2row", "patch", "frame", "token")
+
+
+def block_shape(name: str, frame_size: int) -> tuple[int, int, int]:
+  return {"row": (1, 1, frame_size), "2row": (2, 1, frame_size), "patch": (1, 4, 4),
+          "frame": (1, frame_size, frame_size), "token": (1, 1, 1)}[name]
+
+
+def get_config(arg: str = "XS,local,row"):
+  size, *flags = arg.split(",")
+  unknown = set(flags) - {"local", "frames", "uncond", *BLOCKS}
+  if unknown:
+    raise ValueError(f"unknown config flags {sorted(unknown)} in {arg!r}")
+  local = "local" in flags
+  block = next((f for f in flags if f in BLOCKS), "row")
+  condition = "frames" if "frames" in flags else "none" if "uncond" in flags else "class"
+  c = config_lib.base_config()
+  c.family = "next_block"
+  c.seed = 0
+
+  c.data.name = "moving_digits"
+  c.data.num_frames = 4 if local else 16
+  c.data.frame_size = 12 if local else 32
+  c.data.num_digits = 1 if local else 2  # classes: 10 ** num_digits (ordered digit tuples)
+  c.data.speed = 2.0
+  c.data.num_train = 2000 if local else 20000
+  c.data.num_test = 200 if local else 2000
+  c.data.levels = 8  # grey levels = vocabulary size (plus one begin token)
+  c.data.token_grid = ()  # (F, H, W); empty: the pixel grid
+
+  c.model.size = size  # nbp.ntp.SIZES
+  c.model.num_layers = 0  # 0: from the size table; set to override
+  c.model.width = 0
+  c.model.num_heads = 0
+  c.model.num_kv_heads = 0
+  c.model.activation = "swiglu"
+  c.model.norm = "rmsnorm"
+  c.model.position = "rope3d"  # or "learned" (the paper's code) or "rope" (1D over slots)
+  c.model.rope_base = 10000.0
+  c.model.tie_embeddings = False
+  c.model.scan_layers = not local  # CPU decoding is 2-3x faster with unstacked layers
+  c.model.remat_policy = "none" if local else "dots_with_no_batch_dims_saveable"
+  c.model.attention_impl = "auto"  # kernels.dispatch
+  c.model.dtype = "float32" if local else "bfloat16"
+  c.model.block = block_shape(block, c.data.frame_size)  # (t, h, w) tokens per block
+  c.model.condition = condition  # "none", "class" or "frames"
+  c.model.num_class_tokens = 1 if local else 4  # prefix tokens per class
+  c.model.prefix_frames = c.data.num_frames // 2 if condition == "frames" else 0
+  c.model.cond_dropout = 0.1 if condition == "class" else 0.0  # null class in training (CFG)
+  c.model.guidance_scale = 1.0  # 1.0: plain conditional sampling (no doubled batch)
+  c.model.temperature = 1.0
+  c.model.top_k = 0
+  c.model.top_p = 0.9 if not local else 1.0
+  c.model.num_samples = 8
+
+  c.batch_size = 8 if local else 256
+  c.num_steps = 300 if local else 50_000
+  c.optimizer.lr = 2e-3 if local else 3e-4
+  c.optimizer.warmup_steps = 30 if local else 1000
+  c.optimizer.b2 = 0.95
+  c.optimizer.weight_decay = 0.01
+  c.optimizer.ema_decay = 0.0 if local else 0.9999
+  c.log_every = 10 if local else 100
+  c.checkpoint_every = 100 if local else 2000
+  c.eval_every = 100 if local else 5000
+  c.eval_steps = 4
+  c.lock()
+  return c
