@@ -1,0 +1,73 @@
+r"""NBP's video tokenizer (3D causal CNN + FSQ) on moving digits.
+
+Trains nbp.video_tokenizer with reconstruction loss (L1 + MSE); the evaluator
+reports held-out reconstruction PSNR (dB, pixels on [0, 1]) as eval/psnr, and
+the samples directory shows test videos above their reconstructions.
+
+Launch (CPU, 2 cores):
+  python -m experiments.train --config experiments/configs/video_tokenizer_digits.py:local \
+      --workdir runs/video_tokenizer_local
+then encode the dataset once into tokens for the transformer:
+  python -m experiments.encode_tokens --config experiments/configs/video_tokenizer_digits.py:local \
+      --workdir runs/video_tokenizer_local --output_dir runs/video_tokens_local
+
+Argument: "local" or "pod".
+- local: 5 frames of 16x16 (1 digit) -> 2x4x4 = 32 tokens (time 4x, space 4x),
+  FSQ levels (8, 5, 5, 5) = 1,000 codes, channels 16 x (1, 2, 4), one residual
+  block per level, batch 16, 300 steps. MEASURED_LOCAL
+- pod: 17 frames of 128x128 (2 digits, sprites scaled 4x) -> 5x16x16 = 1,280
+  tokens (time 4x, space 8x), the paper's levels (8, 8, 8, 5, 5, 5) = 64,000
+  codes, channels 128 x (1, 2, 2, 4), two residual blocks, batch 64, bfloat16.
+  Not yet run: no expected figure yet.
+  python -m experiments.train --config experiments/configs/video_tokenizer_digits.py:pod \
+      --workdir gs://BUCKET/video_tokenizer_pod --multihost
+"""
+
+from nbp import config as config_lib
+
+
+def get_config(arg: str = "local"):
+  if arg not in ("local", "pod"):
+    raise ValueError(f"video_tokenizer_digits config argument must be 'local' or 'pod', got {arg!r}")
+  local = arg == "local"
+  c = config_lib.base_config()
+  c.family = "video_tokenizer"
+  c.seed = 0
+
+  c.model.levels = (8, 5, 5, 5) if local else (8, 8, 8, 5, 5, 5)  # FSQ; prod = codebook size
+  c.model.channels = 16 if local else 128
+  c.model.channel_multipliers = (1, 2, 4) if local else (1, 2, 2, 4)
+  c.model.num_res_blocks = 1 if local else 2
+  c.model.time_factor = 4  # 1 + 4k frames -> 1 + k latent frames
+  c.model.space_factor = 4 if local else 8
+  c.model.norm_groups = 8
+  c.model.dtype = "float32" if local else "bfloat16"
+  c.model.l1_weight = 1.0
+  c.model.mse_weight = 1.0
+  c.model.perceptual_weight = 0.0  # > 0 needs perceptual_features
+  c.model.perceptual_features = ""  # "package.module:function": frames [N,H,W,C] -> features
+  c.model.adversarial_weight = 0.0  # > 0 trains the patch discriminator alongside (hinge loss)
+  c.model.discriminator_channels = 32 if local else 64
+  c.model.num_samples = 4  # test videos reconstructed at each sampling step
+
+  c.data.name = "moving_digits"
+  c.data.num_frames = 5 if local else 17
+  c.data.frame_size = 16 if local else 128
+  c.data.num_digits = 1 if local else 2
+  c.data.speed = 2.0 if local else 8.0
+  c.data.num_train = 2000 if local else 20000
+  c.data.num_test = 200 if local else 2000
+
+  c.batch_size = 16 if local else 64
+  c.num_steps = 300 if local else 100_000
+  c.optimizer.lr = 2e-3 if local else 1e-4
+  c.optimizer.warmup_steps = 20 if local else 2000
+  c.optimizer.b2 = 0.99
+  c.optimizer.weight_decay = 0.0 if local else 1e-4
+  c.optimizer.ema_decay = 0.0 if local else 0.999
+  c.log_every = 20 if local else 100
+  c.checkpoint_every = 150 if local else 5000
+  c.eval_every = 150 if local else 5000
+  c.eval_steps = 4
+  c.lock()
+  return c

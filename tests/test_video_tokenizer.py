@@ -1,0 +1,252 @@
+"""The video tokenizer: FSQ, causality in time, shapes, training through the shared loop, token export."""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from nbp import metrics as metrics_lib
+from nbp import train
+from nbp import video_tokenizer as vt
+
+
+def _tokenizer(**kw):
+  fields = dict(levels=(8, 5, 5), channels=8, channel_multipliers=(1, 2, 2), num_res_blocks=1,
+                time_factor=4, space_factor=4, norm_groups=4)
+  fields.update(kw)
+  return vt.VideoTokenizer(**fields)
+
+
+def tiny_tokenizer_config(data_dir: str, **overrides):
+  """5 frames of 8x8 -> 2x2x2 tokens, 8 channels: a step takes a few milliseconds."""
+  from experiments.configs import video_tokenizer_digits  # pylint: disable=g-import-not-at-top
+  c = video_tokenizer_digits.get_config("local")
+  c.data.dir = data_dir
+  c.data.frame_size = 8
+  c.data.num_train = 64
+  c.data.num_test = 16
+  c.model.channels = 8
+  c.model.channel_multipliers = (1, 2, 2)
+  c.model.levels = (5, 5, 5)
+  c.model.num_samples = 2
+  c.batch_size = 8
+  c.num_steps = 1
+  c.log_every = 1
+  c.checkpoint_every = 100
+  c.eval_steps = 1
+  c.optimizer.warmup_steps = 1
+  for key, value in overrides.items():
+    target = c
+    *path, last = key.split(".")
+    for p in path:
+      target = target[p]
+    target[last] = value
+  return c
+
+
+# ------------------------------------------------------------------------- FSQ
+
+
+def test_fsq_indices_round_trip_over_every_code():
+  fsq = vt.FSQ((4, 3, 5))
+  indices = jnp.arange(fsq.codebook_size)
+  codes = fsq.indices_to_codes(indices)
+  assert codes.shape == (60, 3)
+  np.testing.assert_array_equal(fsq.codes_to_indices(codes), indices)
+  assert len({tuple(c) for c in np.asarray(codes).tolist()}) == fsq.codebook_size  # all distinct
+  assert vt.FSQ().codebook_size == 64_000 and vt.FSQ().dim == 6
+
+
+def test_fsq_values_lie_on_the_grid():
+  fsq = vt.FSQ((8, 5, 2, 3))
+  z = 4.0 * jax.random.normal(jax.random.key(0), (4096, 4))
+  codes = np.asarray(fsq.quantize(z))
+  for i, levels in enumerate(fsq.levels):
+    half = levels // 2
+    grid = (np.arange(levels) - half) / half
+    values = np.unique(codes[:, i])
+    assert np.all(np.isclose(values[:, None], grid[None]).any(axis=1)), (levels, values)
+    assert len(values) == levels  # wide inputs reach every level
+  indices = np.asarray(fsq.codes_to_indices(codes))
+  assert indices.min() >= 0 and indices.max() < fsq.codebook_size
+  np.testing.assert_allclose(fsq.indices_to_codes(indices), codes, atol=1e-6)
+
+
+def test_straight_through_gradient_is_identity():
+  x = jnp.linspace(-3.0, 3.0, 13)
+  np.testing.assert_array_equal(jax.grad(lambda v: jnp.sum(vt.round_ste(v)))(x), np.ones(13))
+  fsq = vt.FSQ((8, 5))
+  z = jax.random.normal(jax.random.key(1), (7, 2))
+  grad_quantized = jax.grad(lambda v: jnp.sum(fsq.quantize(v) * fsq._half_width()))(z)
+  grad_bound = jax.grad(lambda v: jnp.sum(fsq.bound(v)))(z)
+  np.testing.assert_allclose(grad_quantized, grad_bound, rtol=1e-6)
+
+
+# ------------------------------------------------------------------ the network
+
+
+def test_conv_implementations_agree():
+  x = jax.random.normal(jax.random.key(0), (2, 5, 6, 6, 3))
+  taps = vt.CausalConv3D(4, impl="taps")
+  params = taps.init(jax.random.key(1), x)
+  np.testing.assert_allclose(vt.CausalConv3D(4, impl="conv3d").apply(params, x), taps.apply(params, x),
+                             atol=1e-5)
+
+
+@pytest.mark.parametrize("frames,size,time,space", [(9, 16, 4, 4), (5, 8, 4, 2), (3, 8, 2, 4), (2, 8, 1, 2)])
+def test_encode_decode_shapes(frames, size, time, space):
+  model = _tokenizer(time_factor=time, space_factor=space)
+  video = jax.random.uniform(jax.random.key(0), (2, frames, size, size, 1), minval=-1, maxval=1)
+  params = model.init(jax.random.key(1), video)["params"]
+  codes, indices = model.apply({"params": params}, video, method=vt.VideoTokenizer.encode)
+  f, h, w = model.latent_shape(frames, size, size)
+  assert (f, h, w) == (1 + (frames - 1) // time, size // space, size // space)
+  assert codes.shape == (2, f, h, w, 3) and indices.shape == (2, f, h, w) and indices.dtype == jnp.int32
+  assert int(indices.min()) >= 0 and int(indices.max()) < model.codebook_size
+  np.testing.assert_array_equal(model.fsq.codes_to_indices(codes), indices)
+  decoded = model.apply({"params": params}, indices, method=vt.VideoTokenizer.decode_indices)
+  assert decoded.shape == video.shape
+  np.testing.assert_allclose(decoded, model.apply({"params": params}, codes, method=vt.VideoTokenizer.decode),
+                             atol=1e-5)
+  reconstruction, aux = model.apply({"params": params}, video)
+  np.testing.assert_allclose(reconstruction, decoded, atol=1e-5)
+  assert aux["indices"].shape == (2, f, h, w)
+
+
+def test_bad_frame_count_is_named():
+  with pytest.raises(ValueError, match="1 \\+ 4\\*k"):
+    _tokenizer().latent_shape(6, 16, 16)
+  with pytest.raises(ValueError, match="power of two"):
+    vt.downsample_schedule(2, 3, 4)
+
+
+def test_encoder_is_causal_in_time():
+  """F=9, time 4x: latent frames cover [0], [1..4], [5..8]; changing frame 5 leaves latents 0, 1 unchanged."""
+  model = _tokenizer()
+  video = jax.random.uniform(jax.random.key(0), (2, 9, 16, 16, 1), minval=-1, maxval=1)
+  params = model.init(jax.random.key(1), video)["params"]
+  # The latents before quantisation (a strict check: rounding could hide small leaks), then the codes.
+  encode = jax.jit(lambda v: model.apply({"params": params}, v, method=lambda m, x: m.encoder(x)))
+  codes = jax.jit(lambda v: model.apply({"params": params}, v, method=vt.VideoTokenizer.encode)[0])
+  np.testing.assert_array_equal(codes(video)[:, :2], codes(video.at[:, 5:].set(0.0))[:, :2])
+  latents = encode(video)
+  changed = encode(video.at[:, 5].set(jax.random.uniform(jax.random.key(2), (2, 16, 16, 1))))
+  np.testing.assert_array_equal(latents[:, :2], changed[:, :2])  # bit-identical, not merely close
+  assert float(jnp.abs(latents[:, 2] - changed[:, 2]).max()) > 0
+  # Frame 4 is the last frame of latent frame 1.
+  changed = encode(video.at[:, 4].set(0.5))
+  np.testing.assert_array_equal(latents[:, :1], changed[:, :1])
+  assert float(jnp.abs(latents[:, 1] - changed[:, 1]).max()) > 0
+
+
+def test_decoder_is_causal_in_time():
+  """Changing latent frame 2 leaves output frames 0..4 unchanged."""
+  model = _tokenizer()
+  video = jnp.zeros((2, 9, 16, 16, 1))
+  params = model.init(jax.random.key(1), video)["params"]
+  decode = jax.jit(lambda i: model.apply({"params": params}, i, method=vt.VideoTokenizer.decode_indices))
+  indices = jax.random.randint(jax.random.key(3), (2, 3, 4, 4), 0, model.codebook_size)
+  out = decode(indices)
+  changed = decode(indices.at[:, 2].set((indices[:, 2] + 7) % model.codebook_size))
+  np.testing.assert_array_equal(out[:, :5], changed[:, :5])
+  assert float(jnp.abs(out[:, 5:] - changed[:, 5:]).max()) > 0
+
+
+def test_adversarial_term_trains_each_side_on_its_own_objective():
+  model = _tokenizer(discriminator_channels=4)
+  video = jax.random.uniform(jax.random.key(0), (2, 5, 8, 8, 1), minval=-1, maxval=1)
+  params = model.init(jax.random.key(1), video)["params"]
+  assert "discriminator" in params
+  weights = vt.LossWeights(adversarial=0.5)
+  grads = jax.grad(lambda p: vt.tokenizer_loss(model, p, {"video": video}, None, weights=weights)[0])(params)
+
+  # Discriminator gradient = gradient of the hinge loss alone (reconstruction held fixed).
+  recon, _ = model.apply({"params": params}, video)
+  def d_loss(d):
+    p = dict(params, discriminator=d)
+    disc = lambda v: model.apply({"params": p}, v, method=vt.VideoTokenizer.discriminate)
+    return jnp.mean(jax.nn.relu(1 - disc(video))) + jnp.mean(jax.nn.relu(1 + disc(recon)))
+  expected = jax.grad(d_loss)(params["discriminator"])
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), grads["discriminator"],
+               expected)
+  # Encoder gradient = gradient of reconstruction + 0.5 * generator term (no discriminator loss in it).
+  def g_loss(p):
+    recon, _ = model.apply({"params": p}, video)
+    err = recon - video
+    fake = model.apply({"params": params}, recon, method=vt.VideoTokenizer.discriminate)
+    return jnp.mean(jnp.abs(err)) + jnp.mean(err ** 2) - 0.5 * jnp.mean(fake)
+  expected = jax.grad(g_loss)(params)["encoder"]
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), grads["encoder"], expected)
+
+
+def test_perceptual_weight_without_features_is_refused(data_dir):
+  with pytest.raises(ValueError, match="perceptual_features"):
+    train.setup(tiny_tokenizer_config(data_dir, **{"model.perceptual_weight": 1.0}))
+
+
+def test_perceptual_hook_takes_a_user_feature_function():
+  features = lambda frames: [frames, jnp.mean(frames, axis=(1, 2), keepdims=True) * jnp.ones((1, 1, 1, 2))]
+  video = jnp.zeros((1, 5, 8, 8, 1)) + 0.5
+  assert float(vt.perceptual_loss(features, video, video)) == 0.0
+  assert float(vt.perceptual_loss(features, video, -video)) > 0.0
+
+
+# ------------------------------------------------------------ the shared loop
+
+
+def test_one_training_step_through_the_shared_loop(tmp_path, data_dir):
+  result = train.train_and_evaluate(tiny_tokenizer_config(data_dir), str(tmp_path))
+  assert result["status"] == "done" and result["step"] == 1
+  rows = metrics_lib.read_jsonl(os.path.join(tmp_path, "metrics.jsonl"))
+  evals = [r for r in rows if "eval/psnr" in r]
+  assert evals and np.isfinite(evals[-1]["eval/psnr"]) and "eval/recon" in evals[-1]
+  assert any("sample/psnr" in r for r in rows)
+  assert os.path.exists(os.path.join(tmp_path, "samples", "step_0000001.gif"))
+
+
+def test_reconstruction_loss_falls_in_a_short_run(tmp_path, data_dir):
+  config = tiny_tokenizer_config(data_dir, num_steps=40, log_every=5, **{"optimizer.lr": 3e-3,
+                                                                         "model.num_samples": 0})
+  train.train_and_evaluate(config, str(tmp_path))
+  rows = [r for r in metrics_lib.read_jsonl(os.path.join(tmp_path, "metrics.jsonl")) if "recon" in r]
+  assert rows[-1]["recon"] < 0.6 * rows[0]["recon"], [r["recon"] for r in rows]
+  assert rows[-1]["psnr"] > rows[0]["psnr"] + 2.0
+
+
+def test_encode_tokens_round_trip(tmp_path, data_dir):
+  from experiments import encode_tokens  # pylint: disable=g-import-not-at-top
+  from nbp.data import pipeline  # pylint: disable=g-import-not-at-top
+  config = tiny_tokenizer_config(data_dir)
+  model = vt.build_model(config.model)
+  d = config.data
+  params = model.init(jax.random.key(0), jnp.zeros((1, d.num_frames, d.frame_size, d.frame_size, 1)))["params"]
+  out = str(tmp_path / "tokens")
+  metadata = encode_tokens.encode_dataset(model, params, d, out, splits=("test",), batch_size=6)
+  assert metadata["num_examples"] == {"test": 16} and metadata["latent_shape"] == [2, 2, 2]
+
+  source = encode_tokens.encoded_source(out, "test")
+  assert len(source) == 16 and source.metadata["codebook_size"] == 125
+  videos = pipeline.load_source(vt.moving_digits_builder(d), "test", d.dir)
+  batch = np.stack([videos[i]["video"] for i in range(16)]).astype(np.float32) / 127.5 - 1.0
+  expected = np.asarray(vt.encode_video(model, params, jnp.asarray(batch)))
+  for i in range(16):
+    record = source[i]
+    assert record["tokens"].dtype == np.int32 and record["tokens"].shape == (2, 2, 2)
+    np.testing.assert_array_equal(record["tokens"], expected[i])
+    np.testing.assert_array_equal(record["label"], videos[i]["label"])
+  it = pipeline.make_iterator(source, global_batch_size=4, seed=0, process_index=0, process_count=1)
+  assert next(it)["tokens"].shape == (4, 2, 2, 2)
+  with pytest.raises(FileNotFoundError):
+    encode_tokens.encoded_source(out, "train")
+
+
+def test_load_tokenizer_from_a_workdir(tmp_path, data_dir):
+  config = tiny_tokenizer_config(data_dir, **{"model.num_samples": 0})
+  train.train_and_evaluate(config, str(tmp_path))
+  model, params = vt.load_tokenizer(config, str(tmp_path))
+  video = jnp.zeros((1, 5, 8, 8, 1))
+  tokens = vt.encode_video(model, params, video)
+  assert tokens.shape == (1, 2, 2, 2)
+  assert vt.decode_tokens(model, params, tokens).shape == video.shape
