@@ -1,0 +1,265 @@
+"""FVD: the Fréchet distance against scipy, I3D with random weights, its weight file,
+the preprocessing, and the in-domain moving-digits classifier and its FVD."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import scipy.linalg
+
+from nbp import families
+from nbp import fvd
+from nbp import train
+from nbp import video_classifier
+
+
+def _reference_distance(mu1, s1, mu2, s2):
+  """The usual implementation (pytorch-fid, tfgan): scipy's sqrtm of s1 @ s2."""
+  cross = np.real(scipy.linalg.sqrtm(s1 @ s2))
+  return float(np.sum((mu1 - mu2) ** 2) + np.trace(s1) + np.trace(s2) - 2 * np.trace(cross))
+
+
+def _gaussian(rng, dim, rank):
+  a = rng.normal(size=(dim, rank))
+  return rng.normal(size=dim), a @ a.T / rank
+
+
+@pytest.mark.parametrize("dim,rank", [(2, 2), (8, 8), (64, 64), (32, 12), (128, 40)])
+def test_frechet_distance_matches_scipy(dim, rank):
+  rng = np.random.default_rng(dim + rank)
+  mu1, s1 = _gaussian(rng, dim, rank)
+  mu2, s2 = _gaussian(rng, dim, rank)
+  expected = _reference_distance(mu1, s1, mu2, s2)
+  np.testing.assert_allclose(fvd.frechet_distance(mu1, s1, mu2, s2), expected, rtol=1e-6)
+
+
+def test_frechet_distance_of_one_distribution_is_zero():
+  rng = np.random.default_rng(0)
+  for rank in (16, 5):  # full rank and rank-deficient
+    mu, sigma = _gaussian(rng, 16, rank)
+    assert abs(fvd.frechet_distance(mu, sigma, mu, sigma)) < 1e-8 * np.trace(sigma)
+
+
+def test_frechet_distance_of_known_gaussians():
+  """Diagonal covariances: sum (m1 - m2)^2 + (sqrt(v1) - sqrt(v2))^2."""
+  v1, v2 = np.array([1.0, 4.0, 0.0]), np.array([9.0, 1.0, 2.0])
+  mu1, mu2 = np.array([0.0, 1.0, 2.0]), np.array([1.0, 1.0, 0.0])
+  expected = np.sum((mu1 - mu2) ** 2) + np.sum((np.sqrt(v1) - np.sqrt(v2)) ** 2)
+  np.testing.assert_allclose(fvd.frechet_distance(mu1, np.diag(v1), mu2, np.diag(v2)), expected, rtol=1e-12)
+
+
+def test_feature_statistics_match_numpy():
+  features = np.random.default_rng(0).normal(size=(50, 6))
+  mu, sigma = fvd.feature_statistics(features)
+  np.testing.assert_allclose(mu, features.mean(0))
+  np.testing.assert_allclose(sigma, np.cov(features, rowvar=False))
+  with pytest.raises(ValueError, match="N >= 2"):
+    fvd.feature_statistics(features[:1])
+
+
+# ---------------------------------------------------------------------------
+# I3D.
+
+def _random_i3d_variables(seed=0, num_classes=fvd.NUM_CLASSES):
+  """Random weights of the right shapes, drawn in numpy (no jitted init: that takes 15 s)."""
+  rng = np.random.default_rng(seed)
+  flat = {}
+  for key, shape in fvd.i3d_variable_shapes(num_classes).items():
+    if key.endswith("kernel"):
+      fan_in = int(np.prod(shape[:-1]))
+      flat[key] = rng.normal(size=shape) * np.sqrt(2.0 / fan_in)
+    elif key.endswith("bn/var"):
+      flat[key] = rng.uniform(0.5, 1.5, size=shape)
+    else:
+      flat[key] = rng.normal(size=shape) * 0.1
+  return fvd.unflatten_variables({k: jnp.asarray(v, jnp.float32) for k, v in flat.items()})
+
+
+@pytest.fixture(scope="module")
+def i3d_variables():
+  return _random_i3d_variables()
+
+
+def test_i3d_parameter_names_and_count():
+  shapes = fvd.i3d_variable_shapes()
+  assert shapes["Conv3d_1a_7x7/conv/kernel"] == (7, 7, 7, 3, 64)
+  assert shapes["Conv3d_1a_7x7/bn/mean"] == (64,)
+  assert "Conv3d_1a_7x7/bn/scale" not in shapes  # Sonnet's batch norm has no gamma
+  assert shapes["Mixed_3b/Branch_1/Conv3d_0b_3x3/conv/kernel"] == (3, 3, 3, 96, 128)
+  assert shapes["Mixed_5c/Branch_3/Conv3d_0b_1x1/conv/kernel"] == (1, 1, 1, 832, 128)
+  assert shapes["Logits/conv/kernel"] == (1, 1, 1, 1024, 400)
+  assert shapes["Logits/conv/bias"] == (400,)
+  # The Kinetics I3D has about 12.7M weights (conv kernels, BN offsets, logits).
+  assert 12.5e6 < sum(np.prod(s) for s in shapes.values()) < 12.9e6
+
+
+def test_i3d_standard_input_gives_400_logits(i3d_variables):
+  """The standard FVD input: 16 frames of 224x224, via the extractor (preprocessing included)."""
+  videos = np.random.default_rng(0).integers(0, 256, size=(2, 16, 64, 64, 3), dtype=np.uint8)
+  extractor = fvd.i3d_extractor(i3d_variables, batch_size=2)
+  features = extractor(videos)
+  assert features.shape == (2, 400)
+  assert np.all(np.isfinite(features))
+  assert not np.allclose(features[0], features[1])
+
+
+def test_i3d_is_fully_convolutional_until_the_pool(i3d_variables):
+  """At 112x112 the last map is 2x4x4 and the mean pool still gives [N, 400]."""
+  x = jax.random.uniform(jax.random.key(0), (1, 16, 112, 112, 3), minval=-1, maxval=1)
+  logits = jax.jit(fvd.InceptionI3D().apply)(i3d_variables, x)
+  assert logits.shape == (1, 400)
+  assert np.all(np.isfinite(logits))
+
+
+def test_fvd_of_a_set_with_itself_is_zero_and_with_another_positive(i3d_variables):
+  rng = np.random.default_rng(1)
+  real = rng.integers(0, 256, size=(4, 16, 32, 32, 1), dtype=np.uint8)
+  fake = rng.integers(0, 64, size=(4, 16, 32, 32, 1), dtype=np.uint8)
+  extractor = fvd.i3d_extractor(i3d_variables, batch_size=3, resolution=112)  # padded last batch
+  real_features = extractor(real)
+  assert abs(fvd.frechet_distance_of_features(real_features, real_features)) < 1e-6
+  assert fvd.fvd(real, fake, extractor=extractor) > 0
+
+
+@pytest.mark.parametrize("suffix", [".npz", ".msgpack"])
+def test_weight_file_round_trip(tmp_path, i3d_variables, suffix):
+  path = str(tmp_path / f"i3d{suffix}")
+  fvd.save_i3d(path, i3d_variables)
+  loaded = fvd.load_i3d(path)
+  assert set(loaded) == {"params", "batch_stats"}
+  flat_in, flat_out = fvd.flatten_variables(i3d_variables), fvd.flatten_variables(loaded)
+  assert set(flat_in) == set(flat_out)
+  for key in flat_in:
+    np.testing.assert_array_equal(flat_in[key], flat_out[key])
+
+
+def test_weight_file_errors_name_the_key_and_the_file(tmp_path, i3d_variables):
+  flat = {k: np.asarray(v) for k, v in fvd.flatten_variables(i3d_variables).items()}
+  missing = dict(flat)
+  del missing["Mixed_4d/Branch_2/Conv3d_0b_3x3/bn/var"]
+  path = str(tmp_path / "missing.npz")
+  with open(path, "wb") as f:
+    np.savez(f, **missing)
+  with pytest.raises(ValueError, match=r"missing\.npz.*Mixed_4d/Branch_2/Conv3d_0b_3x3/bn/var"):
+    fvd.load_i3d(path)
+
+  wrong = dict(flat)
+  wrong["Logits/conv/kernel"] = np.zeros((1, 1, 1, 1024, 600), np.float32)
+  path = str(tmp_path / "wrong.npz")
+  with open(path, "wb") as f:
+    np.savez(f, **wrong)
+  with pytest.raises(ValueError, match=r"wrong\.npz.*Logits/conv/kernel.*\(1, 1, 1, 1024, 600\)"):
+    fvd.load_i3d(path)
+
+  with pytest.raises(FileNotFoundError, match="nothing is downloaded"):
+    fvd.load_i3d(str(tmp_path / "absent.npz"))
+
+
+# ---------------------------------------------------------------------------
+# Preprocessing.
+
+def _tf1_resize_bilinear(image, size):
+  """numpy TF1 `resize_bilinear` (align_corners=False, no half pixels): input y = out y * H / size."""
+  h, w = image.shape[:2]
+  def axis(n_in):
+    pos = np.arange(size) * n_in / size
+    low = np.floor(pos).astype(int)
+    return low, np.minimum(low + 1, n_in - 1), pos - low
+  y0, y1, fy = axis(h)
+  x0, x1, fx = axis(w)
+  image = image.astype(np.float64)
+  top = image[y0][:, x0] * (1 - fx)[None, :, None] + image[y0][:, x1] * fx[None, :, None]
+  bottom = image[y1][:, x0] * (1 - fx)[None, :, None] + image[y1][:, x1] * fx[None, :, None]
+  return top * (1 - fy)[:, None, None] + bottom * fy[:, None, None]
+
+
+@pytest.mark.parametrize("size_in,size_out", [(64, 224), (32, 112), (300, 224)])
+def test_resize_matches_tf1_bilinear(size_in, size_out):
+  image = np.random.default_rng(0).integers(0, 256, size=(size_in, size_in, 3)).astype(np.float32)
+  out = fvd.resize_bilinear(jnp.asarray(image)[None], size_out)[0]
+  np.testing.assert_allclose(out, _tf1_resize_bilinear(image, size_out), atol=1e-2)  # float32 weights
+
+
+def test_preprocess_shapes_range_and_grey():
+  rng = np.random.default_rng(0)
+  videos = rng.integers(0, 256, size=(2, 16, 20, 20, 3), dtype=np.uint8)
+  videos[0, 0] = 0
+  videos[0, 1] = 255
+  x = fvd.preprocess(videos)
+  assert x.shape == (2, 16, 224, 224, 3) and x.dtype == jnp.float32
+  assert float(x.min()) == -1.0 and float(x.max()) == 1.0
+  np.testing.assert_allclose(fvd.preprocess(videos.astype(np.float32)), x, atol=1e-6)  # floats in [0, 255]
+  grey = videos[..., :1]
+  g = fvd.preprocess(grey, resolution=64)
+  assert g.shape == (2, 16, 64, 64, 3)
+  np.testing.assert_array_equal(g[..., 0], g[..., 2])
+  np.testing.assert_allclose(g, fvd.preprocess(np.repeat(grey, 3, axis=-1), resolution=64), atol=1e-6)
+
+
+def test_preprocess_checks_the_frame_count():
+  videos = np.zeros((1, 17, 8, 8, 3), np.uint8)
+  with pytest.raises(ValueError, match="16 frames.*got 17.*num_frames=None"):
+    fvd.preprocess(videos)
+  assert fvd.preprocess(videos, num_frames=None, resolution=16).shape == (1, 17, 16, 16, 3)
+  with pytest.raises(ValueError, match=r"\[N, F, H, W, 1\|3\]"):
+    fvd.preprocess(np.zeros((1, 16, 8, 8, 2), np.uint8))
+
+
+# ---------------------------------------------------------------------------
+# The moving-digits classifier and its in-domain FVD.
+
+def tiny_classifier_config(data_dir):
+  from experiments.configs import video_classifier_digits  # pylint: disable=g-import-not-at-top
+  c = video_classifier_digits.get_config("local")
+  c.data.dir = data_dir
+  c.data.num_frames = 4
+  c.data.frame_size = 16
+  c.data.num_train = 32
+  c.data.num_test = 16
+  c.model.widths = (8, 16)
+  c.model.feature_dim = 16
+  c.batch_size = 8
+  c.num_steps = 2
+  c.log_every = 1
+  c.checkpoint_every = 2
+  c.eval_steps = 1
+  c.optimizer.warmup_steps = 1
+  return c
+
+
+def test_multi_hot_counts_a_repeated_digit_once():
+  targets = video_classifier.multi_hot(jnp.array([[3, 3], [0, 9]]))
+  np.testing.assert_array_equal(targets.sum(-1), [1, 2])
+  assert targets[0, 3] == 1 and targets[1, 0] == 1 and targets[1, 9] == 1
+
+
+def test_classifier_trains_and_reports_accuracy(data_dir, tmp_path, monkeypatch):
+  monkeypatch.setitem(families.FAMILIES, "video_classifier", "nbp.video_classifier")
+  config = tiny_classifier_config(data_dir)
+  result = train.train_and_evaluate(config, str(tmp_path / "work"))
+  assert result["status"] == "done" and result["step"] == 2
+  assert 0.0 <= result["accuracy"] <= 1.0 and np.isfinite(result["loss"])
+  s, state = train.load_state(config, str(tmp_path / "work"))
+  metrics = train.evaluate(s, state, 2)
+  assert set(metrics) >= {"eval/accuracy", "eval/class_accuracy", "eval/loss"}
+
+  # The in-domain FVD, named for what it is.
+  model, params = video_classifier.load_classifier(config, str(tmp_path / "work"))
+  from nbp.data import moving_digits  # pylint: disable=g-import-not-at-top
+  real = moving_digits.make_moving_digits(12, seed=0, split="test", num_frames=4, frame_size=16,
+                                          num_digits=2)["video"]
+  same = video_classifier.digits_fvd(real, real, classifier_params=params, model=model, batch_size=5)
+  assert set(same) == {"fvd_digits_classifier"}
+  assert abs(same["fvd_digits_classifier"]) < 1e-6
+  noise = np.random.default_rng(0).integers(0, 256, size=real.shape, dtype=np.uint8)
+  apart = video_classifier.digits_fvd(real, noise, classifier_params=params, model=model)
+  assert apart["fvd_digits_classifier"] > 1e-3
+
+
+def test_classifier_shapes():
+  model = video_classifier.VideoClassifier(widths=(8, 16), feature_dim=12)
+  videos = jnp.zeros((3, 5, 16, 16, 1), jnp.uint8)
+  params = model.init(jax.random.key(0), videos)["params"]
+  assert model.apply({"params": params}, videos).shape == (3, 10)
+  features = model.apply({"params": params}, videos, method=video_classifier.VideoClassifier.features)
+  assert features.shape == (3, 12)
