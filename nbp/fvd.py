@@ -259,11 +259,20 @@ def resize_bilinear(frames: jax.Array, size: int, *, half_pixel_centers: bool = 
   frames = frames.astype(jnp.float32)
   if half_pixel_centers:
     return jax.image.resize(frames, (m, size, size, c), method="bilinear", antialias=False)
-  scale = jnp.array([size / h, size / w], jnp.float32)
-  # scale_and_translate samples input (out + 0.5 - t) / s - 0.5; t = 0.5 - 0.5 s gives out / s.
-  translation = 0.5 - 0.5 * scale
-  return jax.image.scale_and_translate(frames, (m, size, size, c), (1, 2), scale, translation,
-                                       method="linear", antialias=False)
+  rows, cols = _tf1_bilinear_matrix(h, size), _tf1_bilinear_matrix(w, size)
+  return jnp.einsum("yh,mhwc,xw->myxc", rows, frames, cols, precision=jax.lax.Precision.HIGHEST)
+
+
+def _tf1_bilinear_matrix(n_in: int, n_out: int) -> np.ndarray:
+  """[n_out, n_in] weights of TF1 bilinear resizing along one axis (the last input row repeats)."""
+  position = np.arange(n_out) * (n_in / n_out)  # input coordinate of each output pixel
+  low = np.floor(position).astype(np.int64)
+  high = np.minimum(low + 1, n_in - 1)
+  frac = (position - low).astype(np.float32)
+  matrix = np.zeros((n_out, n_in), np.float32)
+  np.add.at(matrix, (np.arange(n_out), low), 1.0 - frac)
+  np.add.at(matrix, (np.arange(n_out), high), frac)
+  return matrix
 
 
 def preprocess(videos, *, resolution: int = RESOLUTION, num_frames: int | None = NUM_FRAMES,
@@ -281,7 +290,7 @@ def preprocess(videos, *, resolution: int = RESOLUTION, num_frames: int | None =
                      "pass num_frames=None to accept other lengths (the result is then not the standard FVD).")
   frames = jnp.asarray(videos).reshape(n * f, h, w, c)
   frames = resize_bilinear(frames, resolution, half_pixel_centers=half_pixel_centers)
-  frames = 2.0 * frames / 255.0 - 1.0
+  frames = jnp.clip(2.0 * frames / 255.0 - 1.0, -1.0, 1.0)  # clip: float rounding of the resize
   if c == 1:
     frames = jnp.repeat(frames, 3, axis=-1)
   return frames.reshape(n, f, resolution, resolution, 3)

@@ -15,7 +15,11 @@ Full setting (GPU/TPU; not yet run):
 
 Argument: "" or "local". `local`: 16 frames of 32x32, two digits, 4000
 training videos, batch 32, 1500 steps.
-Measured (local): not yet measured.
+Measured (local): not yet measured. A run started here (2 shared cores, other
+jobs running) took about 1 s per step, so the 1500 steps need roughly 25
+minutes; after 150 steps of an earlier, smaller variant the loss was still at
+the class prior (about 4.9 nats), so expect the accuracy to rise late. Check
+`eval/accuracy` (exact set of digits) in the workdir's metrics.jsonl.
 """
 
 from nbp import config as config_lib
