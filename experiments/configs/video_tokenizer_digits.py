@@ -14,7 +14,12 @@ then encode the dataset once into tokens for the transformer:
 Argument: "local" or "pod".
 - local: 5 frames of 16x16 (1 digit) -> 2x4x4 = 32 tokens (time 4x, space 4x),
   FSQ levels (8, 5, 5, 5) = 1,000 codes, channels 16 x (1, 2, 4), one residual
-  block per level, batch 16, 300 steps. MEASURED_LOCAL
+  block per level, batch 16, 300 steps. Measured (2 CPU cores shared with
+  other jobs, 2 min 50 s wall including building the dataset): held-out
+  reconstruction PSNR (eval/psnr, 64 test videos) 14.9 dB at step 150 and
+  15.5 dB at step 300 (train PSNR 10.2 dB over the first 20 steps), L1 0.145
+  on [-1, 1]; 10% of the 1,000 codes used per eval batch. Still rising at the
+  end: more steps help; 4x time compression of 5 frames is the hard part.
 - pod: 17 frames of 128x128 (2 digits, sprites scaled 4x) -> 5x16x16 = 1,280
   tokens (time 4x, space 8x), the paper's levels (8, 8, 8, 5, 5, 5) = 64,000
   codes, channels 128 x (1, 2, 2, 4), two residual blocks, batch 64, bfloat16.
