@@ -22,6 +22,7 @@ FAMILIES = {
     "ntp": "nbp.ntp",  # next-token baseline
     "video_tokenizer": "nbp.video_tokenizer",  # MAGVIT-v2-style 3D causal CNN + FSQ (issue 4)
     "next_block": "nbp.next_block",  # NBP: semi-autoregressive next-block prediction (issue 4)
+    "video_classifier": "nbp.video_classifier",  # in-domain FVD features for moving digits (issue 4)
 }
 
 
