@@ -450,11 +450,7 @@ def make_data(data_cfg, split: str, *, seed: int, process_index: int, process_co
   if data_cfg.token_grid and token_grid(data_cfg) != (data_cfg.num_frames, data_cfg.frame_size,
                                                        data_cfg.frame_size):
     raise NotImplementedError("data.token_grid differs from the pixel grid: tokenizer data is not wired yet")
-  knobs = moving_digits.moving_digits_config(
-      num_frames=data_cfg.num_frames, frame_size=data_cfg.frame_size, num_digits=data_cfg.num_digits,
-      speed=data_cfg.speed, num_train=data_cfg.num_train, num_test=data_cfg.num_test)
-  builder = moving_digits.build(moving_digits.MovingDigits(config=knobs, data_dir=data_cfg.dir))
-  source = pipeline.load_source(builder, split, data_cfg.dir)
+  source = pipeline.load_source(moving_digits.builder_from_config(data_cfg), split, data_cfg.dir)
   return pipeline.make_iterator(
       source, global_batch_size=batch_size * process_count, seed=seed, shuffle=True,
       transforms=(pipeline.QuantizeVideoToTokens(data_cfg.levels), DigitsClass()),

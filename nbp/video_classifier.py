@@ -160,11 +160,7 @@ def make_data(data_cfg, split: str, *, seed: int, process_index: int, process_co
   from nbp.data import moving_digits, pipeline  # pylint: disable=g-import-not-at-top
   if data_cfg.name != "moving_digits":
     raise ValueError(f"config.data.name={data_cfg.name!r}: the video classifier reads 'moving_digits'.")
-  knobs = moving_digits.moving_digits_config(
-      num_frames=data_cfg.num_frames, frame_size=data_cfg.frame_size, num_digits=data_cfg.num_digits,
-      speed=data_cfg.speed, num_train=data_cfg.num_train, num_test=data_cfg.num_test)
-  builder = moving_digits.build(moving_digits.MovingDigits(config=knobs, data_dir=data_cfg.dir))
-  source = pipeline.load_source(builder, split, data_cfg.dir)
+  source = pipeline.load_source(moving_digits.builder_from_config(data_cfg), split, data_cfg.dir)
   return pipeline.make_iterator(
       source, global_batch_size=batch_size * process_count, seed=seed, shuffle=True,
       transforms=(select_video_and_label,), process_index=process_index, process_count=process_count,

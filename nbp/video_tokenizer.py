@@ -486,10 +486,7 @@ def moving_digits_builder(data_cfg):
   from nbp.data import moving_digits  # pylint: disable=g-import-not-at-top
   if data_cfg.name != "moving_digits":
     raise ValueError(f"config.data.name={data_cfg.name!r}: the video tokenizer reads 'moving_digits'.")
-  knobs = moving_digits.moving_digits_config(
-      num_frames=data_cfg.num_frames, frame_size=data_cfg.frame_size, num_digits=data_cfg.num_digits,
-      speed=data_cfg.speed, num_train=data_cfg.num_train, num_test=data_cfg.num_test)
-  return moving_digits.build(moving_digits.MovingDigits(config=knobs, data_dir=data_cfg.dir))
+  return moving_digits.builder_from_config(data_cfg)
 
 
 def make_data(data_cfg, split: str, *, seed: int, process_index: int, process_count: int, batch_size: int):

@@ -27,13 +27,18 @@ def tiny_ntp_config(data_dir: str, **overrides):
   c.eval_steps = 1
   c.optimizer.warmup_steps = 1
   c.model.num_samples = 2
+  return apply_overrides(c, overrides)
+
+
+def apply_overrides(config, overrides: dict):
+  """Sets dotted keys ("model.width": 32) on a config; returns it."""
   for key, value in overrides.items():
-    target = c
+    target = config
     *path, last = key.split(".")
-    for p in path:
-      target = target[p]
+    for part in path:
+      target = target[part]
     target[last] = value
-  return c
+  return config
 
 
 def config_flags_for(config) -> list[str]:

@@ -11,6 +11,7 @@ import pytest
 
 from nbp import next_block as nb
 from nbp import ntp
+from tests.conftest import apply_overrides
 
 
 def _model(**kw):
@@ -218,13 +219,7 @@ def tiny_nbp_config(data_dir, arg="tiny,local,row", **overrides):
   c.checkpoint_every = 100
   c.eval_steps = 1
   c.optimizer.warmup_steps = 1
-  for key, value in overrides.items():
-    target = c
-    *path, last = key.split(".")
-    for p in path:
-      target = target[p]
-    target[last] = value
-  return c
+  return apply_overrides(c, overrides)
 
 
 @pytest.mark.parametrize("arg", ["tiny,local,2row", "tiny,local,patch", "tiny,local,frame", "tiny,local,token,uncond"])

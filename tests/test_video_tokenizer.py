@@ -10,6 +10,7 @@ import pytest
 from nbp import metrics as metrics_lib
 from nbp import train
 from nbp import video_tokenizer as vt
+from tests.conftest import apply_overrides
 
 
 def _tokenizer(**kw):
@@ -42,13 +43,7 @@ def tiny_tokenizer_config(data_dir: str, **overrides):
   c.checkpoint_every = 100
   c.eval_steps = 1
   c.optimizer.warmup_steps = 1
-  for key, value in overrides.items():
-    target = c
-    *path, last = key.split(".")
-    for p in path:
-      target = target[p]
-    target[last] = value
-  return c
+  return apply_overrides(c, overrides)
 
 
 # ------------------------------------------------------------------------- FSQ

@@ -27,9 +27,11 @@ the first half of the frames as a prefix (Kinetics style); "uncond" neither.
 `local` is the 2-core CPU setting: 4 frames of 12x12 pixels, one digit, 8 grey
 levels (576 tokens), batch 8, 300 steps.
 
-Measured: not yet (the tests train the tiny setting: one class-conditional
-row-block run of 30 steps with guided samples, whose loss falls; no full
-XS,local run has been timed yet).
+Measured (XS,local,row, class-conditional; 2m24s on 2 cores, 300 steps of batch
+8): test cross-entropy 0.563 nats/token (0.81 bits, token accuracy 0.82) against
+0.478 for the next-token baseline with the same data, size and budget
+(ntp_digits.py:XS,local): a whole row is predicted from the rows before it, so
+each token sees less context. Samples are digit-like strokes per class.
 """
 
 from nbp import config as config_lib

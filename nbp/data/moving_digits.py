@@ -263,3 +263,15 @@ def build(name_or_builder: str | tfds.core.DatasetBuilder,
       raise ValueError(f"builder writes to {builder.data_dir_root}, not {data_dir}")
   builder.download_and_prepare(file_format="array_record")
   return builder
+
+
+def builder_from_config(data_cfg) -> tfds.core.DatasetBuilder:
+  """The prepared builder for a config's data section.
+
+  Reads `num_frames`, `frame_size`, `num_digits`, `speed`, `num_train`,
+  `num_test` and `dir`; builds the ArrayRecord files on first use.
+  """
+  knobs = moving_digits_config(
+      num_frames=data_cfg.num_frames, frame_size=data_cfg.frame_size, num_digits=data_cfg.num_digits,
+      speed=data_cfg.speed, num_train=data_cfg.num_train, num_test=data_cfg.num_test)
+  return build(MovingDigits(config=knobs, data_dir=data_cfg.dir))
