@@ -34,6 +34,7 @@ Measured (XS,local,row, class-conditional; 2m24s on 2 cores, 300 steps of batch
 each token sees less context. Samples are digit-like strokes per class.
 """
 
+from experiments.configs import ntp_digits
 from nbp import config as config_lib
 
 BLOCKS = ("row", "2row", "patch", "frame", "token")
@@ -91,16 +92,7 @@ def get_config(arg: str = "XS,local,row"):
   c.model.top_p = 0.9 if not local else 1.0
   c.model.num_samples = 8
 
-  c.batch_size = 8 if local else 256
-  c.num_steps = 300 if local else 50_000
-  c.optimizer.lr = 2e-3 if local else 3e-4
-  c.optimizer.warmup_steps = 30 if local else 1000
-  c.optimizer.b2 = 0.95
+  ntp_digits.set_digits_budget(c, local)
   c.optimizer.weight_decay = 0.01
-  c.optimizer.ema_decay = 0.0 if local else 0.9999
-  c.log_every = 10 if local else 100
-  c.checkpoint_every = 100 if local else 2000
-  c.eval_every = 100 if local else 5000
-  c.eval_steps = 4
   c.lock()
   return c

@@ -59,6 +59,14 @@ def get_config(arg: str = "XS,local"):
   c.data.levels = 8  # grey levels = vocabulary size (plus one begin token)
   c.data.seq_len = 0  # text only
 
+  set_digits_budget(c, local)
+  c.lock()
+  return c
+
+
+def set_digits_budget(c, local: bool) -> None:
+  """Batch, steps, optimizer and hook cadence shared by the moving-digits configs,
+  so NBP and its next-token baseline are compared at the same budget."""
   c.batch_size = 8 if local else 256
   c.num_steps = 300 if local else 50_000
   c.optimizer.lr = 2e-3 if local else 3e-4
@@ -69,5 +77,3 @@ def get_config(arg: str = "XS,local"):
   c.checkpoint_every = 100 if local else 2000
   c.eval_every = 100 if local else 5000
   c.eval_steps = 4
-  c.lock()
-  return c
