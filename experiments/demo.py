@@ -1,11 +1,19 @@
-r"""`make demo`: trains the headline model on moving digits, samples, and writes
-samples (GIF, PNG), metrics (JSON) and a loss plot under the workdir.
+r"""`make demo`: NBP end to end on moving digits: tokenizer, tokens, next-block transformer, videos.
 
   python -m experiments.demo --workdir runs/demo
 
-Until the NBP model lands, the headline model is the next-token baseline
-(experiments/configs/ntp_digits.py:XS,local). Run again with the same workdir,
-it resumes an interrupted run; a finished run is only summarised again.
+Three stages, each resumed or skipped when the workdir already holds it:
+  1. trains the video tokenizer (3D causal CNN + FSQ) -> workdir/tokenizer
+     (`config.data.tokenizer`: experiments/configs/video_tokenizer_digits.py:local);
+  2. encodes the train and test videos once into tokens -> workdir/tokens;
+  3. trains NBP on the tokens, one latent row per block, class-conditional,
+     and samples videos through the tokenizer's decoder -> workdir/nbp
+     (experiments/configs/nbp_digits.py:XS,local,tokens,row).
+One config holds the whole pipeline; override the tokenizer's keys through it,
+e.g. `--config.data.tokenizer.num_steps=600`.
+Then it writes workdir/samples.gif and samples.png (NBP's videos, one class
+per row), reconstructions.gif (test videos above their tokenizer
+reconstructions), loss.png and metrics.json.
 """
 
 import glob
@@ -20,34 +28,82 @@ from ml_collections import config_flags
 from nbp import metrics as metrics_lib
 from nbp import train
 from nbp import video
+from nbp.data import tokens as tokens_lib
 
+_CONFIGS = os.path.join(os.path.dirname(__file__), "configs")
 CONFIG = config_flags.DEFINE_config_file(
-    "config", os.path.join(os.path.dirname(__file__), "configs", "ntp_digits.py") + ":XS,local",
-    "The headline model's config.")
+    "config", os.path.join(_CONFIGS, "nbp_digits.py") + ":XS,local,tokens,row",
+    "NBP's config on tokenizer tokens; config.data.tokenizer is the tokenizer's.")
 WORKDIR = flags.DEFINE_string("workdir", "runs/demo", "Where everything is written.")
 
 
+def _last(rows: list[dict], key: str):
+  values = [r[key] for r in rows if key in r]
+  return values[-1] if values else None
+
+
+def _copy_latest_samples(run_dir: str, out_stem: str) -> None:
+  latest = sorted(glob.glob(os.path.join(run_dir, "samples", "step_*.gif")))[-1:]
+  for path in latest:
+    shutil.copy(path, out_stem + ".gif")
+    shutil.copy(path[:-4] + ".png", out_stem + ".png")
+
+
+def encode_tokens(tokenizer_config, tokenizer_dir: str, tokens_dir: str, tokenizer_step: int) -> dict:
+  """Encodes the tokenizer's dataset unless `tokens_dir` already holds this tokenizer step's tokens."""
+  from nbp import video_tokenizer as vt  # pylint: disable=g-import-not-at-top
+  if os.path.exists(os.path.join(tokens_dir, tokens_lib.METADATA)):
+    metadata = tokens_lib.read_metadata(tokens_dir)
+    if metadata.get("tokenizer_step") == tokenizer_step:
+      return metadata
+  model, params = vt.load_tokenizer(tokenizer_config, tokenizer_dir)
+  return tokens_lib.encode_dataset(
+      model, params, tokenizer_config.data, tokens_dir,
+      extra_metadata={"tokenizer_workdir": os.path.abspath(tokenizer_dir), "tokenizer_step": tokenizer_step})
+
+
 def run(config, workdir: str) -> dict:
-  """Trains, then gathers the outputs; returns the metrics written to metrics.json."""
+  """Runs the three stages; returns the metrics written to workdir/metrics.json."""
   start = time.perf_counter()
-  result = train.train_and_evaluate(config, workdir)
-  rows = metrics_lib.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
-  video.save_loss_plot(os.path.join(workdir, "loss.png"), rows)
-  latest = sorted(glob.glob(os.path.join(workdir, "samples", "step_*.gif")))
-  for path in latest[-1:]:
-    shutil.copy(path, os.path.join(workdir, "samples.gif"))
-    shutil.copy(path[:-4] + ".png", os.path.join(workdir, "samples.png"))
-  evals = [r for r in rows if "eval/loss" in r]
-  trains = [r for r in rows if "loss" in r]
+  if config.data.name != "tokens" or config.data.tokenizer is None:
+    raise ValueError(f"The demo trains NBP on tokenizer tokens: config.data.name={config.data.name!r} must be "
+                     "'tokens' and config.data.tokenizer the tokenizer's config (nbp_digits.py:...,tokens).")
+  tokenizer_config = config.data.tokenizer
+  tokenizer_dir, tokens_dir, nbp_dir = (os.path.join(workdir, name) for name in ("tokenizer", "tokens", "nbp"))
+  tokenizer_result = train.train_and_evaluate(tokenizer_config, tokenizer_dir)
+  tokenizer_seconds = time.perf_counter() - start
+  metadata = encode_tokens(tokenizer_config, tokenizer_dir, tokens_dir, tokenizer_result["step"])
+
+  config = config.copy_and_resolve_references()
+  with config.unlocked():
+    config.data.token_dir = tokens_dir
+    config.data.tokenizer_workdir = tokenizer_dir
+  nbp_result = train.train_and_evaluate(config, nbp_dir)
+
+  tokenizer_rows = metrics_lib.read_jsonl(os.path.join(tokenizer_dir, "metrics.jsonl"))
+  nbp_rows = metrics_lib.read_jsonl(os.path.join(nbp_dir, "metrics.jsonl"))
+  video.save_loss_plot(os.path.join(workdir, "loss.png"), nbp_rows)
+  _copy_latest_samples(nbp_dir, os.path.join(workdir, "samples"))
+  _copy_latest_samples(tokenizer_dir, os.path.join(workdir, "reconstructions"))
   summary = {
-      "family": config.family,
-      "steps": result["step"],
-      "status": result["status"],
-      "train_loss_first": trains[0]["loss"] if trains else None,
-      "train_loss_last": trains[-1]["loss"] if trains else None,
-      "eval_loss": evals[-1]["eval/loss"] if evals else None,
-      "eval_bits_per_token": evals[-1].get("eval/bits_per_token") if evals else None,
-      "tokens_per_sec": trains[-1].get("tokens_per_sec") if trains else None,
+      "tokenizer": {
+          "steps": tokenizer_result["step"],
+          "eval_psnr_db": _last(tokenizer_rows, "eval/psnr"),
+          "eval_codebook_usage": _last(tokenizer_rows, "eval/codebook_usage"),
+          "token_grid": metadata["latent_shape"],
+          "codebook_size": metadata["codebook_size"],
+      },
+      "nbp": {
+          "block": list(config.model.block),
+          "steps": nbp_result["step"],
+          "status": nbp_result["status"],
+          "train_loss_first": next((r["loss"] for r in nbp_rows if "loss" in r), None),
+          "train_loss_last": _last(nbp_rows, "loss"),
+          "eval_loss": _last(nbp_rows, "eval/loss"),
+          "eval_bits_per_token": _last(nbp_rows, "eval/bits_per_token"),
+          "eval_accuracy": _last(nbp_rows, "eval/accuracy"),
+      },
+      "tokenizer_seconds_this_invocation": tokenizer_seconds,
       "wall_seconds_this_invocation": time.perf_counter() - start,
   }
   with open(os.path.join(workdir, "metrics.json"), "w") as f:
@@ -60,7 +116,9 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)  # orbax's per-save INFO lines drown the progress bar
   summary = run(CONFIG.value, WORKDIR.value)
   print(json.dumps(summary, indent=1))
-  print(f"Samples: {WORKDIR.value}/samples.gif and samples.png; loss curve: {WORKDIR.value}/loss.png")
+  w = WORKDIR.value
+  print(f"NBP samples: {w}/samples.gif and samples.png; tokenizer reconstructions: {w}/reconstructions.gif; "
+        f"loss curve: {w}/loss.png")
 
 
 if __name__ == "__main__":

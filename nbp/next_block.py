@@ -1,7 +1,8 @@
 """Next-block prediction (NBP): semi-autoregressive generation over a 3D token grid.
 
-A video is a grid of F x H x W tokens (today: moving-digits pixels quantised to
-grey levels; later: a video tokenizer's latent grid, set by `data.token_grid`).
+A video is a grid of F x H x W tokens: a video tokenizer's latent grid
+(`data.name = "tokens"`, written by experiments.encode_tokens), or moving-digits
+pixels quantised to grey levels (`"moving_digits"`, no tokenizer needed).
 The grid is cut into blocks of t x h x w tokens and reordered block-major:
 blocks by (time, row-block, col-block), tokens inside a block in (t, h, w)
 order, so every block is a contiguous run of L = t*h*w tokens. A decoder with
@@ -53,7 +54,6 @@ import os
 from typing import Any
 
 import flax.linen as nn
-import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -398,30 +398,56 @@ MODEL_FIELDS = ("size", "num_layers", "width", "num_heads", "num_kv_heads", "act
                 "position", "rope_base", "tie_embeddings", "scan_layers", "remat_policy",
                 "attention_impl", "dtype", "block", "condition", "num_class_tokens", "prefix_frames",
                 "cond_dropout", "guidance_scale", "temperature", "top_k", "top_p", "num_samples")
-DATA_FIELDS = ("dir", "worker_count", "name", "num_frames", "frame_size", "num_digits", "speed",
-               "num_train", "num_test", "levels", "token_grid")
+DATA_FIELDS = ("dir", "worker_count", "name",
+               # moving digits, pixels quantised to `levels` grey levels:
+               "num_frames", "frame_size", "num_digits", "speed", "num_train", "num_test", "levels",
+               # video-tokenizer tokens (name "tokens"), written by experiments.encode_tokens:
+               "token_dir", "token_grid", "codebook_size", "num_classes", "tokenizer", "tokenizer_workdir")
+DATA_NAMES = ("moving_digits", "tokens")
+
+
+def _check_data_name(data_cfg) -> None:
+  if data_cfg.name not in DATA_NAMES:
+    raise ValueError(f"config.data.name={data_cfg.name!r}: NBP reads one of {DATA_NAMES} (for real videos, "
+                     "train a video tokenizer and encode them into 'tokens' first).")
 
 
 def token_grid(data_cfg) -> tuple[int, int, int]:
-  """(F, H, W): `data.token_grid` if set (a tokenizer's latent grid), else the quantised pixels."""
-  if data_cfg.token_grid:
+  """(F, H, W): the tokenizer's latent grid (`data.token_grid`), or the moving-digits pixels."""
+  _check_data_name(data_cfg)
+  if data_cfg.name == "tokens":
+    if len(data_cfg.token_grid) != 3:
+      raise ValueError(f"config.data.token_grid={data_cfg.token_grid!r}: expected (frames, height, width) "
+                       "of the tokenizer's latent grid.")
     return tuple(int(x) for x in data_cfg.token_grid)
   return (data_cfg.num_frames, data_cfg.frame_size, data_cfg.frame_size)
 
 
+def codebook_size(data_cfg) -> int:
+  """Token values (the begin token comes on top): the tokenizer's codebook, or the grey levels."""
+  size = data_cfg.codebook_size if data_cfg.name == "tokens" else data_cfg.levels
+  if size < 2:
+    key = "codebook_size" if data_cfg.name == "tokens" else "levels"
+    raise ValueError(f"config.data.{key}={size}: need at least 2 token values.")
+  return int(size)
+
+
 def num_classes(data_cfg) -> int:
-  """Moving digits: one class per ordered tuple of digits (10 ** num_digits)."""
+  """`data.num_classes` for tokens; moving digits: one class per ordered tuple of digits (10 ** num_digits)."""
+  if data_cfg.name == "tokens":
+    return int(data_cfg.num_classes)
   return 10 ** data_cfg.num_digits
 
 
 def build_model(model_cfg, data_cfg) -> NextBlockTransformer:
   if model_cfg.size not in SIZES:
     raise ValueError(f"config.model.size={model_cfg.size!r}: choose one of {list(SIZES)}.")
-  if data_cfg.name != "moving_digits":
-    raise ValueError(f"config.data.name={data_cfg.name!r}: NBP reads 'moving_digits' (tokenizer data later).")
+  if model_cfg.condition == "class" and num_classes(data_cfg) < 1:
+    raise ValueError("config.model.condition='class' needs config.data.num_classes >= 1.")
   layers, width, heads, kv_heads = SIZES[model_cfg.size]
   model = NextBlockTransformer(
-      vocab_size=data_cfg.levels + 1, grid=token_grid(data_cfg), block=tuple(int(x) for x in model_cfg.block),
+      vocab_size=codebook_size(data_cfg) + 1, grid=token_grid(data_cfg),
+      block=tuple(int(x) for x in model_cfg.block),
       condition=model_cfg.condition, num_classes=num_classes(data_cfg),
       num_class_tokens=model_cfg.num_class_tokens, prefix_frames=model_cfg.prefix_frames,
       num_layers=model_cfg.num_layers or layers, width=model_cfg.width or width,
@@ -434,26 +460,18 @@ def build_model(model_cfg, data_cfg) -> NextBlockTransformer:
   return model
 
 
-@dataclasses.dataclass(frozen=True)
-class DigitsClass(grain.transforms.Map):
-  """Adds "class" int32 = sum_i label[i] * 10**i and drops the fields the model does not read."""
-
-  def map(self, element):
-    label = np.asarray(element["label"], np.int64)
-    return {"tokens": element["tokens"],
-            "class": np.int32(np.sum(label * 10 ** np.arange(label.shape[0])))}
-
-
 def make_data(data_cfg, split: str, *, seed: int, process_index: int, process_count: int, batch_size: int):
   """A checkpointable grain iterator of {"tokens": int32 [b, F*H*W] (grid order), "class": int32 [b]}."""
-  from nbp.data import moving_digits, pipeline  # pylint: disable=g-import-not-at-top
-  if data_cfg.token_grid and token_grid(data_cfg) != (data_cfg.num_frames, data_cfg.frame_size,
-                                                       data_cfg.frame_size):
-    raise NotImplementedError("data.token_grid differs from the pixel grid: tokenizer data is not wired yet")
-  source = pipeline.load_source(moving_digits.builder_from_config(data_cfg), split, data_cfg.dir)
+  from nbp.data import moving_digits, pipeline, tokens  # pylint: disable=g-import-not-at-top
+  if data_cfg.name == "tokens":
+    source = tokens.token_source(data_cfg.token_dir, split, grid=token_grid(data_cfg),
+                                 codebook_size=codebook_size(data_cfg))
+    transforms = (tokens.TokensAndClass(),)
+  else:
+    source = pipeline.load_source(moving_digits.builder_from_config(data_cfg), split, data_cfg.dir)
+    transforms = (pipeline.QuantizeVideoToTokens(data_cfg.levels), tokens.TokensAndClass())
   return pipeline.make_iterator(
-      source, global_batch_size=batch_size * process_count, seed=seed, shuffle=True,
-      transforms=(pipeline.QuantizeVideoToTokens(data_cfg.levels), DigitsClass()),
+      source, global_batch_size=batch_size * process_count, seed=seed, shuffle=True, transforms=transforms,
       process_index=process_index, process_count=process_count, worker_count=data_cfg.worker_count)
 
 
@@ -466,12 +484,33 @@ def _test_prompt_tokens(data_cfg_json: str, batch_size: int, grid: tuple[int, in
   return np.asarray(next(it)["tokens"]).reshape(batch_size, *grid)
 
 
-def write_samples(data_cfg, title: str, tokens: np.ndarray, out_dir: str, step: int) -> dict[str, float]:
-  """Tokens [B, F, H, W] -> videos (dequantised grey levels) as a GIF and a PNG frame grid."""
+@functools.cache
+def _tokenizer_decoder(tokenizer_cfg_json: str, workdir: str):
+  """A jitted tokens [B, f, h, w] -> uint8 videos [B, F, H, W, C] of the tokenizer trained in `workdir`."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from nbp import video_tokenizer as vt  # pylint: disable=g-import-not-at-top
+  tokenizer, params = vt.load_tokenizer(ml_collections.ConfigDict(__import__("json").loads(tokenizer_cfg_json)),
+                                        workdir)
+  decode = jax.jit(functools.partial(vt.decode_tokens, tokenizer))
+  return lambda tokens: vt.to_uint8(decode(params, jnp.asarray(tokens)))
+
+
+def tokens_to_video(data_cfg, tokens) -> np.ndarray:
+  """Grid tokens [B, F, H, W] -> uint8 videos: the tokenizer's decoder, or the grey levels dequantised."""
   from nbp.data import pipeline  # pylint: disable=g-import-not-at-top
   tokens = np.asarray(tokens)
+  if data_cfg.name == "tokens":
+    if data_cfg.tokenizer is None or not data_cfg.tokenizer_workdir:
+      raise ValueError("Decoding tokens to video needs config.data.tokenizer (the tokenizer's config) and "
+                       "config.data.tokenizer_workdir (its checkpoints).")
+    return _tokenizer_decoder(data_cfg.tokenizer.to_json(), data_cfg.tokenizer_workdir)(tokens)
   b, f, h, w = tokens.shape
-  videos = pipeline.dequantize_tokens(tokens.reshape(b, -1), data_cfg.levels, (f, h, w, 1))
+  return pipeline.dequantize_tokens(tokens.reshape(b, -1), data_cfg.levels, (f, h, w, 1))
+
+
+def write_samples(data_cfg, title: str, tokens: np.ndarray, out_dir: str, step: int) -> dict[str, float]:
+  """Tokens [B, F, H, W] -> videos as a GIF and a PNG frame grid."""
+  videos = tokens_to_video(data_cfg, tokens)
   stem = os.path.join(out_dir, f"step_{step:07d}")
   video_lib.save_gif(stem + ".gif", videos)
   video_lib.save_frame_grid(stem + ".png", videos, title=f"{title}, step {step}")

@@ -204,14 +204,20 @@ def test_frame_prediction_sampler_keeps_the_prompt_frames():
 
 
 def tiny_nbp_config(data_dir, arg="tiny,local,row", **overrides):
+  """NBP on 4 frames of 8x8 pixels, or with "tokens" in `arg` on a tiny tokenizer's 2x2x2 tokens."""
   from experiments.configs import nbp_digits  # pylint: disable=g-import-not-at-top
+  from tests.test_video_tokenizer import tiny_tokenizer_config  # pylint: disable=g-import-not-at-top
   c = nbp_digits.get_config(arg)
   c.data.dir = data_dir
-  c.data.num_frames = 4
-  c.data.frame_size = 8
-  c.data.num_train = 64
-  c.data.num_test = 16
-  c.model.block = nbp_digits.block_shape(next((f for f in arg.split(",") if f in nbp_digits.BLOCKS), "row"), 8)
+  if "tokens" in arg.split(","):
+    nbp_digits.set_tokenizer_data(c, tiny_tokenizer_config(data_dir, num_steps=2))
+  else:
+    c.data.num_frames = 4
+    c.data.frame_size = 8
+    c.data.num_train = 64
+    c.data.num_test = 16
+  block = next((f for f in arg.split(",") if f in nbp_digits.BLOCKS), "row")
+  c.model.block = nbp_digits.block_shape(block, nb.token_grid(c.data)[2])
   c.model.num_samples = 2
   c.batch_size = 8
   c.num_steps = 1
@@ -220,6 +226,39 @@ def tiny_nbp_config(data_dir, arg="tiny,local,row", **overrides):
   c.eval_steps = 1
   c.optimizer.warmup_steps = 1
   return apply_overrides(c, overrides)
+
+
+def test_token_data_reads_encoded_tokens_and_checks_them(tmp_path, data_dir):
+  """Tokens written by encode_tokens come back as flat grid-order tokens and a class; mismatches name the key."""
+  from nbp.data import tokens  # pylint: disable=g-import-not-at-top
+  from nbp import video_tokenizer as vt  # pylint: disable=g-import-not-at-top
+  config = tiny_nbp_config(data_dir, "tiny,local,tokens,row", **{"data.token_dir": str(tmp_path / "tokens")})
+  tokenizer = vt.build_model(config.data.tokenizer.model)
+  d = config.data.tokenizer.data
+  params = tokenizer.init(jax.random.key(0), jnp.zeros((1, d.num_frames, d.frame_size, d.frame_size, 1)))["params"]
+  tokens.encode_dataset(tokenizer, params, d, config.data.token_dir, batch_size=16)
+
+  batch = next(nb.make_data(config.data, "train", seed=0, process_index=0, process_count=1,
+                                    batch_size=4))
+  assert batch["tokens"].shape == (4, 8) and batch["tokens"].dtype == np.int32
+  assert 0 <= batch["tokens"].min() and batch["tokens"].max() < config.data.codebook_size == 125
+  assert batch["class"].shape == (4,) and 0 <= batch["class"].min() and batch["class"].max() < 10
+  model = nb.build_model(config.model, config.data)
+  assert model.grid == (2, 2, 2) and model.vocab_size == 126 and model.num_classes == 10
+
+  def first_batch(**overrides):
+    data_cfg = apply_overrides(config.copy_and_resolve_references(), overrides).data
+    return next(nb.make_data(data_cfg, "test", seed=0, process_index=0, process_count=1, batch_size=2))
+
+  with pytest.raises(ValueError, match=r"config.data.token_grid=\(2, 4, 4\)"):
+    first_batch(**{"data.token_grid": (2, 4, 4)})
+  with pytest.raises(ValueError, match=r"config.data.codebook_size=1000"):
+    first_batch(**{"data.codebook_size": 1000})
+  with pytest.raises(FileNotFoundError, match=r"config.data.token_dir="):
+    first_batch(**{"data.token_dir": str(tmp_path / "missing")})
+  with pytest.raises(ValueError, match=r"config.data.name='ucf101'"):
+    nb.build_model(config.model, apply_overrides(config.copy_and_resolve_references(),
+                                                         {"data.name": "ucf101"}).data)
 
 
 @pytest.mark.parametrize("arg", ["tiny,local,2row", "tiny,local,patch", "tiny,local,frame", "tiny,local,token,uncond"])

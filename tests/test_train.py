@@ -127,11 +127,20 @@ def test_nan_stops_with_the_step_number(tmp_path, data_dir):
 
 
 def test_demo_code_path(tmp_path, data_dir):
+  """The demo's three stages in a tiny setting; a second call resumes every stage instead of redoing it."""
   from experiments import demo  # pylint: disable=g-import-not-at-top
-  summary = demo.run(tiny_ntp_config(data_dir, num_steps=4), str(tmp_path))
-  for name in ("samples.gif", "samples.png", "loss.png", "metrics.json"):
+  from tests.test_next_block import tiny_nbp_config  # pylint: disable=g-import-not-at-top
+  config = tiny_nbp_config(data_dir, "tiny,local,tokens,row", num_steps=3)
+  summary = demo.run(config, str(tmp_path))
+  for name in ("samples.gif", "samples.png", "reconstructions.gif", "loss.png", "metrics.json"):
     assert os.path.getsize(os.path.join(tmp_path, name)) > 0, name
-  assert summary["steps"] == 4 and np.isfinite(summary["eval_loss"])
+  assert summary["tokenizer"]["steps"] == 2 and summary["tokenizer"]["token_grid"] == [2, 2, 2]
+  assert summary["nbp"]["steps"] == 3 and np.isfinite(summary["nbp"]["eval_loss"])
+  assert np.isfinite(summary["tokenizer"]["eval_psnr_db"])
+  tokens_written = os.path.getmtime(os.path.join(tmp_path, "tokens", "metadata.json"))
+  again = demo.run(config, str(tmp_path))
+  assert again["nbp"]["steps"] == 3
+  assert os.path.getmtime(os.path.join(tmp_path, "tokens", "metadata.json")) == tokens_written
 
 
 def test_loss_falls_in_a_short_run(tmp_path, data_dir):

@@ -34,8 +34,10 @@ Measured (XS,local,row, class-conditional; 2m24s on 2 cores, 300 steps of batch
 each token sees less context. Samples are digit-like strokes per class.
 """
 
-from experiments.configs import ntp_digits
+from experiments.configs import ntp_digits, video_tokenizer_digits
 from nbp import config as config_lib
+from nbp import next_block
+from nbp import video_tokenizer
 
 BLOCKS = ("row", "2row", "patch", "frame", "token")
 
@@ -47,7 +49,7 @@ def block_shape(name: str, frame_size: int) -> tuple[int, int, int]:
 
 def get_config(arg: str = "XS,local,row"):
   size, *flags = arg.split(",")
-  unknown = set(flags) - {"local", "frames", "uncond", *BLOCKS}
+  unknown = set(flags) - {"local", "tokens", "frames", "uncond", *BLOCKS}
   if unknown:
     raise ValueError(f"unknown config flags {sorted(unknown)} in {arg!r}")
   local = "local" in flags
@@ -65,7 +67,8 @@ def get_config(arg: str = "XS,local,row"):
   c.data.num_train = 2000 if local else 20000
   c.data.num_test = 200 if local else 2000
   c.data.levels = 8  # grey levels = vocabulary size (plus one begin token)
-  c.data.token_grid = ()  # (F, H, W); empty: the pixel grid
+  if "tokens" in flags:
+    set_tokenizer_data(c, video_tokenizer_digits.get_config("local" if local else "pod"))
 
   c.model.size = size  # nbp.ntp.SIZES
   c.model.num_layers = 0  # 0: from the size table; set to override
@@ -81,10 +84,10 @@ def get_config(arg: str = "XS,local,row"):
   c.model.remat_policy = "none" if local else "dots_with_no_batch_dims_saveable"
   c.model.attention_impl = "auto"  # kernels.dispatch
   c.model.dtype = "float32" if local else "bfloat16"
-  c.model.block = block_shape(block, c.data.frame_size)  # (t, h, w) tokens per block
+  c.model.block = block_shape(block, next_block.token_grid(c.data)[2])  # (t, h, w) tokens per block
   c.model.condition = condition  # "none", "class" or "frames"
   c.model.num_class_tokens = 1 if local else 4  # prefix tokens per class
-  c.model.prefix_frames = c.data.num_frames // 2 if condition == "frames" else 0
+  c.model.prefix_frames = next_block.token_grid(c.data)[0] // 2 if condition == "frames" else 0
   c.model.cond_dropout = 0.1 if condition == "class" else 0.0  # null class in training (CFG)
   c.model.guidance_scale = 1.0  # 1.0: plain conditional sampling (no doubled batch)
   c.model.temperature = 1.0
@@ -96,3 +99,23 @@ def get_config(arg: str = "XS,local,row"):
   c.optimizer.weight_decay = 0.01
   c.lock()
   return c
+
+
+def set_tokenizer_data(c, tokenizer, token_dir: str = "runs/video_tokens_local",
+                       tokenizer_workdir: str = "runs/video_tokenizer_local") -> None:
+  """Points NBP at the tokens of `tokenizer` (a video_tokenizer config) instead of the pixels.
+
+  The token grid and codebook follow from the tokenizer's config; the video
+  knobs (frames, size, digits) become the tokenizer's, so classes match.
+  """
+  d = tokenizer.data
+  c.data.name = "tokens"
+  for key in ("num_frames", "frame_size", "num_digits", "speed", "num_train", "num_test"):
+    c.data[key] = d[key]
+  c.data.token_dir = token_dir  # experiments.encode_tokens --output_dir
+  c.data.token_grid = video_tokenizer.build_model(tokenizer.model).latent_shape(
+      d.num_frames, d.frame_size, d.frame_size)
+  c.data.codebook_size = video_tokenizer.build_model(tokenizer.model).codebook_size
+  c.data.num_classes = 10 ** d.num_digits
+  c.data.tokenizer = tokenizer  # decodes samples to video
+  c.data.tokenizer_workdir = tokenizer_workdir

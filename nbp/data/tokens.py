@@ -1,0 +1,139 @@
+"""Video-tokenizer tokens on disk: a dataset encoded once, read back for training NBP.
+
+`encode_dataset` (the library side of `python -m experiments.encode_tokens`)
+runs a trained tokenizer over every video of a dataset. A token directory holds, per split, `<split>.array_record` with one record per
+video, {"tokens": int32 [f, h, w], "label": int32 [D]} (msgpack-serialised), in
+the dataset's order, and `metadata.json` (latent shape, codebook size, FSQ
+levels, example counts, the tokenizer's workdir). `token_source` opens one
+split as a random-access source (`len`, `[i]`) that grain takes as it is.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, SupportsIndex
+
+import grain
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import serialization
+
+METADATA = "metadata.json"
+
+
+def record_path(directory: str, split: str) -> str:
+  return os.path.join(directory, f"{split}.array_record")
+
+
+def read_metadata(directory: str) -> dict[str, Any]:
+  path = os.path.join(directory, METADATA)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"No {METADATA} in {directory}: encode the dataset first "
+                            "(python -m experiments.encode_tokens).")
+  with open(path) as f:
+    return json.load(f)
+
+
+def encode_split(model, params, source, path: str, *, batch_size: int = 32) -> int:
+  """Encodes every example of `source` (dicts with "video" uint8 [F, H, W, C]) in order; returns the count.
+
+  `model` is a `nbp.video_tokenizer.VideoTokenizer`. The last batch is padded
+  with copies of its first video so one compiled function serves every batch;
+  the padding is not written.
+  """
+  from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
+  from nbp import video_tokenizer as vt  # pylint: disable=g-import-not-at-top
+  encode = jax.jit(lambda p, v: vt.encode_video(model, p, v))
+  writer = array_record_module.ArrayRecordWriter(path, "group_size:1")  # random access per record
+  count = len(source)
+  for start in range(0, count, batch_size):
+    examples = [source[i] for i in range(start, min(start + batch_size, count))]
+    videos = np.stack([np.asarray(e["video"], np.float32) / 127.5 - 1.0 for e in examples])  # [b, F, H, W, C]
+    n = len(videos)
+    if n < batch_size:
+      videos = np.concatenate([videos, np.repeat(videos[:1], batch_size - n, axis=0)])
+    tokens = np.asarray(jax.device_get(encode(params, jnp.asarray(videos))))[:n]  # [b, f, h, w]
+    for e, t in zip(examples, tokens):
+      label = np.asarray(e.get("label", np.zeros((0,))), np.int32).reshape(-1)  # [D]
+      writer.write(serialization.msgpack_serialize({"tokens": t.astype(np.int32), "label": label}))
+  writer.close()
+  return count
+
+
+def encode_dataset(model, params, data_cfg, output_dir: str, *, splits=("train", "test"), batch_size: int = 32,
+                   extra_metadata: dict | None = None) -> dict:
+  """Encodes the splits of the videos of `data_cfg` under `output_dir`; returns the metadata written."""
+  from nbp.data import videos  # pylint: disable=g-import-not-at-top
+  os.makedirs(output_dir, exist_ok=True)
+  counts = {}
+  for split in splits:
+    source = videos.video_source(data_cfg, split)
+    counts[split] = encode_split(model, params, source, record_path(output_dir, split), batch_size=batch_size)
+  metadata = {
+      "latent_shape": list(model.latent_shape(data_cfg.num_frames, data_cfg.frame_size, data_cfg.frame_size)),
+      "codebook_size": model.codebook_size,
+      "levels": list(model.levels),
+      "num_examples": counts,
+      "video_shape": [data_cfg.num_frames, data_cfg.frame_size, data_cfg.frame_size, model.out_channels],
+      **(extra_metadata or {}),
+  }
+  with open(os.path.join(output_dir, METADATA), "w") as f:
+    json.dump(metadata, f, indent=2, sort_keys=True)
+  return metadata
+
+
+class TokenSource:
+  """Random-access tokens of one split: [i] -> {"tokens": int32 [f, h, w], "label": int32 [D]}."""
+
+  def __init__(self, path: str, metadata: dict[str, Any]):
+    self.path = path
+    self.metadata = metadata
+    self._records = grain.sources.ArrayRecordDataSource([path])
+
+  def __len__(self) -> int:
+    return len(self._records)
+
+  def __getitem__(self, index: SupportsIndex) -> dict[str, np.ndarray]:
+    record = serialization.msgpack_restore(self._records[int(index)])
+    return {k: np.asarray(v, np.int32) for k, v in record.items()}
+
+  def __repr__(self) -> str:
+    return f"TokenSource({self.path!r}, {len(self)} examples)"
+
+
+def token_source(directory: str, split: str, *, grid: tuple[int, ...] | None = None,
+                 codebook_size: int | None = None) -> TokenSource:
+  """The tokens written for `split` under `directory`, checked against the expected grid and codebook.
+
+  A mismatch names the config key to fix: a model built for one tokenizer must
+  not silently read another's tokens.
+  """
+  path = record_path(directory, split)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"No encoded split {split!r} at {path} (config.data.token_dir={directory!r}): "
+                            "run experiments.encode_tokens first.")
+  metadata = read_metadata(directory)
+  if grid is not None and tuple(metadata["latent_shape"]) != tuple(grid):
+    raise ValueError(f"config.data.token_grid={tuple(grid)} but the tokens in {directory} have latent shape "
+                     f"{tuple(metadata['latent_shape'])} ({METADATA}).")
+  if codebook_size is not None and metadata["codebook_size"] != codebook_size:
+    raise ValueError(f"config.data.codebook_size={codebook_size} but the tokens in {directory} come from a "
+                     f"codebook of {metadata['codebook_size']} ({METADATA}).")
+  return TokenSource(path, metadata)
+
+
+@dataclasses.dataclass(frozen=True)
+class TokensAndClass(grain.transforms.Map):
+  """{"tokens" int [f, h, w] or [F*H*W], "label" int [D]} -> {"tokens": int32 [f*h*w], "class": int32}.
+
+  class = sum_i label[i] * 10**i: a moving-digits video's ordered digit tuple
+  (10**D classes); a single label (UCF-101, Kinetics) is its own class.
+  """
+
+  def map(self, element):
+    label = np.asarray(element["label"], np.int64).reshape(-1)
+    return {"tokens": np.asarray(element["tokens"], np.int32).reshape(-1),
+            "class": np.int32(np.sum(label * 10 ** np.arange(label.shape[0])))}
