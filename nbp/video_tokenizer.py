@@ -467,8 +467,11 @@ def evaluate(model: VideoTokenizer, params, batch, rng, *, weights: LossWeights 
 MODEL_FIELDS = ("levels", "channels", "channel_multipliers", "num_res_blocks", "time_factor",
                 "space_factor", "norm_groups", "dtype", "l1_weight", "mse_weight", "perceptual_weight",
                 "perceptual_features", "adversarial_weight", "discriminator_channels", "num_samples")
-DATA_FIELDS = ("dir", "worker_count", "name", "num_frames", "frame_size", "num_digits", "speed",
-               "num_train", "num_test")
+DATA_FIELDS = ("dir", "worker_count", "name", "num_frames", "frame_size",
+               # moving digits (nbp.data.moving_digits):
+               "num_digits", "speed", "num_train", "num_test",
+               # real videos, "ucf101" or "video_folder" (nbp.data.videos):
+               "frame_stride", "split_folders")
 
 
 def build_model(model_cfg, out_channels: int = 1) -> VideoTokenizer:
@@ -485,14 +488,17 @@ def moving_digits_builder(data_cfg):
   """The prepared moving digits tfds builder of a data config."""
   from nbp.data import moving_digits  # pylint: disable=g-import-not-at-top
   if data_cfg.name != "moving_digits":
-    raise ValueError(f"config.data.name={data_cfg.name!r}: the video tokenizer reads 'moving_digits'.")
+    raise ValueError(f"config.data.name={data_cfg.name!r}: only moving digits has a tfds builder here.")
   return moving_digits.builder_from_config(data_cfg)
 
 
 def make_data(data_cfg, split: str, *, seed: int, process_index: int, process_count: int, batch_size: int):
-  """A checkpointable grain iterator of {"video": float32 [b, F, H, W, 1] in [-1, 1], "label"} batches."""
-  from nbp.data import pipeline  # pylint: disable=g-import-not-at-top
-  source = pipeline.load_source(moving_digits_builder(data_cfg), split, data_cfg.dir)
+  """A checkpointable grain iterator of {"video": float32 [b, F, H, W, C] in [-1, 1], "label"} batches.
+
+  Any dataset of `nbp.data.videos.video_source` (moving digits, UCF-101, a video folder).
+  """
+  from nbp.data import pipeline, videos  # pylint: disable=g-import-not-at-top
+  source = videos.video_source(data_cfg, split)
   return pipeline.make_iterator(
       source, global_batch_size=batch_size * process_count, seed=seed, shuffle=True,
       transforms=(pipeline.NormalizeVideo(),), process_index=process_index, process_count=process_count,
@@ -508,11 +514,25 @@ def _fixed_test_videos(num: int, num_frames: int, frame_size: int, num_digits: i
   return videos.astype(np.float32) / 127.5 - 1.0
 
 
+@functools.cache
+def _first_test_videos(data_cfg_json: str, num: int) -> np.ndarray:
+  """float32 [num, F, H, W, C] in [-1, 1]: the first `num` videos of the test split of any video dataset."""
+  import json  # pylint: disable=g-import-not-at-top
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from nbp.data import videos  # pylint: disable=g-import-not-at-top
+  source = videos.video_source(ml_collections.ConfigDict(json.loads(data_cfg_json)), "test")
+  return np.stack([source[i]["video"] for i in range(min(num, len(source)))]).astype(np.float32) / 127.5 - 1.0
+
+
 def reconstruct_fixed_videos(model: VideoTokenizer, data_cfg, num: int, params, rng):
   """The sampler: {"video", "reconstruction"} of the first `num` test videos (the same at every call)."""
   del rng
-  video = jnp.asarray(_fixed_test_videos(num, data_cfg.num_frames, data_cfg.frame_size, data_cfg.num_digits,
-                                         float(data_cfg.speed)))
+  if data_cfg.name == "moving_digits":
+    video = _fixed_test_videos(num, data_cfg.num_frames, data_cfg.frame_size, data_cfg.num_digits,
+                               float(data_cfg.speed))
+  else:
+    video = _first_test_videos(data_cfg.to_json(), num)
+  video = jnp.asarray(video)
   reconstruction, _ = model.apply({"params": params}, video)
   return {"video": video, "reconstruction": reconstruction}
 
@@ -533,8 +553,10 @@ def write_samples(samples, out_dir: str, step: int) -> dict[str, float]:
 
 
 def make_task(config) -> families.Task:
+  from nbp.data import videos  # pylint: disable=g-import-not-at-top
   m, d = config.model, config.data
-  model = build_model(m)
+  channels = videos.num_channels(d)  # C: 1 (moving digits) or 3 (RGB)
+  model = build_model(m, out_channels=channels)
   model.latent_shape(d.num_frames, d.frame_size, d.frame_size)  # fails early on bad shapes
   weights = LossWeights(l1=m.l1_weight, mse=m.mse_weight, perceptual=m.perceptual_weight,
                         adversarial=m.adversarial_weight)
@@ -550,7 +572,8 @@ def make_task(config) -> families.Task:
     raise ValueError("config.model.adversarial_weight > 0 needs config.model.discriminator_channels > 0.")
   return families.Task(
       model=model,
-      init_inputs=lambda: {"video": jnp.zeros((1, d.num_frames, d.frame_size, d.frame_size, 1), jnp.float32)},
+      init_inputs=lambda: {"video": jnp.zeros((1, d.num_frames, d.frame_size, d.frame_size, channels),
+                                              jnp.float32)},
       loss=functools.partial(tokenizer_loss, model, weights=weights, perceptual_features=features),
       data=functools.partial(make_data, d),
       evaluate=functools.partial(evaluate, model, weights=weights),

@@ -1,0 +1,98 @@
+"""One entry point to the video datasets: `video_source(data_cfg, split)`.
+
+Dimension letters: F frames (data.num_frames), S side (data.frame_size), C
+channels (1 for moving digits, 3 for RGB), D labels per video.
+
+Every source is random access (`len`, `[i]`) and yields
+{"video": uint8 [F, S, S, C], "label": int32 [D]}, so the video tokenizer and
+`experiments/encode_tokens.py` read any of them the same way. `data.name`:
+
+  moving_digits  the generated tfds dataset (nbp.data.moving_digits), built in
+                 data.dir on first use; label = the D digits shown (also yields
+                 "digit_index"). Reads num_frames, frame_size, num_digits, speed,
+                 num_train, num_test.
+  ucf101         tfds-prepared UCF-101 (ArrayRecord) under data.dir, read without
+                 TensorFlow (nbp.data.tfds_video); splits "train" and "test"
+                 (tfds's split 1); D = 1 (0..100).
+  video_folder   Kinetics-style folders data.dir/<split folder>/<class>/<video>
+                 (nbp.data.video_folder, PyAV); classes are the sorted
+                 sub-folders; D = 1. Kinetics-600 must be laid out by class.
+
+Real videos take a clip of F frames every `data.frame_stride` frames, centred
+in the video (the official NBP evaluation's "center" strategy; one clip per
+video), frames short-side resized to S and centre cropped. Two data keys beyond
+the moving-digits ones:
+
+  frame_stride   take every k-th frame (UCF-101 at 25 fps, stride 3 ~ 8 fps)
+  split_folders  video_folder only: ((split, sub-folder of data.dir), ...),
+                 e.g. (("train", "train"), ("test", "val")); a split not
+                 listed is its own sub-folder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, SupportsIndex
+
+import numpy as np
+
+NAMES = ("moving_digits", "ucf101", "video_folder")
+
+
+def num_channels(data_cfg) -> int:
+  """C of the videos of a data config: 1 for moving digits, 3 for RGB datasets."""
+  _check_name(data_cfg)
+  return 1 if data_cfg.name == "moving_digits" else 3
+
+
+def _check_name(data_cfg) -> None:
+  if data_cfg.name not in NAMES:
+    raise ValueError(f"config.data.name={data_cfg.name!r}: expected one of {NAMES}.")
+
+
+@dataclasses.dataclass(frozen=True)
+class LabelVector:
+  """Wraps a source whose "label" is a scalar so that it is int32 [1] (the [D] of every source)."""
+
+  source: Any
+
+  def __len__(self) -> int:
+    return len(self.source)
+
+  def __getitem__(self, index: SupportsIndex) -> dict[str, np.ndarray]:
+    example = dict(self.source[index])
+    example["label"] = np.asarray(example["label"], np.int32).reshape(-1)
+    return example
+
+  def __repr__(self) -> str:
+    return f"LabelVector({self.source!r})"
+
+
+def split_folder(data_cfg, split: str) -> str:
+  """The directory of `split` for video_folder data: data.dir / (split_folders[split] or split)."""
+  folders = dict(data_cfg.get("split_folders", None) or ())
+  return os.path.join(os.fspath(data_cfg.dir), folders.get(split, split))
+
+
+def video_source(data_cfg, split: str):
+  """A random-access source of {"video": uint8 [F, S, S, C], "label": int32 [D]} of `split`.
+
+  Raises ValueError naming `config.data.name` for an unknown dataset, and
+  naming the missing path when the files are not there.
+  """
+  _check_name(data_cfg)
+  if data_cfg.name == "moving_digits":
+    from nbp.data import moving_digits, pipeline  # pylint: disable=g-import-not-at-top
+    return pipeline.load_source(moving_digits.builder_from_config(data_cfg), split, data_cfg.dir)
+  stride = int(data_cfg.get("frame_stride", 1))
+  if data_cfg.name == "ucf101":
+    from nbp.data import tfds_video  # pylint: disable=g-import-not-at-top
+    source = tfds_video.ucf101_source(split, data_cfg.dir, num_frames=data_cfg.num_frames,
+                                      frame_size=data_cfg.frame_size, frame_stride=stride)
+  else:
+    from nbp.data import video_folder  # pylint: disable=g-import-not-at-top
+    source = video_folder.VideoFolderSource(split_folder(data_cfg, split), num_frames=data_cfg.num_frames,
+                                            frame_size=data_cfg.frame_size, frame_stride=stride,
+                                            center_clip=True)
+  return LabelVector(source)
