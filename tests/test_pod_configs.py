@@ -1,0 +1,181 @@
+"""The pod-scale pipeline without pod data: video sources, tokenizer data, encoding, and the pod configs.
+
+UCF-101 and Kinetics are not on this machine: their readers run on tiny files
+written here with the fixture builders of tests/test_data.py (same layout as
+the real datasets). The pod configs are built abstractly, their sharded train
+state traced with `jax.eval_shape` on 8 fake CPU devices in one subprocess
+(tests/pod_shapes.py).
+"""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from experiments.configs import nbp_kinetics600, nbp_pod, nbp_ucf101, video_tokenizer_pod
+from nbp import video_tokenizer as vt
+from nbp.data import videos
+from tests.conftest import apply_overrides, run_module
+from tests.test_data import _TinyUcf101, _write_mp4
+
+
+@pytest.fixture(scope="module")
+def ucf_dir(tmp_path_factory):
+  d = str(tmp_path_factory.mktemp("ucf"))
+  _TinyUcf101(data_dir=d, file_format="array_record").download_and_prepare()
+  return d
+
+
+@pytest.fixture(scope="module")
+def kinetics_dir(tmp_path_factory):
+  """root/train/<class>/<video> (3 videos) and root/val/<class>/<video> (2), as video_tokenizer_pod expects."""
+  root = tmp_path_factory.mktemp("k600")
+  layout = {"train": {"archery": ["a.mp4", "b.mp4"], "bowling": ["c.mp4"]},
+            "val": {"archery": ["d.mp4"], "bowling": ["e.mp4"]}}
+  for split, classes in layout.items():
+    for k, (cls, names) in enumerate(classes.items()):
+      (root / split / cls).mkdir(parents=True)
+      for j, name in enumerate(names):
+        _write_mp4(root / split / cls / name, 8, seed=10 * k + j)
+  return str(root)
+
+
+def _small_data(dataset: str, data_dir: str, **overrides):
+  """The pod tokenizer config of `dataset`, reading `data_dir` at 5 frames of 16x16."""
+  return apply_overrides(video_tokenizer_pod.get_config(dataset),
+                         {"data.dir": data_dir, "data.num_frames": 5, "data.frame_size": 16, **overrides})
+
+
+# ------------------------------------------------------------------ video_source
+
+
+def test_video_source_ucf101(ucf_dir):
+  data = _small_data("ucf101", ucf_dir).data
+  source = videos.video_source(data, "train")
+  assert len(source) == 3 and len(videos.video_source(data, "test")) == 2
+  example = source[0]
+  assert example["video"].shape == (5, 16, 16, 3) and example["video"].dtype == np.uint8
+  assert example["label"].shape == (1,) and example["label"].dtype == np.int32
+  assert sorted(int(source[i]["label"][0]) for i in range(3)) == [0, 10, 20]
+  assert videos.num_channels(data) == 3
+
+
+def test_video_source_video_folder(kinetics_dir):
+  data = _small_data("kinetics600", kinetics_dir).data
+  train, test = videos.video_source(data, "train"), videos.video_source(data, "test")  # test reads val/
+  assert len(train) == 3 and len(test) == 2
+  assert [train[i]["label"].tolist() for i in range(3)] == [[0], [0], [1]]
+  assert train[2]["video"].shape == (5, 16, 16, 3) and train[2]["video"].dtype == np.uint8
+
+
+def test_video_source_errors(tmp_path, kinetics_dir):
+  data = _small_data("kinetics600", kinetics_dir).data
+  data.name = "kinetics"
+  with pytest.raises(ValueError, match=r"config\.data\.name='kinetics'"):
+    videos.video_source(data, "train")
+  empty = str(tmp_path / "nothing_here")
+  with pytest.raises(ValueError, match="nothing_here/ucf101/ucf101_1_256"):
+    videos.video_source(_small_data("ucf101", empty).data, "train")
+  with pytest.raises(ValueError, match="nothing_here/val"):
+    videos.video_source(_small_data("kinetics600", empty).data, "test")
+
+
+# ------------------------------------------------- tokenizer data and encoding
+
+
+def _tiny_rgb_tokenizer(data_dir: str):
+  """The kinetics600 tokenizer config shrunk: 5x16x16 RGB -> 2x4x4 tokens, 8 channels, float32."""
+  return _small_data("kinetics600", data_dir, **{
+      "model.channels": 8, "model.channel_multipliers": (1, 2, 2), "model.num_res_blocks": 1,
+      "model.space_factor": 4, "model.norm_groups": 4, "model.dtype": "float32", "model.num_samples": 2,
+      "data.worker_count": 0, "batch_size": 2})
+
+
+def test_tokenizer_reads_rgb_videos_and_encode_dataset_writes_what_nbp_reads(tmp_path, kinetics_dir):
+  from experiments import encode_tokens  # pylint: disable=g-import-not-at-top
+  config = _tiny_rgb_tokenizer(kinetics_dir)
+  task = vt.make_task(config)
+  assert task.model.out_channels == 3 and task.init_inputs()["video"].shape == (1, 5, 16, 16, 3)
+  batch = next(task.data("train", seed=0, process_index=0, process_count=1, batch_size=2))
+  assert batch["video"].shape == (2, 5, 16, 16, 3) and batch["video"].dtype == np.float32
+  assert -1.0 <= batch["video"].min() and batch["video"].max() <= 1.0 and batch["label"].shape == (2, 1)
+  # Random parameters are enough (and much faster here than compiling the model's init).
+  shapes = jax.eval_shape(task.model.init, jax.random.key(0), **task.init_inputs())["params"]
+  rng = np.random.default_rng(0)
+  params = jax.tree.map(lambda s: jnp.asarray(rng.normal(0.0, 0.2, s.shape), s.dtype), shapes)
+  samples = jax.jit(task.sample)(params, jax.random.key(1))  # the sampler reads the first test videos
+  assert samples["video"].shape == samples["reconstruction"].shape == (2, 5, 16, 16, 3)
+
+  out = str(tmp_path / "tokens")
+  metadata = encode_tokens.encode_dataset(task.model, params, config.data, out, batch_size=2)
+  assert {"latent_shape", "codebook_size", "levels", "num_examples", "video_shape"} <= set(metadata)
+  assert metadata["latent_shape"] == [2, 4, 4] and metadata["video_shape"] == [5, 16, 16, 3]
+  assert metadata["num_examples"] == {"train": 3, "test": 2} and metadata["codebook_size"] == 64000
+  source = encode_tokens.encoded_source(out, "test")  # in the dataset's order (values: test_video_tokenizer)
+  for i in range(2):
+    assert source[i]["tokens"].shape == (2, 4, 4) and source[i]["tokens"].dtype == np.int32
+    assert source[i]["label"].tolist() == [i] and source[i]["label"].dtype == np.int32
+
+  # The NBP pod config's token loader reads what was written.
+  from nbp import next_block  # pylint: disable=g-import-not-at-top
+  nbp_config = apply_overrides(nbp_kinetics600.get_config("700M"),
+                               {"data.token_dir": out, "data.token_grid": (2, 4, 4)})
+  it = next_block.make_data(nbp_config.data, "train", seed=0, process_index=0, process_count=1, batch_size=3)
+  tokens = next(it)
+  assert tokens["tokens"].shape == (3, 32) and tokens["tokens"].dtype == np.int32
+  assert sorted(tokens["class"].tolist()) == [0, 0, 1]
+  assert tokens["tokens"].min() >= 0 and tokens["tokens"].max() < 64000
+
+
+# ------------------------------------------------------------------ pod configs
+
+
+def test_pod_configs_agree_with_the_tokenizer_and_the_official_scripts():
+  for dataset in video_tokenizer_pod.DATASETS:
+    c = video_tokenizer_pod.get_config(dataset)
+    model = vt.build_model(c.model, out_channels=videos.num_channels(c.data))
+    assert model.latent_shape(c.data.num_frames, c.data.frame_size, c.data.frame_size) == nbp_pod.TOKEN_GRID
+    assert model.codebook_size == nbp_pod.CODEBOOK_SIZE and c.model.dtype == "bfloat16"
+  expected = {  # scripts/lm_train/train_ucf.sh, train_k600.sh: (batch, lr, warmup, steps)
+      (nbp_ucf101, "700M"): (256, 6e-4, 5000, 100_000), (nbp_ucf101, "3B"): (256, 6e-4, 5000, 100_000),
+      (nbp_kinetics600, "700M"): (64, 1e-3, 10_000, 4_000_000),
+      (nbp_kinetics600, "1.2B"): (64, 5e-4, 10_000, 4_000_000),
+      (nbp_kinetics600, "3B"): (64, 2e-4, 10_000, 4_000_000)}
+  for (module, size), (batch, lr, warmup, steps) in expected.items():
+    c = module.get_config(size)
+    assert (c.batch_size, c.optimizer.lr, c.optimizer.warmup_steps, c.num_steps) == (batch, lr, warmup, steps)
+    assert (c.optimizer.b1, c.optimizer.b2, c.optimizer.weight_decay, c.optimizer.clip_norm) == (0.9, 0.95, 0.01, 1.0)
+    assert c.optimizer.schedule == "cosine" and c.optimizer.final_lr_fraction == 0.0
+    assert tuple(c.model.block) == (1, 1, 16) and tuple(c.data.token_grid) == nbp_pod.TOKEN_GRID
+    assert c.data.codebook_size == 64000 and c.model.dtype == "bfloat16" and c.model.scan_layers
+  assert nbp_ucf101.get_config("700M").data.num_classes == 101
+  k600 = nbp_kinetics600.get_config("700M")
+  assert k600.model.condition == "frames" and k600.model.prefix_frames == 2 and k600.data.num_classes == 0
+  assert k600.data.tokenizer.data.name == "video_folder"
+  with pytest.raises(ValueError, match="700M"):
+    nbp_ucf101.get_config("7B")
+
+
+def test_pod_train_states_are_sharded_on_eight_devices():
+  result = run_module(["tests/pod_shapes.py"], timeout=300)
+  assert result.returncode == 0, result.stderr[-5000:]
+  report = json.loads(result.stdout.strip().splitlines()[-1])
+
+  for name in ("video_tokenizer_pod:ucf101", "video_tokenizer_pod:kinetics600"):
+    r = report[name]
+    # 294M parameters (128 x (1, 2, 2, 4) channels, 4 residual blocks per level); data parallel over 8.
+    assert 0.25e9 < r["num_params"] < 0.35e9 and r["mesh"] == {"data": 8, "fsdp": 1, "tensor": 1}
+
+  nominal = {"nbp_ucf101:700M": 0.7e9, "nbp_kinetics600:700M": 0.7e9, "nbp_ucf101:3B": 3e9}
+  tolerance = {"nbp_ucf101:700M": 0.05, "nbp_kinetics600:700M": 0.05, "nbp_ucf101:3B": 0.25}
+  for name, size in nominal.items():
+    r = report[name]
+    layers = sum(n for p, n in zip(r["param_names"], r["param_sizes"]) if p.startswith("decoder/"))
+    # The transformer layers: 680M for "700M", 3.62B for "3B" (the paper's names round); the
+    # 64,000-code embedding and head add 2 x 64,001 x width (197M at 700M, 394M at 3B).
+    assert abs(layers / size - 1) < tolerance[name], (name, layers)
+    assert layers < r["num_params"] < layers + 0.45e9, (name, r["num_params"])
+    assert r["big_kernels"] >= 9 and not r["big_not_over_fsdp"], (name, r["big_not_over_fsdp"])
+    assert r["mesh"]["fsdp"] == 8 and abs(r["state_share_per_device"] - 1 / 8) < 1e-3, (name, r)
