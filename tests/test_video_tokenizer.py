@@ -35,6 +35,8 @@ def tiny_tokenizer_config(data_dir: str, **overrides):
   c.data.num_test = 16
   c.model.channels = 8
   c.model.channel_multipliers = (1, 2, 2)
+  c.model.time_factor = 4
+  c.model.space_factor = 4
   c.model.levels = (5, 5, 5)
   c.model.num_samples = 2
   c.batch_size = 8
