@@ -1,10 +1,25 @@
-r"""Next-block prediction (NBP) on moving digits (pixels quantised to tokens).
+r"""Next-block prediction (NBP) on moving digits: video-tokenizer tokens, or pixels as tokens.
 
-The token grid is F x H x W pixels quantised to `levels` grey levels (set
-`data.token_grid` to a video tokenizer's latent grid once that data exists).
-Blocks are cut from it and predicted one block per step (nbp/next_block.py).
+With `tokens`, the token grid is the latent grid of the video tokenizer of
+video_tokenizer_digits.py (its config sits in `config.data.tokenizer`; the
+tokens are read from `data.token_dir`, samples decoded with the checkpoint in
+`data.tokenizer_workdir`). Without it, the grid is F x H x W pixels quantised
+to `levels` grey levels, no tokenizer needed. Blocks are cut from the grid and
+predicted one block per step (nbp/next_block.py).
 
-Launch (CPU, a few minutes):
+`make demo` runs XS,local,tokens,row (experiments/demo.py trains the
+tokenizer, encodes the tokens and trains this model, in one workdir). By hand:
+  python -m experiments.train --config experiments/configs/video_tokenizer_digits.py:local \
+      --workdir runs/video_tokenizer_local
+  python -m experiments.encode_tokens --config experiments/configs/video_tokenizer_digits.py:local \
+      --workdir runs/video_tokenizer_local --output_dir runs/video_tokens_local
+  python -m experiments.train --config experiments/configs/nbp_digits.py:XS,local,tokens,row \
+      --workdir runs/nbp_tokens_local
+Measured (demo, 300 steps of batch 8 on 5x8x8 tokens of 1,000 codes, 2 shared
+CPU cores): test cross-entropy 1.60 nats/token (2.31 bits, token accuracy
+0.53; uniform would be 6.91 nats); samples are digit-like strokes.
+
+Pixels as tokens (CPU, a few minutes):
   python -m experiments.train --config experiments/configs/nbp_digits.py:XS,local,row \
       --workdir runs/nbp_digits_local
 Frame prediction (the first 2 frames given, the last 2 generated):
@@ -14,7 +29,7 @@ On a GPU or TPU host (16 frames of 32x32 = 16384 tokens; not yet run):
   python -m experiments.train --config experiments/configs/nbp_digits.py:B,row \
       --workdir gs://BUCKET/nbp_digits_B --config.model.dtype=bfloat16
 
-Argument: "SIZE[,local][,BLOCK][,frames|uncond]" with SIZE a key of
+Argument: "SIZE[,local][,tokens][,BLOCK][,frames|uncond]" with SIZE a key of
 nbp.ntp.SIZES and BLOCK one of
   row    1 x 1 x W  one token row (the paper's best), the default
   2row   2 x 1 x W  a row in two consecutive frames

@@ -4,7 +4,7 @@ The baseline of NBP (its 1x1x1 block) on data made here from sklearn's real
 handwritten digits. Each video is flattened frame by frame, row by row, into
 F*H*W tokens of `levels` grey levels.
 
-Launch (CPU, a few minutes; what `make demo` runs until NBP lands):
+Launch (CPU, a few minutes):
   python -m experiments.train --config experiments/configs/ntp_digits.py:XS,local \
       --workdir runs/ntp_digits_local
 On a GPU or TPU host, the full setting (16 frames of 32x32, 16384 tokens; not
@@ -14,7 +14,7 @@ yet run, so no expected figure yet):
 
 Argument: "SIZE[,local]" with SIZE a key of nbp.ntp.SIZES. `local` is the
 2-core CPU setting: 4 frames of 12x12 pixels, one digit, 8 grey levels (576
-tokens), batch 8, 300 steps. Measured (XS,local = `make demo`, 2.3 minutes on 2
+tokens), batch 8, 300 steps. Measured (XS,local, 2.3 minutes on 2
 cores): cross-entropy from 1.67 (train, first 10 steps) to 0.478 nats/token on
 the test split (0.69 bits; uniform over 8 levels would be ln 8 = 2.08 nats).
 The samples show digit-like strokes drifting across frames, not yet clean digits.
