@@ -13,18 +13,29 @@ every digit, where "the first digit" would leave the others unlabelled.
 Metrics: `accuracy`, the share of videos whose predicted set (sigmoid > 0.5)
 is exactly the true set; `class_accuracy`, the per-class binary accuracy.
 
+Grey levels. Generators that model pixels quantised to `levels` grey levels
+(nbp_digits.py, ntp_digits.py) emit videos at the bin centres. With
+`data.levels` > 0 the classifier is trained on real videos quantised then
+dequantised the same way (`requantize`), and `feature_extractor(...,
+levels=...)` passes every video, real or generated, through that map first; it
+leaves generated videos unchanged (they are already at the bin centres), so
+real and generated videos are compared after the same quantisation.
+
 Dimensions: B batch, F frames, H height, W width (H = W), C channels (1),
 K classes (10), E feature width.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any, Sequence
 
 import flax.linen as nn
+import grain
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from nbp import families
 from nbp import fvd as fvd_lib
@@ -107,25 +118,49 @@ def classifier_loss(model: VideoClassifier, params, batch, rng):
                 "class_accuracy": jnp.mean(correct.astype(jnp.float32))}
 
 
+def requantize(videos, levels: int):
+  """uint8 videos -> uint8 at the centres of `levels` uniform grey bins (0: unchanged).
+
+  numpy or jax arrays; equals `pipeline.dequantize_tokens(pipeline.quantize_video(v, levels))`
+  and is idempotent, so videos decoded from tokens pass through unchanged.
+  """
+  if not levels:
+    return videos
+  xp = jnp if isinstance(videos, jax.Array) else np
+  bins = (videos.astype(xp.int32) * levels) // 256  # [...] in 0..levels-1
+  return xp.clip(xp.floor((bins + 0.5) * (256.0 / levels)), 0, 255).astype(xp.uint8)
+
+
+@dataclasses.dataclass(frozen=True)
+class Requantize(grain.transforms.Map):
+  """The training-data side of `requantize`: video uint8 [F, H, W, 1] -> the same at `levels` grey levels."""
+  levels: int
+
+  def map(self, element):
+    return dict(element, video=requantize(np.asarray(element["video"]), self.levels))
+
+
 # ---------------------------------------------------------------------------
 # The in-domain FVD.
 
-def feature_extractor(model: VideoClassifier, params, *, batch_size: int = 64) -> fvd_lib.FeatureExtractor:
-  """Penultimate features of raw uint8 videos, in jitted batches."""
+def feature_extractor(model: VideoClassifier, params, *, batch_size: int = 64,
+                      levels: int = 0) -> fvd_lib.FeatureExtractor:
+  """Penultimate features [N, E] of uint8 videos, requantised to `levels` grey levels first, in jitted batches."""
   def apply(p, videos):
-    return model.apply({"params": p}, videos, method=VideoClassifier.features)
+    return model.apply({"params": p}, requantize(videos, levels), method=VideoClassifier.features)
   return fvd_lib.FeatureExtractor(apply, params, batch_size)
 
 
 def digits_fvd(real, fake, *, classifier_params, model: VideoClassifier,
-               batch_size: int = 64) -> dict[str, float]:
+               batch_size: int = 64, levels: int = 0) -> dict[str, float]:
   """In-domain FVD of moving digits: {"fvd_digits_classifier": distance}.
 
   `real` and `fake` are uint8 videos [N, F, H, W, 1] at the classifier's
   training size; the Fréchet distance of their penultimate features. Not the
-  I3D FVD: compare it only with itself (same classifier, same N).
+  I3D FVD: compare it only with itself (same classifier, same N). `levels`:
+  the classifier's `data.levels` (both sets are requantised to it).
   """
-  extract = feature_extractor(model, classifier_params, batch_size=batch_size)
+  extract = feature_extractor(model, classifier_params, batch_size=batch_size, levels=levels)
   return {FVD_KEY: fvd_lib.frechet_distance_of_features(extract(real), extract(fake))}
 
 
@@ -142,7 +177,7 @@ def load_classifier(config, workdir: str):
 
 MODEL_FIELDS = ("widths", "feature_dim", "dtype")
 DATA_FIELDS = ("dir", "worker_count", "name", "num_frames", "frame_size", "num_digits", "speed",
-               "num_train", "num_test")
+               "num_train", "num_test", "levels")
 
 
 def build_model(model_cfg) -> VideoClassifier:
@@ -161,9 +196,10 @@ def make_data(data_cfg, split: str, *, seed: int, process_index: int, process_co
   if data_cfg.name != "moving_digits":
     raise ValueError(f"config.data.name={data_cfg.name!r}: the video classifier reads 'moving_digits'.")
   source = pipeline.load_source(moving_digits.builder_from_config(data_cfg), split, data_cfg.dir)
+  transforms = (select_video_and_label,) + ((Requantize(data_cfg.levels),) if data_cfg.levels else ())
   return pipeline.make_iterator(
       source, global_batch_size=batch_size * process_count, seed=seed, shuffle=True,
-      transforms=(select_video_and_label,), process_index=process_index, process_count=process_count,
+      transforms=transforms, process_index=process_index, process_count=process_count,
       worker_count=data_cfg.worker_count)
 
 

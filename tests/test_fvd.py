@@ -264,3 +264,124 @@ def test_classifier_shapes():
   assert model.apply({"params": params}, videos).shape == (3, 10)
   features = model.apply({"params": params}, videos, method=video_classifier.VideoClassifier.features)
   assert features.shape == (3, 12)
+
+
+# ---------------------------------------------------------------------------
+# experiments/benchmark_fvd.py: its pure pieces.
+
+def _small_digits_data(**overrides):
+  """The generators' data knobs at 4 frames of 8x8 (one digit, 8 grey levels)."""
+  from experiments.configs import video_classifier_digits  # pylint: disable=g-import-not-at-top
+  c = video_classifier_digits.get_config("local,4x12")
+  c.data.frame_size = 8
+  for key, value in overrides.items():
+    c.data[key] = value
+  return c.data
+
+
+def test_requantize_matches_the_token_round_trip_and_is_idempotent():
+  from nbp.data import pipeline  # pylint: disable=g-import-not-at-top
+  videos = np.random.default_rng(0).integers(0, 256, size=(3, 2, 5, 5, 1), dtype=np.uint8)
+  for levels in (8, 16, 5):
+    expected = pipeline.dequantize_tokens(
+        pipeline.quantize_video(videos, levels).reshape(3, -1), levels, (2, 5, 5, 1))
+    once = video_classifier.requantize(videos, levels)
+    np.testing.assert_array_equal(once, expected)
+    np.testing.assert_array_equal(video_classifier.requantize(once, levels), once)
+    np.testing.assert_array_equal(jax.jit(lambda v, n=levels: video_classifier.requantize(v, n))(videos), once)
+  assert video_classifier.requantize(videos, 0) is videos
+  assert len(np.unique(video_classifier.requantize(videos, 8))) == 8
+
+
+def test_classifier_config_matches_the_generators_setting():
+  from experiments.configs import nbp_digits, ntp_digits, video_classifier_digits  # pylint: disable=g-import-not-at-top
+  from experiments import benchmark_fvd  # pylint: disable=g-import-not-at-top
+  judge = video_classifier_digits.get_config("local,4x12")
+  assert (judge.data.num_frames, judge.data.frame_size, judge.data.num_digits, judge.data.levels) == (4, 12, 1, 8)
+  for generator in (nbp_digits.get_config("XS,local,row"), ntp_digits.get_config("XS,local")):
+    benchmark_fvd.check_same_data(generator.data, judge.data)
+  with pytest.raises(ValueError, match="data.levels"):
+    benchmark_fvd.check_same_data(ntp_digits.get_config("XS,local").data, _small_digits_data(frame_size=12, levels=16))
+  with pytest.raises(ValueError, match="data.frame_size"):
+    benchmark_fvd.check_same_data(ntp_digits.get_config("XS,local").data, _small_digits_data())
+  with pytest.raises(ValueError, match="unknown config flags"):
+    video_classifier_digits.get_config("local,4x21")
+  # The architecture at 12x12: stages 12 -> 6 -> 3 -> 2, features of the configured width.
+  model = video_classifier.build_model(judge.model)
+  videos = jnp.zeros((2, 4, 12, 12, 1), jnp.uint8)
+  shapes = jax.eval_shape(lambda: model.init_with_output(jax.random.key(0), videos)[0])
+  assert shapes.shape == (2, 10)
+
+
+def test_benchmark_parses_runs_and_loads_configs():
+  from experiments import benchmark_fvd  # pylint: disable=g-import-not-at-top
+  spec = "experiments/configs/nbp_digits.py:XS,local,token=runs/fvd/nbp_token"
+  assert benchmark_fvd.parse_run(spec) == ("experiments/configs/nbp_digits.py", "XS,local,token",
+                                           "runs/fvd/nbp_token")
+  assert benchmark_fvd.parse_run("a.py=w") == ("a.py", "", "w")
+  with pytest.raises(ValueError, match="CONFIG_FILE:ARG=WORKDIR"):
+    benchmark_fvd.parse_run("experiments/configs/nbp_digits.py:XS,local")
+  import os  # pylint: disable=g-import-not-at-top
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  config = benchmark_fvd.load_config(os.path.join(repo, "experiments/configs/nbp_digits.py"), "XS,local,token")
+  assert config.family == "next_block" and tuple(config.model.block) == (1, 1, 1)
+
+
+def test_benchmark_real_sets_are_disjoint_and_go_through_the_generators_quantisation():
+  from experiments import benchmark_fvd  # pylint: disable=g-import-not-at-top
+  data = _small_digits_data()
+  a = benchmark_fvd.real_videos(data, 0, 6)
+  b = benchmark_fvd.real_videos(data, 6, 6)
+  assert a["video"].shape == (6, 4, 8, 8, 1) and a["video"].dtype == np.uint8
+  assert a["tokens"].shape == (6, 4, 8, 8) and int(a["tokens"].max()) < data.levels
+  assert a["class"].shape == (6,) and 0 <= a["class"].min() and a["class"].max() < 10
+  assert len(np.unique(a["video"])) <= data.levels
+  assert not np.array_equal(a["video"], b["video"])
+  np.testing.assert_array_equal(benchmark_fvd.real_videos(data, 3, 3)["video"], a["video"][3:])
+  # A generator that drew exactly the real tokens gives exactly the real videos.
+  np.testing.assert_array_equal(benchmark_fvd.tokens_to_videos(a["tokens"], data.levels), a["video"])
+
+
+def test_benchmark_fvd_is_zero_for_one_set_and_positive_for_a_shifted_one():
+  from experiments import benchmark_fvd  # pylint: disable=g-import-not-at-top
+  data = _small_digits_data()
+  model = video_classifier.VideoClassifier(widths=(8,), feature_dim=8)
+  params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 4, 8, 8, 1), jnp.uint8))["params"]
+  judge = benchmark_fvd.Judge(model, params, levels=data.levels, batch_size=8)
+  real = benchmark_fvd.real_videos(data, 0, 16)
+  features = judge.features(real["video"])
+  assert features.shape == (16, 8) and features.dtype == np.float64
+  # Raw videos and their token round trip give the same features (the judge requantises).
+  raw = benchmark_fvd.moving_digits.make_moving_digits(16, seed=0, split="test", num_frames=4, frame_size=8,
+                                                      num_digits=1)["video"]
+  np.testing.assert_allclose(judge.features(raw), features, atol=1e-6)
+  np.testing.assert_allclose(judge.features(benchmark_fvd.tokens_to_videos(real["tokens"], data.levels)),
+                             features, atol=1e-6)
+  assert abs(judge.distance(features, features)) < 1e-6
+  shifted = np.roll(real["video"], 3, axis=3)  # the same digits, moved 3 pixels to the right
+  brighter = np.clip(real["video"].astype(np.int32) + 64, 0, 255).astype(np.uint8)
+  assert judge.distance(features, judge.features(shifted)) > 1e-4
+  assert judge.distance(features, judge.features(brighter)) > 1e-4
+  assert 0.0 <= judge.accuracy(real["video"], real["label"]) <= 1.0
+
+
+@pytest.mark.parametrize("arg", ["tiny,local,row", "tiny,local,row,frames"])
+def test_benchmark_generator_uses_the_given_classes_and_frames(arg):
+  from experiments import benchmark_fvd  # pylint: disable=g-import-not-at-top
+  from experiments.configs import nbp_digits  # pylint: disable=g-import-not-at-top
+  from nbp import next_block  # pylint: disable=g-import-not-at-top
+  config = nbp_digits.get_config(arg)
+  config.data.frame_size = 8
+  config.model.block = (1, 1, 8)
+  model = next_block.build_model(config.model, config.data)
+  extra = {"labels": jnp.zeros((1,), jnp.int32)} if model.condition == "class" else {}
+  params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, model.frame_prefix_len + model.num_predicted),
+                                                            jnp.int32), **extra)["params"]
+  real = benchmark_fvd.real_videos(config.data, 0, 2)
+  generate = jax.jit(benchmark_fvd.make_generator(config, model, batch_size=2))
+  tokens = generate(params, jax.random.key(0), jnp.asarray(real["class"]), jnp.asarray(real["tokens"]))
+  assert tokens.shape == (2, 4, 8, 8) and int(tokens.max()) < config.data.levels
+  assert benchmark_fvd.generated_frames(config, model) == (2 if model.condition == "frames" else 4)
+  if model.condition == "frames":
+    np.testing.assert_array_equal(tokens[:, :2], real["tokens"][:, :2])
+  assert benchmark_fvd.describe(config, model) == ("1x1x8", model.condition)
