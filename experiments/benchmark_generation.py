@@ -1,27 +1,46 @@
-r"""Generation speed of next-block (row blocks) vs next-token prediction, same model, KV cache on both.
+r"""Generation speed of next-block vs next-token prediction, same model and weights, KV cache on both.
 
-  python -m experiments.benchmark_generation [--settings paper,small] [--batches 1,8] [--repeats 2]
+  python -m experiments.benchmark_generation [--settings paper,small] [--batches 1,8] [--repeats 3] \
+      [--blocks 1x1x16] [--cache_phases 4] [--before REV]
 
-Both samplers are `nbp.next_block.sample` (one jitted `lax.fori_loop`, one
-model call per block) on the same `NextBlockTransformer`, frame prediction
-with a given prefix: block (1, 1, W) for NBP, (1, 1, 1) for NTP. Each is
-compiled and run once, then timed `--repeats` times (median); it reports
-generated latent frames/s and tokens/s of the whole generation (prefill
-included), the time of one decode call after the prefill (one block: W tokens
-for NBP, one for NTP), and the NBP/NTP ratio.
+Both samplers are `nbp.next_block.sample` (a prefill call, then one model call
+per block in `--cache_phases` jitted `lax.fori_loop`s) on the same
+`NextBlockTransformer` weights, frame prediction from given frames, float32,
+top-p 0.9: block (1, 1, 1) is next-token prediction (NTP), each of `--blocks`
+(t x h x w; default the 1x1x16 row of a 16x16 latent, the official benchmark's
+16-token row block) a next-block (NBP) sampler. Every sampler is compiled and
+run once, then the samplers are timed in turns (`--repeats` rounds, one
+generation each, median), so that the load of a shared machine falls on all
+of them alike. The prefill call alone is timed the same way.
+
+Per setting and batch it prints, for every sampler: generated tokens/s and
+latent frames/s of the whole generation (prefill included; the video frames
+are 4x the latent frames for a 4x time-compressing tokenizer), the prefill's
+seconds, the milliseconds of one block step after it, and the speed-up over
+NTP, both for the whole generation and for the block steps alone.
+
+--before REV also times the samplers of git revision REV (e.g. the commit
+before a change) in a child process that waits for its turn, interleaved with
+this checkout's: rows marked "(REV)". The child builds the same weights (same
+init key) from REV's code.
 
 Settings:
   paper  the DESIGN's reference CPU measurement of the official PyTorch sampler:
          8 layers, width 512, 8 heads, vocab 1024, a 5x16x16 grid with 2 given
-         frames (512-token prefix) and 3 generated (768 tokens; rows of 16)
+         frames (512-token prefix) and 3 generated (768 tokens)
   small  4 layers, width 256, 4 heads, vocab 1024, 5x8x8 grid, 2 given frames
-         (128-token prefix), 3 generated (192 tokens; rows of 8)
-SwiGLU MLP (hidden 8E/3), learned absolute positions, float32, unstacked layers.
+         (128-token prefix), 3 generated (192 tokens); blocks wider than 8 are
+         cut to the row (1x1x8)
+SwiGLU MLP (hidden 8E/3), learned absolute positions, unstacked layers.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+import tempfile
 import time
 
 import jax
@@ -29,84 +48,186 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from nbp import next_block
-
 SETTINGS = {  # name: (layers, width, heads, vocab, grid, given frames)
     "paper": (8, 512, 8, 1024, (5, 16, 16), 2),
     "small": (4, 256, 4, 1024, (5, 8, 8), 2),
 }
+TOP_P = 0.9
 
 SETTINGS_FLAG = flags.DEFINE_list("settings", ["paper", "small"], f"Rows of the table: {list(SETTINGS)}.")
 BATCHES = flags.DEFINE_list("batches", ["1", "8"], "Batch sizes.")
-REPEATS = flags.DEFINE_integer("repeats", 2, "Timed runs per sampler (after one compile-and-run).")
+REPEATS = flags.DEFINE_integer("repeats", 3, "Timed rounds (after one compile-and-run of every sampler).")
+BLOCKS = flags.DEFINE_list("blocks", ["1x1x16"], "NBP blocks t x h x w (NTP, 1x1x1, always runs).")
+CACHE_PHASES = flags.DEFINE_integer("cache_phases", 4, "Decoding phases of nbp.next_block.sample.")
+BEFORE = flags.DEFINE_string("before", "", "A git revision whose samplers to time alongside (e.g. HEAD~1).")
 
 
-def build(setting: str, block_w: int) -> next_block.NextBlockTransformer:
+def parse_block(text: str, grid) -> tuple[int, int, int]:
+  block = tuple(int(x) for x in text.lower().split("x"))
+  if len(block) != 3:
+    raise ValueError(f"--blocks entry {text!r}: expected t x h x w, e.g. 1x1x16")
+  return tuple(min(b, g) for b, g in zip(block, grid))
+
+
+def build(next_block, setting: str, block):
+  """The setting's model with `block` (works on this checkout's and older next_block modules)."""
   layers, width, heads, vocab, grid, given = SETTINGS[setting]
   return next_block.NextBlockTransformer(
-      vocab_size=vocab + 1, grid=grid, block=(1, 1, block_w), condition="frames", prefix_frames=given,
+      vocab_size=vocab + 1, grid=grid, block=tuple(block), condition="frames", prefix_frames=given,
       num_layers=layers, width=width, num_heads=heads, num_kv_heads=heads, position="learned",
       scan_layers=False, attention_impl="xla")
 
 
-def time_sampler(model, params, batch: int, repeats: int) -> float:
-  """Median seconds of one whole generation (compiled beforehand)."""
-  prompt = jax.random.randint(jax.random.key(1), (batch, model.prefix_frames, *model.grid[1:]), 0,
-                              model.vocab_size - 1)
-  fn = jax.jit(lambda p, r, x: next_block.sample(model, p, r, batch_size=batch, top_k=0, top_p=0.9,
-                                                 prompt=x))
-  jax.block_until_ready(fn(params, jax.random.key(0), prompt))  # compile and warm up
-  times = []
-  for i in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(params, jax.random.key(i + 1), prompt))
-    times.append(time.perf_counter() - start)
-  return float(np.median(times))
+def compiled_runs(next_block, setting: str, batch: int, blocks, cache_phases: int | None):
+  """{name: (run_sampler, run_prefill)}: callables timing one call each, compiled and warmed up.
+
+  cache_phases None: the sampler of a revision without phases (its defaults).
+  """
+  import inspect  # pylint: disable=g-import-not-at-top
+  models = {("ntp" if b == (1, 1, 1) else "nbp " + "x".join(map(str, b))): build(next_block, setting, b)
+            for b in [(1, 1, 1)] + list(blocks)}
+  first_model = list(models.values())[-1]
+  params = jax.jit(first_model.init)(jax.random.key(0), jnp.zeros((1, first_model.num_tokens), jnp.int32))["params"]
+  grid = first_model.grid
+  prompt = jax.random.randint(jax.random.key(1), (batch, first_model.prefix_frames, *grid[1:]), 0,
+                              first_model.vocab_size - 1)
+  has_length = "length" in inspect.signature(next_block.init_cache).parameters
+  runs = {}
+  for name, model in models.items():
+    kwargs = {} if cache_phases is None else {"cache_phases": cache_phases}
+    sample = jax.jit(lambda p, r, x, model=model, kwargs=kwargs: next_block.sample(
+        model, p, r, batch_size=batch, top_k=0, top_p=TOP_P, prompt=x, **kwargs))
+    first = jnp.zeros((batch, model.prefix_len + model.block_len), jnp.int32)
+    cache_kwargs = {"length": first.shape[1]} if has_length else {}
+    prefill = jax.jit(lambda p, x, model=model, cache_kwargs=cache_kwargs: model.apply(
+        {"params": p, "cache": next_block.init_cache(model, batch, **cache_kwargs)}, x, decode=True,
+        mutable=["cache"]))
+    jax.block_until_ready(sample(params, jax.random.key(0), prompt))
+    jax.block_until_ready(prefill(params, first))
+
+    def run_sampler(seed, sample=sample):
+      start = time.perf_counter()
+      jax.block_until_ready(sample(params, jax.random.key(seed), prompt))
+      return time.perf_counter() - start
+
+    def run_prefill(seed, prefill=prefill, first=first):
+      del seed
+      start = time.perf_counter()
+      jax.block_until_ready(prefill(params, first))
+      return time.perf_counter() - start
+
+    runs[name] = (run_sampler, run_prefill, model)
+  return runs
 
 
-def time_prefill(model, params, batch: int, repeats: int) -> float:
-  """Median seconds of the prefill call alone (the given frames and the start block)."""
-  first = jnp.zeros((batch, model.prefix_len + model.block_len), jnp.int32)
-  fn = jax.jit(lambda p, x: model.apply({"params": p, "cache": next_block.init_cache(model, batch)}, x,
-                                        decode=True, mutable=["cache"]))
-  jax.block_until_ready(fn(params, first))
-  times = []
-  for _ in range(max(repeats, 2)):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(params, first))
-    times.append(time.perf_counter() - start)
-  return float(np.median(times))
+# The child process of --before: builds REV's samplers, then times one call per line of stdin.
+CHILD = r"""
+import json, sys
+sys.path.insert(0, sys.argv[1])
+sys.path.insert(1, sys.argv[2])
+from nbp import next_block
+import benchmark_generation_child_support as support
+spec = json.loads(sys.argv[3])
+runs = support.compiled_runs(next_block, spec["setting"], spec["batch"], [tuple(b) for b in spec["blocks"]], None)
+print(json.dumps({n: [m.num_blocks, m.num_predicted] for n, (_, _, m) in runs.items()}), flush=True)
+for line in sys.stdin:
+  name, what, seed = line.rstrip("\n").split("|")
+  run_sampler, run_prefill, _ = runs[name]
+  print((run_sampler if what == "sample" else run_prefill)(int(seed)), flush=True)
+"""
+
+
+class Before:
+  """REV's samplers in a child process, timed one call at a time."""
+
+  def __init__(self, rev: str, setting: str, batch: int, blocks):
+    self.rev = rev
+    self.dir = tempfile.mkdtemp(prefix="nbp_before_")
+    root = subprocess.run(["git", "rev-parse", "--show-toplevel"], capture_output=True, text=True,
+                          check=True).stdout.strip()
+    archive = subprocess.run(["git", "-C", root, "archive", rev], capture_output=True, check=True).stdout
+    subprocess.run(["tar", "-x", "-C", self.dir], input=archive, check=True)
+    support = os.path.join(tempfile.mkdtemp(prefix="nbp_before_support_"), "benchmark_generation_child_support.py")
+    with open(__file__) as src, open(support, "w") as dst:
+      dst.write(src.read())
+    spec = json.dumps({"setting": setting, "batch": batch, "blocks": [list(b) for b in blocks]})
+    self.proc = subprocess.Popen([sys.executable, "-c", CHILD, self.dir, os.path.dirname(support), spec],
+                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    self.shapes = json.loads(self.proc.stdout.readline())
+
+  def time(self, name: str, what: str, seed: int) -> float:
+    self.proc.stdin.write(f"{name}|{what}|{seed}\n")
+    self.proc.stdin.flush()
+    return float(self.proc.stdout.readline())
+
+  def close(self):
+    self.proc.stdin.close()
+    self.proc.wait()
+
+
+def measure(setting: str, batch: int, blocks, repeats: int, cache_phases: int, before_rev: str):
+  """Rows of one setting and batch: every sampler timed in turns."""
+  from nbp import next_block  # pylint: disable=g-import-not-at-top
+  runs = compiled_runs(next_block, setting, batch, blocks, cache_phases)
+  timers = {name: (r[0], r[1]) for name, r in runs.items()}
+  shapes = {name: (r[2].num_blocks, r[2].num_predicted) for name, r in runs.items()}
+  before = None
+  if before_rev:
+    before = Before(before_rev, setting, batch, blocks)
+    for name, shape in before.shapes.items():
+      tag = f"{name} ({before_rev})"
+      timers[tag] = (lambda seed, n=name: before.time(n, "sample", seed),
+                     lambda seed, n=name: before.time(n, "prefill", seed))
+      shapes[tag] = tuple(shape)
+  times = {name: {"sample": [], "prefill": []} for name in timers}
+  try:
+    for r in range(repeats):
+      for name, (run_sampler, run_prefill) in timers.items():
+        times[name]["sample"].append(run_sampler(r + 1))
+        times[name]["prefill"].append(run_prefill(r + 1))
+  finally:
+    if before is not None:
+      before.close()
+
+  frames = SETTINGS[setting][4][0] - SETTINGS[setting][5]
+  rows = []
+  for name in timers:
+    seconds = float(np.median(times[name]["sample"]))
+    prefill = float(np.median(times[name]["prefill"]))
+    num_blocks, num_predicted = shapes[name]
+    rows.append({
+        "setting": setting, "batch": batch, "sampler": name, "seconds": seconds, "prefill_seconds": prefill,
+        "tokens_per_s": batch * num_predicted / seconds, "frames_per_s": batch * frames / seconds,
+        "ms_per_step": 1000 * (seconds - prefill) / max(num_blocks - 1, 1),
+        "steps_seconds": seconds - prefill, "all_seconds": times[name]["sample"]})
+  for row in rows:  # speed-ups over the NTP sampler of the same code
+    ntp_name = "ntp" if "(" not in row["sampler"] else f"ntp ({before_rev})"
+    ntp = next(r for r in rows if r["sampler"] == ntp_name)
+    row["speedup"] = ntp["seconds"] / row["seconds"]
+    row["steps_speedup"] = ntp["steps_seconds"] / row["steps_seconds"]
+  return rows
 
 
 def main(argv):
   del argv
-  rows = []
+  all_rows = []
   for setting in SETTINGS_FLAG.value:
-    nbp_model = build(setting, SETTINGS[setting][4][2])
-    ntp_model = build(setting, 1)
-    inputs = jnp.zeros((1, nbp_model.num_tokens), jnp.int32)
-    params = jax.jit(nbp_model.init)(jax.random.key(0), inputs)["params"]  # the same weights serve both
-    frames = nbp_model.grid[0] - nbp_model.prefix_frames
+    grid = SETTINGS[setting][4]
+    blocks = [parse_block(b, grid) for b in BLOCKS.value]
     for batch in map(int, BATCHES.value):
-      row = {"setting": setting, "batch": batch, "generated_tokens": nbp_model.num_predicted}
-      for name, model in (("ntp", ntp_model), ("nbp", nbp_model)):
-        seconds = time_sampler(model, params, batch, REPEATS.value)
-        row[f"{name}_seconds"] = seconds
-        row[f"{name}_frames_per_s"] = batch * frames / seconds
-        row[f"{name}_tokens_per_s"] = batch * model.num_predicted / seconds
-        prefill = time_prefill(model, params, batch, REPEATS.value)
-        row[f"{name}_prefill_seconds"] = prefill
-        row[f"{name}_ms_per_call"] = 1000 * (seconds - prefill) / (model.num_blocks - 1)  # block steps only
-      row["speedup"] = row["ntp_seconds"] / row["nbp_seconds"]
-      rows.append(row)
-      print(json.dumps(row), flush=True)
-  print("\n| setting | batch | NTP tok/s | NBP tok/s | NTP frames/s | NBP frames/s | NTP ms/call | "
-        "NBP ms/call | NBP/NTP |")
+      rows = measure(setting, batch, blocks, REPEATS.value, CACHE_PHASES.value, BEFORE.value)
+      for row in rows:
+        print(json.dumps(row), flush=True)
+      all_rows += rows
+  print(f"\n{jax.devices()[0].device_kind}, {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}; "
+        f"cache_phases={CACHE_PHASES.value}, top-p {TOP_P}, median of {REPEATS.value} interleaved runs\n")
+  print("| setting | batch | sampler | tokens/s | latent frames/s | prefill s | ms/step | speed-up | "
+        "speed-up, steps only |")
   print("|---|---|---|---|---|---|---|---|---|")
-  for r in rows:
-    print(f"| {r['setting']} | {r['batch']} | {r['ntp_tokens_per_s']:.0f} | {r['nbp_tokens_per_s']:.0f} | "
-          f"{r['ntp_frames_per_s']:.3f} | {r['nbp_frames_per_s']:.2f} | {r['ntp_ms_per_call']:.1f} | "
-          f"{r['nbp_ms_per_call']:.1f} | {r['speedup']:.1f}x |")
+  for r in all_rows:
+    print(f"| {r['setting']} | {r['batch']} | {r['sampler']} | {r['tokens_per_s']:.0f} | "
+          f"{r['frames_per_s']:.2f} | {r['prefill_seconds']:.2f} | {r['ms_per_step']:.1f} | "
+          f"{r['speedup']:.1f}x | {r['steps_speedup']:.1f}x |")
 
 
 if __name__ == "__main__":

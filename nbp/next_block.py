@@ -239,12 +239,14 @@ class NextBlockTransformer(nn.Module):
                                       kernel_init=nn.initializers.normal(0.02))
 
   def __call__(self, tokens: jax.Array, *, slots: jax.Array | None = None, labels: jax.Array | None = None,
-               decode: bool = False):
+               decode: bool = False, last: int | None = None):
     """tokens [B, T] at `slots` [B, T] (default: the first slots after any class prefix).
 
     labels int [B] (class condition): the class tokens are prepended at slots
     0..P-1 and their logits returned too ([B, P + T, V]). While decoding, pass
     labels only in the first (prefill) call and `slots` in every later one.
+    last: return the logits of the last `last` slots only ([B, last, V]; a
+    sampler's prefill needs just the final block's).
     """
     b, t = tokens.shape
     x = self.embed(tokens)  # [B, T, E]
@@ -265,6 +267,8 @@ class NextBlockTransformer(nn.Module):
       x = x + self.positions(positions)
     x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
     x = self.decoder(x, positions=None if self.position == "learned" else positions, decode=decode)
+    if last is not None:
+      x = x[:, -last:]
     x = self.final_norm(x)
     logits = self.embed.attend(x) if self.tie_embeddings else self.head(x)
     logits = nn.with_logical_constraint(logits.astype(jnp.float32), ("batch", "length", "vocab"))
@@ -313,14 +317,15 @@ def nbp_loss(model: NextBlockTransformer, params, batch, rng, *, cond_dropout: f
 
 
 # ---------------------------------------------------------------------------
-# Sampling: one model call per block, the whole generation one lax.fori_loop.
+# Sampling: one model call per block, the whole generation a few jitted lax.fori_loops.
 
 
-def init_cache(model: NextBlockTransformer, batch_size: int):
-  """A zero KV cache of S = P + N slots for `batch_size` rows (shapes only; no parameters computed)."""
+def init_cache(model: NextBlockTransformer, batch_size: int, length: int | None = None):
+  """A zero KV cache of `length` slots (default S = P + N) for `batch_size` rows (no parameters computed)."""
   shapes = jax.eval_shape(
       lambda: model.init(jax.random.key(0), jnp.zeros((batch_size, 1), jnp.int32), decode=True)["cache"])
-  return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+  cache = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+  return cache if length is None else attention_lib.resize_cache(cache, length)
 
 
 def guide(logits: jax.Array, scale: float) -> jax.Array:
@@ -331,12 +336,18 @@ def guide(logits: jax.Array, scale: float) -> jax.Array:
 
 def sample(model: NextBlockTransformer, params, rng, *, batch_size: int, temperature: float = 1.0,
            top_k: int = 0, top_p: float = 1.0, labels: jax.Array | None = None,
-           guidance_scale: float | None = None, prompt: jax.Array | None = None) -> jax.Array:
+           guidance_scale: float | None = None, prompt: jax.Array | None = None,
+           cache_phases: int = 4) -> jax.Array:
   """Draws videos of tokens [B, F, H, W] (grid order) block by block with the KV cache.
 
-  One prefill call reads the prefix and the start block and yields block 0;
-  then one call per block, inside one `lax.fori_loop`, feeds the block just
-  drawn and yields all L tokens of the next. Jit the whole function.
+  One prefill call reads the prefix and the start block (a cache of exactly
+  P + L slots) and yields block 0; then one call per block feeds the block just
+  drawn and yields all L tokens of the next. The block steps run as
+  `cache_phases` consecutive `lax.fori_loop`s (nbp.sampling.phase_bounds), each
+  over a cache grown to the slots written by its last step, so no step attends
+  over more than a phase of empty slots; every phase adds one compiled copy of
+  the decode step. The drawn tokens do not depend on the number of phases.
+  Jit the whole function.
 
   labels: int [B] classes (condition "class"; default 0, 1, 2, ... mod classes).
   guidance_scale: None for no guidance; a number runs the conditional and
@@ -370,10 +381,10 @@ def sample(model: NextBlockTransformer, params, rng, *, batch_size: int, tempera
       logits = guide(logits, guidance_scale)
     return sampling.sample_tokens(key, logits, temperature=temperature, top_k=top_k, top_p=top_p)
 
-  cache = init_cache(model, rows)
+  cache = init_cache(model, rows, length=p + block_len)  # just the prefill's slots
   logits, updated = model.apply({"params": params, "cache": cache}, first, labels=prefill_labels,
-                                decode=True, mutable=["cache"])
-  block = draw(logits[:, -block_len:], jax.random.fold_in(rng, 0))  # [B, L], block 0
+                                decode=True, last=block_len, mutable=["cache"])
+  block = draw(logits, jax.random.fold_in(rng, 0))  # [B, L], block 0
   drawn = jnp.zeros((b, model.num_predicted), jnp.int32).at[:, :block_len].set(block)
 
   def step(k, state):
@@ -386,7 +397,12 @@ def sample(model: NextBlockTransformer, params, rng, *, batch_size: int, tempera
     drawn = jax.lax.dynamic_update_slice(drawn, block, (0, k * block_len))
     return drawn, block, updated["cache"]
 
-  drawn, _, _ = jax.lax.fori_loop(1, model.num_blocks, step, (drawn, block, updated["cache"]))
+  state = (drawn, block, updated["cache"])
+  for k0, k1 in sampling.phase_bounds(1, model.num_blocks, cache_phases):
+    drawn, block, cache = state
+    cache = attention_lib.resize_cache(cache, p + k1 * block_len)  # its last step, k1 - 1, fills slots up to p + k1 L
+    state = jax.lax.fori_loop(k0, k1, step, (drawn, block, cache))
+  drawn = state[0]
   seq = drawn if given is None else jnp.concatenate([given, drawn], axis=1)  # [B, F*H*W] block-major
   return to_grid_order(seq, order).reshape(b, *model.grid)
 

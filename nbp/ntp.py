@@ -138,39 +138,60 @@ def ntp_loss(model: NextTokenTransformer, params, batch, rng):
   return loss, {"bits_per_token": loss / jnp.log(2.0), "accuracy": accuracy, "num_tokens": count}
 
 
+def init_cache(model: NextTokenTransformer, batch_size: int, length: int | None = None):
+  """A zero KV cache of `length` slots (default max_len) for `batch_size` rows (no parameters computed)."""
+  zeros = jnp.zeros((batch_size, 1), jnp.int32)
+  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), zeros, positions=zeros, decode=True)["cache"])
+  cache = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+  return cache if length is None else attention_lib.resize_cache(cache, length)
+
+
 def sample(model: NextTokenTransformer, params, rng, *, batch_size: int, temperature: float = 1.0,
-           top_k: int = 0, top_p: float = 1.0, prompt: jax.Array | None = None) -> jax.Array:
-  """Draws [B, N] tokens one at a time with the KV cache, as one `lax.fori_loop`.
+           top_k: int = 0, top_p: float = 1.0, prompt: jax.Array | None = None,
+           cache_phases: int = 4) -> jax.Array:
+  """Draws [B, N] tokens one at a time with the KV cache; jit the whole function.
 
-  With a `prompt` [B, P], its tokens are fed first (teacher-forced) and only
-  positions P..N-1 are drawn.
+  One prefill call reads the begin token and the `prompt` [B, P] (teacher-forced;
+  returned unchanged) and yields token P; then one call per token, as
+  `cache_phases` consecutive `lax.fori_loop`s, each over a cache grown to the
+  slots written by its last step (nbp.sampling.phase_bounds). Token i is drawn
+  with the key fold_in(rng, i), whatever the prompt length and phases.
   """
-  n = model.max_len
+  n, b = model.max_len, batch_size
   bos = model.vocab_size - 1
-  # The cache's shapes without computing any parameters; decoding starts from zeros.
-  cache_shapes = jax.eval_shape(
-      lambda: model.init(jax.random.key(0), jnp.zeros((batch_size, 1), jnp.int32), decode=True)["cache"])
-  cache = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), cache_shapes)
-  tokens = jnp.zeros((batch_size, n), jnp.int32)
-  num_prompt = 0
-  if prompt is not None:
-    num_prompt = prompt.shape[1]
-    tokens = tokens.at[:, :num_prompt].set(prompt)
+  num_prompt = 0 if prompt is None else min(prompt.shape[1], n)
+  tokens = jnp.zeros((b, n), jnp.int32)
+  if num_prompt:
+    tokens = tokens.at[:, :num_prompt].set(prompt[:, :num_prompt].astype(jnp.int32))
+  if num_prompt == n:
+    return tokens
 
-  def step(i, state):
+  def draw(i, logits):
+    return sampling.sample_tokens(jax.random.fold_in(rng, i), logits[:, -1, :bos], temperature=temperature,
+                                  top_k=top_k, top_p=top_p)
+
+  # Prefill: slot 0 holds the begin token, slot i + 1 prompt token i.
+  first = jnp.concatenate([jnp.full((b, 1), bos, jnp.int32), tokens[:, :num_prompt]], axis=1)  # [B, P + 1]
+  positions = jnp.broadcast_to(jnp.arange(num_prompt + 1, dtype=jnp.int32), first.shape)
+  cache = init_cache(model, b, length=num_prompt + 1)
+  logits, updated = model.apply({"params": params, "cache": cache}, first, positions=positions, decode=True,
+                                mutable=["cache"])
+  token = draw(num_prompt, logits)
+  tokens = tokens.at[:, num_prompt].set(token)
+
+  def step(i, state):  # feeds token i - 1 at slot i, draws token i
     tokens, last, cache = state
-    positions = jnp.full((batch_size, 1), i, jnp.int32)
+    positions = jnp.full((b, 1), i, jnp.int32)
     logits, updated = model.apply({"params": params, "cache": cache}, last, positions=positions, decode=True,
                                   mutable=["cache"])
-    drawn = sampling.sample_tokens(jax.random.fold_in(rng, i), logits[:, -1, :bos],
-                                   temperature=temperature, top_k=top_k, top_p=top_p)
-    token = jnp.where(i < num_prompt, tokens[:, i], drawn)
-    tokens = tokens.at[:, i].set(token)
-    return tokens, token[:, None], updated["cache"]
+    token = draw(i, logits)
+    return tokens.at[:, i].set(token), token[:, None], updated["cache"]
 
-  start = jnp.full((batch_size, 1), bos, jnp.int32)
-  tokens, _, _ = jax.lax.fori_loop(0, n, step, (tokens, start, cache))
-  return tokens
+  state = (tokens, token[:, None], updated["cache"])
+  for i0, i1 in sampling.phase_bounds(num_prompt + 1, n, cache_phases):
+    tokens, last, cache = state
+    state = jax.lax.fori_loop(i0, i1, step, (tokens, last, attention_lib.resize_cache(cache, i1)))
+  return state[0]
 
 
 # ---------------------------------------------------------------------------

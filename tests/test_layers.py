@@ -113,6 +113,20 @@ def test_dot_product_attention_matches_naive(heads, kv_heads):
   np.testing.assert_allclose(got, naive_attention(q, k, v, np.ones((1, 1, t, s), bool)), atol=1e-5)
 
 
+@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (4, 2), (6, 1)])
+def test_decode_attention_in_the_cache_layout_matches_naive(heads, kv_heads):
+  b, t, s, d = 2, 5, 7, 8
+  q, k, v = randn(0, (b, t, heads, d)), randn(1, (b, s, kv_heads, d)), randn(2, (b, s, kv_heads, d))
+  keys, values = attention.cache_layout(k, v)
+  assert keys.shape == (b * kv_heads, d, s) and values.shape == (b * kv_heads, s, d)
+  mask = attention.causal_mask(t, s, q_offset=2)[None, None] & attention.padding_mask(jnp.array([6, 3]), s)
+  got = jax.jit(attention.decode_attention)(q, keys, values, mask)  # mask [B, 1, T, S]
+  np.testing.assert_allclose(got, naive_attention(q, k, v, np.asarray(mask)), atol=1e-5)
+  shared = attention.causal_mask(t, s, q_offset=2)  # [T, S], the same for every row
+  got = jax.jit(attention.decode_attention)(q, keys, values, shared)
+  np.testing.assert_allclose(got, naive_attention(q, k, v, np.asarray(shared)[None, None]), atol=1e-5)
+
+
 def test_fully_masked_rows_are_finite():
   q = jnp.ones((1, 3, 2, 4))
   k = v = jnp.ones((1, 5, 2, 4))
@@ -233,6 +247,31 @@ def test_decode_block_by_block_matches_forward_block_causal(scan_layers):
   full = jax.jit(model.apply)({"params": variables["params"]}, x)
   decoded, _ = _decode_in_chunks(model, variables, x, [prefix] + [block] * num_blocks)
   np.testing.assert_allclose(decoded, full, atol=1e-5)
+
+
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_decode_with_a_cache_grown_between_steps_matches_forward(scan_layers):
+  """A cache just long enough for the prefill, grown by resize_cache before each chunk (a sampler's phases)."""
+  prefix, block, num_blocks = 3, 4, 4
+  t = prefix + block * num_blocks
+  model = _stack(scan_layers, MaskSpec("block_causal", block_len=block, prefix_len=prefix), "1d", cache_len=t)
+  x = randn(6, (2, t, 32))
+  variables = jax.jit(functools.partial(model.init, decode=True))(jax.random.key(3), x)
+  full = jax.jit(model.apply)({"params": variables["params"]}, x)
+  step = jax.jit(lambda p, c, xs: model.apply({"params": p, "cache": c}, xs, decode=True, mutable=["cache"]))
+  cache = attention.resize_cache(variables["cache"], prefix)  # shrunk to the prefill's slots
+  outs, start = [], 0
+  for size, length in [(prefix, prefix), (block, prefix + block), (block, t - block), (block, t - block),
+                       (block, t)]:
+    cache = attention.resize_cache(cache, length)  # grows (or keeps) the slots; written ones stay
+    out, mutated = step(variables["params"], cache, x[:, start:start + size])
+    cache, start = mutated["cache"], start + size
+    outs.append(out)
+  np.testing.assert_allclose(jnp.concatenate(outs, axis=1), full, atol=1e-5)
+  keys = cache["layers"]["attention"]["cached_key"] if scan_layers else cache["layer_0"]["attention"]["cached_key"]
+  assert keys.shape[-1] == t  # keys [(N,) B*K, D, S]
+  with pytest.raises(ValueError, match="do not fit"):  # a step longer than the whole cache
+    step(variables["params"], attention.resize_cache(variables["cache"], 2), x[:, :3])
 
 
 def test_decode_3d_rope_block_causal():

@@ -171,6 +171,24 @@ def test_greedy_block_sampler_matches_recomputed_argmax():
   np.testing.assert_array_equal(np.asarray(drawn).reshape(2, -1), nb.to_grid_order(seq, model.order))
 
 
+@pytest.mark.parametrize("condition", ["frames", "class"])
+def test_sampler_draws_the_same_tokens_in_any_number_of_phases(condition):
+  """Phased decoding (caches grown per phase) against one loop over a whole cache: same key, same tokens."""
+  model = _model(condition=condition, prefix_frames=1, block=(1, 1, 2), position="rope3d")
+  tokens = _tokens(model)
+  labels = jnp.array([1, 7]) if condition == "class" else None
+  params = jax.tree.map(lambda x: x * 3.0, _init(model, tokens, labels))  # peaked logits: top-p keeps few tokens
+  prompt = tokens.reshape(2, *model.grid)[:, :1] if condition == "frames" else None
+  guidance = 2.0 if condition == "class" else None
+  draw = jax.jit(lambda p, phases, temperature: nb.sample(
+      model, p, jax.random.key(5), batch_size=2, temperature=temperature, top_k=4, top_p=0.8, labels=labels,
+      guidance_scale=guidance, prompt=prompt, cache_phases=phases), static_argnums=(1, 2))
+  for temperature in (1.0, 0.0):
+    one = draw(params, 1, temperature)
+    for phases in (3, 100):  # 100: one phase per block step
+      np.testing.assert_array_equal(draw(params, phases, temperature), one)
+
+
 def test_guidance_scale_one_is_conditional_and_zero_unconditional():
   model = _model(condition="class", block=(1, 1, 4))
   tokens = _tokens(model)

@@ -71,6 +71,58 @@ def test_top_k_and_top_p_filters():
   assert (draws == jnp.array([0, 3])).all()
 
 
+def _nucleus_float64(logits, top_p):
+  """Bool [..., V]: the top-p nucleus computed in float64 (ties kept together)."""
+  x = np.asarray(logits, np.float64)
+  p = np.exp(x - x.max(-1, keepdims=True))
+  p /= p.sum(-1, keepdims=True)
+  greater = (x[..., None, :] > x[..., :, None])  # [..., V (token), V (others)]
+  mass_above = (greater * p[..., None, :]).sum(-1)
+  return (mass_above < top_p) | (x == x.max(-1, keepdims=True))
+
+
+def test_top_p_by_binary_search_equals_the_sorted_nucleus():
+  rng = np.random.default_rng(0)
+  logits = rng.normal(size=(6, 3, 50)).astype(np.float32) * np.array([0.1, 1.0, 5.0])[:, None, None].repeat(2, 0)
+  logits[0, 0, 10:20] = logits[0, 0, 5]  # ties straddling the nucleus' edge
+  logits[1, 1, :] = 0.0  # all equal
+  logits[2, 2, ::2] = -1e30  # masked by top-k before top-p
+  logits[3, 0, 7] = -0.0
+  logits = jnp.asarray(logits)
+  for top_p in (0.0, 1e-6, 0.1, 0.5, 0.9, 0.99, 0.999):  # float32 masses cannot resolve a top_p nearer 1
+    got = np.asarray(jax.jit(sampling.top_p_filter, static_argnums=1)(logits, top_p) > -1e29)
+    np.testing.assert_array_equal(got, _nucleus_float64(logits, top_p), err_msg=f"top_p={top_p}")
+    if top_p > 0:  # the sort-based reference (it drops every token at top_p 0)
+      np.testing.assert_array_equal(got, sampling.top_p_filter_sorted(logits, top_p) > -1e29)
+  np.testing.assert_array_equal(sampling.top_p_filter(logits, 0.9), sampling.filter_logits(logits, top_p=0.9))
+
+
+def test_phase_bounds():
+  assert sampling.phase_bounds(1, 48, 4) == [(1, 12), (12, 24), (24, 36), (36, 48)]
+  assert sampling.phase_bounds(5, 8, 10) == [(5, 6), (6, 7), (7, 8)]  # never an empty phase
+  assert sampling.phase_bounds(3, 3, 4) == [] and sampling.phase_bounds(0, 5, 1) == [(0, 5)]
+  with pytest.raises(ValueError, match="cache_phases"):
+    sampling.phase_bounds(0, 5, 0)
+
+
+@pytest.mark.parametrize("position", ["rope", "learned"])
+def test_sampler_draws_the_same_tokens_in_any_number_of_phases(position):
+  model = _model(max_len=12, position=position)
+  params = model.init(jax.random.key(0), jnp.zeros((1, 12), jnp.int32),
+                      positions=jnp.arange(12)[None])["params"]
+  params = jax.tree.map(lambda x: x * 4.0, params)  # peaked logits: top-p keeps few tokens
+  prompt = jnp.array([[1, 2, 3], [4, 5, 6]], jnp.int32)
+  draw = jax.jit(lambda p, x, phases: ntp.sample(model, p, jax.random.key(3), batch_size=2, prompt=x, top_k=5,
+                                                 top_p=0.8, cache_phases=phases), static_argnums=2)
+  one = draw(params, prompt, 1)
+  for phases in (3, 100):
+    np.testing.assert_array_equal(draw(params, prompt, phases), one)
+  np.testing.assert_array_equal(one[:, :3], prompt)
+  no_prompt = jax.jit(lambda p, phases: ntp.sample(model, p, jax.random.key(3), batch_size=2, top_p=0.8,
+                                                   cache_phases=phases), static_argnums=1)
+  np.testing.assert_array_equal(no_prompt(params, 1), no_prompt(params, 4))
+
+
 def test_bfloat16_forward_is_finite():
   model = _model(dtype=jnp.bfloat16)
   tokens = jnp.zeros((2, 24), jnp.int32)
