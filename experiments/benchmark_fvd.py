@@ -5,7 +5,7 @@ r"""In-domain FVD of trained moving-digits generators, side by side: fvd_digits_
       --run experiments/configs/nbp_digits.py:XS,local,row=runs/fvd/nbp_row \
       --run experiments/configs/nbp_digits.py:XS,local,token=runs/fvd/nbp_token \
       [--run experiments/configs/ntp_digits.py:XS,local=runs/fvd/ntp] \
-      [--num_videos 256] [--batch_size 64] [--seeds 0,1] [--out_dir runs/fvd/benchmark]
+      [--num_videos 256] [--sample_batch_size 64] [--seeds 0,1] [--out_dir runs/fvd/benchmark]
 
 Each `--run` is CONFIG_FILE:ARG=WORKDIR, a trained run of the `next_block` or
 `ntp` family. The judge is the moving-digits classifier of
@@ -30,7 +30,7 @@ are quantised to the generators' grey levels and dequantised, generated tokens
 are dequantised (`video_classifier.requantize`).
 
 Generation: the family's sampler (`nbp.next_block.sample`, `nbp.ntp.sample`)
-jitted whole for a batch of --batch_size, compiled ahead (compile time reported
+jitted whole for a batch of --sample_batch_size, compiled ahead (compile time reported
 apart) and timed over all N videos: frames/s = generated frames / seconds
 (block_until_ready per batch), in the same process as the FVD. Classes are
 passed explicitly: the training loop's sampler draws labels 0, 1, 2, ... mod 10
@@ -89,7 +89,7 @@ CLASSIFIER = flags.DEFINE_string(
     "classifier", "experiments/configs/video_classifier_digits.py:local,4x12=runs/fvd/classifier",
     "The judge: CONFIG_FILE:ARG=WORKDIR of a trained video_classifier run.")
 NUM_VIDEOS = flags.DEFINE_integer("num_videos", 256, "N: generated videos per run and seed, and real videos per set.")
-BATCH_SIZE = flags.DEFINE_integer("batch_size", 64, "Videos per sampler call (and per classifier call).")
+BATCH_SIZE = flags.DEFINE_integer("sample_batch_size", 64, "Videos per sampler call (and per classifier call).")
 SEEDS = flags.DEFINE_list("seeds", ["0"], "Sampling seeds; seed s also picks the real stand-in set.")
 OUT_DIR = flags.DEFINE_string("out_dir", "", "If set: results.json and samples_<run>.png here.")
 
@@ -238,7 +238,7 @@ def generate(s: train.Setup, params, rng, stand_in: dict[str, np.ndarray], batch
   """N tokens [N, F, H, W] drawn in batches, and the timing: (tokens, compile_s, sample_s)."""
   n = stand_in["class"].shape[0]
   if n % batch_size:
-    raise ValueError(f"--num_videos {n} must be a multiple of --batch_size {batch_size}")
+    raise ValueError(f"--num_videos {n} must be a multiple of --sample_batch_size {batch_size}")
   fn = make_generator(s.config, s.task.model, batch_size)
   with s.context():
     start = time.perf_counter()

@@ -24,7 +24,7 @@ from experiments.configs import ntp_text
 SIZES = flags.DEFINE_list("sizes", ["tiny", "S", "M"], "Sizes from nbp.ntp.SIZES.")
 SEQ_LEN = flags.DEFINE_integer("seq_len", 512, "Tokens per sequence.")
 BATCH = flags.DEFINE_integer("batch", 8, "Sequences per step.")
-REPEATS = flags.DEFINE_integer("repeats", 5, "Timed steps per size (after one warm-up).")
+REPEATS = flags.DEFINE_integer("timed_steps", 5, "Timed steps per size (after one warm-up).")
 MATMUL = flags.DEFINE_integer("matmul", 2048, "Side of the square float32 matmul used as the peak.")
 
 

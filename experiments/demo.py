@@ -9,8 +9,10 @@ Three stages, each resumed or skipped when the workdir already holds it:
   3. trains NBP on the tokens, one latent row per block, class-conditional,
      and samples videos through the tokenizer's decoder -> workdir/nbp
      (experiments/configs/nbp_digits.py:XS,local,tokens,row).
-One config holds the whole pipeline; override the tokenizer's keys through it,
-e.g. `--config.data.tokenizer.num_steps=600`.
+One config holds the whole pipeline; to override keys, name it, e.g.
+  python -m experiments.demo --workdir runs/demo600 \
+      --config experiments/configs/nbp_digits.py:XS,local,tokens,row \
+      --config.num_steps=600 --config.data.tokenizer.num_steps=600
 Then it writes workdir/samples.gif and samples.png (NBP's videos, one class
 per row), reconstructions.gif (test videos above their tokenizer
 reconstructions), loss.png and metrics.json.
@@ -22,19 +24,17 @@ import os
 import shutil
 import time
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+from absl import app, logging
 
+from experiments import common
+from experiments.configs import nbp_digits
 from nbp import metrics as metrics_lib
 from nbp import train
 from nbp import video
 from nbp.data import tokens as tokens_lib
 
-_CONFIGS = os.path.join(os.path.dirname(__file__), "configs")
-CONFIG = config_flags.DEFINE_config_file(
-    "config", os.path.join(_CONFIGS, "nbp_digits.py") + ":XS,local,tokens,row",
-    "NBP's config on tokenizer tokens; config.data.tokenizer is the tokenizer's.")
-WORKDIR = flags.DEFINE_string("workdir", "runs/demo", "Where everything is written.")
+DEFAULT_ARG = "XS,local,tokens,row"  # of experiments/configs/nbp_digits.py
+DEFAULT_WORKDIR = "runs/demo"
 
 
 def _last(rows: list[dict], key: str):
@@ -114,11 +114,14 @@ def run(config, workdir: str) -> dict:
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # orbax's per-save INFO lines drown the progress bar
-  summary = run(CONFIG.value, WORKDIR.value)
+  config = common.CONFIG.value
+  if config is None:  # the flags are experiments.common's, shared with train/sample/evaluate
+    config = nbp_digits.get_config(DEFAULT_ARG)
+  workdir = common.WORKDIR.value or DEFAULT_WORKDIR
+  summary = run(config, workdir)
   print(json.dumps(summary, indent=1))
-  w = WORKDIR.value
-  print(f"NBP samples: {w}/samples.gif and samples.png; tokenizer reconstructions: {w}/reconstructions.gif; "
-        f"loss curve: {w}/loss.png")
+  print(f"NBP samples: {workdir}/samples.gif and samples.png; tokenizer reconstructions: "
+        f"{workdir}/reconstructions.gif; loss curve: {workdir}/loss.png")
 
 
 if __name__ == "__main__":

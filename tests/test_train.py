@@ -126,6 +126,15 @@ def test_nan_stops_with_the_step_number(tmp_path, data_dir):
     train.train_and_evaluate(config, str(tmp_path))
 
 
+def test_experiment_entry_points_import_together():
+  """Every experiments/*.py module's absl flags coexist in one process (as in a pytest worker)."""
+  names = sorted(f[:-3] for f in os.listdir(os.path.join(REPO, "experiments"))
+                 if f.endswith(".py") and f != "__init__.py")
+  result = run_module(["-c", "import importlib, sys\nfor n in sys.argv[1:]: importlib.import_module('experiments.' + n)",
+                       *names], timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+
+
 def test_demo_code_path(tmp_path, data_dir):
   """The demo's three stages in a tiny setting; a second call resumes every stage instead of redoing it."""
   from experiments import demo  # pylint: disable=g-import-not-at-top
