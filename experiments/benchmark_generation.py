@@ -4,9 +4,9 @@ r"""Generation speed of next-block vs next-token prediction, same model and weig
       [--blocks 1x1x16] [--cache_phases 4] [--before REV]
 
 Both samplers are `nbp.next_block.sample` (a prefill call, then one model call
-per block in `--cache_phases` jitted `lax.fori_loop`s) on the same
-`NextBlockTransformer` weights, frame prediction from given frames, float32,
-top-p 0.9: block (1, 1, 1) is next-token prediction (NTP), each of `--blocks`
+per block in `--cache_phases` jitted `lax.fori_loop`s; a list such as 1,4 times
+each) on the same `NextBlockTransformer` weights, frame prediction from given
+frames, float32, top-p 0.9: block (1, 1, 1) is next-token prediction (NTP), each of `--blocks`
 (t x h x w; default the 1x1x16 row of a 16x16 latent, the official benchmark's
 16-token row block) a next-block (NBP) sampler. Every sampler is compiled and
 run once, then the samplers are timed in turns (`--repeats` rounds, one
@@ -36,8 +36,10 @@ SwiGLU MLP (hidden 8E/3), learned absolute positions, unstacked layers.
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -58,7 +60,7 @@ SETTINGS_FLAG = flags.DEFINE_list("settings", ["paper", "small"], f"Rows of the 
 BATCHES = flags.DEFINE_list("batches", ["1", "8"], "Batch sizes.")
 REPEATS = flags.DEFINE_integer("repeats", 3, "Timed rounds (after one compile-and-run of every sampler).")
 BLOCKS = flags.DEFINE_list("blocks", ["1x1x16"], "NBP blocks t x h x w (NTP, 1x1x1, always runs).")
-CACHE_PHASES = flags.DEFINE_integer("cache_phases", 4, "Decoding phases of nbp.next_block.sample.")
+CACHE_PHASES = flags.DEFINE_list("cache_phases", ["4"], "Decoding phases of nbp.next_block.sample (a list: each).")
 BEFORE = flags.DEFINE_string("before", "", "A git revision whose samplers to time alongside (e.g. HEAD~1).")
 
 
@@ -78,12 +80,12 @@ def build(next_block, setting: str, block):
       scan_layers=False, attention_impl="xla")
 
 
-def compiled_runs(next_block, setting: str, batch: int, blocks, cache_phases: int | None):
-  """{name: (run_sampler, run_prefill)}: callables timing one call each, compiled and warmed up.
+def compiled_runs(next_block, setting: str, batch: int, blocks, cache_phases: list[int] | None):
+  """{name: (run_sampler, run_prefill, model)}: callables timing one call each, compiled and warmed up.
 
-  cache_phases None: the sampler of a revision without phases (its defaults).
+  cache_phases None: the sampler of a revision without phases (its defaults);
+  with more than one value, one sampler per value ("ntp, 4 phases").
   """
-  import inspect  # pylint: disable=g-import-not-at-top
   models = {("ntp" if b == (1, 1, 1) else "nbp " + "x".join(map(str, b))): build(next_block, setting, b)
             for b in [(1, 1, 1)] + list(blocks)}
   first_model = list(models.values())[-1]
@@ -93,16 +95,22 @@ def compiled_runs(next_block, setting: str, batch: int, blocks, cache_phases: in
                               first_model.vocab_size - 1)
   has_length = "length" in inspect.signature(next_block.init_cache).parameters
   runs = {}
-  for name, model in models.items():
-    kwargs = {} if cache_phases is None else {"cache_phases": cache_phases}
+  variants = [(name, model, None) for name, model in models.items()] if cache_phases is None else [
+      (name if len(cache_phases) == 1 else f"{name}, {n} phases", model, n)
+      for name, model in models.items() for n in cache_phases]
+  for name, model, phases in variants:
+    kwargs = {} if phases is None else {"cache_phases": phases}
     sample = jax.jit(lambda p, r, x, model=model, kwargs=kwargs: next_block.sample(
         model, p, r, batch_size=batch, top_k=0, top_p=TOP_P, prompt=x, **kwargs))
     first = jnp.zeros((batch, model.prefix_len + model.block_len), jnp.int32)
     cache_kwargs = {"length": first.shape[1]} if has_length else {}
-    prefill = jax.jit(lambda p, x, model=model, cache_kwargs=cache_kwargs: model.apply(
+    call_kwargs = {"last": model.block_len} if "last" in inspect.signature(type(model).__call__).parameters else {}
+    prefill = jax.jit(lambda p, x, model=model, cache_kwargs=cache_kwargs, call_kwargs=call_kwargs: model.apply(
         {"params": p, "cache": next_block.init_cache(model, batch, **cache_kwargs)}, x, decode=True,
-        mutable=["cache"]))
-    jax.block_until_ready(sample(params, jax.random.key(0), prompt))
+        mutable=["cache"], **call_kwargs))
+    start = time.perf_counter()
+    jax.block_until_ready(sample(params, jax.random.key(0), prompt))  # compile and warm up
+    first_call = time.perf_counter() - start
     jax.block_until_ready(prefill(params, first))
 
     def run_sampler(seed, sample=sample):
@@ -116,6 +124,7 @@ def compiled_runs(next_block, setting: str, batch: int, blocks, cache_phases: in
       jax.block_until_ready(prefill(params, first))
       return time.perf_counter() - start
 
+    run_sampler.first_call = first_call
     runs[name] = (run_sampler, run_prefill, model)
   return runs
 
@@ -147,7 +156,8 @@ class Before:
                           check=True).stdout.strip()
     archive = subprocess.run(["git", "-C", root, "archive", rev], capture_output=True, check=True).stdout
     subprocess.run(["tar", "-x", "-C", self.dir], input=archive, check=True)
-    support = os.path.join(tempfile.mkdtemp(prefix="nbp_before_support_"), "benchmark_generation_child_support.py")
+    self.support_dir = tempfile.mkdtemp(prefix="nbp_before_support_")
+    support = os.path.join(self.support_dir, "benchmark_generation_child_support.py")
     with open(__file__) as src, open(support, "w") as dst:
       dst.write(src.read())
     spec = json.dumps({"setting": setting, "batch": batch, "blocks": [list(b) for b in blocks]})
@@ -163,13 +173,16 @@ class Before:
   def close(self):
     self.proc.stdin.close()
     self.proc.wait()
+    shutil.rmtree(self.dir, ignore_errors=True)
+    shutil.rmtree(self.support_dir, ignore_errors=True)
 
 
-def measure(setting: str, batch: int, blocks, repeats: int, cache_phases: int, before_rev: str):
+def measure(setting: str, batch: int, blocks, repeats: int, cache_phases: list[int], before_rev: str):
   """Rows of one setting and batch: every sampler timed in turns."""
   from nbp import next_block  # pylint: disable=g-import-not-at-top
   runs = compiled_runs(next_block, setting, batch, blocks, cache_phases)
   timers = {name: (r[0], r[1]) for name, r in runs.items()}
+  first_calls = {name: r[0].first_call for name, r in runs.items()}  # compile + one run
   shapes = {name: (r[2].num_blocks, r[2].num_predicted) for name, r in runs.items()}
   before = None
   if before_rev:
@@ -199,9 +212,11 @@ def measure(setting: str, batch: int, blocks, repeats: int, cache_phases: int, b
         "setting": setting, "batch": batch, "sampler": name, "seconds": seconds, "prefill_seconds": prefill,
         "tokens_per_s": batch * num_predicted / seconds, "frames_per_s": batch * frames / seconds,
         "ms_per_step": 1000 * (seconds - prefill) / max(num_blocks - 1, 1),
-        "steps_seconds": seconds - prefill, "all_seconds": times[name]["sample"]})
+        "steps_seconds": seconds - prefill, "all_seconds": times[name]["sample"],
+        "first_call_seconds": first_calls.get(name)})
   for row in rows:  # speed-ups over the NTP sampler of the same code
-    ntp_name = "ntp" if "(" not in row["sampler"] else f"ntp ({before_rev})"
+    phases = row["sampler"].split(", ")[1].split(" (")[0] if ", " in row["sampler"] else None
+    ntp_name = "ntp" + (f", {phases}" if phases else "") + (f" ({before_rev})" if "(" in row["sampler"] else "")
     ntp = next(r for r in rows if r["sampler"] == ntp_name)
     row["speedup"] = ntp["seconds"] / row["seconds"]
     row["steps_speedup"] = ntp["steps_seconds"] / row["steps_seconds"]
@@ -215,12 +230,12 @@ def main(argv):
     grid = SETTINGS[setting][4]
     blocks = [parse_block(b, grid) for b in BLOCKS.value]
     for batch in map(int, BATCHES.value):
-      rows = measure(setting, batch, blocks, REPEATS.value, CACHE_PHASES.value, BEFORE.value)
+      rows = measure(setting, batch, blocks, REPEATS.value, [int(n) for n in CACHE_PHASES.value], BEFORE.value)
       for row in rows:
         print(json.dumps(row), flush=True)
       all_rows += rows
   print(f"\n{jax.devices()[0].device_kind}, {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}; "
-        f"cache_phases={CACHE_PHASES.value}, top-p {TOP_P}, median of {REPEATS.value} interleaved runs\n")
+        f"cache_phases={','.join(CACHE_PHASES.value)}, top-p {TOP_P}, median of {REPEATS.value} interleaved runs\n")
   print("| setting | batch | sampler | tokens/s | latent frames/s | prefill s | ms/step | speed-up | "
         "speed-up, steps only |")
   print("|---|---|---|---|---|---|---|---|---|")
