@@ -9,7 +9,9 @@ order, so every block is a contiguous run of L = t*h*w tokens. A decoder with
 the block-causal mask (bidirectional inside a block, causal across blocks, a
 conditioning prefix visible to all) reads the sequence; the targets are shifted
 by one block: token j of block b predicts token j of block b+1. Sampling runs
-one model call per block and draws all L tokens of the next block at once.
+one model call per block and draws all L tokens of the next block at once
+(`sample`: a prefill call, then the block steps as a few jitted loops over a
+KV cache grown per phase, so each step attends over about the written slots).
 
 The first block. The official code generates the first block token by token
 from a begin-of-video token and only then switches to whole blocks. Here a
