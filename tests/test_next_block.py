@@ -180,13 +180,10 @@ def test_sampler_draws_the_same_tokens_in_any_number_of_phases(condition):
   params = jax.tree.map(lambda x: x * 3.0, _init(model, tokens, labels))  # peaked logits: top-p keeps few tokens
   prompt = tokens.reshape(2, *model.grid)[:, :1] if condition == "frames" else None
   guidance = 2.0 if condition == "class" else None
-  draw = jax.jit(lambda p, phases, temperature: nb.sample(
-      model, p, jax.random.key(5), batch_size=2, temperature=temperature, top_k=4, top_p=0.8, labels=labels,
-      guidance_scale=guidance, prompt=prompt, cache_phases=phases), static_argnums=(1, 2))
-  for temperature in (1.0, 0.0):
-    one = draw(params, 1, temperature)
-    for phases in (3, 100):  # 100: one phase per block step
-      np.testing.assert_array_equal(draw(params, phases, temperature), one)
+  draw = jax.jit(lambda p, phases: nb.sample(
+      model, p, jax.random.key(5), batch_size=2, top_k=4, top_p=0.8, labels=labels, guidance_scale=guidance,
+      prompt=prompt, cache_phases=phases), static_argnums=1)
+  np.testing.assert_array_equal(draw(params, 3), draw(params, 1))
 
 
 def test_guidance_scale_one_is_conditional_and_zero_unconditional():

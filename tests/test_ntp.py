@@ -115,8 +115,7 @@ def test_sampler_draws_the_same_tokens_in_any_number_of_phases(position):
   draw = jax.jit(lambda p, x, phases: ntp.sample(model, p, jax.random.key(3), batch_size=2, prompt=x, top_k=5,
                                                  top_p=0.8, cache_phases=phases), static_argnums=2)
   one = draw(params, prompt, 1)
-  for phases in (3, 100):
-    np.testing.assert_array_equal(draw(params, prompt, phases), one)
+  np.testing.assert_array_equal(draw(params, prompt, 9), one)  # 9 phases: one per generated token
   np.testing.assert_array_equal(one[:, :3], prompt)
   no_prompt = jax.jit(lambda p, phases: ntp.sample(model, p, jax.random.key(3), batch_size=2, top_p=0.8,
                                                    cache_phases=phases), static_argnums=1)
