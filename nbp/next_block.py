@@ -49,8 +49,8 @@ N predicted tokens, S = P + N slots, V vocabulary (with the begin token), E widt
 
 from __future__ import annotations
 
-import dataclasses
 import functools
+import json
 import math
 import os
 from typing import Any
@@ -58,6 +58,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
 from layers import attention as attention_lib
@@ -496,8 +497,7 @@ def make_data(data_cfg, split: str, *, seed: int, process_index: int, process_co
 @functools.cache
 def _test_prompt_tokens(data_cfg_json: str, batch_size: int, grid: tuple[int, int, int]) -> np.ndarray:
   """Grid tokens [B, F, H, W] of the first test videos (frame-prediction samples continue them)."""
-  import ml_collections  # pylint: disable=g-import-not-at-top
-  data_cfg = ml_collections.ConfigDict(__import__("json").loads(data_cfg_json))
+  data_cfg = ml_collections.ConfigDict(json.loads(data_cfg_json))
   it = make_data(data_cfg, "test", seed=0, process_index=0, process_count=1, batch_size=batch_size)
   return np.asarray(next(it)["tokens"]).reshape(batch_size, *grid)
 
@@ -505,10 +505,8 @@ def _test_prompt_tokens(data_cfg_json: str, batch_size: int, grid: tuple[int, in
 @functools.cache
 def _tokenizer_decoder(tokenizer_cfg_json: str, workdir: str):
   """A jitted tokens [B, f, h, w] -> uint8 videos [B, F, H, W, C] of the tokenizer trained in `workdir`."""
-  import ml_collections  # pylint: disable=g-import-not-at-top
   from nbp import video_tokenizer as vt  # pylint: disable=g-import-not-at-top
-  tokenizer, params = vt.load_tokenizer(ml_collections.ConfigDict(__import__("json").loads(tokenizer_cfg_json)),
-                                        workdir)
+  tokenizer, params = vt.load_tokenizer(ml_collections.ConfigDict(json.loads(tokenizer_cfg_json)), workdir)
   decode = jax.jit(functools.partial(vt.decode_tokens, tokenizer))
   return lambda tokens: vt.to_uint8(decode(params, jnp.asarray(tokens)))
 
