@@ -20,14 +20,19 @@ def tiny_ntp_config(data_dir: str, **overrides):
   c.data.frame_size = 8
   c.data.num_train = 64
   c.data.num_test = 16
+  c.model.num_samples = 2
+  set_tiny_budget(c, num_steps=4, checkpoint_every=2)
+  return apply_overrides(c, overrides)
+
+
+def set_tiny_budget(c, *, num_steps: int, checkpoint_every: int) -> None:
+  """Batch 8, metrics every step, one eval batch, one warm-up step: the tests' training budget."""
   c.batch_size = 8
-  c.num_steps = 4
+  c.num_steps = num_steps
   c.log_every = 1
-  c.checkpoint_every = 2
+  c.checkpoint_every = checkpoint_every
   c.eval_steps = 1
   c.optimizer.warmup_steps = 1
-  c.model.num_samples = 2
-  return apply_overrides(c, overrides)
 
 
 def apply_overrides(config, overrides: dict):

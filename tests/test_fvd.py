@@ -11,6 +11,7 @@ from nbp import families
 from nbp import fvd
 from nbp import train
 from nbp import video_classifier
+from tests.conftest import set_tiny_budget
 
 
 def _reference_distance(mu1, s1, mu2, s2):
@@ -219,12 +220,7 @@ def tiny_classifier_config(data_dir):
   c.data.num_test = 16
   c.model.widths = (8, 16)
   c.model.feature_dim = 16
-  c.batch_size = 8
-  c.num_steps = 2
-  c.log_every = 1
-  c.checkpoint_every = 2
-  c.eval_steps = 1
-  c.optimizer.warmup_steps = 1
+  set_tiny_budget(c, num_steps=2, checkpoint_every=2)
   return c
 
 

@@ -11,7 +11,7 @@ import pytest
 
 from nbp import next_block as nb
 from nbp import ntp
-from tests.conftest import apply_overrides
+from tests.conftest import apply_overrides, set_tiny_budget
 
 
 def _model(**kw):
@@ -234,12 +234,7 @@ def tiny_nbp_config(data_dir, arg="tiny,local,row", **overrides):
   block = next((f for f in arg.split(",") if f in nbp_digits.BLOCKS), "row")
   c.model.block = nbp_digits.block_shape(block, nb.token_grid(c.data)[2])
   c.model.num_samples = 2
-  c.batch_size = 8
-  c.num_steps = 1
-  c.log_every = 1
-  c.checkpoint_every = 100
-  c.eval_steps = 1
-  c.optimizer.warmup_steps = 1
+  set_tiny_budget(c, num_steps=1, checkpoint_every=100)
   return apply_overrides(c, overrides)
 
 

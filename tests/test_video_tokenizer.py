@@ -10,7 +10,7 @@ import pytest
 from nbp import metrics as metrics_lib
 from nbp import train
 from nbp import video_tokenizer as vt
-from tests.conftest import apply_overrides
+from tests.conftest import apply_overrides, set_tiny_budget
 
 
 def _tokenizer(**kw):
@@ -39,12 +39,7 @@ def tiny_tokenizer_config(data_dir: str, **overrides):
   c.model.space_factor = 4
   c.model.levels = (5, 5, 5)
   c.model.num_samples = 2
-  c.batch_size = 8
-  c.num_steps = 1
-  c.log_every = 1
-  c.checkpoint_every = 100
-  c.eval_steps = 1
-  c.optimizer.warmup_steps = 1
+  set_tiny_budget(c, num_steps=1, checkpoint_every=100)
   return apply_overrides(c, overrides)
 
 
