@@ -78,7 +78,7 @@ import numpy as np
 from absl import app, flags
 
 from nbp import fvd as fvd_lib
-from nbp import train
+from nbp.training import loop as train
 from nbp import video_classifier
 from nbp.data import moving_digits, pipeline
 
@@ -303,7 +303,7 @@ def main(argv):
                    "class_match": (judge.accuracy(videos, stand_in["label"]) if condition != "none" else None)})
       print(json.dumps(rows[-1]), flush=True)
       if OUT_DIR.value and seed == seeds[0]:
-        from nbp import video as video_lib  # pylint: disable=g-import-not-at-top
+        from nbp import visualization as video_lib  # pylint: disable=g-import-not-at-top
         video_lib.save_frame_grid(os.path.join(OUT_DIR.value, f"samples_{rows[-1]['run']}.png"), videos,
                                   max_videos=8, title=f"{rows[-1]['run']} ({block}, {condition}), seed {seed}")
 

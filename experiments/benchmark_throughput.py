@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from nbp import sharding, train
+from nbp.training import sharding, train
 from experiments.configs import ntp_text
 
 SIZES = flags.DEFINE_list("sizes", ["tiny", "S", "M"], "Sizes from nbp.ntp.SIZES.")

@@ -28,9 +28,9 @@ from absl import app, logging
 
 from experiments import common
 from experiments.configs import nbp_digits
-from nbp import metrics as metrics_lib
-from nbp import train
-from nbp import video
+from nbp.training import metrics as metrics_lib
+from nbp.training import loop as train
+from nbp import visualization as video
 from nbp.data import tokens as tokens_lib
 
 DEFAULT_ARG = "XS,local,tokens,row"  # of experiments/configs/nbp_digits.py

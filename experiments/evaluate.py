@@ -12,7 +12,7 @@ import os
 from absl import app, flags
 
 from experiments import common
-from nbp import train
+from nbp.training import loop as train
 
 flags.mark_flags_as_required(["config", "workdir"])
 

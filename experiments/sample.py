@@ -13,7 +13,7 @@ import jax
 from absl import app, flags
 
 from experiments import common
-from nbp import train
+from nbp.training import loop as train
 
 SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
 flags.mark_flags_as_required(["config", "workdir"])

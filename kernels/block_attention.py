@@ -1,20 +1,23 @@
 """Block-bidirectional flash attention: a Pallas kernel beside its jnp reference.
 
-The mask is `layers.attention.block_causal_mask(T, S, block_len=L, prefix_len=P)`
+The mask is `kernels.masks.block_causal_mask(T, S, block_len=L, prefix_len=P)`
 (keys 0..P-1 are a prefix that every query sees; after it, query i sees key j
 iff (i - P) // L >= (j - P) // L; L = 1 is causal attention, L >= T full
 attention), and-ed with key padding: key j of example b is visible iff
 j < kv_valid_len[b]. Scale 1 / sqrt(D), softmax in float32, output in q.dtype.
+The reference is `kernels.reference.block_causal_attention`.
 
-The keys a query i sees are always a contiguous range [0, end(i)), and end(i)
-grows with i. So the key tiles a query tile needs are the tiles 0..n(i)-1, and
-the query tiles that need a key tile are the tiles first(j)..last; both bounds
-are computed in the kernels (`_num_key_tiles`, `_first_query_tile`) and are the
+The keys a query i sees are always a contiguous range [0, end(i)), end(i) =
+`masks.visible_key_end(i)`, and end(i) grows with i. So the key tiles a query
+tile needs are the tiles 0..n(i)-1, and the query tiles that need a key tile
+are the tiles first(j)..last (`masks.first_seeing_query`); both bounds are
+computed in the kernels (`_num_key_tiles`, `_query_tile_range`) and are the
 bounds of their loops: tiles above the block diagonal (outside the prefix
 columns) or beyond kv_valid_len are never loaded nor multiplied, in the forward
-pass and in both backward kernels. `visited_tiles` evaluates the very same
-functions in numpy, and `visible_tile_fraction` is the share of tiles visited
-(the benchmark counts FLOPs with it).
+pass and in both backward kernels. The mask of a tile is
+`k < min(end(i), kv_valid_len)` from the same formula. `visited_tiles`
+evaluates the very same functions in numpy, and `visible_tile_fraction` is the
+share of tiles visited (the benchmark counts FLOPs with it).
 
 Kernels (GPU through the Triton lowering, CPU with interpret=True):
   forward  grid (B, H, T/bq): online softmax over the key tiles of one query
@@ -28,7 +31,7 @@ T x S is ever materialised.
 
 Lengths that are not a multiple of the tile are padded up; padded keys are
 invisible (the kernels use min(kv_valid_len, S)), padded query rows are sliced
-off. Masked logits are the large finite MASK_VALUE, never -inf, and the
+off. Masked logits are the large finite masks.MASK_VALUE, never -inf, and the
 probabilities of invisible pairs are set to exactly 0, so a row without any
 visible key (only possible with kv_valid_len 0) gives a zero output and zero
 gradients. (The dense reference gives such a row the mean of v instead.)
@@ -68,11 +71,12 @@ from jax import lax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+from jax.experimental.pallas.ops.tpu import splash_attention as splash
+from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask
 
-from layers import attention
+from kernels import masks
 
-# Logits of masked pairs: the finite value of the reference.
-MASK_VALUE = attention.MASK_VALUE
 # Default tiles (rows of q x rows of k) per backend.
 DEFAULT_BLOCK = {"gpu": 64, "cpu": 64, "tpu": 128}
 # Splash attention needs key tiles that are a multiple of 128 lanes.
@@ -81,48 +85,24 @@ GPU_BACKENDS = ("gpu", "cuda", "rocm")
 
 
 # ----------------------------------------------------------------------------
-# Which tiles are visited: one set of formulas for numpy (tests, benchmark)
-# and for traced scalars inside the kernels.
-
-
-def _div(a, b):
-  """a // b for a >= 0, b > 0: lax.div in a kernel (floor == truncation here)."""
-  if isinstance(a, jax.Array):
-    return lax.div(a, jnp.asarray(b, a.dtype))
-  return a // b
-
-
-def _xp(a):
-  return jnp if isinstance(a, jax.Array) else np
-
-
-def visible_key_end(q_pos, *, block_len, prefix_len):
-  """One past the last key that query position q_pos sees (it sees [0, end))."""
-  xp = _xp(q_pos)
-  after = prefix_len + (_div(xp.maximum(q_pos - prefix_len, 0), block_len) + 1) * block_len
-  return xp.where(q_pos < prefix_len, prefix_len, after)
-
-
-def first_seeing_query(k_pos, *, block_len, prefix_len):
-  """The first query position that sees key k_pos (every later query does too)."""
-  xp = _xp(k_pos)
-  start = prefix_len + _div(xp.maximum(k_pos - prefix_len, 0), block_len) * block_len
-  return xp.where(k_pos < prefix_len, 0, start)
+# Which tiles are visited: the formulas of kernels/masks.py, in numpy (tests,
+# benchmark) and on traced scalars inside the kernels.
 
 
 def _num_key_tiles(q_tile, kv_len, *, block_q, block_k, block_len, prefix_len):
   """Key tiles 0..n-1 hold every key that some query of tile q_tile sees."""
-  xp = _xp(q_tile)
+  xp = masks.array_module(q_tile)
   last_query = q_tile * block_q + block_q - 1
-  end = xp.minimum(visible_key_end(last_query, block_len=block_len, prefix_len=prefix_len), kv_len)
-  return _div(end + block_k - 1, block_k)
+  end = masks.visible_key_end(last_query, block_len=block_len, prefix_len=prefix_len)
+  return masks.index_div(xp.minimum(end, kv_len) + block_k - 1, block_k)
 
 
 def _query_tile_range(k_tile, kv_len, num_q_tiles, *, block_q, block_k, block_len, prefix_len):
   """Query tiles [lo, hi) hold every query that sees some key of tile k_tile."""
-  xp = _xp(k_tile)
+  xp = masks.array_module(k_tile)
   first_key = k_tile * block_k
-  lo = _div(first_seeing_query(first_key, block_len=block_len, prefix_len=prefix_len), block_q)
+  first_query = masks.first_seeing_query(first_key, block_len=block_len, prefix_len=prefix_len)
+  lo = masks.index_div(first_query, block_q)
   hi = xp.where(first_key < kv_len, num_q_tiles, lo)
   return lo, hi
 
@@ -157,19 +137,6 @@ def visible_tile_fraction(q_len, kv_len, block_len, prefix_len, block_q, block_k
 
 
 # ----------------------------------------------------------------------------
-# Reference.
-
-
-def block_attention_reference(q, k, v, *, block_len, prefix_len=0, kv_valid_len=None):
-  """Dense masked attention (`layers.attention.xla_attention`) with the same contract."""
-  t, s = q.shape[1], k.shape[1]
-  mask = attention.block_causal_mask(t, s, block_len=block_len, prefix_len=prefix_len)[None, None]
-  if kv_valid_len is not None:
-    mask = mask & attention.padding_mask(kv_valid_len, s)  # [B, 1, T, S]
-  return attention.xla_attention(q, k, v, mask)
-
-
-# ----------------------------------------------------------------------------
 # Pallas kernels (Triton on GPU, interpreted on CPU).
 
 
@@ -194,21 +161,14 @@ class _Config:
   def call(self, kernel, **kwargs):
     params = None
     if self.num_warps is not None:
-      from jax.experimental.pallas import triton as plgpu  # pylint: disable=g-import-not-at-top
       params = plgpu.CompilerParams(num_warps=self.num_warps, num_stages=self.num_stages)
     return pl.pallas_call(kernel, interpret=self.interpret, compiler_params=params, **kwargs)
 
 
 def _visible(q_pos, k_pos, kv_len, cfg):
   """Bool [bq, bk] from q_pos [bq, 1] and k_pos [1, bk]: the mask of a tile."""
-  # Shift by a multiple of L that makes both operands non-negative: the block
-  # difference is unchanged and the division is a plain truncation.
-  shift = cfg.block_len * (-(-cfg.prefix_len // cfg.block_len)) - cfg.prefix_len
-  q_block = _div(q_pos + shift, cfg.block_len)  # [bq, 1]
-  k_block = _div(k_pos + shift, cfg.block_len)  # [1, bk]
-  p = cfg.prefix_len
-  seen = (k_pos < p) | ((q_pos >= p) & (q_block >= k_block))
-  return seen & (k_pos < kv_len)
+  end = masks.visible_key_end(q_pos, block_len=cfg.block_len, prefix_len=cfg.prefix_len)  # [bq, 1]
+  return k_pos < jnp.minimum(end, kv_len)
 
 
 def _positions(start, size, axis):
@@ -238,7 +198,7 @@ def _forward_kernel(len_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, cfg):
     k = k_ref[pl.ds(j * bk, bk), :]  # [bk, D]
     v = v_ref[pl.ds(j * bk, bk), :]
     visible = _visible(q_pos, _positions(j * bk, bk, 1), kv_len, cfg)
-    s = jnp.where(visible, _dot(q, k, _NT) * cfg.scale, MASK_VALUE)  # [bq, bk]
+    s = jnp.where(visible, _dot(q, k, _NT) * cfg.scale, masks.MASK_VALUE)  # [bq, bk]
     m_new = jnp.maximum(m, jnp.max(s, axis=1))
     correction = jnp.exp(m - m_new)
     p = jnp.where(visible, jnp.exp(s - m_new[:, None]), 0.0)
@@ -246,7 +206,7 @@ def _forward_kernel(len_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, cfg):
     acc = acc * correction[:, None] + _dot(p.astype(v.dtype), v, _NN)
     return acc, m_new, l
 
-  init = (jnp.zeros(q.shape, jnp.float32), jnp.full((bq,), MASK_VALUE, jnp.float32),
+  init = (jnp.zeros(q.shape, jnp.float32), jnp.full((bq,), masks.MASK_VALUE, jnp.float32),
           jnp.zeros((bq,), jnp.float32))
   num_k = _num_key_tiles(i, kv_len, **cfg.tiles)
   acc, m, l = lax.fori_loop(0, num_k, body, init)
@@ -258,7 +218,7 @@ def _forward_kernel(len_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, cfg):
 def _probs(q, k, q_pos, k_pos, lse, kv_len, cfg):
   """Softmax probabilities [bq, bk] of a tile recomputed from the saved lse."""
   visible = _visible(q_pos, k_pos, kv_len, cfg)
-  s = jnp.where(visible, _dot(q, k, _NT) * cfg.scale, MASK_VALUE)
+  s = jnp.where(visible, _dot(q, k, _NT) * cfg.scale, masks.MASK_VALUE)
   return jnp.where(visible, jnp.exp(s - lse[:, None]), 0.0)
 
 
@@ -403,46 +363,30 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 # TPU: splash attention with a computable block-causal + prefix mask.
 
 
-def _splash_modules():
-  from jax.experimental.pallas.ops.tpu import splash_attention  # pylint: disable=g-import-not-at-top
-  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask  # pylint: disable=g-import-not-at-top
-  return splash_attention, splash_attention_mask
+class BlockCausalMask(splash_attention_mask._ComputableMask):  # pylint: disable=protected-access
+  """Splash mask of `masks.block_causal_mask`, computed from positions in the kernel."""
 
+  def __init__(self, shape, block_len, prefix_len):
+    self.block_len, self.prefix_len = block_len, prefix_len
 
-@functools.cache
-def _block_causal_mask_class():
-  """`BlockCausalMask`, a splash `_ComputableMask` (defined lazily: TPU-only import)."""
-  _, mask_lib = _splash_modules()
+    def mask_function(q_ids, kv_ids):  # numpy on the host, jnp in the kernel
+      return kv_ids < masks.visible_key_end(q_ids, block_len=block_len, prefix_len=prefix_len)
 
-  class BlockCausalMask(mask_lib._ComputableMask):  # pylint: disable=protected-access
-    """Splash mask of `block_causal_mask`, computed from positions in the kernel."""
+    super().__init__(shape=shape, mask_function=mask_function)
 
-    def __init__(self, shape, block_len, prefix_len):
-      self.block_len, self.prefix_len = block_len, prefix_len
-      shift = block_len * (-(-prefix_len // block_len)) - prefix_len  # non-negative operands
+  def __eq__(self, other):
+    if not isinstance(other, type(self)):
+      return NotImplemented
+    return (self.shape, self.block_len, self.prefix_len) == (
+        other.shape, other.block_len, other.prefix_len)
 
-      def mask_function(q_ids, kv_ids):  # numpy on the host, jnp in the kernel
-        same_or_later = (q_ids + shift) // block_len >= (kv_ids + shift) // block_len
-        return (kv_ids < prefix_len) | ((q_ids >= prefix_len) & same_or_later)
-
-      super().__init__(shape=shape, mask_function=mask_function)
-
-    def __eq__(self, other):
-      if not isinstance(other, type(self)):
-        return NotImplemented
-      return (self.shape, self.block_len, self.prefix_len) == (
-          other.shape, other.block_len, other.prefix_len)
-
-    def __hash__(self):
-      return hash((type(self), self.shape, self.block_len, self.prefix_len))
-
-  return BlockCausalMask
+  def __hash__(self):
+    return hash((type(self), self.shape, self.block_len, self.prefix_len))
 
 
 @functools.lru_cache(maxsize=64)
 def _splash_kernel(q_len, kv_len, heads, block_len, prefix_len, block_q, block_k, interpret):
-  splash, _ = _splash_modules()
-  mask = _block_causal_mask_class()((q_len, kv_len), block_len, prefix_len)
+  mask = BlockCausalMask((q_len, kv_len), block_len, prefix_len)
   sizes = splash.BlockSizes(
       block_q=block_q, block_kv=block_k, block_kv_compute=block_k,
       block_q_dkv=block_q, block_kv_dkv=block_k, block_kv_dkv_compute=block_k,
@@ -455,7 +399,6 @@ def _splash_kernel(q_len, kv_len, heads, block_len, prefix_len, block_q, block_k
 
 def _splash_attention(q, k, v, kv_len, *, block_len, prefix_len, block_q, block_k, interpret):
   """q [B, T, H, D], k, v [B, S, K, D] (T, S multiples of the tiles), kv_len [B] -> [B, T, H, D]."""
-  splash, _ = _splash_modules()
   b, t, h, d = q.shape
   s = k.shape[1]
   kernel = _splash_kernel(t, s, h, block_len, prefix_len, block_q, block_k, interpret)
@@ -494,7 +437,7 @@ def block_attention(q, k, v, *, block_len, prefix_len=0, kv_valid_len=None, bloc
                     block_k=None, interpret=False, backend=None):
   """Block-causal flash attention q [B, T, H, D], k, v [B, S, K, D] -> [B, T, H, D].
 
-  Same values as `block_attention_reference`, differentiable (custom VJP with
+  Same values as `kernels.reference.block_causal_attention`, differentiable (custom VJP with
   Pallas backward kernels). block_len L >= 1 and prefix_len P >= 0 are static;
   kv_valid_len int [B] (None: all S keys valid). block_q / block_k: tile rows
   (None: the backend's default). backend: "gpu", "tpu" or "cpu" (None: the

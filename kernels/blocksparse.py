@@ -1,10 +1,10 @@
 """Block-causal attention in plain XLA that only computes the visible keys.
 
 The fast CPU path of `kernels.dispatch.attention` for long self-attention.
-Same contract as `layers.attention.xla_attention` under the mask
-`block_causal_mask(T, T, block_len=L, prefix_len=P)` and key padding, but the
+Same contract as `kernels.reference.block_causal_attention` (the dense mask
+`block_causal_mask(T, T, block_len=L, prefix_len=P)` and key padding), but the
 queries are cut into row chunks of C tokens and chunk r only multiplies against
-keys [0, end_r), end_r being one past the last key any of its rows may see. The
+keys [0, end_r), end_r = `visible_key_end` of its last row (kernels/masks.py). The
 work and the saved activations therefore follow the visible (lower block-
 triangular) area, about half of T^2 for causal attention, instead of T^2.
 
@@ -32,9 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-# Logits of masked pairs; the value of layers.attention.MASK_VALUE (no import, to
-# keep kernels free of layers at import time).
-MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
+from kernels import masks
 
 # Rows per chunk before rounding to whole blocks. Forward + backward at T=4096,
 # L=16, H=4, D=64 on the 2-core CPU: 0.46 s (C=128), 0.43 (256), 0.49 (512),
@@ -53,13 +51,6 @@ def default_chunk(seq_len: int, block_len: int) -> int:
   return chunk
 
 
-def visible_end(row: int, seq_len: int, block_len: int, prefix_len: int) -> int:
-  """One past the last key that query `row` sees under the block-causal mask."""
-  if row < prefix_len:
-    return min(prefix_len, seq_len)
-  return min(seq_len, prefix_len + ((row - prefix_len) // block_len + 1) * block_len)
-
-
 def chunk_bounds(seq_len: int, block_len: int, prefix_len: int, chunk: int):
   """[(r0, r1, end)]: row chunks and their key extents.
 
@@ -71,16 +62,16 @@ def chunk_bounds(seq_len: int, block_len: int, prefix_len: int, chunk: int):
   for lo, hi in ((0, split), (split, seq_len)):
     for r0 in range(lo, hi, chunk):
       r1 = min(r0 + chunk, hi)
-      bounds.append((r0, r1, visible_end(r1 - 1, seq_len, block_len, prefix_len)))
+      end = masks.visible_key_end(r1 - 1, block_len=block_len, prefix_len=prefix_len)
+      bounds.append((r0, r1, int(min(end, seq_len))))
   return bounds
 
 
 def _chunk_mask(r0, r1, end, block_len, prefix_len):
   """numpy bool [r1 - r0, end]: the block-causal mask of rows r0..r1-1 (None if all True)."""
-  qi = np.arange(r0, r1)[:, None]
-  kj = np.arange(end)[None, :]
-  mask = (kj < prefix_len) | ((qi >= prefix_len) & (kj >= prefix_len) &
-                              ((qi - prefix_len) // block_len >= (kj - prefix_len) // block_len))
+  q_pos = np.arange(r0, r1)[:, None]
+  k_pos = np.arange(end)[None, :]
+  mask = k_pos < masks.visible_key_end(q_pos, block_len=block_len, prefix_len=prefix_len)
   return None if mask.all() else mask
 
 
@@ -94,7 +85,7 @@ def _attend_chunk(q_chunk, k, v, *, mask, valid):
     pad = valid[:, None, None, None, :]  # [B, 1, 1, 1, E]
     visible = pad if visible is None else visible & pad
   if visible is not None:
-    logits = jnp.where(visible, logits, MASK_VALUE)
+    logits = jnp.where(visible, logits, masks.MASK_VALUE)
   # The softmax is invariant to the shift, so no gradient needs to flow through it.
   shift = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
   p = jnp.exp(logits - shift)  # [B, K, G, C, E]
@@ -112,7 +103,7 @@ def block_attention_blocksparse(q, k, v, *, block_len, prefix_len=0, kv_valid_le
   causal attention, L >= T full attention. kv_valid_len: None or int [B], keys
   at s >= kv_valid_len[b] are hidden. chunk: rows per chunk (None: default_chunk).
   remat: recompute each chunk in the backward pass (less memory, more time).
-  Returns [B, T, H, D] in q.dtype, equal to `xla_attention` with the dense mask.
+  Returns [B, T, H, D] in q.dtype, equal to `reference.block_causal_attention`.
   """
   b, t, h, d = q.shape
   s, kv_heads = k.shape[1], k.shape[2]

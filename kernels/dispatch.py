@@ -3,7 +3,7 @@
 `attention(q, k, v, mask=MaskSpec(...), ...)` serves every model's attention:
 
   impl              what runs                                      serves
-  "xla"             layers.attention.xla_attention, dense mask     everything (decode, 2nd order)
+  "xla"             kernels.reference.xla_attention, dense mask    everything (decode, 2nd order)
   "xla_blocksparse" kernels.blocksparse: only the visible keys     self-attention (q_offset 0, T == S)
   "pallas"          kernels.block_attention.block_attention        q_offset 0; interpret mode on CPU
   "cudnn"           jax.nn.dot_product_attention(cudnn), dense mask GPU only
@@ -13,8 +13,9 @@
 `scan(s, v, valid)` forwards to kernels.scan_attention.scan_attention_auto
 (Aaren's prefix-scan attention), so both kernels have this one module.
 
-Kernel modules are imported inside the functions: they are optional, and a
-missing one is reported as an error naming the implementation.
+Every kernel module is imported here: they are part of the package, and a
+kernel that fails to import is an error at import time, not a silent fallback.
+The masks come from kernels.masks (MaskSpec).
 
 Dimension letters: B batch, T queries, S keys, H query heads, K kv heads, D head dim.
 """
@@ -22,9 +23,14 @@ Dimension letters: B batch, T queries, S keys, H query heads, K kv heads, D head
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
-from layers import attention as attention_lib
+from kernels import block_attention
+from kernels import blocksparse
+from kernels import masks
+from kernels import reference
+from kernels import scan_attention
 
 IMPLS = ("auto", "xla", "xla_blocksparse", "pallas", "cudnn")
 
@@ -56,6 +62,12 @@ def _is_self_attention(q_len, kv_len, q_offset) -> bool:
   return q_len == kv_len and _is_static_zero(q_offset)
 
 
+def check_impl(impl: str) -> None:
+  """Raises AttentionImplError naming impl and the choices unless impl is one of IMPLS."""
+  if impl not in IMPLS:
+    raise AttentionImplError(f"attention impl {impl!r} is unknown; choose one of {IMPLS}")
+
+
 def resolve_impl(impl: str, backend: str, q_len: int, kv_len: int, q_offset=0) -> str:
   """The implementation that `impl` means for this backend and these shapes.
 
@@ -64,8 +76,7 @@ def resolve_impl(impl: str, backend: str, q_len: int, kv_len: int, q_offset=0) -
   AUTO_BLOCKSPARSE_MIN_LEN tokens, "xla" otherwise. An explicit impl is returned
   as is once checked: AttentionImplError says why it cannot serve the request.
   """
-  if impl not in IMPLS:
-    raise AttentionImplError(f"attention impl {impl!r} is unknown; choose one of {IMPLS}")
+  check_impl(impl)
   self_attention = _is_self_attention(q_len, kv_len, q_offset)
   if impl == "auto":
     if backend in ACCELERATORS:
@@ -85,24 +96,7 @@ def resolve_impl(impl: str, backend: str, q_len: int, kv_len: int, q_offset=0) -
   return impl
 
 
-def mask_numbers(mask: attention_lib.MaskSpec, kv_len: int) -> tuple[int, int]:
-  """(block_len, prefix_len) of a MaskSpec as a block-causal mask over kv_len keys."""
-  if mask.kind == "full":
-    return max(kv_len, 1), 0  # one block holding every key
-  if mask.kind == "causal":
-    return 1, mask.prefix_len
-  return mask.block_len, mask.prefix_len
-
-
-def dense_mask(mask: attention_lib.MaskSpec, q_len, kv_len, *, kv_valid_len=None, q_offset=0):
-  """Bool [1|B, 1, T, S]: the MaskSpec's mask and the key padding."""
-  dense = mask.make(q_len, kv_len, q_offset=q_offset)[None, None]  # [1, 1, T, S]
-  if kv_valid_len is not None:
-    dense = dense & attention_lib.padding_mask(kv_valid_len, kv_len)  # [B, 1, T, S]
-  return dense
-
-
-def attention(q, k, v, *, mask: attention_lib.MaskSpec, kv_valid_len=None, q_offset=0, impl="auto"):
+def attention(q, k, v, *, mask: masks.MaskSpec, kv_valid_len=None, q_offset=0, impl="auto"):
   """Softmax attention q [B, T, H, D], k and v [B, S, K, D] -> [B, T, H, D] (H % K == 0).
 
   mask: a MaskSpec (full, causal or block-causal with a prefix); query t sits at
@@ -118,40 +112,33 @@ def attention(q, k, v, *, mask: attention_lib.MaskSpec, kv_valid_len=None, q_off
   """
   b, t = q.shape[:2]
   s = k.shape[1]
-  if not isinstance(mask, attention_lib.MaskSpec):
-    raise TypeError(f"mask must be a layers.attention.MaskSpec, got {type(mask).__name__}")
+  if not isinstance(mask, masks.MaskSpec):
+    raise TypeError(f"mask must be a kernels.masks.MaskSpec, got {type(mask).__name__}")
   backend = jax.default_backend()
   chosen = resolve_impl(impl, backend, t, s, q_offset)
   if kv_valid_len is not None:
-    kv_valid_len = jax.numpy.broadcast_to(jax.numpy.asarray(kv_valid_len, jax.numpy.int32), (b,))
+    kv_valid_len = jnp.broadcast_to(jnp.asarray(kv_valid_len, jnp.int32), (b,))
 
   if chosen == "xla":
-    dense = dense_mask(mask, t, s, kv_valid_len=kv_valid_len, q_offset=q_offset)
-    return attention_lib.xla_attention(q, k, v, dense)
+    dense = masks.dense_mask(mask, t, s, kv_valid_len=kv_valid_len, q_offset=q_offset)
+    return reference.xla_attention(q, k, v, dense)
 
   if chosen == "cudnn":
-    if q.dtype not in (jax.numpy.bfloat16, jax.numpy.float16):
+    if q.dtype not in (jnp.bfloat16, jnp.float16):
       raise AttentionImplError(f"attention impl 'cudnn' needs bfloat16 or float16 inputs, got {q.dtype}")
     # [1|B, 1, T, S]: broadcast over heads by cuDNN; grouped-query k/v go in as they are.
-    dense = dense_mask(mask, t, s, kv_valid_len=kv_valid_len, q_offset=q_offset)
+    dense = masks.dense_mask(mask, t, s, kv_valid_len=kv_valid_len, q_offset=q_offset)
     return jax.nn.dot_product_attention(q, k, v, mask=dense, implementation="cudnn").astype(q.dtype)
 
-  block_len, prefix_len = mask_numbers(mask, s)
+  block_len, prefix_len = mask.block_causal_numbers(s)
   if chosen == "xla_blocksparse":
-    from kernels import blocksparse  # pylint: disable=g-import-not-at-top
     return blocksparse.block_attention_blocksparse(
         q, k, v, block_len=block_len, prefix_len=prefix_len, kv_valid_len=kv_valid_len)
 
   assert chosen == "pallas", chosen
-  try:
-    from kernels import block_attention  # pylint: disable=g-import-not-at-top
-  except ImportError as e:
-    raise AttentionImplError(
-        f"attention impl 'pallas' is not available: kernels/block_attention.py cannot be imported ({e})") from e
   return block_attention.block_attention(
       q, k, v, block_len=block_len, prefix_len=prefix_len, kv_valid_len=kv_valid_len,
       interpret=backend == "cpu")
-
 
 
 def scan(s, v, valid=None, *, impl="auto"):
@@ -161,10 +148,4 @@ def scan(s, v, valid=None, *, impl="auto"):
   o [B, T, H, D]. impl: one of kernels.scan_attention.IMPLS, passed through;
   "auto" is the Pallas kernel on GPU/TPU and the chunked XLA scan on CPU.
   """
-  try:
-    from kernels import scan_attention  # pylint: disable=g-import-not-at-top
-  except ImportError as e:
-    raise AttentionImplError(
-        f"scan attention (impl {impl!r}) is not available: kernels/scan_attention.py cannot be imported ({e})"
-    ) from e
   return scan_attention.scan_attention_auto(s, v, valid, impl=impl)

@@ -45,6 +45,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+from jax.experimental.pallas import triton as plgpu
 
 # Score of a masked position: finite and far below any real score, so that
 # differences with it stay finite in float32 (|NEG_INF - x| < 3e30 << 3.4e38).
@@ -299,10 +301,8 @@ def _backward_kernel(s_col_ref, v_ref, m_row_ref, m_col_ref, lu_row_ref, lu_col_
 
 def _compiler_params(backend, dim):
   if backend == "gpu":
-    from jax.experimental.pallas import triton as plgpu  # pylint: disable=g-import-not-at-top
     return plgpu.CompilerParams(num_warps=4 if dim <= 64 else 8, num_stages=1)
   if backend == "tpu":
-    from jax.experimental.pallas import tpu as pltpu  # pylint: disable=g-import-not-at-top
     return pltpu.CompilerParams(dimension_semantics=("parallel",))
   return None
 

@@ -1,7 +1,8 @@
 """Flax linen building blocks shared by every model family.
 
-attention: masks (block-causal and friends), dot-product attention with a
-  registry of implementations, MultiHeadAttention with a KV cache.
+attention: MultiHeadAttention with a KV cache (decode_attention, resize_cache);
+  its masks and attention kernels come from kernels/ (kernels/masks.py,
+  kernels/dispatch.py), which never imports layers/.
 position: RoPE (1d/2d/3d), token grids, learned position tables.
 transformer: norms, Mlp, adaLN, TransformerBlock, DecoderStack.
 """

@@ -1,8 +1,13 @@
-"""Attention masks, dot-product attention and multi-head attention with a KV cache.
+"""Multi-head attention with a KV cache, over the kernels of kernels/.
 
 Dimension letters: B batch, T query length, S key length, H query heads,
-K kv heads, G = H / K query heads per kv head, D head dim, E width,
-L tokens per block, P prefix length.
+K kv heads, G = H / K query heads per kv head, D head dim, E width.
+
+The masks (MaskSpec, block_causal_mask, ...), the reference attention and the
+kernels live in kernels/ (kernels/masks.py, kernels/reference.py, and
+kernels/dispatch.py, which picks an implementation); this module imports them,
+never the other way round. MaskSpec is also importable from here, as model
+code writes `layers.attention.MaskSpec`.
 
 The KV cache of a decoding MultiHeadAttention keeps keys transposed and the
 batch and kv-head axes merged: cached_key [B*K, D, S], cached_value [B*K, S, D]
@@ -10,16 +15,10 @@ batch and kv-head axes merged: cached_key [B*K, D, S], cached_value [B*K, S, D]
 may start with a cache that just fits the prefill and grow it with
 `resize_cache` between phases of its loop, so that each step attends only over
 the slots written by the end of its phase.
-
-The block-causal mask is the one mask of the next-block (NBP) and next-entity
-(xAR) models: tokens 0..P-1 form a prefix that everyone sees; after it, token i
-belongs to block (i - P) // L and sees every token of its own and earlier
-blocks. L = 1 is ordinary causal attention, L >= T full attention.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Callable
 
@@ -27,138 +26,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from kernels import dispatch
+from kernels import masks
+from kernels.masks import MaskSpec  # re-exported: model configs write layers.attention.MaskSpec
 from layers import linear
 from layers import position
-
-# Logits of masked pairs: large and finite, so that a fully masked row gives a
-# uniform (finite) average instead of NaN.
-MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
-
-
-# ----------------------------------------------------------------------------
-# Masks: bool arrays, True = the query may see the key.
-
-
-def block_causal_mask(q_len, kv_len=None, *, block_len, prefix_len=0, q_offset=0):
-  """Bool [T, S]: query q_offset + t sees key s (see the module docstring).
-
-  `q_offset` may be a traced integer (the cache index while decoding);
-  `block_len` and `prefix_len` are static.
-  """
-  kv_len = q_len if kv_len is None else kv_len
-  if block_len < 1:
-    raise ValueError(f"block_len must be >= 1, got {block_len}")
-  qi = q_offset + jnp.arange(q_len)[:, None]  # [T, 1] absolute query positions
-  kj = jnp.arange(kv_len)[None, :]  # [1, S] key positions
-  k_prefix = kj < prefix_len
-  q_prefix = qi < prefix_len
-  same_or_later_block = (qi - prefix_len) // block_len >= (kj - prefix_len) // block_len
-  return k_prefix | (~q_prefix & ~k_prefix & same_or_later_block)
-
-
-def causal_mask(q_len, kv_len=None, q_offset=0):
-  """Bool [T, S]: query q_offset + t sees keys 0..q_offset + t."""
-  return block_causal_mask(q_len, kv_len, block_len=1, q_offset=q_offset)
-
-
-def full_mask(q_len, kv_len=None, q_offset=0):
-  """Bool [T, S], all True (bidirectional attention)."""
-  del q_offset  # every query sees every key wherever it is
-  kv_len = q_len if kv_len is None else kv_len
-  return jnp.ones((q_len, kv_len), dtype=bool)
-
-
-def padding_mask(kv_valid_len, kv_len):
-  """Bool [B, 1, 1, S]: key s is visible iff s < kv_valid_len[b]."""
-  valid = jnp.arange(kv_len)[None, :] < jnp.asarray(kv_valid_len)[:, None]  # [B, S]
-  return valid[:, None, None, :]
-
-
-MASK_KINDS = ("full", "causal", "block_causal")
-
-
-@dataclasses.dataclass(frozen=True)
-class MaskSpec:
-  """A mask as data, so a model config can carry it.
-
-  kind "causal" uses block_len 1 (with the prefix, if any); "full" ignores both
-  numbers.
-  """
-
-  kind: str = "causal"  # one of MASK_KINDS
-  block_len: int = 1  # L, tokens per block (block_causal only)
-  prefix_len: int = 0  # P, tokens visible to every query (causal, block_causal)
-
-  def __post_init__(self):
-    if self.kind not in MASK_KINDS:
-      raise ValueError(f"MaskSpec.kind={self.kind!r}: expected one of {MASK_KINDS}")
-    if self.block_len < 1 or self.prefix_len < 0:
-      raise ValueError(f"bad MaskSpec numbers: {self}")
-
-  def make(self, q_len, kv_len=None, q_offset=0):
-    """Bool [T, S] for queries at q_offset..q_offset+T-1 and keys 0..S-1."""
-    if self.kind == "full":
-      return full_mask(q_len, kv_len, q_offset)
-    block_len = 1 if self.kind == "causal" else self.block_len
-    return block_causal_mask(
-        q_len, kv_len, block_len=block_len, prefix_len=self.prefix_len, q_offset=q_offset)
-
-
-# ----------------------------------------------------------------------------
-# Dot-product attention, with a registry of implementations.
-
-
-def _as_bkgts_mask(mask, num_kv_heads):
-  """Mask broadcastable to [B, H, T, S] -> broadcastable to [B, K, G, T, S]."""
-  mask = jnp.asarray(mask, dtype=bool)
-  mask = mask.reshape((1,) * (4 - mask.ndim) + mask.shape)  # [B|1, H|1, T|1, S|1]
-  b, h, t, s = mask.shape
-  if h == 1:
-    return mask[:, :, None]  # [B|1, 1, 1, T|1, S|1]
-  return mask.reshape(b, num_kv_heads, h // num_kv_heads, t, s)  # [B|1, K, G, T|1, S|1]
-
-
-def xla_attention(q, k, v, mask=None):
-  """Softmax attention in plain jnp: the reference every kernel is checked against.
-
-  q [B, T, H, D], k and v [B, S, K, D] with H % K == 0; mask broadcastable to
-  [B, H, T, S]. Logits and softmax in float32, output in q.dtype.
-  """
-  b, t, h, d = q.shape
-  kv_heads = k.shape[2]
-  if h % kv_heads:
-    raise ValueError(f"{h} query heads are not a multiple of {kv_heads} kv heads")
-  q = q.reshape(b, t, kv_heads, h // kv_heads, d)  # [B, T, K, G, D]
-  logits = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
-  logits = logits * (1.0 / math.sqrt(d))  # [B, K, G, T, S]
-  if mask is not None:
-    logits = jnp.where(_as_bkgts_mask(mask, kv_heads), logits, MASK_VALUE)
-  probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-  out = jnp.einsum("bkgts,bskd->btkgd", probs, v)  # [B, T, K, G, D]
-  return out.reshape(b, t, h, d).astype(q.dtype)
-
-
-# name -> fn(q, k, v, mask) with the contract of `xla_attention`. Kernels
-# (kernels/*.py) add themselves with `register_attention_impl`.
-ATTENTION_IMPLS: dict[str, Callable] = {"xla": xla_attention}
-
-
-def register_attention_impl(name: str, fn: Callable) -> None:
-  """Makes `dot_product_attention(..., impl=name)` call fn(q, k, v, mask)."""
-  ATTENTION_IMPLS[name] = fn
-
-
-def dot_product_attention(q, k, v, mask=None, *, impl="xla"):
-  """Grouped-query softmax attention q [B,T,H,D], k,v [B,S,K,D] -> [B,T,H,D].
-
-  mask: bool broadcastable to [B, H, T, S], True = visible. Scale 1/sqrt(D).
-  impl: a name in ATTENTION_IMPLS.
-  """
-  fn = ATTENTION_IMPLS.get(impl)
-  if fn is None:
-    raise NotImplementedError(
-        f"attention impl {impl!r} is not available; registered: {sorted(ATTENTION_IMPLS)}")
-  return fn(q, k, v, mask)
 
 
 # ----------------------------------------------------------------------------
@@ -190,7 +62,7 @@ def decode_attention(q, keys, values, mask=None):
 
   mask: bool broadcastable to [B, 1, T, S] (True = visible), the same for every
   head. Scale 1/sqrt(D), float32 logits and softmax, output [B, T, H, D] in
-  q.dtype: `xla_attention` with the cache's layout.
+  q.dtype: `kernels.reference.xla_attention` with the cache's layout.
   """
   b, t, h, d = q.shape
   bk, _, s = keys.shape
@@ -204,7 +76,7 @@ def decode_attention(q, keys, values, mask=None):
     mask = jnp.asarray(mask, dtype=bool)
     mask = mask.reshape((1,) * (4 - mask.ndim) + mask.shape)[:, :1]  # [B|1, 1, T|1, S|1]
     mask = jnp.broadcast_to(mask[:, :, None], (b, kv, g, t, s)).reshape(bk, g * t, s)
-    logits = jnp.where(mask, logits, MASK_VALUE)
+    logits = jnp.where(mask, logits, masks.MASK_VALUE)
   probs = jax.nn.softmax(logits, axis=-1).astype(values.dtype)
   out = jax.lax.dot_general(probs, values, (((2,), (1,)), ((0,), (0,))))  # [B*K, G*T, D]
   return out.reshape(b, kv, g, t, d).transpose(0, 3, 1, 2, 4).reshape(b, t, h, d).astype(q.dtype)
@@ -252,7 +124,8 @@ class MultiHeadAttention(nn.Module):
 
   `impl` picks the attention implementation through `kernels.dispatch.attention`
   ("auto" chooses per backend and sequence length); cached decode steps always
-  run `decode_attention` (plain XLA in the cache's layout).
+  run `decode_attention` (plain XLA in the cache's layout). An impl outside
+  kernels.dispatch.IMPLS is an AttentionImplError naming it and the choices.
   """
 
   num_heads: int  # H
@@ -261,7 +134,7 @@ class MultiHeadAttention(nn.Module):
   mask: MaskSpec = MaskSpec("causal")  # which keys each query sees
   rope: str | None = None  # None, "1d", "2d" or "3d": axes of the rotary positions
   rope_base: float = 10000.0  # RoPE frequency base
-  impl: str = "xla"  # kernels.dispatch.IMPLS ("auto", "xla", "xla_blocksparse", "pallas", "cudnn") or an ATTENTION_IMPLS key
+  impl: str = "xla"  # one of kernels.dispatch.IMPLS ("auto", "xla", "xla_blocksparse", "pallas", "cudnn")
   dtype: jnp.dtype = jnp.float32  # computation dtype
   param_dtype: jnp.dtype = jnp.float32  # parameter storage dtype
   use_bias: bool = False  # biases on the q/k/v/out projections
@@ -286,38 +159,17 @@ class MultiHeadAttention(nn.Module):
       raise ValueError(f"rope={self.rope!r} needs explicit positions [B, T, {ROPE_AXES[self.rope]}]")
     return jnp.broadcast_to(offset + jnp.arange(length, dtype=jnp.int32), (batch, length))
 
-  def _attend(self, q, k, v, *, kv_valid_len):
-    """q [B, T, H, D], k, v [B, T, K, D] -> [B, T, H, D] under self.mask (no cache).
-
-    Implementations of kernels.dispatch get the MaskSpec itself (a kernel may skip
-    invisible tiles). Other names are dense-mask functions of ATTENTION_IMPLS.
-    """
-    from kernels import dispatch  # pylint: disable=g-import-not-at-top  (kernels imports layers)
-    if self.impl in dispatch.IMPLS:
-      return dispatch.attention(q, k, v, mask=self.mask, kv_valid_len=kv_valid_len, impl=self.impl)
-    if self.impl not in ATTENTION_IMPLS:
-      raise NotImplementedError(
-          f"attention impl {self.impl!r} is not available; choose one of {dispatch.IMPLS} or a "
-          f"registered dense-mask impl {sorted(ATTENTION_IMPLS)}")
-    t, s = q.shape[1], k.shape[1]
-    mask = dispatch.dense_mask(self.mask, t, s, kv_valid_len=kv_valid_len)
-    return dot_product_attention(q, k, v, mask, impl=self.impl)
-
   def _attend_cache(self, q, keys, values, *, kv_valid_len, q_offset):
     """q [B, T, H, D] at q_offset.. over the cache (keys [B*K, D, S], values [B*K, S, D])."""
-    from kernels import dispatch  # pylint: disable=g-import-not-at-top  (kernels imports layers)
-    if self.impl not in dispatch.IMPLS and self.impl not in ATTENTION_IMPLS:
-      raise NotImplementedError(
-          f"attention impl {self.impl!r} is not available; choose one of {dispatch.IMPLS} or a "
-          f"registered dense-mask impl {sorted(ATTENTION_IMPLS)}")
     t, s = q.shape[1], values.shape[-2]
-    mask = dispatch.dense_mask(self.mask, t, s, kv_valid_len=kv_valid_len, q_offset=q_offset)
+    mask = masks.dense_mask(self.mask, t, s, kv_valid_len=kv_valid_len, q_offset=q_offset)
     return decode_attention(q, keys, values, mask)
 
   @nn.compact
   def __call__(self, x, *, positions=None, kv_valid_len=None, decode=False):
     if self.rope not in ROPE_AXES:
       raise ValueError(f"rope={self.rope!r}: expected one of {list(ROPE_AXES)}")
+    dispatch.check_impl(self.impl)  # cached decode steps never reach the dispatcher
     b, t, e = x.shape
     h, d = self.num_heads, self.head_dim
     kv = self.num_kv_heads or h
@@ -358,6 +210,7 @@ class MultiHeadAttention(nn.Module):
       if positions is None:
         positions = self._default_positions(b, t, 0)
       q, k = self._rope(q, positions), self._rope(k, positions)
-      out = self._attend(q, k, v, kv_valid_len=kv_valid_len)
+      # The MaskSpec itself goes to the kernels: they may skip invisible tiles.
+      out = dispatch.attention(q, k, v, mask=self.mask, kv_valid_len=kv_valid_len, impl=self.impl)
     # out: [B, T, H, D]
     return self._dense(e, (-2, -1), ("heads", "head_dim", "embed"), "out")(out)  # [B, T, E]

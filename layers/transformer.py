@@ -23,8 +23,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from kernels.masks import MaskSpec
 from layers import linear
-from layers.attention import MaskSpec, MultiHeadAttention
+from layers.attention import MultiHeadAttention
 
 ACTIVATION_AXES = ("batch", "length", "embed")
 

@@ -20,7 +20,8 @@ def tiny_ntp_config(data_dir: str, **overrides):
   c.data.frame_size = 8
   c.data.num_train = 64
   c.data.num_test = 16
-  c.model.num_samples = 2
+  c.model.grid = (2, 8, 8)
+  c.sampler.num_samples = 2
   set_tiny_budget(c, num_steps=4, checkpoint_every=2)
   return apply_overrides(c, overrides)
 
@@ -31,7 +32,7 @@ def set_tiny_budget(c, *, num_steps: int, checkpoint_every: int) -> None:
   c.num_steps = num_steps
   c.log_every = 1
   c.checkpoint_every = checkpoint_every
-  c.eval_steps = 1
+  c.evals.loss.steps = 1
   c.optimizer.warmup_steps = 1
 
 

@@ -17,7 +17,7 @@ import jax
 jax.config.update("jax_num_cpu_devices", 8)
 
 from experiments.configs import nbp_kinetics600, nbp_ucf101, video_tokenizer_pod  # pylint: disable=g-import-not-at-top
-from nbp import train  # pylint: disable=g-import-not-at-top
+from nbp.training import loop as train  # pylint: disable=g-import-not-at-top
 
 BIG = 1 << 20  # a kernel of at least this many entries counts as big
 

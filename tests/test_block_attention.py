@@ -1,7 +1,8 @@
 """Tests of kernels/block_attention.py: the Pallas block-causal flash attention.
 
 On CPU the kernels run in interpret mode with 16-row tiles, against the dense
-reference (values and dq, dk, dv through a random cotangent). The compiled
+reference `kernels.reference.block_causal_attention` (values and dq, dk, dv
+through a random cotangent). The compiled
 GPU / TPU tests are marked and skipped elsewhere.
 """
 
@@ -16,7 +17,8 @@ import numpy as np
 import pytest
 
 from kernels import block_attention as ba
-from layers import attention
+from kernels import masks
+from kernels import reference
 
 TILE = 16
 
@@ -52,8 +54,8 @@ def reference_fn(block_len, prefix_len):
 
 
 def _reference(block_len, prefix_len, q, k, v, kv_valid_len):
-  return ba.block_attention_reference(q, k, v, block_len=block_len, prefix_len=prefix_len,
-                                      kv_valid_len=kv_valid_len)
+  return reference.block_causal_attention(q, k, v, block_len=block_len, prefix_len=prefix_len,
+                                         kv_valid_len=kv_valid_len)
 
 
 def assert_matches_reference(q, k, v, kv_valid_len, *, block_len, prefix_len, atol, rtol=0.0,
@@ -222,11 +224,13 @@ def test_gpu_tiles_must_suit_triton():
 
 
 def visible_pair_tiles(t, s, block_len, prefix_len, block_q, block_k, valid):
-  """Bool [T/bq, S/bk]: tiles holding at least one visible (query, key) pair."""
-  qi, kj = np.arange(t)[:, None], np.arange(s)[None, :]  # numpy: no compilation per shape
-  mask = (kj < prefix_len) | ((qi >= prefix_len) & (kj >= prefix_len)
-                              & ((qi - prefix_len) // block_len >= (kj - prefix_len) // block_len))
-  mask &= kj < valid
+  """Bool [T/bq, S/bk]: tiles holding at least one visible (query, key) pair.
+
+  The pairs come from the visible-key formula in numpy (no compilation per
+  shape); tests/test_dispatch.py checks that formula against brute force.
+  """
+  qi, kj = np.arange(t)[:, None], np.arange(s)[None, :]
+  mask = (kj < masks.visible_key_end(qi, block_len=block_len, prefix_len=prefix_len)) & (kj < valid)
   nq, nk = -(-t // block_q), -(-s // block_k)
   padded = np.zeros((nq * block_q, nk * block_k), dtype=bool)
   padded[:t, :s] = mask
@@ -290,11 +294,11 @@ def test_splash_route_in_interpret_mode():
 
 
 def test_splash_mask_equals_block_causal_mask():
-  mask_cls = ba._block_causal_mask_class()  # pylint: disable=protected-access
+  mask_cls = ba.BlockCausalMask
   for t, block_len, prefix_len in ((37, 1, 0), (64, 5, 7), (50, 16, 3), (20, 20, 25)):
     mask = mask_cls((t, t), block_len, prefix_len)
     np.testing.assert_array_equal(
-        mask[:, :], np.asarray(attention.block_causal_mask(t, block_len=block_len,
+        mask[:, :], np.asarray(masks.block_causal_mask(t, block_len=block_len,
                                                            prefix_len=prefix_len)))
     assert mask == mask_cls((t, t), block_len, prefix_len)
     assert hash(mask) == hash(mask_cls((t, t), block_len, prefix_len))

@@ -20,7 +20,7 @@ from PIL import Image
 
 from nbp.data import moving_digits as md
 from nbp.data import pipeline
-from nbp.data import tfds_video
+from nbp.data import tfds_sources as tfds_video
 from nbp.data.generated import GeneratedBuilder
 from nbp.data.video_folder import VideoFolderSource
 

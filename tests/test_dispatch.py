@@ -1,12 +1,14 @@
-"""Tests of kernels/blocksparse.py and kernels/dispatch.py (CPU).
+"""Tests of kernels/masks.py, kernels/reference.py, kernels/blocksparse.py and kernels/dispatch.py (CPU).
 
-The block-sparse XLA path is checked against the dense reference
-(`layers.attention.xla_attention` with `block_causal_mask` and key padding) in
+The masks and their visible-key formula are checked against a brute-force
+loop, the dense reference (`kernels.reference.xla_attention`) against numpy;
+the block-sparse XLA path against the reference (`block_causal_attention`) in
 values and in dq, dk, dv; the dispatcher for its choices and its errors; and a
 model config switches the implementation without touching model code.
 """
 
 import functools
+import itertools
 
 import jax
 import jax.numpy as jnp
@@ -15,20 +17,15 @@ import pytest
 
 from kernels import blocksparse
 from kernels import dispatch
+from kernels import masks
+from kernels import reference
+from kernels import scan_attention
+from kernels.masks import MaskSpec
 from layers import attention
-from layers.attention import MaskSpec
 
 
 def randn(seed, shape, dtype=jnp.float32):
   return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), dtype)
-
-
-def dense_reference(q, k, v, *, block_len, prefix_len=0, kv_valid_len=None):
-  t, s = q.shape[1], k.shape[1]
-  mask = attention.block_causal_mask(t, s, block_len=block_len, prefix_len=prefix_len)[None, None]
-  if kv_valid_len is not None:
-    mask = mask & attention.padding_mask(kv_valid_len, s)
-  return attention.xla_attention(q, k, v, mask)
 
 
 def values_and_grads(fn, q, k, v, cotangent):
@@ -43,6 +40,144 @@ def qkv(t, heads=4, kv_heads=2, d=8, batch=2, dtype=jnp.float32):
 
 
 # ----------------------------------------------------------------------------
+# Masks against brute force.
+
+
+def brute_force_mask(q_len, kv_len, block_len, prefix_len, q_offset):
+  mask = np.zeros((q_len, kv_len), dtype=bool)
+  for t in range(q_len):
+    i = q_offset + t
+    for j in range(kv_len):
+      if j < prefix_len:
+        mask[t, j] = True
+      elif i >= prefix_len:
+        mask[t, j] = (i - prefix_len) // block_len >= (j - prefix_len) // block_len
+  return mask
+
+
+MASK_GRID = list(itertools.product((1, 4, 7), (1, 2, 3, 4, 16), (0, 1, 3), (0, 2, 5)))  # T, L, P, offset
+
+
+def test_block_causal_mask_matches_brute_force():
+  for q_len, block_len, prefix_len, q_offset in MASK_GRID:
+    kv_len = q_offset + q_len + 2  # keys beyond the queries, as in a cache
+    got = masks.block_causal_mask(q_len, kv_len, block_len=block_len, prefix_len=prefix_len, q_offset=q_offset)
+    want = brute_force_mask(q_len, kv_len, block_len, prefix_len, q_offset)
+    np.testing.assert_array_equal(np.asarray(got), want, err_msg=str((q_len, block_len, prefix_len, q_offset)))
+
+
+def test_visible_key_formula_in_numpy_matches_brute_force():
+  """The numpy evaluation (the kernels' static bounds) of visible_key_end and its inverse."""
+  for _, block_len, prefix_len, _ in MASK_GRID:
+    t = 40
+    want = brute_force_mask(t, t, block_len, prefix_len, 0)
+    q_pos, k_pos = np.arange(t)[:, None], np.arange(t)[None, :]
+    kw = dict(block_len=block_len, prefix_len=prefix_len)
+    np.testing.assert_array_equal(k_pos < masks.visible_key_end(q_pos, **kw), want, err_msg=str(kw))
+    np.testing.assert_array_equal(q_pos >= masks.first_seeing_query(k_pos, **kw), want, err_msg=str(kw))
+
+
+def test_block_causal_special_cases():
+  t = 9
+  # block_len 1 is causal.
+  np.testing.assert_array_equal(masks.block_causal_mask(t, block_len=1), np.tril(np.ones((t, t), bool)))
+  np.testing.assert_array_equal(masks.causal_mask(t), np.tril(np.ones((t, t), bool)))
+  np.testing.assert_array_equal(masks.causal_mask(3, 8, q_offset=4), np.tril(np.ones((3, 8), bool), k=4))
+  # block_len >= T is full attention after the prefix; the prefix sees only itself.
+  p = 3
+  m = np.asarray(masks.block_causal_mask(t, block_len=t, prefix_len=p))
+  assert m[p:].all()
+  assert m[:p, :p].all() and not m[:p, p:].any()
+  np.testing.assert_array_equal(masks.full_mask(4, 6), np.ones((4, 6), bool))
+
+
+def test_mask_spec_and_traced_offset():
+  spec = MaskSpec("block_causal", block_len=4, prefix_len=3)
+  want = brute_force_mask(4, 20, 4, 3, 7)
+  np.testing.assert_array_equal(spec.make(4, 20, q_offset=7), want)
+  traced = jax.jit(lambda off: spec.make(4, 20, q_offset=off))(jnp.int32(7))
+  np.testing.assert_array_equal(traced, want)
+  np.testing.assert_array_equal(MaskSpec("causal").make(5), np.tril(np.ones((5, 5), bool)))
+  np.testing.assert_array_equal(MaskSpec("causal", prefix_len=2).make(5), brute_force_mask(5, 5, 1, 2, 0))
+  assert MaskSpec("full").make(3, 4).all()
+  # The kernels' numbers of each kind give the same mask.
+  for mask in (spec, MaskSpec("causal", prefix_len=2), MaskSpec("full")):
+    block_len, prefix_len = mask.block_causal_numbers(20)
+    np.testing.assert_array_equal(mask.make(6, 20, q_offset=3), brute_force_mask(6, 20, block_len, prefix_len, 3))
+  with pytest.raises(ValueError):
+    MaskSpec("diagonal")
+  hash(spec)  # a config value: hashable
+
+
+def test_padding_and_dense_masks():
+  m = masks.padding_mask(jnp.array([2, 5]), 5)
+  assert m.shape == (2, 1, 1, 5)
+  np.testing.assert_array_equal(m[:, 0, 0], [[1, 1, 0, 0, 0], [1, 1, 1, 1, 1]])
+  spec = MaskSpec("block_causal", block_len=2, prefix_len=1)
+  dense = masks.dense_mask(spec, 3, 5, kv_valid_len=jnp.array([2, 5]), q_offset=1)
+  assert dense.shape == (2, 1, 3, 5)
+  np.testing.assert_array_equal(dense[:, 0], brute_force_mask(3, 5, 2, 1, 1)[None] & np.asarray(m[:, 0]))
+  assert masks.dense_mask(spec, 3, 5).shape == (1, 1, 3, 5)
+
+
+# ----------------------------------------------------------------------------
+# The dense reference against numpy.
+
+
+def naive_attention(q, k, v, mask):
+  """numpy softmax attention with kv heads repeated to the query heads."""
+  q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
+  groups = q.shape[2] // k.shape[2]
+  k, v = np.repeat(k, groups, axis=2), np.repeat(v, groups, axis=2)
+  logits = np.einsum("bthd,bshd->bhts", q, k) / np.sqrt(q.shape[-1])
+  logits = np.where(np.broadcast_to(mask, logits.shape), logits, -1e30)
+  logits -= logits.max(-1, keepdims=True)
+  probs = np.exp(logits)
+  probs /= probs.sum(-1, keepdims=True)
+  return np.einsum("bhts,bshd->bthd", probs, v)
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (4, 2), (6, 1)])
+def test_xla_attention_matches_naive(heads, kv_heads):
+  b, t, s, d = 2, 5, 7, 8
+  q, k, v = randn(0, (b, t, heads, d)), randn(1, (b, s, kv_heads, d)), randn(2, (b, s, kv_heads, d))
+  mask = masks.causal_mask(t, s, q_offset=2)[None, None] & masks.padding_mask(jnp.array([6, 3]), s)
+  attend = jax.jit(reference.xla_attention)
+  got = attend(q, k, v, mask)
+  np.testing.assert_allclose(got, naive_attention(q, k, v, np.asarray(mask)), atol=1e-5)
+  # A per-head mask [B, H, T, S] also works.
+  head_mask = np.random.default_rng(3).random((b, heads, t, s)) < 0.7
+  head_mask[..., 0] = True
+  got = attend(q, k, v, head_mask)
+  np.testing.assert_allclose(got, naive_attention(q, k, v, np.asarray(head_mask)), atol=1e-5)
+  # No mask.
+  got = attend(q, k, v)
+  np.testing.assert_allclose(got, naive_attention(q, k, v, np.ones((1, 1, t, s), bool)), atol=1e-5)
+
+
+def test_fully_masked_rows_are_finite():
+  q = jnp.ones((1, 3, 2, 4))
+  k = v = jnp.ones((1, 5, 2, 4))
+  mask = jnp.zeros((1, 1, 3, 5), bool).at[0, 0, 1, :2].set(True)  # rows 0 and 2 see nothing
+  out = reference.xla_attention(q, k, v, mask)
+  assert np.isfinite(np.asarray(out)).all()
+  grads = jax.grad(lambda q: reference.xla_attention(q, k, v, mask).sum())(q)
+  assert np.isfinite(np.asarray(grads)).all()
+
+
+def test_xla_impl_second_order_gradients():
+  # EBT differentiates through its own gradient steps: the "xla" path must allow it.
+  q, k, v = randn(0, (1, 4, 2, 4)), randn(1, (1, 4, 1, 4)), randn(2, (1, 4, 1, 4))
+  attend = lambda q, k: dispatch.attention(q, k, v, mask=MaskSpec("causal"), impl="xla")
+
+  def inner(q, k):
+    return jnp.sum(jax.grad(lambda q: jnp.sum(attend(q, k) ** 2))(q) ** 2)
+
+  g = jax.jit(jax.grad(inner, argnums=1))(q, k)
+  assert g.shape == k.shape and np.isfinite(np.asarray(g)).all() and np.abs(np.asarray(g)).sum() > 0
+
+
+# ----------------------------------------------------------------------------
 # Block-sparse XLA attention against the dense reference.
 
 
@@ -54,7 +189,7 @@ def test_blocksparse_matches_dense_values_and_grads(block_len, prefix_len):
   lengths = jnp.array([t, 23])  # key padding in the second example
   kwargs = dict(block_len=block_len, prefix_len=prefix_len, kv_valid_len=lengths)
   cot = randn(3, q.shape)
-  want = values_and_grads(functools.partial(dense_reference, **kwargs), q, k, v, cot)
+  want = values_and_grads(functools.partial(reference.block_causal_attention, **kwargs), q, k, v, cot)
   got = values_and_grads(jax.jit(functools.partial(blocksparse.block_attention_blocksparse, chunk=8, **kwargs)),
                          q, k, v, cot)
   for name, g, w in zip(("out", "dq", "dk", "dv"), got, want):
@@ -68,7 +203,7 @@ def test_blocksparse_default_chunks_and_remat(remat):
   q, k, v = qkv(t, heads=2, kv_heads=1, batch=1)
   cot = randn(3, q.shape)
   kwargs = dict(block_len=block_len, prefix_len=prefix_len)
-  want = values_and_grads(functools.partial(dense_reference, **kwargs), q, k, v, cot)
+  want = values_and_grads(functools.partial(reference.block_causal_attention, **kwargs), q, k, v, cot)
   fn = functools.partial(blocksparse.block_attention_blocksparse, remat=remat, **kwargs)
   got = values_and_grads(jax.jit(fn), q, k, v, cot)
   for name, g, w in zip(("out", "dq", "dk", "dv"), got, want):
@@ -82,7 +217,8 @@ def test_blocksparse_bfloat16():
   kwargs = dict(block_len=4, prefix_len=3, kv_valid_len=jnp.array([40, 31]))
   # The float32 reference on the same (bf16-rounded) inputs.
   f32 = [x.astype(jnp.float32) for x in (q, k, v)]
-  want = values_and_grads(functools.partial(dense_reference, **kwargs), *f32, cot.astype(jnp.float32))
+  want = values_and_grads(functools.partial(reference.block_causal_attention, **kwargs), *f32,
+                          cot.astype(jnp.float32))
   got = values_and_grads(jax.jit(functools.partial(blocksparse.block_attention_blocksparse, chunk=16, **kwargs)),
                          q, k, v, cot)
   assert all(g.dtype == jnp.bfloat16 for g in got)
@@ -95,7 +231,7 @@ def test_blocksparse_chunks_cover_rows_and_visible_keys():
     bounds = blocksparse.chunk_bounds(t, block_len, prefix_len, chunk)
     rows = np.concatenate([np.arange(r0, r1) for r0, r1, _ in bounds])
     np.testing.assert_array_equal(rows, np.arange(t))
-    mask = np.asarray(attention.block_causal_mask(t, t, block_len=block_len, prefix_len=prefix_len))
+    mask = np.asarray(masks.block_causal_mask(t, t, block_len=block_len, prefix_len=prefix_len))
     for r0, r1, end in bounds:
       assert not mask[r0:r1, end:].any()  # nothing visible is skipped
       assert mask[r0:r1, end - 1].any()  # and the key range is tight
@@ -115,7 +251,7 @@ def test_blocksparse_is_finite_without_visible_keys_and_twice_differentiable():
     return jnp.sum(jax.grad(f)(q) ** 2)
 
   def inner_ref(q, k):
-    f = lambda q: jnp.sum(dense_reference(q, k, v, block_len=3) ** 2)
+    f = lambda q: jnp.sum(reference.block_causal_attention(q, k, v, block_len=3) ** 2)
     return jnp.sum(jax.grad(f)(q) ** 2)
 
   np.testing.assert_allclose(jax.jit(jax.grad(inner, argnums=1))(q, k), jax.jit(jax.grad(inner_ref, argnums=1))(q, k),
@@ -165,7 +301,7 @@ def test_dispatcher_errors():
   with pytest.raises(NotImplementedError, match="'cudnn' needs an NVIDIA GPU; the backend is 'cpu'"):
     dispatch.attention(q, k, v, mask=causal, impl="cudnn")
   with pytest.raises(TypeError, match="MaskSpec"):
-    dispatch.attention(q, k, v, mask=attention.causal_mask(4))
+    dispatch.attention(q, k, v, mask=masks.causal_mask(4))
   # The same message inside jit, with the cache index traced.
   with pytest.raises(NotImplementedError, match="xla_blocksparse"):
     jax.jit(lambda i: dispatch.attention(q, k, v, mask=causal, q_offset=i, impl="xla_blocksparse"))(0)
@@ -180,14 +316,8 @@ def test_dispatch_impls_agree(mask):
   t = 19
   q, k, v = qkv(t)
   lengths = jnp.array([19, 11])
-  want = attention.xla_attention(q, k, v, mask.make(t)[None, None] & attention.padding_mask(lengths, t))
-  impls = ["auto", "xla", "xla_blocksparse"]
-  try:
-    import kernels.block_attention  # pylint: disable=g-import-not-at-top,unused-import
-    impls.append("pallas")
-  except ImportError:
-    pass
-  for impl in impls:
+  want = reference.xla_attention(q, k, v, mask.make(t)[None, None] & masks.padding_mask(lengths, t))
+  for impl in ("auto", "xla", "xla_blocksparse", "pallas"):
     got = dispatch.attention(q, k, v, mask=mask, kv_valid_len=lengths, impl=impl)
     np.testing.assert_allclose(got, want, atol=2e-5, err_msg=impl)
 
@@ -205,7 +335,6 @@ def test_dispatch_decode_rows_match_full():
 
 
 def test_scan_forwards_to_scan_attention():
-  scan_attention = pytest.importorskip("kernels.scan_attention")
   s, v = randn(0, (2, 24, 3)), randn(1, (2, 24, 3, 8))
   valid = jnp.arange(24)[None] < jnp.array([[24], [17]])
   got = jax.jit(dispatch.scan)(s, v, valid)
@@ -238,12 +367,7 @@ def test_multihead_attention_blocksparse_decodes_with_cache():
 
 def test_model_config_switches_attention_impl():
   from nbp import ntp  # pylint: disable=g-import-not-at-top
-  impls = ["xla", "xla_blocksparse", "auto"]
-  try:
-    import kernels.block_attention  # pylint: disable=g-import-not-at-top,unused-import
-    impls.append("pallas")  # interpret mode on CPU
-  except ImportError:
-    pass
+  impls = ["xla", "xla_blocksparse", "auto", "pallas"]  # pallas: interpret mode on CPU
   tokens = jnp.asarray(np.random.default_rng(0).integers(0, 16, (2, 24)), jnp.int32)
   make = lambda impl: ntp.NextTokenTransformer(vocab_size=17, max_len=24, num_layers=2, width=32,
                                                num_heads=4, num_kv_heads=2, attention_impl=impl)
@@ -255,7 +379,6 @@ def test_model_config_switches_attention_impl():
 
 
 def test_model_pallas_switch_when_kernel_exists():
-  pytest.importorskip("kernels.block_attention")
   from nbp import ntp  # pylint: disable=g-import-not-at-top
   tokens = jnp.asarray(np.random.default_rng(1).integers(0, 16, (1, 16)), jnp.int32)
   make = lambda impl: ntp.NextTokenTransformer(vocab_size=17, max_len=16, num_layers=1, width=32,

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import scipy.linalg
 
-from nbp import families
+from nbp import tasks as families
 from nbp import fvd
-from nbp import train
+from nbp.training import loop as train
 from nbp import video_classifier
 from tests.conftest import set_tiny_budget
 

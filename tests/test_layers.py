@@ -1,7 +1,9 @@
-"""Tests of layers/: masks, attention, RoPE, KV-cache decoding, blocks and stacks (CPU)."""
+"""Tests of layers/: attention over a KV cache, RoPE, KV-cache decoding, blocks and stacks (CPU).
+
+The masks and the reference attention are tested with kernels/ (tests/test_dispatch.py).
+"""
 
 import functools
-import itertools
 
 import flax.linen as nn
 import jax
@@ -9,8 +11,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from kernels import dispatch
+from kernels import masks
+from kernels import reference
+from kernels.masks import MaskSpec
 from layers import attention, position, transformer
-from layers.attention import MaskSpec, MultiHeadAttention, block_causal_mask, dot_product_attention
+from layers.attention import MultiHeadAttention
 from layers.transformer import DecoderStack, Mlp, TransformerBlock
 
 
@@ -20,133 +26,22 @@ def randn(seed, shape):
 
 
 # ----------------------------------------------------------------------------
-# Masks
-
-
-def brute_force_mask(q_len, kv_len, block_len, prefix_len, q_offset):
-  mask = np.zeros((q_len, kv_len), dtype=bool)
-  for t in range(q_len):
-    i = q_offset + t
-    for j in range(kv_len):
-      if j < prefix_len:
-        mask[t, j] = True
-      elif i >= prefix_len:
-        mask[t, j] = (i - prefix_len) // block_len >= (j - prefix_len) // block_len
-  return mask
-
-
-def test_block_causal_mask_matches_brute_force():
-  for q_len, block_len, prefix_len, q_offset in itertools.product(
-      (1, 4, 7), (1, 2, 3, 4, 16), (0, 1, 3), (0, 2, 5)):
-    kv_len = q_offset + q_len + 2  # keys beyond the queries, as in a cache
-    got = block_causal_mask(q_len, kv_len, block_len=block_len, prefix_len=prefix_len, q_offset=q_offset)
-    want = brute_force_mask(q_len, kv_len, block_len, prefix_len, q_offset)
-    np.testing.assert_array_equal(np.asarray(got), want, err_msg=str((q_len, block_len, prefix_len, q_offset)))
-
-
-def test_block_causal_special_cases():
-  t = 9
-  # block_len 1 is causal.
-  np.testing.assert_array_equal(block_causal_mask(t, block_len=1), np.tril(np.ones((t, t), bool)))
-  np.testing.assert_array_equal(attention.causal_mask(t), np.tril(np.ones((t, t), bool)))
-  np.testing.assert_array_equal(attention.causal_mask(3, 8, q_offset=4), np.tril(np.ones((3, 8), bool), k=4))
-  # block_len >= T is full attention after the prefix; the prefix sees only itself.
-  p = 3
-  m = np.asarray(block_causal_mask(t, block_len=t, prefix_len=p))
-  assert m[p:].all()
-  assert m[:p, :p].all() and not m[:p, p:].any()
-  np.testing.assert_array_equal(attention.full_mask(4, 6), np.ones((4, 6), bool))
-
-
-def test_mask_spec_and_traced_offset():
-  spec = MaskSpec("block_causal", block_len=4, prefix_len=3)
-  want = brute_force_mask(4, 20, 4, 3, 7)
-  np.testing.assert_array_equal(spec.make(4, 20, q_offset=7), want)
-  traced = jax.jit(lambda off: spec.make(4, 20, q_offset=off))(jnp.int32(7))
-  np.testing.assert_array_equal(traced, want)
-  np.testing.assert_array_equal(MaskSpec("causal").make(5), np.tril(np.ones((5, 5), bool)))
-  np.testing.assert_array_equal(MaskSpec("causal", prefix_len=2).make(5), brute_force_mask(5, 5, 1, 2, 0))
-  assert MaskSpec("full").make(3, 4).all()
-  with pytest.raises(ValueError):
-    MaskSpec("diagonal")
-  hash(spec)  # a config value: hashable
-
-
-def test_padding_mask():
-  m = attention.padding_mask(jnp.array([2, 5]), 5)
-  assert m.shape == (2, 1, 1, 5)
-  np.testing.assert_array_equal(m[:, 0, 0], [[1, 1, 0, 0, 0], [1, 1, 1, 1, 1]])
-
-
-# ----------------------------------------------------------------------------
-# Dot-product attention
-
-
-def naive_attention(q, k, v, mask):
-  """numpy softmax attention with kv heads repeated to the query heads."""
-  q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
-  groups = q.shape[2] // k.shape[2]
-  k, v = np.repeat(k, groups, axis=2), np.repeat(v, groups, axis=2)
-  logits = np.einsum("bthd,bshd->bhts", q, k) / np.sqrt(q.shape[-1])
-  logits = np.where(np.broadcast_to(mask, logits.shape), logits, -1e30)
-  logits -= logits.max(-1, keepdims=True)
-  probs = np.exp(logits)
-  probs /= probs.sum(-1, keepdims=True)
-  return np.einsum("bhts,bshd->bthd", probs, v)
+# Attention in the cache layout
 
 
 @pytest.mark.parametrize("heads,kv_heads", [(4, 4), (4, 2), (6, 1)])
-def test_dot_product_attention_matches_naive(heads, kv_heads):
-  b, t, s, d = 2, 5, 7, 8
-  q, k, v = randn(0, (b, t, heads, d)), randn(1, (b, s, kv_heads, d)), randn(2, (b, s, kv_heads, d))
-  mask = attention.causal_mask(t, s, q_offset=2)[None, None] & attention.padding_mask(jnp.array([6, 3]), s)
-  attend = jax.jit(dot_product_attention)
-  got = attend(q, k, v, mask)
-  np.testing.assert_allclose(got, naive_attention(q, k, v, np.asarray(mask)), atol=1e-5)
-  # A per-head mask [B, H, T, S] also works.
-  head_mask = np.random.default_rng(3).random((b, heads, t, s)) < 0.7
-  head_mask[..., 0] = True
-  got = attend(q, k, v, head_mask)
-  np.testing.assert_allclose(got, naive_attention(q, k, v, np.asarray(head_mask)), atol=1e-5)
-  # No mask.
-  got = attend(q, k, v)
-  np.testing.assert_allclose(got, naive_attention(q, k, v, np.ones((1, 1, t, s), bool)), atol=1e-5)
-
-
-@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (4, 2), (6, 1)])
-def test_decode_attention_in_the_cache_layout_matches_naive(heads, kv_heads):
+def test_decode_attention_in_the_cache_layout_matches_reference(heads, kv_heads):
   b, t, s, d = 2, 5, 7, 8
   q, k, v = randn(0, (b, t, heads, d)), randn(1, (b, s, kv_heads, d)), randn(2, (b, s, kv_heads, d))
   keys, values = attention.cache_layout(k, v)
   assert keys.shape == (b * kv_heads, d, s) and values.shape == (b * kv_heads, s, d)
-  mask = attention.causal_mask(t, s, q_offset=2)[None, None] & attention.padding_mask(jnp.array([6, 3]), s)
+  mask = masks.causal_mask(t, s, q_offset=2)[None, None] & masks.padding_mask(jnp.array([6, 3]), s)
+  # The reference is checked against numpy in tests/test_dispatch.py.
   got = jax.jit(attention.decode_attention)(q, keys, values, mask)  # mask [B, 1, T, S]
-  np.testing.assert_allclose(got, naive_attention(q, k, v, np.asarray(mask)), atol=1e-5)
-  shared = attention.causal_mask(t, s, q_offset=2)  # [T, S], the same for every row
+  np.testing.assert_allclose(got, reference.xla_attention(q, k, v, mask), atol=1e-5)
+  shared = masks.causal_mask(t, s, q_offset=2)  # [T, S], the same for every row
   got = jax.jit(attention.decode_attention)(q, keys, values, shared)
-  np.testing.assert_allclose(got, naive_attention(q, k, v, np.asarray(shared)[None, None]), atol=1e-5)
-
-
-def test_fully_masked_rows_are_finite():
-  q = jnp.ones((1, 3, 2, 4))
-  k = v = jnp.ones((1, 5, 2, 4))
-  mask = jnp.zeros((1, 1, 3, 5), bool).at[0, 0, 1, :2].set(True)  # rows 0 and 2 see nothing
-  out = dot_product_attention(q, k, v, mask)
-  assert np.isfinite(np.asarray(out)).all()
-  grads = jax.grad(lambda q: dot_product_attention(q, k, v, mask).sum())(q)
-  assert np.isfinite(np.asarray(grads)).all()
-
-
-def test_attention_impl_registry():
-  q = k = v = jnp.ones((1, 2, 1, 4))
-  for name in ("pallas", "xla_blocksparse", "cudnn", "auto"):
-    with pytest.raises((ValueError, NotImplementedError), match=name):
-      dot_product_attention(q, k, v, impl=name)
-  attention.register_attention_impl("test_double", lambda q, k, v, m: 2 * attention.xla_attention(q, k, v, m))
-  try:
-    np.testing.assert_allclose(dot_product_attention(q, k, v, impl="test_double"), 2 * dot_product_attention(q, k, v))
-  finally:
-    del attention.ATTENTION_IMPLS["test_double"]
+  np.testing.assert_allclose(got, reference.xla_attention(q, k, v, shared), atol=1e-5)
 
 
 # ----------------------------------------------------------------------------
@@ -398,21 +293,15 @@ def test_unknown_rope_and_impl_in_module():
   x = jnp.ones((1, 3, 8))
   with pytest.raises(ValueError, match="rope"):
     MultiHeadAttention(num_heads=2, head_dim=4, rope="4d").init(jax.random.key(0), x)
-  # "pallas" is served by kernels.dispatch now; an unknown name still fails clearly.
-  with pytest.raises(NotImplementedError, match="no_such_impl"):
+  # impl is one of kernels.dispatch.IMPLS; the error names the impl and the choices.
+  unknown = r"'no_such_impl' is unknown; choose one of .*'xla_blocksparse', 'pallas'"
+  with pytest.raises(dispatch.AttentionImplError, match=unknown):
     MultiHeadAttention(num_heads=2, head_dim=4, impl="no_such_impl").init(jax.random.key(0), x)
-
-
-def test_attention_second_order_gradients():
-  # EBT differentiates through its own gradient steps: the XLA path must allow it.
-  q, k, v = randn(0, (1, 4, 2, 4)), randn(1, (1, 4, 1, 4)), randn(2, (1, 4, 1, 4))
-  mask = attention.causal_mask(4)
-
-  def inner(q, k):
-    return jnp.sum(jax.grad(lambda q: jnp.sum(dot_product_attention(q, k, v, mask) ** 2))(q) ** 2)
-
-  g = jax.jit(jax.grad(inner, argnums=1))(q, k)
-  assert g.shape == k.shape and np.isfinite(np.asarray(g)).all() and np.abs(np.asarray(g)).sum() > 0
+  # Also on a cached decode step, which does not go through the dispatcher.
+  mha = MultiHeadAttention(num_heads=2, head_dim=4, max_decode_len=4)
+  variables = mha.init(jax.random.key(0), x, decode=True)
+  with pytest.raises(dispatch.AttentionImplError, match=unknown):
+    mha.clone(impl="no_such_impl").apply(variables, x[:, :1], decode=True, mutable=["cache"])
 
 
 def test_stack_is_hashable_config():

@@ -275,7 +275,7 @@ def test_token_data_reads_encoded_tokens_and_checks_them(tmp_path, data_dir):
 def test_one_step_of_each_block_shape(arg, data_dir):
   """One jitted gradient step of the config's task (model, data, loss) for the other block shapes."""
   import optax  # pylint: disable=g-import-not-at-top
-  from nbp import families  # pylint: disable=g-import-not-at-top
+  from nbp import tasks as families  # pylint: disable=g-import-not-at-top
   config = tiny_nbp_config(data_dir, arg, **({"model.position": "learned"} if "token" in arg else {}))
   task = families.make_task(config)
   batch = next(task.data("train", seed=0, process_index=0, process_count=1, batch_size=4))
@@ -294,7 +294,7 @@ def test_one_step_of_each_block_shape(arg, data_dir):
 
 
 def test_frame_prediction_trains_one_step_and_samples(tmp_path, data_dir):
-  from nbp import train  # pylint: disable=g-import-not-at-top
+  from nbp.training import loop as train  # pylint: disable=g-import-not-at-top
   config = tiny_nbp_config(data_dir, "tiny,local,row,frames")
   result = train.train_and_evaluate(config, str(tmp_path))
   assert result["step"] == 1 and np.isfinite(result["loss"])
@@ -305,7 +305,7 @@ def test_frame_prediction_trains_one_step_and_samples(tmp_path, data_dir):
 
 def test_class_conditional_run_with_guidance_loss_falls(tmp_path, data_dir):
   """Row blocks, class prefix, condition dropout, guided samples: the loss falls in 30 steps."""
-  from nbp import train  # pylint: disable=g-import-not-at-top
+  from nbp.training import loop as train  # pylint: disable=g-import-not-at-top
   config = tiny_nbp_config(data_dir, "tiny,local,row", num_steps=30, log_every=5,
                            **{"optimizer.warmup_steps": 3, "model.guidance_scale": 2.0})
   result = train.train_and_evaluate(config, str(tmp_path))

@@ -162,7 +162,7 @@ def test_sample_and_evaluate_entry_points(tmp_path, data_dir):
 
 def test_text_config_trains_one_step(tmp_path):
   from experiments.configs import ntp_text  # pylint: disable=g-import-not-at-top
-  from nbp import train  # pylint: disable=g-import-not-at-top
+  from nbp.training import loop as train  # pylint: disable=g-import-not-at-top
   config = ntp_text.get_config("tiny,local")
   config.data.seq_len, config.batch_size, config.num_steps, config.eval_steps = 64, 4, 1, 1
   result = train.train_and_evaluate(config, str(tmp_path))

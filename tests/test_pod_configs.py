@@ -16,7 +16,7 @@ import pytest
 
 from experiments.configs import nbp_kinetics600, nbp_pod, nbp_ucf101, video_tokenizer_pod
 from nbp import video_tokenizer as vt
-from nbp.data import videos
+from nbp.data import video_sources as videos
 from tests.conftest import apply_overrides, run_module
 from tests.test_data import _TinyUcf101, _write_mp4
 

@@ -10,12 +10,14 @@ import time
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
-from nbp import metrics as metrics_lib
-from nbp import optim
-from nbp import train
+from nbp.training import metrics as metrics_lib
+from nbp.training import optim
+from nbp.training import loop as train
 from tests.conftest import REPO, config_flags_for, run_module, tiny_ntp_config
 
 
@@ -117,6 +119,118 @@ def test_gradient_accumulation_matches_one_big_batch(data_dir):
     losses.append(float(metrics["loss"]))
   np.testing.assert_allclose(losses[0], losses[1], rtol=1e-5)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), *states)
+
+
+def _softmax_regression(params, batch, rng, *, report_count=True):
+  """A per-target mean loss: weighted cross-entropy of a linear classifier, [B, D] -> [B, C]."""
+  del rng
+  logits = batch["x"] @ params["kernel"]
+  losses = -jnp.take_along_axis(jax.nn.log_softmax(logits), batch["y"][:, None], axis=-1)[:, 0]
+  count = jnp.sum(batch["weights"])
+  correct = (jnp.argmax(logits, -1) == batch["y"]).astype(jnp.float32)
+  metrics = {"accuracy": jnp.sum(correct * batch["weights"]) / jnp.maximum(count, 1.0)}
+  if report_count:
+    metrics["num_targets"] = count
+  return jnp.sum(losses * batch["weights"]) / jnp.maximum(count, 1.0), metrics
+
+
+def _toy_step(loss, batch, grad_accum_steps):
+  """One train_step of plain SGD at rate 1 on a linear classifier: params - grads."""
+  params = {"kernel": jax.random.normal(jax.random.key(0), (3, 4))}
+  task = train.families.Task(model=None, init_inputs=None, loss=loss, data=None)
+  tx = optax.sgd(1.0)
+  state = train.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                           ema_params=None)
+  step = jax.jit(lambda st, b: train.train_step(st, b, jax.random.key(1), task=task, tx=tx,
+                                                schedule=optax.constant_schedule(1.0),
+                                                grad_accum_steps=grad_accum_steps, ema_decay=0.0))
+  state, metrics = step(state, batch)
+  return jax.device_get(state.params), jax.device_get(metrics)
+
+
+def _toy_batch(weights):
+  x = jax.random.normal(jax.random.key(2), (len(weights), 3))
+  y = jax.random.randint(jax.random.key(3), (len(weights),), 0, 4)
+  return {"x": x, "y": y, "weights": jnp.asarray(weights, jnp.float32)}
+
+
+def test_accumulation_weights_micro_batches_by_num_targets():
+  """1 target in one micro-batch, 100 in the other: the accumulated step is the full-batch step."""
+  weights = np.zeros(200, np.float32)
+  weights[0] = 1.0  # micro-batch 0 holds the even rows: one target
+  weights[1::2] = 1.0  # micro-batch 1 holds the odd rows: 100 targets
+  batch = _toy_batch(weights)
+  full_params, full = _toy_step(_softmax_regression, batch, 1)
+  accum_params, accum = _toy_step(_softmax_regression, batch, 2)
+  assert float(full["num_targets"]) == float(accum["num_targets"]) == 101.0  # summed, not averaged
+  for key in ("loss", "accuracy", "grad_norm"):
+    np.testing.assert_allclose(accum[key], full[key], rtol=1e-6, err_msg=key)
+  # SGD at rate 1: equal parameters are equal gradients.
+  np.testing.assert_allclose(accum_params["kernel"], full_params["kernel"], rtol=1e-6, atol=1e-7)
+
+
+def test_accumulation_without_num_targets_weighs_micro_batches_equally():
+  weights = np.zeros(200, np.float32)
+  weights[0] = 1.0
+  weights[1::2] = 1.0
+  batch = _toy_batch(weights)
+  loss = lambda *a: _softmax_regression(*a, report_count=False)
+  micro = [jax.tree.map(lambda x, i=i: x[i::2], batch) for i in range(2)]
+  singles = [_toy_step(loss, m, 1) for m in micro]
+  accum_params, accum = _toy_step(loss, batch, 2)
+  assert "num_targets" not in accum
+  np.testing.assert_allclose(accum["loss"], np.mean([m["loss"] for _, m in singles]), rtol=1e-6)
+  np.testing.assert_allclose(accum["accuracy"], np.mean([m["accuracy"] for _, m in singles]), rtol=1e-6)
+  np.testing.assert_allclose(accum_params["kernel"], np.mean([p["kernel"] for p, _ in singles], axis=0),
+                             rtol=1e-6, atol=1e-7)
+
+
+def test_accumulation_of_a_batch_without_targets_is_zero_not_nan():
+  batch = _toy_batch(np.zeros(8, np.float32))
+  params, metrics = _toy_step(_softmax_regression, batch, 2)
+  assert float(metrics["num_targets"]) == 0.0 and float(metrics["loss"]) == 0.0
+  assert float(metrics["grad_norm"]) == 0.0 and np.isfinite(params["kernel"]).all()
+
+
+def _two_steps(data_dir, batch, grad_accum_steps):
+  """Params, loss and metrics after two optimizer steps on `batch`, lr constant from step 0."""
+  config = tiny_ntp_config(data_dir, grad_accum_steps=grad_accum_steps)
+  config.optimizer.warmup_steps = 0  # step 0 already moves the parameters
+  config.optimizer.lr = 1e-2  # updates far above the tolerance
+  s = train.setup(config)
+  state = train.init_state(s, 0)
+  with s.context():
+    step = train.compile_train_step(s)
+    metrics = []
+    for _ in range(2):  # Adam's first update is ~lr * sign(g); the second depends on the magnitudes too
+      state, m = step(state, train.sharding.global_batch(batch, s.batch_sharding), jax.random.key(1))
+      metrics.append(jax.device_get(m))
+  return jax.device_get(state.params), metrics
+
+
+def test_gradient_accumulation_weights_micro_batches_by_their_targets(data_dir):
+  """Micro-batches of 1 and 100 weighted tokens: accumulating 2 equals the full-batch step.
+
+  With equal weights per micro-batch the single token would weigh as much as
+  the other 100 together (the loss is a per-token mean in each micro-batch).
+  """
+  s = train.setup(tiny_ntp_config(data_dir))
+  batch = dict(next(train.data_iterator(s, "train", 0)))
+  weights = np.zeros(batch["tokens"].shape, np.float32)  # [8, 128]
+  weights[0, 5] = 1.0  # micro-batch 0 holds rows 0, 2, 4, 6: one token
+  weights[1::2, :25] = 1.0  # micro-batch 1 holds rows 1, 3, 5, 7: 100 tokens
+  batch["weights"] = weights
+  full_params, full = _two_steps(data_dir, batch, 1)
+  accum_params, accum = _two_steps(data_dir, batch, 2)
+  for f, a in zip(full, accum):
+    assert float(f["num_targets"]) == float(a["num_targets"]) == 101.0
+    assert float(f["lr"]) > 0
+    for key in ("loss", "grad_norm", "accuracy", "bits_per_token"):
+      np.testing.assert_allclose(a[key], f[key], rtol=1e-5, atol=1e-7, err_msg=key)
+  moved = max(float(np.max(np.abs(a - b))) for a, b in zip(jax.tree.leaves(full_params),
+                                                           jax.tree.leaves(jax.device_get(train.init_state(s, 0).params))))
+  assert moved > 1e-3  # the comparison below is not of two unchanged states
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), accum_params, full_params)
 
 
 def test_nan_stops_with_the_step_number(tmp_path, data_dir):

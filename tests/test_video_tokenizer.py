@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from nbp import metrics as metrics_lib
-from nbp import train
+from nbp.training import metrics as metrics_lib
+from nbp.training import loop as train
 from nbp import video_tokenizer as vt
 from tests.conftest import apply_overrides, set_tiny_budget
 

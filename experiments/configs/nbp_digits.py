@@ -1,11 +1,10 @@
 r"""Next-block prediction (NBP) on moving digits: video-tokenizer tokens, or pixels as tokens.
 
 With `tokens`, the token grid is the latent grid of the video tokenizer of
-video_tokenizer_digits.py (its config sits in `config.data.tokenizer`; the
-tokens are read from `data.token_dir`, samples decoded with the checkpoint in
-`data.tokenizer_workdir`). Without it, the grid is F x H x W pixels quantised
+video_tokenizer_digits.py; the tokens are read from `data.token_dir`, and
+samples are decoded by the tokenizer whose workdir the tokens' metadata names. Without it, the grid is F x H x W pixels quantised
 to `levels` grey levels, no tokenizer needed. Blocks are cut from the grid and
-predicted one block per step (nbp/next_block.py).
+predicted one block per step (nbp/tasks/next_block.py).
 
 `make demo` runs XS,local,tokens,row (experiments/demo.py trains the
 tokenizer, encodes the tokens and trains this model, in one workdir). By hand:
@@ -30,7 +29,7 @@ On a GPU or TPU host (16 frames of 32x32 = 16384 tokens; not yet run):
       --workdir gs://BUCKET/nbp_digits_B --config.model.dtype=bfloat16
 
 Argument: "SIZE[,local][,tokens][,BLOCK][,frames|uncond]" with SIZE a key of
-nbp.ntp.SIZES and BLOCK one of
+nbp.models.block_transformer.SIZES and BLOCK one of
   row    1 x 1 x W  one token row (the paper's best), the default
   2row   2 x 1 x W  a row in two consecutive frames
   patch  1 x 4 x 4  square patches
@@ -49,12 +48,13 @@ Measured (XS,local,row, class-conditional; 2m24s on 2 cores, 300 steps of batch
 each token sees less context. Samples are digit-like strokes per class.
 """
 
+import ml_collections
+
 from experiments.configs import ntp_digits, video_tokenizer_digits
-from nbp import config as config_lib
-from nbp import next_block
-from nbp import video_tokenizer
+from nbp.training import config as config_lib
 
 BLOCKS = ("row", "2row", "patch", "frame", "token")
+TOKEN_DIR = "runs/video_tokens_local"  # experiments.encode_tokens --output_dir (the demo sets its own)
 
 
 def block_shape(name: str, frame_size: int) -> tuple[int, int, int]:
@@ -63,7 +63,7 @@ def block_shape(name: str, frame_size: int) -> tuple[int, int, int]:
 
 
 def get_config(arg: str = "XS,local,row"):
-  size, *flags = arg.split(",")
+  variant, *flags = arg.split(",")
   unknown = set(flags) - {"local", "tokens", "frames", "uncond", *BLOCKS}
   if unknown:
     raise ValueError(f"unknown config flags {sorted(unknown)} in {arg!r}")
@@ -74,63 +74,46 @@ def get_config(arg: str = "XS,local,row"):
   c.family = "next_block"
   c.seed = 0
 
-  c.data.name = "moving_digits"
-  c.data.num_frames = 4 if local else 16
-  c.data.frame_size = 12 if local else 32
-  c.data.num_digits = 1 if local else 2  # classes: 10 ** num_digits (ordered digit tuples)
-  c.data.speed = 2.0
-  c.data.num_train = 2000 if local else 20000
-  c.data.num_test = 200 if local else 2000
-  c.data.levels = 8  # grey levels = vocabulary size (plus one begin token)
+  videos = ml_collections.ConfigDict()
+  ntp_digits.set_digits_data(videos, local)
   if "tokens" in flags:
-    set_tokenizer_data(c, video_tokenizer_digits.get_config("local" if local else "pod"))
+    # The latent grid of video_tokenizer_digits.py's tokenizer: its videos, its FSQ codebook.
+    tokenizer = video_tokenizer_digits.get_config("local" if local else "pod")
+    videos = tokenizer.data
+    c.data.name = "tokens"
+    c.data.token_dir = TOKEN_DIR
+    c.model.codebook_size = video_tokenizer_digits.codebook_size(tokenizer)
+    c.model.grid = video_tokenizer_digits.token_grid(tokenizer)
+  else:
+    c.data.name = "moving_digits"
+    for key, value in videos.items():
+      c.data[key] = value
+    c.model.codebook_size = ntp_digits.LEVELS  # grey levels are the token values
+    c.model.grid = (videos.num_frames, videos.frame_size, videos.frame_size)
+  grid = c.model.grid
 
-  c.model.size = size  # nbp.ntp.SIZES
-  c.model.num_layers = 0  # 0: from the size table; set to override
-  c.model.width = 0
-  c.model.num_heads = 0
-  c.model.num_kv_heads = 0
+  c.model.block = block_shape(block, grid[2])  # (t, h, w) tokens per block
+  c.model.condition = condition  # "none", "class" or "frames"
+  c.model.num_classes = 10 ** videos.num_digits if condition == "class" else 0  # ordered digit tuples
+  c.model.num_class_tokens = 1 if local else 4  # prefix tokens per class
+  c.model.prefix_frames = grid[0] // 2 if condition == "frames" else 0
+  c.model.variant = variant  # a key of nbp.models.block_transformer.SIZES
   c.model.activation = "swiglu"
   c.model.norm = "rmsnorm"
   c.model.position = "rope3d"  # or "learned" (the paper's code) or "rope" (1D over slots)
-  c.model.rope_base = 10000.0
-  c.model.tie_embeddings = False
   c.model.scan_layers = not local  # CPU decoding is 2-3x faster with unstacked layers
   c.model.remat_policy = "none" if local else "dots_with_no_batch_dims_saveable"
   c.model.attention_impl = "auto"  # kernels.dispatch
   c.model.dtype = "float32" if local else "bfloat16"
-  c.model.block = block_shape(block, next_block.token_grid(c.data)[2])  # (t, h, w) tokens per block
-  c.model.condition = condition  # "none", "class" or "frames"
-  c.model.num_class_tokens = 1 if local else 4  # prefix tokens per class
-  c.model.prefix_frames = next_block.token_grid(c.data)[0] // 2 if condition == "frames" else 0
-  c.model.cond_dropout = 0.1 if condition == "class" else 0.0  # null class in training (CFG)
-  c.model.guidance_scale = 1.0  # 1.0: plain conditional sampling (no doubled batch)
-  c.model.temperature = 1.0
-  c.model.top_k = 0
-  c.model.top_p = 0.9 if not local else 1.0
-  c.model.num_samples = 8
+
+  c.loss.cond_dropout = 0.1 if condition == "class" else 0.0  # null class in training (CFG)
+  c.sampler.num_samples = 8
+  c.sampler.guidance_scale = 1.0  # 1.0: plain conditional sampling (no doubled batch)
+  c.sampler.temperature = 1.0
+  c.sampler.top_k = 0
+  c.sampler.top_p = 0.9 if not local else 1.0
 
   ntp_digits.set_digits_budget(c, local)
   c.optimizer.weight_decay = 0.01
   c.lock()
   return c
-
-
-def set_tokenizer_data(c, tokenizer, token_dir: str = "runs/video_tokens_local",
-                       tokenizer_workdir: str = "runs/video_tokenizer_local") -> None:
-  """Points NBP at the tokens of `tokenizer` (a video_tokenizer config) instead of the pixels.
-
-  The token grid and codebook follow from the tokenizer's config; the video
-  knobs (frames, size, digits) become the tokenizer's, so classes match.
-  """
-  d = tokenizer.data
-  c.data.name = "tokens"
-  for key in ("num_frames", "frame_size", "num_digits", "speed", "num_train", "num_test"):
-    c.data[key] = d[key]
-  c.data.token_dir = token_dir  # experiments.encode_tokens --output_dir
-  c.data.token_grid = video_tokenizer.build_model(tokenizer.model).latent_shape(
-      d.num_frames, d.frame_size, d.frame_size)
-  c.data.codebook_size = video_tokenizer.build_model(tokenizer.model).codebook_size
-  c.data.num_classes = 10 ** d.num_digits
-  c.data.tokenizer = tokenizer  # decodes samples to video
-  c.data.tokenizer_workdir = tokenizer_workdir

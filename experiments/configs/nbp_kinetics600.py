@@ -2,7 +2,7 @@ r"""NBP frame prediction on Kinetics-600: 2 latent frames (5 video frames) given
 
 17x128x128 videos as 5x16x16 tokens: a prefix of 2x16x16 = 512 tokens, then
 768 tokens generated as 48 blocks of one latent row.
-Argument: the model size, "700M", "1.2B" or "3B" (nbp.ntp.SIZES).
+Argument: the model size, "700M", "1.2B" or "3B" (nbp.models.block_transformer.SIZES).
 
 Pipeline (each step on the pod's hosts unless said):
   1. tokenizer: python -m experiments.train \
@@ -13,8 +13,7 @@ Pipeline (each step on the pod's hosts unless said):
        --workdir gs://BUCKET/video_tokenizer_k600 --output_dir data/tokens_k600
   3. NBP: python -m experiments.train --config experiments/configs/nbp_kinetics600.py:700M \
        --workdir gs://BUCKET/nbp_k600_700M --multihost \
-       --config.data.token_dir=data/tokens_k600 \
-       --config.data.tokenizer_workdir=gs://BUCKET/video_tokenizer_k600
+       --config.data.token_dir=data/tokens_k600
 
 Hyperparameters of RenShuhuai-Andy/NBP, scripts/lm_train/train_k600.sh (shared
 ones in nbp_pod.py): global batch 64 for every size (700M: 32 GPUs of 40 GB x 2;
@@ -46,8 +45,7 @@ def get_config(arg: str = "700M"):
     raise ValueError(f"nbp_kinetics600 config argument must be one of {list(HYPERPARAMETERS)}, got {arg!r}")
   batch_size, lr = HYPERPARAMETERS[arg]
   c = nbp_pod.pod_config("kinetics600", arg, batch_size=batch_size, lr=lr, warmup_steps=10_000,
-                         num_steps=4_000_000, token_dir="data/tokens_k600",
-                         tokenizer_workdir="gs://BUCKET/video_tokenizer_k600")
+                         num_steps=4_000_000, token_dir="data/tokens_k600")
   c.model.condition = "frames"
   c.model.prefix_frames = 2  # latent frames given (= 5 video frames)
   c.lock()

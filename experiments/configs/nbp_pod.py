@@ -10,7 +10,7 @@ official code, RenShuhuai-Andy/NBP (file named on each line), unless marked
   (`pos_emb`, one vector per sequence slot, 5,120 slots; `vtokens_pos` off),
   LayerNorm, GELU MLP of 4x width, no tied head. Sizes 700M / 1.2B / 3B =
   (24 layers, 1536 wide, 16 heads) / (24, 2048, 32) / (32, 3072, 32)
-  (scripts/lm_train/train_*.sh), nbp.ntp.SIZES here. Not reproduced: their
+  (scripts/lm_train/train_*.sh), nbp.models.block_transformer.SIZES here. Not reproduced: their
   dropout 0.1 on embeddings and residuals (`--transformer_dropout` default in
   nbp/lm_transformer.py; the scripts do not change it); this model has none.
 - Block: 16 tokens, one latent row 1x1x16 (`BLOCK=16`, `--token_number_per_step`).
@@ -28,8 +28,7 @@ Ours: scan over layers, rematerialisation, the mesh (FSDP over 8 devices for
 GPUs), and everything about classifier-free guidance.
 """
 
-from experiments.configs import video_tokenizer_pod
-from nbp import config as config_lib
+from nbp.training import config as config_lib
 
 SIZES = ("700M", "1.2B", "3B")
 TOKEN_GRID = (5, 16, 16)  # (f, h, w) latent grid of a 17x128x128 video
@@ -37,8 +36,12 @@ CODEBOOK_SIZE = 64_000  # FSQ levels (8, 8, 8, 5, 5, 5)
 
 
 def pod_config(dataset: str, size: str, *, batch_size: int, lr: float, warmup_steps: int, num_steps: int,
-               token_dir: str, tokenizer_workdir: str):
-  """The NBP config of `size` on the tokens of `dataset` ("ucf101" or "kinetics600"), unlocked."""
+               token_dir: str):
+  """The NBP config of `size` on the tokens of `dataset` ("ucf101" or "kinetics600"), unlocked.
+
+  Samples are decoded by the tokenizer whose workdir the tokens' metadata.json
+  names (experiments.encode_tokens records it).
+  """
   if size not in SIZES:
     raise ValueError(f"NBP pod config size must be one of {SIZES}, got {size!r}")
   c = config_lib.base_config()
@@ -47,22 +50,14 @@ def pod_config(dataset: str, size: str, *, batch_size: int, lr: float, warmup_st
 
   c.data.name = "tokens"
   c.data.token_dir = token_dir  # experiments/encode_tokens.py output: {train,test}.array_record, metadata.json
-  c.data.token_grid = TOKEN_GRID
-  c.data.codebook_size = CODEBOOK_SIZE  # checked against metadata.json when the data is read
-  c.data.num_classes = 101 if dataset == "ucf101" else 0
-  c.data.tokenizer = video_tokenizer_pod.get_config(dataset)  # to decode samples to video
-  c.data.tokenizer_workdir = tokenizer_workdir  # the tokenizer's checkpoints
   c.data.worker_count = 0  # tokens are small: reading them in the main process is enough
 
-  c.model.size = size  # nbp.ntp.SIZES
-  c.model.num_layers = 0  # 0: from the size table
-  c.model.width = 0
-  c.model.num_heads = 0
-  c.model.num_kv_heads = 0  # 0: as many as heads (multi-head attention, as theirs)
+  c.model.codebook_size = CODEBOOK_SIZE  # checked against metadata.json when the data is read
+  c.model.grid = TOKEN_GRID
+  c.model.variant = size  # nbp.models.block_transformer.SIZES
   c.model.activation = "gelu"  # theirs; "swiglu" is the modern choice
   c.model.norm = "layernorm"  # theirs; or "rmsnorm"
   c.model.position = "learned"  # theirs (absolute, per slot); "rope3d" is the alternative here
-  c.model.rope_base = 10000.0  # unused with learned positions
   c.model.tie_embeddings = False
   c.model.scan_layers = True
   c.model.remat_policy = "dots_with_no_batch_dims_saveable"
@@ -70,14 +65,13 @@ def pod_config(dataset: str, size: str, *, batch_size: int, lr: float, warmup_st
   c.model.dtype = "bfloat16"
   c.model.block = (1, 1, TOKEN_GRID[2])  # one latent row, 16 tokens
   c.model.condition = "none"  # set by the dataset's config
-  c.model.num_class_tokens = 0
-  c.model.prefix_frames = 0
-  c.model.cond_dropout = 0.0
-  c.model.guidance_scale = 1.0  # 1.0: plain conditional sampling
-  c.model.temperature = 1.0
-  c.model.top_k = 16_000
-  c.model.top_p = 0.9
-  c.model.num_samples = 8
+
+  c.loss.cond_dropout = 0.0
+  c.sampler.guidance_scale = 1.0  # 1.0: plain conditional sampling
+  c.sampler.temperature = 1.0
+  c.sampler.top_k = 16_000
+  c.sampler.top_p = 0.9
+  c.sampler.num_samples = 8
 
   c.batch_size = batch_size
   c.num_steps = num_steps
@@ -96,7 +90,7 @@ def pod_config(dataset: str, size: str, *, batch_size: int, lr: float, warmup_st
   c.mesh = (("data", -1), ("fsdp", 16 if size == "3B" else 8), ("tensor", 1))
   c.log_every = 50  # theirs: 49 (transformer_train.py)
   c.checkpoint_every = 10_000  # theirs: --save_every_n_train_steps 10000
-  c.eval_every = 10_000
-  c.eval_steps = 8
-  c.sample_every = 0  # samples at the end only (decoding needs the tokenizer's checkpoint)
+  c.evals.loss.every = 10_000
+  c.evals.loss.steps = 8
+  c.evals.samples.every = 0  # samples at the end only (decoding needs the tokenizer's checkpoint)
   return c

@@ -1,6 +1,6 @@
 r"""NBP class-conditional generation on UCF-101 (101 classes), 17x128x128 videos as 5x16x16 tokens.
 
-Argument: the model size, "700M", "1.2B" or "3B" (nbp.ntp.SIZES).
+Argument: the model size, "700M", "1.2B" or "3B" (nbp.models.block_transformer.SIZES).
 
 Pipeline (each step on the pod's hosts unless said):
   1. tokenizer: python -m experiments.train \
@@ -11,8 +11,7 @@ Pipeline (each step on the pod's hosts unless said):
        --workdir gs://BUCKET/video_tokenizer_ucf101 --output_dir data/tokens_ucf101
   3. NBP: python -m experiments.train --config experiments/configs/nbp_ucf101.py:700M \
        --workdir gs://BUCKET/nbp_ucf101_700M --multihost \
-       --config.data.token_dir=data/tokens_ucf101 \
-       --config.data.tokenizer_workdir=gs://BUCKET/video_tokenizer_ucf101
+       --config.data.token_dir=data/tokens_ucf101
 
 Hyperparameters of RenShuhuai-Andy/NBP, scripts/lm_train/train_ucf.sh (shared
 ones in nbp_pod.py): global batch 256 for every size (64 GPUs x 4; the 3B
@@ -25,7 +24,7 @@ Condition: theirs is the class name as text (`--cond_stage_key text
 `num_class_tokens` = 8 learned tokens per class, a prefix seen by every block.
 They train without condition dropout (`--p_drop_cond` unset) and evaluate with
 cfg 0.0 (scripts/lm_eval/eval_ucf.sh); here 10% of the training conditions are
-dropped (ours), so --config.model.guidance_scale > 1 gives classifier-free
+dropped (ours), so --config.sampler.guidance_scale > 1 gives classifier-free
 guidance; 1.0 samples as they do.
 
 Expected (the paper, 10k samples, FVD at 128x128): 103.3 (700M), 85.8 (1.2B),
@@ -43,10 +42,10 @@ def get_config(arg: str = "700M"):
     raise ValueError(f"nbp_ucf101 config argument must be one of {list(HYPERPARAMETERS)}, got {arg!r}")
   batch_size, lr = HYPERPARAMETERS[arg]
   c = nbp_pod.pod_config("ucf101", arg, batch_size=batch_size, lr=lr, warmup_steps=5000, num_steps=100_000,
-                         token_dir="data/tokens_ucf101",
-                         tokenizer_workdir="gs://BUCKET/video_tokenizer_ucf101")
+                         token_dir="data/tokens_ucf101")
   c.model.condition = "class"
+  c.model.num_classes = 101
   c.model.num_class_tokens = 8  # theirs: 8 text tokens of the class name
-  c.model.cond_dropout = 0.1  # ours: trains the null class for classifier-free guidance
+  c.loss.cond_dropout = 0.1  # ours: trains the null class for classifier-free guidance
   c.lock()
   return c

@@ -1,6 +1,7 @@
 r"""Next-token transformer on moving digits (pixels quantised to tokens).
 
-The baseline of NBP (its 1x1x1 block) on data made here from sklearn's real
+The baseline of NBP: the same model (nbp/models/block_transformer.py) with
+1x1x1 blocks, no condition and 1D RoPE, on data made here from sklearn's real
 handwritten digits. Each video is flattened frame by frame, row by row, into
 F*H*W tokens of `levels` grey levels.
 
@@ -12,7 +13,7 @@ yet run, so no expected figure yet):
   python -m experiments.train --config experiments/configs/ntp_digits.py:B \
       --workdir gs://BUCKET/ntp_digits_B --config.model.dtype=bfloat16
 
-Argument: "SIZE[,local]" with SIZE a key of nbp.ntp.SIZES. `local` is the
+Argument: "SIZE[,local]" with SIZE a key of nbp.models.block_transformer.SIZES. `local` is the
 2-core CPU setting: 4 frames of 12x12 pixels, one digit, 8 grey levels (576
 tokens), batch 8, 300 steps. Measured (XS,local, 2.3 minutes on 2
 cores): cross-entropy from 1.67 (train, first 10 steps) to 0.478 nats/token on
@@ -20,48 +21,54 @@ the test split (0.69 bits; uniform over 8 levels would be ln 8 = 2.08 nats).
 The samples show digit-like strokes drifting across frames, not yet clean digits.
 """
 
-from nbp import config as config_lib
+from nbp.training import config as config_lib
 
 
 def get_config(arg: str = "XS,local"):
-  size, *flags = arg.split(",")
+  """The next-token baseline: nbp_digits.py's model and data with 1x1x1 blocks, no condition, 1D RoPE."""
+  variant, *flags = arg.split(",")
   local = "local" in flags
   c = config_lib.base_config()
-  c.family = "ntp"
+  c.family = "next_block"  # next-token prediction is next-block prediction with 1x1x1 blocks
   c.seed = 0
 
-  c.model.size = size  # nbp.ntp.SIZES
-  c.model.num_layers = 0  # 0: from the size table; set to override
-  c.model.width = 0
-  c.model.num_heads = 0
-  c.model.num_kv_heads = 0
+  c.data.name = "moving_digits"
+  set_digits_data(c.data, local)
+
+  c.model.codebook_size = LEVELS  # grey levels are the token values
+  c.model.grid = (c.data.num_frames, c.data.frame_size, c.data.frame_size)
+  c.model.block = (1, 1, 1)
+  c.model.condition = "none"
+  c.model.variant = variant  # a key of nbp.models.block_transformer.SIZES
   c.model.activation = "swiglu"
   c.model.norm = "rmsnorm"
-  c.model.position = "rope"
-  c.model.rope_base = 10000.0
-  c.model.tie_embeddings = False
+  c.model.position = "rope"  # 1D over the sequence
   c.model.scan_layers = not local  # CPU decoding is faster with unstacked layers
   c.model.remat_policy = "none" if local else "dots_with_no_batch_dims_saveable"
   c.model.attention_impl = "auto"  # kernels.dispatch: Pallas on GPU/TPU, block-sparse XLA on long CPU sequences
   c.model.dtype = "float32" if local else "bfloat16"
-  c.model.temperature = 1.0
-  c.model.top_k = 0
-  c.model.top_p = 1.0
-  c.model.num_samples = 8
 
-  c.data.name = "moving_digits"
-  c.data.num_frames = 4 if local else 16
-  c.data.frame_size = 12 if local else 32
-  c.data.num_digits = 1 if local else 2
-  c.data.speed = 2.0
-  c.data.num_train = 2000 if local else 20000
-  c.data.num_test = 200 if local else 2000
-  c.data.levels = 8  # grey levels = vocabulary size (plus one begin token)
-  c.data.seq_len = 0  # text only
+  c.sampler.num_samples = 8
+  c.sampler.temperature = 1.0
+  c.sampler.top_k = 0
+  c.sampler.top_p = 1.0
 
   set_digits_budget(c, local)
   c.lock()
   return c
+
+
+LEVELS = 8  # grey levels of the pixels-as-tokens settings (the vocabulary, plus one begin token)
+
+
+def set_digits_data(d, local: bool) -> None:
+  """The moving-digits section shared by the pixels-as-tokens configs (NBP, NTP) and their judge."""
+  d.num_frames = 4 if local else 16
+  d.frame_size = 12 if local else 32
+  d.num_digits = 1 if local else 2  # classes: 10 ** num_digits (ordered digit tuples)
+  d.speed = 2.0
+  d.num_train = 2000 if local else 20000
+  d.num_test = 200 if local else 2000
 
 
 def set_digits_budget(c, local: bool) -> None:
@@ -75,5 +82,5 @@ def set_digits_budget(c, local: bool) -> None:
   c.optimizer.ema_decay = 0.0 if local else 0.9999
   c.log_every = 10 if local else 100
   c.checkpoint_every = 100 if local else 2000
-  c.eval_every = 100 if local else 5000
-  c.eval_steps = 4
+  c.evals.loss.every = 100 if local else 5000
+  c.evals.loss.steps = 4

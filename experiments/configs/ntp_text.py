@@ -8,24 +8,24 @@ Launch (CPU):
   python -m experiments.train --config experiments/configs/ntp_text.py:S,local \
       --workdir runs/ntp_text_local
 
-Argument: "SIZE[,local]" with SIZE a key of nbp.ntp.SIZES; `local` trains 256-byte
+Argument: "SIZE[,local]" with SIZE a key of nbp.models.block_transformer.SIZES; `local` trains 256-byte
 windows at batch 16 for 300 steps on 2 CPU cores.
 """
+
+import ml_collections
 
 from experiments.configs import ntp_digits
 
 
 def get_config(arg: str = "S,local"):
-  size, *flags = arg.split(",")
-  local = "local" in flags
+  local = "local" in arg.split(",")
   c = ntp_digits.get_config(arg)
   c.unlock()
-  c.data.name = "text"
-  c.data.seq_len = 256 if local else 1024
-  c.data.num_frames = c.data.frame_size = c.data.num_digits = 0
-  c.data.levels = 0
-  c.model.num_samples = 4
-  c.model.top_p = 0.9
+  seq_len = 256 if local else 1024
+  c.data = ml_collections.ConfigDict(dict(name="text", dir=c.data.dir, worker_count=c.data.worker_count))
+  c.model.codebook_size = 256  # bytes
+  c.model.grid = (1, 1, seq_len)  # text is a 1 x 1 x N grid
+  c.sampler.num_samples = 4
+  c.sampler.top_p = 0.9
   c.lock()
-  del size
   return c

@@ -38,7 +38,7 @@ the class prior (about 4.9 nats), so expect the accuracy to rise late. Check
 """
 
 from experiments.configs import ntp_digits
-from nbp import config as config_lib
+from nbp.training import config as config_lib
 
 FLAGS = ("local", "4x12")
 
@@ -69,9 +69,8 @@ def get_config(arg: str = "local"):
   c.data.num_test = 500 if local else 2000
   c.data.levels = 0  # grey levels the videos are requantised to (0: raw uint8)
   if generators:
-    g = ntp_digits.get_config("XS,local").data  # the data NBP and NTP are trained on
-    c.data.num_frames, c.data.frame_size = g.num_frames, g.frame_size
-    c.data.num_digits, c.data.speed, c.data.levels = g.num_digits, g.speed, g.levels
+    ntp_digits.set_digits_data(c.data, local=True)  # the data NBP and NTP are trained on
+    c.data.levels = ntp_digits.LEVELS
     c.data.num_train = 8000
     c.data.num_test = 1000  # test videos 0..199 are the generators' test videos
 
@@ -84,9 +83,9 @@ def get_config(arg: str = "local"):
   c.optimizer.weight_decay = 0.01
   c.log_every = 50 if local else 100
   c.checkpoint_every = 500 if local else 2000
-  c.eval_every = 500 if local else 2000
-  c.eval_steps = 8
+  c.evals.loss.every = 500 if local else 2000
+  c.evals.loss.steps = 8
   if generators:
-    c.eval_steps = 31  # 992 of the 1000 test videos
+    c.evals.loss.steps = 31  # 992 of the 1000 test videos
   c.lock()
   return c

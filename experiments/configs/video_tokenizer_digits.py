@@ -32,7 +32,9 @@ Argument: "local" or "pod".
       --workdir gs://BUCKET/video_tokenizer_pod --multihost
 """
 
-from nbp import config as config_lib
+import math
+
+from nbp.training import config as config_lib
 
 
 def get_config(arg: str = "local"):
@@ -51,13 +53,15 @@ def get_config(arg: str = "local"):
   c.model.space_factor = 2 if local else 8
   c.model.norm_groups = 8
   c.model.dtype = "float32" if local else "bfloat16"
-  c.model.l1_weight = 1.0
-  c.model.mse_weight = 1.0
-  c.model.perceptual_weight = 0.0  # > 0 needs perceptual_features
-  c.model.perceptual_features = ""  # "package.module:function": frames [N,H,W,C] -> features
-  c.model.adversarial_weight = 0.0  # > 0 trains the patch discriminator alongside (hinge loss)
-  c.model.discriminator_channels = 32 if local else 64
-  c.model.num_samples = 4  # test videos reconstructed at each sampling step
+  c.model.out_channels = 1  # grey videos
+  c.model.discriminator_channels = 0  # > 0 (with loss.adversarial_weight > 0): a patch discriminator
+
+  c.loss.l1_weight = 1.0
+  c.loss.mse_weight = 1.0
+  c.loss.perceptual_weight = 0.0  # > 0 needs perceptual_features
+  c.loss.perceptual_features = ""  # "package.module:function": frames [N,H,W,C] -> features
+  c.loss.adversarial_weight = 0.0  # > 0 trains the discriminator as its own parameter group (hinge loss)
+  c.sampler.num_samples = 4  # test videos reconstructed at each sampling step
 
   c.data.name = "moving_digits"
   c.data.num_frames = 5 if local else 17
@@ -76,7 +80,18 @@ def get_config(arg: str = "local"):
   c.optimizer.ema_decay = 0.0 if local else 0.999
   c.log_every = 20 if local else 100
   c.checkpoint_every = 150 if local else 5000
-  c.eval_every = 150 if local else 5000
-  c.eval_steps = 4
+  c.evals.loss.every = 150 if local else 5000
+  c.evals.loss.steps = 4
   c.lock()
   return c
+
+
+def codebook_size(tokenizer) -> int:
+  """The FSQ codebook of a tokenizer config: the product of its levels."""
+  return math.prod(tokenizer.model.levels)
+
+
+def token_grid(tokenizer) -> tuple[int, int, int]:
+  """(f, h, w) latent grid of a tokenizer config's videos: 1 + (F - 1) / time_factor, H / space_factor, ..."""
+  m, d = tokenizer.model, tokenizer.data
+  return (1 + (d.num_frames - 1) // m.time_factor, d.frame_size // m.space_factor, d.frame_size // m.space_factor)

@@ -44,7 +44,7 @@ Expected: not yet run. The authors' tokenizers reach rFVD 15.50 (UCF-101) and
 6.73 (K600) at 128x128 (README).
 """
 
-from nbp import config as config_lib
+from nbp.training import config as config_lib
 
 DATASETS = ("ucf101", "kinetics600")
 
@@ -59,7 +59,6 @@ def set_data(c, dataset: str) -> None:
     c.data.name = "ucf101"
     c.data.dir = "data/tensorflow_datasets"  # tfds data_dir holding ucf101/ucf101_1_256/2.0.0
     c.data.frame_stride = 3  # 25 fps -> ~8 fps (train_ucf.sh --fps 8)
-    c.data.split_folders = ()  # video_folder only
   else:
     c.data.name = "video_folder"
     c.data.dir = "data/kinetics600"  # holds train/<class>/<video> and val/<class>/<video>
@@ -82,13 +81,15 @@ def get_config(arg: str = "ucf101"):
   c.model.space_factor = 8  # 128 -> 16
   c.model.norm_groups = 32
   c.model.dtype = "bfloat16"
-  c.model.l1_weight = 1.0
-  c.model.mse_weight = 1.0
-  c.model.perceptual_weight = 0.0  # > 0 needs perceptual_features (none ships here)
-  c.model.perceptual_features = ""
-  c.model.adversarial_weight = 0.0  # the authors used a PatchGAN; weight not released
-  c.model.discriminator_channels = 64
-  c.model.num_samples = 4  # test videos reconstructed at each sampling step
+  c.model.out_channels = 3  # RGB
+  c.model.discriminator_channels = 0  # the authors used a PatchGAN (64 wide here); weight not released
+
+  c.loss.l1_weight = 1.0
+  c.loss.mse_weight = 1.0
+  c.loss.perceptual_weight = 0.0  # > 0 needs perceptual_features (none ships here)
+  c.loss.perceptual_features = ""
+  c.loss.adversarial_weight = 0.0
+  c.sampler.num_samples = 4  # test videos reconstructed at each sampling step
 
   c.batch_size = 64
   c.num_steps = 100_000
@@ -100,7 +101,7 @@ def get_config(arg: str = "ucf101"):
   c.mesh = (("data", -1), ("fsdp", 1), ("tensor", 1))  # parameters replicated (see the docstring)
   c.log_every = 100
   c.checkpoint_every = 5000
-  c.eval_every = 5000
-  c.eval_steps = 4
+  c.evals.loss.every = 5000
+  c.evals.loss.steps = 4
   c.lock()
   return c

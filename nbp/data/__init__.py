@@ -1,2 +1,43 @@
-"""Data: generated datasets (moving_digits), grain pipelines (pipeline), and readers
-of pod-scale data (video_folder, tfds_video). Import the submodules directly."""
+"""Datasets and the input pipeline, one `config.data` section per dataset.
+
+Modules: moving_digits (generated tfds builders from sklearn's real digit
+scans), pipeline (grain iterators, quantisation, text bytes), tokens (datasets
+encoded once into tokenizer tokens), video_sources (one call over every video
+dataset), tfds_sources (UCF-101 and ImageNet prepared by tfds, read without
+TensorFlow), video_folder (Kinetics-style folders of video files).
+
+`config.data` holds the common keys and the keys of the one dataset it names:
+`check_data_config` rejects a key that dataset does not read, so a section
+never carries a union of every dataset's knobs.
+"""
+
+from __future__ import annotations
+
+COMMON_KEYS = ("name", "dir", "worker_count")  # dir: where tfds builds ArrayRecords; worker_count: grain workers
+
+# name -> the keys of its section (besides COMMON_KEYS).
+DATASET_KEYS = {
+    # generated from sklearn's digits (nbp.data.moving_digits); levels: grey levels the frames are
+    # quantised to for a classifier that judges quantised videos (0: the raw 256).
+    "moving_digits": ("num_frames", "frame_size", "num_digits", "speed", "num_train", "num_test", "levels"),
+    # tfds-prepared UCF-101 under dir (nbp.data.tfds_sources)
+    "ucf101": ("num_frames", "frame_size", "frame_stride"),
+    # Kinetics-style dir/<split folder>/<class>/<video> (nbp.data.video_folder)
+    "video_folder": ("num_frames", "frame_size", "frame_stride", "split_folders"),
+    # a dataset encoded into tokenizer tokens (nbp.data.tokens, experiments.encode_tokens)
+    "tokens": ("token_dir",),
+    # bytes of CPython's documentation topics (nbp.data.pipeline.text_bytes_source)
+    "text": (),
+}
+
+
+def check_data_config(data_cfg, accepted: tuple[str, ...]) -> None:
+  """Raises ValueError naming `config.data.name` or the first key its dataset does not read."""
+  name = data_cfg.get("name", "")
+  if name not in accepted:
+    raise ValueError(f"config.data.name={name!r}: this family reads one of {accepted}.")
+  allowed = COMMON_KEYS + DATASET_KEYS[name]
+  extra = sorted(set(data_cfg.keys()) - set(allowed))
+  if extra:
+    raise ValueError(f"Unknown config key 'config.data.{extra[0]}' for dataset {name!r}. "
+                     f"Known keys: {sorted(allowed)}")

@@ -18,11 +18,19 @@ model:
     mngr.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract_state),
         data=iterator_checkpoint_args(fresh_it, save=False)))  # restores in place
+
+Damaged files. `load_source` (and `make_iterator`, for a bare tfds source)
+wraps a tfds ArrayRecord source in `CheckedSource`: a record that cannot be
+read or decoded raises `DataCorruptionError` naming the file, the record in it
+and how to rebuild the dataset (built datasets are derived data: delete the
+named directory and rerun). `nbp.data.tokens.TokenSource` does the same for
+token files. The training loop saves its progress and stops on this error.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Callable, Sequence
 from typing import Any, SupportsIndex
 
@@ -30,17 +38,119 @@ import grain
 import numpy as np
 import tensorflow_datasets as tfds
 
+from nbp.data.generated import GeneratedBuilder
+
 Transform = grain.transforms.Map | grain.transforms.RandomMap | Callable[[Any], Any]
 
 
+# ------------------------------------------------------------- damaged records
+
+
+class DataCorruptionError(ValueError):
+  """A record of a dataset file could not be read or decoded.
+
+  The message names the file, the record in it, the example index of the
+  source, and how to rebuild the file; the attributes carry the same.
+  """
+
+  def __init__(self, message: str, path: str | None = None, record: int | None = None,
+               index: int | None = None):
+    super().__init__(message)
+    self.path = path  # the damaged file
+    self.record = record  # the record's position in that file
+    self.index = index  # the example index asked of the source
+
+  def __reduce__(self):  # keeps the fields when grain's worker processes send it back
+    return type(self), (str(self), self.path, self.record, self.index)
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckedSource:
+  """A random-access source over record files whose failed reads raise `DataCorruptionError`.
+
+  Riegeli (under array_record) detects a damaged chunk by its hash and raises
+  an error that names neither the file nor the record; a garbled record that
+  passes the hash fails to decode instead. Either way this wrapper re-raises
+  naming the file and the record the example comes from, with `rebuild` (how
+  to regenerate the file) appended.
+  """
+
+  source: Any  # random access (`len`, `[i]`)
+  files: tuple[tuple[str, int, int], ...]  # (path, first record read, records read), in the source's order
+  what: str  # the dataset and split, for messages
+  rebuild: str  # what to do about a damaged file
+
+  def __len__(self) -> int:
+    return len(self.source)
+
+  def locate(self, index: int) -> tuple[str, int]:
+    """(file, record in the file) of example `index`."""
+    for path, first, count in self.files:
+      if index < count:
+        return path, first + index
+      index -= count
+    raise IndexError(f"example {index} beyond the files of {self.what}")
+
+  def __getitem__(self, index: SupportsIndex):
+    i = int(index)
+    if not 0 <= i < len(self):  # not damage: let the caller see a plain IndexError
+      raise IndexError(f"example {i} out of range [0, {len(self)}) of {self.what}")
+    try:
+      return self.source[i]
+    except Exception as e:  # pylint: disable=broad-except  # riegeli: RuntimeError; decoding: any type
+      path, record = self.locate(i)
+      raise DataCorruptionError(
+          f"Damaged dataset file {path}: record {record} (example {i} of {self.what}) could not be read: "
+          f"{type(e).__name__}: {e}. {self.rebuild}", path, record, i) from e
+
+  def __repr__(self) -> str:
+    return f"CheckedSource({self.what}, {len(self.files)} file(s), {len(self)} examples)"
+
+
+def _rebuild_hint(info, generated: bool) -> str:
+  directory = os.fspath(info.data_dir)
+  if generated:
+    return (f"This dataset is generated locally (derived data): delete {directory} and rerun; the builder "
+            "regenerates it on first use (nbp.data.moving_digits.build).")
+  return (f"Delete {directory} and prepare the dataset again (tfds `builder.download_and_prepare()`, "
+          "e.g. nbp.data.moving_digits.build).")
+
+
+def checked_tfds_source(data_source, *, generated: bool = False) -> CheckedSource:
+  """Wraps a tfds ArrayRecord data source (`builder.as_data_source(split)`) in a `CheckedSource`.
+
+  The shard files and how many records of each the split reads come from the
+  split's file instructions in the dataset info.
+  """
+  info, split = data_source.dataset_info, data_source.split
+  files = []
+  for fi in info.splits[split].file_instructions:
+    take = fi.take if fi.take >= 0 else fi.examples_in_shard - fi.skip  # take -1: to the shard's end
+    files.append((os.fspath(fi.filename), int(fi.skip), int(take)))
+  return CheckedSource(data_source, tuple(files), f"split {str(split)!r} of {info.full_name}",
+                       _rebuild_hint(info, generated))
+
+
 def load_source(builder_or_name: str | tfds.core.DatasetBuilder, split: str,
-                data_dir: str | None = None):
-  """A random-access source (`len`, `[i]`) over a prepared ArrayRecord tfds dataset."""
+                data_dir: str | None = None) -> CheckedSource:
+  """A random-access source (`len`, `[i]`) over a prepared ArrayRecord tfds dataset.
+
+  A damaged record raises `DataCorruptionError` naming its file and record
+  (`CheckedSource`).
+  """
   if isinstance(builder_or_name, str):
     builder = tfds.builder(builder_or_name, data_dir=data_dir)
   else:
     builder = builder_or_name
-  return builder.as_data_source(split)
+  return checked_tfds_source(builder.as_data_source(split), generated=isinstance(builder, GeneratedBuilder))
+
+
+def _checked(source):
+  """`source`, with a bare tfds ArrayRecord source wrapped so that damage names the file."""
+  from tensorflow_datasets.core.data_sources import array_record  # pylint: disable=g-import-not-at-top
+  if isinstance(source, array_record.ArrayRecordDataSource):
+    return checked_tfds_source(source)
+  return source
 
 
 def _process_defaults(process_index: int | None, process_count: int | None):
@@ -76,6 +186,7 @@ def make_dataset(
 ) -> grain.MapDataset:
   """The MapDataset behind `make_iterator` (batches of B = global // processes)."""
   process_index, process_count = _process_defaults(process_index, process_count)
+  source = _checked(source)
   if global_batch_size % process_count:
     raise ValueError(
         f"global_batch_size {global_batch_size} is not divisible by "

@@ -5,7 +5,9 @@ runs a trained tokenizer over every video of a dataset. A token directory holds,
 video, {"tokens": int32 [f, h, w], "label": int32 [D]} (msgpack-serialised), in
 the dataset's order, and `metadata.json` (latent shape, codebook size, FSQ
 levels, example counts, the tokenizer's workdir). `token_source` opens one
-split as a random-access source (`len`, `[i]`) that grain takes as it is.
+split as a random-access source (`len`, `[i]`) that grain takes as it is; a
+damaged record raises `nbp.data.pipeline.DataCorruptionError` naming the file,
+the record and how to encode the tokens again.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import serialization
+
+from nbp.data import pipeline
 
 METADATA = "metadata.json"
 
@@ -66,7 +70,7 @@ def encode_split(model, params, source, path: str, *, batch_size: int = 32) -> i
 def encode_dataset(model, params, data_cfg, output_dir: str, *, splits=("train", "test"), batch_size: int = 32,
                    extra_metadata: dict | None = None) -> dict:
   """Encodes the splits of the videos of `data_cfg` under `output_dir`; returns the metadata written."""
-  from nbp.data import videos  # pylint: disable=g-import-not-at-top
+  from nbp.data import video_sources as videos  # pylint: disable=g-import-not-at-top
   os.makedirs(output_dir, exist_ok=True)
   counts = {}
   for split in splits:
@@ -97,8 +101,23 @@ class TokenSource:
     return len(self._records)
 
   def __getitem__(self, index: SupportsIndex) -> dict[str, np.ndarray]:
-    record = serialization.msgpack_restore(self._records[int(index)])
-    return {k: np.asarray(v, np.int32) for k, v in record.items()}
+    i = int(index)
+    if not 0 <= i < len(self):  # not damage: a plain IndexError
+      raise IndexError(f"record {i} out of range [0, {len(self)}) of {self.path}")
+    try:
+      record = serialization.msgpack_restore(self._records[i])
+      return {k: np.asarray(v, np.int32) for k, v in record.items()}
+    except Exception as e:  # pylint: disable=broad-except  # riegeli: RuntimeError; msgpack: any type
+      raise pipeline.DataCorruptionError(
+          f"Damaged token file {self.path}: record {i} could not be read: {type(e).__name__}: {e}. "
+          f"{self._rebuild_hint()}", self.path, i, i) from e
+
+  def _rebuild_hint(self) -> str:
+    directory = os.path.dirname(self.path)
+    workdir = self.metadata.get("tokenizer_workdir")
+    source = f" of the tokenizer in {workdir}" if workdir else ""
+    return (f"The tokens are derived data{source}: encode them again with python -m experiments.encode_tokens "
+            f"--output_dir {directory} (it rewrites the files).")
 
   def __repr__(self) -> str:
     return f"TokenSource({self.path!r}, {len(self)} examples)"

@@ -1,10 +1,8 @@
-"""Fréchet Video Distance: the Kinetics-400 I3D network, its preprocessing, the distance.
+"""The Kinetics-400 I3D network (Inception-v1 inflated to 3D), whose logits are the FVD features.
 
-FVD (Unterthiner et al. 2018) is the Fréchet distance between two Gaussians fitted
-to I3D features of real and of generated videos. The standard recipe, which the
-NBP paper follows: 16 frames per video, frames resized to 224x224 (bilinear),
-pixel values scaled to [-1, 1], the 400-d logits of the Kinetics-400 I3D (the
-TF-Hub "i3d-kinetics-400" model, Carreira & Zisserman 2017) as the features.
+The standard FVD (nbp.evaluators.fvd) uses the 400-d logits of the Kinetics-400
+I3D (the TF-Hub "i3d-kinetics-400" model, Carreira & Zisserman 2017) on 16
+frames of 224x224 in [-1, 1].
 
 Dimension letters: N videos, F frames, H height, W width, C channels, D feature
 width (400 for I3D), T, Y, X the time and space axes inside the network.
@@ -40,10 +38,8 @@ sizes (the tests run at 112x112).
 
 from __future__ import annotations
 
-import dataclasses
-import functools
 import os
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import flax
 import flax.linen as nn
@@ -243,151 +239,3 @@ def load_i3d(path: str, num_classes: int = NUM_CLASSES) -> dict[str, Any]:
     raise ValueError(f"I3D weight file {path!r} has an unexpected key {extra[0]!r} "
                      f"({len(extra)} unexpected in all).")
   return unflatten_variables({k: jnp.asarray(v, jnp.float32) for k, v in flat.items()})
-
-
-# ---------------------------------------------------------------------------
-# Preprocessing: the standard FVD one.
-
-def resize_bilinear(frames: jax.Array, size: int, *, half_pixel_centers: bool = False) -> jax.Array:
-  """[M, H, W, C] -> [M, size, size, C], bilinear without antialiasing.
-
-  `half_pixel_centers=False` is TF1's `tf.image.resize_bilinear` (align_corners
-  False), which the reference FVD code calls: output pixel i samples input
-  position i * H / size. True is the half-pixel convention of `jax.image.resize`.
-  """
-  m, h, w, c = frames.shape
-  frames = frames.astype(jnp.float32)
-  if half_pixel_centers:
-    return jax.image.resize(frames, (m, size, size, c), method="bilinear", antialias=False)
-  rows, cols = _tf1_bilinear_matrix(h, size), _tf1_bilinear_matrix(w, size)
-  return jnp.einsum("yh,mhwc,xw->myxc", rows, frames, cols, precision=jax.lax.Precision.HIGHEST)
-
-
-def _tf1_bilinear_matrix(n_in: int, n_out: int) -> np.ndarray:
-  """[n_out, n_in] weights of TF1 bilinear resizing along one axis (the last input row repeats)."""
-  position = np.arange(n_out) * (n_in / n_out)  # input coordinate of each output pixel
-  low = np.floor(position).astype(np.int64)
-  high = np.minimum(low + 1, n_in - 1)
-  frac = (position - low).astype(np.float32)
-  matrix = np.zeros((n_out, n_in), np.float32)
-  np.add.at(matrix, (np.arange(n_out), low), 1.0 - frac)
-  np.add.at(matrix, (np.arange(n_out), high), frac)
-  return matrix
-
-
-def preprocess(videos, *, resolution: int = RESOLUTION, num_frames: int | None = NUM_FRAMES,
-               half_pixel_centers: bool = False) -> jax.Array:
-  """Videos [N, F, H, W, C] (uint8, or floats in [0, 255]) -> float32 [N, F, R, R, 3] in [-1, 1].
-
-  C = 1 (grey) is repeated to 3 channels. `num_frames` is checked (16 in the
-  standard FVD); None accepts any length.
-  """
-  if videos.ndim != 5 or videos.shape[-1] not in (1, 3):
-    raise ValueError(f"videos must be [N, F, H, W, 1|3], got shape {tuple(videos.shape)}")
-  n, f, h, w, c = videos.shape
-  if num_frames is not None and f != num_frames:
-    raise ValueError(f"FVD expects {num_frames} frames per video, got {f} (shape {tuple(videos.shape)}); "
-                     "pass num_frames=None to accept other lengths (the result is then not the standard FVD).")
-  frames = jnp.asarray(videos).reshape(n * f, h, w, c)
-  frames = resize_bilinear(frames, resolution, half_pixel_centers=half_pixel_centers)
-  frames = jnp.clip(2.0 * frames / 255.0 - 1.0, -1.0, 1.0)  # clip: float rounding of the resize
-  if c == 1:
-    frames = jnp.repeat(frames, 3, axis=-1)
-  return frames.reshape(n, f, resolution, resolution, 3)
-
-
-# ---------------------------------------------------------------------------
-# The distance.
-
-def _psd_sqrt(sigma: np.ndarray) -> np.ndarray:
-  """Symmetric square root of a symmetric PSD matrix (negative eigenvalues clipped)."""
-  values, vectors = np.linalg.eigh(sigma)
-  return (vectors * np.sqrt(np.clip(values, 0.0, None))) @ vectors.T
-
-
-def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
-  """Fréchet distance between N(mu1, sigma1) and N(mu2, sigma2), in float64.
-
-  d = |mu1 - mu2|^2 + tr(s1) + tr(s2) - 2 tr((s1 s2)^(1/2)). The last trace is
-  computed without a general matrix square root: with A = s1^(1/2) and
-  B = s2^(1/2) (symmetric, by eigendecomposition), s1 s2 = A (A B B A) A^-1 has
-  the eigenvalues of (A B)(A B)^T, so tr((s1 s2)^(1/2)) is the sum of the
-  singular values of A B. This stays stable for rank-deficient covariances.
-  """
-  mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
-  s1, s2 = np.asarray(sigma1, np.float64), np.asarray(sigma2, np.float64)
-  if mu1.shape != mu2.shape or s1.shape != s2.shape or s1.shape != mu1.shape * 2:
-    raise ValueError(f"shapes do not match: mu {mu1.shape} {mu2.shape}, sigma {s1.shape} {s2.shape}")
-  s1, s2 = (s1 + s1.T) / 2, (s2 + s2.T) / 2
-  cross = np.sum(np.linalg.svd(_psd_sqrt(s1) @ _psd_sqrt(s2), compute_uv=False))
-  diff = mu1 - mu2
-  return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2.0 * cross)
-
-
-def feature_statistics(features) -> tuple[np.ndarray, np.ndarray]:
-  """Features [N, D] -> mean [D] and unbiased covariance [D, D] (float64)."""
-  features = np.asarray(features, np.float64)
-  if features.ndim != 2 or features.shape[0] < 2:
-    raise ValueError(f"features must be [N >= 2, D], got shape {features.shape}")
-  mu = features.mean(axis=0)
-  centred = features - mu
-  return mu, centred.T @ centred / (features.shape[0] - 1)
-
-
-def frechet_distance_of_features(real_features, fake_features) -> float:
-  return frechet_distance(*feature_statistics(real_features), *feature_statistics(fake_features))
-
-
-@dataclasses.dataclass(eq=False)
-class FeatureExtractor:
-  """Videos -> features [N, D], in batches of a fixed size through one jitted function.
-
-  `apply(variables, videos) -> features` receives raw videos (any preprocessing
-  belongs inside it); the last batch is padded, so only one shape is compiled.
-  """
-
-  apply: Callable[[Any, jax.Array], jax.Array]
-  variables: Any
-  batch_size: int = 8
-
-  def __post_init__(self):
-    self._jitted = jax.jit(self.apply)
-
-  def __call__(self, videos) -> np.ndarray:
-    videos = np.asarray(videos)
-    n = videos.shape[0]
-    if n == 0:
-      raise ValueError("no videos to extract features from")
-    out = []
-    for start in range(0, n, self.batch_size):
-      chunk = videos[start:start + self.batch_size]
-      pad = self.batch_size - chunk.shape[0]
-      if pad:
-        chunk = np.concatenate([chunk, np.repeat(chunk[-1:], pad, axis=0)])
-      out.append(np.asarray(self._jitted(self.variables, chunk))[:self.batch_size - pad])
-    return np.concatenate(out).astype(np.float64)
-
-
-def i3d_apply(model: InceptionI3D, variables, videos, *, resolution: int = RESOLUTION,
-              num_frames: int | None = NUM_FRAMES):
-  """Raw videos -> I3D logits [N, 400]: the FVD features."""
-  x = preprocess(videos, resolution=resolution, num_frames=num_frames)
-  return model.apply(variables, x)
-
-
-def i3d_extractor(variables, *, batch_size: int = 8, resolution: int = RESOLUTION,
-                  num_frames: int | None = NUM_FRAMES) -> FeatureExtractor:
-  """The standard FVD feature extractor, from variables (e.g. `load_i3d(path)`)."""
-  num_classes = variables["params"]["Logits"]["conv"]["bias"].shape[0]
-  apply = functools.partial(i3d_apply, InceptionI3D(num_classes=num_classes),
-                            resolution=resolution, num_frames=num_frames)
-  return FeatureExtractor(apply, variables, batch_size)
-
-
-def fvd(real_videos, fake_videos, *, extractor: FeatureExtractor) -> float:
-  """Fréchet Video Distance between two sets of videos [N, F, H, W, C].
-
-  With `i3d_extractor(load_i3d(path))` this is the standard FVD (16 frames);
-  published figures use 2048 to 50k videos per set, and few videos bias it up.
-  """
-  return frechet_distance_of_features(extractor(real_videos), extractor(fake_videos))

@@ -87,7 +87,7 @@ def video_source(data_cfg, split: str):
     return pipeline.load_source(moving_digits.builder_from_config(data_cfg), split, data_cfg.dir)
   stride = int(data_cfg.get("frame_stride", 1))
   if data_cfg.name == "ucf101":
-    from nbp.data import tfds_video  # pylint: disable=g-import-not-at-top
+    from nbp.data import tfds_sources as tfds_video  # pylint: disable=g-import-not-at-top
     source = tfds_video.ucf101_source(split, data_cfg.dir, num_frames=data_cfg.num_frames,
                                       frame_size=data_cfg.frame_size, frame_stride=stride)
   else:

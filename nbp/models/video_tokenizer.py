@@ -12,33 +12,23 @@ Dimensions: B batch, F frames, H height, W width, C channels (video);
 f latent frames, h, w latent height and width, d latent dim (= len(levels)),
 K channels of a hidden layer.
 
-Loss: L1 + MSE reconstruction, an optional perceptual term on features from a
-function the user supplies (nothing pretrained ships here), and an optional
-hinge-loss 3D patch discriminator. The discriminator's parameters live in the
-same parameter tree as the tokenizer and are trained by the same optimizer:
-the loss is generator_loss + discriminator_loss, where the discriminator term
-sees the reconstruction through `stop_gradient` and the generator's adversarial
-term sees the discriminator's parameters through `stop_gradient`, so each part
-only receives the gradient of its own objective (Adam is per-parameter, so this
-is two optimizers sharing hyperparameters).
+The optional 3D patch discriminator (`discriminator_channels` > 0) lives in
+the parameter tree under "discriminator"; nbp.tasks.video_tokenizer trains it
+as its own parameter group with its own optimizer.
+
+Its fields are the `config.model` schema (`VideoTokenizer(**config.model)`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
-import importlib
 import math
-import os
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-
-from nbp import families
-from nbp import video as video_lib
 
 # ---------------------------------------------------------------------------
 # FSQ: finite scalar quantisation.
@@ -319,7 +309,7 @@ class VideoTokenizer(nn.Module):
   space_factor: int = 8  # H -> H / 8 (2, 4, 8, ...)
   norm_groups: int = 8  # GroupNorm groups (per frame)
   discriminator_channels: int = 0  # > 0: a PatchDiscriminator of this width lives in the params
-  dtype: Any = jnp.float32  # computation dtype; parameters stay float32
+  dtype: Any = "float32"  # computation dtype (a name or a jnp dtype); parameters stay float32
 
   @property
   def fsq(self) -> FSQ:
@@ -340,7 +330,7 @@ class VideoTokenizer(nn.Module):
   def setup(self):
     common = dict(channels=self.channels, channel_multipliers=tuple(self.channel_multipliers),
                   num_res_blocks=self.num_res_blocks, time_factor=self.time_factor,
-                  space_factor=self.space_factor, norm_groups=self.norm_groups, dtype=self.dtype)
+                  space_factor=self.space_factor, norm_groups=self.norm_groups, dtype=jnp.dtype(self.dtype))
     self.encoder = Encoder(latent_dim=len(self.levels), **common)
     self.decoder = Decoder(out_channels=self.out_channels, **common)
     if self.discriminator_channels:
@@ -372,236 +362,4 @@ class VideoTokenizer(nn.Module):
     return reconstruction, {"codes": codes, "indices": indices}
 
 
-# ---------------------------------------------------------------------------
-# Loss and metrics.
-
-
-@dataclasses.dataclass(frozen=True)
-class LossWeights:
-  l1: float = 1.0  # mean absolute error, [-1, 1] scale
-  mse: float = 1.0  # mean squared error, [-1, 1] scale
-  perceptual: float = 0.0  # > 0 needs a feature function (config.model.perceptual_features)
-  adversarial: float = 0.0  # > 0 needs config.model.discriminator_channels > 0
-
-
-def psnr(video: jax.Array, reconstruction: jax.Array) -> jax.Array:
-  """Mean over videos of the PSNR (dB) on the [0, 1] scale; both inputs in [-1, 1]."""
-  x = (video.astype(jnp.float32) + 1) / 2
-  y = jnp.clip((reconstruction.astype(jnp.float32) + 1) / 2, 0.0, 1.0)
-  mse = jnp.mean(jnp.square(x - y), axis=tuple(range(1, x.ndim)))  # [B]
-  return jnp.mean(10.0 * jnp.log10(1.0 / jnp.maximum(mse, 1e-10)))
-
-
-def codebook_usage(indices: jax.Array, codebook_size: int) -> jax.Array:
-  """Fraction of the codebook's entries used at least once in `indices`."""
-  counts = jnp.zeros((codebook_size,), jnp.int32).at[indices.reshape(-1)].add(1)
-  return jnp.mean((counts > 0).astype(jnp.float32))
-
-
-def perceptual_loss(features: Callable, video: jax.Array, reconstruction: jax.Array) -> jax.Array:
-  """LPIPS-style distance: frames through `features`, unit-normalised channels, mean squared difference.
-
-  `features(frames [N, H, W, C] in [-1, 1])` returns one array or a list of
-  arrays [N, ..., K]; the distances of the arrays are summed.
-  """
-  frames = lambda v: v.reshape((-1,) + v.shape[2:])  # [B*F, H, W, C]
-  real, fake = features(frames(video)), features(frames(reconstruction))
-  real = real if isinstance(real, (list, tuple)) else [real]
-  fake = fake if isinstance(fake, (list, tuple)) else [fake]
-  unit = lambda a: a / (jnp.linalg.norm(a, axis=-1, keepdims=True) + 1e-8)
-  return sum(jnp.mean(jnp.sum(jnp.square(unit(r) - unit(g)), axis=-1)) for r, g in zip(real, fake))
-
-
-def load_feature_function(spec: str) -> Callable:
-  """"package.module:function" -> that function (e.g. one that loads VGG/LPIPS weights from a local file)."""
-  module, _, name = spec.partition(":")
-  if not module or not name:
-    raise ValueError(f"config.model.perceptual_features={spec!r}: expected 'package.module:function'.")
-  return getattr(importlib.import_module(module), name)
-
-
-def tokenizer_loss(model: VideoTokenizer, params, batch, rng, *, weights: LossWeights = LossWeights(),
-                   perceptual_features: Callable | None = None):
-  """(loss, metrics) of one batch {"video": [B, F, H, W, C] in [-1, 1]}."""
-  del rng  # deterministic
-  video = batch["video"]
-  reconstruction, aux = model.apply({"params": params}, video)
-  error = reconstruction - video
-  l1, mse = jnp.mean(jnp.abs(error)), jnp.mean(jnp.square(error))
-  recon = weights.l1 * l1 + weights.mse * mse
-  loss = recon
-  metrics = {"recon": recon, "l1": l1, "mse": mse, "psnr": psnr(video, reconstruction),
-             "codebook_usage": codebook_usage(aux["indices"], model.codebook_size)}
-  if weights.perceptual > 0:
-    if perceptual_features is None:
-      raise ValueError("perceptual weight > 0 without a feature function: set config.model.perceptual_features.")
-    metrics["perceptual"] = perceptual_loss(perceptual_features, video, reconstruction)
-    loss = loss + weights.perceptual * metrics["perceptual"]
-  if weights.adversarial > 0:
-    if not model.discriminator_channels:
-      raise ValueError("adversarial weight > 0 needs config.model.discriminator_channels > 0.")
-    discriminate = lambda p, v: model.apply({"params": p}, v, method=VideoTokenizer.discriminate)
-    # Discriminator: hinge loss; the reconstruction is a constant to it.
-    real = discriminate(params, video)
-    fake = discriminate(params, jax.lax.stop_gradient(reconstruction))
-    d_loss = jnp.mean(nn.relu(1.0 - real)) + jnp.mean(nn.relu(1.0 + fake))
-    # Generator: raise the frozen discriminator's logits on its reconstruction.
-    g_adv = -jnp.mean(discriminate(jax.lax.stop_gradient(params), reconstruction))
-    loss = loss + weights.adversarial * g_adv + d_loss
-    metrics.update(discriminator_loss=d_loss, generator_adversarial=g_adv,
-                   real_accuracy=jnp.mean((real > 0).astype(jnp.float32)),
-                   fake_accuracy=jnp.mean((fake < 0).astype(jnp.float32)))
-  return loss, metrics
-
-
-def evaluate(model: VideoTokenizer, params, batch, rng, *, weights: LossWeights = LossWeights()):
-  """Held-out reconstruction: {"psnr" (dB, [0, 1] scale), "recon", "l1", "mse", "codebook_usage"}."""
-  _, metrics = tokenizer_loss(model, params, batch, rng, weights=dataclasses.replace(
-      weights, perceptual=0.0, adversarial=0.0))
-  return metrics
-
-
-# ---------------------------------------------------------------------------
-# The task.
-
-MODEL_FIELDS = ("levels", "channels", "channel_multipliers", "num_res_blocks", "time_factor",
-                "space_factor", "norm_groups", "dtype", "l1_weight", "mse_weight", "perceptual_weight",
-                "perceptual_features", "adversarial_weight", "discriminator_channels", "num_samples")
-DATA_FIELDS = ("dir", "worker_count", "name", "num_frames", "frame_size",
-               # moving digits (nbp.data.moving_digits):
-               "num_digits", "speed", "num_train", "num_test",
-               # real videos, "ucf101" or "video_folder" (nbp.data.videos):
-               "frame_stride", "split_folders")
-
-
-def build_model(model_cfg, out_channels: int = 1) -> VideoTokenizer:
-  return VideoTokenizer(
-      levels=tuple(model_cfg.levels), out_channels=out_channels, channels=model_cfg.channels,
-      channel_multipliers=tuple(model_cfg.channel_multipliers), num_res_blocks=model_cfg.num_res_blocks,
-      time_factor=model_cfg.time_factor, space_factor=model_cfg.space_factor,
-      norm_groups=model_cfg.norm_groups,
-      discriminator_channels=model_cfg.discriminator_channels if model_cfg.adversarial_weight > 0 else 0,
-      dtype=jnp.dtype(model_cfg.dtype))
-
-
-def moving_digits_builder(data_cfg):
-  """The prepared moving digits tfds builder of a data config."""
-  from nbp.data import moving_digits  # pylint: disable=g-import-not-at-top
-  if data_cfg.name != "moving_digits":
-    raise ValueError(f"config.data.name={data_cfg.name!r}: only moving digits has a tfds builder here.")
-  return moving_digits.builder_from_config(data_cfg)
-
-
-def make_data(data_cfg, split: str, *, seed: int, process_index: int, process_count: int, batch_size: int):
-  """A checkpointable grain iterator of {"video": float32 [b, F, H, W, C] in [-1, 1], "label"} batches.
-
-  Any dataset of `nbp.data.videos.video_source` (moving digits, UCF-101, a video folder).
-  """
-  from nbp.data import pipeline, videos  # pylint: disable=g-import-not-at-top
-  source = videos.video_source(data_cfg, split)
-  return pipeline.make_iterator(
-      source, global_batch_size=batch_size * process_count, seed=seed, shuffle=True,
-      transforms=(pipeline.NormalizeVideo(),), process_index=process_index, process_count=process_count,
-      worker_count=data_cfg.worker_count)
-
-
-@functools.cache
-def _fixed_test_videos(num: int, num_frames: int, frame_size: int, num_digits: int, speed: float) -> np.ndarray:
-  """float32 [num, F, H, W, 1] in [-1, 1]: the first `num` videos of the test split (dataset seed 0)."""
-  from nbp.data import moving_digits  # pylint: disable=g-import-not-at-top
-  videos = moving_digits.make_moving_digits(num, seed=0, split="test", num_frames=num_frames,
-                                            frame_size=frame_size, num_digits=num_digits, speed=speed)["video"]
-  return videos.astype(np.float32) / 127.5 - 1.0
-
-
-@functools.cache
-def _first_test_videos(data_cfg_json: str, num: int) -> np.ndarray:
-  """float32 [num, F, H, W, C] in [-1, 1]: the first `num` videos of the test split of any video dataset."""
-  import json  # pylint: disable=g-import-not-at-top
-  import ml_collections  # pylint: disable=g-import-not-at-top
-  from nbp.data import videos  # pylint: disable=g-import-not-at-top
-  source = videos.video_source(ml_collections.ConfigDict(json.loads(data_cfg_json)), "test")
-  return np.stack([source[i]["video"] for i in range(min(num, len(source)))]).astype(np.float32) / 127.5 - 1.0
-
-
-def reconstruct_fixed_videos(model: VideoTokenizer, data_cfg, num: int, params, rng):
-  """The sampler: {"video", "reconstruction"} of the first `num` test videos (the same at every call)."""
-  del rng
-  if data_cfg.name == "moving_digits":
-    video = _fixed_test_videos(num, data_cfg.num_frames, data_cfg.frame_size, data_cfg.num_digits,
-                               float(data_cfg.speed))
-  else:
-    video = _first_test_videos(data_cfg.to_json(), num)
-  video = jnp.asarray(video)
-  reconstruction, _ = model.apply({"params": params}, video)
-  return {"video": video, "reconstruction": reconstruction}
-
-
-def to_uint8(video) -> np.ndarray:
-  return np.clip(np.round((np.asarray(video, np.float32) + 1) * 127.5), 0, 255).astype(np.uint8)
-
-
-def write_samples(samples, out_dir: str, step: int) -> dict[str, float]:
-  """A GIF and a PNG grid with each test video above its reconstruction; returns their PSNR."""
-  video, reconstruction = to_uint8(samples["video"]), to_uint8(samples["reconstruction"])
-  pairs = np.stack([video, reconstruction], axis=1).reshape((-1,) + video.shape[1:])  # [2N, F, H, W, C]
-  stem = os.path.join(out_dir, f"step_{step:07d}")
-  video_lib.save_gif(stem + ".gif", pairs)
-  video_lib.save_frame_grid(stem + ".png", pairs, max_videos=len(pairs),
-                            title=f"tokenizer: input / reconstruction, step {step}")
-  return {"psnr": float(psnr(jnp.asarray(samples["video"]), jnp.asarray(samples["reconstruction"])))}
-
-
-def make_task(config) -> families.Task:
-  from nbp.data import videos  # pylint: disable=g-import-not-at-top
-  m, d = config.model, config.data
-  channels = videos.num_channels(d)  # C: 1 (moving digits) or 3 (RGB)
-  model = build_model(m, out_channels=channels)
-  model.latent_shape(d.num_frames, d.frame_size, d.frame_size)  # fails early on bad shapes
-  weights = LossWeights(l1=m.l1_weight, mse=m.mse_weight, perceptual=m.perceptual_weight,
-                        adversarial=m.adversarial_weight)
-  features = None
-  if weights.perceptual > 0:
-    if not m.perceptual_features:
-      raise ValueError(
-          "config.model.perceptual_weight > 0 but config.model.perceptual_features is empty: no pretrained "
-          "network ships with this codebase; name a 'package.module:function' that maps frames "
-          "[N, H, W, C] in [-1, 1] to features (e.g. a VGG loaded from a local weights file).")
-    features = load_feature_function(m.perceptual_features)
-  if weights.adversarial > 0 and not m.discriminator_channels:
-    raise ValueError("config.model.adversarial_weight > 0 needs config.model.discriminator_channels > 0.")
-  return families.Task(
-      model=model,
-      init_inputs=lambda: {"video": jnp.zeros((1, d.num_frames, d.frame_size, d.frame_size, channels),
-                                              jnp.float32)},
-      loss=functools.partial(tokenizer_loss, model, weights=weights, perceptual_features=features),
-      data=functools.partial(make_data, d),
-      evaluate=functools.partial(evaluate, model, weights=weights),
-      sample=(functools.partial(reconstruct_fixed_videos, model, d, m.num_samples) if m.num_samples else None),
-      write_samples=write_samples,
-  )
-
-
-# ---------------------------------------------------------------------------
-# Encode / decode API for other code (the NBP transformer, notebooks).
-
-
-def load_tokenizer(config, workdir: str) -> tuple[VideoTokenizer, Any]:
-  """(model, params) of the latest checkpoint in `workdir`, trained with `config`.
-
-  The EMA parameters are returned when the run kept them.
-  """
-  from nbp import train  # pylint: disable=g-import-not-at-top
-  s, state = train.load_state(config, workdir)
-  params = state.ema_params if state.ema_params is not None else state.params
-  return s.task.model, params
-
-
-def encode_video(model: VideoTokenizer, params, video: jax.Array) -> jax.Array:
-  """video [B, F, H, W, C] in [-1, 1] -> token indices int32 [B, f, h, w]."""
-  return model.apply({"params": params}, video, method=VideoTokenizer.encode)[1]
-
-
-def decode_tokens(model: VideoTokenizer, params, indices: jax.Array) -> jax.Array:
-  """token indices [B, f, h, w] -> video [B, F, H, W, C] clipped to [-1, 1]."""
-  return jnp.clip(model.apply({"params": params}, indices, method=VideoTokenizer.decode_indices), -1.0, 1.0)
+Model = VideoTokenizer  # the name the training loop builds: Model(**config.model)

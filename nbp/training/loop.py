@@ -34,12 +34,14 @@ from absl import logging
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from nbp import checkpoint as checkpoint_lib
-from nbp import config as config_lib
-from nbp import families
-from nbp import metrics as metrics_lib
-from nbp import optim
-from nbp import sharding
+from nbp import evaluators
+from nbp import tasks as families
+from nbp.training import checkpoint as checkpoint_lib
+from nbp.training import config as config_lib
+from nbp.training import metrics as metrics_lib
+from nbp.training import optim
+from nbp.training import sharding
+from nbp.training import workdir as workdir_lib
 
 
 @flax.struct.dataclass
@@ -73,13 +75,13 @@ class Setup:
 
 def setup(config: ml_collections.ConfigDict, devices=None) -> Setup:
   """Checks the config against the devices and builds the abstract state."""
-  module = families.family_module(config.family)
-  config_lib.validate(config, module.MODEL_FIELDS, module.DATA_FIELDS)
+  config_lib.validate(config)
+  families.check_config(config)
   mesh = sharding.make_mesh(config.mesh, devices)
   rules = tuple((name, tuple(axes) if isinstance(axes, (list, tuple)) else axes) for name, axes in config.axis_rules)
   sharding.check_batch_size(config.batch_size, mesh, rules, grad_accum_steps=config.grad_accum_steps)
-  task = module.make_task(config)
-  tx, schedule = optim.make_optimizer(config.optimizer, config.num_steps)
+  task = families.make_task(config)
+  tx, schedule = make_optimizer(config, task)
   init = _init_fn(task, tx, config.optimizer.ema_decay)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     boxed = jax.eval_shape(init, jax.random.key(0))
@@ -87,6 +89,64 @@ def setup(config: ml_collections.ConfigDict, devices=None) -> Setup:
   abstract = checkpoint_lib.abstract_with_shardings(nn.meta.unbox(boxed), state_sharding)
   return Setup(config, task, mesh, rules, tx, schedule, abstract, state_sharding,
                sharding.batch_sharding(mesh, rules))
+
+
+def make_optimizer(config: ml_collections.ConfigDict, task: families.Task):
+  """The optimizer of `config.optimizer`, or one per parameter group (optax.multi_transform).
+
+  A task with `param_labels` (e.g. a GAN's "discriminator") gets one optimizer
+  per group: the group "model" uses config.optimizer, any other group g
+  config.optimizer with the keys of config.param_groups[g] replaced. Returns
+  (tx, the schedule of the "model" group, for logging).
+  """
+  groups = dict(config.get("param_groups", {}))
+  if task.param_labels is None:
+    if groups:
+      raise ValueError(f"config.param_groups={sorted(groups)} but family {config.family!r} has one "
+                       "parameter group.")
+    return optim.make_optimizer(config.optimizer, config.num_steps)
+  txs, schedules = {}, {}
+  for group in ("model", *sorted(set(groups) - {"model"})):
+    cfg = config.optimizer.copy_and_resolve_references()
+    for key, value in groups.get(group, {}).items():
+      if key not in cfg:
+        raise ValueError(f"Unknown config key 'config.param_groups.{group}.{key}'; "
+                         f"known: {sorted(cfg.keys())}")
+      cfg[key] = value
+    txs[group], schedules[group] = optim.make_optimizer(cfg, config.num_steps)
+  labels = lambda params: _unboxed_labels(task.param_labels, params)
+  return optax.multi_transform(txs, labels), schedules["model"]
+
+
+def _unboxed_labels(param_labels, params):
+  """Group labels for `params`, boxed or not (the state is initialised with logical-axis boxes)."""
+  labels = param_labels(nn.meta.unbox(params))
+  return jax.tree.map(lambda p, label: label, params, labels,
+                      is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
+
+
+def loss_and_grad(loss_fn: families.LossFn, params, batch, rng, param_labels=None):
+  """((loss, metrics), grads) of a task's loss.
+
+  A loss that returns one objective per parameter group ({group: scalar},
+  with the task's `param_labels`) is differentiated group by group: each
+  group's gradient is that of its own objective only (one forward pass, one
+  VJP per group), and the reported loss is the "model" objective.
+  """
+  out, pullback, metrics = jax.vjp(lambda p: loss_fn(p, batch, rng), params, has_aux=True)
+  if not isinstance(out, dict):
+    (grads,) = pullback(jnp.ones_like(out))
+    return (out, metrics), grads
+  if param_labels is None:
+    raise ValueError(f"the loss returned one objective per group {sorted(out)} but the task has no param_labels")
+  labels = param_labels(params)
+  grads = None
+  for group in out:
+    (g,) = pullback({k: jnp.full_like(v, 1.0 if k == group else 0.0) for k, v in out.items()})
+    g = jax.tree.map(lambda x, label: x if label == group else jnp.zeros_like(x), g, labels)
+    grads = g if grads is None else jax.tree.map(jnp.add, grads, g)
+  metrics = dict(metrics, **{f"loss_{k}": v for k, v in out.items()})
+  return (out["model"], metrics), grads
 
 
 def _init_fn(task: families.Task, tx, ema_decay: float):
@@ -111,23 +171,45 @@ def _microbatches(batch, n: int):
 
 def train_step(state: TrainState, batch, base_rng, *, task: families.Task, tx, schedule,
                grad_accum_steps: int, ema_decay: float):
-  """One optimizer step, gradients accumulated over `grad_accum_steps` micro-batches."""
+  """One optimizer step, gradients accumulated over `grad_accum_steps` micro-batches.
+
+  A loss whose metrics hold "num_targets" (the number of loss terms its mean is
+  over, e.g. weighted tokens) has its micro-batches weighted by that count: the
+  loss, the gradients and every other metric are count-weighted means, so
+  accumulating a per-target mean gives the full-batch step however unevenly the
+  targets fall into micro-batches, and "num_targets" is reported summed.
+  Without it, every micro-batch weighs the same.
+  """
   rng = jax.random.fold_in(base_rng, state.step)
   grad_fn = jax.value_and_grad(task.loss, has_aux=True)
   if grad_accum_steps == 1:
     (loss, metrics), grads = grad_fn(state.params, batch, rng)
   else:
-    micro = _microbatches(batch, grad_accum_steps)
+    def weighted(index, micro_batch):
+      """The micro-batch's weight, and its (loss, metrics, grads) times that weight."""
+      (loss, metrics), grads = grad_fn(state.params, micro_batch, jax.random.fold_in(rng, index))
+      metrics = dict(metrics)
+      count = metrics.pop("num_targets", None)
+      weight = jnp.ones((), jnp.float32) if count is None else jnp.asarray(count, jnp.float32)
+      loss, metrics = jax.tree.map(lambda x: x * weight, (loss, metrics))
+      grads = jax.tree.map(lambda g: (g * weight).astype(g.dtype), grads)
+      if count is not None:
+        metrics["num_targets"] = weight  # the weights add up to the step's count
+      return weight, (loss, metrics, grads)
+
     def accumulate(total, xs):
-      index, micro_batch = xs
-      out = grad_fn(state.params, micro_batch, jax.random.fold_in(rng, index))
-      return jax.tree.map(jnp.add, total, out), None
-    shapes = jax.eval_shape(grad_fn, state.params, jax.tree.map(lambda x: x[0], micro), rng)
+      return jax.tree.map(jnp.add, total, weighted(*xs)), None
+
+    micro = _microbatches(batch, grad_accum_steps)
+    shapes = jax.eval_shape(weighted, 0, jax.tree.map(lambda x: x[0], micro))
     zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shapes)
-    total, _ = jax.lax.scan(accumulate, zeros, (jnp.arange(grad_accum_steps), micro))
-    (loss, metrics), grads = jax.tree.map(lambda x: x / grad_accum_steps, total)
-    if "num_tokens" in metrics:  # a count: summed over micro-batches, not averaged
-      metrics = dict(metrics, num_tokens=metrics["num_tokens"] * grad_accum_steps)
+    (total, (loss, metrics, grads)), _ = jax.lax.scan(
+        accumulate, zeros, (jnp.arange(grad_accum_steps), micro))
+    # No targets in the whole batch: every weighted sum is 0, and so is its mean.
+    total = jnp.where(total > 0, total, 1.0)
+    loss = loss / total
+    grads = jax.tree.map(lambda g: (g / total).astype(g.dtype), grads)
+    metrics = {k: v if k == "num_targets" else v / total for k, v in metrics.items()}
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   ema = state.ema_params
@@ -143,22 +225,6 @@ def compile_train_step(s: Setup):
                            ema_decay=s.config.optimizer.ema_decay)
   return jax.jit(step, in_shardings=(s.state_sharding, s.batch_sharding, sharding.replicated(s.mesh)),
                  out_shardings=(s.state_sharding, sharding.replicated(s.mesh)), donate_argnums=(0,))
-
-
-@functools.cache
-def compile_eval_step(s: Setup):
-  evaluate = s.task.evaluate or s.task.loss
-  def step(params, batch, rng):
-    out = evaluate(params, batch, rng)
-    return dict(out[1], loss=out[0]) if isinstance(out, tuple) else out
-  return jax.jit(step, in_shardings=(s.state_sharding.params, s.batch_sharding, sharding.replicated(s.mesh)),
-                 out_shardings=sharding.replicated(s.mesh))
-
-
-@functools.cache
-def compile_sampler(s: Setup):
-  """The family's sampler jitted whole; samples come back replicated on every host."""
-  return jax.jit(s.task.sample, out_shardings=sharding.replicated(s.mesh))
 
 
 def data_iterator(s: Setup, split: str, seed: int):
@@ -206,10 +272,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   ckpt = checkpoint_lib.Checkpoints(os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints)
   train_iter = data_iterator(s, "train", config.seed)
 
-  latest = ckpt.latest_step()
-  if latest is not None:
+  from nbp.data import pipeline as pipeline_lib  # pylint: disable=g-import-not-at-top  # DataCorruptionError below
+
+  # The newest step that restores: a damaged one is skipped with a warning
+  # (and moved aside when this run saves that step again, see checkpoint.py).
+  resumed = ckpt.restore_latest(s.abstract_state, train_iter)
+  if resumed is not None:
+    latest, state = resumed
     logging.warning("Resuming from %s at step %d.", ckpt.directory, latest)
-    state = ckpt.restore(latest, s.abstract_state, train_iter)
   elif config.init_from:
     step, loaded = checkpoint_lib.restore_params(config.init_from, s.abstract_state)
     logging.info("Starting from the parameters of %s (step %d).", config.init_from, step)
@@ -218,6 +288,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     state = init_state(s, config.seed)
 
   writer = metrics_lib.MetricWriter(workdir)
+  workdir_lib.write_config(workdir, config)
+  scheduled = evaluators.build(config.evals)  # fails on a bad config.evals before the first step
   base_rng = jax.random.key(config.seed + 1)
   with s.context():
     step_fn = compile_train_step(s)
@@ -248,7 +320,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       if step == profile_first:
         jax.profiler.start_trace(os.path.join(workdir, "profile"))
         tracing = True
-      batch = sharding.global_batch(next(train_iter), s.batch_sharding)
+      data_position = train_iter.get_state()  # before this batch: saved with the state if reading it fails
+      try:
+        local_batch = next(train_iter)
+      except pipeline_lib.DataCorruptionError as e:
+        # Keep the steps since the last checkpoint: the state after `step` steps
+        # with the data position before the failed batch, so the run resumed
+        # after rebuilding the data reads that batch again, as an uninterrupted
+        # run would have.
+        if ckpt.has_step(step):
+          note = f"Step {step} is already saved in {ckpt.directory}."
+        elif jax.process_count() > 1:  # a save needs every process, and the others are mid-step
+          note = f"Step {step} is not saved (several processes); the last checkpoint is kept."
+        else:
+          ckpt.save(step, state, data_state=data_position)
+          ckpt.close()
+          note = f"Saved step {step} in {ckpt.directory}."
+        note += " Rerun after rebuilding the data to resume from it."
+        logging.error("Stopping at step %d on damaged data: %s %s", step, e, note)
+        e.add_note(note)
+        raise
+      batch = sharding.global_batch(local_batch, s.batch_sharding)
       state, metrics = step_fn(state, batch, base_rng)
       pending.append((step + 1, metrics))
       done = step + 1
@@ -268,17 +360,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           rate = steps / (now - tick)
           means["steps_per_sec"] = rate
           means["examples_per_sec"] = rate * config.batch_size
-          if "num_tokens" in means:
-            means["tokens_per_sec"] = rate * means["num_tokens"]
+          if "num_targets" in means:
+            means["targets_per_sec"] = rate * means["num_targets"]
           writer.write(done, means)
           progress.set_postfix(loss=f"{means['loss']:.4f}", steps_per_s=f"{rate:.2f}")
           last = means
         tick, tick_step = now, done
 
-      if (config.eval_every and done % config.eval_every == 0) or is_last:
-        evaluate(s, state, done, writer)
-      if (config.sample_every and done % config.sample_every == 0) or is_last:
-        write_samples(s, state, done, os.path.join(workdir, "samples"), writer)
+      if any(evaluators.due(every, done, is_last) for every, _ in scheduled.values()):
+        run_evaluators(s, *eval_params(state), done, workdir, final=is_last, writer=writer)
       if done % config.checkpoint_every == 0 or is_last or preempted:
         ckpt.save(done, state, train_iter)
       if preempted:
@@ -291,43 +381,35 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   return dict(last, status=status, step=int(state.step))
 
 
-def evaluate(s: Setup, state: TrainState, step: int, writer: metrics_lib.MetricWriter | None = None,
-             params=None) -> dict[str, float]:
-  """Averages the family's evaluation over `config.eval_steps` test batches."""
-  eval_step = compile_eval_step(s)
-  params = state.params if params is None else params
-  it = data_iterator(s, "test", s.config.seed)
-  rng = jax.random.key(s.config.seed + 2)
-  totals: list[dict] = []
-  for i in range(s.config.eval_steps):
-    batch = sharding.global_batch(next(it), s.batch_sharding)
-    totals.append(jax.device_get(eval_step(params, batch, jax.random.fold_in(rng, i))))
-  means = {f"eval/{k}": float(np.mean([t[k] for t in totals])) for k in totals[0]}
-  if writer is not None:
-    writer.write(step, means)
-  return means
+def eval_params(state: TrainState) -> tuple[Any, str]:
+  """The parameters evaluation and sampling use, and their name: the EMA when the run keeps one."""
+  if state.ema_params is not None:
+    return state.ema_params, "ema_params"
+  return state.params, "params"
 
 
-def write_samples(s: Setup, state: TrainState, step: int, out_dir: str,
-                  writer: metrics_lib.MetricWriter | None = None) -> dict[str, float]:
-  if s.task.sample is None:
-    return {}
-  params = state.ema_params if state.ema_params is not None else state.params
-  samples = jax.device_get(compile_sampler(s)(params, jax.random.fold_in(jax.random.key(s.config.seed + 3), step)))
-  out = {}
-  if s.task.write_samples is not None and jax.process_index() == 0:
-    os.makedirs(out_dir, exist_ok=True)
-    out = {f"sample/{k}": v for k, v in s.task.write_samples(samples, out_dir, step).items()}
-    if writer is not None and out:
-      writer.write(step, out)
+def run_evaluators(s: Setup, params, params_name: str, step: int, workdir: str, *, final: bool,
+                   writer: metrics_lib.MetricWriter | None = None, only_due: bool = True) -> dict[str, float]:
+  """Runs `config.evals` (those due at `step`, or all) on `params`; writes and returns the results."""
+  context = evaluators.Context(setup=s, params=params, params_name=params_name, step=step, workdir=workdir,
+                               rng=jax.random.key(s.config.seed + 2))
+  out = evaluators.run(evaluators.build(s.config.evals), context, final=final, only_due=only_due)
+  if writer is not None and out:
+    writer.write(step, out)
   return out
 
 
-def load_state(config: ml_collections.ConfigDict, workdir: str) -> tuple[Setup, TrainState]:
-  """The setup and latest state of a workdir (for sampling and evaluation)."""
-  directory = os.path.join(os.path.abspath(workdir), "checkpoints")
-  if not os.path.isdir(directory) or checkpoint_lib.Checkpoints(directory, keep=1).latest_step() is None:
-    raise FileNotFoundError(f"No checkpoint in workdir {workdir!r}: train first (experiments.train).")
+def load_params(config: ml_collections.ConfigDict, workdir: str) -> tuple[Setup, Any, str, int]:
+  """(setup, params, params_name, step) of a workdir's latest checkpoint, parameters only (no optimizer state).
+
+  params_name is "ema_params" when the run kept an EMA (what evaluation and
+  sampling use), else "params".
+  """
   s = setup(config)
-  _, state = checkpoint_lib.restore_params(directory, s.abstract_state)
-  return s, state
+  directory = workdir_lib.checkpoint_dir(workdir)
+  steps = workdir_lib.complete_steps(directory)
+  if not steps:
+    raise FileNotFoundError(f"No checkpoint in workdir {workdir!r}: train first (experiments.train).")
+  params, name = workdir_lib.load_params(workdir, s.task.model, s.task.init_inputs())
+  params = jax.device_put(params, s.state_sharding.params)
+  return s, params, name, steps[0]

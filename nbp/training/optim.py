@@ -17,15 +17,19 @@ DECAYED_LEAVES = ("kernel", "embedding")
 
 
 def learning_rate_schedule(cfg: ml_collections.ConfigDict, num_steps: int) -> optax.Schedule:
-  """Linear warmup to cfg.lr, then cosine (or constant) to cfg.lr * cfg.final_lr_fraction."""
+  """Linear warmup from 0 to cfg.lr, then constant, or cosine to cfg.lr * cfg.final_lr_fraction.
+
+  The warmup reaches cfg.lr at step `warmup_steps` (cut to `num_steps - 1`, so a
+  short run still gets there); the cosine ends at step `num_steps`.
+  """
   warmup = min(int(cfg.warmup_steps), max(num_steps - 1, 0))
   if cfg.schedule == "cosine":
     return optax.warmup_cosine_decay_schedule(
         init_value=0.0, peak_value=cfg.lr, warmup_steps=warmup,
         decay_steps=max(num_steps, warmup + 1), end_value=cfg.lr * cfg.final_lr_fraction)
   if cfg.schedule == "constant":
-    return optax.join_schedules(
-        [optax.linear_schedule(0.0, cfg.lr, max(warmup, 1)), optax.constant_schedule(cfg.lr)], [warmup])
+    # optax's warmup over 0 steps would stay at its initial value (0) for ever.
+    return optax.warmup_constant_schedule(0.0, cfg.lr, warmup) if warmup else optax.constant_schedule(cfg.lr)
   raise ValueError(f"config.optimizer.schedule={cfg.schedule!r}: expected 'cosine' or 'constant'.")
 
 

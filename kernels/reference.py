@@ -1,0 +1,65 @@
+"""Dense softmax attention in plain jnp: the reference every kernel is checked against.
+
+Dimension letters: B batch, T query length, S key length, H query heads,
+K kv heads, G = H / K query heads per kv head, D head dim, L tokens per block,
+P prefix length.
+
+`xla_attention` takes any bool mask broadcastable to [B, H, T, S] (True =
+visible); it is also the "xla" implementation of `kernels.dispatch.attention`
+(any mask, any query offset, differentiable to any order). `block_causal_attention`
+is it under the block-causal mask and key padding: the contract of the
+block-causal kernels (kernels/block_attention.py, kernels/blocksparse.py).
+
+Scale 1/sqrt(D), logits and softmax in float32, masked logits MASK_VALUE (a row
+without any visible key averages every value instead of giving NaN), output in
+q.dtype. Grouped-query k and v are never repeated: q is viewed as [B, T, K, G, D].
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+from kernels import masks
+
+
+def _as_bkgts_mask(mask, num_kv_heads):
+  """Mask broadcastable to [B, H, T, S] -> broadcastable to [B, K, G, T, S]."""
+  mask = jnp.asarray(mask, dtype=bool)
+  mask = mask.reshape((1,) * (4 - mask.ndim) + mask.shape)  # [B|1, H|1, T|1, S|1]
+  b, h, t, s = mask.shape
+  if h == 1:
+    return mask[:, :, None]  # [B|1, 1, 1, T|1, S|1]
+  return mask.reshape(b, num_kv_heads, h // num_kv_heads, t, s)  # [B|1, K, G, T|1, S|1]
+
+
+def xla_attention(q, k, v, mask=None):
+  """Softmax attention q [B, T, H, D], k and v [B, S, K, D] -> [B, T, H, D] (H % K == 0).
+
+  mask: None (all visible) or bool broadcastable to [B, H, T, S].
+  """
+  b, t, h, d = q.shape
+  kv_heads = k.shape[2]
+  if h % kv_heads:
+    raise ValueError(f"{h} query heads are not a multiple of {kv_heads} kv heads")
+  q = q.reshape(b, t, kv_heads, h // kv_heads, d)  # [B, T, K, G, D]
+  logits = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
+  logits = logits * (1.0 / math.sqrt(d))  # [B, K, G, T, S]
+  if mask is not None:
+    logits = jnp.where(_as_bkgts_mask(mask, kv_heads), logits, masks.MASK_VALUE)
+  probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+  out = jnp.einsum("bkgts,bskd->btkgd", probs, v)  # [B, T, K, G, D]
+  return out.reshape(b, t, h, d).astype(q.dtype)
+
+
+def block_causal_attention(q, k, v, *, block_len, prefix_len=0, kv_valid_len=None):
+  """`xla_attention` under block_causal_mask(T, S, block_len=L, prefix_len=P) and key padding.
+
+  q [B, T, H, D], k and v [B, S, K, D]; kv_valid_len None or int [B] (keys at
+  s >= kv_valid_len[b] are hidden).
+  """
+  t, s = q.shape[1], k.shape[1]
+  mask = masks.MaskSpec("block_causal", block_len=block_len, prefix_len=prefix_len)
+  return xla_attention(q, k, v, masks.dense_mask(mask, t, s, kv_valid_len=kv_valid_len))

@@ -1,0 +1,73 @@
+"""Evaluators chosen in the config, run by the training loop on schedule and by experiments.evaluate alone.
+
+`config.evals` maps a name to a section {type, every, ...}: `type` names a
+module nbp.evaluators.<type> whose `Evaluator(**rest_of_the_section)` has
+`run(context) -> dict of numbers`; `every` is the step interval (0: only at
+the end of training). Each result is logged as "<name>/<key>".
+
+  loss        the task's held-out loss and metrics over `steps` test batches
+  samples     the sampler's output written as GIF/PNG (or text) in workdir/samples
+  psnr        reconstruction PSNR of a tokenizer's sampler (video vs reconstruction)
+  fvd_digits  in-domain FVD of generated videos against real ones, judged by a
+              moving-digits classifier trained here (`classifier_workdir`)
+  fvd         the standard I3D FVD, with I3D weights from a local file (`i3d_path`)
+
+Every evaluator gets the same parameters, the EMA ones when the run keeps
+them (`Context.params_name` says which).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from typing import Any
+
+import jax
+
+TYPES = ("loss", "samples", "psnr", "fvd_digits", "fvd")
+
+
+@dataclasses.dataclass
+class Context:
+  """What an evaluator may use: the loop's setup, the parameters and where to write."""
+
+  setup: Any  # nbp.training.loop.Setup: config, task, mesh, shardings
+  params: Any
+  params_name: str  # "ema_params" or "params"
+  step: int
+  workdir: str
+  rng: jax.Array
+
+
+def build(evals_cfg) -> dict[str, tuple[int, Any]]:
+  """name -> (every, Evaluator) from `config.evals`; an unknown type or key names the section."""
+  out = {}
+  for name, section in evals_cfg.items():
+    section = dict(section)
+    kind = section.pop("type", name)
+    every = int(section.pop("every", 0))
+    if kind not in TYPES:
+      raise ValueError(f"config.evals.{name}.type={kind!r}: choose one of {TYPES}.")
+    module = importlib.import_module(f"nbp.evaluators.{kind}")
+    try:
+      out[name] = (every, module.Evaluator(**section))
+    except TypeError as e:
+      raise ValueError(f"config.evals.{name}: {e}") from e
+  return out
+
+
+def due(every: int, step: int, final: bool) -> bool:
+  return final or bool(every and step % every == 0)
+
+
+def run(evaluators: dict[str, tuple[int, Any]], context: Context, *, final: bool,
+        only_due: bool = True) -> dict[str, float]:
+  """Runs the evaluators due at context.step; returns {"<name>/<key>": value}."""
+  out = {}
+  for name, (every, evaluator) in evaluators.items():
+    if only_due and not due(every, context.step, final):
+      continue
+    rng = jax.random.fold_in(context.rng, len(out))
+    result = evaluator.run(dataclasses.replace(context, rng=rng))
+    out.update({f"{name}/{k}": v for k, v in result.items()})
+  return out

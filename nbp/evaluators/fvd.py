@@ -1,0 +1,95 @@
+"""The standard Fréchet Video Distance: I3D logits of preprocessed videos, and its evaluator.
+
+FVD (Unterthiner et al. 2018) is the Fréchet distance between two Gaussians
+fitted to I3D features of real and of generated videos. The standard recipe,
+which the NBP paper follows: 16 frames per video, frames resized to 224x224
+(bilinear, TF1's convention), pixel values scaled to [-1, 1], the 400-d logits
+of the Kinetics-400 I3D (nbp.models.i3d) as the features. The weights load
+from a local file the user names (`i3d_path`); nothing is downloaded.
+
+Dimension letters: N videos, F frames, H height, W width, C channels, R the
+resolution the I3D sees.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from nbp.evaluators import frechet
+from nbp.models.i3d import NUM_FRAMES, RESOLUTION, InceptionI3D
+
+def resize_bilinear(frames: jax.Array, size: int, *, half_pixel_centers: bool = False) -> jax.Array:
+  """[M, H, W, C] -> [M, size, size, C], bilinear without antialiasing.
+
+  `half_pixel_centers=False` is TF1's `tf.image.resize_bilinear` (align_corners
+  False), which the reference FVD code calls: output pixel i samples input
+  position i * H / size. True is the half-pixel convention of `jax.image.resize`.
+  """
+  m, h, w, c = frames.shape
+  frames = frames.astype(jnp.float32)
+  if half_pixel_centers:
+    return jax.image.resize(frames, (m, size, size, c), method="bilinear", antialias=False)
+  rows, cols = _tf1_bilinear_matrix(h, size), _tf1_bilinear_matrix(w, size)
+  return jnp.einsum("yh,mhwc,xw->myxc", rows, frames, cols, precision=jax.lax.Precision.HIGHEST)
+
+
+def _tf1_bilinear_matrix(n_in: int, n_out: int) -> np.ndarray:
+  """[n_out, n_in] weights of TF1 bilinear resizing along one axis (the last input row repeats)."""
+  position = np.arange(n_out) * (n_in / n_out)  # input coordinate of each output pixel
+  low = np.floor(position).astype(np.int64)
+  high = np.minimum(low + 1, n_in - 1)
+  frac = (position - low).astype(np.float32)
+  matrix = np.zeros((n_out, n_in), np.float32)
+  np.add.at(matrix, (np.arange(n_out), low), 1.0 - frac)
+  np.add.at(matrix, (np.arange(n_out), high), frac)
+  return matrix
+
+
+def preprocess(videos, *, resolution: int = RESOLUTION, num_frames: int | None = NUM_FRAMES,
+               half_pixel_centers: bool = False) -> jax.Array:
+  """Videos [N, F, H, W, C] (uint8, or floats in [0, 255]) -> float32 [N, F, R, R, 3] in [-1, 1].
+
+  C = 1 (grey) is repeated to 3 channels. `num_frames` is checked (16 in the
+  standard FVD); None accepts any length.
+  """
+  if videos.ndim != 5 or videos.shape[-1] not in (1, 3):
+    raise ValueError(f"videos must be [N, F, H, W, 1|3], got shape {tuple(videos.shape)}")
+  n, f, h, w, c = videos.shape
+  if num_frames is not None and f != num_frames:
+    raise ValueError(f"FVD expects {num_frames} frames per video, got {f} (shape {tuple(videos.shape)}); "
+                     "pass num_frames=None to accept other lengths (the result is then not the standard FVD).")
+  frames = jnp.asarray(videos).reshape(n * f, h, w, c)
+  frames = resize_bilinear(frames, resolution, half_pixel_centers=half_pixel_centers)
+  frames = jnp.clip(2.0 * frames / 255.0 - 1.0, -1.0, 1.0)  # clip: float rounding of the resize
+  if c == 1:
+    frames = jnp.repeat(frames, 3, axis=-1)
+  return frames.reshape(n, f, resolution, resolution, 3)
+
+
+def i3d_apply(model: InceptionI3D, variables, videos, *, resolution: int = RESOLUTION,
+              num_frames: int | None = NUM_FRAMES):
+  """Raw videos -> I3D logits [N, 400]: the FVD features."""
+  x = preprocess(videos, resolution=resolution, num_frames=num_frames)
+  return model.apply(variables, x)
+
+
+def i3d_extractor(variables, *, batch_size: int = 8, resolution: int = RESOLUTION,
+                  num_frames: int | None = NUM_FRAMES) -> frechet.FeatureExtractor:
+  """The standard FVD feature extractor, from variables (e.g. `load_i3d(path)`)."""
+  num_classes = variables["params"]["Logits"]["conv"]["bias"].shape[0]
+  apply = functools.partial(i3d_apply, InceptionI3D(num_classes=num_classes),
+                            resolution=resolution, num_frames=num_frames)
+  return frechet.FeatureExtractor(apply, variables, batch_size)
+
+
+def fvd(real_videos, fake_videos, *, extractor: frechet.FeatureExtractor) -> float:
+  """Fréchet Video Distance between two sets of videos [N, F, H, W, C].
+
+  With `i3d_extractor(load_i3d(path))` this is the standard FVD (16 frames);
+  published figures use 2048 to 50k videos per set, and few videos bias it up.
+  """
+  return frechet.frechet_distance_of_features(extractor(real_videos), extractor(fake_videos))

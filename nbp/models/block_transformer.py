@@ -1,0 +1,322 @@
+"""The block-causal decoder over a token grid: NBP's network, and next-token prediction as its 1x1x1 case.
+
+A video is a grid of F x H x W tokens (a video tokenizer's latents, or pixels
+quantised to grey levels; text is a 1 x 1 x N grid). The grid is cut into
+blocks of t x h x w tokens and reordered block-major: blocks by (time,
+row-block, col-block), tokens inside a block in (t, h, w) order, so every
+block is a contiguous run of L = t*h*w tokens. The decoder reads that sequence
+under the block-causal mask: bidirectional inside a block, causal across
+blocks, a conditioning prefix visible to all. With 1x1x1 blocks the mask is the
+causal mask and the model is a plain next-token transformer (the baseline is a
+config of this module, not a second module).
+
+The first block. A *start block* of L begin tokens sits before block 0 (the
+begin token's embedding, distinguished per slot by the position of the token it
+predicts), so every block, the first included, is predicted by one block step
+from the block before it; with 1x1x1 blocks the start block is the single
+begin-of-sequence token.
+
+Sequence layout (S slots = P prefix + N predicted):
+  class:  [class tokens (P)]   [start block] [block 0] ... [block nb-2]
+  frames: [first frames (P)]   [start block] [block 0] ... [block nb-2]
+  none:                        [start block] [block 0] ... [block nb-2]
+Logits at the last N slots predict blocks 0..nb-1 of the generated part.
+
+Positions ("learned" | "rope" | "rope3d"):
+  learned: a learned table indexed by the slot (the NBP paper's code);
+  rope:    1D RoPE of the slot index (the usual next-token transformer);
+  rope3d:  3D RoPE of (t, h, w). A predicting slot carries the coordinates of
+           the token it predicts (so the start block sits at block 0's
+           coordinates, as slot i of a next-token model sits at position i);
+           frame-prefix tokens carry their own coordinates; class token p of P
+           sits before the video on the time axis, at (p - P, 0, 0).
+
+Sizes come from `SIZES` by `variant`; any of num_layers, width, num_heads,
+num_kv_heads set explicitly overrides the table.
+
+Dimensions: B batch, F/H/W token grid, L tokens per block, P prefix slots,
+N predicted tokens, S = P + N slots, V vocabulary (with the begin token), E width.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from layers import attention as attention_lib
+from layers import linear
+from layers import position as position_lib
+from layers import transformer as transformer_lib
+
+# variant: (layers, width, heads, kv heads). The MLP is 4E wide for GELU and
+# 8E/3 rounded up to a multiple of 64 for SwiGLU (the same parameter count).
+# 700M / 1.2B / 3B are the NBP paper's sizes.
+SIZES = {
+    "tiny": (2, 64, 4, 2),
+    "XS": (3, 128, 4, 4),
+    "S": (4, 256, 4, 4),
+    "M": (8, 512, 8, 8),
+    "B": (12, 768, 12, 12),
+    "L": (24, 1024, 16, 16),
+    "700M": (24, 1536, 16, 16),
+    "1.2B": (24, 2048, 32, 32),
+    "3B": (32, 3072, 32, 32),
+}
+CONDITIONS = ("none", "class", "frames")
+POSITIONS = ("learned", "rope", "rope3d")
+
+
+def mlp_dim(width: int, activation: str) -> int:
+  if activation == "swiglu":
+    return int(np.ceil(8 * width / 3 / 64) * 64)
+  return 4 * width
+
+
+# ---------------------------------------------------------------------------
+# Block order and shifted targets.
+
+
+def block_order(grid, block) -> np.ndarray:
+  """int [F*H*W]: slot i of the block-major sequence holds grid token order[i] (row-major index)."""
+  f, h, w = grid
+  bt, bh, bw = block
+  if f % bt or h % bh or w % bw:
+    raise ValueError(f"block {tuple(block)} does not tile the token grid {tuple(grid)}")
+  index = np.arange(f * h * w).reshape(f // bt, bt, h // bh, bh, w // bw, bw)
+  return index.transpose(0, 2, 4, 1, 3, 5).reshape(-1)  # [blocks..., in-block...] flattened
+
+
+def to_block_order(tokens, order: np.ndarray):
+  """Grid-order tokens [..., F*H*W] (row-major) -> block-major [..., F*H*W]."""
+  return tokens[..., order]
+
+
+def to_grid_order(tokens, order: np.ndarray):
+  """Block-major tokens [..., F*H*W] -> grid (row-major) order."""
+  return tokens[..., np.argsort(order)]
+
+
+def next_block_inputs(targets: jax.Array, block_len: int, bos: int) -> jax.Array:
+  """[B, N] block-major targets -> [B, N] inputs: a start block of begin tokens, then all blocks but the last."""
+  start = jnp.full((targets.shape[0], block_len), bos, targets.dtype)
+  return jnp.concatenate([start, targets[:, :-block_len]], axis=1)
+
+
+# ---------------------------------------------------------------------------
+# The model.
+
+
+class NextBlockTransformer(nn.Module):
+  """tokens [B, T] (slots of the sequence) -> logits [B, T(+P class), V] under the block-causal mask.
+
+  Its fields are the `config.model` schema: the training loop builds it as
+  `NextBlockTransformer(**config.model)`.
+  """
+
+  codebook_size: int  # token values (grey levels, a tokenizer's codes, 256 bytes); V = this + 1 begin token
+  grid: tuple[int, int, int]  # (F, H, W) token grid of one example
+  block: tuple[int, int, int] = (1, 1, 1)  # (t, h, w) tokens per block; (1, 1, 1) is next-token prediction
+  condition: str = "none"  # "none", "class" (class tokens as a prefix) or "frames" (first frames given)
+  num_classes: int = 0  # classes of the class condition; index num_classes is the null class (CFG)
+  num_class_tokens: int = 1  # P for "class": prefix tokens per class
+  prefix_frames: int = 0  # for "frames": the first frames, given and visible to all
+  variant: str | None = None  # a key of SIZES; the four fields below override it when set
+  num_layers: int | None = None
+  width: int | None = None  # E
+  num_heads: int | None = None
+  num_kv_heads: int | None = None  # fewer than num_heads: grouped-query attention
+  activation: str = "swiglu"  # or "gelu"
+  norm: str = "rmsnorm"  # or "layernorm"
+  position: str = "rope3d"  # "learned", "rope" (1D over slots) or "rope3d" (t, h, w)
+  rope_base: float = 10000.0
+  tie_embeddings: bool = False  # share the token embedding with the head
+  scan_layers: bool = False  # stacked layers under nn.scan: faster compiles, slower CPU decoding
+  remat_policy: str = "none"  # see layers.transformer.DecoderStack
+  attention_impl: str = "xla"  # kernels.dispatch implementation ("auto" picks per backend)
+  dtype: Any = "float32"  # computation dtype (a name or a jnp dtype); parameters stay float32
+  vocab_multiple: int = 128  # embedding and head rows padded to a multiple (splits over tensor devices)
+
+  # ------------------------------------------------------------------ sizes
+  def _size(self, index: int, override: int | None) -> int:
+    if override is not None:
+      return int(override)
+    if self.variant not in SIZES:
+      raise ValueError(f"config.model.variant={self.variant!r}: choose one of {list(SIZES)}, or set "
+                       "num_layers, width, num_heads and num_kv_heads.")
+    return SIZES[self.variant][index]
+
+  @property
+  def depth(self) -> int:
+    return self._size(0, self.num_layers)
+
+  @property
+  def embed_dim(self) -> int:
+    return self._size(1, self.width)
+
+  @property
+  def heads(self) -> int:
+    return self._size(2, self.num_heads)
+
+  @property
+  def kv_heads(self) -> int:
+    return self._size(3, self.num_kv_heads)
+
+  @property
+  def vocab_size(self) -> int:
+    """V: the token values and the begin token."""
+    return self.codebook_size + 1
+
+  @property
+  def padded_vocab(self) -> int:
+    return -(-self.vocab_size // self.vocab_multiple) * self.vocab_multiple
+
+  @property
+  def bos(self) -> int:
+    return self.codebook_size
+
+  @property
+  def block_len(self) -> int:
+    return math.prod(self.block)
+
+  @property
+  def num_tokens(self) -> int:
+    return math.prod(self.grid)
+
+  @property
+  def frame_prefix_len(self) -> int:
+    """Given grid tokens before the predicted part (frame prediction), else 0."""
+    return self.prefix_frames * self.grid[1] * self.grid[2] if self.condition == "frames" else 0
+
+  @property
+  def prefix_len(self) -> int:
+    """P: slots visible to all (class tokens or given frames)."""
+    if self.condition == "class":
+      return self.num_class_tokens
+    return self.frame_prefix_len
+
+  @property
+  def num_predicted(self) -> int:
+    """N: tokens the model predicts (the grid minus the given frames)."""
+    return self.num_tokens - self.frame_prefix_len
+
+  @property
+  def num_blocks(self) -> int:
+    return self.num_predicted // self.block_len
+
+  @property
+  def max_len(self) -> int:
+    """S = P + N slots."""
+    return self.prefix_len + self.num_predicted
+
+  @property
+  def order(self) -> np.ndarray:
+    return block_order(self.grid, self.block)
+
+  def check(self) -> None:
+    """Raises ValueError naming the first inconsistent field (config.model.<field>)."""
+    if len(self.grid) != 3 or len(self.block) != 3:
+      raise ValueError(f"config.model.grid={tuple(self.grid)} and config.model.block={tuple(self.block)} "
+                       "must be (frames, height, width).")
+    if self.codebook_size < 2:
+      raise ValueError(f"config.model.codebook_size={self.codebook_size}: need at least 2 token values.")
+    if self.condition not in CONDITIONS:
+      raise ValueError(f"config.model.condition={self.condition!r}: expected one of {CONDITIONS}")
+    if self.position not in POSITIONS:
+      raise ValueError(f"config.model.position={self.position!r}: expected one of {POSITIONS}")
+    for value in (self.depth, self.embed_dim, self.heads, self.kv_heads):
+      if value < 1:
+        raise ValueError(f"config.model: layers, width and heads must be >= 1, got {value}")
+    block_order(self.grid, self.block)
+    if self.condition == "frames":
+      if not 0 < self.prefix_frames < self.grid[0] or self.prefix_frames % self.block[0]:
+        raise ValueError(f"config.model.prefix_frames={self.prefix_frames} must be in 1..{self.grid[0] - 1} "
+                         f"and a multiple of the block's {self.block[0]} frames")
+    if self.condition == "class" and (self.num_classes < 1 or self.num_class_tokens < 1):
+      raise ValueError("config.model.condition='class' needs num_classes >= 1 and num_class_tokens >= 1")
+
+  def slot_positions(self) -> np.ndarray:
+    """int [S] (learned, rope) or [S, 3] (rope3d): the position of every slot (module docstring)."""
+    if self.position != "rope3d":
+      return np.arange(self.max_len, dtype=np.int32)
+    # position_lib.grid_positions's coordinates, built in numpy (a trace-time constant), block-major.
+    coords = np.indices(self.grid).reshape(3, -1).T[self.order]  # [F*H*W, 3]
+    if self.condition == "class":
+      p = self.num_class_tokens
+      prefix = np.stack([np.arange(p) - p, np.zeros(p, int), np.zeros(p, int)], axis=1)
+      return np.concatenate([prefix, coords]).astype(np.int32)
+    # frames: prefix tokens at their own coordinates, then each slot at its target's.
+    return coords.astype(np.int32)
+
+  # ------------------------------------------------------------------ layers
+  def setup(self):
+    self.check()
+    dtype = jnp.dtype(self.dtype)
+    width = self.embed_dim
+    self.embed = nn.Embed(self.padded_vocab, width, dtype=dtype, param_dtype=jnp.float32,
+                          embedding_init=nn.with_logical_partitioning(
+                              nn.initializers.normal(0.02), ("vocab", "embed")))
+    if self.position == "learned":
+      self.positions = position_lib.LearnedPositionEmbedding(self.max_len, width)
+    if self.condition == "class":
+      # [classes + null, P, E]: P prefix tokens per class.
+      self.class_embed = self.param(
+          "class_embed", nn.with_logical_partitioning(nn.initializers.normal(0.02), (None, None, "embed")),
+          (self.num_classes + 1, self.num_class_tokens, width), jnp.float32)
+    rope = {"learned": None, "rope": "1d", "rope3d": "3d"}[self.position]
+    self.decoder = transformer_lib.DecoderStack(
+        num_layers=self.depth,
+        block=dict(num_heads=self.heads, num_kv_heads=self.kv_heads, head_dim=width // self.heads,
+                   mlp_dim=mlp_dim(width, self.activation), activation=self.activation, norm=self.norm,
+                   mask=attention_lib.MaskSpec("block_causal", block_len=self.block_len,
+                                               prefix_len=self.prefix_len),
+                   rope=rope, rope_base=self.rope_base, impl=self.attention_impl, dtype=dtype,
+                   max_decode_len=self.max_len),
+        scan_layers=self.scan_layers, remat_policy=self.remat_policy)
+    self.final_norm = transformer_lib.make_norm(self.norm)
+    if not self.tie_embeddings:
+      self.head = linear.DenseGeneral(self.padded_vocab, kernel_axes=("embed", "vocab"), dtype=dtype,
+                                      kernel_init=nn.initializers.normal(0.02))
+
+  def __call__(self, tokens: jax.Array, *, slots: jax.Array | None = None, labels: jax.Array | None = None,
+               decode: bool = False, last: int | None = None):
+    """tokens [B, T] at `slots` [B, T] (default: the first slots after any class prefix).
+
+    labels int [B] (class condition): the class tokens are prepended at slots
+    0..P-1 and their logits returned too ([B, P + T, V]). While decoding, pass
+    labels only in the first (prefill) call and `slots` in every later one.
+    last: return the logits of the last `last` slots only ([B, last, V]; a
+    sampler's prefill needs just the final block's).
+    """
+    b, t = tokens.shape
+    x = self.embed(tokens)  # [B, T, E]
+    if labels is not None:
+      if self.condition != "class":
+        raise ValueError(f"labels given but condition is {self.condition!r}")
+      p = self.num_class_tokens
+      prefix = jnp.take(self.class_embed, labels, axis=0).astype(x.dtype)  # [B, P, E]
+      x = jnp.concatenate([prefix, x], axis=1)  # [B, P + T, E]
+      head_slots = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (b, p))
+      slots = jnp.broadcast_to(p + jnp.arange(t, dtype=jnp.int32), (b, t)) if slots is None else slots
+      slots = jnp.concatenate([head_slots, slots], axis=1)
+    elif slots is None:  # the first slots (training, or the prefill call of decoding)
+      start = self.num_class_tokens if self.condition == "class" else 0
+      slots = jnp.broadcast_to(start + jnp.arange(t, dtype=jnp.int32), (b, t))
+    positions = jnp.take(jnp.asarray(self.slot_positions()), slots, axis=0)  # [B, T'] or [B, T', 3]
+    if self.position == "learned":
+      x = x + self.positions(positions)
+    x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+    x = self.decoder(x, positions=None if self.position == "learned" else positions, decode=decode)
+    if last is not None:
+      x = x[:, -last:]
+    x = self.final_norm(x)
+    logits = self.embed.attend(x) if self.tie_embeddings else self.head(x)
+    logits = nn.with_logical_constraint(logits.astype(jnp.float32), ("batch", "length", "vocab"))
+    return logits[..., :self.vocab_size]  # the padding rows are never predicted
+
+
+Model = NextBlockTransformer  # the name the training loop builds: Model(**config.model)

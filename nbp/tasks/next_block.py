@@ -1,0 +1,288 @@
+"""NBP as a task: next-block targets and loss, the block sampler, data and samples.
+
+The network is nbp.models.block_transformer (`config.model` is its fields).
+Next-token prediction is the same task with 1x1x1 blocks (experiments/configs/
+ntp_*.py): one model, one loss, one sampler.
+
+Targets are shifted by one block: token j of block b predicts token j of
+block b+1 (the start block predicts block 0). Classifier-free guidance: in
+training the class is replaced by the null class (index num_classes) with
+probability `config.loss.cond_dropout`; the sampler runs the conditional and
+the null-class rows as one doubled batch and takes uncond + scale * (cond -
+uncond) per block step (`config.sampler.guidance_scale`).
+
+Data (`config.data.name`): "moving_digits" (pixels quantised to
+`model.codebook_size` grey levels; grid = frames x size x size), "tokens" (a
+video tokenizer's tokens, written by experiments.encode_tokens; samples are
+decoded by the tokenizer whose workdir the tokens' metadata names) or "text"
+(bytes; grid 1 x 1 x N).
+
+Dimensions: B batch, F/H/W token grid, L tokens per block, P prefix slots,
+N predicted tokens, V vocabulary (with the begin token).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from nbp import decoding
+from nbp import sampling
+from nbp import tasks
+from nbp import visualization
+from nbp.data import moving_digits
+from nbp.data import pipeline
+from nbp.data import tokens as tokens_lib
+from nbp.models.block_transformer import NextBlockTransformer as Model
+from nbp.models.block_transformer import next_block_inputs, to_block_order, to_grid_order
+from nbp.tasks import video_tokenizer
+
+DATASETS = ("moving_digits", "tokens", "text")
+
+
+# ---------------------------------------------------------------------------
+# Targets and loss.
+
+
+def next_block_targets(model: Model, tokens: jax.Array):
+  """Grid-order tokens [B, F*H*W] -> (inputs [B, P_frames + N], targets [B, N]), block-major.
+
+  Inputs are the given frames (frame prediction) followed by the start block
+  and every block but the last; input block b+1 sits where target block b+1
+  is predicted from block b.
+  """
+  seq = to_block_order(tokens, model.order)
+  given = model.frame_prefix_len
+  prefix, targets = seq[:, :given], seq[:, given:]
+  inputs = jnp.concatenate([prefix, next_block_inputs(targets, model.block_len, model.bos)], axis=1)
+  return inputs, targets
+
+
+def cross_entropy(logits: jax.Array, targets: jax.Array, weights: jax.Array | None = None):
+  """Mean token cross-entropy (nats) and the number of weighted tokens."""
+  losses = -jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), targets[..., None], axis=-1)[..., 0]
+  weights = jnp.ones_like(losses) if weights is None else weights.astype(losses.dtype)
+  count = jnp.sum(weights)
+  return jnp.sum(losses * weights) / jnp.maximum(count, 1.0), count
+
+
+def drop_condition(rng, labels: jax.Array, probability: float, null_class: int) -> jax.Array:
+  """Replaces each label by the null class with `probability` (CFG training)."""
+  if probability <= 0.0:
+    return labels
+  drop = jax.random.bernoulli(rng, probability, labels.shape)
+  return jnp.where(drop, null_class, labels)
+
+
+def loss(model: Model, params, batch, rng, *, cond_dropout: float = 0.0):
+  """Cross-entropy over the predicted tokens (never the prefix); bits/token, accuracy, num_targets.
+
+  cond_dropout: probability of the null class in place of the label (class condition; CFG).
+  """
+  inputs, targets = next_block_targets(model, batch["tokens"])
+  labels = None
+  if model.condition == "class":
+    labels = drop_condition(rng, batch["class"], cond_dropout, model.num_classes)
+  logits = model.apply({"params": params}, inputs, labels=labels)[:, -model.num_predicted:]  # [B, N, V]
+  weights = batch.get("weights")
+  if weights is not None:
+    weights = to_block_order(weights, model.order)[:, model.frame_prefix_len:]
+  value, count = cross_entropy(logits, targets, weights)
+  correct = (jnp.argmax(logits, -1) == targets).astype(jnp.float32)
+  if weights is not None:
+    correct = correct * weights
+  accuracy = jnp.sum(correct) / jnp.maximum(count, 1.0)
+  return value, {"bits_per_token": value / jnp.log(2.0), "accuracy": accuracy, "num_targets": count}
+
+
+# ---------------------------------------------------------------------------
+# Sampling: one model call per block, the whole generation a few jitted loops.
+
+
+def sample(model: Model, params, rng, *, num_samples: int = 8, temperature: float = 1.0, top_k: int = 0,
+           top_p: float = 1.0, labels: jax.Array | None = None, guidance_scale: float | None = None,
+           prompt: jax.Array | None = None, cache_phases: int = 4) -> jax.Array:
+  """Draws `num_samples` grids of tokens [B, F, H, W] block by block with the KV cache; jit it whole.
+
+  One prefill call reads the prefix and the start block (a cache of exactly
+  P + L slots) and yields block 0; then one call per block feeds the block just
+  drawn and yields all L tokens of the next, in `cache_phases` loops over a
+  cache grown per phase (nbp.decoding). Block k is drawn with the key
+  fold_in(rng, k), whatever the number of phases; with 1x1x1 blocks this is
+  token-by-token next-token sampling.
+
+  labels: int [B] classes (condition "class"; default 0, 1, 2, ... mod classes).
+  guidance_scale: None (or 1 from a config) for plain conditional sampling; a
+    number runs the conditional and null-class rows as one doubled batch and
+    draws from uncond + scale * (cond - uncond) (0.0: unconditional).
+  prompt: int [B, prefix_frames, H, W] given frames (condition "frames"); they
+    are returned unchanged in the output.
+  """
+  b, block_len, p = num_samples, model.block_len, model.prefix_len
+  guided = guidance_scale is not None
+  if guided and model.condition != "class":
+    raise ValueError("classifier-free guidance (config.sampler.guidance_scale) needs condition 'class'")
+  rows = 2 * b if guided else b
+  order, bos = model.order, model.bos
+
+  first = jnp.full((rows, block_len), bos, jnp.int32)  # the start block
+  prefill_labels, given = None, None
+  if model.condition == "class":
+    labels = jnp.arange(b, dtype=jnp.int32) % model.num_classes if labels is None else labels
+    prefill_labels = jnp.concatenate([labels, jnp.full((b,), model.num_classes, jnp.int32)]) if guided else labels
+  elif model.condition == "frames":
+    if prompt is None:
+      raise ValueError("frame prediction needs `prompt` frames [B, prefix_frames, H, W]")
+    given = to_block_order(prompt.reshape(b, -1).astype(jnp.int32), order[:p])  # the prefix's own order
+    first = jnp.concatenate([given, first], axis=1)  # [B, P + L]
+
+  def draw(logits, key):
+    logits = logits[..., :bos]  # the begin token is never drawn
+    if guided:
+      logits = decoding.guide(logits, guidance_scale)
+    return sampling.sample_tokens(key, logits, temperature=temperature, top_k=top_k, top_p=top_p)
+
+  cache = decoding.init_cache(model, p + block_len, jnp.zeros((rows, 1), jnp.int32))  # the prefill's slots
+  logits, cache = decoding.apply_decoding(model, params, cache, first, labels=prefill_labels, last=block_len)
+  block = draw(logits, jax.random.fold_in(rng, 0))  # [B, L], block 0
+  drawn = jnp.zeros((b, model.num_predicted), jnp.int32).at[:, :block_len].set(block)
+
+  def step(k, cache, carry):  # feeds block k - 1, draws block k
+    drawn, block = carry
+    slots = jnp.broadcast_to(p + k * block_len + jnp.arange(block_len, dtype=jnp.int32), (rows, block_len))
+    inputs = jnp.concatenate([block, block]) if guided else block  # [rows, L]
+    logits, cache = decoding.apply_decoding(model, params, cache, inputs, slots=slots)
+    block = draw(logits, jax.random.fold_in(rng, k))  # [B, L]
+    return cache, (jax.lax.dynamic_update_slice(drawn, block, (0, k * block_len)), block)
+
+  # The phase ending at step k1 writes slots up to p + k1 L.
+  _, (drawn, _) = decoding.decode_in_phases(step, cache, (drawn, block), 1, model.num_blocks,
+                                            cache_len=lambda k1: p + k1 * block_len, phases=cache_phases)
+  seq = drawn if given is None else jnp.concatenate([given, drawn], axis=1)  # [B, F*H*W] block-major
+  return to_grid_order(seq, order).reshape(b, *model.grid)
+
+
+# ---------------------------------------------------------------------------
+# Data.
+
+
+def check_data(model: Model, data_cfg) -> None:
+  """The data section against the model's grid and codebook, naming the key to fix."""
+  f, h, w = model.grid
+  if data_cfg.name == "moving_digits":
+    if (data_cfg.num_frames, data_cfg.frame_size, data_cfg.frame_size) != (f, h, w):
+      raise ValueError(f"config.model.grid={tuple(model.grid)} but config.data has {data_cfg.num_frames} frames "
+                       f"of {data_cfg.frame_size}x{data_cfg.frame_size}: the grid is the pixels.")
+    if model.condition == "class" and model.num_classes != 10 ** data_cfg.num_digits:
+      raise ValueError(f"config.model.num_classes={model.num_classes}: moving digits with "
+                       f"num_digits={data_cfg.num_digits} have {10 ** data_cfg.num_digits} classes.")
+  elif data_cfg.name == "text":
+    if model.codebook_size != 256 or f * h != 1:
+      raise ValueError(f"text is bytes on a 1 x 1 x N grid: config.model.codebook_size={model.codebook_size} "
+                       f"(want 256), config.model.grid={tuple(model.grid)} (want (1, 1, N)).")
+
+
+def make_data(model: Model, data_cfg, split: str, *, seed: int, process_index: int, process_count: int,
+              batch_size: int):
+  """A checkpointable grain iterator of {"tokens": int32 [b, F*H*W] (grid order), "class": int32 [b]}."""
+  if data_cfg.name == "tokens":
+    source = tokens_lib.token_source(data_cfg.token_dir, split, grid=model.grid, codebook_size=model.codebook_size)
+    transforms = (tokens_lib.TokensAndClass(),)
+  elif data_cfg.name == "text":
+    # Windows of N + 1 bytes; the begin token replaces the first as input, so keep the last N as targets.
+    source = pipeline.text_bytes_source(split, model.num_tokens - 1)
+    transforms = ()
+  else:
+    source = pipeline.load_source(moving_digits.builder_from_config(data_cfg), split, data_cfg.dir)
+    transforms = (pipeline.QuantizeVideoToTokens(model.codebook_size), tokens_lib.TokensAndClass())
+  return pipeline.make_iterator(
+      source, global_batch_size=batch_size * process_count, seed=seed, shuffle=True, transforms=transforms,
+      process_index=process_index, process_count=process_count, worker_count=data_cfg.worker_count)
+
+
+@functools.cache
+def _tokenizer_decoder(tokenizer_workdir: str):
+  """A jitted tokens [B, f, h, w] -> uint8 videos [B, F, H, W, C] of the tokenizer trained in a workdir."""
+  tokenizer, params = video_tokenizer.load_tokenizer(tokenizer_workdir)
+  decode = jax.jit(functools.partial(video_tokenizer.decode_tokens, tokenizer))
+  return lambda tokens: video_tokenizer.to_uint8(decode(params, jnp.asarray(tokens)))
+
+
+def tokens_to_videos(model: Model, data_cfg, tokens) -> np.ndarray:
+  """Grid tokens [B, F, H, W] -> uint8 videos: the tokenizer's decoder, or the grey levels dequantised."""
+  tokens = np.asarray(tokens)
+  if data_cfg.name == "tokens":
+    workdir = tokens_lib.read_metadata(data_cfg.token_dir).get("tokenizer_workdir")
+    if not workdir:
+      raise ValueError(f"The tokens in config.data.token_dir={data_cfg.token_dir!r} do not name the tokenizer "
+                       f"that wrote them ({tokens_lib.METADATA} has no tokenizer_workdir): re-encode them with "
+                       "experiments.encode_tokens.")
+    return _tokenizer_decoder(workdir)(tokens)
+  if data_cfg.name == "text":
+    raise ValueError("text samples are bytes, not videos")
+  b, f, h, w = tokens.shape
+  return pipeline.dequantize_tokens(tokens.reshape(b, -1), model.codebook_size, (f, h, w, 1))
+
+
+def write_samples(model: Model, data_cfg, tokens: np.ndarray, out_dir: str, step: int) -> dict[str, float]:
+  """Videos as a GIF and a PNG frame grid; text as its decoded bytes."""
+  stem = os.path.join(out_dir, f"step_{step:07d}")
+  if data_cfg.name == "text":
+    with open(stem + ".txt", "w") as f:
+      for t in np.asarray(tokens).reshape(len(tokens), -1):
+        f.write(bytes(np.clip(t, 0, 255).astype(np.uint8)).decode("utf-8", errors="replace") + "\n---\n")
+    return {}
+  videos = tokens_to_videos(model, data_cfg, tokens)
+  title = f"{'x'.join(map(str, model.block))} blocks, {model.condition}, step {step}"
+  visualization.save_gif(stem + ".gif", videos)
+  visualization.save_frame_grid(stem + ".png", videos, title=title)
+  return {}
+
+
+@functools.cache
+def _test_prompt_tokens(data_json: str, model: Model, batch_size: int) -> np.ndarray:
+  """Grid tokens [B, F, H, W] of the first test examples (frame-prediction samples continue them)."""
+  data_cfg = ml_collections.ConfigDict(json.loads(data_json))
+  it = make_data(model, data_cfg, "test", seed=0, process_index=0, process_count=1, batch_size=batch_size)
+  return np.asarray(next(it)["tokens"]).reshape(batch_size, *model.grid)
+
+
+def make_task(config) -> tasks.Task:
+  model = tasks.build_model(Model, config.model)
+  model.check()
+  check_data(model, config.data)
+  sampler = dict(config.get("sampler", {}))
+  if sampler.get("guidance_scale") == 1.0 or model.condition != "class":
+    sampler["guidance_scale"] = None  # scale 1 is the conditional model: no doubled batch
+  num_samples = sampler.get("num_samples", 8)
+
+  def sample_fn(params, rng):
+    prompt = None
+    if model.condition == "frames":  # a trace-time constant: the first test examples' first frames
+      grids = _test_prompt_tokens(config.data.to_json(), model, num_samples)
+      prompt = jnp.asarray(grids[:, :model.prefix_frames])
+    return sample(model, params, rng, prompt=prompt, **sampler)
+
+  def init_inputs():
+    inputs = {"tokens": jnp.zeros((1, model.frame_prefix_len + model.num_predicted), jnp.int32)}
+    if model.condition == "class":
+      inputs["labels"] = jnp.zeros((1,), jnp.int32)
+    return inputs
+
+  is_video = config.data.name != "text"
+  return tasks.Task(
+      model=model,
+      init_inputs=init_inputs,
+      loss=functools.partial(loss, model, **config.get("loss", {})),
+      evaluate=functools.partial(loss, model),  # no condition dropout on held-out data
+      data=functools.partial(make_data, model, config.data),
+      sample=sample_fn,
+      write_samples=functools.partial(write_samples, model, config.data),
+      to_videos=functools.partial(tokens_to_videos, model, config.data) if is_video else None,
+  )

@@ -1,0 +1,118 @@
+"""The moving-digits video classifier as a task: a multi-label loss, quantised data, loading it to judge.
+
+The network is nbp.models.video_classifier (`config.model` is its fields); its
+features are the in-domain FVD's (nbp.evaluators.fvd_digits).
+
+Head: multi-label. A video shows D digits; the target is the multi-hot vector
+of the classes present (a class shown twice counts once), trained with a
+sigmoid cross-entropy per class. The same head serves D = 1 and D > 1 and uses
+every digit, where "the first digit" would leave the others unlabelled.
+Metrics: `accuracy`, the share of videos whose predicted set (sigmoid > 0.5)
+is exactly the true set; `class_accuracy`, the per-class binary accuracy.
+
+Grey levels. Generators that model pixels quantised to L grey levels emit
+videos at the bin centres. With `config.data.levels` > 0 the classifier is
+trained on real videos quantised then dequantised the same way
+(`requantize`), and the FVD evaluator passes every video, real or generated,
+through that map first; it leaves generated videos unchanged (they are already
+at the bin centres), so real and generated videos are compared after the same
+quantisation.
+
+Dimensions: B batch, F frames, H height, W width, D labels per video, K classes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import grain
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from nbp import tasks
+from nbp.data import moving_digits
+from nbp.data import pipeline
+from nbp.models.video_classifier import VideoClassifier as Model
+from nbp.training import workdir as workdir_lib
+
+DATASETS = ("moving_digits",)
+
+
+def multi_hot(labels, num_classes: int):
+  """int labels [..., D] -> float32 [..., K]: 1 where a class is shown at least once."""
+  return jnp.max(jax.nn.one_hot(labels, num_classes, dtype=jnp.float32), axis=-2)
+
+
+def loss(model: Model, params, batch, rng):
+  """Sigmoid cross-entropy per class (summed over classes, mean over videos), and accuracies."""
+  del rng  # no dropout
+  logits = model.apply({"params": params}, batch["video"])
+  targets = multi_hot(batch["label"], model.num_classes)
+  per_class = jnp.logaddexp(0.0, logits) - logits * targets  # softplus(x) - x y
+  value = jnp.mean(jnp.sum(per_class, axis=-1))
+  predicted = (logits > 0).astype(jnp.float32)
+  correct = predicted == targets
+  return value, {"accuracy": jnp.mean(jnp.all(correct, axis=-1).astype(jnp.float32)),
+                 "class_accuracy": jnp.mean(correct.astype(jnp.float32))}
+
+
+def requantize(videos, levels: int):
+  """uint8 videos -> uint8 at the centres of `levels` uniform grey bins (0: unchanged).
+
+  numpy or jax arrays; equals `pipeline.dequantize_tokens(pipeline.quantize_video(v, levels))`
+  and is idempotent, so videos decoded from tokens pass through unchanged.
+  """
+  if not levels:
+    return videos
+  xp = jnp if isinstance(videos, jax.Array) else np
+  bins = (videos.astype(xp.int32) * levels) // 256  # [...] in 0..levels-1
+  return xp.clip(xp.floor((bins + 0.5) * (256.0 / levels)), 0, 255).astype(xp.uint8)
+
+
+@dataclasses.dataclass(frozen=True)
+class Requantize(grain.transforms.Map):
+  """The training-data side of `requantize`: video uint8 [F, H, W, 1] -> the same at `levels` grey levels."""
+  levels: int
+
+  def map(self, element):
+    return dict(element, video=requantize(np.asarray(element["video"]), self.levels))
+
+
+def select_video_and_label(element):
+  """Keeps the fields the classifier reads: video uint8 [F, H, W, 1], label int32 [D]."""
+  return {"video": element["video"], "label": element["label"]}
+
+
+def make_data(data_cfg, split: str, *, seed: int, process_index: int, process_count: int, batch_size: int):
+  """A checkpointable grain iterator of {"video": uint8 [b, F, H, W, 1], "label": int32 [b, D]}."""
+  source = pipeline.load_source(moving_digits.builder_from_config(data_cfg), split, data_cfg.dir)
+  levels = data_cfg.get("levels", 0)
+  transforms = (select_video_and_label,) + ((Requantize(levels),) if levels else ())
+  return pipeline.make_iterator(
+      source, global_batch_size=batch_size * process_count, seed=seed, shuffle=True,
+      transforms=transforms, process_index=process_index, process_count=process_count,
+      worker_count=data_cfg.worker_count)
+
+
+def make_task(config) -> tasks.Task:
+  model = tasks.build_model(Model, config.model)
+  d = config.data
+  value = functools.partial(loss, model)
+  return tasks.Task(
+      model=model,
+      init_inputs=lambda: {"videos": jnp.zeros((1, d.num_frames, d.frame_size, d.frame_size, 1), jnp.uint8)},
+      loss=value,
+      data=functools.partial(make_data, config.data),
+      evaluate=value,  # test-split loss, accuracy and class_accuracy
+  )
+
+
+def load_classifier(workdir: str) -> tuple[Model, Any, Any]:
+  """(model, params, config) of the classifier trained in `workdir` (EMA parameters when kept)."""
+  config = workdir_lib.read_config(workdir)
+  task = make_task(config)
+  params, _ = workdir_lib.load_params(workdir, task.model, task.init_inputs())
+  return task.model, params, config

@@ -1,0 +1,244 @@
+"""The video tokenizer as a task: reconstruction loss, an optional GAN, data, and the encode/decode API.
+
+The network is nbp.models.video_tokenizer (`config.model` is its fields).
+
+Loss (`config.loss`): L1 + MSE reconstruction, an optional perceptual term on
+features from a function the user names (nothing pretrained ships here), and
+an optional hinge-loss 3D patch discriminator. With the discriminator the
+parameters form two groups, "model" and "discriminator" (`param_labels`), each
+with its own optimizer (`config.param_groups.discriminator` overrides
+`config.optimizer`), and the loss returns one objective per group: the loop
+differentiates each only with respect to its own group, so no stop_gradient
+is needed to keep the generator and the discriminator apart.
+
+Other code (NBP's token data, its samples, the demo) uses `load_tokenizer`,
+`encode_video` and `decode_tokens`; a trained tokenizer is found by its workdir
+alone (the loop writes the run's config.json there).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import json
+import os
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from nbp import tasks
+from nbp import visualization
+from nbp.data import moving_digits
+from nbp.data import pipeline
+from nbp.data import video_sources
+from nbp.models.video_tokenizer import VideoTokenizer as Model
+from nbp.training import workdir as workdir_lib
+
+DATASETS = video_sources.NAMES
+DISCRIMINATOR = "discriminator"  # the parameter group (and subtree) of the discriminator
+
+
+# ---------------------------------------------------------------------------
+# Metrics and loss.
+
+
+def psnr(video: jax.Array, reconstruction: jax.Array) -> jax.Array:
+  """Mean over videos of the PSNR (dB) on the [0, 1] scale; both inputs in [-1, 1]."""
+  x = (video.astype(jnp.float32) + 1) / 2
+  y = jnp.clip((reconstruction.astype(jnp.float32) + 1) / 2, 0.0, 1.0)
+  mse = jnp.mean(jnp.square(x - y), axis=tuple(range(1, x.ndim)))  # [B]
+  return jnp.mean(10.0 * jnp.log10(1.0 / jnp.maximum(mse, 1e-10)))
+
+
+def codebook_usage(indices: jax.Array, codebook_size: int) -> jax.Array:
+  """Fraction of the codebook's entries used at least once in `indices`."""
+  counts = jnp.zeros((codebook_size,), jnp.int32).at[indices.reshape(-1)].add(1)
+  return jnp.mean((counts > 0).astype(jnp.float32))
+
+
+def perceptual_loss(features: Callable, video: jax.Array, reconstruction: jax.Array) -> jax.Array:
+  """LPIPS-style distance: frames through `features`, unit-normalised channels, mean squared difference.
+
+  `features(frames [N, H, W, C] in [-1, 1])` returns one array or a list of
+  arrays [N, ..., K]; the distances of the arrays are summed.
+  """
+  frames = lambda v: v.reshape((-1,) + v.shape[2:])  # [B*F, H, W, C]
+  real, fake = features(frames(video)), features(frames(reconstruction))
+  real = real if isinstance(real, (list, tuple)) else [real]
+  fake = fake if isinstance(fake, (list, tuple)) else [fake]
+  unit = lambda a: a / (jnp.linalg.norm(a, axis=-1, keepdims=True) + 1e-8)
+  return sum(jnp.mean(jnp.sum(jnp.square(unit(r) - unit(g)), axis=-1)) for r, g in zip(real, fake))
+
+
+def load_feature_function(spec: str) -> Callable:
+  """"package.module:function" -> that function (e.g. one that loads VGG/LPIPS weights from a local file)."""
+  module, _, name = spec.partition(":")
+  if not module or not name:
+    raise ValueError(f"config.loss.perceptual_features={spec!r}: expected 'package.module:function'.")
+  return getattr(importlib.import_module(module), name)
+
+
+def loss(model: Model, params, batch, rng, *, l1_weight: float = 1.0, mse_weight: float = 1.0,
+         perceptual_weight: float = 0.0, perceptual_features: str | Callable = "",
+         adversarial_weight: float = 0.0):
+  """(loss, metrics) of one batch {"video": [B, F, H, W, C] in [-1, 1]}.
+
+  l1_weight, mse_weight: the reconstruction terms ([-1, 1] scale).
+  perceptual_weight: > 0 needs `perceptual_features`, a 'package.module:function'
+    (or the function) mapping frames [N, H, W, C] in [-1, 1] to features.
+  adversarial_weight: > 0 needs model.discriminator_channels > 0; the loss is
+    then {"model": generator objective, "discriminator": hinge loss}.
+  """
+  del rng  # deterministic
+  video = batch["video"]
+  reconstruction, aux = model.apply({"params": params}, video)
+  error = reconstruction - video
+  l1, mse = jnp.mean(jnp.abs(error)), jnp.mean(jnp.square(error))
+  recon = l1_weight * l1 + mse_weight * mse
+  value = recon
+  metrics = {"recon": recon, "l1": l1, "mse": mse, "psnr": psnr(video, reconstruction),
+             "codebook_usage": codebook_usage(aux["indices"], model.codebook_size)}
+  if perceptual_weight > 0:
+    if not perceptual_features:
+      raise ValueError(
+          "config.loss.perceptual_weight > 0 but config.loss.perceptual_features is empty: no pretrained "
+          "network ships with this codebase; name a 'package.module:function' that maps frames "
+          "[N, H, W, C] in [-1, 1] to features (e.g. a VGG loaded from a local weights file).")
+    features = (load_feature_function(perceptual_features) if isinstance(perceptual_features, str)
+                else perceptual_features)
+    metrics["perceptual"] = perceptual_loss(features, video, reconstruction)
+    value = value + perceptual_weight * metrics["perceptual"]
+  if adversarial_weight <= 0:
+    return value, metrics
+  if not model.discriminator_channels:
+    raise ValueError("config.loss.adversarial_weight > 0 needs config.model.discriminator_channels > 0.")
+  discriminate = lambda v: model.apply({"params": params}, v, method=Model.discriminate)
+  real, fake = discriminate(video), discriminate(reconstruction)
+  d_loss = jnp.mean(nn.relu(1.0 - real)) + jnp.mean(nn.relu(1.0 + fake))  # hinge
+  g_adv = -jnp.mean(fake)  # the generator raises the discriminator's logits on its reconstruction
+  metrics.update(discriminator_loss=d_loss, generator_adversarial=g_adv,
+                 real_accuracy=jnp.mean((real > 0).astype(jnp.float32)),
+                 fake_accuracy=jnp.mean((fake < 0).astype(jnp.float32)))
+  return {"model": value + adversarial_weight * g_adv, DISCRIMINATOR: d_loss}, metrics
+
+
+def param_labels(params):
+  """"discriminator" for the discriminator's subtree, "model" for the rest."""
+  return {k: jax.tree.map(lambda _: DISCRIMINATOR if k == DISCRIMINATOR else "model", v)
+          for k, v in params.items()}
+
+
+# ---------------------------------------------------------------------------
+# Data and samples.
+
+
+def make_data(data_cfg, split: str, *, seed: int, process_index: int, process_count: int, batch_size: int):
+  """A checkpointable grain iterator of {"video": float32 [b, F, H, W, C] in [-1, 1], "label"} batches.
+
+  Any dataset of `nbp.data.video_sources.video_source` (moving digits, UCF-101, a video folder).
+  """
+  source = video_sources.video_source(data_cfg, split)
+  return pipeline.make_iterator(
+      source, global_batch_size=batch_size * process_count, seed=seed, shuffle=True,
+      transforms=(pipeline.NormalizeVideo(),), process_index=process_index, process_count=process_count,
+      worker_count=data_cfg.worker_count)
+
+
+@functools.cache
+def _first_test_videos(data_cfg_json: str, num: int) -> np.ndarray:
+  """float32 [num, F, H, W, C] in [-1, 1]: the first `num` videos of the test split of a video dataset."""
+  data_cfg = ml_collections.ConfigDict(json.loads(data_cfg_json))
+  if data_cfg.name == "moving_digits":  # generated directly: no dataset build for a few videos
+    videos = moving_digits.make_moving_digits(
+        num, seed=0, split="test", num_frames=data_cfg.num_frames, frame_size=data_cfg.frame_size,
+        num_digits=data_cfg.num_digits, speed=float(data_cfg.speed))["video"]
+  else:
+    source = video_sources.video_source(data_cfg, "test")
+    videos = np.stack([source[i]["video"] for i in range(min(num, len(source)))])
+  return videos.astype(np.float32) / 127.5 - 1.0
+
+
+def reconstruct(model: Model, params, rng, *, num_samples: int = 4, data_json: str = ""):
+  """The sampler: {"video", "reconstruction"} of the first `num_samples` test videos (the same every call)."""
+  del rng
+  video = jnp.asarray(_first_test_videos(data_json, num_samples))
+  reconstruction, _ = model.apply({"params": params}, video)
+  return {"video": video, "reconstruction": reconstruction}
+
+
+def sample(model: Model, params, rng, *, num_samples: int = 4):
+  """The sampler's config schema (`config.sampler.num_samples`): see `reconstruct`."""
+  return reconstruct(model, params, rng, num_samples=num_samples)
+
+
+def to_uint8(video) -> np.ndarray:
+  return np.clip(np.round((np.asarray(video, np.float32) + 1) * 127.5), 0, 255).astype(np.uint8)
+
+
+def write_samples(samples, out_dir: str, step: int) -> dict[str, float]:
+  """A GIF and a PNG grid with each test video above its reconstruction; returns their PSNR."""
+  video, reconstruction = to_uint8(samples["video"]), to_uint8(samples["reconstruction"])
+  pairs = np.stack([video, reconstruction], axis=1).reshape((-1,) + video.shape[1:])  # [2N, F, H, W, C]
+  stem = os.path.join(out_dir, f"step_{step:07d}")
+  visualization.save_gif(stem + ".gif", pairs)
+  visualization.save_frame_grid(stem + ".png", pairs, max_videos=len(pairs),
+                                title=f"tokenizer: input / reconstruction, step {step}")
+  return {"psnr": float(psnr(jnp.asarray(samples["video"]), jnp.asarray(samples["reconstruction"])))}
+
+
+def make_task(config) -> tasks.Task:
+  model = tasks.build_model(Model, config.model)
+  d = config.data
+  channels = video_sources.num_channels(d)  # C: 1 (moving digits) or 3 (RGB)
+  if model.out_channels != channels:
+    raise ValueError(f"config.model.out_channels={model.out_channels} but {d.name!r} videos have {channels}.")
+  model.latent_shape(d.num_frames, d.frame_size, d.frame_size)  # fails early on bad shapes
+  loss_cfg = dict(config.get("loss", {}))
+  adversarial = loss_cfg.get("adversarial_weight", 0.0) > 0
+  if adversarial and not model.discriminator_channels:
+    raise ValueError("config.loss.adversarial_weight > 0 needs config.model.discriminator_channels > 0.")
+  if loss_cfg.get("perceptual_features"):
+    loss_cfg["perceptual_features"] = load_feature_function(loss_cfg["perceptual_features"])
+  num_samples = config.get("sampler", {}).get("num_samples", 4)
+  return tasks.Task(
+      model=model,
+      init_inputs=lambda: {"video": jnp.zeros((1, d.num_frames, d.frame_size, d.frame_size, channels),
+                                              jnp.float32)},
+      loss=functools.partial(loss, model, **loss_cfg),
+      data=functools.partial(make_data, d),
+      evaluate=functools.partial(loss, model),  # held-out reconstruction: recon, psnr, codebook usage
+      sample=(functools.partial(reconstruct, model, num_samples=num_samples, data_json=d.to_json())
+              if num_samples else None),
+      write_samples=write_samples,
+      to_videos=lambda samples: to_uint8(samples["reconstruction"]),
+      param_labels=param_labels if adversarial else None,
+  )
+
+
+# ---------------------------------------------------------------------------
+# Encode / decode API for other code (NBP's token data and samples, notebooks).
+
+
+def load_tokenizer(workdir: str) -> tuple[Model, Any]:
+  """(model, params) of the tokenizer trained in `workdir` (its config.json and latest checkpoint).
+
+  The EMA parameters are returned when the run kept them (nbp.training.workdir.load_params).
+  """
+  config = workdir_lib.read_config(workdir)
+  model = tasks.build_model(Model, config.model)
+  params, _ = workdir_lib.load_params(workdir, model, make_task(config).init_inputs())
+  return model, params
+
+
+def encode_video(model: Model, params, video: jax.Array) -> jax.Array:
+  """video [B, F, H, W, C] in [-1, 1] -> token indices int32 [B, f, h, w]."""
+  return model.apply({"params": params}, video, method=Model.encode)[1]
+
+
+def decode_tokens(model: Model, params, indices: jax.Array) -> jax.Array:
+  """token indices [B, f, h, w] -> video [B, F, H, W, C] clipped to [-1, 1]."""
+  return jnp.clip(model.apply({"params": params}, indices, method=Model.decode_indices), -1.0, 1.0)

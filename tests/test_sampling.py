@@ -1,0 +1,77 @@
+"""The distribution `sampling.sample_tokens` draws from, against its closed form, by chi-square tests.
+
+Each case draws 20k tokens from one row of fixed logits (vectorised: the row
+broadcast over a batch axis, one key) and compares the counts with the expected
+distribution: softmax(logits / temperature), renormalised over the top-k or
+the top-p nucleus. Seeds are fixed, so the p-values are too; a wrong
+temperature or filter gives p-values far below the 1e-3 threshold.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy import stats
+
+from nbp import sampling
+
+NUM_DRAWS = 20_000
+# Distinct values (no ties at a top-k or top-p cut) and a mild range, so every
+# kept token is expected more than 5 times at temperature 0.5 (chi-square's rule).
+LOGITS = np.array([0.3, 1.0, -0.6, 0.7, -1.5, 0.0, 0.4, -1.0], np.float64)
+
+
+def _softmax(x: np.ndarray) -> np.ndarray:
+  e = np.exp(x - x.max())
+  return e / e.sum()
+
+
+def _expected(temperature: float, top_k: int = 0, top_p: float = 1.0) -> np.ndarray:
+  """The closed form in float64: tempered softmax, cut to the top-k, then to the top-p nucleus."""
+  probs = _softmax(LOGITS / temperature)
+  order = np.argsort(-probs)
+  keep = np.ones_like(probs, bool)
+  if top_k:
+    keep[order[top_k:]] = False
+  if top_p < 1.0:
+    # The nucleus of the (renormalised) top-k distribution: the smallest set of
+    # most likely tokens whose mass reaches top_p.
+    ranked = np.where(keep, probs, 0.0)[order]
+    ranked /= ranked.sum()
+    size = int(np.searchsorted(np.cumsum(ranked), top_p) + 1)
+    keep[order[size:]] = False
+  kept = np.where(keep, probs, 0.0)
+  return kept / kept.sum()
+
+
+def _counts(seed: int, **kwargs) -> np.ndarray:
+  logits = jnp.broadcast_to(jnp.asarray(LOGITS, jnp.float32), (NUM_DRAWS, LOGITS.size))
+  # The logits are an argument, not a constant: XLA would fold the top-k sort of a constant at compile time.
+  draws = np.asarray(jax.jit(lambda k, x: sampling.sample_tokens(k, x, **kwargs))(jax.random.key(seed), logits))
+  assert draws.shape == (NUM_DRAWS,) and draws.dtype == np.int32
+  return np.bincount(draws, minlength=LOGITS.size)
+
+
+@pytest.mark.parametrize("seed,kwargs,support", [
+    (1, dict(temperature=1.0), 8),
+    (2, dict(temperature=0.5), 8),
+    (3, dict(temperature=1.0, top_k=3), 3),
+    (4, dict(temperature=1.0, top_p=0.7), 4),  # cumulative mass 0.28, 0.49, 0.64, 0.78: four tokens reach 0.7
+    # The nucleus of the tempered distribution (cumulative 0.20, 0.37, 0.52, 0.66):
+    # four tokens, where a nucleus taken before the temperature would keep three.
+    (5, dict(temperature=2.0, top_p=0.6), 4),
+    # Top-p within the renormalised top-5 (cumulative 0.32, 0.55, 0.73): three
+    # tokens, where the unrenormalised masses would need four.
+    (6, dict(temperature=1.0, top_k=5, top_p=0.7), 3),
+], ids=["t1", "t0.5", "top_k3", "top_p0.7", "t2_top_p0.6", "top_k5_top_p0.7"])
+def test_sampled_frequencies_match_the_distribution(seed, kwargs, support):
+  want = _expected(**kwargs)
+  assert np.count_nonzero(want) == support  # the case cuts where its comment says
+  counts = _counts(seed, **kwargs)
+  assert counts.sum() == NUM_DRAWS
+  np.testing.assert_array_equal(counts[want == 0], 0)  # filtered tokens are never drawn
+  kept = want > 0
+  assert (NUM_DRAWS * want[kept]).min() > 5
+  p_value = stats.chisquare(counts[kept], NUM_DRAWS * want[kept]).pvalue
+  assert p_value > 1e-3, (kwargs, counts, np.round(NUM_DRAWS * want, 1), p_value)
+
