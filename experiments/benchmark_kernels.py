@@ -2,7 +2,7 @@
 
 CPU (default), float32, forward + backward (jit of the gradient of a sum):
   1. xla_blocksparse (kernels/blocksparse.py) vs the dense XLA reference
-     (layers.attention.xla_attention with the dense block-causal mask),
+     (kernels.reference.xla_attention with the dense block-causal mask),
      B=1, H=4, D=64, T in {1024, 4096, 8192}, L in {16, T/8}.
   2. Aaren scan attention (kernels.scan_attention.scan_attention_auto, impl
      "auto" = the chunked XLA scan on CPU) vs the best CPU causal attention
@@ -41,9 +41,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kernels import block_attention
 from kernels import blocksparse
 from kernels import dispatch
-from layers import attention
+from kernels import masks
+from kernels import reference
+from kernels import scan_attention
 
 
 def _sync(x):
@@ -97,8 +100,8 @@ def cpu_blocksparse_vs_dense(lengths, heads, dim, repeats, rows):
       need = 4 * heads * t * t * 4
       if need < 0.7 * free_bytes():
         # The dense [1, 1, T, S] mask is built inside the jitted function (not a baked-in constant).
-        fns["dense"] = grad_of_sum(lambda q, k, v, L=block_len: attention.xla_attention(
-            q, k, v, attention.block_causal_mask(t, t, block_len=L)[None, None]))
+        fns["dense"] = grad_of_sum(lambda q, k, v, L=block_len: reference.xla_attention(
+            q, k, v, masks.block_causal_mask(t, t, block_len=L)[None, None]))
       med, comp = time_side_by_side(fns, (q, k, v), repeats if t < 4096 else max(2, repeats - 2))
       dense = med.get("dense", float("nan"))
       note = "" if "dense" in med else f"  (dense skipped: ~{need / 2**30:.1f} GiB needed)"
@@ -109,11 +112,10 @@ def cpu_blocksparse_vs_dense(lengths, heads, dim, repeats, rows):
 
 
 def cpu_scan_vs_causal(lengths, heads, dim, repeats, rows):
-  from kernels import scan_attention  # pylint: disable=g-import-not-at-top
   print(f"\n## CPU: scan attention (scan_attention_auto, impl auto) vs causal attention "
         f"(dispatch auto), float32, fwd+bwd, B=1 H={heads} D={dim}")
   print(f"{'T':>6} {'causal s':>9} {'scan s':>9} {'causal/scan':>12} {'causal impl':>16}")
-  causal = attention.MaskSpec("causal")
+  causal = masks.MaskSpec("causal")
   for t in lengths:
     q, k, v = (randn(i, (1, t, heads, dim), jnp.float32) for i in range(3))
     s = randn(3, (1, t, heads), jnp.float32) * 2.0
@@ -137,7 +139,6 @@ def cpu_scan_vs_causal(lengths, heads, dim, repeats, rows):
 
 
 def gpu_block_attention_vs_cudnn(lengths, block_lens, heads, dim, block, repeats, deadline, rows):
-  from kernels import block_attention  # pylint: disable=g-import-not-at-top
   print(f"\n## GPU: Pallas block_attention vs cuDNN (dense mask), bfloat16, fwd+bwd, H={heads} D={dim}, "
         f"tiles {block}x{block}")
   print(f"{'B':>2} {'T':>6} {'L':>5} {'visible':>7} {'cudnn ms':>9} {'pallas ms':>9} {'cudnn/pallas':>12} "
@@ -156,7 +157,7 @@ def gpu_block_attention_vs_cudnn(lengths, block_lens, heads, dim, block, repeats
               q, k, v, block_len=L, block_q=block, block_k=block)),
           # The same mask as a dense [1, 1, T, S] bool, built inside the jitted function.
           "cudnn": grad_of_sum(lambda q, k, v, L=block_len: jax.nn.dot_product_attention(
-              q, k, v, mask=attention.block_causal_mask(t, t, block_len=L)[None, None],
+              q, k, v, mask=masks.block_causal_mask(t, t, block_len=L)[None, None],
               implementation="cudnn")),
       }
       try:
@@ -172,7 +173,6 @@ def gpu_block_attention_vs_cudnn(lengths, block_lens, heads, dim, block, repeats
 
 
 def gpu_scan(lengths, heads, dim, repeats, deadline, rows):
-  from kernels import scan_attention  # pylint: disable=g-import-not-at-top
   print(f"\n## GPU: Pallas scan_attention vs associative scan, fwd+bwd, H={heads} D={dim}, v bfloat16")
   print(f"{'B':>2} {'T':>6} {'assoc ms':>9} {'pallas ms':>9} {'assoc/pallas':>12}")
   for t in lengths:

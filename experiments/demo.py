@@ -4,15 +4,15 @@ r"""`make demo`: NBP end to end on moving digits: tokenizer, tokens, next-block 
 
 Three stages, each resumed or skipped when the workdir already holds it:
   1. trains the video tokenizer (3D causal CNN + FSQ) -> workdir/tokenizer
-     (`config.data.tokenizer`: experiments/configs/video_tokenizer_digits.py:local);
+     (--tokenizer_config, default experiments/configs/video_tokenizer_digits.py:local);
   2. encodes the train and test videos once into tokens -> workdir/tokens;
   3. trains NBP on the tokens, one latent row per block, class-conditional,
      and samples videos through the tokenizer's decoder -> workdir/nbp
      (experiments/configs/nbp_digits.py:XS,local,tokens,row).
-One config holds the whole pipeline; to override keys, name it, e.g.
+To override keys, name the configs, e.g.
   python -m experiments.demo --workdir runs/demo600 \
-      --config experiments/configs/nbp_digits.py:XS,local,tokens,row \
-      --config.num_steps=600 --config.data.tokenizer.num_steps=600
+      --config experiments/configs/nbp_digits.py:XS,local,tokens,row --config.num_steps=600 \
+      --tokenizer_config experiments/configs/video_tokenizer_digits.py:local --tokenizer_config.num_steps=600
 Then it writes workdir/samples.gif and samples.png (NBP's videos, one class
 per row), reconstructions.gif (test videos above their tokenizer
 reconstructions), loss.png and metrics.json.
@@ -25,15 +25,20 @@ import shutil
 import time
 
 from absl import app, logging
+from ml_collections import config_flags
 
 from experiments import common
-from experiments.configs import nbp_digits
-from nbp.training import metrics as metrics_lib
-from nbp.training import loop as train
-from nbp import visualization as video
+from experiments.configs import nbp_digits, video_tokenizer_digits
+from nbp import visualization
 from nbp.data import tokens as tokens_lib
+from nbp.tasks import video_tokenizer
+from nbp.training import loop as train
+from nbp.training import metrics as metrics_lib
 
 DEFAULT_ARG = "XS,local,tokens,row"  # of experiments/configs/nbp_digits.py
+DEFAULT_TOKENIZER_ARG = "local"  # of experiments/configs/video_tokenizer_digits.py
+TOKENIZER_CONFIG = config_flags.DEFINE_config_file(
+    "tokenizer_config", None, "The video tokenizer's config (default video_tokenizer_digits.py:local).")
 DEFAULT_WORKDIR = "runs/demo"
 
 
@@ -49,40 +54,34 @@ def _copy_latest_samples(run_dir: str, out_stem: str) -> None:
     shutil.copy(path[:-4] + ".png", out_stem + ".png")
 
 
-def encode_tokens(tokenizer_config, tokenizer_dir: str, tokens_dir: str, tokenizer_step: int) -> dict:
+def encode_tokens(tokenizer_dir: str, tokens_dir: str, tokenizer_step: int) -> dict:
   """Encodes the tokenizer's dataset unless `tokens_dir` already holds this tokenizer step's tokens."""
-  from nbp import video_tokenizer as vt  # pylint: disable=g-import-not-at-top
   if os.path.exists(os.path.join(tokens_dir, tokens_lib.METADATA)):
     metadata = tokens_lib.read_metadata(tokens_dir)
     if metadata.get("tokenizer_step") == tokenizer_step:
       return metadata
-  model, params = vt.load_tokenizer(tokenizer_config, tokenizer_dir)
-  return tokens_lib.encode_dataset(
-      model, params, tokenizer_config.data, tokens_dir,
-      extra_metadata={"tokenizer_workdir": os.path.abspath(tokenizer_dir), "tokenizer_step": tokenizer_step})
+  return video_tokenizer.encode_tokens(tokenizer_dir, tokens_dir, extra_metadata={"tokenizer_step": tokenizer_step})
 
 
-def run(config, workdir: str) -> dict:
+def run(config, tokenizer_config, workdir: str) -> dict:
   """Runs the three stages; returns the metrics written to workdir/metrics.json."""
   start = time.perf_counter()
-  if config.data.name != "tokens" or config.data.tokenizer is None:
+  if config.data.name != "tokens":
     raise ValueError(f"The demo trains NBP on tokenizer tokens: config.data.name={config.data.name!r} must be "
-                     "'tokens' and config.data.tokenizer the tokenizer's config (nbp_digits.py:...,tokens).")
-  tokenizer_config = config.data.tokenizer
+                     "'tokens' (nbp_digits.py:...,tokens).")
   tokenizer_dir, tokens_dir, nbp_dir = (os.path.join(workdir, name) for name in ("tokenizer", "tokens", "nbp"))
   tokenizer_result = train.train_and_evaluate(tokenizer_config, tokenizer_dir)
   tokenizer_seconds = time.perf_counter() - start
-  metadata = encode_tokens(tokenizer_config, tokenizer_dir, tokens_dir, tokenizer_result["step"])
+  metadata = encode_tokens(tokenizer_dir, tokens_dir, tokenizer_result["step"])
 
   config = config.copy_and_resolve_references()
   with config.unlocked():
     config.data.token_dir = tokens_dir
-    config.data.tokenizer_workdir = tokenizer_dir
   nbp_result = train.train_and_evaluate(config, nbp_dir)
 
   tokenizer_rows = metrics_lib.read_jsonl(os.path.join(tokenizer_dir, "metrics.jsonl"))
   nbp_rows = metrics_lib.read_jsonl(os.path.join(nbp_dir, "metrics.jsonl"))
-  video.save_loss_plot(os.path.join(workdir, "loss.png"), nbp_rows)
+  visualization.save_loss_plot(os.path.join(workdir, "loss.png"), nbp_rows)
   _copy_latest_samples(nbp_dir, os.path.join(workdir, "samples"))
   _copy_latest_samples(tokenizer_dir, os.path.join(workdir, "reconstructions"))
   summary = {
@@ -117,8 +116,9 @@ def main(argv):
   config = common.CONFIG.value
   if config is None:  # the flags are experiments.common's, shared with train/sample/evaluate
     config = nbp_digits.get_config(DEFAULT_ARG)
+  tokenizer_config = TOKENIZER_CONFIG.value or video_tokenizer_digits.get_config(DEFAULT_TOKENIZER_ARG)
   workdir = common.WORKDIR.value or DEFAULT_WORKDIR
-  summary = run(config, workdir)
+  summary = run(config, tokenizer_config, workdir)
   print(json.dumps(summary, indent=1))
   print(f"NBP samples: {workdir}/samples.gif and samples.png; tokenizer reconstructions: "
         f"{workdir}/reconstructions.gif; loss curve: {workdir}/loss.png")

@@ -1,8 +1,10 @@
-r"""Evaluates the latest checkpoint of a workdir on the test split.
+r"""Runs a config's evaluators (`config.evals`) on the latest checkpoint of a workdir.
 
-  python -m experiments.evaluate --config experiments/configs/ntp_digits.py:S,local \
-      --workdir runs/ntp_digits_local
+  python -m experiments.evaluate --config experiments/configs/ntp_digits.py:XS,local \
+      --workdir runs/ntp_digits_local [--config.evals.eval.steps=16]
 
+Every evaluator runs, whatever its `every`, on the parameters evaluation uses
+in training (the EMA when the run keeps one; the output's "params" says which).
 Prints the metrics as JSON and writes them to workdir/eval_<step>.json.
 """
 
@@ -20,12 +22,10 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   del argv
   common.initialize()
-  config = common.CONFIG.value
-  s, state = train.load_state(config, common.WORKDIR.value)
-  with s.context():
-    metrics = train.evaluate(s, state, int(state.step))
-  metrics["step"] = int(state.step)
-  with open(os.path.join(common.WORKDIR.value, f"eval_{metrics['step']}.json"), "w") as f:
+  s, params, params_name, step = train.load_params(common.CONFIG.value, common.WORKDIR.value)
+  metrics = train.run_evaluators(s, params, params_name, step, common.WORKDIR.value, final=True, only_due=False)
+  metrics.update(step=step, params=params_name)
+  with open(os.path.join(common.WORKDIR.value, f"eval_{step}.json"), "w") as f:
     json.dump(metrics, f, indent=1)
   print(json.dumps(metrics, sort_keys=True))
 

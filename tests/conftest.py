@@ -32,7 +32,7 @@ def set_tiny_budget(c, *, num_steps: int, checkpoint_every: int) -> None:
   c.num_steps = num_steps
   c.log_every = 1
   c.checkpoint_every = checkpoint_every
-  c.evals.loss.steps = 1
+  c.evals.eval.steps = 1
   c.optimizer.warmup_steps = 1
 
 
@@ -50,12 +50,12 @@ def apply_overrides(config, overrides: dict):
 def config_flags_for(config) -> list[str]:
   """The --config.KEY=VALUE flags that turn the tiny default into `config`."""
   flags = []
-  for section in ("data", "model", "optimizer"):
+  for section in ("data", "model", "loss", "sampler", "optimizer"):
     for key, value in config[section].items():
       flags.append(f"--config.{section}.{key}={value}")
-  for key in ("batch_size", "num_steps", "log_every", "checkpoint_every", "eval_steps", "seed",
-              "grad_accum_steps"):
+  for key in ("batch_size", "num_steps", "log_every", "checkpoint_every", "seed", "grad_accum_steps"):
     flags.append(f"--config.{key}={config[key]}")
+  flags.append(f"--config.evals.eval.steps={config.evals.eval.steps}")
   return flags
 
 

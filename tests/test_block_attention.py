@@ -294,14 +294,12 @@ def test_splash_route_in_interpret_mode():
 
 
 def test_splash_mask_equals_block_causal_mask():
-  mask_cls = ba.BlockCausalMask
   for t, block_len, prefix_len in ((37, 1, 0), (64, 5, 7), (50, 16, 3), (20, 20, 25)):
-    mask = mask_cls((t, t), block_len, prefix_len)
+    mask = ba.BlockCausalMask((t, t), block_len, prefix_len)
     np.testing.assert_array_equal(
-        mask[:, :], np.asarray(masks.block_causal_mask(t, block_len=block_len,
-                                                           prefix_len=prefix_len)))
-    assert mask == mask_cls((t, t), block_len, prefix_len)
-    assert hash(mask) == hash(mask_cls((t, t), block_len, prefix_len))
+        mask[:, :], np.asarray(masks.block_causal_mask(t, block_len=block_len, prefix_len=prefix_len)))
+    assert mask == ba.BlockCausalMask((t, t), block_len, prefix_len)
+    assert hash(mask) == hash(ba.BlockCausalMask((t, t), block_len, prefix_len))
 
 
 # ----------------------------------------------------------------------------

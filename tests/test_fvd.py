@@ -1,17 +1,30 @@
-"""FVD: the Fréchet distance against scipy, I3D with random weights, its weight file,
-the preprocessing, and the in-domain moving-digits classifier and its FVD."""
+"""FVD: the Fréchet distance against scipy, I3D on fixed weights and its weight file, the preprocessing,
+the moving-digits classifier, the two FVD evaluators on tiny trained runs, and experiments/benchmark_fvd.py."""
+
+import json
+import os
+import zlib
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 import scipy.linalg
 
-from nbp import tasks as families
-from nbp import fvd
+from nbp import evaluators
+from nbp.evaluators import frechet
+from nbp.evaluators import fvd
+from nbp.evaluators import fvd_digits
+from nbp.models import i3d
+from nbp.models.video_classifier import VideoClassifier
+from nbp.tasks import video_classifier
 from nbp.training import loop as train
-from nbp import video_classifier
+from nbp.training import metrics as metrics_lib
+from nbp.training import workdir as workdir_lib
 from tests.conftest import set_tiny_budget
+
+FVD_KEY = fvd_digits.FVD_KEY
 
 
 def _reference_distance(mu1, s1, mu2, s2):
@@ -31,14 +44,14 @@ def test_frechet_distance_matches_scipy(dim, rank):
   mu1, s1 = _gaussian(rng, dim, rank)
   mu2, s2 = _gaussian(rng, dim, rank)
   expected = _reference_distance(mu1, s1, mu2, s2)
-  np.testing.assert_allclose(fvd.frechet_distance(mu1, s1, mu2, s2), expected, rtol=1e-6)
+  np.testing.assert_allclose(frechet.frechet_distance(mu1, s1, mu2, s2), expected, rtol=1e-6)
 
 
 def test_frechet_distance_of_one_distribution_is_zero():
   rng = np.random.default_rng(0)
   for rank in (16, 5):  # full rank and rank-deficient
     mu, sigma = _gaussian(rng, 16, rank)
-    assert abs(fvd.frechet_distance(mu, sigma, mu, sigma)) < 1e-8 * np.trace(sigma)
+    assert abs(frechet.frechet_distance(mu, sigma, mu, sigma)) < 1e-8 * np.trace(sigma)
 
 
 def test_frechet_distance_of_known_gaussians():
@@ -46,43 +59,70 @@ def test_frechet_distance_of_known_gaussians():
   v1, v2 = np.array([1.0, 4.0, 0.0]), np.array([9.0, 1.0, 2.0])
   mu1, mu2 = np.array([0.0, 1.0, 2.0]), np.array([1.0, 1.0, 0.0])
   expected = np.sum((mu1 - mu2) ** 2) + np.sum((np.sqrt(v1) - np.sqrt(v2)) ** 2)
-  np.testing.assert_allclose(fvd.frechet_distance(mu1, np.diag(v1), mu2, np.diag(v2)), expected, rtol=1e-12)
+  np.testing.assert_allclose(frechet.frechet_distance(mu1, np.diag(v1), mu2, np.diag(v2)), expected, rtol=1e-12)
 
 
 def test_feature_statistics_match_numpy():
   features = np.random.default_rng(0).normal(size=(50, 6))
-  mu, sigma = fvd.feature_statistics(features)
+  mu, sigma = frechet.feature_statistics(features)
   np.testing.assert_allclose(mu, features.mean(0))
   np.testing.assert_allclose(sigma, np.cov(features, rowvar=False))
   with pytest.raises(ValueError, match="N >= 2"):
-    fvd.feature_statistics(features[:1])
+    frechet.feature_statistics(features[:1])
+
+
+def test_feature_extractor_pads_the_last_batch_and_keeps_the_order():
+  calls = []
+
+  def apply(scale, x):
+    calls.append(x.shape)  # traced once: one compiled shape
+    return x.reshape(x.shape[0], -1).astype(jnp.float32) * scale
+
+  videos = np.arange(7 * 3, dtype=np.int32).reshape(7, 3)
+  out = frechet.FeatureExtractor(apply, 2.0, batch_size=3)(videos)
+  np.testing.assert_array_equal(out, videos * 2.0)
+  assert out.dtype == np.float64 and calls == [(3, 3)]
+  as_int = frechet.FeatureExtractor(lambda s, x: x * s, 1, batch_size=4, dtype=np.int32)(videos)
+  assert as_int.dtype == np.int32 and np.array_equal(as_int, videos)
 
 
 # ---------------------------------------------------------------------------
-# I3D.
+# I3D on fixed weights.
 
-def _random_i3d_variables(seed=0, num_classes=fvd.NUM_CLASSES):
-  """Random weights of the right shapes, drawn in numpy (no jitted init: that takes 15 s)."""
-  rng = np.random.default_rng(seed)
+def _fixed_i3d_variables(seed=0, num_classes=i3d.NUM_CLASSES):
+  """Weights of the right shapes from numpy, each key's from its own seed (fold of `seed` and the key's
+  CRC), so they do not depend on the order of the variables; no jitted init (that takes 15 s)."""
   flat = {}
-  for key, shape in fvd.i3d_variable_shapes(num_classes).items():
+  for key, shape in i3d.i3d_variable_shapes(num_classes).items():
+    rng = np.random.default_rng([seed, zlib.crc32(key.encode())])
     if key.endswith("kernel"):
-      fan_in = int(np.prod(shape[:-1]))
-      flat[key] = rng.normal(size=shape) * np.sqrt(2.0 / fan_in)
+      flat[key] = rng.standard_normal(size=shape, dtype=np.float32) * np.sqrt(2.0 / int(np.prod(shape[:-1])))
     elif key.endswith("bn/var"):
       flat[key] = rng.uniform(0.5, 1.5, size=shape)
     else:
-      flat[key] = rng.normal(size=shape) * 0.1
-  return fvd.unflatten_variables({k: jnp.asarray(v, jnp.float32) for k, v in flat.items()})
+      flat[key] = rng.standard_normal(size=shape, dtype=np.float32) * 0.1
+  return i3d.unflatten_variables({k: jnp.asarray(v, jnp.float32) for k, v in flat.items()})
+
+
+def _fixed_rgb_videos(n=2, frames=8, side=20):
+  """uint8 [n, frames, side, side, 3]: a different ramp per video, frame and channel (no randomness)."""
+  v, t, y, x, c = np.meshgrid(*(np.arange(k) for k in (n, frames, side, side, 3)), indexing="ij")
+  return ((7 * x + 13 * y + 29 * t + 50 * c + 101 * v + (x * y) % 17) % 256).astype(np.uint8)
 
 
 @pytest.fixture(scope="module")
 def i3d_variables():
-  return _random_i3d_variables()
+  return _fixed_i3d_variables()
+
+
+@pytest.fixture(scope="module")
+def small_i3d(i3d_variables):
+  """The FVD extractor at 8 frames of 32x32, batch 2: the one compiled I3D of most tests here."""
+  return fvd.i3d_extractor(i3d_variables, batch_size=2, resolution=32, num_frames=8)
 
 
 def test_i3d_parameter_names_and_count():
-  shapes = fvd.i3d_variable_shapes()
+  shapes = i3d.i3d_variable_shapes()
   assert shapes["Conv3d_1a_7x7/conv/kernel"] == (7, 7, 7, 3, 64)
   assert shapes["Conv3d_1a_7x7/bn/mean"] == (64,)
   assert "Conv3d_1a_7x7/bn/scale" not in shapes  # Sonnet's batch norm has no gamma
@@ -94,67 +134,72 @@ def test_i3d_parameter_names_and_count():
   assert 12.5e6 < sum(np.prod(s) for s in shapes.values()) < 12.9e6
 
 
-def test_i3d_standard_input_gives_400_logits(i3d_variables):
-  """The standard FVD input: 16 frames of 224x224, via the extractor (preprocessing included)."""
-  videos = np.random.default_rng(0).integers(0, 256, size=(2, 16, 64, 64, 3), dtype=np.uint8)
-  extractor = fvd.i3d_extractor(i3d_variables, batch_size=2)
-  features = extractor(videos)
-  assert features.shape == (2, 400)
-  assert np.all(np.isfinite(features))
-  assert not np.allclose(features[0], features[1])
+# Logits 0, 94, 207, 298, 399 (all above 0.5 in size, so rtol is not asked of a near-zero) of the two `_fixed_rgb_videos` (20x20, resized to 32x32) on
+# `_fixed_i3d_variables(0)`, computed once on CPU with this code. A change to the preprocessing
+# (resize convention, scaling, channel order) or to any layer (kernel, stride, padding, pool,
+# batch-norm epsilon, branch order) moves them.
+# Measured when pinned: half-pixel resizing moves them by up to 187%, BGR for RGB by 3100%, a
+# batch-norm epsilon of 1e-5 for 1e-3 by 1.2%.
+PINNED_INDICES = [0, 94, 207, 298, 399]
+PINNED_LOGITS = [[1.18122852, -1.72067213, 0.6777401, -0.7081449, 1.11839688],
+                 [1.02315533, -1.80374837, 0.76376474, -0.85566694, 1.51879263]]
 
 
-def test_i3d_is_fully_convolutional_until_the_pool(i3d_variables):
-  """At 112x112 the last map is 2x4x4 and the mean pool still gives [N, 400]."""
-  x = jax.random.uniform(jax.random.key(0), (1, 16, 112, 112, 3), minval=-1, maxval=1)
-  logits = jax.jit(fvd.InceptionI3D().apply)(i3d_variables, x)
-  assert logits.shape == (1, 400)
-  assert np.all(np.isfinite(logits))
+def test_i3d_logits_on_fixed_weights_are_pinned(small_i3d):
+  logits = small_i3d(_fixed_rgb_videos())
+  assert logits.shape == (2, 400)
+  np.testing.assert_allclose(logits[:, PINNED_INDICES], PINNED_LOGITS, rtol=1e-4)
 
 
-def test_fvd_of_a_set_with_itself_is_zero_and_with_another_positive(i3d_variables):
-  rng = np.random.default_rng(1)
-  real = rng.integers(0, 256, size=(4, 16, 32, 32, 1), dtype=np.uint8)
-  fake = rng.integers(0, 64, size=(4, 16, 32, 32, 1), dtype=np.uint8)
-  extractor = fvd.i3d_extractor(i3d_variables, batch_size=3, resolution=64)  # padded last batch
-  real_features = extractor(real)
-  assert real_features.shape == (4, 400)
-  assert abs(fvd.frechet_distance_of_features(real_features, real_features)) < 1e-6
-  assert fvd.fvd(real, fake, extractor=extractor) > 0
+def test_fvd_of_a_set_with_itself_is_zero_and_with_another_positive(small_i3d):
+  real = _fixed_rgb_videos(n=5)  # 5 videos in batches of 2: a padded last batch
+  fake = (real // 4).astype(np.uint8)
+  real_features = small_i3d(real)
+  np.testing.assert_allclose(real_features[:2], small_i3d(real[:2]), rtol=1e-6)  # padding changes nothing
+  assert abs(frechet.frechet_distance_of_features(real_features, real_features)) < 1e-6
+  assert fvd.fvd(real, fake, extractor=small_i3d) > 1.0
 
 
 @pytest.mark.parametrize("suffix", [".npz", ".msgpack"])
 def test_weight_file_round_trip(tmp_path, i3d_variables, suffix):
   path = str(tmp_path / f"i3d{suffix}")
-  fvd.save_i3d(path, i3d_variables)
-  loaded = fvd.load_i3d(path)
+  i3d.save_i3d(path, i3d_variables)
+  loaded = i3d.load_i3d(path)
   assert set(loaded) == {"params", "batch_stats"}
-  flat_in, flat_out = fvd.flatten_variables(i3d_variables), fvd.flatten_variables(loaded)
+  flat_in, flat_out = i3d.flatten_variables(i3d_variables), i3d.flatten_variables(loaded)
   assert set(flat_in) == set(flat_out)
   for key in flat_in:
     np.testing.assert_array_equal(flat_in[key], flat_out[key])
 
 
-def test_weight_file_errors_name_the_key_and_the_file(tmp_path, i3d_variables):
-  flat = {k: np.asarray(v) for k, v in fvd.flatten_variables(i3d_variables).items()}
-  missing = dict(flat)
-  del missing["Mixed_4d/Branch_2/Conv3d_0b_3x3/bn/var"]
-  path = str(tmp_path / "missing.npz")
+def _write_npz(path, flat):
   with open(path, "wb") as f:
-    np.savez(f, **missing)
-  with pytest.raises(ValueError, match=r"missing\.npz.*Mixed_4d/Branch_2/Conv3d_0b_3x3/bn/var"):
-    fvd.load_i3d(path)
+    np.savez(f, **flat)
+  return str(path)
 
-  wrong = dict(flat)
-  wrong["Logits/conv/kernel"] = np.zeros((1, 1, 1, 1024, 600), np.float32)
-  path = str(tmp_path / "wrong.npz")
-  with open(path, "wb") as f:
-    np.savez(f, **wrong)
-  with pytest.raises(ValueError, match=r"wrong\.npz.*Logits/conv/kernel.*\(1, 1, 1, 1024, 600\)"):
-    fvd.load_i3d(path)
 
-  with pytest.raises(FileNotFoundError, match="nothing is downloaded"):
-    fvd.load_i3d(str(tmp_path / "absent.npz"))
+def test_weight_file_errors_name_the_first_bad_key_and_the_file(tmp_path, i3d_variables):
+  flat = {k: np.asarray(v) for k, v in i3d.flatten_variables(i3d_variables).items()}
+  order = list(i3d.i3d_variable_shapes())
+  # The first missing key in the file format's order (params, then batch_stats), not alphabetically.
+  first, later = "Mixed_5c/Branch_0/Conv3d_0a_1x1/conv/kernel", "Conv3d_1a_7x7/bn/var"
+  assert order.index(first) < order.index(later)
+  missing = {k: v for k, v in flat.items() if k not in (first, later)}
+  with pytest.raises(ValueError, match=rf"missing\.npz.*lacks the key '{first}'"):
+    i3d.load_i3d(_write_npz(tmp_path / "missing.npz", missing))
+
+  wrong = dict(flat, **{"Logits/conv/kernel": np.zeros((1, 1, 1, 1024, 600), np.float32)})
+  with pytest.raises(ValueError, match=r"wrong\.npz.*'Logits/conv/kernel' has shape \(1, 1, 1, 1024, 600\)"):
+    i3d.load_i3d(_write_npz(tmp_path / "wrong.npz", wrong))
+
+  extra = dict(flat, **{"Mixed_9z/conv/kernel": np.zeros(1), "Aux/bias": np.zeros(1)})
+  with pytest.raises(ValueError, match=r"extra\.npz.*unexpected key 'Aux/bias' \(2 unexpected"):
+    i3d.load_i3d(_write_npz(tmp_path / "extra.npz", extra))
+
+  with pytest.raises(FileNotFoundError, match=r"absent\.npz.*nothing is downloaded"):
+    i3d.load_i3d(str(tmp_path / "absent.npz"))
+  with pytest.raises(ValueError, match=r"i3d\.pt.*\.npz or \.msgpack"):
+    i3d.load_i3d(_write_npz(tmp_path / "i3d.pt", {}))
 
 
 # ---------------------------------------------------------------------------
@@ -208,71 +253,12 @@ def test_preprocess_checks_the_frame_count():
 
 
 # ---------------------------------------------------------------------------
-# The moving-digits classifier and its in-domain FVD.
-
-def tiny_classifier_config(data_dir):
-  from experiments.configs import video_classifier_digits  # pylint: disable=g-import-not-at-top
-  c = video_classifier_digits.get_config("local")
-  c.data.dir = data_dir
-  c.data.num_frames = 4
-  c.data.frame_size = 16
-  c.data.num_train = 32
-  c.data.num_test = 16
-  c.model.widths = (8, 16)
-  c.model.feature_dim = 16
-  set_tiny_budget(c, num_steps=2, checkpoint_every=2)
-  return c
-
+# The moving-digits classifier.
 
 def test_multi_hot_counts_a_repeated_digit_once():
-  targets = video_classifier.multi_hot(jnp.array([[3, 3], [0, 9]]))
+  targets = video_classifier.multi_hot(jnp.array([[3, 3], [0, 9]]), 10)
   np.testing.assert_array_equal(targets.sum(-1), [1, 2])
   assert targets[0, 3] == 1 and targets[1, 0] == 1 and targets[1, 9] == 1
-
-
-def test_classifier_trains_and_reports_accuracy(data_dir, tmp_path, monkeypatch):
-  monkeypatch.setitem(families.FAMILIES, "video_classifier", "nbp.video_classifier")
-  config = tiny_classifier_config(data_dir)
-  result = train.train_and_evaluate(config, str(tmp_path / "work"))
-  assert result["status"] == "done" and result["step"] == 2
-  assert 0.0 <= result["accuracy"] <= 1.0 and np.isfinite(result["loss"])
-  s, state = train.load_state(config, str(tmp_path / "work"))
-  metrics = train.evaluate(s, state, 2)
-  assert set(metrics) >= {"eval/accuracy", "eval/class_accuracy", "eval/loss"}
-
-  # The in-domain FVD, named for what it is.
-  model, params = video_classifier.load_classifier(config, str(tmp_path / "work"))
-  from nbp.data import moving_digits  # pylint: disable=g-import-not-at-top
-  real = moving_digits.make_moving_digits(12, seed=0, split="test", num_frames=4, frame_size=16,
-                                          num_digits=2)["video"]
-  same = video_classifier.digits_fvd(real, real, classifier_params=params, model=model, batch_size=5)
-  assert set(same) == {"fvd_digits_classifier"}
-  assert abs(same["fvd_digits_classifier"]) < 1e-6
-  noise = np.random.default_rng(0).integers(0, 256, size=real.shape, dtype=np.uint8)
-  apart = video_classifier.digits_fvd(real, noise, classifier_params=params, model=model)
-  assert apart["fvd_digits_classifier"] > 1e-3
-
-
-def test_classifier_shapes():
-  model = video_classifier.VideoClassifier(widths=(8, 16), feature_dim=12)
-  videos = jnp.zeros((3, 5, 16, 16, 1), jnp.uint8)
-  params = model.init(jax.random.key(0), videos)["params"]
-  assert model.apply({"params": params}, videos).shape == (3, 10)
-  features = model.apply({"params": params}, videos, method=video_classifier.VideoClassifier.features)
-  assert features.shape == (3, 12)
-
-
-# ---------------------------------------------------------------------------
-# experiments/benchmark_fvd.py: its pure pieces.
-
-def _small_digits_data(**overrides):
-  """The generators' data knobs at 4 frames of 8x8 (one digit, 8 grey levels)."""
-  from experiments.configs import video_classifier_digits  # pylint: disable=g-import-not-at-top
-  c = video_classifier_digits.get_config("local,4x12")
-  c.data.frame_size = 8
-  for key, value in overrides.items():
-    c.data[key] = value
-  return c.data
 
 
 def test_requantize_matches_the_token_round_trip_and_is_idempotent():
@@ -289,25 +275,322 @@ def test_requantize_matches_the_token_round_trip_and_is_idempotent():
   assert len(np.unique(video_classifier.requantize(videos, 8))) == 8
 
 
-def test_classifier_config_matches_the_generators_setting():
-  from experiments.configs import nbp_digits, ntp_digits, video_classifier_digits  # pylint: disable=g-import-not-at-top
-  from experiments import benchmark_fvd  # pylint: disable=g-import-not-at-top
-  judge = video_classifier_digits.get_config("local,4x12")
-  assert (judge.data.num_frames, judge.data.frame_size, judge.data.num_digits, judge.data.levels) == (4, 12, 1, 8)
-  for generator in (nbp_digits.get_config("XS,local,row"), ntp_digits.get_config("XS,local")):
-    benchmark_fvd.check_same_data(generator.data, judge.data)
-  with pytest.raises(ValueError, match="data.levels"):
-    benchmark_fvd.check_same_data(ntp_digits.get_config("XS,local").data, _small_digits_data(frame_size=12, levels=16))
-  with pytest.raises(ValueError, match="data.frame_size"):
-    benchmark_fvd.check_same_data(ntp_digits.get_config("XS,local").data, _small_digits_data())
-  with pytest.raises(ValueError, match="unknown config flags"):
-    video_classifier_digits.get_config("local,4x21")
-  # The architecture at 12x12: stages 12 -> 6 -> 3 -> 2, features of the configured width.
-  model = video_classifier.build_model(judge.model)
-  videos = jnp.zeros((2, 4, 12, 12, 1), jnp.uint8)
-  shapes = jax.eval_shape(lambda: model.init_with_output(jax.random.key(0), videos)[0])
-  assert shapes.shape == (2, 10)
+def _separable_set(n, seed):
+  """Digit 3: the top half lit; digit 7: the bottom half; noise on both. [n, 2, 8, 8, 1], labels [n, 1]."""
+  rng = np.random.default_rng(seed)
+  labels = rng.choice([3, 7], size=(n, 1)).astype(np.int32)
+  videos = rng.integers(0, 60, size=(n, 2, 8, 8, 1))
+  top = labels[:, 0] == 3
+  videos[top, :, :4] += 180
+  videos[~top, :, 4:] += 180
+  return {"video": videos.astype(np.uint8), "label": labels}
 
+
+def test_classifier_learns_a_trivially_separable_set():
+  """A few Adam steps on the task's loss: exact-set accuracy on held-out videos goes from ~0 to 1."""
+  model = VideoClassifier(widths=(8,), feature_dim=8)
+  train_set, test_set = _separable_set(64, 0), _separable_set(32, 1)
+  params = jax.jit(model.init)(jax.random.key(0), train_set["video"][:1])["params"]
+  loss = jax.jit(lambda p, b: video_classifier.loss(model, p, b, None))
+  tx = optax.adam(1e-2)
+
+  @jax.jit
+  def step(p, state):
+    grads = jax.grad(lambda q: loss(q, train_set)[0])(p)
+    updates, state = tx.update(grads, state, p)
+    return optax.apply_updates(p, updates), state
+
+  before = float(loss(params, test_set)[1]["accuracy"])
+  state = tx.init(params)
+  for _ in range(40):
+    params, state = step(params, state)
+  _, metrics = loss(params, test_set)
+  assert before < 0.2 and float(metrics["accuracy"]) == 1.0
+  logits = np.asarray(model.apply({"params": params}, test_set["video"]))
+  assert fvd_digits.class_match(logits, test_set["label"]) == 1.0
+  features = model.apply({"params": params}, test_set["video"], method=VideoClassifier.features)
+  assert features.shape == (32, 8)
+
+
+def test_class_match_on_hand_made_logits():
+  logits = np.array([[0.0, 5.0, 1.0],   # top-1 is 1
+                     [4.0, 3.0, -1.0],  # top-2 is {0, 1}
+                     [2.0, 0.0, 3.0]])  # top-1 is 2
+  assert fvd_digits.class_match(logits, np.array([[1, 1], [0, 1], [2, 2]])) == 1.0
+  assert fvd_digits.class_match(logits, np.array([[1, 1], [0, 2], [0, 0]])) == pytest.approx(1 / 3)
+  assert fvd_digits.class_match(logits[:1], np.array([[1, 2]])) == 0.0  # two digits asked, one stands out
+
+
+def tiny_classifier_config(data_dir):
+  """The judge of the tiny runs below: 5 frames of 8x8, one digit, 8 grey levels, 2 steps."""
+  from experiments.configs import video_classifier_digits  # pylint: disable=g-import-not-at-top
+  c = video_classifier_digits.get_config("local,4x12")
+  c.data.dir = data_dir
+  c.data.num_frames = 5
+  c.data.frame_size = 8
+  c.data.num_train = 32
+  c.data.num_test = 16
+  c.model.widths = (8, 16)
+  c.model.feature_dim = 16
+  set_tiny_budget(c, num_steps=2, checkpoint_every=2)
+  return _without_samples(c)
+
+
+def _without_samples(c):
+  """No sample evaluator at the end of training: one compilation less per tiny run."""
+  with c.unlocked():
+    del c.evals["sample"]
+  return c
+
+
+@pytest.fixture(scope="module")
+def classifier_workdir(data_dir, tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("classifier"))
+  result = train.train_and_evaluate(tiny_classifier_config(data_dir), workdir)
+  assert result["status"] == "done" and result["step"] == 2
+  return workdir
+
+
+def test_load_classifier_returns_the_parameters_the_loop_evaluated(classifier_workdir, data_dir):
+  """load_classifier(workdir) alone (config.json + checkpoint) gives the loop's final eval/loss exactly."""
+  model, params, config = video_classifier.load_classifier(classifier_workdir)
+  as_json = lambda c: json.loads(c.to_json_best_effort())
+  assert as_json(config) == as_json(tiny_classifier_config(data_dir))  # config.json is the run's config
+  rows = metrics_lib.read_jsonl(os.path.join(classifier_workdir, "metrics.jsonl"))
+  logged = [r for r in rows if r.get("step") == 2 and "eval/loss" in r][-1]
+  batch = next(video_classifier.make_data(config.data, "test", seed=config.seed, process_index=0,
+                                          process_count=1, batch_size=config.batch_size))  # the eval's batch
+  value, metrics = video_classifier.loss(model, params, batch, None)
+  np.testing.assert_allclose(float(value), logged["eval/loss"], rtol=1e-5)
+  np.testing.assert_allclose(float(metrics["class_accuracy"]), logged["eval/class_accuracy"], rtol=1e-6)
+  fresh = jax.jit(model.init)(jax.random.key(config.seed), batch["video"][:1])["params"]
+  assert abs(float(video_classifier.loss(model, fresh, batch, None)[0]) - logged["eval/loss"]) > 1e-4
+
+
+def test_digits_features_requantise_and_separate_sets():
+  from experiments.configs import video_classifier_digits  # pylint: disable=g-import-not-at-top
+  data = video_classifier_digits.get_config("local,4x12").data
+  data.frame_size = 8
+  model = VideoClassifier(widths=(8,), feature_dim=8)
+  params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 4, 8, 8, 1), jnp.uint8))["params"]
+  extract = fvd_digits.feature_extractor(model, params, batch_size=8, levels=data.levels)
+  raw = frechet.real_videos(data, 0, 16)["video"]
+  quantised = video_classifier.requantize(raw, data.levels)
+  features = extract(quantised)
+  assert features.shape == (16, 8) and features.dtype == np.float64
+  np.testing.assert_allclose(extract(raw), features, atol=1e-6)  # the extractor requantises
+  same = fvd_digits.digits_fvd(quantised, raw, classifier_params=params, model=model, batch_size=5, levels=8)
+  assert set(same) == {FVD_KEY} and abs(same[FVD_KEY]) < 1e-6
+  shifted = np.roll(quantised, 3, axis=3)  # the same digits, moved 3 pixels to the right
+  brighter = np.clip(quantised.astype(np.int32) + 64, 0, 255).astype(np.uint8)
+  assert frechet.frechet_distance_of_features(features, extract(shifted)) > 1e-4
+  assert frechet.frechet_distance_of_features(features, extract(brighter)) > 1e-4
+
+
+# ---------------------------------------------------------------------------
+# Real sets and the generation shared by the FVD evaluators.
+
+def test_real_sets_are_disjoint_random_access_and_reach_past_num_test():
+  from experiments.configs import video_classifier_digits  # pylint: disable=g-import-not-at-top
+  from nbp.data import moving_digits  # pylint: disable=g-import-not-at-top
+  data = video_classifier_digits.get_config("local,4x12").data
+  data.num_digits = 2
+  a, b = frechet.real_videos(data, 0, 6), frechet.real_videos(data, 6, 6)
+  assert a["video"].shape == (6, 4, 12, 12, 1) and a["video"].dtype == np.uint8
+  assert a["label"].shape == (6, 2)
+  np.testing.assert_array_equal(a["class"], a["label"][:, 0] + 10 * a["label"][:, 1])
+  assert not np.array_equal(a["video"], b["video"])
+  np.testing.assert_array_equal(frechet.real_videos(data, 3, 3)["video"], a["video"][3:])
+  built = moving_digits.make_moving_digits(6, seed=0, split="test", num_frames=4, frame_size=12, num_digits=2)
+  np.testing.assert_array_equal(a["video"], built["video"])  # the dataset's own test videos
+  late = frechet.real_videos(data, data.num_test + 5, 2)  # past the dataset's 1000
+  assert late["video"].shape == (2, 4, 12, 12, 1) and late["video"].max() > 0
+
+
+def tiny_generator_config(data_dir, arg="tiny,local,row", **overrides):
+  """NBP on 5 frames of 8x8 pixels (the tiny classifier's videos), blocks of one row, 2 steps."""
+  from experiments.configs import nbp_digits  # pylint: disable=g-import-not-at-top
+  c = nbp_digits.get_config(arg)
+  c.data.dir = data_dir
+  c.data.num_frames = 5
+  c.data.frame_size = 8
+  c.data.num_train = 32
+  c.data.num_test = 16
+  c.model.grid = (5, 8, 8)
+  c.model.block = (1, 1, 8)
+  if c.model.condition == "frames":
+    c.model.prefix_frames = 2
+  c.sampler.num_samples = 2
+  set_tiny_budget(c, num_steps=2, checkpoint_every=2)
+  for key, value in overrides.items():
+    section, name = key.split(".")
+    c[section][name] = value
+  return _without_samples(c)
+
+
+@pytest.fixture(scope="module")
+def generator_workdir(data_dir, tmp_path_factory):
+  """A class-conditional pixel run with guidance 2 (the doubled-batch sampler), trained 2 steps."""
+  workdir = str(tmp_path_factory.mktemp("generator"))
+  train.train_and_evaluate(tiny_generator_config(data_dir, **{"sampler.guidance_scale": 2.0}), workdir)
+  return workdir
+
+
+def _context(s, params, seed=0):
+  return evaluators.Context(setup=s, params=params, params_name="params", step=0, workdir="", rng=jax.random.key(seed))
+
+
+def _untrained(config):
+  s = train.setup(config)
+  return s, train.init_state(s, 0).params
+
+
+@pytest.mark.parametrize("scale", [1.0, 3.0])
+def test_conditioned_sampler_is_the_task_sampler_with_explicit_conditions(data_dir, scale):
+  from nbp.tasks import next_block  # pylint: disable=g-import-not-at-top
+  s, params = _untrained(tiny_generator_config(data_dir, **{"sampler.guidance_scale": scale}))
+  model, labels = s.task.model, jnp.array([3, 8], jnp.int32)
+  prompt = jnp.zeros((2, 0, 8, 8), jnp.int32)
+  ours = jax.jit(frechet.conditioned_sampler(s.config, model, 2))(params, jax.random.key(1), labels, prompt)
+  guidance = None if scale == 1.0 else scale  # scale 1: the conditional model, no doubled batch
+  theirs = jax.jit(lambda p: next_block.sample(model, p, jax.random.key(1), num_samples=2, labels=labels,
+                                               guidance_scale=guidance))(params)
+  np.testing.assert_array_equal(ours, theirs)
+
+
+def test_fvd_digits_evaluator_on_a_tiny_trained_run(classifier_workdir, generator_workdir):
+  s, params, name, _ = train.load_params(workdir_lib.read_config(generator_workdir), generator_workdir)
+  evaluator = evaluators.build({"fvd": dict(type="fvd_digits", classifier_workdir=classifier_workdir, num_videos=6,
+                                            batch_size=4, seed=1)})["fvd"][1]
+  metrics, stand_in, generated = evaluator.measure(_context(s, params))
+  assert set(metrics) == {FVD_KEY, FVD_KEY + "_floor", "class_match", "class_match_real", "frames_per_s",
+                          "tokens_per_s", "sample_seconds", "compile_seconds", "num_videos"}
+  assert generated.videos.shape == (6, 5, 8, 8, 1) and generated.videos.dtype == np.uint8
+  assert set(np.unique(generated.videos)) <= set(video_classifier.requantize(np.arange(256, dtype=np.uint8), 8))
+  assert generated.drawn == 8 and generated.frames == 5  # 6 videos in batches of 4; every frame drawn
+  # The numbers are the distances of these very sets, through the classifier alone.
+  model, c_params, c_config = video_classifier.load_classifier(classifier_workdir)
+  reference = frechet.real_videos(c_config.data, 0, 6)["video"]
+  np.testing.assert_array_equal(stand_in["video"], frechet.real_videos(c_config.data, 12, 6)["video"])  # seed 1
+  direct = lambda a, b: fvd_digits.digits_fvd(a, b, classifier_params=c_params, model=model, levels=8)[FVD_KEY]
+  np.testing.assert_allclose(metrics[FVD_KEY], direct(reference, generated.videos), rtol=1e-6)
+  np.testing.assert_allclose(metrics[FVD_KEY + "_floor"], direct(reference, stand_in["video"]), rtol=1e-6)
+  assert metrics[FVD_KEY] > metrics[FVD_KEY + "_floor"] > 0  # 2 training steps: far from real videos
+  # The same seed draws the same videos (one compilation), another seed others.
+  again, _, same = evaluator.measure(_context(s, params))
+  np.testing.assert_array_equal(same.videos, generated.videos)
+  assert again[FVD_KEY] == metrics[FVD_KEY] and again["compile_seconds"] == metrics["compile_seconds"]
+  other = fvd_digits.Evaluator(classifier_workdir=classifier_workdir, num_videos=6, batch_size=4, seed=2)
+  assert not np.array_equal(other.measure(_context(s, params))[2].videos, generated.videos)
+
+
+def test_frame_prediction_is_prompted_with_the_stand_in_first_frames(classifier_workdir, data_dir):
+  s, params = _untrained(tiny_generator_config(data_dir, "tiny,local,row,frames"))
+  evaluator = fvd_digits.Evaluator(classifier_workdir=classifier_workdir, num_videos=4, batch_size=4, floor=False)
+  metrics, stand_in, generated = evaluator.measure(_context(s, params))
+  assert "class_match" not in metrics and FVD_KEY + "_floor" not in metrics and np.isfinite(metrics[FVD_KEY])
+  np.testing.assert_array_equal(generated.videos[:, :2], video_classifier.requantize(stand_in["video"][:, :2], 8))
+  assert generated.frames == 3  # the two given frames are not counted as drawn
+
+
+def test_fvd_digits_checks_the_generator_against_the_classifier(classifier_workdir, data_dir, tmp_path):
+  from experiments.configs import nbp_digits, ntp_digits, video_classifier_digits  # pylint: disable=g-import-not-at-top
+  judge = video_classifier_digits.get_config("local,4x12").data
+  for generator in (nbp_digits.get_config("XS,local,row"), ntp_digits.get_config("XS,local")):
+    fvd_digits.check_generator(generator, judge, "the judge")  # the local pixel runs and their judge agree
+  with pytest.raises(ValueError, match=r"8 grey levels.*data.levels=16"):
+    fvd_digits.check_generator(ntp_digits.get_config("XS,local"), dict(judge.to_dict(), levels=16), "the judge")
+  with pytest.raises(ValueError, match=r"data.speed: generator 2.0 vs the judge 3.0"):
+    fvd_digits.check_generator(ntp_digits.get_config("XS,local"), dict(judge.to_dict(), speed=3.0), "the judge")
+  # A run of 4 frames of 8x8 against the 5-frame classifier: the error names both shapes.
+  small = tiny_generator_config(data_dir, **{"data.num_frames": 4, "model.grid": (4, 8, 8)})
+  s = train.setup(small)
+  evaluator = fvd_digits.Evaluator(classifier_workdir=classifier_workdir, num_videos=2, batch_size=2)
+  with pytest.raises(ValueError, match=rf"\(4, 8, 8, 1\) but the classifier in {classifier_workdir} has "
+                                       r"\(5, 8, 8, 1\)"):
+    evaluator.run(_context(s, None))
+  with pytest.raises(ValueError, match="classifier_workdir"):
+    evaluators.build({"f": dict(type="fvd_digits")})
+  with pytest.raises(FileNotFoundError, match=rf"{tmp_path}.*config.json"):
+    fvd_digits.Evaluator(classifier_workdir=str(tmp_path))
+
+
+# ---------------------------------------------------------------------------
+# A token run: a tiny tokenizer, its tokens, NBP on them; samples decoded through the tokenizer.
+
+def tiny_tokenizer_config(data_dir):
+  """5 frames of 8x8 -> 2x2x2 tokens of 125 codes, 8 channels, one step (a copy of test_video_tokenizer's)."""
+  from experiments.configs import video_tokenizer_digits  # pylint: disable=g-import-not-at-top
+  c = video_tokenizer_digits.get_config("local")
+  c.data.dir = data_dir
+  c.data.frame_size = 8
+  c.data.num_train = 32
+  c.data.num_test = 16
+  c.model.channels = 8
+  c.model.channel_multipliers = (1, 2, 2)
+  c.model.time_factor = 4
+  c.model.space_factor = 4
+  c.model.levels = (5, 5, 5)
+  set_tiny_budget(c, num_steps=1, checkpoint_every=1)
+  return _without_samples(c)
+
+
+@pytest.fixture(scope="module")
+def token_run(data_dir, tmp_path_factory):
+  """(setup, params) of frame-prediction NBP on the tokens of a tokenizer trained one step (not trained itself)."""
+  from experiments.configs import nbp_digits  # pylint: disable=g-import-not-at-top
+  from nbp.tasks import video_tokenizer  # pylint: disable=g-import-not-at-top
+  root = tmp_path_factory.mktemp("token_run")
+  train.train_and_evaluate(tiny_tokenizer_config(data_dir), str(root / "tokenizer"))
+  video_tokenizer.encode_tokens(str(root / "tokenizer"), str(root / "tokens"), batch_size=16)
+  c = nbp_digits.get_config("tiny,local,tokens,row,frames")
+  c.data.token_dir = str(root / "tokens")
+  c.model.codebook_size = 125
+  c.model.grid = (2, 2, 2)
+  c.model.block = (1, 1, 2)
+  c.model.prefix_frames = 1
+  return _untrained(c)
+
+
+@pytest.mark.slow  # a tokenizer's training, its encoder and decoder, and the sampler: ~25 s on 2 cores
+def test_fvd_digits_evaluator_on_a_token_run(classifier_workdir, token_run):
+  s, _ = token_run
+  evaluator = fvd_digits.Evaluator(classifier_workdir=classifier_workdir, num_videos=4, batch_size=4)
+  metrics, stand_in, generated = evaluator.measure(_context(*token_run))
+  assert np.isfinite(metrics[FVD_KEY]) and metrics[FVD_KEY] > 0
+  assert generated.videos.shape == (4, 5, 8, 8, 1) and generated.tokens.shape == (4, 2, 2, 2)
+  # The prompt is the stand-in's first latent frame, through the run's tokenizer.
+  given = frechet.videos_to_tokens(s.config, stand_in["video"], batch_size=4)[:, :1]
+  np.testing.assert_array_equal(generated.tokens[:, :1], given)
+  np.testing.assert_array_equal(generated.videos, s.task.to_videos(generated.tokens))
+
+
+# ---------------------------------------------------------------------------
+# The I3D evaluator.
+
+def test_fvd_evaluator_needs_a_local_weight_file(tmp_path):
+  with pytest.raises(FileNotFoundError, match=rf"i3d_path='{tmp_path}/i3d.npz' is not a file.*Nothing is downloaded"):
+    evaluators.build({"fvd": dict(type="fvd", i3d_path=str(tmp_path / "i3d.npz"))})
+  with pytest.raises(FileNotFoundError, match="i3d_path=''"):
+    fvd.Evaluator()
+
+
+@pytest.mark.slow  # the I3D's compilation at a second input shape: ~15 s on 2 cores
+def test_fvd_evaluator_on_a_tiny_trained_run(generator_workdir, i3d_variables, tmp_path):
+  path = str(tmp_path / "i3d.npz")
+  i3d.save_i3d(path, i3d_variables)
+  s, params, _, _ = train.load_params(workdir_lib.read_config(generator_workdir), generator_workdir)
+  with pytest.raises(ValueError, match="16 frames.*got 5"):  # the standard FVD wants 16 frames
+    fvd.Evaluator(i3d_path=path, num_videos=4, batch_size=4).run(_context(s, params))
+  evaluator = fvd.Evaluator(i3d_path=path, num_videos=4, batch_size=4, i3d_batch_size=4, num_frames=0,
+                            resolution=32)
+  metrics = evaluator.run(_context(s, params))
+  assert {"fvd", "fvd_floor", "frames_per_s"} <= set(metrics)
+  assert metrics["fvd"] > 0 and metrics["fvd_floor"] > 0
+
+
+# ---------------------------------------------------------------------------
+# experiments/benchmark_fvd.py.
 
 def test_benchmark_parses_runs_and_loads_configs():
   from experiments import benchmark_fvd  # pylint: disable=g-import-not-at-top
@@ -315,69 +598,43 @@ def test_benchmark_parses_runs_and_loads_configs():
   assert benchmark_fvd.parse_run(spec) == ("experiments/configs/nbp_digits.py", "XS,local,token",
                                            "runs/fvd/nbp_token")
   assert benchmark_fvd.parse_run("a.py=w") == ("a.py", "", "w")
+  assert benchmark_fvd.parse_run("runs/fvd/ntp") == ("", "", "runs/fvd/ntp")
   with pytest.raises(ValueError, match="CONFIG_FILE:ARG=WORKDIR"):
-    benchmark_fvd.parse_run("experiments/configs/nbp_digits.py:XS,local")
-  import os  # pylint: disable=g-import-not-at-top
+    benchmark_fvd.parse_run("experiments/configs/nbp_digits.py:XS,local=")
   repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   config = benchmark_fvd.load_config(os.path.join(repo, "experiments/configs/nbp_digits.py"), "XS,local,token")
   assert config.family == "next_block" and tuple(config.model.block) == (1, 1, 1)
+  assert benchmark_fvd.describe(config) == ("1x1x1", "class")
 
 
-def test_benchmark_real_sets_are_disjoint_and_go_through_the_generators_quantisation():
+def test_benchmark_table_gives_each_run_its_seeds_mean_and_sd():
   from experiments import benchmark_fvd  # pylint: disable=g-import-not-at-top
-  data = _small_digits_data()
-  a = benchmark_fvd.real_videos(data, 0, 6)
-  b = benchmark_fvd.real_videos(data, 6, 6)
-  assert a["video"].shape == (6, 4, 8, 8, 1) and a["video"].dtype == np.uint8
-  assert a["tokens"].shape == (6, 4, 8, 8) and int(a["tokens"].max()) < data.levels
-  assert a["class"].shape == (6,) and 0 <= a["class"].min() and a["class"].max() < 10
-  assert len(np.unique(a["video"])) <= data.levels
-  assert not np.array_equal(a["video"], b["video"])
-  np.testing.assert_array_equal(benchmark_fvd.real_videos(data, 3, 3)["video"], a["video"][3:])
-  # A generator that drew exactly the real tokens gives exactly the real videos.
-  np.testing.assert_array_equal(benchmark_fvd.tokens_to_videos(a["tokens"], data.levels), a["video"])
+  rows = [{"run": "real 4..7", "block": "-", "condition": "-", "seed": 0, FVD_KEY: 9.0, "class_match": 0.5,
+           "frames_per_s": None, "floor": True},
+          {"run": "a", "spec": "runs/a", "block": "1x1x8", "condition": "class", "seed": 0, FVD_KEY: 100.0,
+           "class_match": 0.25, "frames_per_s": 40.0},
+          {"run": "real 8..11", "block": "-", "condition": "-", "seed": 1, FVD_KEY: 11.0, "class_match": 0.5,
+           "frames_per_s": None, "floor": True},
+          {"run": "a", "spec": "runs/a", "block": "1x1x8", "condition": "class", "seed": 1, FVD_KEY: 110.0,
+           "class_match": 0.75, "frames_per_s": 60.0}]
+  lines = benchmark_fvd.table(rows).splitlines()
+  assert lines[2] == "| real test videos (floor) | - | - | 9.0 / 11.0 | 10.0 (1.4) | - | 0.500 |"
+  assert lines[3] == "| runs/a | 1x1x8 | class | 100.0 / 110.0 | 105.0 (7.1) | 40-60 | 0.500 |"
 
 
-def test_benchmark_fvd_is_zero_for_one_set_and_positive_for_a_shifted_one():
+def test_benchmark_runs_the_evaluator_over_runs_and_seeds(classifier_workdir, generator_workdir, tmp_path):
   from experiments import benchmark_fvd  # pylint: disable=g-import-not-at-top
-  data = _small_digits_data()
-  model = video_classifier.VideoClassifier(widths=(8,), feature_dim=8)
-  params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 4, 8, 8, 1), jnp.uint8))["params"]
-  judge = benchmark_fvd.Judge(model, params, levels=data.levels, batch_size=8)
-  real = benchmark_fvd.real_videos(data, 0, 16)
-  features = judge.features(real["video"])
-  assert features.shape == (16, 8) and features.dtype == np.float64
-  # Raw videos and their token round trip give the same features (the judge requantises).
-  raw = benchmark_fvd.moving_digits.make_moving_digits(16, seed=0, split="test", num_frames=4, frame_size=8,
-                                                      num_digits=1)["video"]
-  np.testing.assert_allclose(judge.features(raw), features, atol=1e-6)
-  np.testing.assert_allclose(judge.features(benchmark_fvd.tokens_to_videos(real["tokens"], data.levels)),
-                             features, atol=1e-6)
-  assert abs(judge.distance(features, features)) < 1e-6
-  shifted = np.roll(real["video"], 3, axis=3)  # the same digits, moved 3 pixels to the right
-  brighter = np.clip(real["video"].astype(np.int32) + 64, 0, 255).astype(np.uint8)
-  assert judge.distance(features, judge.features(shifted)) > 1e-4
-  assert judge.distance(features, judge.features(brighter)) > 1e-4
-  assert 0.0 <= judge.accuracy(real["video"], real["label"]) <= 1.0
-
-
-@pytest.mark.parametrize("arg", ["tiny,local,row", "tiny,local,row,frames"])
-def test_benchmark_generator_uses_the_given_classes_and_frames(arg):
-  from experiments import benchmark_fvd  # pylint: disable=g-import-not-at-top
-  from experiments.configs import nbp_digits  # pylint: disable=g-import-not-at-top
-  from nbp import next_block  # pylint: disable=g-import-not-at-top
-  config = nbp_digits.get_config(arg)
-  config.data.frame_size = 8
-  config.model.block = (1, 1, 8)
-  model = next_block.build_model(config.model, config.data)
-  extra = {"labels": jnp.zeros((1,), jnp.int32)} if model.condition == "class" else {}
-  params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, model.frame_prefix_len + model.num_predicted),
-                                                            jnp.int32), **extra)["params"]
-  real = benchmark_fvd.real_videos(config.data, 0, 2)
-  generate = jax.jit(benchmark_fvd.make_generator(config, model, batch_size=2))
-  tokens = generate(params, jax.random.key(0), jnp.asarray(real["class"]), jnp.asarray(real["tokens"]))
-  assert tokens.shape == (2, 4, 8, 8) and int(tokens.max()) < config.data.levels
-  assert benchmark_fvd.generated_frames(config, model) == (2 if model.condition == "frames" else 4)
-  if model.condition == "frames":
-    np.testing.assert_array_equal(tokens[:, :2], real["tokens"][:, :2])
-  assert benchmark_fvd.describe(config, model) == ("1x1x8", model.condition)
+  rows = benchmark_fvd.benchmark([generator_workdir], classifier_workdir, num_videos=4, batch_size=4, seeds=[0, 3],
+                                 out_dir=str(tmp_path))
+  floors, runs = [r for r in rows if r.get("floor")], [r for r in rows if not r.get("floor")]
+  assert [r["seed"] for r in floors] == [0, 3] and [r["seed"] for r in runs] == [0, 3]
+  assert floors[1]["run"] == "real test videos 16..19"
+  s, params, _, _ = train.load_params(workdir_lib.read_config(generator_workdir), generator_workdir)
+  direct = fvd_digits.Evaluator(classifier_workdir=classifier_workdir, num_videos=4, batch_size=4, seed=3).run(
+      _context(s, params))
+  assert runs[1][FVD_KEY] == pytest.approx(direct[FVD_KEY], rel=1e-6)  # the evaluator's numbers, as they are
+  assert floors[1][FVD_KEY] == pytest.approx(direct[FVD_KEY + "_floor"], rel=1e-6)
+  assert runs[0]["block"] == "1x1x8" and runs[0]["condition"] == "class" and runs[0]["step"] == 2
+  assert os.path.getsize(tmp_path / f"samples_{os.path.basename(generator_workdir)}.png") > 0
+  json.dumps(rows)  # plain numbers: results.json takes them
+  assert f"| {generator_workdir} | 1x1x8 | class |" in benchmark_fvd.table(rows)

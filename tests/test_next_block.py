@@ -1,4 +1,5 @@
-"""Next-block prediction: block order, mask and targets, the NTP limit, cached decoding, guidance, training."""
+"""Next-block prediction: block order, mask and targets, next-token prediction as 1x1x1 blocks,
+cached decoding, the sampler, guidance, sizes, training and the entry points."""
 
 import itertools
 import json
@@ -7,27 +8,42 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
-from nbp import next_block as nb
-from nbp import ntp
-from tests.conftest import apply_overrides, set_tiny_budget
+from experiments.configs import nbp_digits, ntp_text, video_tokenizer_digits
+from layers import attention as attention_lib
+from nbp import decoding
+from nbp import sampling
+from nbp import tasks
+from nbp.data import tokens as tokens_lib
+from nbp.models import block_transformer as bt
+from nbp.models import video_tokenizer as vt_model
+from nbp.tasks import next_block as nb
+from nbp.tasks import video_tokenizer as vt
+from nbp.training import loop as train
+from tests.conftest import apply_overrides, config_flags_for, run_module, set_tiny_budget, tiny_ntp_config
+from tests.test_video_tokenizer import tiny_tokenizer_config
 
 
 def _model(**kw):
-  fields = dict(vocab_size=9, grid=(3, 4, 4), block=(1, 2, 2), num_classes=10, num_class_tokens=2,
+  fields = dict(codebook_size=8, grid=(3, 4, 4), block=(1, 2, 2), num_classes=10, num_class_tokens=2,
                 num_layers=2, width=32, num_heads=4, num_kv_heads=2)
   fields.update(kw)
-  return nb.NextBlockTransformer(**fields)
+  return bt.NextBlockTransformer(**fields)
 
 
 def _tokens(model, batch=2, seed=0):
-  return jax.random.randint(jax.random.key(seed), (batch, model.num_tokens), 0, model.vocab_size - 1)
+  return jax.random.randint(jax.random.key(seed), (batch, model.num_tokens), 0, model.codebook_size)
 
 
 def _init(model, tokens, labels=None):
   inputs, _ = nb.next_block_targets(model, tokens)
   return jax.jit(lambda i, lab: model.init(jax.random.key(1), i, labels=lab)["params"])(inputs, labels)
+
+
+def _sample(model, params, rng, **kw):
+  return nb.sample(model, params, rng, **kw)
 
 
 # ---------------------------------------------------------------------------
@@ -38,18 +54,18 @@ def _init(model, tokens, labels=None):
 def test_block_order_and_shifted_targets_vs_brute_force(block):
   grid = (2, 4, 6)
   f, h, w = grid
-  bt, bh, bw = block
+  b_t, b_h, b_w = block
   cells = list(itertools.product(range(f), range(h), range(w)))
-  key = lambda c: ((c[0] // bt, c[1] // bh, c[2] // bw), (c[0] % bt, c[1] % bh, c[2] % bw))
+  key = lambda c: ((c[0] // b_t, c[1] // b_h, c[2] // b_w), (c[0] % b_t, c[1] % b_h, c[2] % b_w))
   expected = [ti * h * w + hi * w + wi for ti, hi, wi in sorted(cells, key=key)]
-  order = nb.block_order(grid, block)
+  order = bt.block_order(grid, block)
   np.testing.assert_array_equal(order, expected)
 
   grid_tokens = np.arange(f * h * w)[None] + 100  # token value = grid index + 100
-  seq = np.asarray(nb.to_block_order(grid_tokens, order))
-  np.testing.assert_array_equal(nb.to_grid_order(seq, order), grid_tokens)
+  seq = np.asarray(bt.to_block_order(grid_tokens, order))
+  np.testing.assert_array_equal(bt.to_grid_order(seq, order), grid_tokens)
   # Target at slot s is token j of block b; its input is token j of block b-1, or the begin token.
-  model = nb.NextBlockTransformer(vocab_size=1000, grid=grid, block=block)
+  model = bt.NextBlockTransformer(codebook_size=999, grid=grid, block=block)
   inputs, targets = nb.next_block_targets(model, jnp.asarray(grid_tokens))
   blocks = {}
   for c in cells:
@@ -67,7 +83,7 @@ def test_block_order_and_shifted_targets_vs_brute_force(block):
 
 def test_block_causal_mask_vs_brute_force():
   model = _model(condition="class")
-  spec = nb.attention_lib.MaskSpec("block_causal", block_len=model.block_len, prefix_len=model.prefix_len)
+  spec = attention_lib.MaskSpec("block_causal", block_len=model.block_len, prefix_len=model.prefix_len)
   s, p, l = model.max_len, model.prefix_len, model.block_len
   dense = np.asarray(spec.make(s))
   for q in range(s):
@@ -106,34 +122,45 @@ def test_no_information_flows_from_a_block_to_its_own_prediction(condition):
 
 
 # ---------------------------------------------------------------------------
-# 1x1x1 blocks are the next-token baseline.
+# 1x1x1 blocks are next-token prediction.
 
 
 @pytest.mark.parametrize("position", ["learned", "rope"])
-def test_token_blocks_give_the_ntp_loss_on_the_same_weights(position):
-  grid = (2, 3, 4)
-  baseline = ntp.NextTokenTransformer(vocab_size=9, max_len=24, num_layers=2, width=32, num_heads=4,
-                                      num_kv_heads=2, position=position)
-  model = nb.NextBlockTransformer(vocab_size=9, grid=grid, block=(1, 1, 1), num_layers=2, width=32,
+def test_token_blocks_are_next_token_prediction(position):
+  """With 1x1x1 blocks the mask is causal and the loss is the shifted-by-one cross-entropy."""
+  model = bt.NextBlockTransformer(codebook_size=8, grid=(2, 3, 4), block=(1, 1, 1), num_layers=2, width=32,
                                   num_heads=4, num_kv_heads=2, position=position)
+  spec = attention_lib.MaskSpec("block_causal", block_len=model.block_len, prefix_len=model.prefix_len)
+  np.testing.assert_array_equal(spec.make(24), np.tril(np.ones((24, 24), bool)))
   tokens = jax.random.randint(jax.random.key(0), (3, 24), 0, 8)
-  params = baseline.init(jax.random.key(1), tokens)["params"]
-  assert jax.tree.structure(params) == jax.tree.structure(_init(model, tokens))
-  want, want_metrics = ntp.ntp_loss(baseline, params, {"tokens": tokens}, None)
-  got, metrics = nb.nbp_loss(model, params, {"tokens": tokens}, jax.random.key(2))
+  params = _init(model, tokens)
+  inputs = jnp.concatenate([jnp.full((3, 1), model.bos), tokens[:, :-1]], axis=1)  # begin token, shift by one
+  logits = model.apply({"params": params}, inputs)
+  log_probs = jax.nn.log_softmax(logits, -1)
+  want = -np.mean(np.take_along_axis(np.asarray(log_probs), np.asarray(tokens)[..., None], -1))
+  got, metrics = nb.loss(model, params, {"tokens": tokens}, jax.random.key(2))
   np.testing.assert_allclose(got, want, rtol=1e-6)
-  np.testing.assert_allclose(metrics["accuracy"], want_metrics["accuracy"])
-  assert float(metrics["num_tokens"]) == 3 * 24
+  np.testing.assert_allclose(metrics["accuracy"], np.mean(np.argmax(logits, -1) == tokens))
+  assert float(metrics["num_targets"]) == 3 * 24
+
+
+def test_ntp_configs_are_the_block_model_with_token_blocks():
+  c = tiny_ntp_config("unused")
+  assert c.family == "next_block" and tuple(c.model.block) == (1, 1, 1) and c.model.condition == "none"
+  text = ntp_text.get_config("tiny,local")
+  assert tuple(text.model.grid) == (1, 1, 256) and text.model.codebook_size == 256
 
 
 # ---------------------------------------------------------------------------
 # Cached block decoding.
 
 
-@pytest.mark.parametrize("position,condition", [("learned", "class"), ("rope3d", "class"), ("learned", "frames"),
-                                                ("rope3d", "frames")])
-def test_cached_block_decoding_equals_full_forward(position, condition):
-  model = _model(position=position, condition=condition, prefix_frames=1)
+@pytest.mark.parametrize("position,condition,block,scan_layers", [
+    ("learned", "class", (1, 2, 2), False), ("rope3d", "class", (1, 2, 2), False),
+    ("learned", "frames", (1, 2, 2), False), ("rope3d", "frames", (1, 2, 2), True),
+    ("rope", "none", (1, 1, 1), False), ("rope", "none", (1, 1, 1), True)])
+def test_cached_block_decoding_equals_full_forward(position, condition, block, scan_layers):
+  model = _model(position=position, condition=condition, prefix_frames=1, block=block, scan_layers=scan_layers)
   tokens = _tokens(model)
   labels = jnp.array([3, 10]) if condition == "class" else None  # a class and the null class
   params = _init(model, tokens, labels)
@@ -143,7 +170,7 @@ def test_cached_block_decoding_equals_full_forward(position, condition):
 
   step = jax.jit(lambda c, t, s, lab: model.apply({"params": params, "cache": c}, t, slots=s, labels=lab,
                                                   decode=True, mutable=["cache"]))
-  cache = nb.init_cache(model, 2)
+  cache = decoding.init_cache(model, model.max_len, jnp.zeros((2, 1), jnp.int32))
   l, given = model.block_len, model.frame_prefix_len
   first = inputs[:, :given + l]  # the given frames and the start block
   logits, cache = model.apply({"params": params, "cache": cache}, first, labels=labels, decode=True,
@@ -156,32 +183,33 @@ def test_cached_block_decoding_equals_full_forward(position, condition):
   np.testing.assert_allclose(jnp.concatenate(steps, axis=1), full, atol=3e-5)
 
 
-def test_greedy_block_sampler_matches_recomputed_argmax():
+@pytest.mark.parametrize("block,position", [((1, 2, 2), "rope3d"), ((1, 1, 1), "rope"), ((1, 1, 1), "learned")])
+def test_greedy_block_sampler_matches_recomputed_argmax(block, position):
   """The jitted cached sampler at temperature 0 equals block-by-block argmax without a cache."""
-  model = _model(position="rope3d")
+  model = _model(position=position, block=block)
   params = _init(model, _tokens(model))
-  drawn = jax.jit(lambda p: nb.sample(model, p, jax.random.key(0), batch_size=2, temperature=0.0))(params)
+  drawn = jax.jit(lambda p: nb.sample(model, p, jax.random.key(0), num_samples=2, temperature=0.0))(params)
   assert drawn.shape == (2, *model.grid)
   seq = np.zeros((2, model.num_tokens), np.int32)  # block-major
   l = model.block_len
   for k in range(model.num_blocks):
-    inputs, _ = nb.next_block_targets(model, nb.to_grid_order(jnp.asarray(seq), model.order))
+    inputs, _ = nb.next_block_targets(model, bt.to_grid_order(jnp.asarray(seq), model.order))
     logits = model.apply({"params": params}, inputs)
     seq[:, k * l:(k + 1) * l] = np.argmax(np.asarray(logits[:, k * l:(k + 1) * l, :model.bos]), -1)
-  np.testing.assert_array_equal(np.asarray(drawn).reshape(2, -1), nb.to_grid_order(seq, model.order))
+  np.testing.assert_array_equal(np.asarray(drawn).reshape(2, -1), bt.to_grid_order(seq, model.order))
 
 
-@pytest.mark.parametrize("condition", ["frames", "class"])
-def test_sampler_draws_the_same_tokens_in_any_number_of_phases(condition):
+@pytest.mark.parametrize("condition,block", [("frames", (1, 1, 2)), ("class", (1, 1, 2)), ("frames", (1, 1, 1))])
+def test_sampler_draws_the_same_tokens_in_any_number_of_phases(condition, block):
   """Phased decoding (caches grown per phase) against one loop over a whole cache: same key, same tokens."""
-  model = _model(condition=condition, prefix_frames=1, block=(1, 1, 2), position="rope3d")
+  model = _model(condition=condition, prefix_frames=1, block=block, position="rope3d")
   tokens = _tokens(model)
   labels = jnp.array([1, 7]) if condition == "class" else None
   params = jax.tree.map(lambda x: x * 3.0, _init(model, tokens, labels))  # peaked logits: top-p keeps few tokens
   prompt = tokens.reshape(2, *model.grid)[:, :1] if condition == "frames" else None
   guidance = 2.0 if condition == "class" else None
   draw = jax.jit(lambda p, phases: nb.sample(
-      model, p, jax.random.key(5), batch_size=2, top_k=4, top_p=0.8, labels=labels, guidance_scale=guidance,
+      model, p, jax.random.key(5), num_samples=2, top_k=4, top_p=0.8, labels=labels, guidance_scale=guidance,
       prompt=prompt, cache_phases=phases), static_argnums=1)
   np.testing.assert_array_equal(draw(params, 3), draw(params, 1))
 
@@ -192,7 +220,7 @@ def test_guidance_scale_one_is_conditional_and_zero_unconditional():
   params = _init(model, tokens, jnp.array([1, 2]))
   params = jax.tree.map(lambda x: x * 3.0, params)  # sharper logits: classes lead to different samples
   labels = jnp.array([1, 7])
-  draw = jax.jit(lambda p, lab, s: nb.sample(model, p, jax.random.key(0), batch_size=2, temperature=0.0,
+  draw = jax.jit(lambda p, lab, s: nb.sample(model, p, jax.random.key(0), num_samples=2, temperature=0.0,
                                              labels=lab, guidance_scale=s))  # s traced: one compile
   conditional = draw(params, labels, None)
   unconditional = draw(params, jnp.full((2,), model.num_classes), None)
@@ -200,7 +228,7 @@ def test_guidance_scale_one_is_conditional_and_zero_unconditional():
   np.testing.assert_array_equal(draw(params, labels, 0.0), unconditional)
   assert not np.array_equal(conditional, unconditional)
   logits = jnp.stack([jnp.ones(3), jnp.zeros(3)])
-  np.testing.assert_allclose(nb.guide(logits, 3.0), 3.0 * jnp.ones((1, 3)))
+  np.testing.assert_allclose(decoding.guide(logits, 3.0), 3.0 * jnp.ones((1, 3)))
 
 
 def test_frame_prediction_sampler_keeps_the_prompt_frames():
@@ -208,7 +236,7 @@ def test_frame_prediction_sampler_keeps_the_prompt_frames():
   tokens = _tokens(model)
   params = _init(model, tokens)
   prompt = tokens.reshape(2, *model.grid)[:, :1]
-  drawn = jax.jit(lambda p: nb.sample(model, p, jax.random.key(3), batch_size=2, prompt=prompt, top_k=3,
+  drawn = jax.jit(lambda p: nb.sample(model, p, jax.random.key(3), num_samples=2, prompt=prompt, top_k=3,
                                       top_p=0.9))(params)
   assert drawn.shape == (2, *model.grid) and int(drawn.max()) < model.bos
   np.testing.assert_array_equal(drawn[:, :1], prompt)
@@ -219,65 +247,71 @@ def test_frame_prediction_sampler_keeps_the_prompt_frames():
 
 
 def tiny_nbp_config(data_dir, arg="tiny,local,row", **overrides):
-  """NBP on 4 frames of 8x8 pixels, or with "tokens" in `arg` on a tiny tokenizer's 2x2x2 tokens."""
-  from experiments.configs import nbp_digits  # pylint: disable=g-import-not-at-top
-  from tests.test_video_tokenizer import tiny_tokenizer_config  # pylint: disable=g-import-not-at-top
+  """NBP on 4 frames of 8x8 pixels, or with "tokens" in `arg` on the tokens of `tiny_tokenizer_config`."""
   c = nbp_digits.get_config(arg)
-  c.data.dir = data_dir
   if "tokens" in arg.split(","):
-    nbp_digits.set_tokenizer_data(c, tiny_tokenizer_config(data_dir, num_steps=2))
+    tokenizer = tiny_tokenizer_config(data_dir)  # its levels (5, 5, 5) and 2x2x2 latent grid
+    c.model.grid = video_tokenizer_digits.token_grid(tokenizer)
+    c.model.codebook_size = video_tokenizer_digits.codebook_size(tokenizer)
   else:
+    c.data.dir = data_dir
     c.data.num_frames = 4
     c.data.frame_size = 8
     c.data.num_train = 64
     c.data.num_test = 16
+    c.model.grid = (4, 8, 8)
   block = next((f for f in arg.split(",") if f in nbp_digits.BLOCKS), "row")
-  c.model.block = nbp_digits.block_shape(block, nb.token_grid(c.data)[2])
-  c.model.num_samples = 2
+  c.model.block = nbp_digits.block_shape(block, c.model.grid[2])
+  if c.model.condition == "frames":
+    c.model.prefix_frames = c.model.grid[0] // 2
+  c.sampler.num_samples = 2
   set_tiny_budget(c, num_steps=1, checkpoint_every=100)
   return apply_overrides(c, overrides)
 
 
 def test_token_data_reads_encoded_tokens_and_checks_them(tmp_path, data_dir):
-  """Tokens written by encode_tokens come back as flat grid-order tokens and a class; mismatches name the key."""
-  from nbp.data import tokens  # pylint: disable=g-import-not-at-top
-  from nbp import video_tokenizer as vt  # pylint: disable=g-import-not-at-top
-  config = tiny_nbp_config(data_dir, "tiny,local,tokens,row", **{"data.token_dir": str(tmp_path / "tokens")})
-  tokenizer = vt.build_model(config.data.tokenizer.model)
-  d = config.data.tokenizer.data
-  params = tokenizer.init(jax.random.key(0), jnp.zeros((1, d.num_frames, d.frame_size, d.frame_size, 1)))["params"]
-  tokens.encode_dataset(tokenizer, params, d, config.data.token_dir, batch_size=16)
-
-  batch = next(nb.make_data(config.data, "train", seed=0, process_index=0, process_count=1,
-                                    batch_size=4))
+  """Tokens written by the encoder come back as flat grid-order tokens and a class; mismatches name the key."""
+  tokenizer_config = tiny_tokenizer_config(data_dir)
+  tokenizer_dir, token_dir = str(tmp_path / "tokenizer"), str(tmp_path / "tokens")
+  train.train_and_evaluate(tokenizer_config, tokenizer_dir)
+  metadata = vt.encode_tokens(tokenizer_dir, token_dir, batch_size=16)
+  assert metadata["tokenizer_workdir"] == os.path.abspath(tokenizer_dir)
+  config = tiny_nbp_config(data_dir, "tiny,local,tokens,row", **{"data.token_dir": token_dir})
+  task = tasks.make_task(config)
+  batch = next(task.data("train", seed=0, process_index=0, process_count=1, batch_size=4))
   assert batch["tokens"].shape == (4, 8) and batch["tokens"].dtype == np.int32
-  assert 0 <= batch["tokens"].min() and batch["tokens"].max() < config.data.codebook_size == 125
-  assert batch["class"].shape == (4,) and 0 <= batch["class"].min() and batch["class"].max() < 10
-  model = nb.build_model(config.model, config.data)
-  assert model.grid == (2, 2, 2) and model.vocab_size == 126 and model.num_classes == 10
+  assert batch["tokens"].max() < config.model.codebook_size == 125
+  assert batch["class"].shape == (4,) and batch["class"].max() < 10
+  assert task.model.grid == (2, 2, 2) and task.model.vocab_size == 126 and task.model.num_classes == 10
+  videos = task.to_videos(np.asarray(batch["tokens"]).reshape(4, 2, 2, 2))  # decoded by the tokenizer
+  assert videos.shape == (4, 5, 8, 8, 1) and videos.dtype == np.uint8
 
   def first_batch(**overrides):
-    data_cfg = apply_overrides(config.copy_and_resolve_references(), overrides).data
-    return next(nb.make_data(data_cfg, "test", seed=0, process_index=0, process_count=1, batch_size=2))
+    c = apply_overrides(config.copy_and_resolve_references(), overrides)
+    return next(tasks.make_task(c).data("test", seed=0, process_index=0, process_count=1, batch_size=2))
 
-  with pytest.raises(ValueError, match=r"config.data.token_grid=\(2, 4, 4\)"):
-    first_batch(**{"data.token_grid": (2, 4, 4)})
-  with pytest.raises(ValueError, match=r"config.data.codebook_size=1000"):
-    first_batch(**{"data.codebook_size": 1000})
+  with pytest.raises(ValueError, match=r"config.model.grid=\(2, 4, 4\)"):
+    first_batch(**{"model.grid": (2, 4, 4)})
+  with pytest.raises(ValueError, match=r"config.model.codebook_size=999"):
+    first_batch(**{"model.codebook_size": 999})
   with pytest.raises(FileNotFoundError, match=r"config.data.token_dir="):
     first_batch(**{"data.token_dir": str(tmp_path / "missing")})
+  bad = config.copy_and_resolve_references()
+  bad.data.name = "ucf101"
   with pytest.raises(ValueError, match=r"config.data.name='ucf101'"):
-    nb.build_model(config.model, apply_overrides(config.copy_and_resolve_references(),
-                                                         {"data.name": "ucf101"}).data)
+    tasks.check_config(bad)
+  bad = config.copy_and_resolve_references()
+  with bad.unlocked():
+    bad.data.levels = 8  # a moving-digits key in the tokens section
+  with pytest.raises(ValueError, match=r"config.data.levels"):
+    tasks.check_config(bad)
 
 
 @pytest.mark.parametrize("arg", ["tiny,local,2row", "tiny,local,patch", "tiny,local,frame", "tiny,local,token,uncond"])
 def test_one_step_of_each_block_shape(arg, data_dir):
   """One jitted gradient step of the config's task (model, data, loss) for the other block shapes."""
-  import optax  # pylint: disable=g-import-not-at-top
-  from nbp import tasks as families  # pylint: disable=g-import-not-at-top
   config = tiny_nbp_config(data_dir, arg, **({"model.position": "learned"} if "token" in arg else {}))
-  task = families.make_task(config)
+  task = tasks.make_task(config)
   batch = next(task.data("train", seed=0, process_index=0, process_count=1, batch_size=4))
   params = task.model.init(jax.random.key(0), **task.init_inputs())["params"]
   tx = optax.adamw(1e-3)
@@ -290,11 +324,10 @@ def test_one_step_of_each_block_shape(arg, data_dir):
 
   _, loss, metrics, grad_norm = step(params, tx.init(params), batch)
   assert abs(float(loss) - np.log(9)) < 1.0 and np.isfinite(float(grad_norm)) and float(grad_norm) > 0
-  assert float(metrics["num_tokens"]) == 4 * task.model.num_predicted
+  assert float(metrics["num_targets"]) == 4 * task.model.num_predicted
 
 
 def test_frame_prediction_trains_one_step_and_samples(tmp_path, data_dir):
-  from nbp.training import loop as train  # pylint: disable=g-import-not-at-top
   config = tiny_nbp_config(data_dir, "tiny,local,row,frames")
   result = train.train_and_evaluate(config, str(tmp_path))
   assert result["step"] == 1 and np.isfinite(result["loss"])
@@ -305,9 +338,8 @@ def test_frame_prediction_trains_one_step_and_samples(tmp_path, data_dir):
 
 def test_class_conditional_run_with_guidance_loss_falls(tmp_path, data_dir):
   """Row blocks, class prefix, condition dropout, guided samples: the loss falls in 30 steps."""
-  from nbp.training import loop as train  # pylint: disable=g-import-not-at-top
   config = tiny_nbp_config(data_dir, "tiny,local,row", num_steps=30, log_every=5,
-                           **{"optimizer.warmup_steps": 3, "model.guidance_scale": 2.0})
+                           **{"optimizer.warmup_steps": 3, "sampler.guidance_scale": 2.0})
   result = train.train_and_evaluate(config, str(tmp_path))
   assert result["step"] == 30 and np.isfinite(result["loss"])
   with open(tmp_path / "metrics.jsonl") as f:
@@ -315,3 +347,71 @@ def test_class_conditional_run_with_guidance_loss_falls(tmp_path, data_dir):
   losses = [r["loss"] for r in rows if "loss" in r]
   assert losses[-1] < losses[0] - 0.4, losses
   assert os.path.exists(tmp_path / "samples" / "step_0000030.gif")
+
+
+# ---------------------------------------------------------------------------
+# Sizes, dtypes, the text setting and the entry points.
+
+
+def test_bfloat16_forward_is_finite():
+  model = _model(dtype="bfloat16", block=(1, 1, 1), condition="none")
+  tokens = jnp.zeros((2, model.num_tokens), jnp.int32)
+  params = model.init(jax.random.key(0), tokens)["params"]
+  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(params))  # parameters stay float32
+  logits = model.apply({"params": params}, tokens)
+  assert logits.dtype == jnp.float32 and bool(jnp.isfinite(logits).all())
+
+
+@pytest.mark.parametrize("variant,low,high", [("S", 2e6, 5e6), ("700M", 6.0e8, 8.0e8), ("3B", 3.0e9, 4.0e9)])
+def test_sizes_table_parameter_counts(variant, low, high):
+  """The large sizes build abstractly (no memory) with the parameter count their name says."""
+  model = bt.NextBlockTransformer(codebook_size=256, grid=(1, 1, 1024), variant=variant)
+  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32)))
+  count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes))
+  assert low < count < high, count
+
+
+def test_explicit_sizes_override_the_variant_and_zero_is_an_error():
+  model = bt.NextBlockTransformer(codebook_size=8, grid=(1, 1, 8), variant="S", num_layers=1)
+  assert (model.depth, model.embed_dim) == (1, 256)
+  with pytest.raises(ValueError, match="layers, width and heads must be >= 1"):
+    bt.NextBlockTransformer(codebook_size=8, grid=(1, 1, 8), variant="S", num_layers=0).check()
+  with pytest.raises(ValueError, match="config.model.variant='Q'"):
+    bt.NextBlockTransformer(codebook_size=8, grid=(1, 1, 8), variant="Q").check()
+
+
+def test_unknown_config_keys_are_named_before_compilation():
+  for section, key in (("model", "size"), ("sampler", "batch_size"), ("loss", "cond_drop")):
+    config = tiny_ntp_config("unused")
+    with config.unlocked():
+      config[section][key] = 1
+    with pytest.raises(ValueError, match=rf"Unknown config key 'config.{section}.{key}'"):
+      tasks.check_config(config)
+
+
+def test_sample_and_evaluate_entry_points(tmp_path, data_dir):
+  config = tiny_ntp_config(data_dir, num_steps=2)
+  base = ["--config", "experiments/configs/ntp_digits.py:tiny,local", "--workdir", str(tmp_path),
+          *config_flags_for(config)]
+  result = run_module(["-m", "experiments.sample", *base])
+  assert result.returncode != 0 and "No checkpoint in workdir" in result.stderr
+  assert run_module(["-m", "experiments.train", *base]).returncode == 0
+  result = run_module(["-m", "experiments.sample", *base, "--seed=5"])
+  assert result.returncode == 0, result.stderr[-3000:]
+  out = json.loads(result.stdout.strip().splitlines()[-1])
+  assert out["step"] == 2 and out["params"] == "params"
+  assert os.path.exists(tmp_path / "samples" / "seed_5" / "step_0000002.gif")
+  result = run_module(["-m", "experiments.evaluate", *base])
+  assert result.returncode == 0, result.stderr[-3000:]
+  metrics = json.loads(result.stdout.strip().splitlines()[-1])
+  assert metrics["step"] == 2 and np.isfinite(metrics["eval/loss"]) and metrics["params"] == "params"
+
+
+def test_text_config_trains_one_step(tmp_path):
+  config = ntp_text.get_config("tiny,local")
+  config.model.grid = (1, 1, 64)
+  config.batch_size, config.num_steps, config.evals.eval.steps = 4, 1, 1
+  result = train.train_and_evaluate(config, str(tmp_path))
+  assert result["step"] == 1 and abs(result["loss"] - np.log(257)) < 1.0  # near uniform over bytes + begin
+  with open(tmp_path / "samples" / "step_0000001.txt") as f:
+    assert f.read().count("---") == config.sampler.num_samples

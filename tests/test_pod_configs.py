@@ -15,8 +15,10 @@ import numpy as np
 import pytest
 
 from experiments.configs import nbp_kinetics600, nbp_pod, nbp_ucf101, video_tokenizer_pod
-from nbp import video_tokenizer as vt
+from nbp import tasks
+from nbp.data import tokens as tokens_lib
 from nbp.data import video_sources as videos
+from nbp.tasks import video_tokenizer as vt
 from tests.conftest import apply_overrides, run_module
 from tests.test_data import _TinyUcf101, _write_mp4
 
@@ -89,12 +91,11 @@ def _tiny_rgb_tokenizer(data_dir: str):
   """The kinetics600 tokenizer config shrunk: 5x16x16 RGB -> 2x4x4 tokens, 8 channels, float32."""
   return _small_data("kinetics600", data_dir, **{
       "model.channels": 8, "model.channel_multipliers": (1, 2, 2), "model.num_res_blocks": 1,
-      "model.space_factor": 4, "model.norm_groups": 4, "model.dtype": "float32", "model.num_samples": 2,
+      "model.space_factor": 4, "model.norm_groups": 4, "model.dtype": "float32", "sampler.num_samples": 2,
       "data.worker_count": 0, "batch_size": 2})
 
 
 def test_tokenizer_reads_rgb_videos_and_encode_dataset_writes_what_nbp_reads(tmp_path, kinetics_dir):
-  from experiments import encode_tokens  # pylint: disable=g-import-not-at-top
   config = _tiny_rgb_tokenizer(kinetics_dir)
   task = vt.make_task(config)
   assert task.model.out_channels == 3 and task.init_inputs()["video"].shape == (1, 5, 16, 16, 3)
@@ -109,20 +110,22 @@ def test_tokenizer_reads_rgb_videos_and_encode_dataset_writes_what_nbp_reads(tmp
   assert samples["video"].shape == samples["reconstruction"].shape == (2, 5, 16, 16, 3)
 
   out = str(tmp_path / "tokens")
-  metadata = encode_tokens.encode_dataset(task.model, params, config.data, out, batch_size=2)
-  assert {"latent_shape", "codebook_size", "levels", "num_examples", "video_shape"} <= set(metadata)
+  encode = jax.jit(lambda v: vt.encode_video(task.model, params, v))
+  sources = {split: videos.video_source(config.data, split) for split in ("train", "test")}
+  metadata = tokens_lib.encode_dataset(encode, sources, out, batch_size=2, metadata={
+      "latent_shape": [2, 4, 4], "codebook_size": task.model.codebook_size, "video_shape": [5, 16, 16, 3]})
+  assert {"latent_shape", "codebook_size", "num_examples", "video_shape"} <= set(metadata)
   assert metadata["latent_shape"] == [2, 4, 4] and metadata["video_shape"] == [5, 16, 16, 3]
   assert metadata["num_examples"] == {"train": 3, "test": 2} and metadata["codebook_size"] == 64000
-  source = encode_tokens.encoded_source(out, "test")  # in the dataset's order (values: test_video_tokenizer)
+  source = tokens_lib.token_source(out, "test")  # in the dataset's order (values: test_video_tokenizer)
   for i in range(2):
     assert source[i]["tokens"].shape == (2, 4, 4) and source[i]["tokens"].dtype == np.int32
     assert source[i]["label"].tolist() == [i] and source[i]["label"].dtype == np.int32
 
   # The NBP pod config's token loader reads what was written.
-  from nbp import next_block  # pylint: disable=g-import-not-at-top
   nbp_config = apply_overrides(nbp_kinetics600.get_config("700M"),
-                               {"data.token_dir": out, "data.token_grid": (2, 4, 4)})
-  it = next_block.make_data(nbp_config.data, "train", seed=0, process_index=0, process_count=1, batch_size=3)
+                               {"data.token_dir": out, "model.grid": (2, 4, 4), "model.prefix_frames": 1})
+  it = tasks.make_task(nbp_config).data("train", seed=0, process_index=0, process_count=1, batch_size=3)
   tokens = next(it)
   assert tokens["tokens"].shape == (3, 32) and tokens["tokens"].dtype == np.int32
   assert sorted(tokens["class"].tolist()) == [0, 0, 1]
@@ -135,7 +138,8 @@ def test_tokenizer_reads_rgb_videos_and_encode_dataset_writes_what_nbp_reads(tmp
 def test_pod_configs_agree_with_the_tokenizer_and_the_official_scripts():
   for dataset in video_tokenizer_pod.DATASETS:
     c = video_tokenizer_pod.get_config(dataset)
-    model = vt.build_model(c.model, out_channels=videos.num_channels(c.data))
+    model = tasks.build_model(vt.Model, c.model)
+    assert model.out_channels == videos.num_channels(c.data) == 3
     assert model.latent_shape(c.data.num_frames, c.data.frame_size, c.data.frame_size) == nbp_pod.TOKEN_GRID
     assert model.codebook_size == nbp_pod.CODEBOOK_SIZE and c.model.dtype == "bfloat16"
   expected = {  # scripts/lm_train/train_ucf.sh, train_k600.sh: (batch, lr, warmup, steps)
@@ -148,12 +152,12 @@ def test_pod_configs_agree_with_the_tokenizer_and_the_official_scripts():
     assert (c.batch_size, c.optimizer.lr, c.optimizer.warmup_steps, c.num_steps) == (batch, lr, warmup, steps)
     assert (c.optimizer.b1, c.optimizer.b2, c.optimizer.weight_decay, c.optimizer.clip_norm) == (0.9, 0.95, 0.01, 1.0)
     assert c.optimizer.schedule == "cosine" and c.optimizer.final_lr_fraction == 0.0
-    assert tuple(c.model.block) == (1, 1, 16) and tuple(c.data.token_grid) == nbp_pod.TOKEN_GRID
-    assert c.data.codebook_size == 64000 and c.model.dtype == "bfloat16" and c.model.scan_layers
-  assert nbp_ucf101.get_config("700M").data.num_classes == 101
+    assert tuple(c.model.block) == (1, 1, 16) and tuple(c.model.grid) == nbp_pod.TOKEN_GRID
+    assert c.model.codebook_size == 64000 and c.model.dtype == "bfloat16" and c.model.scan_layers
+    tasks.check_config(c)
+  assert nbp_ucf101.get_config("700M").model.num_classes == 101
   k600 = nbp_kinetics600.get_config("700M")
-  assert k600.model.condition == "frames" and k600.model.prefix_frames == 2 and k600.data.num_classes == 0
-  assert k600.data.tokenizer.data.name == "video_folder"
+  assert k600.model.condition == "frames" and k600.model.prefix_frames == 2 and "num_classes" not in k600.model
   with pytest.raises(ValueError, match="700M"):
     nbp_ucf101.get_config("7B")
 

@@ -7,9 +7,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from nbp.training import metrics as metrics_lib
+from experiments.configs import video_tokenizer_digits
+from nbp.data import moving_digits, pipeline
+from nbp.data import tokens as tokens_lib
+from nbp.models import video_tokenizer as vt
+from nbp.tasks import video_tokenizer as vt_task
 from nbp.training import loop as train
-from nbp import video_tokenizer as vt
+from nbp.training import metrics as metrics_lib
 from tests.conftest import apply_overrides, set_tiny_budget
 
 
@@ -27,7 +31,6 @@ def _init(model, video):
 
 def tiny_tokenizer_config(data_dir: str, **overrides):
   """5 frames of 8x8 -> 2x2x2 tokens, 8 channels: a step takes a few milliseconds."""
-  from experiments.configs import video_tokenizer_digits  # pylint: disable=g-import-not-at-top
   c = video_tokenizer_digits.get_config("local")
   c.data.dir = data_dir
   c.data.frame_size = 8
@@ -38,7 +41,7 @@ def tiny_tokenizer_config(data_dir: str, **overrides):
   c.model.time_factor = 4
   c.model.space_factor = 4
   c.model.levels = (5, 5, 5)
-  c.model.num_samples = 2
+  c.sampler.num_samples = 2
   set_tiny_budget(c, num_steps=1, checkpoint_every=100)
   return apply_overrides(c, overrides)
 
@@ -150,14 +153,16 @@ def test_decoder_is_causal_in_time():
 
 
 def test_adversarial_term_trains_each_side_on_its_own_objective():
+  """Two parameter groups: the discriminator's gradient is the hinge loss's, the encoder's the generator's."""
   model = _tokenizer(discriminator_channels=4, num_res_blocks=0, channels=4, time_factor=2, space_factor=2,
                      channel_multipliers=(1, 1))
   video = jax.random.uniform(jax.random.key(0), (2, 3, 8, 8, 1), minval=-1, maxval=1)
   params = _init(model, video)
   assert "discriminator" in params
-  weights = vt.LossWeights(adversarial=0.5)
-  grads = jax.jit(jax.grad(lambda p: vt.tokenizer_loss(model, p, {"video": video}, None, weights=weights)[0]))(
-      params)
+  loss = lambda p, batch, rng: vt_task.loss(model, p, batch, rng, adversarial_weight=0.5)
+  (value, metrics), grads = jax.jit(lambda p: train.loss_and_grad(
+      loss, p, {"video": video}, None, vt_task.param_labels))(params)
+  assert set(metrics) >= {"loss_model", "loss_discriminator", "discriminator_loss"}
 
   # Discriminator gradient = gradient of the hinge loss alone (reconstruction held fixed).
   recon, _ = model.apply({"params": params}, video)
@@ -174,20 +179,39 @@ def test_adversarial_term_trains_each_side_on_its_own_objective():
     err = recon - video
     fake = model.apply({"params": params}, recon, method=vt.VideoTokenizer.discriminate)
     return jnp.mean(jnp.abs(err)) + jnp.mean(err ** 2) - 0.5 * jnp.mean(fake)
+  np.testing.assert_allclose(value, g_loss(params), rtol=1e-5)
   expected = jax.jit(jax.grad(g_loss))(params)["encoder"]
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), grads["encoder"], expected)
 
 
+def test_discriminator_group_gets_its_own_optimizer(tmp_path, data_dir):
+  """config.param_groups.discriminator: a learning rate of 0 leaves the discriminator unchanged."""
+  config = tiny_tokenizer_config(data_dir, num_steps=2, **{
+      "loss.adversarial_weight": 0.1, "model.discriminator_channels": 4, "optimizer.warmup_steps": 0})
+  with config.unlocked():
+    config.param_groups.discriminator = {"lr": 0.0}
+  s = train.setup(config)
+  state = train.init_state(s, 0)
+  step = train.compile_train_step(s)
+  batch = next(train.data_iterator(s, "train", 0))
+  with s.context():
+    new, metrics = step(jax.tree.map(lambda x: x.copy(), state), batch, jax.random.key(0))
+  moved = lambda a, b: max(float(jnp.max(jnp.abs(x - y))) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+  assert moved(new.params["discriminator"], state.params["discriminator"]) == 0.0
+  assert moved(new.params["encoder"], state.params["encoder"]) > 0.0
+  assert np.isfinite(float(metrics["loss_discriminator"]))
+
+
 def test_perceptual_weight_without_features_is_refused(data_dir):
   with pytest.raises(ValueError, match="perceptual_features"):
-    train.setup(tiny_tokenizer_config(data_dir, **{"model.perceptual_weight": 1.0}))
+    train.setup(tiny_tokenizer_config(data_dir, **{"loss.perceptual_weight": 1.0}))
 
 
 def test_perceptual_hook_takes_a_user_feature_function():
   features = lambda frames: [frames, jnp.mean(frames, axis=(1, 2), keepdims=True) * jnp.ones((1, 1, 1, 2))]
   video = jnp.zeros((1, 5, 8, 8, 1)) + 0.5
-  assert float(vt.perceptual_loss(features, video, video)) == 0.0
-  assert float(vt.perceptual_loss(features, video, -video)) > 0.0
+  assert float(vt_task.perceptual_loss(features, video, video)) == 0.0
+  assert float(vt_task.perceptual_loss(features, video, -video)) > 0.0
 
 
 # ------------------------------------------------------------ the shared loop
@@ -204,16 +228,16 @@ def test_one_training_step_through_the_shared_loop(tmp_path, data_dir):
   assert os.path.exists(os.path.join(tmp_path, "samples", "step_0000001.gif"))
 
   # The encode/decode API reads the checkpoint back.
-  model, params = vt.load_tokenizer(config, str(tmp_path))
+  model, params = vt_task.load_tokenizer(str(tmp_path))  # the workdir alone: its config.json and checkpoint
   video = jnp.zeros((1, 5, 8, 8, 1))
-  tokens = jax.jit(lambda p, v: vt.encode_video(model, p, v))(params, video)
+  tokens = jax.jit(lambda p, v: vt_task.encode_video(model, p, v))(params, video)
   assert tokens.shape == (1, 2, 2, 2) and tokens.dtype == jnp.int32
-  assert jax.jit(lambda p, t: vt.decode_tokens(model, p, t))(params, tokens).shape == video.shape
+  assert jax.jit(lambda p, t: vt_task.decode_tokens(model, p, t))(params, tokens).shape == video.shape
 
 
 def test_reconstruction_loss_falls_in_a_short_run(tmp_path, data_dir):
   config = tiny_tokenizer_config(data_dir, num_steps=30, log_every=5, **{"optimizer.lr": 3e-3,
-                                                                         "model.num_samples": 0})
+                                                                         "sampler.num_samples": 0})
   train.train_and_evaluate(config, str(tmp_path))
   rows = [r for r in metrics_lib.read_jsonl(os.path.join(tmp_path, "metrics.jsonl")) if "recon" in r]
   assert rows[-1]["recon"] < 0.6 * rows[0]["recon"], [r["recon"] for r in rows]
@@ -221,21 +245,20 @@ def test_reconstruction_loss_falls_in_a_short_run(tmp_path, data_dir):
 
 
 def test_encode_tokens_round_trip(tmp_path, data_dir):
-  from experiments import encode_tokens  # pylint: disable=g-import-not-at-top
-  from nbp.data import pipeline  # pylint: disable=g-import-not-at-top
   config = tiny_tokenizer_config(data_dir)
-  model = vt.build_model(config.model)
-  d = config.data
-  params = _init(model, jnp.zeros((1, d.num_frames, d.frame_size, d.frame_size, 1)))
+  workdir = str(tmp_path / "tokenizer")
+  train.train_and_evaluate(config, workdir)
+  model, params = vt_task.load_tokenizer(workdir)
   out = str(tmp_path / "tokens")
-  metadata = encode_tokens.encode_dataset(model, params, d, out, splits=("test",), batch_size=6)
+  metadata = vt_task.encode_tokens(workdir, out, splits=("test",), batch_size=6)
   assert metadata["num_examples"] == {"test": 16} and metadata["latent_shape"] == [2, 2, 2]
 
-  source = encode_tokens.encoded_source(out, "test")
+  source = tokens_lib.token_source(out, "test")
   assert len(source) == 16 and source.metadata["codebook_size"] == 125
-  videos = pipeline.load_source(vt.moving_digits_builder(d), "test", d.dir)
+  d = config.data
+  videos = pipeline.load_source(moving_digits.builder_from_config(d), "test", d.dir)
   batch = np.stack([videos[i]["video"] for i in range(16)]).astype(np.float32) / 127.5 - 1.0
-  expected = np.asarray(jax.jit(lambda p, v: vt.encode_video(model, p, v))(params, jnp.asarray(batch)))
+  expected = np.asarray(jax.jit(lambda p, v: vt_task.encode_video(model, p, v))(params, jnp.asarray(batch)))
   for i in range(16):
     record = source[i]
     assert record["tokens"].dtype == np.int32 and record["tokens"].shape == (2, 2, 2)
@@ -244,5 +267,4 @@ def test_encode_tokens_round_trip(tmp_path, data_dir):
   it = pipeline.make_iterator(source, global_batch_size=4, seed=0, process_index=0, process_count=1)
   assert next(it)["tokens"].shape == (4, 2, 2, 2)
   with pytest.raises(FileNotFoundError):
-    encode_tokens.encoded_source(out, "train")
-
+    tokens_lib.token_source(out, "train")

@@ -90,7 +90,7 @@ def pod_config(dataset: str, size: str, *, batch_size: int, lr: float, warmup_st
   c.mesh = (("data", -1), ("fsdp", 16 if size == "3B" else 8), ("tensor", 1))
   c.log_every = 50  # theirs: 49 (transformer_train.py)
   c.checkpoint_every = 10_000  # theirs: --save_every_n_train_steps 10000
-  c.evals.loss.every = 10_000
-  c.evals.loss.steps = 8
-  c.evals.samples.every = 0  # samples at the end only (decoding needs the tokenizer's checkpoint)
+  c.evals.eval.every = 10_000
+  c.evals.eval.steps = 8
+  c.evals.sample.every = 0  # samples at the end only (decoding needs the tokenizer's checkpoint)
   return c

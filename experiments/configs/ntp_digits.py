@@ -82,5 +82,5 @@ def set_digits_budget(c, local: bool) -> None:
   c.optimizer.ema_decay = 0.0 if local else 0.9999
   c.log_every = 10 if local else 100
   c.checkpoint_every = 100 if local else 2000
-  c.evals.loss.every = 100 if local else 5000
-  c.evals.loss.steps = 4
+  c.evals.eval.every = 100 if local else 5000
+  c.evals.eval.steps = 4

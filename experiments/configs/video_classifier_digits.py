@@ -83,9 +83,9 @@ def get_config(arg: str = "local"):
   c.optimizer.weight_decay = 0.01
   c.log_every = 50 if local else 100
   c.checkpoint_every = 500 if local else 2000
-  c.evals.loss.every = 500 if local else 2000
-  c.evals.loss.steps = 8
+  c.evals.eval.every = 500 if local else 2000
+  c.evals.eval.steps = 8
   if generators:
-    c.evals.loss.steps = 31  # 992 of the 1000 test videos
+    c.evals.eval.steps = 31  # 992 of the 1000 test videos
   c.lock()
   return c

@@ -80,8 +80,8 @@ def get_config(arg: str = "local"):
   c.optimizer.ema_decay = 0.0 if local else 0.999
   c.log_every = 20 if local else 100
   c.checkpoint_every = 150 if local else 5000
-  c.evals.loss.every = 150 if local else 5000
-  c.evals.loss.steps = 4
+  c.evals.eval.every = 150 if local else 5000
+  c.evals.eval.steps = 4
   c.lock()
   return c
 

@@ -101,7 +101,7 @@ def get_config(arg: str = "ucf101"):
   c.mesh = (("data", -1), ("fsdp", 1), ("tensor", 1))  # parameters replicated (see the docstring)
   c.log_every = 100
   c.checkpoint_every = 5000
-  c.evals.loss.every = 5000
-  c.evals.loss.steps = 4
+  c.evals.eval.every = 5000
+  c.evals.eval.steps = 4
   c.lock()
   return c

@@ -1,7 +1,7 @@
 """Video-tokenizer tokens on disk: a dataset encoded once, read back for training NBP.
 
 `encode_dataset` (the library side of `python -m experiments.encode_tokens`)
-runs a trained tokenizer over every video of a dataset. A token directory holds, per split, `<split>.array_record` with one record per
+runs an encode function (a trained tokenizer's) over every video of a dataset. A token directory holds, per split, `<split>.array_record` with one record per
 video, {"tokens": int32 [f, h, w], "label": int32 [D]} (msgpack-serialised), in
 the dataset's order, and `metadata.json` (latent shape, codebook size, FSQ
 levels, example counts, the tokenizer's workdir). `token_source` opens one
@@ -19,8 +19,8 @@ from typing import Any, SupportsIndex
 
 import grain
 import jax
-import jax.numpy as jnp
 import numpy as np
+from array_record.python import array_record_module
 from flax import serialization
 
 from nbp.data import pipeline
@@ -41,16 +41,14 @@ def read_metadata(directory: str) -> dict[str, Any]:
     return json.load(f)
 
 
-def encode_split(model, params, source, path: str, *, batch_size: int = 32) -> int:
+def encode_split(encode, source, path: str, *, batch_size: int = 32) -> int:
   """Encodes every example of `source` (dicts with "video" uint8 [F, H, W, C]) in order; returns the count.
 
-  `model` is a `nbp.video_tokenizer.VideoTokenizer`. The last batch is padded
-  with copies of its first video so one compiled function serves every batch;
-  the padding is not written.
+  `encode` maps float videos [b, F, H, W, C] in [-1, 1] to tokens [b, f, h, w]
+  (e.g. a jitted tokenizer encoder). The last batch is padded with copies of
+  its first video so one compiled function serves every batch; the padding is
+  not written.
   """
-  from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
-  from nbp import video_tokenizer as vt  # pylint: disable=g-import-not-at-top
-  encode = jax.jit(lambda p, v: vt.encode_video(model, p, v))
   writer = array_record_module.ArrayRecordWriter(path, "group_size:1")  # random access per record
   count = len(source)
   for start in range(0, count, batch_size):
@@ -59,7 +57,7 @@ def encode_split(model, params, source, path: str, *, batch_size: int = 32) -> i
     n = len(videos)
     if n < batch_size:
       videos = np.concatenate([videos, np.repeat(videos[:1], batch_size - n, axis=0)])
-    tokens = np.asarray(jax.device_get(encode(params, jnp.asarray(videos))))[:n]  # [b, f, h, w]
+    tokens = np.asarray(jax.device_get(encode(videos)))[:n]  # [b, f, h, w]
     for e, t in zip(examples, tokens):
       label = np.asarray(e.get("label", np.zeros((0,))), np.int32).reshape(-1)  # [D]
       writer.write(serialization.msgpack_serialize({"tokens": t.astype(np.int32), "label": label}))
@@ -67,23 +65,17 @@ def encode_split(model, params, source, path: str, *, batch_size: int = 32) -> i
   return count
 
 
-def encode_dataset(model, params, data_cfg, output_dir: str, *, splits=("train", "test"), batch_size: int = 32,
-                   extra_metadata: dict | None = None) -> dict:
-  """Encodes the splits of the videos of `data_cfg` under `output_dir`; returns the metadata written."""
-  from nbp.data import video_sources as videos  # pylint: disable=g-import-not-at-top
+def encode_dataset(encode, sources: dict[str, Any], output_dir: str, *, metadata: dict[str, Any],
+                   batch_size: int = 32) -> dict:
+  """Encodes each split's source (split -> source) under `output_dir`; writes and returns the metadata.
+
+  `metadata` describes the tokens (latent_shape, codebook_size, ...: the
+  encoder's caller knows them); the example counts are added.
+  """
   os.makedirs(output_dir, exist_ok=True)
-  counts = {}
-  for split in splits:
-    source = videos.video_source(data_cfg, split)
-    counts[split] = encode_split(model, params, source, record_path(output_dir, split), batch_size=batch_size)
-  metadata = {
-      "latent_shape": list(model.latent_shape(data_cfg.num_frames, data_cfg.frame_size, data_cfg.frame_size)),
-      "codebook_size": model.codebook_size,
-      "levels": list(model.levels),
-      "num_examples": counts,
-      "video_shape": [data_cfg.num_frames, data_cfg.frame_size, data_cfg.frame_size, model.out_channels],
-      **(extra_metadata or {}),
-  }
+  counts = {split: encode_split(encode, source, record_path(output_dir, split), batch_size=batch_size)
+            for split, source in sources.items()}
+  metadata = {**metadata, "num_examples": counts}
   with open(os.path.join(output_dir, METADATA), "w") as f:
     json.dump(metadata, f, indent=2, sort_keys=True)
   return metadata
@@ -136,10 +128,10 @@ def token_source(directory: str, split: str, *, grid: tuple[int, ...] | None = N
                             "run experiments.encode_tokens first.")
   metadata = read_metadata(directory)
   if grid is not None and tuple(metadata["latent_shape"]) != tuple(grid):
-    raise ValueError(f"config.data.token_grid={tuple(grid)} but the tokens in {directory} have latent shape "
+    raise ValueError(f"config.model.grid={tuple(grid)} but the tokens in {directory} have latent shape "
                      f"{tuple(metadata['latent_shape'])} ({METADATA}).")
   if codebook_size is not None and metadata["codebook_size"] != codebook_size:
-    raise ValueError(f"config.data.codebook_size={codebook_size} but the tokens in {directory} come from a "
+    raise ValueError(f"config.model.codebook_size={codebook_size} but the tokens in {directory} come from a "
                      f"codebook of {metadata['codebook_size']} ({METADATA}).")
   return TokenSource(path, metadata)
 

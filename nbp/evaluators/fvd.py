@@ -7,20 +7,32 @@ which the NBP paper follows: 16 frames per video, frames resized to 224x224
 of the Kinetics-400 I3D (nbp.models.i3d) as the features. The weights load
 from a local file the user names (`i3d_path`); nothing is downloaded.
 
+`config.evals.<name> = dict(type="fvd", i3d_path=..., ...)` (the fields of
+`Evaluator`) compares the run's sampler with real test videos of the videos
+the run models (its data, or for token runs its tokenizer's data), raw: pixel
+runs' quantisation counts against them. Reference, stand-in and generated sets
+as nbp.evaluators.frechet describes (its `compare_with_real`, shared with
+nbp.evaluators.fvd_digits).
+
 Dimension letters: N videos, F frames, H height, W width, C channels, R the
 resolution the I3D sees.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from nbp.evaluators import frechet
-from nbp.models.i3d import NUM_FRAMES, RESOLUTION, InceptionI3D
+from nbp.models.i3d import NUM_FRAMES, RESOLUTION, InceptionI3D, load_i3d
+
+FVD_KEY = "fvd"  # the standard FVD; only this evaluator reports under that name
+
 
 def resize_bilinear(frames: jax.Array, size: int, *, half_pixel_centers: bool = False) -> jax.Array:
   """[M, H, W, C] -> [M, size, size, C], bilinear without antialiasing.
@@ -93,3 +105,37 @@ def fvd(real_videos, fake_videos, *, extractor: frechet.FeatureExtractor) -> flo
   published figures use 2048 to 50k videos per set, and few videos bias it up.
   """
   return frechet.frechet_distance_of_features(extractor(real_videos), extractor(fake_videos))
+
+
+@functools.cache
+def _extractor(path: str, batch_size: int, resolution: int, num_frames: int | None) -> frechet.FeatureExtractor:
+  """The I3D extractor of a weight file, loaded and jitted once per process."""
+  return i3d_extractor(load_i3d(path), batch_size=batch_size, resolution=resolution, num_frames=num_frames)
+
+
+@dataclasses.dataclass
+class Evaluator:
+  """The I3D FVD of the run's sampler against real test videos; the schema of its config section."""
+
+  i3d_path: str = ""  # a local .npz / .msgpack of the Kinetics-400 I3D (nbp.models.i3d's format)
+  num_videos: int = 256  # N per set; published figures use 2048 to 50k (few videos bias FVD up)
+  batch_size: int = 16  # videos per sampler call
+  i3d_batch_size: int = 8  # videos per I3D call
+  seed: int = 0  # the sampling key and the stand-in set: test videos (seed+1)N..(seed+2)N-1
+  num_frames: int = NUM_FRAMES  # frames per video the I3D must see; 0 accepts any (then not the standard FVD)
+  resolution: int = RESOLUTION  # frame side the videos are resized to
+  floor: bool = True  # also d(reference, stand-in): the FVD between two real sets of N videos
+
+  def __post_init__(self):
+    # Fails when the section is built (before the first training step), not at the first evaluation.
+    if not self.i3d_path or not os.path.exists(self.i3d_path):
+      raise FileNotFoundError(f"fvd: i3d_path={self.i3d_path!r} is not a file. Nothing is downloaded: convert the "
+                              "Kinetics-400 I3D weights once into a local file (format: nbp/models/i3d.py).")
+
+  def run(self, context) -> dict[str, float]:
+    extract = _extractor(self.i3d_path, self.i3d_batch_size, self.resolution, self.num_frames or None)
+    metrics, _, _ = frechet.compare_with_real(
+        context, real_data=frechet.run_video_data(context.setup.config), extract=extract, key=FVD_KEY,
+        num_videos=self.num_videos, batch_size=self.batch_size, seed=self.seed, floor=self.floor,
+        judge="the run's real test videos")
+    return metrics

@@ -33,11 +33,12 @@ One deliberate difference from the TF graph: the final average pool is a mean
 over all remaining positions (time and space) instead of a fixed 2x7x7 VALID
 window followed by a mean over time. For the standard 16x224x224 input the
 last feature map is exactly 2x7x7, so the two agree; the mean also accepts other
-sizes (the tests run at 112x112).
+sizes (the tests run at 8 frames of 32x32).
 """
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any, Sequence
 
@@ -168,10 +169,15 @@ _STATS = ("mean", "var")  # batch-norm leaf names stored in `batch_stats`
 
 
 def i3d_variable_shapes(num_classes: int = NUM_CLASSES) -> dict[str, tuple[int, ...]]:
-  """Every key of the weight file and its shape (computed abstractly, no FLOPs)."""
+  """Every key of the weight file and its shape (computed abstractly, no FLOPs), in the file format's order."""
+  return dict(_variable_shapes(num_classes))
+
+
+@functools.cache  # tracing the whole network takes seconds; every load_i3d needs the shapes
+def _variable_shapes(num_classes: int) -> tuple[tuple[str, tuple[int, ...]], ...]:
   model = InceptionI3D(num_classes=num_classes)
   abstract = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 8, 32, 32, 3), jnp.float32))
-  return {k: tuple(v.shape) for k, v in flatten_variables(abstract).items()}
+  return tuple((k, tuple(v.shape)) for k, v in flatten_variables(abstract).items())
 
 
 def flatten_variables(variables) -> dict[str, Any]:
@@ -217,7 +223,7 @@ def load_i3d(path: str, num_classes: int = NUM_CLASSES) -> dict[str, Any]:
   """
   if not os.path.exists(path):
     raise FileNotFoundError(f"I3D weight file {path!r} does not exist (nothing is downloaded; "
-                            "convert the TF-Hub i3d-kinetics-400 checkpoint once, see nbp/fvd.py).")
+                            "convert the TF-Hub i3d-kinetics-400 checkpoint once, see nbp/models/i3d.py).")
   if path.endswith(".npz"):
     with np.load(path) as data:
       flat = {k: np.asarray(data[k]) for k in data.files}

@@ -34,6 +34,7 @@ from nbp import tasks
 from nbp import visualization
 from nbp.data import moving_digits
 from nbp.data import pipeline
+from nbp.data import tokens as tokens_lib
 from nbp.data import video_sources
 from nbp.models.video_tokenizer import VideoTokenizer as Model
 from nbp.training import workdir as workdir_lib
@@ -242,3 +243,27 @@ def encode_video(model: Model, params, video: jax.Array) -> jax.Array:
 def decode_tokens(model: Model, params, indices: jax.Array) -> jax.Array:
   """token indices [B, f, h, w] -> video [B, F, H, W, C] clipped to [-1, 1]."""
   return jnp.clip(model.apply({"params": params}, indices, method=Model.decode_indices), -1.0, 1.0)
+
+
+def encode_tokens(workdir: str, output_dir: str, *, data_cfg=None, splits=("train", "test"),
+                  batch_size: int = 32, extra_metadata: dict | None = None) -> dict:
+  """Encodes the videos of `data_cfg` (default: the tokenizer's own data) with the tokenizer of `workdir`.
+
+  Writes nbp.data.tokens' layout under `output_dir`; the metadata names the
+  tokenizer's workdir, so NBP's samples can be decoded from the tokens alone.
+  """
+  model, params = load_tokenizer(workdir)
+  if data_cfg is None:
+    data_cfg = workdir_lib.read_config(workdir).data
+  encode = jax.jit(lambda v: encode_video(model, params, v))
+  sources = {split: video_sources.video_source(data_cfg, split) for split in splits}
+  d = data_cfg
+  metadata = {
+      "latent_shape": list(model.latent_shape(d.num_frames, d.frame_size, d.frame_size)),
+      "codebook_size": model.codebook_size,
+      "levels": list(model.levels),
+      "video_shape": [d.num_frames, d.frame_size, d.frame_size, model.out_channels],
+      "tokenizer_workdir": workdir if "://" in workdir else os.path.abspath(workdir),
+      **(extra_metadata or {}),
+  }
+  return tokens_lib.encode_dataset(encode, sources, output_dir, metadata=metadata, batch_size=batch_size)

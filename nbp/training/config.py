@@ -30,8 +30,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.sampler = ml_collections.ConfigDict()  # keyword arguments of the family's sampler
   # name -> {type, every, ...}: see nbp.evaluators (every 0: only at the end of training).
   c.evals = ml_collections.ConfigDict()
-  c.evals.loss = dict(type="loss", every=0, steps=4)
-  c.evals.samples = dict(type="samples", every=0)
+  c.evals.eval = dict(type="loss", every=0, steps=4)  # logged as eval/<metric>
+  c.evals.sample = dict(type="samples", every=0)  # written to workdir/samples
   # group -> config.optimizer keys to replace for a family's second parameter group (e.g. "discriminator").
   c.param_groups = ml_collections.ConfigDict()
 

@@ -181,7 +181,7 @@ def train_step(state: TrainState, batch, base_rng, *, task: families.Task, tx, s
   Without it, every micro-batch weighs the same.
   """
   rng = jax.random.fold_in(base_rng, state.step)
-  grad_fn = jax.value_and_grad(task.loss, has_aux=True)
+  grad_fn = functools.partial(loss_and_grad, task.loss, param_labels=task.param_labels)
   if grad_accum_steps == 1:
     (loss, metrics), grads = grad_fn(state.params, batch, rng)
   else:

@@ -73,8 +73,10 @@ def restore_params_at(directory: str, step: int, abstract) -> tuple[Any, str]:
   metadata = checkpointer.metadata(path).item_metadata.tree
   which = "ema_params" if metadata.get("ema_params") else "params"
   target = {which: abstract}
-  restore_args = jax.tree.map(lambda x: ocp.ArrayRestoreArgs(dtype=x.dtype, sharding=x.sharding)
-                              if getattr(x, "sharding", None) is not None else ocp.RestoreArgs(), target)
+  # Onto the abstract tree's shardings; without one, onto the first local device.
+  default = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  restore_args = jax.tree.map(lambda x: ocp.ArrayRestoreArgs(
+      dtype=x.dtype, sharding=getattr(x, "sharding", None) or default), target)
   restored = checkpointer.restore(path, args=ocp.args.PyTreeRestore(item=target, restore_args=restore_args,
                                                                     partial_restore=True))
   return restored[which], which
