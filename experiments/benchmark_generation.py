@@ -3,9 +3,9 @@ r"""Generation speed of next-block vs next-token prediction, same model and weig
   python -m experiments.benchmark_generation [--settings paper,small] [--batches 1,8] [--repeats 3] \
       [--blocks 1x1x16] [--cache_phases 4] [--before REV]
 
-Both samplers are `nbp.next_block.sample` (a prefill call, then one model call
+Both samplers are `nbp.tasks.next_block.sample` (a prefill call, then one model call
 per block in `--cache_phases` jitted `lax.fori_loop`s; a list such as 1,4 times
-each) on the same `NextBlockTransformer` weights, frame prediction from given
+each) on the same `nbp.models.block_transformer` weights, frame prediction from given
 frames, float32, top-p 0.9: block (1, 1, 1) is next-token prediction (NTP), each of `--blocks`
 (t x h x w; default the 1x1x16 row of a 16x16 latent, the official benchmark's
 16-token row block) a next-block (NBP) sampler. Every sampler is compiled and
@@ -36,6 +36,8 @@ SwiGLU MLP (hidden 8E/3), learned absolute positions, unstacked layers.
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import inspect
 import json
 import os
@@ -60,7 +62,7 @@ SETTINGS_FLAG = flags.DEFINE_list("settings", ["paper", "small"], f"Rows of the 
 BATCHES = flags.DEFINE_list("batches", ["1", "8"], "Batch sizes.")
 REPEATS = flags.DEFINE_integer("repeats", 3, "Timed rounds (after one compile-and-run of every sampler).")
 BLOCKS = flags.DEFINE_list("blocks", ["1x1x16"], "NBP blocks t x h x w (NTP, 1x1x1, always runs).")
-CACHE_PHASES = flags.DEFINE_list("cache_phases", ["4"], "Decoding phases of nbp.next_block.sample (a list: each).")
+CACHE_PHASES = flags.DEFINE_list("cache_phases", ["4"], "Decoding phases of nbp.tasks.next_block.sample (a list: each).")
 BEFORE = flags.DEFINE_string("before", "", "A git revision whose samplers to time alongside (e.g. HEAD~1).")
 
 
@@ -71,43 +73,72 @@ def parse_block(text: str, grid) -> tuple[int, int, int]:
   return tuple(min(b, g) for b, g in zip(block, grid))
 
 
-def build(next_block, setting: str, block):
-  """The setting's model with `block` (works on this checkout's and older next_block modules)."""
-  layers, width, heads, vocab, grid, given = SETTINGS[setting]
-  return next_block.NextBlockTransformer(
-      vocab_size=vocab + 1, grid=grid, block=tuple(block), condition="frames", prefix_frames=given,
-      num_layers=layers, width=width, num_heads=heads, num_kv_heads=heads, position="learned",
-      scan_layers=False, attention_impl="xla")
+class Api:
+  """The sampler API of a checkout: this one (nbp.tasks.next_block) or an older one (nbp.next_block).
+
+  The --before child runs this file against an older revision's packages, so
+  the benchmark reaches the model and sampler through here only.
+  """
+
+  def __init__(self):
+    # Imported by name: the modules are those of whichever checkout is on sys.path.
+    self.new = importlib.util.find_spec("nbp.tasks") is not None
+    if self.new:
+      self.model_module = importlib.import_module("nbp.models.block_transformer")
+      self.tasks = importlib.import_module("nbp.tasks.next_block")
+      self.decoding = importlib.import_module("nbp.decoding")
+    else:  # a revision before the models/tasks layout
+      self.model_module = self.tasks = importlib.import_module("nbp.next_block")
+
+  def build(self, setting: str, block):
+    """The setting's model with `block`."""
+    layers, width, heads, vocab, grid, given = SETTINGS[setting]
+    sizes = dict(grid=grid, block=tuple(block), condition="frames", prefix_frames=given, num_layers=layers,
+                 width=width, num_heads=heads, num_kv_heads=heads, position="learned", scan_layers=False,
+                 attention_impl="xla")
+    if self.new:
+      return self.model_module.NextBlockTransformer(codebook_size=vocab, **sizes)
+    return self.model_module.NextBlockTransformer(vocab_size=vocab + 1, **sizes)
+
+  def sample(self, model, params, rng, batch: int, prompt, phases):
+    kwargs = {} if phases is None else {"cache_phases": phases}
+    size = {"num_samples": batch} if self.new else {"batch_size": batch}
+    return self.tasks.sample(model, params, rng, top_k=0, top_p=TOP_P, prompt=prompt, **size, **kwargs)
+
+  def prefill(self, model, params, first):
+    """The sampler's first call: the prefix and the start block into a cache that just fits them."""
+    batch, length = first.shape
+    if self.new:
+      cache = self.decoding.init_cache(model, length, jnp.zeros((batch, 1), jnp.int32))
+    elif "length" in inspect.signature(self.tasks.init_cache).parameters:
+      cache = self.tasks.init_cache(model, batch, length=length)
+    else:
+      cache = self.tasks.init_cache(model, batch)
+    call_kwargs = {"last": model.block_len} if "last" in inspect.signature(type(model).__call__).parameters else {}
+    return model.apply({"params": params, "cache": cache}, first, decode=True, mutable=["cache"], **call_kwargs)
 
 
-def compiled_runs(next_block, setting: str, batch: int, blocks, cache_phases: list[int] | None):
+def compiled_runs(api: Api, setting: str, batch: int, blocks, cache_phases: list[int] | None):
   """{name: (run_sampler, run_prefill, model)}: callables timing one call each, compiled and warmed up.
 
   cache_phases None: the sampler of a revision without phases (its defaults);
   with more than one value, one sampler per value ("ntp, 4 phases").
   """
-  models = {("ntp" if b == (1, 1, 1) else "nbp " + "x".join(map(str, b))): build(next_block, setting, b)
+  models = {("ntp" if b == (1, 1, 1) else "nbp " + "x".join(map(str, b))): api.build(setting, b)
             for b in [(1, 1, 1)] + list(blocks)}
   first_model = list(models.values())[-1]
   params = jax.jit(first_model.init)(jax.random.key(0), jnp.zeros((1, first_model.num_tokens), jnp.int32))["params"]
   grid = first_model.grid
   prompt = jax.random.randint(jax.random.key(1), (batch, first_model.prefix_frames, *grid[1:]), 0,
                               first_model.vocab_size - 1)
-  has_length = "length" in inspect.signature(next_block.init_cache).parameters
   runs = {}
   variants = [(name, model, None) for name, model in models.items()] if cache_phases is None else [
       (name if len(cache_phases) == 1 else f"{name}, {n} phases", model, n)
       for name, model in models.items() for n in cache_phases]
   for name, model, phases in variants:
-    kwargs = {} if phases is None else {"cache_phases": phases}
-    sample = jax.jit(lambda p, r, x, model=model, kwargs=kwargs: next_block.sample(
-        model, p, r, batch_size=batch, top_k=0, top_p=TOP_P, prompt=x, **kwargs))
+    sample = jax.jit(lambda p, r, x, model=model, phases=phases: api.sample(model, p, r, batch, x, phases))
     first = jnp.zeros((batch, model.prefix_len + model.block_len), jnp.int32)
-    cache_kwargs = {"length": first.shape[1]} if has_length else {}
-    call_kwargs = {"last": model.block_len} if "last" in inspect.signature(type(model).__call__).parameters else {}
-    prefill = jax.jit(lambda p, x, model=model, cache_kwargs=cache_kwargs, call_kwargs=call_kwargs: model.apply(
-        {"params": p, "cache": next_block.init_cache(model, batch, **cache_kwargs)}, x, decode=True,
-        mutable=["cache"], **call_kwargs))
+    prefill = jax.jit(lambda p, x, model=model: api.prefill(model, p, x))
     start = time.perf_counter()
     jax.block_until_ready(sample(params, jax.random.key(0), prompt))  # compile and warm up
     first_call = time.perf_counter() - start
@@ -134,10 +165,9 @@ CHILD = r"""
 import json, sys
 sys.path.insert(0, sys.argv[1])
 sys.path.insert(1, sys.argv[2])
-from nbp import next_block
 import benchmark_generation_child_support as support
 spec = json.loads(sys.argv[3])
-runs = support.compiled_runs(next_block, spec["setting"], spec["batch"], [tuple(b) for b in spec["blocks"]], None)
+runs = support.compiled_runs(support.Api(), spec["setting"], spec["batch"], [tuple(b) for b in spec["blocks"]], None)
 print(json.dumps({n: [m.num_blocks, m.num_predicted] for n, (_, _, m) in runs.items()}), flush=True)
 for line in sys.stdin:
   name, what, seed = line.rstrip("\n").split("|")
@@ -179,8 +209,7 @@ class Before:
 
 def measure(setting: str, batch: int, blocks, repeats: int, cache_phases: list[int], before_rev: str):
   """Rows of one setting and batch: every sampler timed in turns."""
-  from nbp import next_block  # pylint: disable=g-import-not-at-top
-  runs = compiled_runs(next_block, setting, batch, blocks, cache_phases)
+  runs = compiled_runs(Api(), setting, batch, blocks, cache_phases)
   timers = {name: (r[0], r[1]) for name, r in runs.items()}
   first_calls = {name: r[0].first_call for name, r in runs.items()}  # compile + one run
   shapes = {name: (r[2].num_blocks, r[2].num_predicted) for name, r in runs.items()}

@@ -21,7 +21,7 @@ from absl import app, flags
 from nbp.training import sharding, train
 from experiments.configs import ntp_text
 
-SIZES = flags.DEFINE_list("sizes", ["tiny", "S", "M"], "Sizes from nbp.ntp.SIZES.")
+SIZES = flags.DEFINE_list("sizes", ["tiny", "S", "M"], "Variants from nbp.models.block_transformer.SIZES.")
 SEQ_LEN = flags.DEFINE_integer("seq_len", 512, "Tokens per sequence.")
 BATCH = flags.DEFINE_integer("batch", 8, "Sequences per step.")
 REPEATS = flags.DEFINE_integer("timed_steps", 5, "Timed steps per size (after one warm-up).")
@@ -48,7 +48,7 @@ def matmul_flops_per_sec(n: int, repeats: int) -> float:
 
 def train_step_rate(size: str, seq_len: int, batch: int, repeats: int) -> dict:
   config = ntp_text.get_config(f"{size},local")
-  config.data.seq_len = seq_len
+  config.model.grid = (1, 1, seq_len)
   config.batch_size = batch
   config.model.scan_layers = False
   s = train.setup(config)

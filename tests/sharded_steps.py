@@ -14,7 +14,8 @@ jax.config.update("jax_num_cpu_devices", 8)
 
 import numpy as np  # pylint: disable=g-import-not-at-top
 
-from nbp.training import sharding, train  # pylint: disable=g-import-not-at-top
+from nbp.training import loop as train  # pylint: disable=g-import-not-at-top
+from nbp.training import sharding  # pylint: disable=g-import-not-at-top
 from tests.conftest import tiny_ntp_config  # pylint: disable=g-import-not-at-top
 
 MESHES = {

@@ -173,7 +173,7 @@ def test_training_resumes_from_the_step_before_a_damaged_one(trained, tmp_path, 
   assert "at step 4" in warned  # "Resuming from ... at step 4."
   # Step 6 was saved anew beside the damaged one, and equals the uninterrupted run's step 6.
   names = sorted(os.listdir(os.path.join(workdir, "checkpoints")))
-  assert names == ["4", "6", "6" + checkpoint_lib.DAMAGED_SUFFIX], names
+  assert names == ["2", "4", "6", "6" + checkpoint_lib.DAMAGED_SUFFIX], names
   s = train.setup(config)
   (step_a, a), (step_b, b) = (checkpoint_lib.restore_params(w, s.abstract_state) for w in (intact, workdir))
   assert step_a == step_b == 6

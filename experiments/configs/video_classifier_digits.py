@@ -1,6 +1,6 @@
 r"""Video classifier on moving digits: the feature network of the in-domain FVD.
 
-Trains `nbp.video_classifier.VideoClassifier` (a 3-stage 3D CNN, multi-label
+Trains `nbp.models.video_classifier.VideoClassifier` (a 3-stage 3D CNN, multi-label
 head over the 10 digit classes) with the shared loop. Its penultimate features
 give `digits_fvd` ("fvd_digits_classifier"); train it on the same data knobs
 (frames, frame size, digits) as the generator it will judge, e.g.

@@ -1,6 +1,6 @@
 r"""NBP's video tokenizer (3D causal CNN + FSQ) on moving digits.
 
-Trains nbp.video_tokenizer with reconstruction loss (L1 + MSE); the evaluator
+Trains nbp.models.video_tokenizer (nbp.tasks.video_tokenizer) with reconstruction loss (L1 + MSE); the evaluator
 reports held-out reconstruction PSNR (dB, pixels on [0, 1]) as eval/psnr, and
 the samples directory shows test videos above their reconstructions.
 
