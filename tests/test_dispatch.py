@@ -22,6 +22,7 @@ from kernels import reference
 from kernels import scan_attention
 from kernels.masks import MaskSpec
 from layers import attention
+from nbp.models import block_transformer
 
 
 def randn(seed, shape, dtype=jnp.float32):
@@ -365,12 +366,13 @@ def test_multihead_attention_blocksparse_decodes_with_cache():
   np.testing.assert_allclose(jnp.concatenate(outs, axis=1), full, atol=2e-5)
 
 
-def test_model_config_switches_attention_impl():
-  from nbp import ntp  # pylint: disable=g-import-not-at-top
+@pytest.mark.parametrize("block", [(1, 1, 1), (1, 1, 4)])
+def test_model_config_switches_attention_impl(block):
   impls = ["xla", "xla_blocksparse", "auto", "pallas"]  # pallas: interpret mode on CPU
   tokens = jnp.asarray(np.random.default_rng(0).integers(0, 16, (2, 24)), jnp.int32)
-  make = lambda impl: ntp.NextTokenTransformer(vocab_size=17, max_len=24, num_layers=2, width=32,
-                                               num_heads=4, num_kv_heads=2, attention_impl=impl)
+  make = lambda impl: block_transformer.NextBlockTransformer(
+      codebook_size=16, grid=(2, 3, 4), block=block, num_layers=2, width=32, num_heads=4, num_kv_heads=2,
+      attention_impl=impl)
   params = make("xla").init(jax.random.key(0), tokens)["params"]
   want = make("xla").apply({"params": params}, tokens)
   for impl in impls:
@@ -378,11 +380,11 @@ def test_model_config_switches_attention_impl():
     np.testing.assert_allclose(got, want, atol=1e-4, err_msg=impl)
 
 
-def test_model_pallas_switch_when_kernel_exists():
-  from nbp import ntp  # pylint: disable=g-import-not-at-top
+def test_model_pallas_gradients_match_xla():
   tokens = jnp.asarray(np.random.default_rng(1).integers(0, 16, (1, 16)), jnp.int32)
-  make = lambda impl: ntp.NextTokenTransformer(vocab_size=17, max_len=16, num_layers=1, width=32,
-                                               num_heads=2, num_kv_heads=1, attention_impl=impl)
+  make = lambda impl: block_transformer.NextBlockTransformer(
+      codebook_size=16, grid=(1, 4, 4), block=(1, 1, 4), position="rope", num_layers=1, width=32, num_heads=2,
+      num_kv_heads=1, attention_impl=impl)
   params = make("xla").init(jax.random.key(0), tokens)["params"]
   loss = lambda impl: jax.jit(jax.grad(lambda p: jnp.sum(make(impl).apply({"params": p}, tokens) ** 2)))(params)
   for g, w in zip(jax.tree.leaves(loss("pallas")), jax.tree.leaves(loss("xla"))):

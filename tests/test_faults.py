@@ -103,7 +103,7 @@ def test_restore_skips_a_damaged_latest_step_and_saves_over_it(tmp_path, caplog,
     ckpt.save(s, _toy_state(s), it)
   ckpt.close()
   assert os.path.isdir(tmp_path / ("6" + checkpoint_lib.DAMAGED_SUFFIX))
-  step, state = checkpoint_lib.restore_params(str(tmp_path), abstract)
+  step, state = checkpoint_lib.restore_state(str(tmp_path), abstract)
   assert step == 7 and float(state["w"][0, 0]) == 7.0
   ckpt = checkpoint_lib.Checkpoints(str(tmp_path), keep=3, async_save=False)
   step, state = ckpt.restore_latest(abstract, _toy_iterator())
@@ -125,14 +125,14 @@ def test_no_restorable_step_names_every_step(tmp_path):
     assert f"step {step}: " in message and os.path.join(str(tmp_path), str(step), "state", "_METADATA") in message
   ckpt.close()
   with pytest.raises(checkpoint_lib.CheckpointRestoreError, match="step 2: "):
-    checkpoint_lib.restore_params(str(tmp_path), abstract)
+    checkpoint_lib.restore_state(str(tmp_path), abstract)
 
 
 def test_restore_params_skips_a_damaged_step(tmp_path, caplog):
   _toy_checkpoints(tmp_path)
   _truncate(_largest_file(str(tmp_path / "6" / "state" / "d")))
   caplog.set_level(logging.WARNING)
-  step, state = checkpoint_lib.restore_params(str(tmp_path), jax.eval_shape(lambda: _toy_state(0.0)))
+  step, state = checkpoint_lib.restore_state(str(tmp_path), jax.eval_shape(lambda: _toy_state(0.0)))
   assert step == 4 and float(state["b"][1]) == 5.0
   assert "step 6" in _warnings(caplog)
   assert sorted(os.listdir(tmp_path)) == ["2", "4", "6"]  # read-only: nothing moved
@@ -175,7 +175,7 @@ def test_training_resumes_from_the_step_before_a_damaged_one(trained, tmp_path, 
   names = sorted(os.listdir(os.path.join(workdir, "checkpoints")))
   assert names == ["2", "4", "6", "6" + checkpoint_lib.DAMAGED_SUFFIX], names
   s = train.setup(config)
-  (step_a, a), (step_b, b) = (checkpoint_lib.restore_params(w, s.abstract_state) for w in (intact, workdir))
+  (step_a, a), (step_b, b) = (checkpoint_lib.restore_state(w, s.abstract_state) for w in (intact, workdir))
   assert step_a == step_b == 6
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(a.params), jax.device_get(b.params))
 
@@ -184,16 +184,15 @@ def test_training_resumes_from_the_step_before_a_damaged_one(trained, tmp_path, 
 def test_parameters_of_a_workdir_with_a_damaged_latest_step(trained, tmp_path, caplog):
   config, workdir = trained
   damaged = _damaged_copy(trained, tmp_path)
-  s = train.setup(config)
   caplog.set_level(logging.WARNING)
-  step, state = checkpoint_lib.restore_params(damaged, s.abstract_state)
-  assert step == 4 and int(state.step) == 4
+  s, params, name, step = train.load_params(config, damaged)  # parameters only, as sampling and eval read them
+  assert step == 4 and name == "params"
   assert "step 6" in _warnings(caplog)
   # The parameters of the intact workdir's step 4.
   ckpt = checkpoint_lib.Checkpoints(os.path.join(workdir, "checkpoints"), keep=3)
   intact = ckpt.restore(4, s.abstract_state)
   ckpt.close()
-  jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.params), jax.device_get(intact.params))
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(params), jax.device_get(intact.params))
 
 
 # ---------------------------------------------------------------------------

@@ -145,19 +145,15 @@ PINNED_LOGITS = [[1.18122852, -1.72067213, 0.6777401, -0.7081449, 1.11839688],
                  [1.02315533, -1.80374837, 0.76376474, -0.85566694, 1.51879263]]
 
 
-def test_i3d_logits_on_fixed_weights_are_pinned(small_i3d):
-  logits = small_i3d(_fixed_rgb_videos())
-  assert logits.shape == (2, 400)
-  np.testing.assert_allclose(logits[:, PINNED_INDICES], PINNED_LOGITS, rtol=1e-4)
-
-
-def test_fvd_of_a_set_with_itself_is_zero_and_with_another_positive(small_i3d):
-  real = _fixed_rgb_videos(n=5)  # 5 videos in batches of 2: a padded last batch
-  fake = (real // 4).astype(np.uint8)
-  real_features = small_i3d(real)
-  np.testing.assert_allclose(real_features[:2], small_i3d(real[:2]), rtol=1e-6)  # padding changes nothing
-  assert abs(frechet.frechet_distance_of_features(real_features, real_features)) < 1e-6
-  assert fvd.fvd(real, fake, extractor=small_i3d) > 1.0
+def test_i3d_logits_on_fixed_weights_are_pinned_and_give_the_fvd(small_i3d):
+  """One compiled I3D (2 videos of 8 frames at 32x32) for the pinned logits and the FVD on them."""
+  real = _fixed_rgb_videos(n=3)  # 3 videos in batches of 2: a padded last batch
+  logits = small_i3d(real)
+  assert logits.shape == (3, 400)
+  np.testing.assert_allclose(logits[:2, PINNED_INDICES], PINNED_LOGITS, rtol=1e-4)
+  np.testing.assert_allclose(logits[:2], small_i3d(real[:2]), rtol=1e-6)  # the padding changes nothing
+  assert abs(fvd.fvd(real, real, extractor=small_i3d)) < 1e-6
+  assert fvd.fvd(real, real // 4, extractor=small_i3d) > 1.0
 
 
 @pytest.mark.parametrize("suffix", [".npz", ".msgpack"])
@@ -306,10 +302,8 @@ def test_classifier_learns_a_trivially_separable_set():
     params, state = step(params, state)
   _, metrics = loss(params, test_set)
   assert before < 0.2 and float(metrics["accuracy"]) == 1.0
-  logits = np.asarray(model.apply({"params": params}, test_set["video"]))
+  logits = np.asarray(jax.jit(model.apply)({"params": params}, test_set["video"]))
   assert fvd_digits.class_match(logits, test_set["label"]) == 1.0
-  features = model.apply({"params": params}, test_set["video"], method=VideoClassifier.features)
-  assert features.shape == (32, 8)
 
 
 def test_class_match_on_hand_made_logits():
@@ -318,7 +312,7 @@ def test_class_match_on_hand_made_logits():
                      [2.0, 0.0, 3.0]])  # top-1 is 2
   assert fvd_digits.class_match(logits, np.array([[1, 1], [0, 1], [2, 2]])) == 1.0
   assert fvd_digits.class_match(logits, np.array([[1, 1], [0, 2], [0, 0]])) == pytest.approx(1 / 3)
-  assert fvd_digits.class_match(logits[:1], np.array([[1, 2]])) == 0.0  # two digits asked, one stands out
+  assert fvd_digits.class_match(logits[:1], np.array([[0, 1]])) == 0.0  # 0 asked for, but 2 is the runner-up
 
 
 def tiny_classifier_config(data_dir):
@@ -360,11 +354,9 @@ def test_load_classifier_returns_the_parameters_the_loop_evaluated(classifier_wo
   logged = [r for r in rows if r.get("step") == 2 and "eval/loss" in r][-1]
   batch = next(video_classifier.make_data(config.data, "test", seed=config.seed, process_index=0,
                                           process_count=1, batch_size=config.batch_size))  # the eval's batch
-  value, metrics = video_classifier.loss(model, params, batch, None)
+  value, metrics = jax.jit(lambda p, b: video_classifier.loss(model, p, b, None))(params, batch)
   np.testing.assert_allclose(float(value), logged["eval/loss"], rtol=1e-5)
   np.testing.assert_allclose(float(metrics["class_accuracy"]), logged["eval/class_accuracy"], rtol=1e-6)
-  fresh = jax.jit(model.init)(jax.random.key(config.seed), batch["video"][:1])["params"]
-  assert abs(float(video_classifier.loss(model, fresh, batch, None)[0]) - logged["eval/loss"]) > 1e-4
 
 
 def test_digits_features_requantise_and_separate_sets():
@@ -408,7 +400,8 @@ def test_real_sets_are_disjoint_random_access_and_reach_past_num_test():
 
 
 def tiny_generator_config(data_dir, arg="tiny,local,row", **overrides):
-  """NBP on 5 frames of 8x8 pixels (the tiny classifier's videos), blocks of one row, 2 steps."""
+  """NBP on 5 frames of 8x8 pixels (the tiny classifier's videos), blocks of one row, 2 steps; `overrides`
+  sets "section.key" values (keys the config lacks included)."""
   from experiments.configs import nbp_digits  # pylint: disable=g-import-not-at-top
   c = nbp_digits.get_config(arg)
   c.data.dir = data_dir
@@ -422,9 +415,11 @@ def tiny_generator_config(data_dir, arg="tiny,local,row", **overrides):
     c.model.prefix_frames = 2
   c.sampler.num_samples = 2
   set_tiny_budget(c, num_steps=2, checkpoint_every=2)
-  for key, value in overrides.items():
-    section, name = key.split(".")
-    c[section][name] = value
+  with c.unlocked():
+    c.sampler.cache_phases = 1  # one compiled decoding loop: a third of the sampler's compile time  # e.g. sampler.cache_phases, a sampler keyword the config leaves at its default
+    for key, value in overrides.items():
+      section, name = key.split(".")
+      c[section][name] = value
   return _without_samples(c)
 
 
@@ -445,16 +440,26 @@ def _untrained(config):
   return s, train.init_state(s, 0).params
 
 
-@pytest.mark.parametrize("scale", [1.0, 3.0])
-def test_conditioned_sampler_is_the_task_sampler_with_explicit_conditions(data_dir, scale):
+def test_sampler_settings_are_the_configs_with_the_tasks_guidance_rule(data_dir):
   from nbp.tasks import next_block  # pylint: disable=g-import-not-at-top
-  s, params = _untrained(tiny_generator_config(data_dir, **{"sampler.guidance_scale": scale}))
+  for arg, scale, expected in [("tiny,local,row", 1.0, None), ("tiny,local,row", 3.0, 3.0),
+                               ("tiny,local,row,frames", 3.0, None)]:
+    config = tiny_generator_config(data_dir, arg, **{"sampler.guidance_scale": scale, "sampler.top_k": 5})
+    model = next_block.make_task(config).model
+    assert frechet.sampler_settings(config, model) == {"guidance_scale": expected, "temperature": 1.0,
+                                                       "top_k": 5, "top_p": 1.0, "cache_phases": 1}
+  with pytest.raises(ValueError, match="'video_classifier'"):
+    frechet.sampler_settings(tiny_classifier_config(data_dir), None)
+
+
+def test_conditioned_sampler_is_the_task_sampler_with_explicit_conditions(data_dir):
+  from nbp.tasks import next_block  # pylint: disable=g-import-not-at-top
+  s, params = _untrained(tiny_generator_config(data_dir, **{"sampler.guidance_scale": 3.0}))
   model, labels = s.task.model, jnp.array([3, 8], jnp.int32)
   prompt = jnp.zeros((2, 0, 8, 8), jnp.int32)
   ours = jax.jit(frechet.conditioned_sampler(s.config, model, 2))(params, jax.random.key(1), labels, prompt)
-  guidance = None if scale == 1.0 else scale  # scale 1: the conditional model, no doubled batch
   theirs = jax.jit(lambda p: next_block.sample(model, p, jax.random.key(1), num_samples=2, labels=labels,
-                                               guidance_scale=guidance))(params)
+                                               guidance_scale=3.0))(params)
   np.testing.assert_array_equal(ours, theirs)
 
 
@@ -549,6 +554,8 @@ def token_run(data_dir, tmp_path_factory):
   c.model.grid = (2, 2, 2)
   c.model.block = (1, 1, 2)
   c.model.prefix_frames = 1
+  with c.unlocked():
+    c.sampler.cache_phases = 1
   return _untrained(c)
 
 
@@ -629,11 +636,12 @@ def test_benchmark_runs_the_evaluator_over_runs_and_seeds(classifier_workdir, ge
   floors, runs = [r for r in rows if r.get("floor")], [r for r in rows if not r.get("floor")]
   assert [r["seed"] for r in floors] == [0, 3] and [r["seed"] for r in runs] == [0, 3]
   assert floors[1]["run"] == "real test videos 16..19"
-  s, params, _, _ = train.load_params(workdir_lib.read_config(generator_workdir), generator_workdir)
-  direct = fvd_digits.Evaluator(classifier_workdir=classifier_workdir, num_videos=4, batch_size=4, seed=3).run(
-      _context(s, params))
-  assert runs[1][FVD_KEY] == pytest.approx(direct[FVD_KEY], rel=1e-6)  # the evaluator's numbers, as they are
-  assert floors[1][FVD_KEY] == pytest.approx(direct[FVD_KEY + "_floor"], rel=1e-6)
+  model, params, c_config = video_classifier.load_classifier(classifier_workdir)
+  real = lambda start: frechet.real_videos(c_config.data, start, 4)["video"]
+  floor = fvd_digits.digits_fvd(real(0), real(16), classifier_params=params, model=model, levels=8)[FVD_KEY]
+  assert floors[1][FVD_KEY] == pytest.approx(floor, rel=1e-6)
+  assert runs[1][FVD_KEY] > floor and runs[0][FVD_KEY] != runs[1][FVD_KEY]
+  assert runs[0]["compile_seconds"] == runs[1]["compile_seconds"]  # one compilation for both seeds
   assert runs[0]["block"] == "1x1x8" and runs[0]["condition"] == "class" and runs[0]["step"] == 2
   assert os.path.getsize(tmp_path / f"samples_{os.path.basename(generator_workdir)}.png") > 0
   json.dumps(rows)  # plain numbers: results.json takes them

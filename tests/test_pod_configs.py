@@ -124,7 +124,8 @@ def test_tokenizer_reads_rgb_videos_and_encode_dataset_writes_what_nbp_reads(tmp
 
   # The NBP pod config's token loader reads what was written.
   nbp_config = apply_overrides(nbp_kinetics600.get_config("700M"),
-                               {"data.token_dir": out, "model.grid": (2, 4, 4), "model.prefix_frames": 1})
+                               {"data.token_dir": out, "model.grid": (2, 4, 4), "model.block": (1, 1, 4),
+                                "model.prefix_frames": 1})
   it = tasks.make_task(nbp_config).data("train", seed=0, process_index=0, process_count=1, batch_size=3)
   tokens = next(it)
   assert tokens["tokens"].shape == (3, 32) and tokens["tokens"].dtype == np.int32

@@ -1,10 +1,11 @@
-"""The distribution `sampling.sample_tokens` draws from, against its closed form, by chi-square tests.
+"""Token sampling: the filters, the decoding phases, and the distribution `sample_tokens` draws from.
 
-Each case draws 20k tokens from one row of fixed logits (vectorised: the row
-broadcast over a batch axis, one key) and compares the counts with the expected
-distribution: softmax(logits / temperature), renormalised over the top-k or
-the top-p nucleus. Seeds are fixed, so the p-values are too; a wrong
-temperature or filter gives p-values far below the 1e-3 threshold.
+Distribution. Each case draws 20k tokens from one row of fixed logits
+(vectorised: the row broadcast over a batch axis, one key) and compares the
+counts with the expected distribution by a chi-square test: softmax(logits /
+temperature), renormalised over the top-k or the top-p nucleus. Seeds are
+fixed, so the p-values are too; a wrong temperature or filter gives p-values
+far below the 1e-3 threshold.
 """
 
 import jax
@@ -75,3 +76,52 @@ def test_sampled_frequencies_match_the_distribution(seed, kwargs, support):
   p_value = stats.chisquare(counts[kept], NUM_DRAWS * want[kept]).pvalue
   assert p_value > 1e-3, (kwargs, counts, np.round(NUM_DRAWS * want, 1), p_value)
 
+
+# ---------------------------------------------------------------------------
+# The filters and the decoding phases (from the former tests/test_ntp.py).
+
+
+def test_top_k_and_top_p_filters():
+  logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05], [0.05, 0.15, 0.3, 0.5]]))
+  kept = sampling.filter_logits(logits[:, None, :], top_k=2)[:, 0] > -1e29  # vectorised over a block axis
+  np.testing.assert_array_equal(kept, [[1, 1, 0, 0], [0, 0, 1, 1]])
+  kept = sampling.filter_logits(logits, top_p=0.75) > -1e29  # 0.5 + 0.3 covers 0.75
+  np.testing.assert_array_equal(kept, [[1, 1, 0, 0], [0, 0, 1, 1]])
+  kept = sampling.filter_logits(logits, top_p=0.5) > -1e29  # the first token alone reaches 0.5
+  np.testing.assert_array_equal(kept, [[1, 0, 0, 0], [0, 0, 0, 1]])
+  draws = jax.vmap(lambda k: sampling.sample_tokens(k, logits, top_k=1))(jax.random.split(jax.random.key(0), 20))
+  assert (draws == jnp.array([0, 3])).all()
+
+
+def _nucleus_float64(logits, top_p):
+  """Bool [..., V]: the top-p nucleus computed in float64 (ties kept together)."""
+  x = np.asarray(logits, np.float64)
+  p = np.exp(x - x.max(-1, keepdims=True))
+  p /= p.sum(-1, keepdims=True)
+  greater = (x[..., None, :] > x[..., :, None])  # [..., V (token), V (others)]
+  mass_above = (greater * p[..., None, :]).sum(-1)
+  return (mass_above < top_p) | (x == x.max(-1, keepdims=True))
+
+
+def test_top_p_by_binary_search_equals_the_sorted_nucleus():
+  rng = np.random.default_rng(0)
+  logits = rng.normal(size=(6, 3, 50)).astype(np.float32) * np.array([0.1, 1.0, 5.0])[:, None, None].repeat(2, 0)
+  logits[0, 0, 10:20] = logits[0, 0, 5]  # ties straddling the nucleus' edge
+  logits[1, 1, :] = 0.0  # all equal
+  logits[2, 2, ::2] = -1e30  # masked by top-k before top-p
+  logits[3, 0, 7] = -0.0
+  logits = jnp.asarray(logits)
+  for top_p in (0.0, 1e-6, 0.1, 0.5, 0.9, 0.99, 0.999):  # float32 masses cannot resolve a top_p nearer 1
+    got = np.asarray(jax.jit(sampling.top_p_filter, static_argnums=1)(logits, top_p) > -1e29)
+    np.testing.assert_array_equal(got, _nucleus_float64(logits, top_p), err_msg=f"top_p={top_p}")
+    if top_p > 0:  # the sort-based reference (it drops every token at top_p 0)
+      np.testing.assert_array_equal(got, sampling.top_p_filter_sorted(logits, top_p) > -1e29)
+  np.testing.assert_array_equal(sampling.top_p_filter(logits, 0.9), sampling.filter_logits(logits, top_p=0.9))
+
+
+def test_phase_bounds():
+  assert sampling.phase_bounds(1, 48, 4) == [(1, 12), (12, 24), (24, 36), (36, 48)]
+  assert sampling.phase_bounds(5, 8, 10) == [(5, 6), (6, 7), (7, 8)]  # never an empty phase
+  assert sampling.phase_bounds(3, 3, 4) == [] and sampling.phase_bounds(0, 5, 1) == [(0, 5)]
+  with pytest.raises(ValueError, match="cache_phases"):
+    sampling.phase_bounds(0, 5, 0)

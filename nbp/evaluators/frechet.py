@@ -168,6 +168,16 @@ def run_video_data(config):
 # Generated videos: the run's sampler, conditioned like a real set.
 
 
+def sampler_settings(config, model: next_block.Model) -> dict[str, Any]:
+  """The keywords of `next_block.sample` in `config.sampler`, but the batch size and the conditions."""
+  if config.family != "next_block":
+    raise ValueError(f"config.family={config.family!r}: the FVD evaluators sample 'next_block' runs.")
+  settings = {k: v for k, v in config.get("sampler", {}).items() if k != "num_samples"}
+  if model.condition != "class" or settings.get("guidance_scale") == 1.0:
+    settings["guidance_scale"] = None  # as next_block.make_task: scale 1 is the conditional model
+  return settings
+
+
 def conditioned_sampler(config, model: next_block.Model, batch_size: int):
   """(params, rng, labels int [B], prompt int [B, prefix_frames, h, w]) -> tokens [B, f, h, w]; unjitted.
 
@@ -176,11 +186,7 @@ def conditioned_sampler(config, model: next_block.Model, batch_size: int):
   always draws classes 0, 1, 2, ... and continues the first test videos.
   Labels and prompt are ignored where the model has no such condition.
   """
-  if config.family != "next_block":
-    raise ValueError(f"config.family={config.family!r}: the FVD evaluators sample 'next_block' runs.")
-  settings = {k: v for k, v in config.get("sampler", {}).items() if k != "num_samples"}
-  if model.condition != "class" or settings.get("guidance_scale") == 1.0:
-    settings["guidance_scale"] = None  # as next_block.make_task: scale 1 is the conditional model
+  settings = sampler_settings(config, model)
 
   def sample(params, rng, labels, prompt):
     return next_block.sample(model, params, rng, num_samples=batch_size,

@@ -114,5 +114,5 @@ def load_classifier(workdir: str) -> tuple[Model, Any, Any]:
   """(model, params, config) of the classifier trained in `workdir` (EMA parameters when kept)."""
   config = workdir_lib.read_config(workdir)
   task = make_task(config)
-  params, _ = workdir_lib.load_params(workdir, task.model, task.init_inputs())
+  params, _, _ = workdir_lib.load_params(workdir, task.model, task.init_inputs())
   return task.model, params, config

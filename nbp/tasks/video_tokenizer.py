@@ -105,10 +105,7 @@ def loss(model: Model, params, batch, rng, *, l1_weight: float = 1.0, mse_weight
              "codebook_usage": codebook_usage(aux["indices"], model.codebook_size)}
   if perceptual_weight > 0:
     if not perceptual_features:
-      raise ValueError(
-          "config.loss.perceptual_weight > 0 but config.loss.perceptual_features is empty: no pretrained "
-          "network ships with this codebase; name a 'package.module:function' that maps frames "
-          "[N, H, W, C] in [-1, 1] to features (e.g. a VGG loaded from a local weights file).")
+      raise ValueError("perceptual_weight > 0 needs perceptual_features (see make_task)")
     features = (load_feature_function(perceptual_features) if isinstance(perceptual_features, str)
                 else perceptual_features)
     metrics["perceptual"] = perceptual_loss(features, video, reconstruction)
@@ -202,6 +199,11 @@ def make_task(config) -> tasks.Task:
   adversarial = loss_cfg.get("adversarial_weight", 0.0) > 0
   if adversarial and not model.discriminator_channels:
     raise ValueError("config.loss.adversarial_weight > 0 needs config.model.discriminator_channels > 0.")
+  if loss_cfg.get("perceptual_weight", 0.0) > 0 and not loss_cfg.get("perceptual_features"):
+    raise ValueError(
+        "config.loss.perceptual_weight > 0 but config.loss.perceptual_features is empty: no pretrained "
+        "network ships with this codebase; name a 'package.module:function' that maps frames "
+        "[N, H, W, C] in [-1, 1] to features (e.g. a VGG loaded from a local weights file).")
   if loss_cfg.get("perceptual_features"):
     loss_cfg["perceptual_features"] = load_feature_function(loss_cfg["perceptual_features"])
   num_samples = config.get("sampler", {}).get("num_samples", 4)
@@ -231,7 +233,7 @@ def load_tokenizer(workdir: str) -> tuple[Model, Any]:
   """
   config = workdir_lib.read_config(workdir)
   model = tasks.build_model(Model, config.model)
-  params, _ = workdir_lib.load_params(workdir, model, make_task(config).init_inputs())
+  params, _, _ = workdir_lib.load_params(workdir, model, make_task(config).init_inputs())
   return model, params
 
 

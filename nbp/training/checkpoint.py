@@ -244,16 +244,17 @@ class Checkpoints:
     self.manager.close()
 
 
-def restore_params(directory: str, abstract_state: Any) -> Any:
-  """(step, state) of the latest readable step under `directory` (for `config.init_from`, sampling).
+def checkpoint_dir(path: str) -> str:
+  """`path`/checkpoints when `path` is a workdir, else `path` (a checkpoints directory)."""
+  path = os.path.abspath(path)
+  if os.path.basename(path) != "checkpoints" and os.path.isdir(os.path.join(path, "checkpoints")):
+    return os.path.join(path, "checkpoints")
+  return path
 
-  `directory` is a workdir or its `checkpoints` folder. Damaged steps are
-  skipped with a warning, as in `Checkpoints.restore_latest`; nothing on disk
-  is changed.
-  """
-  directory = os.path.abspath(directory)
-  if os.path.basename(directory) != "checkpoints" and os.path.isdir(os.path.join(directory, "checkpoints")):
-    directory = os.path.join(directory, "checkpoints")
+
+def _restore_readonly(directory: str, restore: Callable[[Any, int], T]) -> tuple[int, T]:
+  """restore(manager, step) for the newest readable step under a workdir or checkpoints directory."""
+  directory = checkpoint_dir(directory)
   if not os.path.isdir(directory):
     raise FileNotFoundError(f"No checkpoint directory at {directory}.")
   manager = ocp.CheckpointManager(directory)
@@ -261,12 +262,46 @@ def restore_params(directory: str, abstract_state: Any) -> Any:
     steps = manager.all_steps()
     if not steps:
       raise FileNotFoundError(f"No complete checkpoint under {directory}.")
-    step, restored, _ = restore_newest(
-        directory, steps,
-        lambda s: manager.restore(s, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))))
+    step, restored, _ = restore_newest(directory, steps, lambda step: restore(manager, step))
   finally:
     manager.close()
+  return step, restored
+
+
+def restore_state(directory: str, abstract_state: Any) -> tuple[int, Any]:
+  """(step, whole train state) of the newest readable step under `directory` (a workdir or checkpoints/).
+
+  Damaged steps are skipped with a warning, as in `Checkpoints.restore_latest`;
+  nothing on disk is changed.
+  """
+  step, restored = _restore_readonly(directory, lambda manager, step: manager.restore(
+      step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))))
   return step, restored["state"]
+
+
+def restore_params(directory: str, abstract_params: Any, names: Sequence[str] = ("params",)
+                   ) -> tuple[int, dict[str, Any]]:
+  """(step, {name: parameters}) of the newest readable step: only the `names` items of the train state.
+
+  `names` are TrainState fields holding parameter trees ("params",
+  "ema_params"), each restored onto the shapes and shardings of
+  `abstract_params`; the optimizer state is never read. A name the checkpoint
+  holds no tree for (no EMA kept) comes back as None. Damaged steps are
+  skipped with a warning, nothing on disk is changed.
+  """
+  default = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  to_args = lambda x: ocp.ArrayRestoreArgs(dtype=x.dtype, sharding=getattr(x, "sharding", None) or default)
+
+  def restore(manager, step):
+    path = os.path.join(manager.directory, str(step), "state")
+    checkpointer = ocp.PyTreeCheckpointer()
+    held = checkpointer.metadata(path).item_metadata.tree
+    present = [n for n in names if held.get(n)]
+    target = {n: abstract_params for n in present}
+    restored = checkpointer.restore(path, args=ocp.args.PyTreeRestore(
+        item=target, restore_args=jax.tree.map(to_args, target), partial_restore=True))
+    return {n: restored.get(n) for n in names}
+  return _restore_readonly(directory, restore)
 
 
 def abstract_with_shardings(tree, shardings):

@@ -36,6 +36,7 @@ from tqdm import tqdm
 
 from nbp import evaluators
 from nbp import tasks as families
+from nbp.data import pipeline
 from nbp.training import checkpoint as checkpoint_lib
 from nbp.training import config as config_lib
 from nbp.training import metrics as metrics_lib
@@ -272,8 +273,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   ckpt = checkpoint_lib.Checkpoints(os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints)
   train_iter = data_iterator(s, "train", config.seed)
 
-  from nbp.data import pipeline as pipeline_lib  # pylint: disable=g-import-not-at-top  # DataCorruptionError below
-
   # The newest step that restores: a damaged one is skipped with a warning
   # (and moved aside when this run saves that step again, see checkpoint.py).
   resumed = ckpt.restore_latest(s.abstract_state, train_iter)
@@ -281,9 +280,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     latest, state = resumed
     logging.warning("Resuming from %s at step %d.", ckpt.directory, latest)
   elif config.init_from:
-    step, loaded = checkpoint_lib.restore_params(config.init_from, s.abstract_state)
+    # Parameters only (and the EMA when both runs keep one): a fresh optimizer and step 0.
+    names = ("params", "ema_params") if s.abstract_state.ema_params is not None else ("params",)
+    step, loaded = checkpoint_lib.restore_params(config.init_from, s.abstract_state.params, names)
     logging.info("Starting from the parameters of %s (step %d).", config.init_from, step)
-    state = init_state(s, config.seed).replace(params=loaded.params, ema_params=loaded.ema_params)
+    state = init_state(s, config.seed)
+    state = state.replace(params=loaded["params"], ema_params=loaded.get("ema_params") or state.ema_params)
   else:
     state = init_state(s, config.seed)
 
@@ -323,7 +325,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       data_position = train_iter.get_state()  # before this batch: saved with the state if reading it fails
       try:
         local_batch = next(train_iter)
-      except pipeline_lib.DataCorruptionError as e:
+      except pipeline.DataCorruptionError as e:
         # Keep the steps since the last checkpoint: the state after `step` steps
         # with the data position before the failed batch, so the run resumed
         # after rebuilding the data reads that batch again, as an uninterrupted
@@ -400,16 +402,11 @@ def run_evaluators(s: Setup, params, params_name: str, step: int, workdir: str, 
 
 
 def load_params(config: ml_collections.ConfigDict, workdir: str) -> tuple[Setup, Any, str, int]:
-  """(setup, params, params_name, step) of a workdir's latest checkpoint, parameters only (no optimizer state).
+  """(setup, params, params_name, step) of a workdir's newest readable checkpoint, without optimizer state.
 
   params_name is "ema_params" when the run kept an EMA (what evaluation and
-  sampling use), else "params".
+  sampling use), else "params". The parameters lie on the run's shardings.
   """
   s = setup(config)
-  directory = workdir_lib.checkpoint_dir(workdir)
-  steps = workdir_lib.complete_steps(directory)
-  if not steps:
-    raise FileNotFoundError(f"No checkpoint in workdir {workdir!r}: train first (experiments.train).")
-  params, name = workdir_lib.load_params(workdir, s.task.model, s.task.init_inputs())
-  params = jax.device_put(params, s.state_sharding.params)
-  return s, params, name, steps[0]
+  params, name, step = workdir_lib.load_params(workdir, s.task.model, s.task.init_inputs())
+  return s, jax.device_put(params, s.state_sharding.params), name, step
