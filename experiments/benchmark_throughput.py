@@ -18,7 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from nbp.training import sharding, train
+from nbp.training import loop as train
+from nbp.training import sharding
 from experiments.configs import ntp_text
 
 SIZES = flags.DEFINE_list("sizes", ["tiny", "S", "M"], "Variants from nbp.models.block_transformer.SIZES.")

@@ -218,10 +218,9 @@ def downsample_schedule(num_stages: int, time_factor: int, space_factor: int) ->
   return tuple((2 if i >= num_stages - n_time else 1, 2 if i < n_space else 1) for i in range(num_stages))
 
 
-class Encoder(nn.Module):
-  """video [B, F, H, W, C] -> latents [B, f, h, w, d] (before quantisation)."""
+class _Levels(nn.Module):
+  """The fields the encoder and its mirror, the decoder, share."""
 
-  latent_dim: int  # d
   channels: int = 64  # K of the first level
   channel_multipliers: tuple[int, ...] = (1, 2, 2, 4)  # K of level i = channels * this[i]
   num_res_blocks: int = 2  # per level, and in the middle
@@ -229,6 +228,12 @@ class Encoder(nn.Module):
   space_factor: int = 8  # H = space_factor * h
   norm_groups: int = 8
   dtype: Any = jnp.float32
+
+
+class Encoder(_Levels):
+  """video [B, F, H, W, C] -> latents [B, f, h, w, d] (before quantisation)."""
+
+  latent_dim: int = 6  # d
 
   @nn.compact
   def __call__(self, video: jax.Array) -> jax.Array:
@@ -248,17 +253,10 @@ class Encoder(nn.Module):
     return nn.Dense(self.latent_dim, param_dtype=jnp.float32)(x.astype(jnp.float32))
 
 
-class Decoder(nn.Module):
+class Decoder(_Levels):
   """codes [B, f, h, w, d] -> video [B, F, H, W, C]; mirrors the Encoder."""
 
-  out_channels: int  # C
-  channels: int = 64
-  channel_multipliers: tuple[int, ...] = (1, 2, 2, 4)
-  num_res_blocks: int = 2
-  time_factor: int = 4
-  space_factor: int = 8
-  norm_groups: int = 8
-  dtype: Any = jnp.float32
+  out_channels: int = 1  # C
 
   @nn.compact
   def __call__(self, codes: jax.Array) -> jax.Array:

@@ -56,7 +56,8 @@ def load_params(workdir: str, model: nn.Module, init_inputs: dict[str, Any]) -> 
   else "params". Only parameters are read, never the optimizer state; a
   damaged step is skipped with a warning (nbp.training.checkpoint).
   """
-  if not os.path.isdir(checkpoint_lib.checkpoint_dir(workdir)):
+  directory = checkpoint_lib.checkpoint_dir(workdir)
+  if not os.path.isdir(directory) or not any(name.isdigit() for name in os.listdir(directory)):
     raise FileNotFoundError(f"No checkpoint in workdir {workdir!r}: train first (experiments.train).")
   step, restored = checkpoint_lib.restore_params(workdir, abstract_params(model, init_inputs),
                                                  names=("params", "ema_params"))
