@@ -152,6 +152,32 @@ def test_ntp_configs_are_the_block_model_with_token_blocks():
 
 
 # ---------------------------------------------------------------------------
+# Condition dropout (classifier-free guidance training).
+
+
+def test_condition_dropout_replaces_labels_by_the_null_class_at_its_rate():
+  labels = jnp.arange(20_000, dtype=jnp.int32) % 10
+  dropped = np.asarray(nb.drop_condition(jax.random.key(0), labels, 0.1, null_class=10))
+  null = dropped == 10
+  # Binomial(20000, 0.1): mean 2000, sd 42; 5 sd either side.
+  assert 1790 < null.sum() < 2210, null.sum()
+  np.testing.assert_array_equal(dropped[~null], np.asarray(labels)[~null])  # the others are untouched
+  np.testing.assert_array_equal(nb.drop_condition(jax.random.key(0), labels, 0.0, null_class=10), labels)
+
+
+def test_loss_with_full_condition_dropout_is_the_null_class_loss():
+  model = _model(condition="class")
+  tokens = _tokens(model)
+  labels = jnp.array([3, 7])
+  params = _init(model, tokens, labels)
+  batch = {"tokens": tokens, "class": labels}
+  null = {"tokens": tokens, "class": jnp.full((2,), model.num_classes)}
+  dropped, _ = nb.loss(model, params, batch, jax.random.key(0), cond_dropout=1.0)
+  np.testing.assert_allclose(dropped, nb.loss(model, params, null, jax.random.key(0))[0], rtol=1e-6)
+  assert abs(float(dropped) - float(nb.loss(model, params, batch, jax.random.key(0))[0])) > 1e-6
+
+
+# ---------------------------------------------------------------------------
 # Cached block decoding.
 
 

@@ -461,3 +461,27 @@ def test_bad_init_from_names_the_path(tmp_path, data_dir, kind):
   config.init_from = str(path)
   with pytest.raises(FileNotFoundError, match=re.escape(str(path))):
     train.train_and_evaluate(config, str(tmp_path / "work"))
+
+
+def test_evaluation_and_sampling_use_the_ema_parameters_and_say_so(tmp_path, data_dir):
+  """With an EMA kept, load_params, the eval evaluator and the sampler all read ema_params, not params."""
+  config = tiny_ntp_config(data_dir, num_steps=3, checkpoint_every=3)
+  config.optimizer.ema_decay = 0.5
+  config.optimizer.warmup_steps = 0
+  result = train.train_and_evaluate(config, str(tmp_path))
+  rows = metrics_lib.read_jsonl(os.path.join(tmp_path, "metrics.jsonl"))
+  assert [r["eval/uses_ema"] for r in rows if "eval/uses_ema" in r] == [1.0]
+  s, params, name, step = train.load_params(config, str(tmp_path))
+  state = _checkpointed_state(s, str(tmp_path), 3)
+  assert name == "ema_params" and step == 3 == result["step"]
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(params), state.ema_params)
+  assert _max_abs_diff(state.ema_params, state.params) > 1e-4
+  # The held-out loss the run logged is that of the EMA parameters, not of the raw ones.
+  on = {which: train.run_evaluators(s, p, which, 3, str(tmp_path / which), final=True)
+        for which, p in (("ema_params", state.ema_params), ("params", state.params))}
+  logged = [r["eval/loss"] for r in rows if "eval/loss" in r][-1]
+  np.testing.assert_allclose(logged, on["ema_params"]["eval/loss"], rtol=1e-6)
+  assert abs(on["params"]["eval/loss"] - logged) > 1e-5
+  # The samples the run wrote at its last step are the EMA parameters' (same key, same tokens).
+  expected = open(os.path.join(tmp_path, "samples", "step_0000003.png"), "rb").read()
+  assert open(os.path.join(tmp_path / "ema_params", "samples", "step_0000003.png"), "rb").read() == expected

@@ -25,6 +25,7 @@ import functools
 
 import numpy as np
 import tensorflow_datasets as tfds
+from sklearn.datasets import load_digits
 
 from nbp.data.generated import GeneratedBuilder
 
@@ -36,7 +37,6 @@ _POOL_SEED = 20240511  # fixed: the train/test pools never change
 @functools.cache
 def _digits() -> tuple[np.ndarray, np.ndarray]:
   """Returns (images uint8 [1797, 8, 8] in 0..255, labels int32 [1797])."""
-  from sklearn.datasets import load_digits  # pylint: disable=g-import-not-at-top
   d = load_digits()
   images = np.round(d.images * (255.0 / 16.0)).astype(np.uint8)
   return images, d.target.astype(np.int32)

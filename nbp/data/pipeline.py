@@ -35,8 +35,12 @@ from collections.abc import Callable, Sequence
 from typing import Any, SupportsIndex
 
 import grain
+import jax
 import numpy as np
 import tensorflow_datasets as tfds
+from absl import flags
+from pydoc_data.topics import topics
+from tensorflow_datasets.core.data_sources import array_record
 
 from nbp.data.generated import GeneratedBuilder
 
@@ -147,7 +151,6 @@ def load_source(builder_or_name: str | tfds.core.DatasetBuilder, split: str,
 
 def _checked(source):
   """`source`, with a bare tfds ArrayRecord source wrapped so that damage names the file."""
-  from tensorflow_datasets.core.data_sources import array_record  # pylint: disable=g-import-not-at-top
   if isinstance(source, array_record.ArrayRecordDataSource):
     return checked_tfds_source(source)
   return source
@@ -155,7 +158,6 @@ def _checked(source):
 
 def _process_defaults(process_index: int | None, process_count: int | None):
   if process_index is None or process_count is None:
-    import jax  # pylint: disable=g-import-not-at-top
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
   if not 0 <= process_index < process_count:
@@ -242,7 +244,6 @@ def make_iterator(
   it_ds = ds.to_iter_dataset(grain.ReadOptions(
       num_threads=read_threads, prefetch_buffer_size=max(read_threads, 1) * 2))
   if worker_count > 0:
-    from absl import flags  # pylint: disable=g-import-not-at-top
     if not flags.FLAGS.is_parsed():  # grain's workers read absl flags (pytest, Colab)
       flags.FLAGS.mark_as_parsed()
     it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
@@ -341,7 +342,6 @@ def text_bytes_source(split: str, seq_len: int) -> TextBytesSource:
   so no document is in both. Texts are joined with a blank line. Returns a
   source of {"tokens": int32 [seq_len + 1]}.
   """
-  from pydoc_data.topics import topics  # pylint: disable=g-import-not-at-top
   if split not in ("train", "test"):
     raise ValueError(f"split must be 'train' or 'test', got {split!r}")
   if seq_len < 1:

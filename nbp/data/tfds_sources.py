@@ -25,7 +25,10 @@ import os
 from typing import SupportsIndex
 
 import numpy as np
+import tensorflow_datasets as tfds
+from array_record.python import array_record_data_source
 from PIL import Image
+from tensorflow_datasets.proto import tf_example_pb2
 
 from nbp.data import frames as frames_lib
 
@@ -62,7 +65,6 @@ class Ucf101Source:
   seed: int = 0  # seed of the random clip starts
 
   def __post_init__(self):
-    from array_record.python import array_record_data_source  # pylint: disable=g-import-not-at-top
     folder = os.path.join(os.fspath(self.data_dir), "ucf101", self.config, self.version)
     pattern = os.path.join(folder, f"ucf101-{self.split}.array_record-*")
     self.paths = sorted(glob.glob(pattern))
@@ -75,7 +77,6 @@ class Ucf101Source:
     return len(self._records)
 
   def __getitem__(self, index: SupportsIndex) -> dict[str, np.ndarray]:
-    from tensorflow_datasets.proto import tf_example_pb2  # pylint: disable=g-import-not-at-top
     i = int(index)
     example = tf_example_pb2.Example.FromString(self._records[i])
     feature = example.features.feature
@@ -117,7 +118,6 @@ class ImagenetSource:
   image_size: int  # S output side
 
   def __post_init__(self):
-    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
     self.builder = tfds.builder("imagenet2012", data_dir=os.fspath(self.data_dir))
     self._source = self.builder.as_data_source(self.split)
 

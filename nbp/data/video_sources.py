@@ -37,6 +37,11 @@ from typing import Any, SupportsIndex
 
 import numpy as np
 
+from nbp.data import moving_digits
+from nbp.data import pipeline
+from nbp.data import tfds_sources
+from nbp.data import video_folder
+
 NAMES = ("moving_digits", "ucf101", "video_folder")
 
 
@@ -83,15 +88,12 @@ def video_source(data_cfg, split: str):
   """
   _check_name(data_cfg)
   if data_cfg.name == "moving_digits":
-    from nbp.data import moving_digits, pipeline  # pylint: disable=g-import-not-at-top
     return pipeline.load_source(moving_digits.builder_from_config(data_cfg), split, data_cfg.dir)
   stride = int(data_cfg.get("frame_stride", 1))
   if data_cfg.name == "ucf101":
-    from nbp.data import tfds_sources as tfds_video  # pylint: disable=g-import-not-at-top
-    source = tfds_video.ucf101_source(split, data_cfg.dir, num_frames=data_cfg.num_frames,
+    source = tfds_sources.ucf101_source(split, data_cfg.dir, num_frames=data_cfg.num_frames,
                                       frame_size=data_cfg.frame_size, frame_stride=stride)
   else:
-    from nbp.data import video_folder  # pylint: disable=g-import-not-at-top
     source = video_folder.VideoFolderSource(split_folder(data_cfg, split), num_frames=data_cfg.num_frames,
                                             frame_size=data_cfg.frame_size, frame_stride=stride,
                                             center_clip=True)

@@ -8,6 +8,7 @@ import os
 
 import jax
 import numpy as np
+from tensorboardX import SummaryWriter
 
 
 class MetricWriter:
@@ -19,7 +20,6 @@ class MetricWriter:
     self._tb = None
     if self.active:
       os.makedirs(workdir, exist_ok=True)
-      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
       self._tb = SummaryWriter(os.path.join(workdir, "tb"))
 
   def write(self, step: int, scalars: dict[str, float]) -> None:
