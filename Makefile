@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test install clean
+.PHONY: demo test test-fast install clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,9 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed-test
 	$(PY) -m pytest -q -n 2 tests
+
+test-fast: $(VENV)/.installed-test  # the fast tier: everything but the end-to-end runs marked slow
+	$(PY) -m pytest -q -n 2 -m "not slow" tests
 
 clean:
 	rm -rf runs

@@ -68,8 +68,10 @@ FVD_KEY = fvd_digits.FVD_KEY  # "fvd_digits_classifier": never plain "fvd"
 FLOOR_KEY = FVD_KEY + "_floor"
 
 RUNS = flags.DEFINE_multi_string("run", [], "A trained generator: WORKDIR or CONFIG_FILE:ARG=WORKDIR (repeatable).")
-CLASSIFIER = flags.DEFINE_string("classifier", "runs/fvd/classifier",
-                                 "The judge: WORKDIR of a trained video_classifier run.")
+CLASSIFIER = flags.DEFINE_string(
+    "classifier", "runs/fvd/classifier",
+    "The judge: WORKDIR of a trained video_classifier run (a CONFIG_FILE:ARG= prefix is ignored: the "
+    "workdir's config.json is what it was trained with).")
 NUM_VIDEOS = flags.DEFINE_integer("num_videos", 256, "N: generated videos per run and seed, and real videos per set.")
 BATCH_SIZE = flags.DEFINE_integer("sample_batch_size", 64, "Videos per sampler call (and per classifier call).")
 SEEDS = flags.DEFINE_list("seeds", ["0"], "Sampling seeds; seed s also picks the real stand-in set.")
@@ -170,15 +172,16 @@ def main(argv):
   if not RUNS.value:
     raise app.UsageError("give at least one --run WORKDIR (or CONFIG_FILE:ARG=WORKDIR)")
   seeds = [int(x) for x in SEEDS.value]
-  rows = benchmark(RUNS.value, CLASSIFIER.value, num_videos=NUM_VIDEOS.value, batch_size=BATCH_SIZE.value,
+  classifier = parse_run(CLASSIFIER.value)[2]
+  rows = benchmark(RUNS.value, classifier, num_videos=NUM_VIDEOS.value, batch_size=BATCH_SIZE.value,
                    seeds=seeds, out_dir=OUT_DIR.value)
   print(f"\n{FVD_KEY}: N = {NUM_VIDEOS.value} videos per set against real test videos 0..{NUM_VIDEOS.value - 1}; "
-        f"classifier {CLASSIFIER.value}; batch {BATCH_SIZE.value}; {jax.default_backend()}, "
+        f"classifier {classifier}; batch {BATCH_SIZE.value}; {jax.default_backend()}, "
         f"{jax.device_count()} device(s)\n")
   print(table(rows))
   if OUT_DIR.value:
     with open(os.path.join(OUT_DIR.value, "results.json"), "w") as f:
-      json.dump({"num_videos": NUM_VIDEOS.value, "batch_size": BATCH_SIZE.value, "classifier": CLASSIFIER.value,
+      json.dump({"num_videos": NUM_VIDEOS.value, "batch_size": BATCH_SIZE.value, "classifier": classifier,
                  "rows": rows}, f, indent=1)
 
 

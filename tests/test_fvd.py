@@ -134,12 +134,12 @@ def test_i3d_parameter_names_and_count():
   assert 12.5e6 < sum(np.prod(s) for s in shapes.values()) < 12.9e6
 
 
-# Logits 0, 94, 207, 298, 399 (all above 0.5 in size, so rtol is not asked of a near-zero) of the two `_fixed_rgb_videos` (20x20, resized to 32x32) on
-# `_fixed_i3d_variables(0)`, computed once on CPU with this code. A change to the preprocessing
-# (resize convention, scaling, channel order) or to any layer (kernel, stride, padding, pool,
-# batch-norm epsilon, branch order) moves them.
-# Measured when pinned: half-pixel resizing moves them by up to 187%, BGR for RGB by 3100%, a
-# batch-norm epsilon of 1e-5 for 1e-3 by 1.2%.
+# Logits 0, 94, 207, 298, 399 of the two `_fixed_rgb_videos` (20x20, resized to 32x32) on
+# `_fixed_i3d_variables(0)`, computed once on CPU with this code; all are above 0.5 in size, so rtol
+# is never asked of a near-zero. A change to the preprocessing (resize convention, scaling, channel
+# order) or to any layer (kernel, stride, padding, pool, batch-norm epsilon, branch order) moves
+# them. Measured when pinned: half-pixel resizing moves them by up to 187%, BGR for RGB by 3100%,
+# a batch-norm epsilon of 1e-5 for 1e-3 by 1.2%.
 PINNED_INDICES = [0, 94, 207, 298, 399]
 PINNED_LOGITS = [[1.18122852, -1.72067213, 0.6777401, -0.7081449, 1.11839688],
                  [1.02315533, -1.80374837, 0.76376474, -0.85566694, 1.51879263]]
@@ -400,8 +400,10 @@ def test_real_sets_are_disjoint_random_access_and_reach_past_num_test():
 
 
 def tiny_generator_config(data_dir, arg="tiny,local,row", **overrides):
-  """NBP on 5 frames of 8x8 pixels (the tiny classifier's videos), blocks of one row, 2 steps; `overrides`
-  sets "section.key" values (keys the config lacks included)."""
+  """NBP on the tiny classifier's videos (5 frames of 8x8 pixels), blocks of one row, 2 steps.
+
+  `overrides`: "section.key" values, keys the config leaves at their defaults included.
+  """
   from experiments.configs import nbp_digits  # pylint: disable=g-import-not-at-top
   c = nbp_digits.get_config(arg)
   c.data.dir = data_dir
@@ -416,7 +418,7 @@ def tiny_generator_config(data_dir, arg="tiny,local,row", **overrides):
   c.sampler.num_samples = 2
   set_tiny_budget(c, num_steps=2, checkpoint_every=2)
   with c.unlocked():
-    c.sampler.cache_phases = 1  # one compiled decoding loop: a third of the sampler's compile time  # e.g. sampler.cache_phases, a sampler keyword the config leaves at its default
+    c.sampler.cache_phases = 1  # one compiled decoding loop: a third of the sampler's compile time
     for key, value in overrides.items():
       section, name = key.split(".")
       c[section][name] = value
@@ -464,7 +466,7 @@ def test_conditioned_sampler_is_the_task_sampler_with_explicit_conditions(data_d
 
 
 def test_fvd_digits_evaluator_on_a_tiny_trained_run(classifier_workdir, generator_workdir):
-  s, params, name, _ = train.load_params(workdir_lib.read_config(generator_workdir), generator_workdir)
+  s, params, _, _ = train.load_params(workdir_lib.read_config(generator_workdir), generator_workdir)
   evaluator = evaluators.build({"fvd": dict(type="fvd_digits", classifier_workdir=classifier_workdir, num_videos=6,
                                             batch_size=4, seed=1)})["fvd"][1]
   metrics, stand_in, generated = evaluator.measure(_context(s, params))

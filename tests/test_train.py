@@ -128,7 +128,7 @@ def _softmax_regression(params, batch, rng, *, report_count=True):
 def _toy_step(loss, batch, grad_accum_steps):
   """One train_step of plain SGD at rate 1 on a linear classifier: params - grads."""
   params = {"kernel": jax.random.normal(jax.random.key(0), (3, 4))}
-  task = train.families.Task(model=None, init_inputs=None, loss=loss, data=None)
+  task = train.tasks_lib.Task(model=None, init_inputs=None, loss=loss, data=None)
   tx = optax.sgd(1.0)
   state = train.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                            ema_params=None)

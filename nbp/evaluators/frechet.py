@@ -151,7 +151,8 @@ def tokenizer_workdir(token_dir: str) -> str:
   workdir = tokens_lib.read_metadata(token_dir).get("tokenizer_workdir")
   if not workdir:
     raise ValueError(f"The tokens in {token_dir!r} do not name the tokenizer that wrote them "
-                     f"({tokens_lib.METADATA} has no tokenizer_workdir): re-encode them with experiments.encode_tokens.")
+                     f"({tokens_lib.METADATA} has no tokenizer_workdir): re-encode them with "
+                     "experiments.encode_tokens.")
   return workdir
 
 

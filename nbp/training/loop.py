@@ -35,7 +35,7 @@ from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from nbp import evaluators
-from nbp import tasks as families
+from nbp import tasks as tasks_lib
 from nbp.data import pipeline
 from nbp.training import checkpoint as checkpoint_lib
 from nbp.training import config as config_lib
@@ -58,7 +58,7 @@ class Setup:
   """Everything built from a config before the first compilation."""
 
   config: ml_collections.ConfigDict
-  task: families.Task
+  task: tasks_lib.Task
   mesh: jax.sharding.Mesh
   rules: tuple
   tx: optax.GradientTransformation
@@ -77,11 +77,11 @@ class Setup:
 def setup(config: ml_collections.ConfigDict, devices=None) -> Setup:
   """Checks the config against the devices and builds the abstract state."""
   config_lib.validate(config)
-  families.check_config(config)
+  tasks_lib.check_config(config)
   mesh = sharding.make_mesh(config.mesh, devices)
   rules = tuple((name, tuple(axes) if isinstance(axes, (list, tuple)) else axes) for name, axes in config.axis_rules)
   sharding.check_batch_size(config.batch_size, mesh, rules, grad_accum_steps=config.grad_accum_steps)
-  task = families.make_task(config)
+  task = tasks_lib.make_task(config)
   tx, schedule = make_optimizer(config, task)
   init = _init_fn(task, tx, config.optimizer.ema_decay)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
@@ -92,7 +92,7 @@ def setup(config: ml_collections.ConfigDict, devices=None) -> Setup:
                sharding.batch_sharding(mesh, rules))
 
 
-def make_optimizer(config: ml_collections.ConfigDict, task: families.Task):
+def make_optimizer(config: ml_collections.ConfigDict, task: tasks_lib.Task):
   """The optimizer of `config.optimizer`, or one per parameter group (optax.multi_transform).
 
   A task with `param_labels` (e.g. a GAN's "discriminator") gets one optimizer
@@ -126,7 +126,7 @@ def _unboxed_labels(param_labels, params):
                       is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
 
 
-def loss_and_grad(loss_fn: families.LossFn, params, batch, rng, param_labels=None):
+def loss_and_grad(loss_fn: tasks_lib.LossFn, params, batch, rng, param_labels=None):
   """((loss, metrics), grads) of a task's loss.
 
   A loss that returns one objective per parameter group ({group: scalar},
@@ -150,7 +150,7 @@ def loss_and_grad(loss_fn: families.LossFn, params, batch, rng, param_labels=Non
   return (out["model"], metrics), grads
 
 
-def _init_fn(task: families.Task, tx, ema_decay: float):
+def _init_fn(task: tasks_lib.Task, tx, ema_decay: float):
   def init(rng):
     variables = task.model.init({"params": rng, "dropout": rng}, **task.init_inputs())
     params = variables["params"]
@@ -170,7 +170,7 @@ def _microbatches(batch, n: int):
   return jax.tree.map(lambda x: x.reshape(x.shape[0] // n, n, *x.shape[1:]).swapaxes(0, 1), batch)
 
 
-def train_step(state: TrainState, batch, base_rng, *, task: families.Task, tx, schedule,
+def train_step(state: TrainState, batch, base_rng, *, task: tasks_lib.Task, tx, schedule,
                grad_accum_steps: int, ema_decay: float):
   """One optimizer step, gradients accumulated over `grad_accum_steps` micro-batches.
 
