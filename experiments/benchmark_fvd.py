@@ -16,7 +16,7 @@ videos (video_classifier_digits.py:local,4x12 for the local pixel runs); the
 evaluator stops with an error naming both when a run's decoded videos differ
 from the classifier's in shape, digits, speed or grey levels.
 
-Per sampling seed s (N = --num_videos), as nbp/evaluators/frechet.py says:
+Per sampling seed s (N = --num_videos), as nbp/evaluators/generation.py says:
 the reference is real test videos 0..N-1 of the classifier's data, the
 stand-in test videos (s+1)N..(s+2)N-1; the floor is their distance; each run
 draws N videos conditioned like the stand-in (its digit classes, or its first

@@ -12,17 +12,27 @@ import optax
 import pytest
 import scipy.linalg
 
+from experiments import benchmark_fvd
+from experiments.configs import nbp_digits
+from experiments.configs import ntp_digits
+from experiments.configs import video_classifier_digits
 from nbp import evaluators
+from nbp.data import moving_digits
+from nbp.data import pipeline
 from nbp.evaluators import frechet
 from nbp.evaluators import fvd
 from nbp.evaluators import fvd_digits
+from nbp.evaluators import generation
 from nbp.models import i3d
 from nbp.models.video_classifier import VideoClassifier
+from nbp.tasks import next_block
 from nbp.tasks import video_classifier
+from nbp.tasks import video_tokenizer
 from nbp.training import loop as train
 from nbp.training import metrics as metrics_lib
 from nbp.training import workdir as workdir_lib
 from tests.conftest import set_tiny_budget
+from tests.test_video_tokenizer import tiny_tokenizer_config
 
 FVD_KEY = fvd_digits.FVD_KEY
 
@@ -258,7 +268,6 @@ def test_multi_hot_counts_a_repeated_digit_once():
 
 
 def test_requantize_matches_the_token_round_trip_and_is_idempotent():
-  from nbp.data import pipeline  # pylint: disable=g-import-not-at-top
   videos = np.random.default_rng(0).integers(0, 256, size=(3, 2, 5, 5, 1), dtype=np.uint8)
   for levels in (8, 16, 5):
     expected = pipeline.dequantize_tokens(
@@ -317,7 +326,6 @@ def test_class_match_on_hand_made_logits():
 
 def tiny_classifier_config(data_dir):
   """The judge of the tiny runs below: 5 frames of 8x8, one digit, 8 grey levels, 2 steps."""
-  from experiments.configs import video_classifier_digits  # pylint: disable=g-import-not-at-top
   c = video_classifier_digits.get_config("local,4x12")
   c.data.dir = data_dir
   c.data.num_frames = 5
@@ -360,13 +368,12 @@ def test_load_classifier_returns_the_parameters_the_loop_evaluated(classifier_wo
 
 
 def test_digits_features_requantise_and_separate_sets():
-  from experiments.configs import video_classifier_digits  # pylint: disable=g-import-not-at-top
   data = video_classifier_digits.get_config("local,4x12").data
   data.frame_size = 8
   model = VideoClassifier(widths=(8,), feature_dim=8)
   params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 4, 8, 8, 1), jnp.uint8))["params"]
   extract = fvd_digits.feature_extractor(model, params, batch_size=8, levels=data.levels)
-  raw = frechet.real_videos(data, 0, 16)["video"]
+  raw = generation.real_videos(data, 0, 16)["video"]
   quantised = video_classifier.requantize(raw, data.levels)
   features = extract(quantised)
   assert features.shape == (16, 8) and features.dtype == np.float64
@@ -383,19 +390,17 @@ def test_digits_features_requantise_and_separate_sets():
 # Real sets and the generation shared by the FVD evaluators.
 
 def test_real_sets_are_disjoint_random_access_and_reach_past_num_test():
-  from experiments.configs import video_classifier_digits  # pylint: disable=g-import-not-at-top
-  from nbp.data import moving_digits  # pylint: disable=g-import-not-at-top
   data = video_classifier_digits.get_config("local,4x12").data
   data.num_digits = 2
-  a, b = frechet.real_videos(data, 0, 6), frechet.real_videos(data, 6, 6)
+  a, b = generation.real_videos(data, 0, 6), generation.real_videos(data, 6, 6)
   assert a["video"].shape == (6, 4, 12, 12, 1) and a["video"].dtype == np.uint8
   assert a["label"].shape == (6, 2)
   np.testing.assert_array_equal(a["class"], a["label"][:, 0] + 10 * a["label"][:, 1])
   assert not np.array_equal(a["video"], b["video"])
-  np.testing.assert_array_equal(frechet.real_videos(data, 3, 3)["video"], a["video"][3:])
+  np.testing.assert_array_equal(generation.real_videos(data, 3, 3)["video"], a["video"][3:])
   built = moving_digits.make_moving_digits(6, seed=0, split="test", num_frames=4, frame_size=12, num_digits=2)
   np.testing.assert_array_equal(a["video"], built["video"])  # the dataset's own test videos
-  late = frechet.real_videos(data, data.num_test + 5, 2)  # past the dataset's 1000
+  late = generation.real_videos(data, data.num_test + 5, 2)  # past the dataset's 1000
   assert late["video"].shape == (2, 4, 12, 12, 1) and late["video"].max() > 0
 
 
@@ -404,7 +409,6 @@ def tiny_generator_config(data_dir, arg="tiny,local,row", **overrides):
 
   `overrides`: "section.key" values, keys the config leaves at their defaults included.
   """
-  from experiments.configs import nbp_digits  # pylint: disable=g-import-not-at-top
   c = nbp_digits.get_config(arg)
   c.data.dir = data_dir
   c.data.num_frames = 5
@@ -443,23 +447,22 @@ def _untrained(config):
 
 
 def test_sampler_settings_are_the_configs_with_the_tasks_guidance_rule(data_dir):
-  from nbp.tasks import next_block  # pylint: disable=g-import-not-at-top
   for arg, scale, expected in [("tiny,local,row", 1.0, None), ("tiny,local,row", 3.0, 3.0),
                                ("tiny,local,row,frames", 3.0, None)]:
     config = tiny_generator_config(data_dir, arg, **{"sampler.guidance_scale": scale, "sampler.top_k": 5})
     model = next_block.make_task(config).model
-    assert frechet.sampler_settings(config, model) == {"guidance_scale": expected, "temperature": 1.0,
-                                                       "top_k": 5, "top_p": 1.0, "cache_phases": 1}
+    assert next_block.sampler_kwargs(model, config.sampler) == {
+        "num_samples": 2, "guidance_scale": expected, "temperature": 1.0, "top_k": 5, "top_p": 1.0,
+        "cache_phases": 1}
   with pytest.raises(ValueError, match="'video_classifier'"):
-    frechet.sampler_settings(tiny_classifier_config(data_dir), None)
+    generation.conditioned_sampler(tiny_classifier_config(data_dir), None, 2)
 
 
 def test_conditioned_sampler_is_the_task_sampler_with_explicit_conditions(data_dir):
-  from nbp.tasks import next_block  # pylint: disable=g-import-not-at-top
   s, params = _untrained(tiny_generator_config(data_dir, **{"sampler.guidance_scale": 3.0}))
   model, labels = s.task.model, jnp.array([3, 8], jnp.int32)
   prompt = jnp.zeros((2, 0, 8, 8), jnp.int32)
-  ours = jax.jit(frechet.conditioned_sampler(s.config, model, 2))(params, jax.random.key(1), labels, prompt)
+  ours = jax.jit(generation.conditioned_sampler(s.config, model, 2))(params, jax.random.key(1), labels, prompt)
   theirs = jax.jit(lambda p: next_block.sample(model, p, jax.random.key(1), num_samples=2, labels=labels,
                                                guidance_scale=3.0))(params)
   np.testing.assert_array_equal(ours, theirs)
@@ -477,8 +480,8 @@ def test_fvd_digits_evaluator_on_a_tiny_trained_run(classifier_workdir, generato
   assert generated.drawn == 8 and generated.frames == 5  # 6 videos in batches of 4; every frame drawn
   # The numbers are the distances of these very sets, through the classifier alone.
   model, c_params, c_config = video_classifier.load_classifier(classifier_workdir)
-  reference = frechet.real_videos(c_config.data, 0, 6)["video"]
-  np.testing.assert_array_equal(stand_in["video"], frechet.real_videos(c_config.data, 12, 6)["video"])  # seed 1
+  reference = generation.real_videos(c_config.data, 0, 6)["video"]
+  np.testing.assert_array_equal(stand_in["video"], generation.real_videos(c_config.data, 12, 6)["video"])  # seed 1
   direct = lambda a, b: fvd_digits.digits_fvd(a, b, classifier_params=c_params, model=model, levels=8)[FVD_KEY]
   np.testing.assert_allclose(metrics[FVD_KEY], direct(reference, generated.videos), rtol=1e-6)
   np.testing.assert_allclose(metrics[FVD_KEY + "_floor"], direct(reference, stand_in["video"]), rtol=1e-6)
@@ -501,7 +504,6 @@ def test_frame_prediction_is_prompted_with_the_stand_in_first_frames(classifier_
 
 
 def test_fvd_digits_checks_the_generator_against_the_classifier(classifier_workdir, data_dir, tmp_path):
-  from experiments.configs import nbp_digits, ntp_digits, video_classifier_digits  # pylint: disable=g-import-not-at-top
   judge = video_classifier_digits.get_config("local,4x12").data
   for generator in (nbp_digits.get_config("XS,local,row"), ntp_digits.get_config("XS,local")):
     fvd_digits.check_generator(generator, judge, "the judge")  # the local pixel runs and their judge agree
@@ -525,30 +527,12 @@ def test_fvd_digits_checks_the_generator_against_the_classifier(classifier_workd
 # ---------------------------------------------------------------------------
 # A token run: a tiny tokenizer, its tokens, NBP on them; samples decoded through the tokenizer.
 
-def tiny_tokenizer_config(data_dir):
-  """5 frames of 8x8 -> 2x2x2 tokens of 125 codes, 8 channels, one step (a copy of test_video_tokenizer's)."""
-  from experiments.configs import video_tokenizer_digits  # pylint: disable=g-import-not-at-top
-  c = video_tokenizer_digits.get_config("local")
-  c.data.dir = data_dir
-  c.data.frame_size = 8
-  c.data.num_train = 32
-  c.data.num_test = 16
-  c.model.channels = 8
-  c.model.channel_multipliers = (1, 2, 2)
-  c.model.time_factor = 4
-  c.model.space_factor = 4
-  c.model.levels = (5, 5, 5)
-  set_tiny_budget(c, num_steps=1, checkpoint_every=1)
-  return _without_samples(c)
-
-
 @pytest.fixture(scope="module")
 def token_run(data_dir, tmp_path_factory):
   """(setup, params) of frame-prediction NBP on the tokens of a tokenizer trained one step (not trained itself)."""
-  from experiments.configs import nbp_digits  # pylint: disable=g-import-not-at-top
-  from nbp.tasks import video_tokenizer  # pylint: disable=g-import-not-at-top
   root = tmp_path_factory.mktemp("token_run")
-  train.train_and_evaluate(tiny_tokenizer_config(data_dir), str(root / "tokenizer"))
+  train.train_and_evaluate(_without_samples(tiny_tokenizer_config(data_dir, checkpoint_every=1, **{"data.num_train": 32})),
+                           str(root / "tokenizer"))
   video_tokenizer.encode_tokens(str(root / "tokenizer"), str(root / "tokens"), batch_size=16)
   c = nbp_digits.get_config("tiny,local,tokens,row,frames")
   c.data.token_dir = str(root / "tokens")
@@ -569,7 +553,7 @@ def test_fvd_digits_evaluator_on_a_token_run(classifier_workdir, token_run):
   assert np.isfinite(metrics[FVD_KEY]) and metrics[FVD_KEY] > 0
   assert generated.videos.shape == (4, 5, 8, 8, 1) and generated.tokens.shape == (4, 2, 2, 2)
   # The prompt is the stand-in's first latent frame, through the run's tokenizer.
-  given = frechet.videos_to_tokens(s.config, stand_in["video"], batch_size=4)[:, :1]
+  given = s.task.from_videos(stand_in["video"])[:, :1]
   np.testing.assert_array_equal(generated.tokens[:, :1], given)
   np.testing.assert_array_equal(generated.videos, s.task.to_videos(generated.tokens))
 
@@ -602,7 +586,6 @@ def test_fvd_evaluator_on_a_tiny_trained_run(generator_workdir, i3d_variables, t
 # experiments/benchmark_fvd.py.
 
 def test_benchmark_parses_runs_and_loads_configs():
-  from experiments import benchmark_fvd  # pylint: disable=g-import-not-at-top
   spec = "experiments/configs/nbp_digits.py:XS,local,token=runs/fvd/nbp_token"
   assert benchmark_fvd.parse_run(spec) == ("experiments/configs/nbp_digits.py", "XS,local,token",
                                            "runs/fvd/nbp_token")
@@ -617,7 +600,6 @@ def test_benchmark_parses_runs_and_loads_configs():
 
 
 def test_benchmark_table_gives_each_run_its_seeds_mean_and_sd():
-  from experiments import benchmark_fvd  # pylint: disable=g-import-not-at-top
   rows = [{"run": "real 4..7", "block": "-", "condition": "-", "seed": 0, FVD_KEY: 9.0, "class_match": 0.5,
            "frames_per_s": None, "floor": True},
           {"run": "a", "spec": "runs/a", "block": "1x1x8", "condition": "class", "seed": 0, FVD_KEY: 100.0,
@@ -632,14 +614,13 @@ def test_benchmark_table_gives_each_run_its_seeds_mean_and_sd():
 
 
 def test_benchmark_runs_the_evaluator_over_runs_and_seeds(classifier_workdir, generator_workdir, tmp_path):
-  from experiments import benchmark_fvd  # pylint: disable=g-import-not-at-top
   rows = benchmark_fvd.benchmark([generator_workdir], classifier_workdir, num_videos=4, batch_size=4, seeds=[0, 3],
                                  out_dir=str(tmp_path))
   floors, runs = [r for r in rows if r.get("floor")], [r for r in rows if not r.get("floor")]
   assert [r["seed"] for r in floors] == [0, 3] and [r["seed"] for r in runs] == [0, 3]
   assert floors[1]["run"] == "real test videos 16..19"
   model, params, c_config = video_classifier.load_classifier(classifier_workdir)
-  real = lambda start: frechet.real_videos(c_config.data, start, 4)["video"]
+  real = lambda start: generation.real_videos(c_config.data, start, 4)["video"]
   floor = fvd_digits.digits_fvd(real(0), real(16), classifier_params=params, model=model, levels=8)[FVD_KEY]
   assert floors[1][FVD_KEY] == pytest.approx(floor, rel=1e-6)
   assert runs[1][FVD_KEY] > floor and runs[0][FVD_KEY] != runs[1][FVD_KEY]

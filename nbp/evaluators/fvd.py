@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from nbp.evaluators import frechet
+from nbp.evaluators import generation
 from nbp.models.i3d import NUM_FRAMES, RESOLUTION, InceptionI3D, load_i3d
 
 FVD_KEY = "fvd"  # the standard FVD; only this evaluator reports under that name
@@ -134,8 +135,8 @@ class Evaluator:
 
   def run(self, context) -> dict[str, float]:
     extract = _extractor(self.i3d_path, self.i3d_batch_size, self.resolution, self.num_frames or None)
-    metrics, _, _ = frechet.compare_with_real(
-        context, real_data=frechet.run_video_data(context.setup.config), extract=extract, key=FVD_KEY,
+    metrics, _, _ = generation.compare_with_real(
+        context, real_data=generation.run_video_data(context.setup.config), extract=extract, key=FVD_KEY,
         num_videos=self.num_videos, batch_size=self.batch_size, seed=self.seed, floor=self.floor,
         judge="the run's real test videos")
     return metrics

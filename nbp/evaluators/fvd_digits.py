@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from nbp.evaluators import frechet
+from nbp.evaluators import generation
 from nbp.models.video_classifier import VideoClassifier
 from nbp.tasks import video_classifier
 from nbp.training import workdir as workdir_lib
@@ -90,7 +91,7 @@ def load_judge(workdir: str, batch_size: int) -> Judge:
 
 def check_generator(config, classifier_data, judge: str) -> None:
   """What the shape check cannot see: digits and speed of the run's videos, and pixel runs' grey levels."""
-  data = frechet.run_video_data(config)
+  data = generation.run_video_data(config)
   if data.name != "moving_digits":
     raise ValueError(f"the run models {data.name!r} videos; {judge} judges moving digits.")
   for knob in KNOBS:
@@ -127,12 +128,12 @@ class Evaluator:
   def run(self, context) -> dict[str, float]:
     return self.measure(context)[0]
 
-  def measure(self, context) -> tuple[dict[str, float], dict[str, np.ndarray], frechet.Generated]:
+  def measure(self, context) -> tuple[dict[str, float], dict[str, np.ndarray], generation.Generated]:
     """(metrics, stand-in set, Generated): `run`'s numbers and the videos behind them."""
     judge = load_judge(self.classifier_workdir, self.batch_size)
     name = f"the classifier in {self.classifier_workdir}"
     check_generator(context.setup.config, judge.config.data, name)
-    metrics, stand_in, generated = frechet.compare_with_real(
+    metrics, stand_in, generated = generation.compare_with_real(
         context, real_data=judge.config.data, extract=judge.features, key=FVD_KEY, num_videos=self.num_videos,
         batch_size=self.batch_size, seed=self.seed, floor=self.floor, judge=name)
     if context.setup.task.model.condition == "class":

@@ -62,6 +62,8 @@ class Task:
   write_samples: Callable[[Any, str, int], dict[str, float]] | None = None
   # samples as numpy -> uint8 videos [N, F, H, W, C] (the FVD evaluators' input); None: not videos.
   to_videos: Callable[[Any], np.ndarray] | None = None
+  # uint8 videos -> what the sampler takes as a prompt (its inverse, e.g. tokens); None: no prompts.
+  from_videos: Callable[[np.ndarray], Any] | None = None
   # params -> a pytree of group names (optax.multi_transform labels), for a second optimizer
   # (config.param_groups); None: one group.
   param_labels: Callable[[Any], Any] | None = None

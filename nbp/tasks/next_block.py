@@ -206,28 +206,53 @@ def make_data(model: Model, data_cfg, split: str, *, seed: int, process_index: i
       process_index=process_index, process_count=process_count, worker_count=data_cfg.worker_count)
 
 
+def tokenizer_workdir(token_dir: str) -> str:
+  """The workdir of the tokenizer that wrote the tokens in `token_dir` (their metadata names it)."""
+  workdir = tokens_lib.read_metadata(token_dir).get("tokenizer_workdir")
+  if not workdir:
+    raise ValueError(f"The tokens in config.data.token_dir={token_dir!r} do not name the tokenizer that wrote "
+                     f"them ({tokens_lib.METADATA} has no tokenizer_workdir): re-encode them with "
+                     "experiments.encode_tokens.")
+  return workdir
+
+
 @functools.cache
-def _tokenizer_decoder(tokenizer_workdir: str):
-  """A jitted tokens [B, f, h, w] -> uint8 videos [B, F, H, W, C] of the tokenizer trained in a workdir."""
-  tokenizer, params = video_tokenizer.load_tokenizer(tokenizer_workdir)
+def _tokenizer(workdir: str):
+  """(jitted decode, jitted encode, params) of the tokenizer trained in `workdir`."""
+  tokenizer, params = video_tokenizer.load_tokenizer(workdir)
   decode = jax.jit(functools.partial(video_tokenizer.decode_tokens, tokenizer))
-  return lambda tokens: video_tokenizer.to_uint8(decode(params, jnp.asarray(tokens)))
+  encode = jax.jit(lambda p, v: video_tokenizer.encode_video(tokenizer, p, v.astype(jnp.float32) / 127.5 - 1.0))
+  return decode, encode, params
 
 
 def tokens_to_videos(model: Model, data_cfg, tokens) -> np.ndarray:
   """Grid tokens [B, F, H, W] -> uint8 videos: the tokenizer's decoder, or the grey levels dequantised."""
   tokens = np.asarray(tokens)
   if data_cfg.name == "tokens":
-    workdir = tokens_lib.read_metadata(data_cfg.token_dir).get("tokenizer_workdir")
-    if not workdir:
-      raise ValueError(f"The tokens in config.data.token_dir={data_cfg.token_dir!r} do not name the tokenizer "
-                       f"that wrote them ({tokens_lib.METADATA} has no tokenizer_workdir): re-encode them with "
-                       "experiments.encode_tokens.")
-    return _tokenizer_decoder(workdir)(tokens)
+    decode, _, params = _tokenizer(tokenizer_workdir(data_cfg.token_dir))
+    return video_tokenizer.to_uint8(decode(params, jnp.asarray(tokens)))
   if data_cfg.name == "text":
     raise ValueError("text samples are bytes, not videos")
   b, f, h, w = tokens.shape
   return pipeline.dequantize_tokens(tokens.reshape(b, -1), model.codebook_size, (f, h, w, 1))
+
+
+def videos_to_tokens(model: Model, data_cfg, videos, *, batch_size: int = 32) -> np.ndarray:
+  """uint8 videos [N, F, H, W, C] -> grid tokens [N, f, h, w]: the inverse of `tokens_to_videos`.
+
+  Token runs encode with their tokenizer, in batches of `batch_size` (the last
+  one padded: one compiled shape); pixel runs quantise to the grey levels.
+  """
+  videos = np.asarray(videos)
+  if data_cfg.name != "tokens":
+    return pipeline.quantize_video(videos, model.codebook_size)[..., 0]  # grey levels are the tokens
+  _, encode, params = _tokenizer(tokenizer_workdir(data_cfg.token_dir))
+  out = []
+  for start in range(0, len(videos), batch_size):
+    chunk = videos[start:start + batch_size]
+    padded = np.concatenate([chunk, np.repeat(chunk[-1:], batch_size - len(chunk), axis=0)])
+    out.append(np.asarray(encode(params, jnp.asarray(padded)))[:len(chunk)])
+  return np.concatenate(out)
 
 
 def write_samples(model: Model, data_cfg, tokens: np.ndarray, out_dir: str, step: int) -> dict[str, float]:
@@ -253,13 +278,23 @@ def _test_prompt_tokens(data_json: str, model: Model, batch_size: int) -> np.nda
   return np.asarray(next(it)["tokens"]).reshape(batch_size, *model.grid)
 
 
+def sampler_kwargs(model: Model, sampler_cfg) -> dict:
+  """`sample`'s keywords from `config.sampler`; guidance scale 1 (or no class condition) means no guidance.
+
+  Scale 1 is the conditional model itself: sampling it without the doubled
+  batch draws the same tokens at half the cost.
+  """
+  kwargs = dict(sampler_cfg)
+  if kwargs.get("guidance_scale") == 1.0 or model.condition != "class":
+    kwargs["guidance_scale"] = None
+  return kwargs
+
+
 def make_task(config) -> tasks.Task:
   model = tasks.build_model(Model, config.model)
   model.check()
   check_data(model, config.data)
-  sampler = dict(config.get("sampler", {}))
-  if sampler.get("guidance_scale") == 1.0 or model.condition != "class":
-    sampler["guidance_scale"] = None  # scale 1 is the conditional model: no doubled batch
+  sampler = sampler_kwargs(model, config.get("sampler", {}))
   num_samples = sampler.get("num_samples", 8)
 
   def sample_fn(params, rng):
@@ -285,4 +320,5 @@ def make_task(config) -> tasks.Task:
       sample=sample_fn,
       write_samples=functools.partial(write_samples, model, config.data),
       to_videos=functools.partial(tokens_to_videos, model, config.data) if is_video else None,
+      from_videos=functools.partial(videos_to_tokens, model, config.data) if is_video else None,
   )
