@@ -25,7 +25,7 @@ this checkout's: rows marked "(REV)". The child builds the same weights (same
 init key) from REV's code.
 
 Settings:
-  paper  the DESIGN's reference CPU measurement of the official PyTorch sampler:
+  paper  the setting in which the NBP authors' PyTorch sampler was measured on a like CPU:
          8 layers, width 512, 8 heads, vocab 1024, a 5x16x16 grid with 2 given
          frames (512-token prefix) and 3 generated (768 tokens)
   small  4 layers, width 256, 4 heads, vocab 1024, 5x8x8 grid, 2 given frames

@@ -47,7 +47,7 @@ def brute_force(s, v, valid=None):
 
 
 def gated_form(s, v, valid):
-  """numpy float64, DESIGN.md's gated form: o_t = a_t o_(t-1) + (1 - a_t) v_t, a_t = exp(L_(t-1) - L_t)."""
+  """numpy float64, the gated form of Aaren's recurrence: o_t = a_t o_(t-1) + (1 - a_t) v_t, a_t = exp(L_(t-1) - L_t)."""
   s = np.asarray(s, np.float64)
   v = np.asarray(v, np.float64)
   o = np.zeros(v.shape)
