@@ -20,7 +20,7 @@ from PIL import Image
 
 from nbp.data import moving_digits as md
 from nbp.data import pipeline
-from nbp.data import tfds_sources as tfds_video
+from nbp.data import tfds_sources
 from nbp.data.generated import GeneratedBuilder
 from nbp.data.video_folder import VideoFolderSource
 
@@ -337,7 +337,7 @@ class _TinyUcf101(GeneratedBuilder, skip_registration=True):
   JPEGs, "label": int64) and takes pre-encoded JPEG bytes without TensorFlow.
   """
   name = "ucf101"
-  VERSION = tfds.core.Version(tfds_video.UCF101_VERSION)
+  VERSION = tfds.core.Version(tfds_sources.UCF101_VERSION)
   BUILDER_CONFIGS = [tfds.core.BuilderConfig(name="ucf101_1_256")]
   frame_side = 256  # stored frame size; a wrong one tests the shape check
 
@@ -374,26 +374,26 @@ def ucf_dir(tmp_path_factory):
 
 def test_ucf101_source(ucf_dir):
   assert os.path.isdir(os.path.join(ucf_dir, "ucf101", "ucf101_1_256", "2.0.0"))
-  src = tfds_video.ucf101_source("train", ucf_dir, num_frames=6, frame_size=32)
+  src = tfds_sources.ucf101_source("train", ucf_dir, num_frames=6, frame_size=32)
   assert len(src) == 3
   labels = sorted(int(src[i]["label"]) for i in range(3))
   assert labels == [0, 10, 20]
   ex = src[0]
   assert ex["video"].shape == (6, 32, 32, 3) and ex["video"].dtype == np.uint8
-  rand = tfds_video.ucf101_source("test", ucf_dir, num_frames=2, frame_size=16,
+  rand = tfds_sources.ucf101_source("test", ucf_dir, num_frames=2, frame_size=16,
                                   frame_stride=2, random_clip=True, seed=3)
   np.testing.assert_array_equal(rand[1]["video"], rand[1]["video"])
   batch = next(pipeline.make_iterator(src, global_batch_size=2, seed=0, process_index=0,
                                       process_count=1, transforms=[pipeline.NormalizeVideo()]))
   assert batch["video"].shape == (2, 6, 32, 32, 3) and batch["video"].dtype == np.float32
   with pytest.raises(ValueError, match="ucf101-validation"):
-    tfds_video.ucf101_source("validation", ucf_dir, num_frames=2, frame_size=8)
+    tfds_sources.ucf101_source("validation", ucf_dir, num_frames=2, frame_size=8)
 
 
 def test_ucf101_wrong_frame_shape_names_example(tmp_path):
   d = str(tmp_path)
   _WrongSizeUcf101(data_dir=d, file_format="array_record").download_and_prepare()
-  src = tfds_video.ucf101_source("train", d, num_frames=2, frame_size=16)
+  src = tfds_sources.ucf101_source("train", d, num_frames=2, frame_size=16)
   with pytest.raises(ValueError, match=r"example 0.*\(256, 256, 3\).*\(200, 200, 3\)"):
     src[0]
 
@@ -423,13 +423,13 @@ class _TinyImagenet(GeneratedBuilder, skip_registration=True):
 def test_imagenet_source(tmp_path):
   d = str(tmp_path)
   _TinyImagenet(data_dir=d, file_format="array_record").download_and_prepare()
-  src = tfds_video.imagenet_source("validation", d, image_size=16)
+  src = tfds_sources.imagenet_source("validation", d, image_size=16)
   assert type(src.builder).__module__.startswith("tensorflow_datasets.")  # the real builder
   assert len(src) == 2
   ex = src[1]
   assert ex["image"].shape == (16, 16, 3) and ex["image"].dtype == np.uint8
   assert sorted(int(src[i]["label"]) for i in range(2)) == [100, 101]
   batch = next(pipeline.make_iterator(
-      tfds_video.imagenet_source("train", d, image_size=8), global_batch_size=4,
+      tfds_sources.imagenet_source("train", d, image_size=8), global_batch_size=4,
       seed=0, process_index=0, process_count=1))
   assert batch["image"].shape == (4, 8, 8, 3)

@@ -366,6 +366,7 @@ def test_multihead_attention_blocksparse_decodes_with_cache():
   np.testing.assert_allclose(jnp.concatenate(outs, axis=1), full, atol=2e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("block", [(1, 1, 1), (1, 1, 4)])
 def test_model_config_switches_attention_impl(block):
   impls = ["xla", "xla_blocksparse", "auto", "pallas"]  # pallas: interpret mode on CPU
@@ -380,6 +381,7 @@ def test_model_config_switches_attention_impl(block):
     np.testing.assert_allclose(got, want, atol=1e-4, err_msg=impl)
 
 
+@pytest.mark.slow
 def test_model_pallas_gradients_match_xla():
   tokens = jnp.asarray(np.random.default_rng(1).integers(0, 16, (1, 16)), jnp.int32)
   make = lambda impl: block_transformer.NextBlockTransformer(

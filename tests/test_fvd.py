@@ -291,6 +291,7 @@ def _separable_set(n, seed):
   return {"video": videos.astype(np.uint8), "label": labels}
 
 
+@pytest.mark.slow
 def test_classifier_learns_a_trivially_separable_set():
   """A few Adam steps on the task's loss: exact-set accuracy on held-out videos goes from ~0 to 1."""
   model = VideoClassifier(widths=(8,), feature_dim=8)
@@ -353,6 +354,7 @@ def classifier_workdir(data_dir, tmp_path_factory):
   return workdir
 
 
+@pytest.mark.slow
 def test_load_classifier_returns_the_parameters_the_loop_evaluated(classifier_workdir, data_dir):
   """load_classifier(workdir) alone (config.json + checkpoint) gives the loop's final eval/loss exactly."""
   model, params, config = video_classifier.load_classifier(classifier_workdir)
@@ -458,6 +460,7 @@ def test_sampler_settings_are_the_configs_with_the_tasks_guidance_rule(data_dir)
     generation.conditioned_sampler(tiny_classifier_config(data_dir), None, 2)
 
 
+@pytest.mark.slow
 def test_conditioned_sampler_is_the_task_sampler_with_explicit_conditions(data_dir):
   s, params = _untrained(tiny_generator_config(data_dir, **{"sampler.guidance_scale": 3.0}))
   model, labels = s.task.model, jnp.array([3, 8], jnp.int32)
@@ -468,6 +471,7 @@ def test_conditioned_sampler_is_the_task_sampler_with_explicit_conditions(data_d
   np.testing.assert_array_equal(ours, theirs)
 
 
+@pytest.mark.slow
 def test_fvd_digits_evaluator_on_a_tiny_trained_run(classifier_workdir, generator_workdir):
   s, params, _, _ = train.load_params(workdir_lib.read_config(generator_workdir), generator_workdir)
   evaluator = evaluators.build({"fvd": dict(type="fvd_digits", classifier_workdir=classifier_workdir, num_videos=6,
@@ -494,6 +498,7 @@ def test_fvd_digits_evaluator_on_a_tiny_trained_run(classifier_workdir, generato
   assert not np.array_equal(other.measure(_context(s, params))[2].videos, generated.videos)
 
 
+@pytest.mark.slow
 def test_frame_prediction_is_prompted_with_the_stand_in_first_frames(classifier_workdir, data_dir):
   s, params = _untrained(tiny_generator_config(data_dir, "tiny,local,row,frames"))
   evaluator = fvd_digits.Evaluator(classifier_workdir=classifier_workdir, num_videos=4, batch_size=4, floor=False)
@@ -503,6 +508,7 @@ def test_frame_prediction_is_prompted_with_the_stand_in_first_frames(classifier_
   assert generated.frames == 3  # the two given frames are not counted as drawn
 
 
+@pytest.mark.slow
 def test_fvd_digits_checks_the_generator_against_the_classifier(classifier_workdir, data_dir, tmp_path):
   judge = video_classifier_digits.get_config("local,4x12").data
   for generator in (nbp_digits.get_config("XS,local,row"), ntp_digits.get_config("XS,local")):
@@ -613,6 +619,7 @@ def test_benchmark_table_gives_each_run_its_seeds_mean_and_sd():
   assert lines[3] == "| runs/a | 1x1x8 | class | 100.0 / 110.0 | 105.0 (7.1) | 40-60 | 0.500 |"
 
 
+@pytest.mark.slow
 def test_benchmark_runs_the_evaluator_over_runs_and_seeds(classifier_workdir, generator_workdir, tmp_path):
   rows = benchmark_fvd.benchmark([generator_workdir], classifier_workdir, num_videos=4, batch_size=4, seeds=[0, 3],
                                  out_dir=str(tmp_path))

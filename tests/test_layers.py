@@ -117,6 +117,7 @@ def _decode_in_chunks(model, variables, x, chunks, positions=None):
   return jnp.concatenate(outs, axis=1), cache
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scan_layers", [False, True])
 def test_decode_token_by_token_matches_forward_causal(scan_layers):
   t = 10
@@ -132,6 +133,7 @@ def test_decode_token_by_token_matches_forward_causal(scan_layers):
   np.testing.assert_array_equal(index, t)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scan_layers", [False, True])
 def test_decode_block_by_block_matches_forward_block_causal(scan_layers):
   prefix, block, num_blocks = 3, 4, 3
@@ -144,6 +146,7 @@ def test_decode_block_by_block_matches_forward_block_causal(scan_layers):
   np.testing.assert_allclose(decoded, full, atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scan_layers", [False, True])
 def test_decode_with_a_cache_grown_between_steps_matches_forward(scan_layers):
   """A cache just long enough for the prefill, grown by resize_cache before each chunk (a sampler's phases)."""
@@ -203,6 +206,7 @@ def test_padding_in_multi_head_attention():
 # Blocks, MLP, norms, remat, partitioning, dtypes
 
 
+@pytest.mark.slow
 def test_adaln_block_is_identity_at_init():
   blk = TransformerBlock(num_heads=2, head_dim=8, mlp_dim=32, adaln=True, mask=MaskSpec("block_causal", block_len=4))
   x = randn(0, (2, 8, 16))
@@ -238,6 +242,7 @@ def test_norms_in_float32(kind):
     transformer.make_norm("batchnorm")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scan_layers", [False, True])
 def test_remat_policies_same_gradients(scan_layers):
   block = dict(num_heads=2, head_dim=8, mlp_dim=32, rope="1d", mask=MaskSpec("block_causal", block_len=2))
@@ -256,6 +261,7 @@ def test_remat_policies_same_gradients(scan_layers):
     grads("sometimes")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scan_layers", [False, True])
 def test_every_param_is_logically_partitioned(scan_layers):
   block = dict(num_heads=4, num_kv_heads=2, head_dim=8, mlp_dim=32, adaln=True, norm="layernorm")

@@ -92,6 +92,7 @@ def test_block_causal_mask_vs_brute_force():
       assert dense[q, k] == sees, (q, k)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("condition", ["none", "class", "frames"])
 def test_no_information_flows_from_a_block_to_its_own_prediction(condition):
   """Changing a token of block b changes the predictions of block b+1 and nothing before it."""
@@ -165,6 +166,7 @@ def test_condition_dropout_replaces_labels_by_the_null_class_at_its_rate():
   np.testing.assert_array_equal(nb.drop_condition(jax.random.key(0), labels, 0.0, null_class=10), labels)
 
 
+@pytest.mark.slow
 def test_loss_with_full_condition_dropout_is_the_null_class_loss():
   model = _model(condition="class")
   tokens = _tokens(model)
@@ -185,6 +187,7 @@ def test_loss_with_full_condition_dropout_is_the_null_class_loss():
     ("learned", "class", (1, 2, 2), False), ("rope3d", "class", (1, 2, 2), False),
     ("learned", "frames", (1, 2, 2), False), ("rope3d", "frames", (1, 2, 2), True),
     ("rope", "none", (1, 1, 1), False), ("rope", "none", (1, 1, 1), True)])
+@pytest.mark.slow
 def test_cached_block_decoding_equals_full_forward(position, condition, block, scan_layers):
   model = _model(position=position, condition=condition, prefix_frames=1, block=block, scan_layers=scan_layers)
   tokens = _tokens(model)
@@ -209,6 +212,7 @@ def test_cached_block_decoding_equals_full_forward(position, condition, block, s
   np.testing.assert_allclose(jnp.concatenate(steps, axis=1), full, atol=3e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("block,position", [((1, 2, 2), "rope3d"), ((1, 1, 1), "rope"), ((1, 1, 1), "learned")])
 def test_greedy_block_sampler_matches_recomputed_argmax(block, position):
   """The jitted cached sampler at temperature 0 equals block-by-block argmax without a cache."""
@@ -225,6 +229,7 @@ def test_greedy_block_sampler_matches_recomputed_argmax(block, position):
   np.testing.assert_array_equal(np.asarray(drawn).reshape(2, -1), bt.to_grid_order(seq, model.order))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("condition,block", [("frames", (1, 1, 2)), ("class", (1, 1, 2)), ("frames", (1, 1, 1))])
 def test_sampler_draws_the_same_tokens_in_any_number_of_phases(condition, block):
   """Phased decoding (caches grown per phase) against one loop over a whole cache: same key, same tokens."""
@@ -240,6 +245,7 @@ def test_sampler_draws_the_same_tokens_in_any_number_of_phases(condition, block)
   np.testing.assert_array_equal(draw(params, 3), draw(params, 1))
 
 
+@pytest.mark.slow
 def test_guidance_scale_one_is_conditional_and_zero_unconditional():
   model = _model(condition="class", block=(1, 1, 4))
   tokens = _tokens(model)
@@ -257,6 +263,7 @@ def test_guidance_scale_one_is_conditional_and_zero_unconditional():
   np.testing.assert_allclose(decoding.guide(logits, 3.0), 3.0 * jnp.ones((1, 3)))
 
 
+@pytest.mark.slow
 def test_frame_prediction_sampler_keeps_the_prompt_frames():
   model = _model(condition="frames", prefix_frames=1, block=(1, 1, 4))
   tokens = _tokens(model)
@@ -295,6 +302,7 @@ def tiny_nbp_config(data_dir, arg="tiny,local,row", **overrides):
   return apply_overrides(c, overrides)
 
 
+@pytest.mark.slow
 def test_token_data_reads_encoded_tokens_and_checks_them(tmp_path, data_dir):
   """Tokens written by the encoder come back as flat grid-order tokens and a class; mismatches name the key."""
   tokenizer_config = tiny_tokenizer_config(data_dir)
@@ -333,6 +341,7 @@ def test_token_data_reads_encoded_tokens_and_checks_them(tmp_path, data_dir):
     tasks.check_config(bad)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arg", ["tiny,local,2row", "tiny,local,patch", "tiny,local,frame", "tiny,local,token,uncond"])
 def test_one_step_of_each_block_shape(arg, data_dir):
   """One jitted gradient step of the config's task (model, data, loss) for the other block shapes."""
@@ -353,6 +362,7 @@ def test_one_step_of_each_block_shape(arg, data_dir):
   assert float(metrics["num_targets"]) == 4 * task.model.num_predicted
 
 
+@pytest.mark.slow
 def test_frame_prediction_trains_one_step_and_samples(tmp_path, data_dir):
   config = tiny_nbp_config(data_dir, "tiny,local,row,frames")
   result = train.train_and_evaluate(config, str(tmp_path))
@@ -362,6 +372,7 @@ def test_frame_prediction_trains_one_step_and_samples(tmp_path, data_dir):
   assert os.path.exists(tmp_path / "samples" / "step_0000001.png")
 
 
+@pytest.mark.slow
 def test_class_conditional_run_with_guidance_loss_falls(tmp_path, data_dir):
   """Row blocks, class prefix, condition dropout, guided samples: the loss falls in 30 steps."""
   config = tiny_nbp_config(data_dir, "tiny,local,row", num_steps=30, log_every=5,
@@ -379,6 +390,7 @@ def test_class_conditional_run_with_guidance_loss_falls(tmp_path, data_dir):
 # Sizes, dtypes, the text setting and the entry points.
 
 
+@pytest.mark.slow
 def test_bfloat16_forward_is_finite():
   model = _model(dtype="bfloat16", block=(1, 1, 1), condition="none")
   tokens = jnp.zeros((2, model.num_tokens), jnp.int32)
@@ -415,6 +427,7 @@ def test_unknown_config_keys_are_named_before_compilation():
       tasks.check_config(config)
 
 
+@pytest.mark.slow
 def test_sample_and_evaluate_entry_points(tmp_path, data_dir):
   config = tiny_ntp_config(data_dir, num_steps=2)
   base = ["--config", "experiments/configs/ntp_digits.py:tiny,local", "--workdir", str(tmp_path),
@@ -433,6 +446,7 @@ def test_sample_and_evaluate_entry_points(tmp_path, data_dir):
   assert metrics["step"] == 2 and np.isfinite(metrics["eval/loss"]) and metrics["params"] == "params"
 
 
+@pytest.mark.slow
 def test_text_config_trains_one_step(tmp_path):
   config = ntp_text.get_config("tiny,local")
   config.model.grid = (1, 1, 64)

@@ -17,7 +17,7 @@ import pytest
 from experiments.configs import nbp_kinetics600, nbp_pod, nbp_ucf101, video_tokenizer_pod
 from nbp import tasks
 from nbp.data import tokens as tokens_lib
-from nbp.data import video_sources as videos
+from nbp.data import video_sources
 from nbp.tasks import video_tokenizer as vt
 from tests.conftest import apply_overrides, run_module
 from tests.test_data import _TinyUcf101, _write_mp4
@@ -55,18 +55,18 @@ def _small_data(dataset: str, data_dir: str, **overrides):
 
 def test_video_source_ucf101(ucf_dir):
   data = _small_data("ucf101", ucf_dir).data
-  source = videos.video_source(data, "train")
-  assert len(source) == 3 and len(videos.video_source(data, "test")) == 2
+  source = video_sources.video_source(data, "train")
+  assert len(source) == 3 and len(video_sources.video_source(data, "test")) == 2
   example = source[0]
   assert example["video"].shape == (5, 16, 16, 3) and example["video"].dtype == np.uint8
   assert example["label"].shape == (1,) and example["label"].dtype == np.int32
   assert sorted(int(source[i]["label"][0]) for i in range(3)) == [0, 10, 20]
-  assert videos.num_channels(data) == 3
+  assert video_sources.num_channels(data) == 3
 
 
 def test_video_source_video_folder(kinetics_dir):
   data = _small_data("kinetics600", kinetics_dir).data
-  train, test = videos.video_source(data, "train"), videos.video_source(data, "test")  # test reads val/
+  train, test = video_sources.video_source(data, "train"), video_sources.video_source(data, "test")  # test reads val/
   assert len(train) == 3 and len(test) == 2
   assert [train[i]["label"].tolist() for i in range(3)] == [[0], [0], [1]]
   assert train[2]["video"].shape == (5, 16, 16, 3) and train[2]["video"].dtype == np.uint8
@@ -76,12 +76,12 @@ def test_video_source_errors(tmp_path, kinetics_dir):
   data = _small_data("kinetics600", kinetics_dir).data
   data.name = "kinetics"
   with pytest.raises(ValueError, match=r"config\.data\.name='kinetics'"):
-    videos.video_source(data, "train")
+    video_sources.video_source(data, "train")
   empty = str(tmp_path / "nothing_here")
   with pytest.raises(ValueError, match="nothing_here/ucf101/ucf101_1_256"):
-    videos.video_source(_small_data("ucf101", empty).data, "train")
+    video_sources.video_source(_small_data("ucf101", empty).data, "train")
   with pytest.raises(ValueError, match="nothing_here/val"):
-    videos.video_source(_small_data("kinetics600", empty).data, "test")
+    video_sources.video_source(_small_data("kinetics600", empty).data, "test")
 
 
 # ------------------------------------------------- tokenizer data and encoding
@@ -111,7 +111,7 @@ def test_tokenizer_reads_rgb_videos_and_encode_dataset_writes_what_nbp_reads(tmp
 
   out = str(tmp_path / "tokens")
   encode = jax.jit(lambda v: vt.encode_video(task.model, params, v))
-  sources = {split: videos.video_source(config.data, split) for split in ("train", "test")}
+  sources = {split: video_sources.video_source(config.data, split) for split in ("train", "test")}
   metadata = tokens_lib.encode_dataset(encode, sources, out, batch_size=2, metadata={
       "latent_shape": [2, 4, 4], "codebook_size": task.model.codebook_size, "video_shape": [5, 16, 16, 3]})
   assert {"latent_shape", "codebook_size", "num_examples", "video_shape"} <= set(metadata)
@@ -140,7 +140,7 @@ def test_pod_configs_agree_with_the_tokenizer_and_the_official_scripts():
   for dataset in video_tokenizer_pod.DATASETS:
     c = video_tokenizer_pod.get_config(dataset)
     model = tasks.build_model(vt.Model, c.model)
-    assert model.out_channels == videos.num_channels(c.data) == 3
+    assert model.out_channels == video_sources.num_channels(c.data) == 3
     assert model.latent_shape(c.data.num_frames, c.data.frame_size, c.data.frame_size) == nbp_pod.TOKEN_GRID
     assert model.codebook_size == nbp_pod.CODEBOOK_SIZE and c.model.dtype == "bfloat16"
   expected = {  # scripts/lm_train/train_ucf.sh, train_k600.sh: (batch, lr, warmup, steps)

@@ -97,6 +97,7 @@ def test_weight_decay_only_on_matrices():
 # ---------------------------------------------------------------------------
 # End to end in-process.
 
+@pytest.mark.slow
 def test_one_step_end_to_end(tmp_path, data_dir):
   config = tiny_ntp_config(data_dir, num_steps=1, checkpoint_every=1)
   result = train.train_and_evaluate(config, str(tmp_path))
@@ -201,6 +202,7 @@ def _two_steps(data_dir, batch, grad_accum_steps):
   return jax.device_get(state.params), metrics
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_weights_micro_batches_by_their_targets(data_dir):
   """Micro-batches of 1 and 100 weighted tokens: accumulating 2 equals the full-batch step.
 
@@ -226,6 +228,7 @@ def test_gradient_accumulation_weights_micro_batches_by_their_targets(data_dir):
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), accum_params, full_params)
 
 
+@pytest.mark.slow
 def test_nan_stops_with_the_step_number(tmp_path, data_dir):
   config = tiny_ntp_config(data_dir, num_steps=3)
   config.optimizer.lr = float("nan")
@@ -242,6 +245,7 @@ def test_experiment_entry_points_import_together():
   assert result.returncode == 0, result.stderr[-3000:]
 
 
+@pytest.mark.slow
 def test_demo_code_path(tmp_path, data_dir):
   """The demo's three stages in a tiny setting; a second call resumes every stage instead of redoing it."""
   config = tiny_nbp_config(data_dir, "tiny,local,tokens,row", num_steps=3)
@@ -258,6 +262,7 @@ def test_demo_code_path(tmp_path, data_dir):
   assert os.path.getmtime(os.path.join(tmp_path, "tokens", "metadata.json")) == tokens_written
 
 
+@pytest.mark.slow
 def test_loss_falls_in_a_short_run(tmp_path, data_dir):
   config = tiny_ntp_config(data_dir, num_steps=60, log_every=10, checkpoint_every=60)
   config.optimizer.lr = 3e-3
@@ -391,6 +396,7 @@ def _max_abs_diff(a, b) -> float:
              zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
 
+@pytest.mark.slow
 def test_ema_and_profile_trace(tmp_path, data_dir):
   """ema_k = d * ema_(k-1) + (1 - d) * params_k after every step k, from ema_0 = params_0; a trace is written."""
   decay = 0.75  # not 0.5: decay and 1 - decay swapped would pass
@@ -414,6 +420,7 @@ def test_ema_and_profile_trace(tmp_path, data_dir):
   assert traces and all(os.path.getsize(t) > 0 for t in traces), traces
 
 
+@pytest.mark.slow
 def test_init_from_takes_parameters_and_ema_but_not_the_optimizer(tmp_path, data_dir, monkeypatch):
   """Run B with init_from = run A's checkpoints starts at step 0 from A's final params and EMA, fresh Adam."""
   config_a = tiny_ntp_config(data_dir, num_steps=2, checkpoint_every=2)
@@ -463,6 +470,7 @@ def test_bad_init_from_names_the_path(tmp_path, data_dir, kind):
     train.train_and_evaluate(config, str(tmp_path / "work"))
 
 
+@pytest.mark.slow
 def test_evaluation_and_sampling_use_the_ema_parameters_and_say_so(tmp_path, data_dir):
   """With an EMA kept, load_params, the eval evaluator and the sampler all read ema_params, not params."""
   config = tiny_ntp_config(data_dir, num_steps=3, checkpoint_every=3)

@@ -1,10 +1,15 @@
 """The one training loop shared by every model family.
 
 Start order of a run:
-  1. resume from the latest complete checkpoint in `workdir` (state and data
-     iterator), else
-  2. take the parameters of `config.init_from`, else
+  1. resume from the newest readable checkpoint in `workdir` (state and data
+     iterator; a damaged step is skipped with a warning naming it), else
+  2. take the parameters (and EMA) of `config.init_from`, with a fresh
+     optimizer at step 0, else
   3. initialise from `config.seed`.
+
+Evaluation (`config.evals`, nbp.evaluators) runs on schedule and at the end on
+the EMA parameters when the run keeps them, else on the parameters; the
+results say which ("eval/uses_ema").
 
 The state is built abstractly (`jax.eval_shape`), its shardings derived from the
 logical axis names in the model and `config.axis_rules`, then materialised with
@@ -285,7 +290,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     step, loaded = checkpoint_lib.restore_params(config.init_from, s.abstract_state.params, names)
     logging.info("Starting from the parameters of %s (step %d).", config.init_from, step)
     state = init_state(s, config.seed)
-    state = state.replace(params=loaded["params"], ema_params=loaded.get("ema_params") or state.ema_params)
+    ema = None
+    if state.ema_params is not None:  # the EMA starts at the loaded average, or at the loaded parameters
+      ema = loaded["ema_params"] if loaded.get("ema_params") is not None else loaded["params"]
+    state = state.replace(params=loaded["params"], ema_params=ema)
   else:
     state = init_state(s, config.seed)
 
