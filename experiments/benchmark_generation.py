@@ -37,7 +37,6 @@ SwiGLU MLP (hidden 8E/3), learned absolute positions, unstacked layers.
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import inspect
 import json
 import os
@@ -81,14 +80,16 @@ class Api:
   """
 
   def __init__(self):
-    # Imported by name: the modules are those of whichever checkout is on sys.path.
-    self.new = importlib.util.find_spec("nbp.tasks") is not None
-    if self.new:
+    # Imported by name: the modules are those of whichever checkout is first on sys.path. The old
+    # module is tried first: an installed (editable) checkout can still resolve the new names.
+    try:  # a revision before the models/tasks layout
+      self.model_module = self.tasks = importlib.import_module("nbp.next_block")
+      self.new = False
+    except ModuleNotFoundError:
       self.model_module = importlib.import_module("nbp.models.block_transformer")
       self.tasks = importlib.import_module("nbp.tasks.next_block")
       self.decoding = importlib.import_module("nbp.decoding")
-    else:  # a revision before the models/tasks layout
-      self.model_module = self.tasks = importlib.import_module("nbp.next_block")
+      self.new = True
 
   def build(self, setting: str, block):
     """The setting's model with `block`."""

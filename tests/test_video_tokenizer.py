@@ -230,12 +230,16 @@ def test_perceptual_hook_takes_a_user_feature_function():
 @pytest.mark.slow
 def test_one_training_step_through_the_shared_loop(tmp_path, data_dir):
   config = tiny_tokenizer_config(data_dir)
+  with config.unlocked():
+    config.evals.psnr = dict(type="psnr")  # the reconstruction PSNR of the sampler's test videos
   result = train.train_and_evaluate(config, str(tmp_path))
   assert result["status"] == "done" and result["step"] == 1
   rows = metrics_lib.read_jsonl(os.path.join(tmp_path, "metrics.jsonl"))
   evals = [r for r in rows if "eval/psnr" in r]
   assert evals and np.isfinite(evals[-1]["eval/psnr"]) and "eval/recon" in evals[-1]
-  assert any("sample/psnr" in r for r in rows)
+  last = {k: v for r in rows for k, v in r.items()}
+  assert np.isfinite(last["psnr/psnr"]) and 0 < last["psnr/psnr"] < 60
+  np.testing.assert_allclose(last["psnr/psnr"], last["sample/psnr"], rtol=1e-5)  # the same videos, two ways
   assert os.path.exists(os.path.join(tmp_path, "samples", "step_0000001.gif"))
 
   # The encode/decode API reads the checkpoint back.

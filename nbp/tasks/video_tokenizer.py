@@ -160,17 +160,15 @@ def _first_test_videos(data_cfg_json: str, num: int) -> np.ndarray:
   return videos.astype(np.float32) / 127.5 - 1.0
 
 
-def reconstruct(model: Model, params, rng, *, num_samples: int = 4, data_json: str = ""):
-  """The sampler: {"video", "reconstruction"} of the first `num_samples` test videos (the same every call)."""
+def sample(model: Model, params, rng, videos: jax.Array, *, num_samples: int = 4):
+  """The sampler: {"video", "reconstruction"} of the first `num_samples` of `videos` [N, F, H, W, C] in [-1, 1].
+
+  The task passes the first test videos, so every call shows the same ones.
+  """
   del rng
-  video = jnp.asarray(_first_test_videos(data_json, num_samples))
+  video = videos[:num_samples]
   reconstruction, _ = model.apply({"params": params}, video)
   return {"video": video, "reconstruction": reconstruction}
-
-
-def sample(model: Model, params, rng, *, num_samples: int = 4):
-  """The sampler's config schema (`config.sampler.num_samples`): see `reconstruct`."""
-  return reconstruct(model, params, rng, num_samples=num_samples)
 
 
 def to_uint8(video) -> np.ndarray:
@@ -207,6 +205,11 @@ def make_task(config) -> tasks.Task:
   if loss_cfg.get("perceptual_features"):
     loss_cfg["perceptual_features"] = load_feature_function(loss_cfg["perceptual_features"])
   num_samples = config.get("sampler", {}).get("num_samples", 4)
+
+  def sample_fn(params, rng):  # the test videos are read when first sampled, not when the task is built
+    return sample(model, params, rng, jnp.asarray(_first_test_videos(d.to_json(), num_samples)),
+                  num_samples=num_samples)
+
   return tasks.Task(
       model=model,
       init_inputs=lambda: {"video": jnp.zeros((1, d.num_frames, d.frame_size, d.frame_size, channels),
@@ -214,8 +217,7 @@ def make_task(config) -> tasks.Task:
       loss=functools.partial(loss, model, **loss_cfg),
       data=functools.partial(make_data, d),
       evaluate=functools.partial(loss, model),  # held-out reconstruction: recon, psnr, codebook usage
-      sample=(functools.partial(reconstruct, model, num_samples=num_samples, data_json=d.to_json())
-              if num_samples else None),
+      sample=sample_fn if num_samples else None,
       write_samples=write_samples,
       to_videos=lambda samples: to_uint8(samples["reconstruction"]),
       param_labels=param_labels if adversarial else None,
