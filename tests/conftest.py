@@ -3,8 +3,14 @@
 import os
 import subprocess
 import sys
+import tempfile
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# One persistent compilation cache for the whole suite: its tests (and the
+# subprocesses they start, which inherit the environment) compile the same tiny
+# models many times. Entries are keyed by the computation and the jax version.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), "nbp-tests-jax-cache"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
 import pytest  # pylint: disable=g-import-not-at-top
 
