@@ -126,6 +126,7 @@ def test_no_information_flows_from_a_block_to_its_own_prediction(condition):
 # 1x1x1 blocks are next-token prediction.
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("position", ["learned", "rope"])
 def test_token_blocks_are_next_token_prediction(position):
   """With 1x1x1 blocks the mask is causal and the loss is the shifted-by-one cross-entropy."""

@@ -95,6 +95,7 @@ def _tiny_rgb_tokenizer(data_dir: str):
       "data.worker_count": 0, "batch_size": 2})
 
 
+@pytest.mark.slow
 def test_tokenizer_reads_rgb_videos_and_encode_dataset_writes_what_nbp_reads(tmp_path, kinetics_dir):
   config = _tiny_rgb_tokenizer(kinetics_dir)
   task = vt.make_task(config)
@@ -163,6 +164,7 @@ def test_pod_configs_agree_with_the_tokenizer_and_the_official_scripts():
     nbp_ucf101.get_config("7B")
 
 
+@pytest.mark.slow
 def test_pod_train_states_are_sharded_on_eight_devices():
   result = run_module(["tests/pod_shapes.py"], timeout=300)
   assert result.returncode == 0, result.stderr[-5000:]
