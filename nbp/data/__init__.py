@@ -4,7 +4,8 @@ Modules: moving_digits (generated tfds builders from sklearn's real digit
 scans), pipeline (grain iterators, quantisation, text bytes), tokens (datasets
 encoded once into tokenizer tokens), video_sources (one call over every video
 dataset), tfds_sources (UCF-101 and ImageNet prepared by tfds, read without
-TensorFlow), video_folder (Kinetics-style folders of video files).
+TensorFlow), video_folder (Kinetics-style folders of video files), images (digits and
+ImageNet images), latents (image datasets encoded once into KL-VAE latents).
 
 `config.data` holds the common keys and the keys of the one dataset it names:
 `check_data_config` rejects a key that dataset does not read, so a section
@@ -28,6 +29,12 @@ DATASET_KEYS = {
     "tokens": ("token_dir",),
     # bytes of CPython's documentation topics (nbp.data.pipeline.text_bytes_source)
     "text": (),
+    # sklearn's 8x8 digit scans resized to image_size (nbp.data.images)
+    "digits": ("image_size",),
+    # tfds-prepared ImageNet-2012 under dir, resized and centre cropped to image_size (nbp.data.images)
+    "imagenet2012": ("image_size",),
+    # images encoded once into KL-VAE latents, both flips (nbp.data.latents, experiments.encode_latents)
+    "latents": ("latent_dir",),
 }
 
 

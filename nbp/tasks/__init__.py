@@ -40,7 +40,9 @@ LossFn = Callable[[Any, Batch, Any], tuple[Any, dict[str, Any]]]
 FAMILIES = {
     "next_block": "nbp.tasks.next_block",  # NBP, and next-token prediction as its 1x1x1 blocks
     "video_tokenizer": "nbp.tasks.video_tokenizer",  # MAGVIT-v2-style 3D causal CNN + FSQ
-    "video_classifier": "nbp.tasks.video_classifier",  # the judge of the in-domain FVD on moving digits
+    "video_classifier": "nbp.tasks.video_classifier",  # the judge of the in-domain FVD (and FID) on digits
+    "xar": "nbp.tasks.xar",  # next-X prediction of images with flow matching
+    "kl_vae": "nbp.tasks.kl_vae",  # xAR's latent space: a KL-regularised image autoencoder
 }
 
 
@@ -67,6 +69,11 @@ class Task:
   # params -> a pytree of group names (optax.multi_transform labels), for a second optimizer
   # (config.param_groups); None: one group.
   param_labels: Callable[[Any], Any] | None = None
+  # (params, rng, labels int [B]) -> samples of B images, conditioned on the labels; unjitted (the FID
+  # evaluators jit it). None: the family draws no class-conditional images.
+  sample_images: Callable[[Any, Any, Any], Any] | None = None
+  # samples as numpy -> uint8 images [N, H, W, C] (the FID evaluators' input); None: not images.
+  to_images: Callable[[Any], np.ndarray] | None = None
 
 
 def family_module(name: str):
