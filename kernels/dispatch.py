@@ -68,16 +68,23 @@ def check_impl(impl: str) -> None:
     raise AttentionImplError(f"attention impl {impl!r} is unknown; choose one of {IMPLS}")
 
 
-def resolve_impl(impl: str, backend: str, q_len: int, kv_len: int, q_offset=0) -> str:
+def resolve_impl(impl: str, backend: str, q_len: int, kv_len: int, q_offset=0, tiled: bool = True) -> str:
   """The implementation that `impl` means for this backend and these shapes.
 
   "auto": on GPU and TPU "pallas" for self-attention (q_offset 0, T == S), "xla"
   for decoding; on CPU "xla_blocksparse" for self-attention of at least
-  AUTO_BLOCKSPARSE_MIN_LEN tokens, "xla" otherwise. An explicit impl is returned
-  as is once checked: AttentionImplError says why it cannot serve the request.
+  AUTO_BLOCKSPARSE_MIN_LEN tokens, "xla" otherwise. A mask that is not `tiled`
+  (blocks of several sizes, teacher forcing) is dense "xla" under "auto" and
+  refused by the block kernels. An explicit impl is returned as is once
+  checked: AttentionImplError says why it cannot serve the request.
   """
   check_impl(impl)
   self_attention = _is_self_attention(q_len, kv_len, q_offset)
+  if not tiled:
+    if impl in ("pallas", "xla_blocksparse"):
+      raise AttentionImplError(f"attention impl {impl!r} takes block-causal masks of one block length; this "
+                               "mask has blocks of several sizes: use impl 'xla', 'cudnn' or 'auto'")
+    return "xla" if impl == "auto" else impl
   if impl == "auto":
     if backend in ACCELERATORS:
       return "pallas" if self_attention else "xla"
@@ -99,7 +106,8 @@ def resolve_impl(impl: str, backend: str, q_len: int, kv_len: int, q_offset=0) -
 def attention(q, k, v, *, mask: masks.MaskSpec, kv_valid_len=None, q_offset=0, impl="auto"):
   """Softmax attention q [B, T, H, D], k and v [B, S, K, D] -> [B, T, H, D] (H % K == 0).
 
-  mask: a MaskSpec (full, causal or block-causal with a prefix); query t sits at
+  mask: a MaskSpec (full, causal, block-causal with a prefix or with blocks of
+  several sizes, teacher forcing); query t sits at
   absolute position q_offset + t (q_offset may be traced: the cache index while
   decoding). kv_valid_len: None or int [B] (a scalar is broadcast), keys at
   s >= kv_valid_len[b] are hidden. Scale 1/sqrt(D), float32 softmax, masked
@@ -115,7 +123,7 @@ def attention(q, k, v, *, mask: masks.MaskSpec, kv_valid_len=None, q_offset=0, i
   if not isinstance(mask, masks.MaskSpec):
     raise TypeError(f"mask must be a kernels.masks.MaskSpec, got {type(mask).__name__}")
   backend = jax.default_backend()
-  chosen = resolve_impl(impl, backend, t, s, q_offset)
+  chosen = resolve_impl(impl, backend, t, s, q_offset, tiled=mask.tiled)
   if kv_valid_len is not None:
     kv_valid_len = jnp.broadcast_to(jnp.asarray(kv_valid_len, jnp.int32), (b,))
 

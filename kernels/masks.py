@@ -18,6 +18,16 @@ key j iff i >= first_seeing_query(j), for j below the sequence end), the
 bound of the key-tile loops of the backward kernels. Both evaluate in numpy
 (static bounds, tests), in jnp and on traced scalars inside a Pallas kernel.
 
+Blocks of different sizes (xAR's scales: 1, 4, 16, ... tokens) are a
+block-causal mask with `block_sizes`: query i in block e sees the keys before
+the end of block e. The visible keys are still a prefix, but not by the
+uniform formula, so only the dense paths serve it (see kernels/dispatch.py).
+"teacher_forcing" is the layout of a model trained on clean context (xAR's
+ablation): the sequence is the S tokens clean, then the same S tokens noisy;
+clean block e sees clean blocks <= e, noisy block e sees clean blocks < e
+and its own noisy copy. A decoder of it caches the clean copy: queries in the
+first S positions see exactly a block-causal mask.
+
 Masks are bool arrays, True = the query may see the key. Masked logits get
 MASK_VALUE, large and finite, so that a fully masked row gives a uniform
 (finite) average instead of NaN.
@@ -35,7 +45,7 @@ import numpy as np
 # Logits of masked pairs (never -inf: see the module docstring).
 MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
 
-MASK_KINDS = ("full", "causal", "block_causal")
+MASK_KINDS = ("full", "causal", "block_causal", "teacher_forcing")
 
 
 # ----------------------------------------------------------------------------
@@ -113,26 +123,67 @@ def padding_mask(kv_valid_len, kv_len):
   return valid[:, None, None, :]
 
 
+def block_ids(pos, block_sizes):
+  """The block (0, 1, ...) of each position for consecutive blocks of `block_sizes`; past the end: the count."""
+  ends = np.cumsum(block_sizes)
+  return jnp.searchsorted(jnp.asarray(ends), pos, side="right")
+
+
+def variable_block_causal_mask(q_len, kv_len=None, *, block_sizes, q_offset=0):
+  """Bool [T, S]: query q_offset + t sees key s iff s is before the end of the query's block."""
+  kv_len = q_len if kv_len is None else kv_len
+  ends = jnp.asarray(np.concatenate([np.cumsum(block_sizes), [np.iinfo(np.int32).max]]))
+  q_pos = q_offset + jnp.arange(q_len)[:, None]  # [T, 1]
+  return jnp.arange(kv_len)[None, :] < ends[block_ids(q_pos, block_sizes)]
+
+
+def teacher_forcing_mask(q_len, kv_len=None, *, block_sizes, q_offset=0):
+  """Bool [T, S] over [clean copy (S0 tokens), noisy copy (S0)], S0 = sum(block_sizes) (module docstring)."""
+  kv_len = q_len if kv_len is None else kv_len
+  copy_len = int(np.sum(block_sizes))
+  q_pos = q_offset + jnp.arange(q_len)[:, None]  # [T, 1]
+  k_pos = jnp.arange(kv_len)[None, :]  # [1, S]
+  q_noisy, k_noisy = q_pos >= copy_len, k_pos >= copy_len
+  q_block = block_ids(jnp.where(q_noisy, q_pos - copy_len, q_pos), block_sizes)
+  k_block = block_ids(jnp.where(k_noisy, k_pos - copy_len, k_pos), block_sizes)
+  clean_query = ~q_noisy & ~k_noisy & (k_block <= q_block)
+  noisy_query = q_noisy & jnp.where(k_noisy, k_block == q_block, k_block < q_block)
+  return clean_query | noisy_query
+
+
 @dataclasses.dataclass(frozen=True)
 class MaskSpec:
   """A mask as data, so a model config can carry it (and a kernel skip tiles by it).
 
   kind "causal" uses block_len 1 (with the prefix, if any); "full" ignores both
-  numbers.
+  numbers. `block_sizes` (block_causal, teacher_forcing) gives blocks of
+  different sizes in place of block_len, without a prefix.
   """
 
   kind: str = "causal"  # one of MASK_KINDS
   block_len: int = 1  # L, tokens per block (block_causal only)
   prefix_len: int = 0  # P, tokens visible to every query (causal, block_causal)
+  block_sizes: tuple[int, ...] = ()  # consecutive blocks of these sizes (block_causal, teacher_forcing)
 
   def __post_init__(self):
     if self.kind not in MASK_KINDS:
       raise ValueError(f"MaskSpec.kind={self.kind!r}: expected one of {MASK_KINDS}")
-    if self.block_len < 1 or self.prefix_len < 0:
+    if self.block_len < 1 or self.prefix_len < 0 or any(n < 1 for n in self.block_sizes):
       raise ValueError(f"bad MaskSpec numbers: {self}")
+    if self.block_sizes and (self.kind not in ("block_causal", "teacher_forcing") or self.prefix_len):
+      raise ValueError(f"MaskSpec.block_sizes serves kinds block_causal and teacher_forcing without a prefix: {self}")
+    if self.kind == "teacher_forcing" and not self.block_sizes:
+      raise ValueError("MaskSpec kind 'teacher_forcing' needs block_sizes (the blocks of one copy)")
+
+  @property
+  def tiled(self) -> bool:
+    """True iff the mask is block-causal with one block length (what the block kernels take)."""
+    return not self.block_sizes
 
   def block_causal_numbers(self, kv_len) -> tuple[int, int]:
-    """(block_len, prefix_len) of this mask as a block-causal mask over kv_len keys."""
+    """(block_len, prefix_len) of this mask as a block-causal mask over kv_len keys (tiled masks only)."""
+    if not self.tiled:
+      raise ValueError(f"{self} has blocks of several sizes: no single block length")
     if self.kind == "full":
       return max(kv_len, 1), 0  # one block holding every key
     if self.kind == "causal":
@@ -143,6 +194,10 @@ class MaskSpec:
     """Bool [T, S] for queries at q_offset..q_offset+T-1 and keys 0..S-1."""
     if self.kind == "full":
       return full_mask(q_len, kv_len, q_offset)
+    if self.kind == "teacher_forcing":
+      return teacher_forcing_mask(q_len, kv_len, block_sizes=self.block_sizes, q_offset=q_offset)
+    if self.block_sizes:
+      return variable_block_causal_mask(q_len, kv_len, block_sizes=self.block_sizes, q_offset=q_offset)
     block_len, prefix_len = self.block_causal_numbers(kv_len)
     return block_causal_mask(q_len, kv_len, block_len=block_len, prefix_len=prefix_len,
                              q_offset=q_offset)

@@ -104,6 +104,20 @@ def resize_cache(cache, length: int):
   return jax.tree_util.tree_map_with_path(resize, cache)
 
 
+def set_cache_index(cache, index):
+  """A decoding cache whose every cache_index is `index`: the next call writes its slots from there.
+
+  A sampler that evaluates the same tokens several times (xAR's solver steps
+  on one entity) rewinds the index before each call, so each call overwrites
+  the same slots and the last call's keys and values stay.
+  """
+  def rewind(path, x):
+    if getattr(path[-1], "key", None) != "cache_index":
+      return x
+    return jnp.full(x.shape, index, x.dtype)
+  return jax.tree_util.tree_map_with_path(rewind, cache)
+
+
 # ----------------------------------------------------------------------------
 # Multi-head attention.
 
