@@ -1,0 +1,93 @@
+r"""xAR on sklearn's handwritten digits: class-conditional next-X prediction with flow matching, on the CPU.
+
+The digits (1,797 real 8x8 scans, 80/20 train/test) are resized to 16x16 and
+cut into 2x2 pixel patches: an 8x8 grid of 4-channel tokens, generated entity
+by entity (nbp/tasks/xar.py). Every entity kind gives 4 AR steps except token
+(64) and image (1):
+  cell       4x4 cells: 4 entities of 16 tokens (the paper's best kind)
+  subsample  stride 2: 4 entities of 16 tokens, each spread over the image
+  scale      pooling factors 8, 4, 2, 1: entities of 1, 4, 16 and 64 tokens
+  token      64 entities of one token (flow-matching next-token AR)
+  image      the whole grid at once (a one-step flow model)
+`tf` trains with teacher forcing (clean context) instead of noisy context.
+`latents` trains on the latents of kl_vae_digits.py's VAE instead of pixels:
+  python -m experiments.train --config experiments/configs/kl_vae_digits.py --workdir runs/kl_vae_digits
+  python -m experiments.encode_latents --workdir runs/kl_vae_digits --output_dir runs/digit_latents
+  python -m experiments.train --config experiments/configs/xar_digits.py:cell,S,latents --workdir runs/xar_latents
+
+Launch (CPU, minutes):
+  python -m experiments.train --config experiments/configs/xar_digits.py:cell --workdir runs/xar_digits_cell
+The in-domain FID needs the digit image classifier (image_classifier_digits.py):
+  --config.evals.fid.type=fid_digits --config.evals.fid.classifier_workdir=runs/image_classifier_digits
+experiments/benchmark_xar.py trains every kind at one budget over several
+seeds and prints the FID table (see the README for the measured figures).
+
+Argument: "ENTITY[,SIZE][,tf][,latents]", SIZE a key of nbp.models.xar.SIZES
+(default S).
+"""
+
+import ml_collections
+
+from nbp.models import entities
+from nbp.models import xar
+from nbp.training import config as config_lib
+
+IMAGE_SIZE = 16  # digits resized to 16x16
+GRID = 8  # tokens per side: 2x2 pixel patches
+LATENT_DIR = "runs/digit_latents"  # experiments.encode_latents --output_dir
+
+
+def get_config(arg: str = "cell"):
+  kind, *flags = arg.split(",")
+  variants = [f for f in flags if f in xar.SIZES]
+  unknown = set(flags) - {"tf", "latents", *xar.SIZES}
+  if kind not in entities.KINDS or unknown or len(variants) > 1:
+    raise ValueError(f"bad argument {arg!r}: ENTITY in {entities.KINDS}, then flags tf, latents, one size")
+  c = config_lib.base_config()
+  c.family = "xar"
+  c.seed = 0
+  c.batch_size = 32
+  c.num_steps = 1500
+
+  if "latents" in flags:
+    c.data.name = "latents"
+    c.data.latent_dir = LATENT_DIR
+    c.model.token_dim = 4  # kl_vae_digits.py: 4 latent channels on a 4x4 grid
+    c.model.grid = (4, 4)
+    cell = 2
+  else:
+    c.data.name = "digits"
+    c.data.image_size = IMAGE_SIZE
+    c.model.token_dim = (IMAGE_SIZE // GRID) ** 2  # 2x2 grey patches
+    c.model.grid = (GRID, GRID)
+    cell = GRID // 2
+  c.model.num_classes = 10
+  c.model.entity = kind
+  c.model.cell = cell  # 4 cells
+  c.model.stride = 2  # 4 subsamples
+  c.model.scales = entities.default_scales(*c.model.grid)[-4:]  # 4 scales, e.g. (8, 4, 2, 1)
+  c.model.teacher_forcing = "tf" in flags
+  c.model.variant = variants[0] if variants else "S"
+  c.model.attention_impl = "auto"
+
+  c.loss.class_dropout = 0.1  # null class for guidance
+  c.loss.t_mean = 0.0  # logit-normal t
+  c.loss.t_std = 1.0
+
+  c.sampler.num_samples = 20  # two of each class
+  c.sampler.num_steps = 20  # solver steps per entity
+  c.sampler.solver = "sde"
+  c.sampler.t_end = 0.04
+  c.sampler.guidance_scale = 1.0  # 1.0: conditional sampling, no doubled batch
+  c.sampler.guidance_schedule = "linear"
+
+  c.optimizer.lr = 1e-3
+  c.optimizer.b2 = 0.96  # the paper's AdamW betas (0.9, 0.96)
+  c.optimizer.weight_decay = 0.02
+  c.optimizer.warmup_steps = 100
+  c.optimizer.ema_decay = 0.999
+  c.evals.eval = dict(type="loss", every=500, steps=4)
+  c.checkpoint_every = 500
+  c.log_every = 100
+  c.lock()
+  return c
