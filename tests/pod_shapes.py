@@ -10,13 +10,15 @@ how the big kernels are split, and the share of the whole train state
 
 import json
 import math
+import os
 import sys
+import tempfile
 
 import jax
 
 jax.config.update("jax_num_cpu_devices", 8)
 
-from experiments.configs import nbp_kinetics600, nbp_ucf101, video_tokenizer_pod  # pylint: disable=g-import-not-at-top
+from experiments.configs import nbp_kinetics600, nbp_ucf101, video_tokenizer_pod, xar_imagenet  # pylint: disable=g-import-not-at-top
 from nbp.training import loop as train  # pylint: disable=g-import-not-at-top
 
 BIG = 1 << 20  # a kernel of at least this many entries counts as big
@@ -27,7 +29,17 @@ CONFIGS = {
     "nbp_ucf101:700M": lambda: nbp_ucf101.get_config("700M"),
     "nbp_kinetics600:700M": lambda: nbp_kinetics600.get_config("700M"),
     "nbp_ucf101:3B": lambda: nbp_ucf101.get_config("3B"),
+    "xar_imagenet:B": lambda: xar_imagenet.get_config("B"),
+    "xar_imagenet:H": lambda: xar_imagenet.get_config("H"),
 }
+
+
+def latent_dir_stand_in() -> str:
+  """A latent directory holding only the metadata of 16x16x16 ImageNet latents (xAR reads their shape)."""
+  directory = tempfile.mkdtemp()
+  with open(os.path.join(directory, "metadata.json"), "w") as f:
+    json.dump({"latent_shape": [16, 16, 16], "data": {"name": "imagenet2012", "image_size": 256}}, f)
+  return directory
 
 
 def _name(path) -> str:
@@ -68,6 +80,8 @@ def run(names):
     if name.endswith(":3B"):
       config.unlock()
       config.mesh = (("data", -1), ("fsdp", 8), ("tensor", 1))  # 16-way on a pod; 8 devices here
+    if name.startswith("xar_"):
+      config.data.latent_dir = latent_dir_stand_in()
     report[name] = summarize(config)
   print(json.dumps(report))
 

@@ -49,6 +49,20 @@ def test_cosine_schedule_is_the_closed_form():
                              [0.0, LR, (LR + LR * FINAL) / 2, LR * FINAL, LR * FINAL], rtol=1e-6)
 
 
+def test_cosine_from_holds_the_peak_then_decays_over_the_rest():
+  """xAR's schedule: warmup, the peak held to 75% of the run, then a cosine to the floor at the end."""
+  schedule = optim.learning_rate_schedule(
+      _optimizer_config(lr=LR, warmup_steps=WARMUP, final_lr_fraction=FINAL, schedule="cosine", cosine_from=0.75),
+      NUM_STEPS)
+  hold = int(0.75 * NUM_STEPS)
+  mid = hold + (NUM_STEPS - hold) // 2
+  end = LR * FINAL
+  want = [0.0, LR / 2, LR, LR, LR, end + (LR - end) * 0.5 * (1 + math.cos(math.pi * (mid - hold) / (NUM_STEPS - hold))),
+          end]
+  np.testing.assert_allclose(_values(schedule, [0, WARMUP // 2, WARMUP, hold - 1, hold, mid, NUM_STEPS]), want,
+                             rtol=1e-5)
+
+
 def test_constant_schedule_warms_up_then_stays():
   schedule = optim.learning_rate_schedule(_optimizer_config(lr=LR, warmup_steps=WARMUP, schedule="constant"),
                                           NUM_STEPS)

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from experiments.configs import nbp_kinetics600, nbp_pod, nbp_ucf101, video_tokenizer_pod
+from experiments.configs import nbp_kinetics600, nbp_pod, nbp_ucf101, video_tokenizer_pod, xar_imagenet
 from nbp import tasks
 from nbp.data import tokens as tokens_lib
 from nbp.data import video_sources
@@ -164,6 +164,20 @@ def test_pod_configs_agree_with_the_tokenizer_and_the_official_scripts():
     nbp_ucf101.get_config("7B")
 
 
+def test_xar_pod_configs_carry_the_papers_settings():
+  for size, (steps, guidance) in {"B": (40, 2.7), "L": (50, 2.3), "H": (50, 2.2)}.items():
+    c = xar_imagenet.get_config(size)
+    assert (c.batch_size, c.optimizer.lr, c.optimizer.b1, c.optimizer.b2) == (2048, 4e-4, 0.9, 0.96)
+    assert (c.optimizer.weight_decay, c.optimizer.ema_decay, c.optimizer.clip_norm) == (0.02, 0.9999, 1.0)
+    assert (c.sampler.num_steps, c.sampler.guidance_scale, c.sampler.solver) == (steps, guidance, "sde")
+    assert c.model.entity == "cell" and c.model.cell == 8 and tuple(c.model.grid) == (16, 16)
+    assert c.loss.class_dropout == 0.1 and c.model.variant == size
+    tasks.check_config(c)
+  assert "fid" in xar_imagenet.get_config("B,fid").evals
+  with pytest.raises(ValueError, match="B"):
+    xar_imagenet.get_config("XL")
+
+
 @pytest.mark.slow
 def test_pod_train_states_are_sharded_on_eight_devices():
   result = run_module(["tests/pod_shapes.py"], timeout=300)
@@ -186,3 +200,9 @@ def test_pod_train_states_are_sharded_on_eight_devices():
     assert layers < r["num_params"] < layers + 0.45e9, (name, r["num_params"])
     assert r["big_kernels"] >= 9 and not r["big_not_over_fsdp"], (name, r["big_not_over_fsdp"])
     assert r["mesh"]["fsdp"] == 8 and abs(r["state_share_per_device"] - 1 / 8) < 1e-3, (name, r)
+
+  for name, size in {"xar_imagenet:B": 172e6, "xar_imagenet:H": 1.1e9}.items():
+    r = report[name]
+    assert abs(r["num_params"] / size - 1) < 0.1, (name, r["num_params"])
+    assert r["big_kernels"] >= 3 and not r["big_not_over_fsdp"], (name, r["big_not_over_fsdp"])
+    assert r["mesh"]["fsdp"] == 8 and abs(r["state_share_per_device"] - 1 / 8) < 2e-3, (name, r)

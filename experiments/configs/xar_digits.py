@@ -17,12 +17,16 @@ by entity (nbp/tasks/xar.py). Every entity kind gives 4 AR steps except token
 
 Launch (CPU, minutes):
   python -m experiments.train --config experiments/configs/xar_digits.py:cell --workdir runs/xar_digits_cell
-The in-domain FID needs the digit image classifier (image_classifier_digits.py):
-  --config.evals.fid.type=fid_digits --config.evals.fid.classifier_workdir=runs/image_classifier_digits
+`fid` adds the in-domain FID at the end of training, judged by the digit image
+classifier (image_classifier_digits.py, trained first into CLASSIFIER_WORKDIR
+or --config.evals.fid.classifier_workdir):
+  python -m experiments.train --config experiments/configs/image_classifier_digits.py \
+      --workdir runs/image_classifier_digits
+  python -m experiments.train --config experiments/configs/xar_digits.py:cell,fid --workdir runs/xar_digits_cell
 experiments/benchmark_xar.py trains every kind at one budget over several
 seeds and prints the FID table (see the README for the measured figures).
 
-Argument: "ENTITY[,SIZE][,tf][,latents]", SIZE a key of nbp.models.xar.SIZES
+Argument: "ENTITY[,SIZE][,tf][,latents][,fid]", SIZE a key of nbp.models.xar.SIZES
 (default S).
 """
 
@@ -35,14 +39,15 @@ from nbp.training import config as config_lib
 IMAGE_SIZE = 16  # digits resized to 16x16
 GRID = 8  # tokens per side: 2x2 pixel patches
 LATENT_DIR = "runs/digit_latents"  # experiments.encode_latents --output_dir
+CLASSIFIER_WORKDIR = "runs/image_classifier_digits"  # image_classifier_digits.py's run, the FID's judge
 
 
 def get_config(arg: str = "cell"):
   kind, *flags = arg.split(",")
   variants = [f for f in flags if f in xar.SIZES]
-  unknown = set(flags) - {"tf", "latents", *xar.SIZES}
+  unknown = set(flags) - {"tf", "latents", "fid", *xar.SIZES}
   if kind not in entities.KINDS or unknown or len(variants) > 1:
-    raise ValueError(f"bad argument {arg!r}: ENTITY in {entities.KINDS}, then flags tf, latents, one size")
+    raise ValueError(f"bad argument {arg!r}: ENTITY in {entities.KINDS}, then flags tf, latents, fid, one size")
   c = config_lib.base_config()
   c.family = "xar"
   c.seed = 0
@@ -89,5 +94,7 @@ def get_config(arg: str = "cell"):
   c.evals.eval = dict(type="loss", every=500, steps=4)
   c.checkpoint_every = 500
   c.log_every = 100
+  if "fid" in flags:
+    c.evals.fid = dict(type="fid_digits", classifier_workdir=CLASSIFIER_WORKDIR, num_images=360, every=0)
   c.lock()
   return c

@@ -82,9 +82,11 @@ class TimestepEmbedder(nn.Module):
   @nn.compact
   def __call__(self, t):
     x = timestep_embedding(t, self.frequency_dim).astype(self.dtype)
-    x = nn.Dense(self.features, dtype=self.dtype, kernel_init=nn.initializers.normal(0.02), name="fc1")(x)
-    return nn.Dense(self.features, dtype=self.dtype, kernel_init=nn.initializers.normal(0.02),
-                    name="fc2")(nn.silu(x))
+    init = nn.initializers.normal(0.02)
+    x = linear.DenseGeneral(self.features, kernel_axes=(None, "embed"), use_bias=True, dtype=self.dtype,
+                            kernel_init=init, name="fc1")(x)
+    return linear.DenseGeneral(self.features, kernel_axes=("mlp", "embed"), use_bias=True, dtype=self.dtype,
+                               kernel_init=init, name="fc2")(nn.silu(x))
 
 
 class XAR(nn.Module):

@@ -46,6 +46,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.optimizer.warmup_steps = 100
   c.optimizer.schedule = "cosine"  # or "constant"
   c.optimizer.final_lr_fraction = 0.1  # cosine decays to lr * this
+  c.optimizer.cosine_from = 0.0  # share of the run held at lr before the cosine starts (0: right after warmup)
   c.optimizer.ema_decay = 0.0  # EMA of parameters; 0 keeps none
 
   # Mesh axes and sizes (-1: all remaining devices), and the logical-axis rules.

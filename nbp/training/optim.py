@@ -20,9 +20,16 @@ def learning_rate_schedule(cfg: ml_collections.ConfigDict, num_steps: int) -> op
   """Linear warmup from 0 to cfg.lr, then constant, or cosine to cfg.lr * cfg.final_lr_fraction.
 
   The warmup reaches cfg.lr at step `warmup_steps` (cut to `num_steps - 1`, so a
-  short run still gets there); the cosine ends at step `num_steps`.
+  short run still gets there); the cosine ends at step `num_steps`. With
+  `cosine_from` > 0 the rate stays at cfg.lr after the warmup until that share
+  of the run, and the cosine takes the rest (xAR's schedule: constant to 75%).
   """
   warmup = min(int(cfg.warmup_steps), max(num_steps - 1, 0))
+  hold = int(cfg.get("cosine_from", 0.0) * num_steps)
+  if cfg.schedule == "cosine" and hold > warmup:
+    rise = optax.warmup_constant_schedule(0.0, cfg.lr, warmup) if warmup else optax.constant_schedule(cfg.lr)
+    fall = optax.cosine_decay_schedule(cfg.lr, max(num_steps - hold, 1), alpha=cfg.final_lr_fraction)
+    return optax.join_schedules([rise, fall], [hold])
   if cfg.schedule == "cosine":
     return optax.warmup_cosine_decay_schedule(
         init_value=0.0, peak_value=cfg.lr, warmup_steps=warmup,
