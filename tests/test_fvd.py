@@ -23,6 +23,7 @@ from nbp.evaluators import frechet
 from nbp.evaluators import fvd
 from nbp.evaluators import fvd_digits
 from nbp.evaluators import generation
+from nbp.models import resize
 from nbp.models import i3d
 from nbp.models.video_classifier import VideoClassifier
 from nbp.tasks import next_block
@@ -229,7 +230,7 @@ def _tf1_resize_bilinear(image, size):
 @pytest.mark.parametrize("size_in,size_out", [(64, 224), (32, 112), (300, 224)])
 def test_resize_matches_tf1_bilinear(size_in, size_out):
   image = np.random.default_rng(0).integers(0, 256, size=(size_in, size_in, 3)).astype(np.float32)
-  out = fvd.resize_bilinear(jnp.asarray(image)[None], size_out)[0]
+  out = resize.resize_bilinear(jnp.asarray(image)[None], size_out)[0]
   np.testing.assert_allclose(out, _tf1_resize_bilinear(image, size_out), atol=1e-3)
 
 

@@ -11,6 +11,9 @@ the end of training). Each result is logged as "<name>/<key>".
   fvd_digits  in-domain FVD of generated videos against real ones, judged by a
               moving-digits classifier trained here (`classifier_workdir`)
   fvd         the standard I3D FVD, with I3D weights from a local file (`i3d_path`)
+  fid_digits  in-domain FID of generated digit images against real ones, judged by a
+              digit image classifier trained here (`classifier_workdir`)
+  fid         the standard Inception-v3 FID, with weights from a local file (`inception_path`)
 
 Every evaluator gets the same parameters, the EMA ones when the run keeps
 them (`Context.params_name` says which).
@@ -24,7 +27,7 @@ from typing import Any
 
 import jax
 
-TYPES = ("loss", "samples", "psnr", "fvd_digits", "fvd")
+TYPES = ("loss", "samples", "psnr", "fvd_digits", "fvd", "fid_digits", "fid")
 
 
 @dataclasses.dataclass
@@ -40,7 +43,7 @@ class Context:
 
 
 def build(evals_cfg) -> dict[str, tuple[int, Any]]:
-  """name -> (every, Evaluator) from `config.evals`; an unknown type or key names the section."""
+  """name -> (every, Evaluator) from `config.evals`; an unknown type or key, or a bad value, names the section."""
   out = {}
   for name, section in evals_cfg.items():
     section = dict(section)
@@ -53,6 +56,8 @@ def build(evals_cfg) -> dict[str, tuple[int, Any]]:
       out[name] = (every, module.Evaluator(**section))
     except TypeError as e:
       raise ValueError(f"config.evals.{name}: {e}") from e
+    except (ValueError, FileNotFoundError) as e:  # a bad value of the section: the same error, naming it
+      raise type(e)(f"config.evals.{name}: {e}") from e
   return out
 
 

@@ -55,7 +55,22 @@ def feature_statistics(features) -> tuple[np.ndarray, np.ndarray]:
 
 
 def frechet_distance_of_features(real_features, fake_features) -> float:
-  return frechet_distance(*feature_statistics(real_features), *feature_statistics(fake_features))
+  """The Fréchet distance of two feature sets [N1, D] and [N2, D], computed in their span when that is smaller.
+
+  Both covariances and the difference of the means lie in the span of the
+  N1 + N2 features minus the real mean, and the distance does not change under
+  a rotation; so with N1 + N2 < D both sets, projected onto an orthonormal
+  basis of that span, give the same distance (to float rounding) in
+  O((N1 + N2)^3) instead of O(D^3): for a few hundred Inception features
+  (D = 2048) seconds instead of a minute on a CPU.
+  """
+  real, fake = np.asarray(real_features, np.float64), np.asarray(fake_features, np.float64)
+  if real.ndim != 2 or fake.ndim != 2 or len(real) + len(fake) >= real.shape[1]:
+    return frechet_distance(*feature_statistics(real), *feature_statistics(fake))
+  anchor = real.mean(axis=0)
+  basis, _ = np.linalg.qr((np.concatenate([real, fake]) - anchor).T)  # [D, N1 + N2], orthonormal columns
+  real, fake = (real - anchor) @ basis, (fake - anchor) @ basis
+  return frechet_distance(*feature_statistics(real), *feature_statistics(fake))
 
 
 @dataclasses.dataclass(eq=False)

@@ -1,7 +1,12 @@
 """The moving-digits video classifier as a task: a multi-label loss, quantised data, loading it to judge.
 
 The network is nbp.models.video_classifier (`config.model` is its fields); its
-features are the in-domain FVD's (nbp.evaluators.fvd_digits).
+features are the in-domain FVD's (nbp.evaluators.fvd_digits) and, trained on
+digit images, the in-domain FID's (nbp.evaluators.fid_digits).
+
+Data. `config.data.name` "moving_digits": videos [F, H, W, 1] with D digits.
+"digits" (nbp.data.images, at `image_size` S): each image a one-frame video
+[1, S, S, 1], its label one digit (D = 1); the loss and metrics are the same.
 
 Head: multi-label. A video shows D digits; the target is the multi-hot vector
 of the classes present (a class shown twice counts once), trained with a
@@ -33,12 +38,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from nbp import tasks
+from nbp.data import images
 from nbp.data import moving_digits
 from nbp.data import pipeline
 from nbp.models.video_classifier import VideoClassifier as Model
 from nbp.training import workdir as workdir_lib
 
-DATASETS = ("moving_digits",)
+DATASETS = ("moving_digits", "digits")
 
 
 def multi_hot(labels, num_classes: int):
@@ -86,11 +92,26 @@ def select_video_and_label(element):
   return {"video": element["video"], "label": element["label"]}
 
 
+def image_as_video(element):
+  """A digit image as the classifier reads it: video uint8 [1, S, S, 1] (one frame), label int32 [1]."""
+  return {"video": np.asarray(element["image"])[None], "label": np.asarray(element["label"], np.int32).reshape(1)}
+
+
+def video_shape(data_cfg) -> tuple[int, int, int, int]:
+  """[F, H, W, 1] of the classifier's input videos for `config.data`."""
+  if data_cfg.name == "digits":
+    return (1, data_cfg.image_size, data_cfg.image_size, 1)
+  return (data_cfg.num_frames, data_cfg.frame_size, data_cfg.frame_size, 1)
+
+
 def make_data(data_cfg, split: str, *, seed: int, process_index: int, process_count: int, batch_size: int):
   """A checkpointable grain iterator of {"video": uint8 [b, F, H, W, 1], "label": int32 [b, D]}."""
-  source = pipeline.load_source(moving_digits.builder_from_config(data_cfg), split, data_cfg.dir)
-  levels = data_cfg.get("levels", 0)
-  transforms = (select_video_and_label,) + ((Requantize(levels),) if levels else ())
+  if data_cfg.name == "digits":
+    source, transforms = images.image_source(data_cfg, split), (image_as_video,)
+  else:
+    source = pipeline.load_source(moving_digits.builder_from_config(data_cfg), split, data_cfg.dir)
+    levels = data_cfg.get("levels", 0)
+    transforms = (select_video_and_label,) + ((Requantize(levels),) if levels else ())
   return pipeline.make_iterator(
       source, global_batch_size=batch_size * process_count, seed=seed, shuffle=True,
       transforms=transforms, process_index=process_index, process_count=process_count,
@@ -99,11 +120,11 @@ def make_data(data_cfg, split: str, *, seed: int, process_index: int, process_co
 
 def make_task(config) -> tasks.Task:
   model = tasks.build_model(Model, config.model)
-  d = config.data
+  shape = video_shape(config.data)
   value = functools.partial(loss, model)
   return tasks.Task(
       model=model,
-      init_inputs=lambda: {"videos": jnp.zeros((1, d.num_frames, d.frame_size, d.frame_size, 1), jnp.uint8)},
+      init_inputs=lambda: {"videos": jnp.zeros((1, *shape), jnp.uint8)},
       loss=value,
       data=functools.partial(make_data, config.data),
       evaluate=value,  # test-split loss, accuracy and class_accuracy
