@@ -22,4 +22,4 @@ def test_notebook_runs(name, tmp_path, monkeypatch):
   monkeypatch.setenv("PYTHONPATH", REPO)
   monkeypatch.setenv("JAX_PLATFORMS", "cpu")
   NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": REPO}}).execute()
-  assert os.path.exists(tmp_path / "step_0000042.gif")
+  assert any(f.startswith("step_0000042.") for f in os.listdir(tmp_path))  # the samples it drew and wrote
