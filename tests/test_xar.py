@@ -9,12 +9,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from experiments.configs import xar_digits
+from experiments.configs import kl_vae_digits, xar_digits
 from kernels import dispatch
 from kernels.masks import MaskSpec
 from nbp import tasks
 from nbp.models import entities as entities_lib
 from nbp.models.xar import SIZES, XAR
+from nbp.tasks import kl_vae
 from nbp.tasks import xar
 from nbp.training import loop as train
 from tests.conftest import apply_overrides, set_tiny_budget
@@ -356,3 +357,28 @@ def test_loss_falls_in_a_short_run(tmp_path, data_dir):
   with open(tmp_path / "metrics.jsonl") as f:
     losses = [json.loads(line)["loss"] for line in f if '"loss"' in line]
   assert losses[-1] < 0.8 * losses[0], losses
+
+
+@pytest.mark.slow
+def test_xar_on_kl_vae_latents_end_to_end(tmp_path, data_dir):
+  """VAE (2 steps) -> latent cache with flips -> xAR on scaled latents -> samples decoded by the VAE."""
+  vae_config = kl_vae_digits.get_config("local")
+  vae_config.data.dir = data_dir
+  set_tiny_budget(vae_config, num_steps=2, checkpoint_every=2)
+  vae_config.evals.eval.every = 0
+  train.train_and_evaluate(vae_config, str(tmp_path / "vae"))
+  metadata = kl_vae.encode_latents(str(tmp_path / "vae"), str(tmp_path / "latents"), flips=True)
+  assert list(metadata["latent_shape"]) == [4, 4, 4] and metadata["scaling_factor"] > 0
+
+  config = tiny_xar_config(data_dir, "cell,latents", **{"data.latent_dir": str(tmp_path / "latents")})
+  task = tasks.make_task(config)
+  batch = next(task.data("train", seed=0, process_index=0, process_count=1, batch_size=4))
+  assert batch["latent"].shape == (4, 4, 4, 4)
+  np.testing.assert_allclose(np.std(batch["latent"]), 1.0, rtol=0.5)  # scaled to about unit spread
+  assert task.to_images(np.asarray(batch["latent"])).shape == (4, 16, 16, 1)
+  result = train.train_and_evaluate(config, str(tmp_path / "xar"))
+  assert result["step"] == 2 and np.isfinite(result["loss"])
+  assert os.path.exists(tmp_path / "xar" / "samples" / "step_0000002.png")
+  with pytest.raises(ValueError, match="config.model.grid"):
+    tasks.make_task(tiny_xar_config(data_dir, "cell,latents", **{"data.latent_dir": str(tmp_path / "latents"),
+                                                                  "model.grid": (8, 8)}))

@@ -11,8 +11,8 @@ by entity (nbp/tasks/xar.py). Every entity kind gives 4 AR steps except token
   image      the whole grid at once (a one-step flow model)
 `tf` trains with teacher forcing (clean context) instead of noisy context.
 `latents` trains on the latents of kl_vae_digits.py's VAE instead of pixels:
-  python -m experiments.train --config experiments/configs/kl_vae_digits.py --workdir runs/kl_vae_digits
-  python -m experiments.encode_latents --workdir runs/kl_vae_digits --output_dir runs/digit_latents
+  python -m experiments.train --config experiments/configs/kl_vae_digits.py --workdir runs/kl_vae_local
+  python -m experiments.encode_latents --workdir runs/kl_vae_local --output_dir runs/latents_local --flips
   python -m experiments.train --config experiments/configs/xar_digits.py:cell,S,latents --workdir runs/xar_latents
 
 Launch (CPU, minutes):
@@ -38,7 +38,7 @@ from nbp.training import config as config_lib
 
 IMAGE_SIZE = 16  # digits resized to 16x16
 GRID = 8  # tokens per side: 2x2 pixel patches
-LATENT_DIR = "runs/digit_latents"  # experiments.encode_latents --output_dir
+LATENT_DIR = "runs/latents_local"  # experiments.encode_latents --output_dir
 CLASSIFIER_WORKDIR = "runs/image_classifier_digits"  # image_classifier_digits.py's run, the FID's judge
 
 
