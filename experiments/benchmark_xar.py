@@ -17,7 +17,7 @@ same settings (the config's sampler: SDE, 20 steps per entity, no guidance).
 Speed (`--speed_only` runs just this part). The same network (variant, width,
 depth, the same parameters) sampling with 4 cell entities and with 64 token
 entities (flow-matching next-token AR), both with the same solver steps per
-entity, jitted whole, batch `--speed_batch`; calls interleaved, `--repeats`
+entity, jitted whole, at each batch of `--speed_batches`; calls interleaved, `--repeats`
 of each, block_until_ready per call; images/s and their ratio. Run it on an
 idle machine: the ratio is measured side by side, absolute times are noisy.
 
@@ -54,7 +54,7 @@ NUM_IMAGES = flags.DEFINE_integer("num_images", 360, "N: generated and real imag
 OUT_DIR = flags.DEFINE_string("out_dir", "runs/xar_benchmark", "Run workdirs and results.json.")
 DATA_DIR = flags.DEFINE_string("data_dir", "data", "tfds data dir of the digits.")
 SPEED_ONLY = flags.DEFINE_bool("speed_only", False, "Only the images/s comparison.")
-SPEED_BATCH = flags.DEFINE_integer("speed_batch", 16, "Images per sampler call in the speed comparison.")
+SPEED_BATCHES = flags.DEFINE_list("speed_batches", ["1", "16"], "Images per sampler call in the speed comparison.")
 SPEED_STEPS = flags.DEFINE_integer("speed_solver_steps", 20, "Solver steps per entity in the speed comparison.")
 REPEATS = flags.DEFINE_integer("repeats", 5, "Timed calls per sampler in the speed comparison.")
 
@@ -120,7 +120,7 @@ def quality_table(rows) -> str:
   return "\n".join(lines)
 
 
-def speed() -> dict:
+def speed(batch: int) -> dict:
   """Images/s of the same network with 4 cells and with 64 tokens as entities (module docstring)."""
   base = dict(token_dim=4, grid=(8, 8), num_classes=10, variant=VARIANT.value)
   models = {"cell (4 entities)": XAR(entity="cell", cell=4, **base), "token (64 entities)": XAR(entity="token", **base)}
@@ -128,8 +128,7 @@ def speed() -> dict:
   params = first.init(jax.random.key(0), jnp.zeros((1, 64, 4)), jnp.zeros((1, 64)), jnp.zeros((1,), jnp.int32))
   samplers = {}
   for name, model in models.items():
-    fn = jax.jit(lambda p, r, m=model: xar.sample(m, p, r, num_samples=SPEED_BATCH.value,
-                                                    num_steps=SPEED_STEPS.value))
+    fn = jax.jit(lambda p, r, m=model: xar.sample(m, p, r, num_samples=batch, num_steps=SPEED_STEPS.value))
     jax.block_until_ready(fn(params["params"], jax.random.key(0)))  # compile, then one untimed call
     jax.block_until_ready(fn(params["params"], jax.random.key(1)))
     samplers[name] = fn
@@ -139,9 +138,9 @@ def speed() -> dict:
       start = time.perf_counter()
       jax.block_until_ready(fn(params["params"], jax.random.key(2 + i)))
       seconds[name].append(time.perf_counter() - start)
-  rates = {name: SPEED_BATCH.value / np.median(s) for name, s in seconds.items()}
+  rates = {name: batch / np.median(s) for name, s in seconds.items()}
   names = list(rates)
-  return {"images_per_s": rates, "ratio": rates[names[0]] / rates[names[1]], "batch": SPEED_BATCH.value,
+  return {"images_per_s": rates, "ratio": rates[names[0]] / rates[names[1]], "batch": batch,
           "solver_steps": SPEED_STEPS.value, "repeats": REPEATS.value, "variant": VARIANT.value}
 
 
@@ -155,14 +154,15 @@ def main(argv):
     print(f"\n{fid_digits.FID_KEY}: N = {NUM_IMAGES.value} generated vs real test images; xar_digits.py:KIND,"
           f"{VARIANT.value}, {NUM_STEPS.value} steps of batch 32 per run; classifier {CLASSIFIER.value}\n")
     print(quality_table(rows))
-  results["speed"] = speed()
-  r = results["speed"]
-  print(f"\nSampling speed, {r['variant']}, batch {r['batch']}, {r['solver_steps']} solver steps per entity, "
+  results["speed"] = [speed(int(b)) for b in SPEED_BATCHES.value]
+  r = results["speed"][0]
+  print(f"\nSampling speed, xAR {r['variant']} (the same parameters), {r['solver_steps']} solver steps per entity, "
         f"median of {r['repeats']} interleaved calls, {jax.default_backend()}:\n")
-  print("| entities | images/s |\n|---|---|")
-  for name, rate in r["images_per_s"].items():
-    print(f"| {name} | {rate:.1f} |")
-  print(f"\nratio (4 entities / 64 entities): {r['ratio']:.1f}x")
+  names = list(r["images_per_s"])
+  print(f"| batch | {names[0]} images/s | {names[1]} images/s | ratio |\n|---|---|---|---|")
+  for r in results["speed"]:
+    rates = r["images_per_s"]
+    print(f"| {r['batch']} | {rates[names[0]]:.1f} | {rates[names[1]]:.1f} | {r['ratio']:.1f}x |")
   with open(os.path.join(OUT_DIR.value, "results.json"), "w") as f:
     json.dump(results, f, indent=1, default=float)
 

@@ -18,7 +18,7 @@ import jax
 
 jax.config.update("jax_num_cpu_devices", 8)
 
-from experiments.configs import nbp_kinetics600, nbp_ucf101, video_tokenizer_pod, xar_imagenet  # pylint: disable=g-import-not-at-top
+from experiments.configs import kl_vae_imagenet, nbp_kinetics600, nbp_ucf101, video_tokenizer_pod, xar_imagenet  # pylint: disable=g-import-not-at-top
 from nbp.training import loop as train  # pylint: disable=g-import-not-at-top
 
 BIG = 1 << 20  # a kernel of at least this many entries counts as big
@@ -29,6 +29,7 @@ CONFIGS = {
     "nbp_ucf101:700M": lambda: nbp_ucf101.get_config("700M"),
     "nbp_kinetics600:700M": lambda: nbp_kinetics600.get_config("700M"),
     "nbp_ucf101:3B": lambda: nbp_ucf101.get_config("3B"),
+    "kl_vae_imagenet": kl_vae_imagenet.get_config,
     "xar_imagenet:B": lambda: xar_imagenet.get_config("B"),
     "xar_imagenet:H": lambda: xar_imagenet.get_config("H"),
 }

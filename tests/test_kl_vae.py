@@ -339,6 +339,7 @@ def test_one_training_step_through_the_shared_loop(trained_vae):
   for key in ("loss", "psnr", "kl", "l1", "eval/psnr", "eval/kl", "sample/psnr"):
     assert np.isfinite(last[key]), key
   assert last["num_targets"] == 8 and 0 < last["sample/psnr"] < 60
+  np.testing.assert_allclose(last["psnr/psnr"], last["sample/psnr"], rtol=1e-5)  # the psnr evaluator, same images
   assert os.path.exists(os.path.join(workdir, "samples", "step_0000001.png"))
 
   model, params = kv_task.load_vae(workdir)  # the workdir alone: its config.json and checkpoint

@@ -201,6 +201,9 @@ def test_pod_train_states_are_sharded_on_eight_devices():
     assert r["big_kernels"] >= 9 and not r["big_not_over_fsdp"], (name, r["big_not_over_fsdp"])
     assert r["mesh"]["fsdp"] == 8 and abs(r["state_share_per_device"] - 1 / 8) < 1e-3, (name, r)
 
+  r = report["kl_vae_imagenet"]  # KL-16: encoder 26.2M, decoder 38.2M, patch discriminator 0.66M
+  assert 60e6 < r["num_params"] < 70e6, r["num_params"]
+
   for name, size in {"xar_imagenet:B": 172e6, "xar_imagenet:H": 1.1e9}.items():
     r = report[name]
     assert abs(r["num_params"] / size - 1) < 0.1, (name, r["num_params"])

@@ -70,5 +70,6 @@ def get_config(arg: str = "local"):
   c.checkpoint_every = 500
   c.evals.eval.every = 500
   c.evals.eval.steps = 4
+  c.evals.psnr = dict(type="psnr", every=500)  # the reconstruction PSNR of the sampler's test images
   c.lock()
   return c
