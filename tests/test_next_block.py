@@ -14,11 +14,8 @@ import pytest
 from experiments.configs import nbp_digits, ntp_text, video_tokenizer_digits
 from layers import attention as attention_lib
 from nbp import decoding
-from nbp import sampling
 from nbp import tasks
-from nbp.data import tokens as tokens_lib
 from nbp.models import block_transformer as bt
-from nbp.models import video_tokenizer as vt_model
 from nbp.tasks import next_block as nb
 from nbp.tasks import video_tokenizer as vt
 from nbp.training import loop as train

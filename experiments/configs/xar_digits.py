@@ -30,7 +30,6 @@ Argument: "ENTITY[,SIZE][,tf][,latents][,fid]", SIZE a key of nbp.models.xar.SIZ
 (default S).
 """
 
-import ml_collections
 
 from nbp.models import entities
 from nbp.models import xar

@@ -26,7 +26,6 @@ import os
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from nbp.evaluators import frechet
 from nbp.evaluators import generation

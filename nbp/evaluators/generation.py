@@ -153,7 +153,7 @@ def generate_videos(setup, params, rng, conditions: dict[str, np.ndarray], *, ba
   [F, H, W, C] of the videos the result is compared with; `judge` names where
   that shape comes from, for the error when they differ.
   """
-  task, config = setup.task, setup.config
+  task = setup.task
   model = task.model
   check_video_shape(task, expected_shape, judge)
   n = len(conditions["class"])

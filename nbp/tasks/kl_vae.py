@@ -43,7 +43,6 @@ import json
 import os
 from typing import Any
 
-import flax.linen as nn
 import grain
 import jax
 import jax.numpy as jnp
@@ -56,15 +55,16 @@ from nbp.data import images as images_lib
 from nbp.data import latents as latents_lib
 from nbp.data import pipeline
 from nbp.models.kl_vae import KLVAE as Model
-from nbp.tasks import video_tokenizer
+from nbp.tasks import reconstruction as reconstruction_lib
 from nbp.training import workdir as workdir_lib
 
 DATASETS = images_lib.IMAGE_DATASETS  # ("digits", "imagenet2012")
-DISCRIMINATOR = "discriminator"  # the parameter group (and subtree) of the discriminator
+DISCRIMINATOR = reconstruction_lib.DISCRIMINATOR  # the parameter group (and subtree) of the discriminator
+param_labels = reconstruction_lib.param_labels
 CHANNELS = {"digits": 1, "imagenet2012": 3}  # C of each dataset's images
 
-psnr = video_tokenizer.psnr  # mean PSNR (dB) on the [0, 1] scale of inputs in [-1, 1]: any [B, ...] shape
-to_uint8 = video_tokenizer.to_uint8  # [-1, 1] -> uint8, rounded and clipped
+psnr = reconstruction_lib.psnr  # mean PSNR (dB) on the [0, 1] scale of inputs in [-1, 1]: any [B, ...] shape
+to_uint8 = reconstruction_lib.to_uint8  # [-1, 1] -> uint8, rounded and clipped
 
 
 # ---------------------------------------------------------------------------
@@ -110,19 +110,8 @@ def loss(model: Model, params, batch, rng, *, l1_weight: float = 1.0, mse_weight
   if not model.discriminator_channels:
     raise ValueError("config.loss.adversarial_weight > 0 needs config.model.discriminator_channels > 0.")
   discriminate = lambda x: model.apply({"params": params}, x, method=Model.discriminate)
-  real, fake = discriminate(images), discriminate(reconstruction)
-  d_loss = jnp.mean(nn.relu(1.0 - real)) + jnp.mean(nn.relu(1.0 + fake))  # hinge
-  g_adv = -jnp.mean(fake)  # the generator raises the discriminator's logits on its reconstruction
-  metrics.update(discriminator_loss=d_loss, generator_adversarial=g_adv,
-                 real_accuracy=jnp.mean((real > 0).astype(jnp.float32)),
-                 fake_accuracy=jnp.mean((fake < 0).astype(jnp.float32)))
-  return {"model": value + adversarial_weight * g_adv, DISCRIMINATOR: d_loss}, metrics
-
-
-def param_labels(params):
-  """"discriminator" for the discriminator's subtree, "model" for the rest."""
-  return {k: jax.tree.map(lambda _: DISCRIMINATOR if k == DISCRIMINATOR else "model", v)
-          for k, v in params.items()}
+  return reconstruction_lib.with_adversarial_term(value, metrics, discriminate=discriminate, real=images,
+                                                 reconstruction=reconstruction, weight=adversarial_weight)
 
 
 # ---------------------------------------------------------------------------

@@ -24,7 +24,6 @@ import json
 import os
 from typing import Any, Callable
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -37,22 +36,18 @@ from nbp.data import pipeline
 from nbp.data import tokens as tokens_lib
 from nbp.data import video_sources
 from nbp.models.video_tokenizer import VideoTokenizer as Model
+from nbp.tasks import reconstruction as reconstruction_lib
 from nbp.training import workdir as workdir_lib
 
 DATASETS = video_sources.NAMES
-DISCRIMINATOR = "discriminator"  # the parameter group (and subtree) of the discriminator
+DISCRIMINATOR = reconstruction_lib.DISCRIMINATOR  # the parameter group (and subtree) of the discriminator
+param_labels = reconstruction_lib.param_labels
+psnr = reconstruction_lib.psnr  # mean PSNR (dB) of [-1, 1] inputs
+to_uint8 = reconstruction_lib.to_uint8
 
 
 # ---------------------------------------------------------------------------
 # Metrics and loss.
-
-
-def psnr(video: jax.Array, reconstruction: jax.Array) -> jax.Array:
-  """Mean over videos of the PSNR (dB) on the [0, 1] scale; both inputs in [-1, 1]."""
-  x = (video.astype(jnp.float32) + 1) / 2
-  y = jnp.clip((reconstruction.astype(jnp.float32) + 1) / 2, 0.0, 1.0)
-  mse = jnp.mean(jnp.square(x - y), axis=tuple(range(1, x.ndim)))  # [B]
-  return jnp.mean(10.0 * jnp.log10(1.0 / jnp.maximum(mse, 1e-10)))
 
 
 def codebook_usage(indices: jax.Array, codebook_size: int) -> jax.Array:
@@ -115,19 +110,8 @@ def loss(model: Model, params, batch, rng, *, l1_weight: float = 1.0, mse_weight
   if not model.discriminator_channels:
     raise ValueError("config.loss.adversarial_weight > 0 needs config.model.discriminator_channels > 0.")
   discriminate = lambda v: model.apply({"params": params}, v, method=Model.discriminate)
-  real, fake = discriminate(video), discriminate(reconstruction)
-  d_loss = jnp.mean(nn.relu(1.0 - real)) + jnp.mean(nn.relu(1.0 + fake))  # hinge
-  g_adv = -jnp.mean(fake)  # the generator raises the discriminator's logits on its reconstruction
-  metrics.update(discriminator_loss=d_loss, generator_adversarial=g_adv,
-                 real_accuracy=jnp.mean((real > 0).astype(jnp.float32)),
-                 fake_accuracy=jnp.mean((fake < 0).astype(jnp.float32)))
-  return {"model": value + adversarial_weight * g_adv, DISCRIMINATOR: d_loss}, metrics
-
-
-def param_labels(params):
-  """"discriminator" for the discriminator's subtree, "model" for the rest."""
-  return {k: jax.tree.map(lambda _: DISCRIMINATOR if k == DISCRIMINATOR else "model", v)
-          for k, v in params.items()}
+  return reconstruction_lib.with_adversarial_term(value, metrics, discriminate=discriminate, real=video,
+                                                 reconstruction=reconstruction, weight=adversarial_weight)
 
 
 # ---------------------------------------------------------------------------
@@ -169,10 +153,6 @@ def sample(model: Model, params, rng, videos: jax.Array, *, num_samples: int = 4
   video = videos[:num_samples]
   reconstruction, _ = model.apply({"params": params}, video)
   return {"video": video, "reconstruction": reconstruction}
-
-
-def to_uint8(video) -> np.ndarray:
-  return np.clip(np.round((np.asarray(video, np.float32) + 1) * 127.5), 0, 255).astype(np.uint8)
 
 
 def write_samples(samples, out_dir: str, step: int) -> dict[str, float]:

@@ -48,9 +48,7 @@ entity, N solver steps, h/w the token grid, H/W the image.
 from __future__ import annotations
 
 import functools
-import json
 import os
-from typing import Any
 
 import jax
 import jax.numpy as jnp
