@@ -1,7 +1,7 @@
 r"""Encodes an image dataset once into KL-VAE latents, as ArrayRecord files (xAR's input).
 
   python -m experiments.encode_latents \
-      --workdir runs/kl_vae_local --output_dir runs/latents_local --flips
+      --workdir runs/kl_vae_local --output_dir runs/latents_local
 
 `--workdir` names the trained VAE (its config.json says which images it was
 trained on, and those are encoded: digits or imagenet2012, read by

@@ -8,9 +8,10 @@ directory shows test images beside their reconstructions.
 Launch (CPU, 2 cores):
   python -m experiments.train --config experiments/configs/kl_vae_digits.py:local \
       --workdir runs/kl_vae_local
-then encode the digits once into latents for xAR (both flips):
+then encode the digits once into latents for xAR (no --flips: a mirrored
+digit is not a digit; flips are ImageNet's augmentation):
   python -m experiments.encode_latents --workdir runs/kl_vae_local \
-      --output_dir runs/latents_local --flips
+      --output_dir runs/latents_local
 
 Argument: "local".
 - local: sklearn's digits resized to 16x16 (1,437 train, 360 test images),

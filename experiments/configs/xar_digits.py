@@ -12,7 +12,7 @@ by entity (nbp/tasks/xar.py). Every entity kind gives 4 AR steps except token
 `tf` trains with teacher forcing (clean context) instead of noisy context.
 `latents` trains on the latents of kl_vae_digits.py's VAE instead of pixels:
   python -m experiments.train --config experiments/configs/kl_vae_digits.py --workdir runs/kl_vae_local
-  python -m experiments.encode_latents --workdir runs/kl_vae_local --output_dir runs/latents_local --flips
+  python -m experiments.encode_latents --workdir runs/kl_vae_local --output_dir runs/latents_local
   python -m experiments.train --config experiments/configs/xar_digits.py:cell,S,latents --workdir runs/xar_latents
 
 Launch (CPU, minutes):

@@ -3,11 +3,11 @@ r"""xAR-B / L / H on ImageNet 256x256: class-conditional next-cell prediction on
 Pipeline (pod; ImageNet is not on the development machines, so no run here):
   1. the VAE: python -m experiments.train --config experiments/configs/kl_vae_imagenet.py \
          --workdir gs://BUCKET/kl_vae_imagenet --config.data.dir=gs://BUCKET/tfds
-  2. the latent cache, both flips, and the scaling factor from the data:
+  2. the latent cache, both flips, and the scaling factor from the data (on one host):
        python -m experiments.encode_latents --workdir gs://BUCKET/kl_vae_imagenet \
-           --output_dir gs://BUCKET/imagenet_latents --flips
+           --output_dir data/latents_imagenet256 --flips --batch_size 256
   3. xAR: python -m experiments.train --config experiments/configs/xar_imagenet.py:B \
-         --workdir gs://BUCKET/xar_B --config.data.latent_dir=gs://BUCKET/imagenet_latents
+         --workdir gs://BUCKET/xar_B --config.data.latent_dir=data/latents_imagenet256
 Latents are 16x16x16 (16x downsampling); entities are 8x8 cells, 4 AR steps.
 
 From the paper and its official code: sizes B 172M (16 blocks of 768, 12
@@ -48,7 +48,7 @@ def get_config(arg: str = "B"):
   c.seed = 0
 
   c.data.name = "latents"
-  c.data.latent_dir = "data/imagenet_latents"  # experiments.encode_latents --output_dir
+  c.data.latent_dir = "data/latents_imagenet256"  # experiments.encode_latents --output_dir
   c.model.token_dim = 16  # latent channels
   c.model.grid = (16, 16)  # 256 / 16
   c.model.num_classes = 1000

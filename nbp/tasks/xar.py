@@ -350,12 +350,16 @@ def tokens_to_images(model: Model, data_cfg, tokens) -> np.ndarray:
   return np.clip(np.round((x + 1.0) * 127.5), 0, 255).astype(np.uint8)
 
 
-def write_samples(model: Model, data_cfg, tokens: np.ndarray, out_dir: str, step: int) -> dict[str, float]:
-  """The samples as a PNG grid (classes 0, 1, 2, ... in order)."""
+def write_samples(model: Model, data_cfg, tokens: np.ndarray, out_dir: str, step: int, *,
+                  columns: int = 10) -> dict[str, float]:
+  """The samples as a PNG grid, `columns` per row (classes 0, 1, 2, ... in order; the last row padded black)."""
   images = tokens_to_images(model, data_cfg, tokens)
+  rows = -(-len(images) // columns)
+  padded = np.zeros((rows * columns, *images.shape[1:]), np.uint8)
+  padded[:len(images)] = images
   title = f"{model.entity} entities ({model.entities.num_entities}), step {step}"
-  visualization.save_frame_grid(os.path.join(out_dir, f"step_{step:07d}.png"), images[:, None],
-                                max_videos=len(images), title=title)
+  visualization.save_frame_grid(os.path.join(out_dir, f"step_{step:07d}.png"),
+                                padded.reshape(rows, columns, *images.shape[1:]), max_videos=rows, title=title)
   return {}
 
 
