@@ -1,15 +1,15 @@
 r"""xAR on digits: in-domain FID per entity kind at one training budget, and images/s of 4 entities vs 64.
 
-  python -m experiments.benchmark_xar --classifier runs/image_classifier_digits \
-      [--kinds cell,token,subsample,scale,image,cell:tf] [--seeds 0,1,2] [--variant S] \
-      [--num_steps 1000] [--num_images 360] [--out_dir runs/xar_benchmark] [--speed_only]
+  python -m experiments.benchmark_xar --image_classifier runs/image_classifier_digits \
+      [--kinds cell,token,subsample,scale,image,cell:tf] [--train_seeds 0,1,2] [--variant S] \
+      [--num_steps 500] [--num_images 360] [--runs_dir runs/xar_benchmark] [--speed_only]
 
 Quality. For every kind (an entity of xar_digits.py; "KIND:tf" trains it with
 teacher forcing, i.e. clean context) and training seed, one run of
 xar_digits.py:KIND,VARIANT with `--num_steps` steps (the same budget for all;
-a finished run in out_dir is reused), then the `fid_digits` evaluator
+a finished run in runs_dir is reused), then the `fid_digits` evaluator
 (nbp/evaluators/fid_digits.py): N generated images against the N real test
-images, judged by the digit image classifier of `--classifier`
+images, judged by the digit image classifier of `--image_classifier`
 (image_classifier_digits.py), with the real-vs-real floor (N train images
 against the same test images) printed beside. Every run samples with the
 same settings (the config's sampler: SDE, 20 steps per entity, no guidance).
@@ -17,7 +17,7 @@ same settings (the config's sampler: SDE, 20 steps per entity, no guidance).
 Speed (`--speed_only` runs just this part). The same network (variant, width,
 depth, the same parameters) sampling with 4 cell entities and with 64 token
 entities (flow-matching next-token AR), both with the same solver steps per
-entity, jitted whole, at each batch of `--speed_batches`; calls interleaved, `--repeats`
+entity, jitted whole, at each batch of `--speed_batches`; calls interleaved, `--speed_repeats`
 of each, block_until_ready per call; images/s and their ratio. Run it on an
 idle machine: the ratio is measured side by side, absolute times are noisy.
 
@@ -44,19 +44,19 @@ from nbp.models.xar import XAR
 from nbp.tasks import xar
 from nbp.training import loop as train
 
-CLASSIFIER = flags.DEFINE_string("classifier", "runs/image_classifier_digits", "Workdir of the digit image classifier.")
+CLASSIFIER = flags.DEFINE_string("image_classifier", "runs/image_classifier_digits", "Workdir of the digit image classifier.")
 KINDS = flags.DEFINE_list("kinds", ["cell", "token", "subsample", "scale", "image", "cell:tf"],
                           "Entity kinds to train; KIND:tf with teacher forcing.")
-SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Training seeds (one run each).")
+SEEDS = flags.DEFINE_list("train_seeds", ["0", "1", "2"], "Training seeds (one run each).")
 VARIANT = flags.DEFINE_string("variant", "S", "nbp.models.xar.SIZES key of every run.")
-NUM_STEPS = flags.DEFINE_integer("num_steps", 1000, "Training steps of every run (batch 32).")
+NUM_STEPS = flags.DEFINE_integer("num_steps", 500, "Training steps of every run (batch 32).")
 NUM_IMAGES = flags.DEFINE_integer("num_images", 360, "N: generated and real images per set (the test split has 360).")
-OUT_DIR = flags.DEFINE_string("out_dir", "runs/xar_benchmark", "Run workdirs and results.json.")
+OUT_DIR = flags.DEFINE_string("runs_dir", "runs/xar_benchmark", "Run workdirs and results.json.")
 DATA_DIR = flags.DEFINE_string("data_dir", "data", "tfds data dir of the digits.")
 SPEED_ONLY = flags.DEFINE_bool("speed_only", False, "Only the images/s comparison.")
 SPEED_BATCHES = flags.DEFINE_list("speed_batches", ["1", "16"], "Images per sampler call in the speed comparison.")
 SPEED_STEPS = flags.DEFINE_integer("speed_solver_steps", 20, "Solver steps per entity in the speed comparison.")
-REPEATS = flags.DEFINE_integer("repeats", 5, "Timed calls per sampler in the speed comparison.")
+REPEATS = flags.DEFINE_integer("speed_repeats", 5, "Timed calls per sampler in the speed comparison.")
 
 
 def run_config(kind: str, seed: int):

@@ -35,10 +35,7 @@ from absl import app, flags
 from experiments import common
 from nbp.tasks import kl_vae
 
-OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Where the latent ArrayRecords go.")
-SPLITS = flags.DEFINE_list("splits", ["train", "test"], "Splits to encode (train is needed: it sets the scale).")
 FLIPS = flags.DEFINE_bool("flips", False, "Also store each image's horizontal mirror (two views per record).")
-BATCH_SIZE = flags.DEFINE_integer("batch_size", 64, "Images encoded per call (twice as many with --flips).")
 
 
 def main(argv):
@@ -48,8 +45,8 @@ def main(argv):
     raise ValueError("encode_latents runs in one process.")
   config = common.CONFIG.value  # optional: its data section replaces the VAE's own
   metadata = kl_vae.encode_latents(
-      common.WORKDIR.value, OUTPUT_DIR.value, data_cfg=config.data if config is not None else None,
-      splits=tuple(SPLITS.value), flips=FLIPS.value, batch_size=BATCH_SIZE.value)
+      common.WORKDIR.value, common.OUTPUT_DIR.value, data_cfg=config.data if config is not None else None,
+      splits=tuple(common.SPLITS.value), flips=FLIPS.value, batch_size=common.ENCODE_BATCH_SIZE.value)
   print(json.dumps(metadata, sort_keys=True))
 
 

@@ -32,9 +32,6 @@ from absl import app, flags
 from experiments import common
 from nbp.tasks import video_tokenizer
 
-OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Where the token ArrayRecords go.")
-SPLITS = flags.DEFINE_list("splits", ["train", "test"], "Splits to encode.")
-BATCH_SIZE = flags.DEFINE_integer("batch_size", 32, "Videos encoded per call.")
 
 
 def main(argv):
@@ -44,8 +41,8 @@ def main(argv):
     raise ValueError("encode_tokens runs in one process.")
   config = common.CONFIG.value  # optional: its data section replaces the tokenizer's own
   metadata = video_tokenizer.encode_tokens(
-      common.WORKDIR.value, OUTPUT_DIR.value, data_cfg=config.data if config is not None else None,
-      splits=tuple(SPLITS.value), batch_size=BATCH_SIZE.value)
+      common.WORKDIR.value, common.OUTPUT_DIR.value, data_cfg=config.data if config is not None else None,
+      splits=tuple(common.SPLITS.value), batch_size=common.ENCODE_BATCH_SIZE.value)
   print(json.dumps(metadata, sort_keys=True))
 
 
