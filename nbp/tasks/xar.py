@@ -231,7 +231,7 @@ def sample(model: Model, params, rng, *, num_samples: int = 8, labels: jax.Array
   context_t = 0.0 if model.teacher_forcing else float(solver_times(num_steps, t_end)[-2])
 
   def velocity(state, x, t, start):
-    """v [B, L, C] of the current entity at slots start..start+L-1; the state with its keys written."""
+    """v [rows, L, C] of the current entity x [B, L, C] at slots start..; the state with its keys written."""
     length = x.shape[1]
     inputs = jnp.concatenate([x, x]) if guided else x  # [rows, L, C]
     t_tokens = jnp.full((rows, length), t, jnp.float32)
@@ -288,7 +288,7 @@ def sample(model: Model, params, rng, *, num_samples: int = 8, labels: jax.Array
       return entity_step(k, k * length, length, state, out)
 
     if use_cache:
-      state, out = decoding.decode_in_phases(lambda k, st, o: ar_step(k, st, o), state, out, 0, ents.num_entities,
+      state, out = decoding.decode_in_phases(ar_step, state, out, 0, ents.num_entities,
                                              cache_len=lambda k1: k1 * length, phases=cache_phases)
     else:
       state, out = jax.lax.fori_loop(0, ents.num_entities, lambda k, so: ar_step(k, *so), (state, out))
