@@ -25,6 +25,13 @@ INSTALL_REQUIRES = [
     "av>=12",  # mp4 decoding for video folders
     "matplotlib>=3.8",
     "etils[epath]>=1.7",
+    # Aaren's real data: UCR/UEA .ts sets inside sktime, forecasting series in statsmodels and sktime,
+    # gymnasium's classic-control environments, h5py for D4RL/Minari files.
+    "sktime>=0.30",
+    "statsmodels>=0.14",
+    "pandas>=2.1",
+    "gymnasium>=1.0",
+    "h5py>=3.10",
 ]
 
 EXTRAS_REQUIRE = {

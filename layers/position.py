@@ -80,3 +80,13 @@ class LearnedPositionEmbedding(nn.Module):
     )
     return jnp.take(table, positions, axis=0).astype(self.dtype)
 
+
+
+def sinusoidal_positions(positions, features: int, *, base: float = 10000.0):
+  """Fixed sine/cosine embeddings float32 [..., E] of integer positions [...] (E even): no table, any length."""
+  if features % 2:
+    raise ValueError(f"sinusoidal position embeddings need an even width, got {features}")
+  half = features // 2
+  inv_freq = base ** (-jnp.arange(half, dtype=jnp.float32) / half)  # [E/2]
+  angles = jnp.asarray(positions, jnp.float32)[..., None] * inv_freq  # [..., E/2]
+  return jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=-1)

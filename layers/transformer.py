@@ -3,7 +3,11 @@
 Dimension letters: B batch, T tokens, E width, F mlp hidden width,
 C condition width, N number of layers.
 
-A block is pre-norm: x + Attn(Norm(x)), then x + Mlp(Norm(x)). With adaLN
+A block is pre-norm: x + Attn(Norm(x)), then x + Mlp(Norm(x)). Its attention
+is softmax multi-head attention or, with `attention="aaren"`, Aaren's
+learned-query prefix-scan attention (layers/aaren.py), everything else
+unchanged: any causal model built on the stack switches by that one field.
+With adaLN
 (DiT-style, used by xAR) a condition c [B, C] or per token [B, T, C] gives a
 shift, scale and gate per sub-block; the gates start at zero so a fresh block is
 the identity. The stack (DecoderStack) runs N blocks, either scanned over one
@@ -25,6 +29,7 @@ import jax.numpy as jnp
 
 from kernels.masks import MaskSpec
 from layers import linear
+from layers.aaren import AarenAttention
 from layers.attention import MultiHeadAttention
 
 ACTIVATION_AXES = ("batch", "length", "embed")
@@ -154,6 +159,17 @@ class AdaLNModulation(nn.Module):
 # Block and stack.
 
 
+ATTENTIONS = ("softmax", "aaren")
+
+
+def is_causal(mask: MaskSpec) -> bool:
+  """True iff `mask` is plain causal attention (what Aaren computes): causal, or block-causal of 1-token blocks."""
+  if mask.kind not in ("causal", "block_causal") or not mask.tiled:
+    return False
+  block_len, prefix_len = mask.block_causal_numbers(kv_len=1)
+  return block_len == 1 and prefix_len <= 1  # a prefix of one token is the causal mask
+
+
 class TransformerBlock(nn.Module):
   """Pre-norm transformer block x [B, T, E] -> [B, T, E], optionally adaLN-conditioned."""
 
@@ -171,6 +187,23 @@ class TransformerBlock(nn.Module):
   param_dtype: jnp.dtype = jnp.float32  # parameter storage dtype
   max_decode_len: int | None = None  # KV cache length; None: T of the init input
   adaln: bool = False  # condition every sub-block on `cond` through adaLN
+  attention: str = "softmax"  # "softmax" (MultiHeadAttention) or "aaren" (AarenAttention; causal masks only)
+  scan_impl: str = "auto"  # Aaren's scan implementation (kernels.scan_attention.IMPLS)
+
+  def _attention(self):
+    if self.attention not in ATTENTIONS:
+      raise ValueError(f"config.model.attention={self.attention!r}: expected one of {ATTENTIONS}")
+    if self.attention == "softmax":
+      return MultiHeadAttention(
+          num_heads=self.num_heads, head_dim=self.head_dim, num_kv_heads=self.num_kv_heads,
+          mask=self.mask, rope=self.rope, rope_base=self.rope_base, impl=self.impl,
+          dtype=self.dtype, param_dtype=self.param_dtype, max_decode_len=self.max_decode_len,
+          name="attention")
+    if not is_causal(self.mask):
+      raise ValueError(f"config.model.attention='aaren' computes causal attention; this model's mask is "
+                       f"{self.mask} (blocks, a prefix or full attention): use attention='softmax'")
+    return AarenAttention(num_heads=self.num_heads, head_dim=self.head_dim, scan_impl=self.scan_impl,
+                          dtype=self.dtype, param_dtype=self.param_dtype, name="attention")
 
   @nn.compact
   def __call__(self, x, cond=None, *, positions=None, kv_valid_len=None, decode=False):
@@ -186,11 +219,7 @@ class TransformerBlock(nn.Module):
     h = make_norm(self.norm, name="attention_norm", **norm_kwargs)(x)
     if self.adaln:
       h = modulate(h, shift_a, scale_a)
-    h = MultiHeadAttention(
-        num_heads=self.num_heads, head_dim=self.head_dim, num_kv_heads=self.num_kv_heads,
-        mask=self.mask, rope=self.rope, rope_base=self.rope_base, impl=self.impl,
-        dtype=self.dtype, param_dtype=self.param_dtype, max_decode_len=self.max_decode_len,
-        name="attention")(h, positions=positions, kv_valid_len=kv_valid_len, decode=decode)
+    h = self._attention()(h, positions=positions, kv_valid_len=kv_valid_len, decode=decode)
     if self.adaln:
       h = gate_a * h
     x = constrain(x + h.astype(x.dtype))

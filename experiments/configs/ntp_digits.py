@@ -13,7 +13,9 @@ yet run, so no expected figure yet):
   python -m experiments.train --config experiments/configs/ntp_digits.py:B \
       --workdir gs://BUCKET/ntp_digits_B --config.model.dtype=bfloat16
 
-Argument: "SIZE[,local]" with SIZE a key of nbp.models.block_transformer.SIZES. `local` is the
+Argument: "SIZE[,local][,aaren]" with SIZE a key of nbp.models.block_transformer.SIZES. `aaren`
+swaps every layer's softmax attention for Aaren's prefix-scan attention (same model otherwise; it
+takes learned positions, as its learned query has no rotary position). `local` is the
 2-core CPU setting: 4 frames of 12x12 pixels, one digit, 8 grey levels (576
 tokens), batch 8, 300 steps. Measured (XS,local, 2.3 minutes on 2
 cores): cross-entropy from 1.67 (train, first 10 steps) to 0.478 nats/token on
@@ -47,6 +49,8 @@ def get_config(arg: str = "XS,local"):
   c.model.remat_policy = "none" if local else "dots_with_no_batch_dims_saveable"
   c.model.attention_impl = "auto"  # kernels.dispatch: Pallas on GPU/TPU, block-sparse XLA on long CPU sequences
   c.model.dtype = "float32" if local else "bfloat16"
+  if "aaren" in flags:
+    set_aaren(c.model)
 
   c.sampler.num_samples = 8
   c.sampler.temperature = 1.0
@@ -56,6 +60,12 @@ def get_config(arg: str = "XS,local"):
   set_digits_budget(c, local)
   c.lock()
   return c
+
+
+def set_aaren(model_cfg) -> None:
+  """Aaren's attention in every layer; learned positions (RoPE rotates queries, and Aaren's query is a parameter)."""
+  model_cfg.attention = "aaren"
+  model_cfg.position = "learned"
 
 
 LEVELS = 8  # grey levels of the pixels-as-tokens settings (the vocabulary, plus one begin token)

@@ -8,8 +8,9 @@ Launch (CPU):
   python -m experiments.train --config experiments/configs/ntp_text.py:S,local \
       --workdir runs/ntp_text_local
 
-Argument: "SIZE[,local]" with SIZE a key of nbp.models.block_transformer.SIZES; `local` trains 256-byte
-windows at batch 16 for 300 steps on 2 CPU cores.
+Argument: "SIZE[,local][,aaren]" with SIZE a key of nbp.models.block_transformer.SIZES; `local` trains
+256-byte windows at batch 16 for 300 steps on 2 CPU cores; `aaren` swaps every layer's softmax attention
+for Aaren's prefix-scan attention (ntp_digits.set_aaren).
 """
 
 import ml_collections

@@ -35,6 +35,18 @@ DATASET_KEYS = {
     "imagenet2012": ("image_size",),
     # images encoded once into KL-VAE latents, both flips (nbp.data.latents, experiments.encode_latents)
     "latents": ("latent_dir",),
+    # Aaren's datasets. UCR/UEA classification sets by name (those shipped inside sktime) or a .ts
+    # train/test pair (nbp.data.ucr); max_len: longer series are cut (0: the longest).
+    "ucr": ("dataset", "train_path", "test_path", "max_len"),
+    # a real series shipped with statsmodels or sktime, by name (nbp.data.forecasting)
+    "series": ("dataset", "lookback", "horizon", "test_fraction"),
+    # an ETT/Weather-style CSV file: a date column then one column per variable (nbp.data.forecasting)
+    "csv_series": ("path", "columns", "lookback", "horizon", "test_fraction"),
+    # trajectories of a gymnasium classic-control environment, collected once and cached under dir, or a
+    # D4RL/Minari file given by path (nbp.data.trajectories)
+    "trajectories": ("env", "path", "num_episodes", "context_len"),
+    # marked event sequences of a Hawkes process simulated once (nbp.data.hawkes)
+    "hawkes": ("num_marks", "num_train", "num_test", "seq_len"),
 }
 
 

@@ -14,6 +14,9 @@ the end of training). Each result is logged as "<name>/<key>".
   fid_digits  in-domain FID of generated digit images against real ones, judged by a
               digit image classifier trained here (`classifier_workdir`)
   fid         the standard Inception-v3 FID, with weights from a local file (`inception_path`)
+  split_metrics  the task's `score` over every example of a split once (accuracy, MSE/MAE at
+              horizons, log-likelihood per event), as sum / count
+  rollout     episodes in the environment with the policy acting step by step (returns)
 
 Every evaluator gets the same parameters, the EMA ones when the run keeps
 them (`Context.params_name` says which).
@@ -27,7 +30,7 @@ from typing import Any
 
 import jax
 
-TYPES = ("loss", "samples", "psnr", "fvd_digits", "fvd", "fid_digits", "fid")
+TYPES = ("loss", "samples", "psnr", "fvd_digits", "fvd", "fid_digits", "fid", "split_metrics", "rollout")
 
 
 @dataclasses.dataclass

@@ -138,6 +138,8 @@ class NextBlockTransformer(nn.Module):
   scan_layers: bool = False  # stacked layers under nn.scan: faster compiles, slower CPU decoding
   remat_policy: str = "none"  # see layers.transformer.DecoderStack
   attention_impl: str = "xla"  # kernels.dispatch implementation ("auto" picks per backend)
+  attention: str = "softmax"  # or "aaren": Aaren's prefix-scan attention (next-token models: 1x1x1 blocks)
+  scan_impl: str = "auto"  # Aaren's scan implementation (kernels.scan_attention.IMPLS)
   dtype: Any = "float32"  # computation dtype (a name or a jnp dtype); parameters stay float32
   vocab_multiple: int = 128  # embedding and head rows padded to a multiple (splits over tensor devices)
 
@@ -238,6 +240,9 @@ class NextBlockTransformer(nn.Module):
                          f"and a multiple of the block's {self.block[0]} frames")
     if self.condition == "class" and (self.num_classes < 1 or self.num_class_tokens < 1):
       raise ValueError("config.model.condition='class' needs num_classes >= 1 and num_class_tokens >= 1")
+    if self.attention == "aaren" and (self.block_len != 1 or self.prefix_len > 1):
+      raise ValueError(f"config.model.attention='aaren' is causal attention: it needs config.model.block=(1, 1, 1) "
+                       f"and at most one prefix token; got block={tuple(self.block)}, {self.prefix_len} prefix slots")
 
   def slot_positions(self) -> np.ndarray:
     """int [S] (learned, rope) or [S, 3] (rope3d): the position of every slot (module docstring)."""
@@ -275,7 +280,7 @@ class NextBlockTransformer(nn.Module):
                    mask=attention_lib.MaskSpec("block_causal", block_len=self.block_len,
                                                prefix_len=self.prefix_len),
                    rope=rope, rope_base=self.rope_base, impl=self.attention_impl, dtype=dtype,
-                   max_decode_len=self.max_len),
+                   max_decode_len=self.max_len, attention=self.attention, scan_impl=self.scan_impl),
         scan_layers=self.scan_layers, remat_policy=self.remat_policy)
     self.final_norm = transformer_lib.make_norm(self.norm)
     if not self.tie_embeddings:

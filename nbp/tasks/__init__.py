@@ -43,6 +43,11 @@ FAMILIES = {
     "video_classifier": "nbp.tasks.video_classifier",  # the judge of the in-domain FVD (and FID) on digits
     "xar": "nbp.tasks.xar",  # next-X prediction of images with flow matching
     "kl_vae": "nbp.tasks.kl_vae",  # xAR's latent space: a KL-regularised image autoencoder
+    # Aaren's four settings; each runs softmax attention or Aaren by config.model.attention.
+    "ts_classification": "nbp.tasks.ts_classification",  # UCR/UEA time-series classification
+    "forecasting": "nbp.tasks.forecasting",  # multi-horizon time-series forecasting
+    "decision": "nbp.tasks.decision",  # offline RL: a return-conditioned policy (Decision-Transformer style)
+    "events": "nbp.tasks.events",  # event forecasting: a marked temporal point process
 }
 
 
@@ -74,6 +79,16 @@ class Task:
   sample_images: Callable[[Any, Any, Any], Any] | None = None
   # samples as numpy -> uint8 images [N, H, W, C] (the FID evaluators' input); None: not images.
   to_images: Callable[[Any], np.ndarray] | None = None
+  # split -> the whole split as arrays {name: [N, ...]} (small datasets: the split_metrics evaluator batches
+  # them itself, every example once). None: no such view.
+  examples: Callable[[str], dict[str, np.ndarray]] | None = None
+  # (params, batch) -> {metric: (value [B], count [B])}: per-example sums and their counts; the split_metrics
+  # evaluator reports sum(value) / sum(count) over a split (accuracy: (correct, 1); per-event
+  # log-likelihood: (sum over a sequence's events, its number of events)). Jitted by the caller.
+  score: Callable[[Any, Batch], dict[str, tuple[Any, Any]]] | None = None
+  # (params, rng, target_return, num_episodes) -> {metric: number}: episodes in the environment, the policy
+  # acting step by step (the rollout evaluator). None: not a control task.
+  rollout: Callable[..., dict[str, float]] | None = None
 
 
 def family_module(name: str):
