@@ -408,7 +408,11 @@ def scan_attention(s, v, valid=None, *, chunk=None, interpret=False, backend=Non
 
 
 def scan_attention_auto(s, v, valid=None, *, impl="auto"):
-  """Picks an implementation: "auto" = "pallas" on GPU/TPU, "xla_chunked" on CPU."""
+  """Picks an implementation: "auto" = "pallas" on GPU/TPU, "xla_chunked" on CPU.
+
+  "pallas" asked for on CPU runs the kernel in interpret mode (slow; for tests), as the block attention
+  dispatcher does.
+  """
   if impl not in IMPLS:
     raise ValueError(f"scan_attention_auto: unknown impl {impl!r}; choose one of {IMPLS}")
   if impl == "auto":
@@ -421,4 +425,4 @@ def scan_attention_auto(s, v, valid=None, *, impl="auto"):
     # chunk 16: the fastest on CPU, forward and backward, of 8..128 measured at
     # [B, T, H, D] = [4, 2048, 4, 64] and [16, 512, 8, 32] (1.3-1.6x faster than "sequential").
     return scan_attention_chunked(s, v, valid, chunk=16)
-  return scan_attention(s, v, valid)
+  return scan_attention(s, v, valid, interpret=jax.default_backend() == "cpu")
