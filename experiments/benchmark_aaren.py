@@ -182,7 +182,7 @@ TASK_METRICS = {
     "classification": ("test/accuracy",),
     "forecasting": ("test/mse@1", "test/mse@26", "test/mae@26", "test/naive_mse@26", "test/naive_mae@26"),
     "decision": ("rollout/return_mean", "rollout/normalized_score"),
-    "events": ("test/log_likelihood", "test/true_log_likelihood", "test/time_rmse", "test/mark_accuracy"),
+    "events": ("test/log_likelihood", "test/true_log_likelihood", "test/time_mse", "test/mark_accuracy"),
 }
 
 

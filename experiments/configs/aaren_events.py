@@ -1,0 +1,86 @@
+r"""Aaren vs a Transformer on event forecasting: a marked temporal point process (nbp.tasks.events).
+
+The two runs differ in `config.model.attention` only ("aaren" or "softmax"):
+the same nbp.models.sequence.SequenceModel, data, loss and budget.
+
+Launch (CPU, 2 cores, about a minute):
+  python -m experiments.train --config experiments/configs/aaren_events.py:aaren,local \
+      --workdir runs/aaren_events_local
+  python -m experiments.train --config experiments/configs/aaren_events.py:softmax,local \
+      --workdir runs/softmax_events_local
+Full setting (GPU; not yet run): drop `local` (3 marks, 8000 sequences of 128 events, 5000 steps).
+
+Argument "ATTENTION[,local]": ATTENTION softmax|aaren; `local` the 2-core CPU budget.
+
+Data: a 3-mark Hawkes process with exponential kernels (nbp.data.hawkes; its
+parameters are drawn once from a seeded Generator and recorded in the cache's
+metadata.json), 2000 train and 500 test sequences of 64 events from t = 0,
+simulated once under config.data.dir. Each event's output parameterises the
+next: a mixture of 8 log-normals for the inter-event time and a categorical
+mark. Metrics land in metrics.jsonl as test/log_likelihood (nats per event, in
+the process's time units), its parts test/time_log_likelihood and
+test/mark_log_likelihood, test/true_log_likelihood (the true process on the
+same sequences: the ceiling), test/time_mse (its root is the time RMSE) and
+test/mark_accuracy.
+
+Measured (local, seed 0, one run each; 400 steps; 2 cores shared with other jobs, load about 6:
+aaren 76 s wall / 44 s CPU, softmax 90 s wall / 53 s CPU, compile and data included), per test event:
+
+  attention  log_likelihood  time_ll  mark_ll  mark_accuracy  time_mse (RMSE)
+  aaren      -0.659          0.281    -0.940   0.557          0.308 (0.555)
+  softmax    -0.657          0.282    -0.939   0.556          0.308 (0.555)
+  true process (test/true_log_likelihood): -0.635. References on the same test sequences: a
+  homogeneous Poisson process with the train rates, -0.975; the majority mark, accuracy 0.427; the
+  train mean inter-event time, MSE 0.336. Both models close about 93% of the Poisson-to-true gap.
+"""
+
+import ml_collections
+
+from nbp.training import config as config_lib
+
+ATTENTIONS = ("softmax", "aaren")
+FLAGS = ("local",)
+
+
+def get_config(arg: str = "aaren,local"):
+  parts = [p for p in arg.split(",") if p]
+  if not parts or parts[0] not in ATTENTIONS:
+    raise ValueError(f"config argument {arg!r} must start with the attention, one of {ATTENTIONS}")
+  attention, flags = parts[0], parts[1:]
+  unknown = sorted(set(flags) - set(FLAGS))
+  if unknown:
+    raise ValueError(f"unknown config flags {unknown} in {arg!r}; known: {FLAGS}")
+  local = "local" in flags
+
+  c = config_lib.base_config()
+  c.family = "events"
+  c.seed = 0
+
+  c.model.attention = attention
+  c.model.variant = "tiny"  # 2 layers, width 64, 4 heads
+  c.model.input_dim = 0  # 1 + K, from the data
+  c.model.output_dim = 0  # 3 M + K, from the data and config.loss.num_components
+  c.model.position = "sinusoidal"
+  c.model.max_len = 128 if local else 256  # >= seq_len
+  c.model.dtype = "float32"
+
+  c.data.name = "hawkes"
+  c.data.dir = "data"
+  c.data.num_marks = 3 if local else 5
+  c.data.seq_len = 64 if local else 128  # events per sequence
+  c.data.num_train = 2000 if local else 8000
+  c.data.num_test = 500 if local else 2000
+
+  c.loss.num_components = 8  # M: log-normal components of the inter-event time
+
+  c.batch_size = 32 if local else 64
+  c.num_steps = 400 if local else 5000
+  c.optimizer.lr = 2e-3 if local else 1e-3
+  c.optimizer.warmup_steps = 50 if local else 200
+  c.optimizer.weight_decay = 0.01
+  c.log_every = 100
+  c.checkpoint_every = c.num_steps  # one at the end
+  c.evals = ml_collections.ConfigDict()
+  c.evals.test = dict(type="split_metrics", every=0, split="test")  # every test sequence once, at the end
+  c.lock()
+  return c
