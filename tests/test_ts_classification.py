@@ -1,7 +1,6 @@
 """UCR/UEA classification: the .ts loader, train-only normalisation, readouts and scores, a training step."""
 
 import json
-import os
 
 import jax
 import jax.numpy as jnp
