@@ -181,7 +181,8 @@ def train_steps(lengths) -> list[dict]:
 TASK_METRICS = {
     "classification": ("test/accuracy",),
     "forecasting": ("test/mse@1", "test/mse@6", "test/mse@26", "test/mae@26", "test/naive_mse@26", "test/naive_mae@26"),
-    "decision": ("rollout/return_mean", "rollout/normalized_score"),
+    "decision": ("rollout/return_mean@500", "rollout/normalized_score@500", "rollout/return_mean@250",
+                 "rollout/normalized_score@250"),
     "events": ("test/log_likelihood", "test/true_log_likelihood", "test/time_mse", "test/mark_accuracy"),
 }
 
