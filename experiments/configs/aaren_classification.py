@@ -33,22 +33,15 @@ ArrowHead (T = 251, 36 train series, majority 0.39) 0.697 both, 120-210 s of CPU
 BasicMotions (T = 100, 6 channels, 40 train series, chance 0.25) aaren 0.950, softmax 0.975.
 """
 
+from experiments.configs import aaren_common
 from nbp.training import config as config_lib
 
-ATTENTIONS = ("softmax", "aaren")
+ATTENTIONS = aaren_common.ATTENTIONS
 DEFAULT_DATASET = "JapaneseVowels"  # 12 channels, 9 speakers, 7..29 steps: well above chance within a minute
 
 
 def get_config(arg: str = "aaren,local"):
-  parts = [p for p in arg.split(",") if p]
-  if not parts or parts[0] not in ATTENTIONS:
-    raise ValueError(f"aaren_classification.py takes 'ATTENTION[,DATASET][,local]' with ATTENTION one of "
-                     f"{ATTENTIONS}, got {arg!r}")
-  attention, rest = parts[0], parts[1:]
-  local = "local" in rest
-  names = [p for p in rest if p != "local"]
-  if len(names) > 1:
-    raise ValueError(f"aaren_classification.py: one dataset at most, got {names} in {arg!r}")
+  attention, dataset, local = aaren_common.parse_arg(arg, "aaren_classification.py", "DATASET")
   c = config_lib.base_config()
   c.family = "ts_classification"
   c.seed = 0
@@ -62,7 +55,7 @@ def get_config(arg: str = "aaren,local"):
   c.model.dtype = "float32"
 
   c.data.name = "ucr"
-  c.data.dataset = names[0] if names else DEFAULT_DATASET  # a set inside sktime's wheel
+  c.data.dataset = dataset or DEFAULT_DATASET  # a set inside sktime's wheel
   c.data.train_path = ""  # a user's .ts pair instead of `dataset`
   c.data.test_path = ""
   c.data.max_len = 0  # T: longer series are cut (0: the longest)

@@ -44,9 +44,10 @@ run): Acrobot after 50 steps -126 @-80 (score 90), Pendulum after 500 steps
 swing-up).
 """
 
+from experiments.configs import aaren_common
 from nbp.training import config as config_lib
 
-ATTENTIONS = ("softmax", "aaren")
+ATTENTIONS = aaren_common.ATTENTIONS
 ENVS = {"cartpole": "CartPole-v1", "acrobot": "Acrobot-v1", "mountaincar": "MountainCar-v0",
         "pendulum": "Pendulum-v1"}
 # Target returns of the rollout evaluator: the expert's return and one in the middle of the data's range.
@@ -56,16 +57,8 @@ MAX_STEPS = {"CartPole-v1": 500, "Acrobot-v1": 500, "MountainCar-v0": 200, "Pend
 
 
 def get_config(arg: str = "aaren,local"):
-  parts = [p for p in arg.split(",") if p]
-  if not parts or parts[0] not in ATTENTIONS:
-    raise ValueError(f"aaren_decision.py takes 'ATTENTION[,ENV][,local]' with ATTENTION one of {ATTENTIONS}, "
-                     f"got {arg!r}")
-  attention, rest = parts[0], parts[1:]
-  local = "local" in rest
-  names = [p for p in rest if p != "local"]
-  if len(names) > 1:
-    raise ValueError(f"aaren_decision.py: one environment at most, got {names} in {arg!r}")
-  env = ENVS.get(names[0].lower(), names[0]) if names else "CartPole-v1"
+  attention, name, local = aaren_common.parse_arg(arg, "aaren_decision.py", "ENV")
+  env = ENVS.get(name.lower(), name) if name else "CartPole-v1"
   if env not in TARGETS:
     raise ValueError(f"aaren_decision.py: environment {env!r}; choose one of {sorted(ENVS)} or {sorted(TARGETS)}")
   c = config_lib.base_config()

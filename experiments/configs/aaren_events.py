@@ -36,21 +36,14 @@ aaren 76 s wall / 44 s CPU, softmax 90 s wall / 53 s CPU, compile and data inclu
 
 import ml_collections
 
+from experiments.configs import aaren_common
 from nbp.training import config as config_lib
 
-ATTENTIONS = ("softmax", "aaren")
-FLAGS = ("local",)
+ATTENTIONS = aaren_common.ATTENTIONS
 
 
 def get_config(arg: str = "aaren,local"):
-  parts = [p for p in arg.split(",") if p]
-  if not parts or parts[0] not in ATTENTIONS:
-    raise ValueError(f"config argument {arg!r} must start with the attention, one of {ATTENTIONS}")
-  attention, flags = parts[0], parts[1:]
-  unknown = sorted(set(flags) - set(FLAGS))
-  if unknown:
-    raise ValueError(f"unknown config flags {unknown} in {arg!r}; known: {FLAGS}")
-  local = "local" in flags
+  attention, _, local = aaren_common.parse_arg(arg, "aaren_events.py", None)
 
   c = config_lib.base_config()
   c.family = "events"

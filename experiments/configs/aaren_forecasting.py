@@ -47,9 +47,10 @@ about 30 s) mse@4 was 0.33 (aaren) and 0.31 (softmax) against the naive 0.37.
 
 import ml_collections
 
+from experiments.configs import aaren_common
 from nbp.training import config as config_lib
 
-ATTENTIONS = ("softmax", "aaren")
+ATTENTIONS = aaren_common.ATTENTIONS
 DEFAULT_DATASET = "co2"
 # dataset -> (lookback L, horizon H), chosen for the series' length and period.
 WINDOWS = {
@@ -68,16 +69,10 @@ WINDOWS = {
 
 
 def get_config(arg: str = "aaren,local"):
-  parts = [p for p in arg.split(",") if p]
-  if not parts or parts[0] not in ATTENTIONS:
-    raise ValueError(f"config argument {arg!r} must start with the attention, one of {ATTENTIONS}")
-  attention, flags = parts[0], parts[1:]
-  local = "local" in flags
-  datasets = [f for f in flags if f != "local"]
-  unknown = [f for f in datasets if f not in WINDOWS]
-  if unknown or len(datasets) > 1:
-    raise ValueError(f"config flags {flags} in {arg!r}: at most one dataset of {sorted(WINDOWS)}, and 'local'")
-  dataset = datasets[0] if datasets else DEFAULT_DATASET
+  attention, dataset, local = aaren_common.parse_arg(arg, "aaren_forecasting.py", "DATASET")
+  dataset = dataset or DEFAULT_DATASET
+  if dataset not in WINDOWS:
+    raise ValueError(f"aaren_forecasting.py: dataset {dataset!r} in {arg!r}; choose one of {sorted(WINDOWS)}")
   lookback, horizon = WINDOWS[dataset]
 
   c = config_lib.base_config()
