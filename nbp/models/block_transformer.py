@@ -52,6 +52,7 @@ from layers import attention as attention_lib
 from layers import linear
 from layers import position as position_lib
 from layers import transformer as transformer_lib
+from nbp.models import sizes
 
 # variant: (layers, width, heads, kv heads). The MLP is 4E wide for GELU and
 # 8E/3 rounded up to a multiple of 64 for SwiGLU (the same parameter count).
@@ -111,7 +112,7 @@ def next_block_inputs(targets: jax.Array, block_len: int, bos: int) -> jax.Array
 # The model.
 
 
-class NextBlockTransformer(nn.Module):
+class NextBlockTransformer(sizes.SizedByTable, nn.Module):
   """tokens [B, T] (slots of the sequence) -> logits [B, T(+P class), V] under the block-causal mask.
 
   Its fields are the `config.model` schema: the training loop builds it as
@@ -143,31 +144,9 @@ class NextBlockTransformer(nn.Module):
   dtype: Any = "float32"  # computation dtype (a name or a jnp dtype); parameters stay float32
   vocab_multiple: int = 128  # embedding and head rows padded to a multiple (splits over tensor devices)
 
+  SIZES = SIZES  # depth, embed_dim, heads, kv_heads: nbp.models.sizes.SizedByTable
+
   # ------------------------------------------------------------------ sizes
-  def _size(self, index: int, override: int | None) -> int:
-    if override is not None:
-      return int(override)
-    if self.variant not in SIZES:
-      raise ValueError(f"config.model.variant={self.variant!r}: choose one of {list(SIZES)}, or set "
-                       "num_layers, width, num_heads and num_kv_heads.")
-    return SIZES[self.variant][index]
-
-  @property
-  def depth(self) -> int:
-    return self._size(0, self.num_layers)
-
-  @property
-  def embed_dim(self) -> int:
-    return self._size(1, self.width)
-
-  @property
-  def heads(self) -> int:
-    return self._size(2, self.num_heads)
-
-  @property
-  def kv_heads(self) -> int:
-    return self._size(3, self.num_kv_heads)
-
   @property
   def vocab_size(self) -> int:
     """V: the token values and the begin token."""

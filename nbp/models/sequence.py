@@ -48,6 +48,7 @@ from kernels.masks import MaskSpec
 from layers import linear
 from layers import position as position_lib
 from layers import transformer as transformer_lib
+from nbp.models import sizes
 
 # variant: (layers, width, heads); the MLP is mlp_ratio * width wide.
 SIZES = {
@@ -59,7 +60,7 @@ SIZES = {
 POSITIONS = ("none", "sinusoidal", "learned")
 
 
-class SequenceModel(nn.Module):
+class SequenceModel(sizes.SizedByTable, nn.Module):
   """x [B, T, F] float -> y [B, T, O], causal over T; softmax attention or Aaren (`attention`)."""
 
   input_dim: int = 0  # F; tasks fill it from their data when the config leaves 0
@@ -80,25 +81,7 @@ class SequenceModel(nn.Module):
   remat_policy: str = "none"  # see layers.transformer.DecoderStack
   dtype: Any = "float32"  # computation dtype (a name or a jnp dtype); parameters stay float32
 
-  def _size(self, index: int, override: int | None) -> int:
-    if override is not None:
-      return int(override)
-    if self.variant not in SIZES:
-      raise ValueError(f"config.model.variant={self.variant!r}: choose one of {list(SIZES)}, or set "
-                       "num_layers, width and num_heads.")
-    return SIZES[self.variant][index]
-
-  @property
-  def depth(self) -> int:
-    return self._size(0, self.num_layers)
-
-  @property
-  def embed_dim(self) -> int:
-    return self._size(1, self.width)
-
-  @property
-  def heads(self) -> int:
-    return self._size(2, self.num_heads)
+  SIZES = SIZES  # depth, embed_dim, heads: nbp.models.sizes.SizedByTable
 
   def check(self) -> None:
     """Raises ValueError naming the first inconsistent field (config.model.<field>)."""

@@ -46,6 +46,7 @@ from layers import linear
 from layers import position as position_lib
 from layers import transformer as transformer_lib
 from nbp.models import entities as entities_lib
+from nbp.models import sizes
 
 # variant: (layers, width, heads). B / L / H are the paper's 172M / 608M / 1.1B.
 SIZES = {
@@ -89,7 +90,7 @@ class TimestepEmbedder(nn.Module):
                                kernel_init=init, name="fc2")(nn.silu(x))
 
 
-class XAR(nn.Module):
+class XAR(sizes.SizedByTable, nn.Module):
   """x_t [B, T, C], per-token t [B, T], labels [B] -> velocity [B, T, C]; the fields are `config.model`."""
 
   token_dim: int  # C: channels of a token (latent channels, or p*p*channels of a pixel patch)
@@ -111,25 +112,7 @@ class XAR(nn.Module):
   attention_impl: str = "auto"  # kernels.dispatch implementation
   dtype: Any = "float32"  # computation dtype; parameters stay float32
 
-  def _size(self, index: int, override: int | None) -> int:
-    if override is not None:
-      return int(override)
-    if self.variant not in SIZES:
-      raise ValueError(f"config.model.variant={self.variant!r}: choose one of {list(SIZES)}, or set "
-                       "num_layers, width and num_heads.")
-    return SIZES[self.variant][index]
-
-  @property
-  def depth(self) -> int:
-    return self._size(0, self.num_layers)
-
-  @property
-  def embed_dim(self) -> int:
-    return self._size(1, self.width)
-
-  @property
-  def heads(self) -> int:
-    return self._size(2, self.num_heads)
+  SIZES = SIZES  # depth, embed_dim, heads: nbp.models.sizes.SizedByTable
 
   @property
   def entities(self) -> entities_lib.Entities:
