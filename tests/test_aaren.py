@@ -79,7 +79,7 @@ def test_query_is_a_parameter_per_head_and_layer():
   params = _params(model)
   for i in range(2):
     attention = params["decoder"][f"layer_{i}"]["attention"]
-    assert attention["query"].shape == (4, 8) and "query" not in {k for k in attention if k != "query"}
+    assert attention["query"].shape == (4, 8)  # H x D: no query projection
     assert set(attention) == {"query", "key", "value", "out"}
   softmax = _params(_model("softmax"))
   count = lambda p: sum(x.size for x in jax.tree.leaves(p))
@@ -109,7 +109,7 @@ def test_aaren_state_is_constant_in_the_context_and_the_kv_cache_is_not():
     state = jax.eval_shape(lambda p: sequence.init_state(model, p, B), _params(_model(attention)))
     return sum(math.prod(x.shape) for x in jax.tree.leaves(state))
   assert state_size("aaren", 16) == state_size("aaren", 4096)
-  assert state_size("softmax", 4096) > 200 * state_size("softmax", 16) / 2
+  assert state_size("softmax", 4096) > 100 * state_size("softmax", 16)  # the KV cache grows with its slots
 
 
 @pytest.mark.parametrize("attention", ["aaren", "softmax"])
