@@ -32,6 +32,7 @@ Dimensions: B batch, T steps, C context, F features, E width.
 from __future__ import annotations
 
 import functools
+import importlib
 import json
 import os
 import time
@@ -177,7 +178,7 @@ def train_steps(lengths) -> list[dict]:
 # ---------------------------------------------------------------------------
 # Tasks.
 
-# task -> the final metrics to tabulate (keys of train_and_evaluate's result), higher or lower better.
+# task -> the final metrics to tabulate: keys of the run's metrics.jsonl (evaluator name / metric).
 TASK_METRICS = {
     "classification": ("test/accuracy",),
     "forecasting": ("test/mse@1", "test/mse@6", "test/mse@26", "test/mae@26", "test/naive_mse@26", "test/naive_mae@26"),
@@ -189,7 +190,7 @@ TASK_METRICS = {
 
 def _task_config(task: str, attention: str, seed: int):
   name, _, extra = task.partition(":")
-  module = __import__(f"experiments.configs.aaren_{name}", fromlist=["get_config"])
+  module = importlib.import_module(f"experiments.configs.aaren_{name}")
   arg = ",".join([attention] + ([extra] if extra else []) + ["local"])
   config = module.get_config(arg)
   config.unlock()
