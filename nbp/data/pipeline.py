@@ -307,6 +307,22 @@ class NormalizeVideo(grain.transforms.Map):
     return element
 
 
+@dataclasses.dataclass(frozen=True)
+class ArraySource:
+  """Random access over a dict of arrays [N, ...]: example i is {name: array[i]} (a grain source of a split held in memory)."""
+
+  arrays: dict  # name -> np.ndarray [N, ...], every one of the same N
+
+  def __len__(self) -> int:
+    return len(next(iter(self.arrays.values())))
+
+  def __getitem__(self, index: SupportsIndex) -> dict[str, np.ndarray]:
+    i = int(index)
+    if not 0 <= i < len(self):
+      raise IndexError(f"example {i} out of range [0, {len(self)})")
+    return {k: np.asarray(v[i]) for k, v in self.arrays.items()}
+
+
 # ------------------------------------------------------------------------- text
 
 

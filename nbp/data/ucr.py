@@ -28,7 +28,7 @@ Files are read with sktime's own loader (`load_from_tsfile`, as numpy3D for
 equal-length sets, else as nested pandas); a file it cannot parse raises
 `UCRFileError` naming the file. A split is small, so `split_arrays` gives it
 whole ({"x": float32 [N, T, F], "valid": bool [N, T], "label": int32 [N]}),
-and `ArraySource` serves it to grain example by example.
+and `pipeline.ArraySource` serves it to grain example by example.
 """
 
 from __future__ import annotations
@@ -36,7 +36,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-from typing import SupportsIndex
 
 import numpy as np
 import sktime
@@ -281,25 +280,9 @@ def split_arrays(data_cfg, split: str) -> dict[str, np.ndarray]:
   return load(data_cfg).splits[split]
 
 
-@dataclasses.dataclass(frozen=True)
-class ArraySource:
-  """Random access over a dict of arrays [N, ...]: example i is {name: array[i]} (a grain source)."""
-
-  arrays: dict  # name -> np.ndarray [N, ...], every one of the same N
-
-  def __len__(self) -> int:
-    return len(next(iter(self.arrays.values())))
-
-  def __getitem__(self, index: SupportsIndex) -> dict[str, np.ndarray]:
-    i = int(index)
-    if not 0 <= i < len(self):
-      raise IndexError(f"example {i} out of range [0, {len(self)})")
-    return {k: np.asarray(v[i]) for k, v in self.arrays.items()}
-
-
-def source(data_cfg, split: str) -> ArraySource:
+def source(data_cfg, split: str) -> pipeline.ArraySource:
   """A grain-compatible source of {"x": float32 [T, F], "valid": bool [T], "label": int32} examples."""
-  return ArraySource(split_arrays(data_cfg, split))
+  return pipeline.ArraySource(split_arrays(data_cfg, split))
 
 
 def make_iterator(data_cfg, split: str, *, seed: int, process_index: int, process_count: int, batch_size: int,

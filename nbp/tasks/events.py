@@ -42,7 +42,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import SupportsIndex
 
 import jax
 import jax.numpy as jnp
@@ -162,19 +161,6 @@ def score(model: Model, time_scale: TimeScale, num_components: int, params, batc
 # ------------------------------------------------------------------------- data
 
 
-@dataclasses.dataclass(frozen=True)
-class EventSequences:
-  """A random-access source of {"tau": float32 [E], "marks": int32 [E], "true_log_likelihood": float32}."""
-
-  arrays: dict  # name -> [N, ...]
-
-  def __len__(self) -> int:
-    return len(self.arrays["tau"])
-
-  def __getitem__(self, index: SupportsIndex) -> dict[str, np.ndarray]:
-    return {k: v[int(index)] for k, v in self.arrays.items()}
-
-
 def examples(data_cfg, split: str) -> dict[str, np.ndarray]:
   """The whole split: {"tau": float32 [N, E], "marks": int32 [N, E], "true_log_likelihood": float32 [N]}."""
   if split not in hawkes.SPLITS:
@@ -187,7 +173,7 @@ def examples(data_cfg, split: str) -> dict[str, np.ndarray]:
 def make_data(data_cfg, split: str, *, seed: int, process_index: int, process_count: int, batch_size: int):
   """A checkpointable grain iterator of this host's batches of `examples(split)` (shuffled, repeated)."""
   return pipeline.make_iterator(
-      EventSequences(examples(data_cfg, split)), global_batch_size=batch_size * process_count, seed=seed,
+      pipeline.ArraySource(examples(data_cfg, split)), global_batch_size=batch_size * process_count, seed=seed,
       shuffle=True, process_index=process_index, process_count=process_count,
       worker_count=data_cfg.worker_count)
 
