@@ -190,3 +190,12 @@ def test_split_metrics_counts_every_example_once():
   assert sorted(seen) == list(range(10)) and total == 10
   with pytest.raises(ValueError, match="no examples"):
     next(split_metrics.padded_batches({"x": np.zeros((0, 1))}, 4))
+
+
+def test_data_sizes_fill_zeros_and_a_disagreeing_config_value_is_named():
+  model = sequence.SequenceModel()
+  sized = sequence.with_data_sizes(model, input_dim=7, output_dim=3, data="the test data")
+  assert (sized.input_dim, sized.output_dim) == (7, 3)
+  assert sequence.with_data_sizes(sized, input_dim=7, output_dim=3, data="the test data") == sized
+  with pytest.raises(ValueError, match=r"config.model.output_dim=3, but the test data needs 4"):
+    sequence.with_data_sizes(sized, input_dim=7, output_dim=4, data="the test data")

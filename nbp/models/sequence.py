@@ -38,6 +38,7 @@ explicitly override the table.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import flax.linen as nn
@@ -150,6 +151,15 @@ class SequenceModel(sizes.SizedByTable, nn.Module):
 
 
 Model = SequenceModel
+
+
+def with_data_sizes(model: SequenceModel, *, input_dim: int, output_dim: int, data: str) -> SequenceModel:
+  """`model` with input_dim / output_dim as `data` (named in errors) needs them; a config value must be 0 or that."""
+  for field, value in (("input_dim", input_dim), ("output_dim", output_dim)):
+    given = getattr(model, field)
+    if given not in (0, value):
+      raise ValueError(f"config.model.{field}={given}, but {data} needs {value} (or 0: filled from the data)")
+  return dataclasses.replace(model, input_dim=input_dim, output_dim=output_dim)
 
 
 # ---------------------------------------------------------------------------

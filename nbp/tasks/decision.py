@@ -266,8 +266,8 @@ def make_task(config) -> tasks.Task:
     raise ValueError(f"config.data: action {episodes.actions.max()} in the data, but config.data.env="
                      f"{data_cfg.env!r} has {encoding.num_actions} actions")
   model = tasks.build_model(Model, config.model)
-  model = dataclasses.replace(model, input_dim=model.input_dim or encoding.input_dim,
-                              output_dim=model.output_dim or encoding.action_dim)
+  model = sequence.with_data_sizes(model, input_dim=encoding.input_dim, output_dim=encoding.action_dim,
+                                   data=f"config.data.env={data_cfg.env!r}")
   check_horizon(model, env.spec.max_episode_steps, data_cfg.env)
   env.close()
   train_returns = train.returns()

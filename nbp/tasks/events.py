@@ -50,6 +50,7 @@ import numpy as np
 from nbp import tasks
 from nbp.data import hawkes
 from nbp.data import pipeline
+from nbp.models import sequence
 from nbp.models.sequence import SequenceModel as Model
 
 DATASETS = ("hawkes",)
@@ -185,11 +186,9 @@ def make_task(config) -> tasks.Task:
     raise ValueError(f"config.loss.num_components={num_components} must be >= 1")
   model = tasks.build_model(Model, config.model)
   features, outputs = 1 + d.num_marks, 3 * num_components + d.num_marks
-  for field, value in (("input_dim", features), ("output_dim", outputs)):
-    if getattr(model, field) not in (0, value):
-      raise ValueError(f"config.model.{field}={getattr(model, field)}: the hawkes data with "
-                       f"num_marks={d.num_marks} and num_components={num_components} needs {value} (or 0).")
-  model = dataclasses.replace(model, input_dim=features, output_dim=outputs)
+  model = sequence.with_data_sizes(
+      model, input_dim=features, output_dim=outputs,
+      data=f"the hawkes data with num_marks={d.num_marks} and num_components={num_components}")
   if model.max_len < d.seq_len:
     raise ValueError(f"config.model.max_len={model.max_len} is below config.data.seq_len={d.seq_len}.")
   time_scale = TimeScale.from_tau(examples(d, "train")["tau"])

@@ -43,7 +43,6 @@ window holds the same number of values, so this is also the per-value mean).
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import jax.numpy as jnp
@@ -52,6 +51,7 @@ import numpy as np
 from nbp import tasks
 from nbp.data import forecasting as forecasting_data
 from nbp.data import pipeline
+from nbp.models import sequence
 from nbp.models.sequence import SequenceModel as Model
 
 DATASETS = ("series", "csv_series")
@@ -140,12 +140,8 @@ def make_task(config) -> tasks.Task:
   windows = {split: series.windows(split) for split in forecasting_data.SPLITS}
   lookback, horizon, channels = series.lookback, series.horizon, series.num_channels
   model = tasks.build_model(Model, config.model)
-  model = dataclasses.replace(model, input_dim=model.input_dim or channels,
-                              output_dim=model.output_dim or horizon * channels)
-  if (model.input_dim, model.output_dim) != (channels, horizon * channels):
-    raise ValueError(f"config.model.input_dim={model.input_dim} / output_dim={model.output_dim}: the data has "
-                     f"C={channels} channels and H={horizon}, so they must be {channels} / {horizon * channels} "
-                     "(or 0, filled from the data)")
+  model = sequence.with_data_sizes(model, input_dim=channels, output_dim=horizon * channels,
+                                   data=f"the data ({channels} channels, horizon {horizon})")
   if model.position == "learned" and model.max_len < lookback:
     raise ValueError(f"config.model.max_len={model.max_len} is below config.data.lookback={lookback}")
   loss_kw = dict(config.get("loss", {}))

@@ -32,6 +32,7 @@ import optax
 
 from nbp import tasks
 from nbp.data import ucr
+from nbp.models import sequence
 from nbp.models.sequence import SequenceModel as Model
 
 DATASETS = ("ucr",)
@@ -76,12 +77,8 @@ def score(model: Model, params, batch, *, pooling: str = "mean"):
 
 def sized_model(model: Model, data: ucr.UCRData) -> Model:
   """`model` with input_dim / output_dim filled from the data (0: from the data) and max_len >= T."""
-  for key, value in (("input_dim", data.input_dim), ("output_dim", data.num_classes)):
-    given = getattr(model, key)
-    if given and given != value:
-      raise ValueError(f"config.model.{key}={given}, but {data.name} needs {value} (set it to 0: from the data).")
-  return dataclasses.replace(model, input_dim=data.input_dim, output_dim=data.num_classes,
-                             max_len=max(model.max_len, data.max_len))
+  model = sequence.with_data_sizes(model, input_dim=data.input_dim, output_dim=data.num_classes, data=data.name)
+  return dataclasses.replace(model, max_len=max(model.max_len, data.max_len))
 
 
 def make_task(config) -> tasks.Task:
