@@ -15,7 +15,8 @@ A sampler over a model built from `layers.attention.MultiHeadAttention`
 
 The step is the caller's: NBP feeds a block and draws the next; an entity
 model (xAR) feeds a finished entity; an energy model (EBT) its observed stream.
-`guide` is the classifier-free guidance rule over a doubled batch.
+`guide` is the classifier-free guidance rule over a doubled batch, and
+`drop_condition` the condition dropout that trains a model for it.
 
 Dimension letters: B batch, S cache slots.
 """
@@ -71,3 +72,11 @@ def guide(logits: jax.Array, scale: float) -> jax.Array:
   """
   cond, uncond = jnp.split(logits, 2, axis=0)
   return uncond + scale * (cond - uncond)
+
+
+def drop_condition(rng, labels: jax.Array, probability: float, null_class: int) -> jax.Array:
+  """Replaces each label by the null class with `probability` (CFG training)."""
+  if probability <= 0.0:
+    return labels
+  drop = jax.random.bernoulli(rng, probability, labels.shape)
+  return jnp.where(drop, null_class, labels)

@@ -156,12 +156,12 @@ def test_ntp_configs_are_the_block_model_with_token_blocks():
 
 def test_condition_dropout_replaces_labels_by_the_null_class_at_its_rate():
   labels = jnp.arange(20_000, dtype=jnp.int32) % 10
-  dropped = np.asarray(nb.drop_condition(jax.random.key(0), labels, 0.1, null_class=10))
+  dropped = np.asarray(decoding.drop_condition(jax.random.key(0), labels, 0.1, null_class=10))
   null = dropped == 10
   # Binomial(20000, 0.1): mean 2000, sd 42; 5 sd either side.
   assert 1790 < null.sum() < 2210, null.sum()
   np.testing.assert_array_equal(dropped[~null], np.asarray(labels)[~null])  # the others are untouched
-  np.testing.assert_array_equal(nb.drop_condition(jax.random.key(0), labels, 0.0, null_class=10), labels)
+  np.testing.assert_array_equal(decoding.drop_condition(jax.random.key(0), labels, 0.0, null_class=10), labels)
 
 
 @pytest.mark.slow

@@ -5,7 +5,8 @@ scans), pipeline (grain iterators, quantisation, text bytes), tokens (datasets
 encoded once into tokenizer tokens), video_sources (one call over every video
 dataset), tfds_sources (UCF-101 and ImageNet prepared by tfds, read without
 TensorFlow), video_folder (Kinetics-style folders of video files), images (digits and
-ImageNet images), latents (image datasets encoded once into KL-VAE latents).
+ImageNet images), latents (image datasets encoded once into KL-VAE latents),
+splits (train, validation and test, and how validation is carved from train).
 
 `config.data` holds the common keys and the keys of the one dataset it names:
 `check_data_config` rejects a key that dataset does not read, so a section
@@ -14,7 +15,9 @@ never carries a union of every dataset's knobs.
 
 from __future__ import annotations
 
-COMMON_KEYS = ("name", "dir", "worker_count")  # dir: where tfds builds ArrayRecords; worker_count: grain workers
+# dir: where tfds builds ArrayRecords; worker_count: grain workers; validation_fraction, validation_seed: how a
+# dataset that ships no validation split carves one from its train split (nbp.data.splits).
+COMMON_KEYS = ("name", "dir", "worker_count", "validation_fraction", "validation_seed")
 
 # name -> the keys of its section (besides COMMON_KEYS).
 DATASET_KEYS = {

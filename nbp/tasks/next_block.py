@@ -72,14 +72,6 @@ def cross_entropy(logits: jax.Array, targets: jax.Array, weights: jax.Array | No
   return jnp.sum(losses * weights) / jnp.maximum(count, 1.0), count
 
 
-def drop_condition(rng, labels: jax.Array, probability: float, null_class: int) -> jax.Array:
-  """Replaces each label by the null class with `probability` (CFG training)."""
-  if probability <= 0.0:
-    return labels
-  drop = jax.random.bernoulli(rng, probability, labels.shape)
-  return jnp.where(drop, null_class, labels)
-
-
 def loss(model: Model, params, batch, rng, *, cond_dropout: float = 0.0):
   """Cross-entropy over the predicted tokens (never the prefix); bits/token, accuracy, num_targets.
 
@@ -88,7 +80,7 @@ def loss(model: Model, params, batch, rng, *, cond_dropout: float = 0.0):
   inputs, targets = next_block_targets(model, batch["tokens"])
   labels = None
   if model.condition == "class":
-    labels = drop_condition(rng, batch["class"], cond_dropout, model.num_classes)
+    labels = decoding.drop_condition(rng, batch["class"], cond_dropout, model.num_classes)
   logits = model.apply({"params": params}, inputs, labels=labels)[:, -model.num_predicted:]  # [B, N, V]
   weights = batch.get("weights")
   if weights is not None:

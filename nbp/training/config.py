@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ml_collections
 
+from nbp.data import splits
 from nbp.training import sharding
 
 
@@ -26,6 +27,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict()  # one dataset's section: nbp.data.DATASET_KEYS[config.data.name]
   c.data.dir = "data"  # where tfds builds and reads ArrayRecord datasets
   c.data.worker_count = 0  # grain worker processes (0: in the main process)
+  # A dataset that ships no validation split holds out this share of its train split (nbp.data.splits),
+  # drawn with this seed (series: the last steps of the train part, no seed).
+  c.data.validation_fraction = splits.VALIDATION_FRACTION
+  c.data.validation_seed = splits.VALIDATION_SEED
   c.loss = ml_collections.ConfigDict()  # keyword arguments of the family's loss
   c.sampler = ml_collections.ConfigDict()  # keyword arguments of the family's sampler
   # name -> {type, every, ...}: see nbp.evaluators (every 0: only at the end of training).
