@@ -18,7 +18,7 @@ MULTIHOST = flags.DEFINE_bool("multihost", False, "Call jax.distributed.initiali
 NUM_CPU_DEVICES = flags.DEFINE_integer("num_cpu_devices", 0, "Fake CPU devices (tests and local sharding runs).")
 # The encode scripts' (encode_tokens, encode_latents): a dataset encoded once by a trained autoencoder.
 OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Where the encoded ArrayRecords and metadata.json go.")
-SPLITS = flags.DEFINE_list("splits", ["train", "test"], "Splits to encode.")
+SPLITS = flags.DEFINE_list("splits", ["train", "validation", "test"], "Splits to encode.")
 ENCODE_BATCH_SIZE = flags.DEFINE_integer("batch_size", 32, "Examples encoded per call.")
 
 

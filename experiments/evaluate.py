@@ -1,11 +1,14 @@
 r"""Runs a config's evaluators (`config.evals`) on the latest checkpoint of a workdir.
 
   python -m experiments.evaluate --config experiments/configs/ntp_digits.py:XS,local \
-      --workdir runs/ntp_digits_local [--config.evals.eval.steps=16]
+      --workdir runs/ntp_digits_local [--split test] [--config.evals.eval.steps=16]
 
 Every evaluator runs, whatever its `every`, on the parameters evaluation uses
 in training (the EMA when the run keeps one; the output's "params" says which).
-Prints the metrics as JSON and writes them to workdir/eval_<step>.json.
+`--split` makes every evaluator read that split (default: each its own, the
+validation split unless its config says otherwise): choices are made on
+validation, and `--split test` is the one report on test.
+Prints the metrics as JSON and writes them to workdir/eval_<step>[_<split>].json.
 """
 
 import json
@@ -14,8 +17,10 @@ import os
 from absl import app, flags
 
 from experiments import common
+from nbp.data import splits
 from nbp.training import loop as train
 
+SPLIT = flags.DEFINE_enum("split", None, list(splits.SPLITS), "The split every evaluator reads (default: its own).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -23,9 +28,11 @@ def main(argv):
   del argv
   common.initialize()
   s, params, params_name, step = train.load_params(common.CONFIG.value, common.WORKDIR.value)
-  metrics = train.run_evaluators(s, params, params_name, step, common.WORKDIR.value, final=True, only_due=False)
+  metrics = train.run_evaluators(s, params, params_name, step, common.WORKDIR.value, final=True, only_due=False,
+                                 split=SPLIT.value)
   metrics.update(step=step, params=params_name)
-  with open(os.path.join(common.WORKDIR.value, f"eval_{step}.json"), "w") as f:
+  suffix = f"_{SPLIT.value}" if SPLIT.value else ""
+  with open(os.path.join(common.WORKDIR.value, f"eval_{step}{suffix}.json"), "w") as f:
     json.dump(metrics, f, indent=1)
   print(json.dumps(metrics, sort_keys=True))
 

@@ -28,7 +28,7 @@ def main(argv):
   samples = samples_lib.draw(s, params, jax.random.key(SEED.value))
   out_dir = os.path.join(common.WORKDIR.value, "samples", f"seed_{SEED.value}")
   os.makedirs(out_dir, exist_ok=True)
-  metrics = s.task.write_samples(samples, out_dir, step) if s.task.write_samples else {}
+  metrics = s.task.predict_fn("write_samples")(samples, out_dir, step) if s.task.offers("write_samples") else {}
   print(json.dumps({"step": step, "params": params_name, "out_dir": out_dir, **metrics}))
 
 

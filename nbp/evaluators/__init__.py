@@ -3,9 +3,18 @@
 `config.evals` maps a name to a section {type, every, ...}: `type` names a
 module nbp.evaluators.<type> whose `Evaluator(**rest_of_the_section)` has
 `run(context) -> dict of numbers`; `every` is the step interval (0: only at
-the end of training). Each result is logged as "<name>/<key>".
+the end of training). Each result is logged as "<name>/<key>". An evaluator
+calls the family's functions by name (its `pred` field and the like, see
+nbp.tasks.PREDICT_FNS), never the family's module.
 
-  loss        the task's held-out loss and metrics over `steps` test batches
+Splits. An evaluator that reads data has a `split` field, "validation" by
+default: what training watches and what choices are made on. The test split
+is evaluated once: by `python -m experiments.evaluate --split test` on the
+final checkpoint, or with `config.eval_test_at_end`, which runs every
+evaluator on test after the last step and logs it as "test/<name>/<key>".
+`Context.split`, when set, replaces every evaluator's own split.
+
+  loss        the task's held-out loss and metrics over `steps` batches of a split
   samples     the sampler's output written as GIF/PNG (or text) in workdir/samples
   psnr        reconstruction PSNR of a tokenizer's sampler (video vs reconstruction)
   fvd_digits  in-domain FVD of generated videos against real ones, judged by a
@@ -43,6 +52,11 @@ class Context:
   step: int
   workdir: str
   rng: jax.Array
+  split: str | None = None  # when set, the split every evaluator reads instead of its own
+
+  def split_of(self, evaluator) -> str:
+    """The split `evaluator` reads: the context's override, else its own `split` field."""
+    return self.split or evaluator.split
 
 
 def build(evals_cfg) -> dict[str, tuple[int, Any]]:

@@ -61,6 +61,9 @@ class Evaluator:
   seed: int = 0  # the sampling key and the stand-in set: train images seed*N..(seed+1)*N-1
   resolution: int = inception.RESOLUTION  # side the images are resized to; not 299: not the standard FID
   floor: bool = True  # also d(reference, stand-in): the FID between two real sets of N images
+  split: str = "validation"  # the reference set's split: validation while choosing, test once
+  pred: str = "sample_images"  # the run's class-conditional image sampler (a predict function)
+  to_images: str = "to_images"  # the run's samples -> uint8 images (a predict function)
 
   def __post_init__(self):
     # Fails when the section is built (before the first training step), not at the first evaluation.
@@ -78,4 +81,5 @@ class Evaluator:
     extract = _extractor(self.inception_path, self.inception_batch_size, self.resolution)
     return image_generation.compare_with_real_images(
         context, extract=extract, key=FID_KEY, num_images=self.num_images, batch_size=self.batch_size,
-        seed=self.seed, floor=self.floor)
+        seed=self.seed, floor=self.floor, split=context.split_of(self),
+        fns=image_generation.ImageFns(self.pred, self.to_images))

@@ -30,8 +30,7 @@ import numpy as np
 
 from nbp.evaluators import frechet
 from nbp.evaluators import image_generation
-from nbp.models.video_classifier import VideoClassifier
-from nbp.tasks import video_classifier
+from nbp import tasks
 from nbp.training import workdir as workdir_lib
 
 FID_KEY = "fid_digits_classifier"  # the name of the in-domain FID in every output
@@ -40,13 +39,6 @@ FID_KEY = "fid_digits_classifier"  # the name of the in-domain FID in every outp
 def as_videos(images):
   """uint8 images [N, H, W, 1] -> one-frame videos [N, 1, H, W, 1], the classifier's input."""
   return images[:, None]
-
-
-def feature_extractor(model: VideoClassifier, params, *, batch_size: int = 64) -> frechet.FeatureExtractor:
-  """Penultimate features [N, E] of uint8 digit images [N, H, W, 1], in jitted batches."""
-  def apply(p, images):
-    return model.apply({"params": p}, as_videos(images), method=VideoClassifier.features)
-  return frechet.FeatureExtractor(apply, params, batch_size)
 
 
 def class_match(logits: np.ndarray, classes: np.ndarray) -> float:
@@ -65,11 +57,11 @@ class Judge:
 
 @functools.cache
 def load_judge(workdir: str, batch_size: int) -> Judge:
-  """The classifier trained in `workdir`, loaded and jitted once per process."""
-  model, params, config = video_classifier.load_classifier(workdir)
-  logits = lambda p, x: model.apply({"params": p}, as_videos(x))
-  return Judge(config, feature_extractor(model, params, batch_size=batch_size),
-               frechet.FeatureExtractor(logits, params, batch_size))
+  """The classifier trained in `workdir` (its "features" and "logits"), loaded and jitted once per process."""
+  run = tasks.load_run(workdir)
+  features, logits = (run.task.predict_fn(name, who="fid_digits") for name in ("features", "logits"))
+  return Judge(run.config, frechet.FeatureExtractor(lambda p, x: features(p, as_videos(x)), run.params, batch_size),
+               frechet.FeatureExtractor(lambda p, x: logits(p, as_videos(x)), run.params, batch_size))
 
 
 def check_judge(run_data, classifier_data, judge: str) -> None:
@@ -94,6 +86,9 @@ class Evaluator:
   batch_size: int = 64  # images per sampler call and per classifier call
   seed: int = 0  # the sampling key and the stand-in set: train images seed*N..(seed+1)*N-1
   floor: bool = True  # also d(reference, stand-in): the distance between two real sets of N images
+  split: str = "validation"  # the reference set's split: validation while choosing, test once
+  pred: str = "sample_images"  # the run's class-conditional image sampler (a predict function)
+  to_images: str = "to_images"  # the run's samples -> uint8 images (a predict function)
 
   def __post_init__(self):
     # Fails when the section is built (before the first training step), not at the first evaluation.
@@ -114,7 +109,8 @@ class Evaluator:
     check_judge(image_generation.run_image_data(context.setup.config), judge.config.data, name)
     metrics, stand_in, generated = image_generation.compare_with_real_images(
         context, extract=judge.features, key=FID_KEY, num_images=self.num_images, batch_size=self.batch_size,
-        seed=self.seed, floor=self.floor, judge=name)
+        seed=self.seed, floor=self.floor, judge=name, split=context.split_of(self),
+        fns=image_generation.ImageFns(self.pred, self.to_images))
     metrics["class_match"] = class_match(judge.logits(generated.images), stand_in["class"])
     if self.floor:
       metrics["class_match_real"] = class_match(judge.logits(stand_in["image"]), stand_in["class"])

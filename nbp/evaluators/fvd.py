@@ -95,10 +95,11 @@ class Evaluator:
   num_videos: int = 256  # N per set; published figures use 2048 to 50k (few videos bias FVD up)
   batch_size: int = 16  # videos per sampler call
   i3d_batch_size: int = 8  # videos per I3D call
-  seed: int = 0  # the sampling key and the stand-in set: test videos (seed+1)N..(seed+2)N-1
+  seed: int = 0  # the sampling key and the stand-in set: videos (seed+1)N..(seed+2)N-1 of the split
   num_frames: int = NUM_FRAMES  # frames per video the I3D must see; 0 accepts any (then not the standard FVD)
   resolution: int = RESOLUTION  # frame side the videos are resized to
   floor: bool = True  # also d(reference, stand-in): the FVD between two real sets of N videos
+  split: str = "validation"  # the real videos' split: validation while choosing, test once
 
   def __post_init__(self):
     # Fails when the section is built (before the first training step), not at the first evaluation.
@@ -111,5 +112,5 @@ class Evaluator:
     metrics, _, _ = generation.compare_with_real(
         context, real_data=generation.run_video_data(context.setup.config), extract=extract, key=FVD_KEY,
         num_videos=self.num_videos, batch_size=self.batch_size, seed=self.seed, floor=self.floor,
-        judge="the run's real test videos")
+        judge="the run's real videos", split=context.split_of(self))
     return metrics

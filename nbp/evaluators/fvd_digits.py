@@ -11,8 +11,8 @@ classifier, same N) and with the real-vs-real floor.
 experiments/benchmark_fvd.py runs it over several runs and seeds. The real
 videos are the classifier's own data (its config.json): reference, stand-in
 and generated sets as nbp.evaluators.frechet describes. Every video, real or
-generated, is requantised to the classifier's `data.levels` first
-(`requantize`), so pixel runs' videos at the bin centres meet real videos
+generated, is requantised to the classifier's `data.levels` first (its
+"features" and "logits" do it), so pixel runs' videos at the bin centres meet real videos
 after the same quantisation.
 
 Dimensions: N videos, F frames, H height, W width, D digits per video,
@@ -30,32 +30,20 @@ import numpy as np
 
 from nbp.evaluators import frechet
 from nbp.evaluators import generation
-from nbp.models.video_classifier import VideoClassifier
-from nbp.tasks import video_classifier
+from nbp import tasks
 from nbp.training import workdir as workdir_lib
 
 FVD_KEY = "fvd_digits_classifier"  # the name of the in-domain FVD in every output
 KNOBS = ("num_digits", "speed")  # moving-digits knobs the video shape does not show, checked apart
 
 
-def feature_extractor(model: VideoClassifier, params, *, batch_size: int = 64,
-                      levels: int = 0) -> frechet.FeatureExtractor:
-  """Penultimate features [N, E] of uint8 videos, requantised to `levels` grey levels first, in jitted batches."""
-  def apply(p, videos):
-    return model.apply({"params": p}, video_classifier.requantize(videos, levels), method=VideoClassifier.features)
-  return frechet.FeatureExtractor(apply, params, batch_size)
-
-
-def digits_fvd(real, fake, *, classifier_params, model: VideoClassifier,
-               batch_size: int = 64, levels: int = 0) -> dict[str, float]:
+def digits_fvd(real, fake, judge: "Judge") -> dict[str, float]:
   """In-domain FVD of moving digits: {"fvd_digits_classifier": distance}.
 
   `real` and `fake` are uint8 videos [N, F, H, W, 1] at the classifier's
-  training size. `levels`: the classifier's `data.levels` (both sets are
-  requantised to it).
+  training size; the classifier requantises both to its `data.levels`.
   """
-  extract = feature_extractor(model, classifier_params, batch_size=batch_size, levels=levels)
-  return {FVD_KEY: frechet.frechet_distance_of_features(extract(real), extract(fake))}
+  return {FVD_KEY: frechet.frechet_distance_of_features(judge.features(real), judge.features(fake))}
 
 
 def class_match(logits: np.ndarray, labels: np.ndarray) -> float:
@@ -64,7 +52,9 @@ def class_match(logits: np.ndarray, labels: np.ndarray) -> float:
   logits [N, K]. For a class-conditional generator, `labels` are the digits it
   was asked for; for real videos, their own (the classifier's accuracy).
   """
-  wanted = np.asarray(video_classifier.multi_hot(labels, logits.shape[-1]), bool)  # [N, K]
+  labels = np.asarray(labels)
+  wanted = np.zeros(logits.shape, bool)  # [N, K]: the classes shown at least once
+  np.put_along_axis(wanted, labels, True, axis=-1)
   ranks = np.argsort(np.argsort(-logits, axis=-1), axis=-1)  # 0 for the top class
   return float(np.mean(np.all((ranks < wanted.sum(-1, keepdims=True)) == wanted, axis=-1)))
 
@@ -73,7 +63,6 @@ def class_match(logits: np.ndarray, labels: np.ndarray) -> float:
 class Judge:
   """A trained classifier and its two batched views of videos: features (the FVD's) and logits."""
 
-  model: VideoClassifier
   config: Any  # the classifier run's config: its data section is the real videos
   features: frechet.FeatureExtractor  # uint8 [N, F, H, W, 1] -> [N, E]
   logits: frechet.FeatureExtractor  # uint8 [N, F, H, W, 1] -> [N, K]
@@ -81,12 +70,11 @@ class Judge:
 
 @functools.cache
 def load_judge(workdir: str, batch_size: int) -> Judge:
-  """The classifier trained in `workdir`, loaded and jitted once per process (the benchmark calls it per run)."""
-  model, params, config = video_classifier.load_classifier(workdir)
-  levels = config.data.get("levels", 0)
-  logits = lambda p, v: model.apply({"params": p}, video_classifier.requantize(v, levels))
-  return Judge(model, config, feature_extractor(model, params, batch_size=batch_size, levels=levels),
-               frechet.FeatureExtractor(logits, params, batch_size))
+  """The classifier trained in `workdir` (its "features" and "logits"), loaded and jitted once per process."""
+  run = tasks.load_run(workdir)
+  features, logits = (run.task.predict_fn(name, who="fvd_digits") for name in ("features", "logits"))
+  return Judge(run.config, frechet.FeatureExtractor(features, run.params, batch_size),
+               frechet.FeatureExtractor(logits, run.params, batch_size))
 
 
 def check_generator(config, classifier_data, judge: str) -> None:
@@ -113,8 +101,9 @@ class Evaluator:
   classifier_workdir: str = ""  # a trained video_classifier run; its config.json gives the real videos
   num_videos: int = 256  # N: generated videos, and real videos per set (few videos bias the distance up)
   batch_size: int = 64  # videos per sampler call and per classifier call
-  seed: int = 0  # the sampling key and the stand-in set: test videos (seed+1)N..(seed+2)N-1
+  seed: int = 0  # the sampling key and the stand-in set: videos (seed+1)N..(seed+2)N-1 of the split
   floor: bool = True  # also d(reference, stand-in): the distance between two real sets of N videos
+  split: str = "validation"  # the real videos' split: validation while choosing, test once
 
   def __post_init__(self):
     # Fails when the section is built (before the first training step), not at the first evaluation.
@@ -135,7 +124,7 @@ class Evaluator:
     check_generator(context.setup.config, judge.config.data, name)
     metrics, stand_in, generated = generation.compare_with_real(
         context, real_data=judge.config.data, extract=judge.features, key=FVD_KEY, num_videos=self.num_videos,
-        batch_size=self.batch_size, seed=self.seed, floor=self.floor, judge=name)
+        batch_size=self.batch_size, seed=self.seed, floor=self.floor, judge=name, split=context.split_of(self))
     if context.setup.task.model.condition == "class":
       metrics["class_match"] = class_match(judge.logits(generated.videos), stand_in["label"])
     if self.floor:

@@ -1,18 +1,18 @@
 """Generated videos against real ones: what the FVD evaluators share besides the distance.
 
-The videos. Per sampling seed s and N videos per set, from a data config's
-test split:
-  reference  real test videos 0..N-1;
-  stand-in   real test videos (s+1)N..(s+2)N-1, disjoint from the reference;
-  generated  N videos of the run's sampler, conditioned like the stand-in (its
-             classes for class-conditional runs, its first frames for frame
-             prediction, nothing for unconditional runs), decoded by the task
-             (`Task.to_videos`: the tokenizer for token runs, the grey levels
-             for pixel runs).
+The videos. Per sampling seed s and N videos per set, from one split of a
+data config (validation while choosing, test once):
+  reference  real videos 0..N-1 of the split;
+  stand-in   real videos (s+1)N..(s+2)N-1 of the split, disjoint from the reference;
+  generated  N videos of the run's "sample_conditioned" predict function,
+             conditioned like the stand-in (its classes for class-conditional
+             runs, its first frames for frame prediction, nothing for
+             unconditional runs), decoded by its "to_videos" (the tokenizer
+             for token runs, the grey levels for pixel runs).
 `compare_with_real` gives d(reference, generated) and, as the floor to read it
 against, d(reference, stand-in): the distance N real videos already have.
-Moving-digits test videos past the dataset's `num_test` are generated the
-same way (same seed, same test pool of digit scans), so any N fits.
+Moving-digits videos past the split's size are generated the same way (same
+seed, same pool of digit scans), so any N fits.
 
 Dimension letters: N videos, B sampler batch, F frames, H height, W width,
 C channels; f, h, w the token grid.
@@ -29,9 +29,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from nbp.data import moving_digits
+from nbp.data import tokens as tokens_lib
 from nbp.data import video_sources
 from nbp.evaluators import frechet
-from nbp.tasks import next_block
 from nbp.training import sharding
 from nbp.training import workdir as workdir_lib
 
@@ -40,22 +40,22 @@ from nbp.training import workdir as workdir_lib
 # Real videos.
 
 
-def real_videos(data_cfg, start: int, count: int) -> dict[str, np.ndarray]:
-  """Test videos start..start+count-1 of a video data config.
+def real_videos(data_cfg, start: int, count: int, split: str = "validation") -> dict[str, np.ndarray]:
+  """Videos start..start+count-1 of a video data config's `split`.
 
   Returns video uint8 [N, F, H, W, C], label int32 [N, D] and class int32 [N]
   (sum_i label_i 10^i, the class condition of nbp.data.tokens.TokensAndClass).
   Moving digits are generated example by example (no dataset build; indices
-  past num_test are valid); other datasets are read from their test split.
+  past the split's size are valid); other datasets are read from the split.
   """
   if data_cfg.name == "moving_digits":
     examples = [moving_digits.moving_digits_example(  # seed 0: the seed of builder_from_config's datasets
-        i, seed=0, split="test", num_frames=data_cfg.num_frames, frame_size=data_cfg.frame_size,
+        i, seed=0, split=split, num_frames=data_cfg.num_frames, frame_size=data_cfg.frame_size,
         num_digits=data_cfg.num_digits, speed=float(data_cfg.speed)) for i in range(start, start + count)]
   else:
-    source = video_sources.video_source(data_cfg, "test")
+    source = video_sources.video_source(data_cfg, split)
     if start + count > len(source):
-      raise ValueError(f"{data_cfg.name!r} has {len(source)} test videos; videos {start}..{start + count - 1} "
+      raise ValueError(f"{data_cfg.name!r} has {len(source)} {split} videos; videos {start}..{start + count - 1} "
                        "were asked for (fewer num_videos, or a smaller seed).")
     examples = [source[i] for i in range(start, start + count)]
   labels = np.stack([np.asarray(e["label"], np.int64).reshape(-1) for e in examples])  # [N, D]
@@ -67,7 +67,7 @@ def real_videos(data_cfg, start: int, count: int) -> dict[str, np.ndarray]:
 def run_video_data(config):
   """The data config of the videos a run models: its own, or for token runs its tokenizer's."""
   if config.data.name == "tokens":
-    return workdir_lib.read_config(next_block.tokenizer_workdir(config.data.token_dir)).data
+    return workdir_lib.read_config(tokens_lib.tokenizer_workdir(config.data.token_dir)).data
   if config.data.name not in video_sources.NAMES:
     raise ValueError(f"config.data.name={config.data.name!r}: not videos, so no FVD.")
   return config.data
@@ -77,31 +77,10 @@ def run_video_data(config):
 # Generated videos: the run's sampler, conditioned like a real set.
 
 
-def conditioned_sampler(config, model: next_block.Model, batch_size: int):
-  """(params, rng, labels int [B], prompt int [B, prefix_frames, h, w]) -> tokens [B, f, h, w]; unjitted.
-
-  `nbp.tasks.next_block.sample` with the run's `config.sampler` settings (its
-  guidance included), the conditions given explicitly: the task's own sampler
-  always draws classes 0, 1, 2, ... and continues the first test videos.
-  Labels and prompt are ignored where the model has no such condition.
-  """
-  if config.family != "next_block":
-    raise ValueError(f"config.family={config.family!r}: the FVD evaluators sample 'next_block' runs.")
-  settings = next_block.sampler_kwargs(model, config.get("sampler", {}))
-  settings.pop("num_samples", None)  # the batch size is the caller's
-
-  def sample(params, rng, labels, prompt):
-    return next_block.sample(model, params, rng, num_samples=batch_size,
-                             labels=labels if model.condition == "class" else None,
-                             prompt=prompt if model.condition == "frames" else None, **settings)
-  return sample
-
-
 def check_video_shape(task, expected: tuple[int, ...], judge: str) -> None:
   """The run's decoded videos [F, H, W, C] must be those of the real set: a ValueError names both."""
-  if task.to_videos is None:
-    raise ValueError("the run's samples are not videos (Task.to_videos is None): no FVD.")
-  shape = task.to_videos(np.zeros((1, *task.model.grid), np.int32)).shape[1:]  # one decoded grid
+  to_videos = task.predict_fn("to_videos", who="an FVD evaluator")
+  shape = to_videos(np.zeros((1, *task.model.grid), np.int32)).shape[1:]  # one decoded grid
   if tuple(shape) != tuple(expected):
     raise ValueError(f"the generator's videos are [F, H, W, C] = {tuple(shape)} but {judge} has "
                      f"{tuple(expected)}: judge a run with a classifier (or real data) of its own video shape.")
@@ -136,7 +115,7 @@ def _compiled_sampler(setup, batch_size: int, *example_args):
   """
   key = (setup, batch_size)
   if key not in _COMPILED:
-    fn = conditioned_sampler(setup.config, setup.task.model, batch_size)
+    fn = setup.task.predict_fn("sample_conditioned", who="an FVD evaluator")
     start = time.perf_counter()
     compiled = jax.jit(fn, out_shardings=sharding.replicated(setup.mesh)).lower(*example_args).compile()
     seconds = time.perf_counter() - start
@@ -163,7 +142,7 @@ def generate_videos(setup, params, rng, conditions: dict[str, np.ndarray], *, ba
                      f"config.model.num_classes={model.num_classes} (a different num_digits?).")
   prompt = np.zeros((n, model.prefix_frames, *model.grid[1:]), np.int32)
   if model.condition == "frames":
-    prompt = task.from_videos(conditions["video"])[:, :model.prefix_frames]
+    prompt = task.predict_fn("from_videos", who="an FVD evaluator")(conditions["video"])[:, :model.prefix_frames]
   batches = -(-n // batch_size)
   labels, prompt = frechet.pad_rows(labels, batches * batch_size), frechet.pad_rows(prompt, batches * batch_size)
   with setup.context():
@@ -180,14 +159,15 @@ def generate_videos(setup, params, rng, conditions: dict[str, np.ndarray], *, ba
       seconds += time.perf_counter() - start
       out.append(np.asarray(tokens))
   tokens = np.concatenate(out)[:n]
-  videos = task.to_videos(tokens)
+  videos = task.predict_fn("to_videos")(tokens)
   return Generated(videos=videos, tokens=tokens, drawn=batches * batch_size,
                    frames=videos.shape[1] * model.num_predicted // model.num_tokens,
                    tokens_per_video=model.num_predicted, compile_seconds=compile_seconds, sample_seconds=seconds)
 
 
 def compare_with_real(context, *, real_data, extract: Callable[[np.ndarray], np.ndarray], key: str,
-                      num_videos: int, batch_size: int, seed: int, floor: bool, judge: str):
+                      num_videos: int, batch_size: int, seed: int, floor: bool, judge: str,
+                      split: str = "validation"):
   """The body of an FVD evaluator: (metrics, stand-in set, Generated).
 
   metrics: {key: d(reference, generated), key + "_floor": d(reference,
@@ -196,8 +176,8 @@ def compare_with_real(context, *, real_data, extract: Callable[[np.ndarray], np.
   jax.random.key(seed), not the loop's: every evaluation of a run, and every
   run of a benchmark seed, uses the same conditions and keys.
   """
-  reference = real_videos(real_data, 0, num_videos)
-  stand_in = real_videos(real_data, (seed + 1) * num_videos, num_videos)
+  reference = real_videos(real_data, 0, num_videos, split)
+  stand_in = real_videos(real_data, (seed + 1) * num_videos, num_videos, split)
   reference_features = extract(reference["video"])
   metrics = {}
   if floor:

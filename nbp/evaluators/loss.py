@@ -1,4 +1,4 @@
-"""The task's held-out loss: `Task.evaluate` averaged over test batches."""
+"""The task's held-out loss: its "eval_loss" predict function (default: the loss) averaged over batches of a split."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ from nbp.training import sharding
 
 
 @functools.cache
-def compile_eval_step(s):
-  """The task's evaluate (or loss), jitted on the run's shardings: params, batch, rng -> metrics."""
-  evaluate = s.task.evaluate or s.task.loss
+def compile_eval_step(s, pred: str = "eval_loss"):
+  """The task's predict function `pred` (a loss), jitted on the run's shardings: params, batch, rng -> metrics."""
+  evaluate = s.task.predict_fn(pred, who="the loss evaluator")
 
   def step(params, batch, rng):
     value, metrics = evaluate(params, batch, rng)
@@ -27,15 +27,16 @@ def compile_eval_step(s):
 
 @dataclasses.dataclass
 class Evaluator:
-  steps: int = 4  # test batches of config.batch_size
-  split: str = "test"
+  steps: int = 4  # batches of config.batch_size
+  split: str = "validation"  # the split the batches come from
+  pred: str = "eval_loss"  # the task's predict function: (params, batch, rng) -> (loss, metrics)
 
   def run(self, context) -> dict[str, float]:
     s = context.setup
     local = s.config.batch_size // jax.process_count()
-    it = s.task.data(self.split, seed=s.config.seed, process_index=jax.process_index(),
+    it = s.task.data(context.split_of(self), seed=s.config.seed, process_index=jax.process_index(),
                      process_count=jax.process_count(), batch_size=local)
-    eval_step = compile_eval_step(s)
+    eval_step = compile_eval_step(s, self.pred)
     rng = jax.random.key(s.config.seed + 2)  # the same batches and keys at every evaluation
     totals = []
     with s.context():

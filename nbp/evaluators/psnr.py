@@ -12,23 +12,22 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from nbp import reconstruction
 from nbp.evaluators import samples as samples_lib
-from nbp.tasks import video_tokenizer
 
 INPUT_KEYS = ("video", "image")  # what the sampler reconstructed, under one of these keys
 
 
 @dataclasses.dataclass
 class Evaluator:
+  pred: str = "sample"  # the task's sampler, returning {"video" or "image", "reconstruction"}
 
   def run(self, context) -> dict[str, float]:
     s = context.setup
-    if s.task.sample is None:
-      raise ValueError("the psnr evaluator needs a sampler returning {'video' or 'image', 'reconstruction'} "
-                       "(config.sampler.num_samples > 0)")
-    out = samples_lib.draw(s, context.params, jax.random.key(0))
+    s.task.predict_fn(self.pred, who="the psnr evaluator")  # a clear error when the family has none
+    out = samples_lib.draw(s, context.params, jax.random.key(0), self.pred)
     given = [k for k in INPUT_KEYS if isinstance(out, dict) and k in out]
     if not given or "reconstruction" not in out:
       raise ValueError(f"the psnr evaluator needs {{'video' or 'image', 'reconstruction'}} samples; family "
                        f"{s.config.family!r} gives {sorted(out) if isinstance(out, dict) else type(out).__name__}")
-    return {"psnr": float(video_tokenizer.psnr(jnp.asarray(out[given[0]]), jnp.asarray(out["reconstruction"])))}
+    return {"psnr": float(reconstruction.psnr(jnp.asarray(out[given[0]]), jnp.asarray(out["reconstruction"])))}

@@ -1,8 +1,8 @@
 """A task's metrics over every example of a split once: accuracy, MSE/MAE at horizons, log-likelihood per event.
 
-The task gives the whole split as arrays (`Task.examples(split)`, small
-datasets) and a per-example score (`Task.score(params, batch)` ->
-{metric: (value [B], count [B])}). The split is cut into batches of
+The task gives the whole split as arrays (its "split_arrays" predict
+function, small datasets) and a per-example score (its "score": (params,
+batch) -> {metric: (value [B], count [B])}). The split is cut into batches of
 `batch_size` (default config.batch_size); the last one is padded by repeating
 its first row with count 0, so every example counts exactly once. Each metric
 is reported as sum(value) / sum(count) over the split, with `num_examples`.
@@ -21,11 +21,12 @@ from nbp.training import sharding
 
 
 @functools.cache
-def compile_score(s):
+def compile_score(s, pred: str = "score"):
   """The task's score jitted on the run's shardings; the padded rows' counts are zeroed by `weight`."""
+  score_fn = s.task.predict_fn(pred, who="the split_metrics evaluator")
 
   def score(params, batch, weight):
-    out = s.task.score(params, batch)
+    out = score_fn(params, batch)
     return {k: (jnp.sum(value * weight), jnp.sum(count * weight)) for k, (value, count) in out.items()}
   return jax.jit(score, in_shardings=(s.state_sharding.params, s.batch_sharding, s.batch_sharding),
                  out_shardings=sharding.replicated(s.mesh))
@@ -45,17 +46,16 @@ def padded_batches(examples: dict[str, np.ndarray], batch_size: int):
 
 @dataclasses.dataclass
 class Evaluator:
-  split: str = "test"  # the split to score
+  split: str = "validation"  # the split to score
   batch_size: int = 0  # examples per batch (0: config.batch_size)
+  pred: str = "score"  # the task's per-example score
+  arrays: str = "split_arrays"  # the task's whole split as arrays
 
   def run(self, context) -> dict[str, float]:
     s = context.setup
-    if s.task.examples is None or s.task.score is None:
-      raise ValueError(f"config.evals: the split_metrics evaluator needs a task with `examples` and `score`; "
-                       f"family {s.config.family!r} has none")
-    examples = s.task.examples(self.split)
+    examples = s.task.predict_fn(self.arrays, who="the split_metrics evaluator")(context.split_of(self))
     batch_size = self.batch_size or s.config.batch_size
-    score = compile_score(s)
+    score = compile_score(s, self.pred)
     sums, counts = {}, {}
     count_procs, index = jax.process_count(), jax.process_index()
     local = batch_size // count_procs

@@ -17,21 +17,34 @@ fields are that of `config.model`; nothing lists them a second time.
 Loss contract. `metrics` may hold "num_targets", the number of loss terms the
 loss averages over (weighted tokens, pixels, ...): gradient accumulation then
 weights micro-batches by it, and the loop reports it summed and per second.
-`Task.evaluate` has the loss's type, (loss, metrics), and defaults to the loss.
+
+Predict functions. Everything else a family offers (its held-out loss, its
+sampler, a whole split as arrays, a per-example score, a rollout, an
+encoder, ...) is a named function in `Task.predict_fns`; `PREDICT_FNS` lists
+the standard names. An evaluator's config names the one it calls, so the
+loop and the evaluators never branch on the family.
+
+A trained run is loaded by its workdir alone (`load_run`): its config.json
+rebuilds the task, and its newest checkpoint gives the parameters. A family
+that uses another's trained model (NBP's tokenizer, xAR's VAE, the judges of
+the in-domain FVD and FID) calls that run's predict functions, never the other
+family's module.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 import inspect
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Mapping
 
 import flax.linen as nn
 import ml_collections
 import numpy as np
 
 from nbp import data as data_lib
+from nbp.training import workdir as workdir_lib
 
 Batch = dict[str, np.ndarray]
 # params, batch, rng -> (scalar loss, dict of scalar metrics)
@@ -51,44 +64,85 @@ FAMILIES = {
 }
 
 
+# The names a family's `predict_fns` may offer, and what each one is. An evaluator's config names the
+# function it uses (its `pred` field, as big_vision's evaluators do), so neither the loop nor the evaluators
+# know which family they serve; a family offers the names it has, and may add its own.
+PREDICT_FNS = {
+    "eval_loss": "(params, batch, rng) -> (loss, metrics): the held-out loss (default: the training loss)",
+    "sample": "(params, rng) -> samples (a pytree of arrays); the caller jits it whole",
+    "write_samples": "(samples as numpy, out_dir, step) -> dict of numbers to log (may be empty)",
+    "sample_conditioned": "(params, rng, labels int [B], prompt [B, ...]) -> samples of B, conditioned like a "
+                          "real set (classes, first frames); unjitted",
+    "sample_images": "(params, rng, labels int [B]) -> samples of B images of those classes; unjitted",
+    "to_images": "samples as numpy -> uint8 images [N, H, W, C]",
+    "to_videos": "samples as numpy -> uint8 videos [N, F, H, W, C]",
+    "from_videos": "uint8 videos -> what the sampler takes as a prompt (the inverse of to_videos)",
+    "encode": "(params, inputs) -> codes: an autoencoder's encoder (videos -> tokens, images -> latents)",
+    "decode": "(params, codes) -> outputs in [-1, 1]: its decoder",
+    "features": "(params, uint8 videos [N, F, H, W, C]) -> [N, E]: a classifier's penultimate features",
+    "logits": "(params, uint8 videos [N, F, H, W, C]) -> [N, K]: a classifier's logits",
+    "split_arrays": "split -> {name: array [N, ...]}: the whole split as arrays (small datasets)",
+    "score": "(params, batch) -> {metric: (value [B], count [B])}: per-example sums and their counts",
+    "rollout": "(params, rng, *, target_return, num_episodes) -> {metric: number}: episodes in the environment",
+}
+
+
 @dataclasses.dataclass(frozen=True)
 class Task:
-  """A family's contribution to training: model, loss, data, sampler, and what evaluators need."""
+  """A family's contribution: model, loss, data, and the named functions evaluators and scripts call."""
 
   model: nn.Module
   # Keyword inputs of `model.init`, at a small batch size (shapes only matter).
   init_inputs: Callable[[], dict[str, Any]]
   loss: LossFn
-  # (split, seed, process_index, process_count, batch_size) -> checkpointable iterator of local batches.
+  # (split, seed, process_index, process_count, batch_size) -> checkpointable iterator of local batches;
+  # split is one of nbp.data.splits.SPLITS.
   data: Callable[..., Iterator[Batch]]
-  # The held-out loss, of the loss's type (loss, metrics); None: the loss itself.
-  evaluate: LossFn | None = None
-  # params, rng -> samples (a pytree of arrays); jitted whole by the caller.
-  sample: Callable[[Any, Any], Any] | None = None
-  # (samples as numpy, out_dir, step) -> dict of numbers to log (may be empty).
-  write_samples: Callable[[Any, str, int], dict[str, float]] | None = None
-  # samples as numpy -> uint8 videos [N, F, H, W, C] (the FVD evaluators' input); None: not videos.
-  to_videos: Callable[[Any], np.ndarray] | None = None
-  # uint8 videos -> what the sampler takes as a prompt (its inverse, e.g. tokens); None: no prompts.
-  from_videos: Callable[[np.ndarray], Any] | None = None
   # params -> a pytree of group names (optax.multi_transform labels), for a second optimizer
   # (config.param_groups); None: one group.
   param_labels: Callable[[Any], Any] | None = None
-  # (params, rng, labels int [B]) -> samples of B images, conditioned on the labels; unjitted (the FID
-  # evaluators jit it). None: the family draws no class-conditional images.
-  sample_images: Callable[[Any, Any, Any], Any] | None = None
-  # samples as numpy -> uint8 images [N, H, W, C] (the FID evaluators' input); None: not images.
-  to_images: Callable[[Any], np.ndarray] | None = None
-  # split -> the whole split as arrays {name: [N, ...]} (small datasets: the split_metrics evaluator batches
-  # them itself, every example once). None: no such view.
-  examples: Callable[[str], dict[str, np.ndarray]] | None = None
-  # (params, batch) -> {metric: (value [B], count [B])}: per-example sums and their counts; the split_metrics
-  # evaluator reports sum(value) / sum(count) over a split (accuracy: (correct, 1); per-event
-  # log-likelihood: (sum over a sequence's events, its number of events)). Jitted by the caller.
-  score: Callable[[Any, Batch], dict[str, tuple[Any, Any]]] | None = None
-  # (params, rng, target_return, num_episodes) -> {metric: number}: episodes in the environment, the policy
-  # acting step by step (the rollout evaluator). None: not a control task.
-  rollout: Callable[..., dict[str, float]] | None = None
+  # name -> function: what evaluators and scripts call by name (PREDICT_FNS lists the standard names).
+  predict_fns: Mapping[str, Callable[..., Any]] = dataclasses.field(default_factory=dict)
+
+  def predict_fn(self, name: str, who: str = "") -> Callable[..., Any]:
+    """predict_fns[name], or a ValueError naming `who` (the evaluator asking) and the names this family offers.
+
+    "eval_loss" falls back on the training loss.
+    """
+    if name in self.predict_fns:
+      return self.predict_fns[name]
+    if name == "eval_loss":
+      return self.loss
+    asker = f"{who} asks for" if who else "no"
+    raise ValueError(f"{asker} predict function {name!r}, which this family does not offer; it offers "
+                     f"{sorted(self.predict_fns)}.")
+
+  def offers(self, name: str) -> bool:
+    return name in self.predict_fns or name == "eval_loss"
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Run:
+  """A trained run loaded from its workdir: its config, task and evaluation parameters (EMA when kept)."""
+
+  workdir: str
+  config: ml_collections.ConfigDict
+  task: Task
+  params: Any
+
+  def predict(self, name: str) -> Callable[..., Any]:
+    """The run's predict function `name` with its parameters bound: fn(*args) = predict_fns[name](params, *args)."""
+    fn = self.task.predict_fn(name, who=f"a user of the run in {self.workdir}")
+    return functools.partial(fn, self.params)
+
+
+@functools.cache
+def load_run(workdir: str) -> Run:
+  """The run trained in `workdir` (its config.json and newest readable checkpoint), loaded once per process."""
+  config = workdir_lib.read_config(workdir)
+  task = make_task(config)
+  params, _, _ = workdir_lib.load_params(workdir, task.model, task.init_inputs())
+  return Run(workdir, config, task, params)
 
 
 def family_module(name: str):

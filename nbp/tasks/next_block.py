@@ -33,6 +33,7 @@ import ml_collections
 import numpy as np
 
 from nbp import decoding
+from nbp import reconstruction
 from nbp import sampling
 from nbp import tasks
 from nbp import visualization
@@ -41,7 +42,6 @@ from nbp.data import pipeline
 from nbp.data import tokens as tokens_lib
 from nbp.models.block_transformer import NextBlockTransformer as Model
 from nbp.models.block_transformer import next_block_inputs, to_block_order, to_grid_order
-from nbp.tasks import video_tokenizer
 
 DATASETS = ("moving_digits", "tokens", "text")
 
@@ -198,31 +198,22 @@ def make_data(model: Model, data_cfg, split: str, *, seed: int, process_index: i
       process_index=process_index, process_count=process_count, worker_count=data_cfg.worker_count)
 
 
-def tokenizer_workdir(token_dir: str) -> str:
-  """The workdir of the tokenizer that wrote the tokens in `token_dir` (their metadata names it)."""
-  workdir = tokens_lib.read_metadata(token_dir).get("tokenizer_workdir")
-  if not workdir:
-    raise ValueError(f"The tokens in config.data.token_dir={token_dir!r} do not name the tokenizer that wrote "
-                     f"them ({tokens_lib.METADATA} has no tokenizer_workdir): re-encode them with "
-                     "experiments.encode_tokens.")
-  return workdir
-
-
 @functools.cache
 def _tokenizer(workdir: str):
-  """(jitted decode, jitted encode, params) of the tokenizer trained in `workdir`."""
-  tokenizer, params = video_tokenizer.load_tokenizer(workdir)
-  decode = jax.jit(functools.partial(video_tokenizer.decode_tokens, tokenizer))
-  encode = jax.jit(lambda p, v: video_tokenizer.encode_video(tokenizer, p, v.astype(jnp.float32) / 127.5 - 1.0))
-  return decode, encode, params
+  """(jitted decode, jitted encode of uint8 videos, params) of the tokenizer run in `workdir`."""
+  run = tasks.load_run(workdir)
+  decode = jax.jit(run.task.predict_fn("decode", who="NBP's token videos"))
+  encode_fn = run.task.predict_fn("encode", who="NBP's token videos")
+  encode = jax.jit(lambda p, v: encode_fn(p, v.astype(jnp.float32) / 127.5 - 1.0))
+  return decode, encode, run.params
 
 
 def tokens_to_videos(model: Model, data_cfg, tokens) -> np.ndarray:
   """Grid tokens [B, F, H, W] -> uint8 videos: the tokenizer's decoder, or the grey levels dequantised."""
   tokens = np.asarray(tokens)
   if data_cfg.name == "tokens":
-    decode, _, params = _tokenizer(tokenizer_workdir(data_cfg.token_dir))
-    return video_tokenizer.to_uint8(decode(params, jnp.asarray(tokens)))
+    decode, _, params = _tokenizer(tokens_lib.tokenizer_workdir(data_cfg.token_dir))
+    return reconstruction.to_uint8(decode(params, jnp.asarray(tokens)))
   if data_cfg.name == "text":
     raise ValueError("text samples are bytes, not videos")
   b, f, h, w = tokens.shape
@@ -238,7 +229,7 @@ def videos_to_tokens(model: Model, data_cfg, videos, *, batch_size: int = 32) ->
   videos = np.asarray(videos)
   if data_cfg.name != "tokens":
     return pipeline.quantize_video(videos, model.codebook_size)[..., 0]  # grey levels are the tokens
-  _, encode, params = _tokenizer(tokenizer_workdir(data_cfg.token_dir))
+  _, encode, params = _tokenizer(tokens_lib.tokenizer_workdir(data_cfg.token_dir))
   out = []
   for start in range(0, len(videos), batch_size):
     chunk = videos[start:start + batch_size]
@@ -263,10 +254,10 @@ def write_samples(model: Model, data_cfg, tokens: np.ndarray, out_dir: str, step
 
 
 @functools.cache
-def _test_prompt_tokens(data_json: str, model: Model, batch_size: int) -> np.ndarray:
-  """Grid tokens [B, F, H, W] of the first test examples (frame-prediction samples continue them)."""
+def _validation_prompt_tokens(data_json: str, model: Model, batch_size: int) -> np.ndarray:
+  """Grid tokens [B, F, H, W] of validation examples (frame-prediction samples continue them)."""
   data_cfg = ml_collections.ConfigDict(json.loads(data_json))
-  it = make_data(model, data_cfg, "test", seed=0, process_index=0, process_count=1, batch_size=batch_size)
+  it = make_data(model, data_cfg, "validation", seed=0, process_index=0, process_count=1, batch_size=batch_size)
   return np.asarray(next(it)["tokens"]).reshape(batch_size, *model.grid)
 
 
@@ -291,10 +282,19 @@ def make_task(config) -> tasks.Task:
 
   def sample_fn(params, rng):
     prompt = None
-    if model.condition == "frames":  # a trace-time constant: the first test examples' first frames
-      grids = _test_prompt_tokens(config.data.to_json(), model, num_samples)
+    if model.condition == "frames":  # a trace-time constant: validation examples' first frames
+      grids = _validation_prompt_tokens(config.data.to_json(), model, num_samples)
       prompt = jnp.asarray(grids[:, :model.prefix_frames])
     return sample(model, params, rng, prompt=prompt, **sampler)
+
+  conditioned = {k: v for k, v in sampler.items() if k != "num_samples"}
+
+  def sample_conditioned(params, rng, labels, prompt):
+    """B samples with the given conditions (labels int [B], prompt [B, prefix_frames, h, w]); those the
+    model has no such condition for are ignored."""
+    return sample(model, params, rng, num_samples=labels.shape[0],
+                  labels=labels if model.condition == "class" else None,
+                  prompt=prompt if model.condition == "frames" else None, **conditioned)
 
   def init_inputs():
     inputs = {"tokens": jnp.zeros((1, model.frame_prefix_len + model.num_predicted), jnp.int32)}
@@ -302,15 +302,19 @@ def make_task(config) -> tasks.Task:
       inputs["labels"] = jnp.zeros((1,), jnp.int32)
     return inputs
 
-  is_video = config.data.name != "text"
+  predict_fns = {
+      "eval_loss": functools.partial(loss, model),  # no condition dropout on held-out data
+      "sample": sample_fn,
+      "sample_conditioned": sample_conditioned,
+      "write_samples": functools.partial(write_samples, model, config.data),
+  }
+  if config.data.name != "text":
+    predict_fns["to_videos"] = functools.partial(tokens_to_videos, model, config.data)
+    predict_fns["from_videos"] = functools.partial(videos_to_tokens, model, config.data)
   return tasks.Task(
       model=model,
       init_inputs=init_inputs,
       loss=functools.partial(loss, model, **config.get("loss", {})),
-      evaluate=functools.partial(loss, model),  # no condition dropout on held-out data
       data=functools.partial(make_data, model, config.data),
-      sample=sample_fn,
-      write_samples=functools.partial(write_samples, model, config.data),
-      to_videos=functools.partial(tokens_to_videos, model, config.data) if is_video else None,
-      from_videos=functools.partial(videos_to_tokens, model, config.data) if is_video else None,
+      predict_fns=predict_fns,
   )

@@ -1,4 +1,4 @@
-"""The moving-digits video classifier as a task: a multi-label loss, quantised data, loading it to judge.
+"""The moving-digits video classifier as a task: a multi-label loss, quantised data, features and logits to judge.
 
 The network is nbp.models.video_classifier (`config.model` is its fields); its
 features are the in-domain FVD's (nbp.evaluators.fvd_digits) and, trained on
@@ -18,10 +18,13 @@ is exactly the true set; `class_accuracy`, the per-class binary accuracy.
 Grey levels. Generators that model pixels quantised to L grey levels emit
 videos at the bin centres. With `config.data.levels` > 0 the classifier is
 trained on real videos quantised then dequantised the same way
-(`requantize`), and the FVD evaluator passes every video, real or generated,
-through that map first; it leaves generated videos unchanged (they are already
+(`requantize`), and its "features" and "logits" predict functions pass every
+video, real or generated, through that map first; it leaves generated videos unchanged (they are already
 at the bin centres), so real and generated videos are compared after the same
 quantisation.
+
+The judges load a trained classifier by its workdir (nbp.tasks.load_run) and
+call its "features" and "logits".
 
 Dimensions: B batch, F frames, H height, W width, D labels per video, K classes.
 """
@@ -30,7 +33,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any
 
 import grain
 import jax
@@ -42,7 +44,6 @@ from nbp.data import images
 from nbp.data import moving_digits
 from nbp.data import pipeline
 from nbp.models.video_classifier import VideoClassifier as Model
-from nbp.training import workdir as workdir_lib
 
 DATASETS = ("moving_digits", "digits")
 
@@ -122,18 +123,20 @@ def make_task(config) -> tasks.Task:
   model = tasks.build_model(Model, config.model)
   shape = video_shape(config.data)
   value = functools.partial(loss, model)
+  levels = config.data.get("levels", 0)  # inputs requantised as the training videos were
+
+  def features(params, videos):
+    """uint8 videos [N, F, H, W, 1] -> the penultimate features [N, E] (what the in-domain FVD/FID compare)."""
+    return model.apply({"params": params}, requantize(videos, levels), method=Model.features)
+
+  def logits(params, videos):
+    """uint8 videos [N, F, H, W, 1] -> per-class logits [N, K]."""
+    return model.apply({"params": params}, requantize(videos, levels))
+
   return tasks.Task(
       model=model,
       init_inputs=lambda: {"videos": jnp.zeros((1, *shape), jnp.uint8)},
       loss=value,
       data=functools.partial(make_data, config.data),
-      evaluate=value,  # test-split loss, accuracy and class_accuracy
+      predict_fns={"eval_loss": value, "features": features, "logits": logits},
   )
-
-
-def load_classifier(workdir: str) -> tuple[Model, Any, Any]:
-  """(model, params, config) of the classifier trained in `workdir` (EMA parameters when kept)."""
-  config = workdir_lib.read_config(workdir)
-  task = make_task(config)
-  params, _, _ = workdir_lib.load_params(workdir, task.model, task.init_inputs())
-  return task.model, params, config

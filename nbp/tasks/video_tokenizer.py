@@ -29,14 +29,15 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from nbp import reconstruction as reconstruction_lib
 from nbp import tasks
 from nbp import visualization
 from nbp.data import moving_digits
 from nbp.data import pipeline
+from nbp.data import splits as splits_lib
 from nbp.data import tokens as tokens_lib
 from nbp.data import video_sources
 from nbp.models.video_tokenizer import VideoTokenizer as Model
-from nbp.tasks import reconstruction as reconstruction_lib
 from nbp.training import workdir as workdir_lib
 
 DATASETS = video_sources.NAMES
@@ -131,15 +132,15 @@ def make_data(data_cfg, split: str, *, seed: int, process_index: int, process_co
 
 
 @functools.cache
-def _first_test_videos(data_cfg_json: str, num: int) -> np.ndarray:
-  """float32 [num, F, H, W, C] in [-1, 1]: the first `num` videos of the test split of a video dataset."""
+def _first_validation_videos(data_cfg_json: str, num: int) -> np.ndarray:
+  """float32 [num, F, H, W, C] in [-1, 1]: the first `num` videos of the validation split of a video dataset."""
   data_cfg = ml_collections.ConfigDict(json.loads(data_cfg_json))
   if data_cfg.name == "moving_digits":  # generated directly: no dataset build for a few videos
     videos = moving_digits.make_moving_digits(
-        num, seed=0, split="test", num_frames=data_cfg.num_frames, frame_size=data_cfg.frame_size,
+        num, seed=0, split="validation", num_frames=data_cfg.num_frames, frame_size=data_cfg.frame_size,
         num_digits=data_cfg.num_digits, speed=float(data_cfg.speed))["video"]
   else:
-    source = video_sources.video_source(data_cfg, "test")
+    source = video_sources.video_source(data_cfg, "validation")
     videos = np.stack([source[i]["video"] for i in range(min(num, len(source)))])
   return videos.astype(np.float32) / 127.5 - 1.0
 
@@ -147,7 +148,7 @@ def _first_test_videos(data_cfg_json: str, num: int) -> np.ndarray:
 def sample(model: Model, params, rng, videos: jax.Array, *, num_samples: int = 4):
   """The sampler: {"video", "reconstruction"} of the first `num_samples` of `videos` [N, F, H, W, C] in [-1, 1].
 
-  The task passes the first test videos, so every call shows the same ones.
+  The task passes the first validation videos, so every call shows the same ones.
   """
   del rng
   video = videos[:num_samples]
@@ -156,7 +157,7 @@ def sample(model: Model, params, rng, videos: jax.Array, *, num_samples: int = 4
 
 
 def write_samples(samples, out_dir: str, step: int) -> dict[str, float]:
-  """A GIF and a PNG grid with each test video above its reconstruction; returns their PSNR."""
+  """A GIF and a PNG grid with each validation video above its reconstruction; returns their PSNR."""
   video, reconstruction = to_uint8(samples["video"]), to_uint8(samples["reconstruction"])
   pairs = np.stack([video, reconstruction], axis=1).reshape((-1,) + video.shape[1:])  # [2N, F, H, W, C]
   stem = os.path.join(out_dir, f"step_{step:07d}")
@@ -186,21 +187,27 @@ def make_task(config) -> tasks.Task:
     loss_cfg["perceptual_features"] = load_feature_function(loss_cfg["perceptual_features"])
   num_samples = config.get("sampler", {}).get("num_samples", 4)
 
-  def sample_fn(params, rng):  # the test videos are read when first sampled, not when the task is built
-    return sample(model, params, rng, jnp.asarray(_first_test_videos(d.to_json(), num_samples)),
+  def sample_fn(params, rng):  # the videos are read when first sampled, not when the task is built
+    return sample(model, params, rng, jnp.asarray(_first_validation_videos(d.to_json(), num_samples)),
                   num_samples=num_samples)
 
+  predict_fns = {
+      "eval_loss": functools.partial(loss, model),  # held-out reconstruction: recon, psnr, codebook usage
+      "write_samples": write_samples,
+      "to_videos": lambda samples: to_uint8(samples["reconstruction"]),
+      "encode": functools.partial(encode_video, model),
+      "decode": functools.partial(decode_tokens, model),
+  }
+  if num_samples:
+    predict_fns["sample"] = sample_fn
   return tasks.Task(
       model=model,
       init_inputs=lambda: {"video": jnp.zeros((1, d.num_frames, d.frame_size, d.frame_size, channels),
                                               jnp.float32)},
       loss=functools.partial(loss, model, **loss_cfg),
       data=functools.partial(make_data, d),
-      evaluate=functools.partial(loss, model),  # held-out reconstruction: recon, psnr, codebook usage
-      sample=sample_fn if num_samples else None,
-      write_samples=write_samples,
-      to_videos=lambda samples: to_uint8(samples["reconstruction"]),
       param_labels=param_labels if adversarial else None,
+      predict_fns=predict_fns,
   )
 
 
@@ -229,7 +236,7 @@ def decode_tokens(model: Model, params, indices: jax.Array) -> jax.Array:
   return jnp.clip(model.apply({"params": params}, indices, method=Model.decode_indices), -1.0, 1.0)
 
 
-def encode_tokens(workdir: str, output_dir: str, *, data_cfg=None, splits=("train", "test"),
+def encode_tokens(workdir: str, output_dir: str, *, data_cfg=None, splits=splits_lib.SPLITS,
                   batch_size: int = 32, extra_metadata: dict | None = None) -> dict:
   """Encodes the videos of `data_cfg` (default: the tokenizer's own data) with the tokenizer of `workdir`.
 

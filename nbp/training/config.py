@@ -37,6 +37,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.evals = ml_collections.ConfigDict()
   c.evals.eval = dict(type="loss", every=0, steps=4)  # logged as eval/<metric>
   c.evals.sample = dict(type="samples", every=0)  # written to workdir/samples
+  # After the last step, also run every evaluator on the test split (logged as test/<name>/<key>). Off by
+  # default: choices are made on validation, and test is evaluated once, here or by experiments.evaluate.
+  c.eval_test_at_end = False
   # group -> config.optimizer keys to replace for a family's second parameter group (e.g. "discriminator").
   c.param_groups = ml_collections.ConfigDict()
 

@@ -9,7 +9,9 @@ Start order of a run:
 
 Evaluation (`config.evals`, nbp.evaluators) runs on schedule and at the end on
 the EMA parameters when the run keeps them, else on the parameters; the
-results say which ("eval/uses_ema").
+results say which ("eval/uses_ema"). Evaluators read the validation split;
+`config.eval_test_at_end` adds one pass over the test split after the last
+step, logged under "test/".
 
 The state is built abstractly (`jax.eval_shape`), its shardings derived from the
 logical axis names in the model and `config.axis_rules`, then materialised with
@@ -379,6 +381,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
       if any(evaluators.due(every, done, is_last) for every, _ in scheduled.values()):
         run_evaluators(s, *eval_params(state), done, workdir, final=is_last, writer=writer)
+      if is_last and config.eval_test_at_end:
+        run_evaluators(s, *eval_params(state), done, workdir, final=True, writer=writer, split="test")
       if done % config.checkpoint_every == 0 or is_last or preempted:
         ckpt.save(done, state, train_iter)
       if preempted:
@@ -399,11 +403,18 @@ def eval_params(state: TrainState) -> tuple[Any, str]:
 
 
 def run_evaluators(s: Setup, params, params_name: str, step: int, workdir: str, *, final: bool,
-                   writer: metrics_lib.MetricWriter | None = None, only_due: bool = True) -> dict[str, float]:
-  """Runs `config.evals` (those due at `step`, or all) on `params`; writes and returns the results."""
+                   writer: metrics_lib.MetricWriter | None = None, only_due: bool = True,
+                   split: str | None = None) -> dict[str, float]:
+  """Runs `config.evals` (those due at `step`, or all) on `params`; writes and returns the results.
+
+  split: None, each evaluator reads its own split (validation by default); "test" (or any split) makes
+  every evaluator read that one, and its results are logged as "<split>/<name>/<key>".
+  """
   context = evaluators.Context(setup=s, params=params, params_name=params_name, step=step, workdir=workdir,
-                               rng=jax.random.key(s.config.seed + 2))
+                               rng=jax.random.key(s.config.seed + 2), split=split)
   out = evaluators.run(evaluators.build(s.config.evals), context, final=final, only_due=only_due)
+  if split is not None:
+    out = {f"{split}/{k}": v for k, v in out.items()}
   if writer is not None and out:
     writer.write(step, out)
   return out
