@@ -17,10 +17,10 @@ Argument: "SIZE[,local][,aaren]" with SIZE a key of nbp.models.block_transformer
 swaps every layer's softmax attention for Aaren's prefix-scan attention (same model otherwise; it
 takes learned positions, as its learned query has no rotary position). `local` is the
 2-core CPU setting: 4 frames of 12x12 pixels, one digit, 8 grey levels (576
-tokens), batch 8, 300 steps. Measured (XS,local, 2.3 minutes on 2
-cores): cross-entropy from 1.67 (train, first 10 steps) to 0.478 nats/token on
-the test split (0.69 bits; uniform over 8 levels would be ln 8 = 2.08 nats).
-The samples show digit-like strokes drifting across frames, not yet clean digits.
+tokens), batch 8, 300 steps. Expected (XS,local, 2.3 minutes on 2 cores): test
+cross-entropy 0.478 nats/token (uniform over 8 levels would be ln 8 = 2.08
+nats); samples show digit-like strokes drifting across frames, not yet clean
+digits. The measured tables, against NBP: docs/nbp.md.
 """
 
 from nbp.training import config as config_lib

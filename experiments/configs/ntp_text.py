@@ -4,9 +4,10 @@ EBT's Transformer++ baseline setting (RoPE, SwiGLU, RMSNorm) at byte level on
 `pydoc_data.topics` (about 465 KB of English shipped with Python); every tenth
 topic is held out as the test split.
 
-Launch (CPU):
+Launch (2 CPU cores):
   python -m experiments.train --config experiments/configs/ntp_text.py:S,local \
       --workdir runs/ntp_text_local
+Expected: not yet measured (run time and loss alike).
 
 Argument: "SIZE[,local][,aaren]" with SIZE a key of nbp.models.block_transformer.SIZES; `local` trains
 256-byte windows at batch 16 for 300 steps on 2 CPU cores; `aaren` swaps every layer's softmax attention

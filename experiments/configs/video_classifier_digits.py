@@ -24,17 +24,12 @@ quantisation; 8000 training videos, 1000 test videos, batch 32, 2000 steps, 64 f
 The judge of experiments/benchmark_fvd.py:
   python -m experiments.train \
       --config experiments/configs/video_classifier_digits.py:local,4x12 --workdir runs/fvd/classifier
-Measured (local,4x12; 1m56s on 2 shared cores, about 24 steps/s): test
-eval/accuracy 0.973 (exact digit, 992 test videos; class_accuracy 0.995,
-eval/loss 0.33), train accuracy 1.0 at the end (it overfits the 1,437 train
-scans a little; 0.92 after 600 steps, 0.97 after 1500). fvd_digits_classifier
-between real test videos 0..255 and four other disjoint sets of 256 (the floor
-of experiments/benchmark_fvd.py): 12.6, 10.8, 6.5, 9.0 (mean 9.7).
-Measured (local): not yet measured. A run started here (2 shared cores, other
-jobs running) took about 1 s per step, so the 1500 steps need roughly 25
-minutes; after 150 steps of an earlier, smaller variant the loss was still at
-the class prior (about 4.9 nats), so expect the accuracy to rise late. Check
-`eval/accuracy` (exact set of digits) in the workdir's metrics.jsonl.
+Expected (local,4x12; 1m56s on 2 shared cores): exact-digit accuracy 0.973
+(eval/accuracy); the real-vs-real floor and the rest of its figures are in
+docs/nbp.md.
+Expected (local): not yet measured; about 1 s per step on 2 shared cores, so
+the 1500 steps need roughly 25 minutes. Check `eval/accuracy` (exact set of
+digits) in the workdir's metrics.jsonl.
 """
 
 from experiments.configs import ntp_digits

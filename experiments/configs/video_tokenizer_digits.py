@@ -15,15 +15,10 @@ Argument: "local" or "pod".
 - local (what `make demo` trains): 5 frames of 16x16 (1 digit) -> 5x8x8 = 320
   tokens (space 2x, no time compression), FSQ levels (8, 5, 5, 5) = 1,000
   codes, channels 16 x (1, 2, 4), one residual block per level, batch 16, 300
-  steps. Measured on 2 CPU cores shared with other jobs, held-out
-  reconstruction PSNR (eval/psnr, 64 test videos) after 300 steps, by the
-  compression of this small setting:
-    time 4x, space 4x (2x4x4 tokens):  15.5 dB, digits reconstructed as blobs
-    time 2x, space 2x (3x8x8 tokens):  18.4 dB, blurred after the first frame
-    time 1x, space 2x (5x8x8 tokens):  20.0 dB, digits legible (the default)
-  With only 300 steps on a CPU the time compression is what costs most (the
-  first frame, encoded alone, is sharp in all three); the pod setting keeps
-  the paper's 4x.
+  steps on 2 CPU cores (about 3 minutes). Expected: held-out reconstruction
+  PSNR 20.0 dB (eval/psnr). No time compression because, measured at 300
+  steps, it is what costs most (docs/nbp.md compares three compressions); the
+  pod setting keeps the paper's 4x.
 - pod: 17 frames of 128x128 (2 digits, sprites scaled 4x) -> 5x16x16 = 1,280
   tokens (time 4x, space 8x), the paper's levels (8, 8, 8, 5, 5, 5) = 64,000
   codes, channels 128 x (1, 2, 2, 4), two residual blocks, batch 64, bfloat16.

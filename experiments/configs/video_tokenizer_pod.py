@@ -26,9 +26,9 @@ One clip per video, centred (the official code draws a random clip per step).
 Model: the official tokenizer's shape (nbp/magvit2.py of RenShuhuai-Andy/NBP):
 channels 128 -> 256 -> 256 -> 512 (here 128 x (1, 2, 2, 4)), 4 residual blocks
 per level, GroupNorm of 32 groups, 2x space on every stage and 2x time on the
-last two (4x time, 8x space), FSQ levels (8, 8, 8, 5, 5, 5) (README). 294M
-parameters. Their tokenizer also trained with LPIPS and a PatchGAN
-(README); no perceptual network ships here and the adversarial weight and start
+last two (4x time, 8x space), FSQ levels (8, 8, 8, 5, 5, 5) (their README).
+294M parameters. Their tokenizer also trained with LPIPS and a PatchGAN
+(their README); no perceptual network ships here and the adversarial weight and start
 step were not released, so both are off (turn the GAN on with
 --config.model.adversarial_weight=0.1).
 
@@ -41,7 +41,7 @@ replicated (294M parameters, with Adam and EMA about 5 GB per chip in float32)
 and the batch is split over every device: the mesh is data parallel.
 
 Expected: not yet run. The authors' tokenizers reach rFVD 15.50 (UCF-101) and
-6.73 (K600) at 128x128 (README).
+6.73 (K600) at 128x128 (their README).
 """
 
 from nbp.training import config as config_lib
