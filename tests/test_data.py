@@ -9,23 +9,32 @@ path and code as on a pod.
 """
 
 import io
+import json
 import os
 
 import av
+import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
+from pydoc_data.topics import topics as pydoc_topics
 
+from nbp.data import images
 from nbp.data import moving_digits as md
 from nbp.data import pipeline
+from nbp.data import splits
 from nbp.data import tfds_sources
+from nbp.data import tokens as tokens_lib
+from nbp.data import video_sources
 from nbp.data.generated import GeneratedBuilder
 from nbp.data.video_folder import VideoFolderSource
 
 TINY = md.moving_digits_config(num_frames=6, frame_size=16, num_digits=2,
-                               num_train=24, num_test=8)
+                               num_train=24, num_validation=6, num_test=8)
+NUM_SCANS = 1797  # sklearn's digits
+NUM_TRAIN_POOL = int(md.TRAIN_FRACTION * NUM_SCANS)  # 1437 scans: train + validation
 
 
 @pytest.fixture(scope="module")
@@ -72,26 +81,61 @@ def test_moving_digits_random_access_and_large_frames():
   assert md.default_digit_scale(64) == 2
 
 
-def test_digit_pools_disjoint_and_cover():
-  train, test = md.digit_pool("train"), md.digit_pool("test")
-  assert not set(train) & set(test)
-  assert len(train) + len(test) == 1797 and len(test) == 1797 - int(0.8 * 1797)
+def test_digit_pools_disjoint_cover_and_carve_validation_from_train():
+  pools = {s: md.digit_pool(s) for s in splits.SPLITS}
+  held_out = round(NUM_TRAIN_POOL * splits.VALIDATION_FRACTION)  # 144
+  assert [len(pools[s]) for s in splits.SPLITS] == [NUM_TRAIN_POOL - held_out, held_out, NUM_SCANS - NUM_TRAIN_POOL]
+  assert not set(pools["train"]) & set(pools["validation"])
+  assert not (set(pools["train"]) | set(pools["validation"])) & set(pools["test"])
+  assert len(set().union(*map(set, pools.values()))) == NUM_SCANS
+  # Another carve: another validation pool from the same train pool; the test pool never changes.
+  other = {s: md.digit_pool(s, validation_fraction=0.25, validation_seed=3) for s in splits.SPLITS}
+  assert len(other["validation"]) == round(NUM_TRAIN_POOL * 0.25)
+  np.testing.assert_array_equal(other["test"], pools["test"])
+  np.testing.assert_array_equal(np.sort(np.concatenate([other["train"], other["validation"]])),
+                                np.sort(np.concatenate([pools["train"], pools["validation"]])))
+  reseeded = md.digit_pool("validation", validation_seed=1)
+  assert len(reseeded) == held_out and set(reseeded) != set(pools["validation"])
+  np.testing.assert_array_equal(md.digit_pool("validation", validation_seed=1), reseeded)  # deterministic
+  with pytest.raises(ValueError, match="'valid'.*moving digits"):
+    md.digit_pool("valid")
+  with pytest.raises(ValueError, match=r"config\.data\.validation_fraction=0"):
+    md.digit_pool("validation", validation_fraction=0.0)
+
+
+def test_validation_videos_show_only_validation_scans():
+  kw = dict(seed=0, num_frames=2, frame_size=16, num_digits=2)
+  validation = md.make_moving_digits(40, split="validation", **kw)
+  assert set(validation["digit_index"].ravel()) <= set(md.digit_pool("validation"))
+  train = md.make_moving_digits(40, split="train", **kw)
+  assert not set(train["digit_index"].ravel()) & set(md.digit_pool("validation"))
+  reseeded = md.make_moving_digits(40, split="validation", validation_seed=5, **kw)
+  assert set(reseeded["digit_index"].ravel()) <= set(md.digit_pool("validation", validation_seed=5))
+  assert not np.array_equal(reseeded["digit_index"], validation["digit_index"])
+  later = md.make_moving_digits(3, split="validation", start=37, **kw)
+  np.testing.assert_array_equal(later["video"], validation["video"][37:])
 
 
 def test_config_names():
   assert md.moving_digits_config().name == "f16_s32_d2"
   assert md.moving_digits_config(speed=3, num_train=64, num_test=16, seed=1).name == (
-      "f16_s32_d2_v3_n64-16_seed1")
+      "f16_s32_d2_v3_n64-1000-16_seed1")
+  assert md.moving_digits_config(num_validation=8, validation_fraction=0.2, validation_seed=4).name == (
+      "f16_s32_d2_n10000-8-1000_valfrac0.2_valseed4")
   names = [c.name for c in md.MovingDigits.BUILDER_CONFIGS]
   assert names == ["f16_s32_d2", "f8_s16_d1"]
   with pytest.raises(ValueError, match="unknown knobs"):
     md.moving_digits_config(fps=3)
+  with pytest.raises(ValueError, match=r"config\.data\.num_validation=0"):
+    md.moving_digits_config(num_validation=0)
+  with pytest.raises(ValueError, match=r"config\.data\.validation_fraction=0"):
+    md.moving_digits_config(validation_fraction=0.0)
 
 
 def test_builder_deterministic_disjoint_and_typed(tiny_dir, tmp_path):
   other = str(tmp_path / "again")
   md.build(md.MovingDigits(config=TINY, data_dir=other), other)
-  for split, n in (("train", 24), ("test", 8)):
+  for split, n in (("train", 24), ("validation", 6), ("test", 8)):
     a = _all(pipeline.load_source(md.MovingDigits(config=TINY, data_dir=tiny_dir), split))
     b = _all(pipeline.load_source(md.MovingDigits(config=TINY, data_dir=other), split))
     assert a["video"].shape == (n, 6, 16, 16, 1) and a["video"].dtype == np.uint8
@@ -99,30 +143,61 @@ def test_builder_deterministic_disjoint_and_typed(tiny_dir, tmp_path):
     assert ((a["label"] >= 0) & (a["label"] <= 9)).all()
     for k in a:
       np.testing.assert_array_equal(a[k], b[k])
-  train = _all(pipeline.load_source(md.MovingDigits(config=TINY, data_dir=tiny_dir), "train"))
-  test = _all(pipeline.load_source(md.MovingDigits(config=TINY, data_dir=tiny_dir), "test"))
-  assert not set(train["digit_index"].ravel()) & set(test["digit_index"].ravel())
-  train_videos = {v.tobytes() for v in train["video"]}
-  assert not any(v.tobytes() in train_videos for v in test["video"])
+  data = {s: _all(pipeline.load_source(md.MovingDigits(config=TINY, data_dir=tiny_dir), s)) for s in splits.SPLITS}
+  for split in splits.SPLITS:  # each split shows only its own pool's scans
+    assert set(data[split]["digit_index"].ravel()) <= set(md.digit_pool(split))
+  for a, b in (("train", "validation"), ("train", "test"), ("validation", "test")):
+    assert not set(data[a]["digit_index"].ravel()) & set(data[b]["digit_index"].ravel())
+    videos = {v.tobytes() for v in data[a]["video"]}
+    assert not any(v.tobytes() in videos for v in data[b]["video"])
   # Rebuilding an already prepared dataset is a no-op that returns the builder.
   assert md.build(md.MovingDigits(config=TINY, data_dir=tiny_dir), tiny_dir).info.splits[
       "train"].num_examples == 24
 
 
 def test_digits_builder(tiny_dir):
-  train = _all(pipeline.load_source("digits", "train", tiny_dir))
-  test = _all(pipeline.load_source("digits", "test", tiny_dir))
-  assert train["image"].shape == (1437, 8, 8, 1) and train["image"].dtype == np.uint8
-  assert set(np.unique(train["label"])) == set(range(10))
-  assert not set(train["digit_index"]) & set(test["digit_index"])
-  np.testing.assert_array_equal(np.sort(test["digit_index"]), md.digit_pool("test"))
+  data = {s: _all(pipeline.load_source("digits", s, tiny_dir)) for s in splits.SPLITS}
+  held_out = round(NUM_TRAIN_POOL * splits.VALIDATION_FRACTION)
+  assert data["train"]["image"].shape == (NUM_TRAIN_POOL - held_out, 8, 8, 1)
+  assert data["validation"]["image"].shape == (held_out, 8, 8, 1) and data["train"]["image"].dtype == np.uint8
+  assert set(np.unique(data["train"]["label"])) == set(range(10))
+  for split in splits.SPLITS:  # the scan pools of moving digits
+    np.testing.assert_array_equal(np.sort(data[split]["digit_index"]), md.digit_pool(split))
 
 
 def test_registered_tiny_config_builds(tmp_path):
   b = md.build("moving_digits/f8_s16_d1", str(tmp_path))
   src = pipeline.load_source("moving_digits/f8_s16_d1", "test", str(tmp_path))
   assert len(src) == 128 and src[0]["video"].shape == (8, 16, 16, 1)
+  assert len(pipeline.load_source("moving_digits/f8_s16_d1", "validation", str(tmp_path))) == 128
   assert b.builder_config.num_digits == 1
+
+
+def _moving_digits_data(data_dir, **overrides):
+  """A moving_digits config.data section of 2 frames of 16x16 and a few videos per split."""
+  return ml_collections.ConfigDict({
+      "name": "moving_digits", "dir": data_dir, "worker_count": 0, "num_frames": 2, "frame_size": 16,
+      "num_digits": 2, "speed": 2.0, "num_train": 12, "num_validation": 5, "num_test": 4, "levels": 0,
+      "validation_fraction": 0.1, "validation_seed": 0, **overrides})
+
+
+def test_video_source_moving_digits_splits_follow_the_config(tmp_path):
+  data = _moving_digits_data(str(tmp_path))
+  sources = {s: video_sources.video_source(data, s) for s in splits.SPLITS}
+  assert [len(sources[s]) for s in splits.SPLITS] == [12, 5, 4]
+  for split, source in sources.items():  # the same videos as generated directly (tfds stores them shuffled)
+    expected = md.videos_from_config(data, split, 0, len(source))["video"]
+    assert sorted(v.tobytes() for v in _all(source)["video"]) == sorted(v.tobytes() for v in expected)
+  reseeded = _moving_digits_data(str(tmp_path), validation_seed=7, validation_fraction=0.3)
+  validation = _all(video_sources.video_source(reseeded, "validation"))
+  assert set(validation["digit_index"].ravel()) <= set(md.digit_pool("validation", 0.3, 7))
+  assert not np.array_equal(validation["video"], _all(sources["validation"])["video"])
+  np.testing.assert_array_equal(  # the test split does not depend on the carve
+      _all(video_sources.video_source(reseeded, "test"))["video"], _all(sources["test"])["video"])
+  with pytest.raises(ValueError, match=r"'val'.*config\.data\.name='moving_digits'"):
+    video_sources.video_source(data, "val")
+  del data["num_validation"]  # a config that predates the key: as many as test
+  assert md.num_videos(data, "validation") == 4
 
 
 # ------------------------------------------------------------------ pipeline
@@ -258,6 +333,48 @@ def test_text_source_deterministic_and_disjoint():
   assert batch["tokens"].shape == (8, 65)
 
 
+def test_text_splits_are_whole_documents_carved_by_the_config():
+  topics = {s: pipeline.text_topics(s) for s in splits.SPLITS}
+  num_pool = len(topics["train"]) + len(topics["validation"])
+  assert len(topics["validation"]) == round(num_pool * splits.VALIDATION_FRACTION) >= 1
+  assert len(set().union(*map(set, topics.values()))) == sum(map(len, topics.values()))  # disjoint
+  assert pipeline.text_bytes_source("test", 64).topics == topics["test"]  # the carve leaves test as it was
+  validation = pipeline.text_bytes_source("validation", 64)
+  assert validation.topics == topics["validation"] and len(validation) > 10
+  text = "\n\n".join(pydoc_topics[n] for n in topics["validation"]).encode("utf-8")
+  assert validation.data.tobytes() == text  # its own documents only
+  assert pipeline.text_topics("validation") == topics["validation"]  # deterministic
+  other = pipeline.text_topics("validation", validation_fraction=0.2, validation_seed=1)
+  assert len(other) == round(num_pool * 0.2) and set(other) != set(topics["validation"])
+  assert set(other) | set(pipeline.text_topics("train", 0.2, 1)) == set(topics["train"]) | set(topics["validation"])
+  with pytest.raises(ValueError, match="'dev'.*text dataset"):
+    pipeline.text_bytes_source("dev", 64)
+  with pytest.raises(ValueError, match=r"config\.data\.validation_fraction=0"):
+    pipeline.text_bytes_source("validation", 64, validation_fraction=0.0)
+
+
+def test_carved_source_is_a_fixed_disjoint_subset():
+  source = _index_source(20)
+  data = ml_collections.ConfigDict({"validation_fraction": 0.25, "validation_seed": 3})
+  parts = {s: pipeline.carved_source(source, s, data, "toy") for s in ("train", "validation")}
+  xs = {s: [int(p[i]["x"]) for i in range(len(p))] for s, p in parts.items()}
+  assert len(xs["validation"]) == 5 and sorted(xs["train"] + xs["validation"]) == list(range(20))
+  assert xs["validation"] == sorted(splits.carve(20, 0.25, 3)["validation"].tolist())
+  data.validation_seed = 4
+  assert [int(e["x"]) for e in _all_list(pipeline.carved_source(source, "validation", data, "toy"))] != xs["validation"]
+  with pytest.raises(ValueError, match="'test'.*toy"):  # test is never carved from train
+    pipeline.carved_source(source, "test", data, "toy")
+  with pytest.raises(IndexError, match="toy validation"):
+    parts["validation"][5]  # pylint: disable=pointless-statement
+  data.validation_fraction = 0.0
+  with pytest.raises(ValueError, match=r"config\.data\.validation_fraction=0: toy"):
+    pipeline.carved_source(source, "validation", data, "toy")
+
+
+def _all_list(source):
+  return [source[i] for i in range(len(source))]
+
+
 # -------------------------------------------------------------- video folder
 
 
@@ -318,6 +435,45 @@ def test_video_folder_errors(tmp_path, video_root):
   assert src[0]["video"].shape == (2, 8, 8, 3)
   with pytest.raises(ValueError, match=r"zz_corrupt\.mp4.*example 1"):
     src[1]
+
+
+def _folder_data(root, split_folders):
+  return ml_collections.ConfigDict({
+      "name": "video_folder", "dir": str(root), "worker_count": 0, "num_frames": 2, "frame_size": 8,
+      "frame_stride": 1, "split_folders": split_folders, "validation_fraction": 0.25, "validation_seed": 0})
+
+
+@pytest.fixture(scope="module")
+def split_root(tmp_path_factory):
+  """root/train/<class>/ (4 videos), root/dev/<class>/ (1) and root/val/<class>/ (2)."""
+  root = tmp_path_factory.mktemp("splits")
+  layout = {"train": {"a": 2, "b": 2}, "dev": {"a": 1}, "val": {"a": 1, "b": 1}}
+  for folder, classes in layout.items():
+    for cls, n in classes.items():
+      (root / folder / cls).mkdir(parents=True)
+      for j in range(n):
+        _write_mp4(root / folder / cls / f"{folder}{j}.mp4", 3, height=8, width=8, seed=j)
+  return root
+
+
+def test_video_folder_validation_folder_or_carve(split_root):
+  listed = _folder_data(split_root, (("train", "train"), ("validation", "dev"), ("test", "val")))
+  lengths = [len(video_sources.video_source(listed, s)) for s in splits.SPLITS]
+  assert lengths == [4, 1, 2]
+  validation = video_sources.video_source(listed, "validation").source  # LabelVector -> VideoFolderSource
+  assert [os.path.basename(os.path.dirname(os.path.dirname(p))) for p, _ in validation.files] == ["dev"]
+  carved = _folder_data(split_root, (("train", "train"), ("test", "val")))
+  parts = {s: video_sources.video_source(carved, s) for s in splits.SPLITS}
+  assert [len(parts[s]) for s in splits.SPLITS] == [3, 1, 2]  # 25% of the 4 train videos
+  subsets = {s: parts[s].source for s in ("train", "validation")}  # LabelVector -> SubsetSource of train/
+  train_files = [p for p, _ in subsets["train"].source.files]
+  chosen = {s: {train_files[i] for i in subset.indices} for s, subset in subsets.items()}
+  assert not chosen["train"] & chosen["validation"] and len(chosen["train"] | chosen["validation"]) == 4
+  assert parts["validation"][0]["video"].shape == (2, 8, 8, 3) and parts["validation"][0]["label"].shape == (1,)
+  with pytest.raises(ValueError, match=r"'dev'.*split_folders"):
+    video_sources.video_source(_folder_data(split_root, (("dev", "dev"),)), "train")
+  with pytest.raises(ValueError, match=r"'eval'.*config\.data\.name='video_folder'"):
+    video_sources.video_source(carved, "eval")
 
 
 # -------------------------------------------------- ucf101 and imagenet2012
@@ -386,8 +542,23 @@ def test_ucf101_source(ucf_dir):
   batch = next(pipeline.make_iterator(src, global_batch_size=2, seed=0, process_index=0,
                                       process_count=1, transforms=[pipeline.NormalizeVideo()]))
   assert batch["video"].shape == (2, 6, 32, 32, 3) and batch["video"].dtype == np.float32
-  with pytest.raises(ValueError, match="ucf101-validation"):
+  with pytest.raises(ValueError, match=r"'validation'.*tfds ucf101.*carved from train"):
     tfds_sources.ucf101_source("validation", ucf_dir, num_frames=2, frame_size=8)
+
+
+def test_ucf101_validation_is_carved_from_train(ucf_dir):
+  data = ml_collections.ConfigDict({
+      "name": "ucf101", "dir": ucf_dir, "worker_count": 0, "num_frames": 2, "frame_size": 8, "frame_stride": 1,
+      "validation_fraction": 0.3, "validation_seed": 0})
+  labels = {s: sorted(int(e["label"][0]) for e in _all_list(video_sources.video_source(data, s)))
+            for s in splits.SPLITS}
+  assert labels["test"] == [1, 11]  # tfds's test split as it is
+  assert len(labels["validation"]) == 1 and sorted(labels["train"] + labels["validation"]) == [0, 10, 20]
+  train = tfds_sources.ucf101_source("train", ucf_dir, num_frames=2, frame_size=8)
+  held_out = splits.carve(3, 0.3, 0)["validation"]
+  assert labels["validation"] == sorted(int(train[i]["label"]) for i in held_out)
+  with pytest.raises(ValueError, match=r"'eval'.*config\.data\.name='ucf101'"):
+    video_sources.video_source(data, "eval")
 
 
 def test_ucf101_wrong_frame_shape_names_example(tmp_path):
@@ -433,3 +604,26 @@ def test_imagenet_source(tmp_path):
       tfds_sources.imagenet_source("train", d, image_size=8), global_batch_size=4,
       seed=0, process_index=0, process_count=1))
   assert batch["image"].shape == (4, 8, 8, 3)
+
+  data = ml_collections.ConfigDict({"name": "imagenet2012", "dir": d, "worker_count": 0, "image_size": 8,
+                                    "validation_fraction": 0.25, "validation_seed": 0})
+  labels = {s: sorted(int(e["label"]) for e in _all_list(images.image_source(data, s))) for s in splits.SPLITS}
+  assert labels["test"] == [100, 101]  # tfds's "validation": the official validation set is our test split
+  assert len(labels["validation"]) == 1 and sorted(labels["train"] + labels["validation"]) == [100, 101, 102, 103]
+  data.validation_seed = 1
+  assert sorted(int(e["label"]) for e in _all_list(images.image_source(data, "validation"))) != labels["validation"]
+  with pytest.raises(ValueError, match=r"'val'.*config\.data\.name='imagenet2012'"):
+    images.image_source(data, "val")
+
+
+def test_digit_images_follow_the_carve(tmp_path):
+  data = ml_collections.ConfigDict({"name": "digits", "dir": str(tmp_path), "worker_count": 0, "image_size": 8,
+                                    "validation_fraction": 0.2, "validation_seed": 2})
+  source = images.image_source(data, "validation")
+  assert len(source) == round(NUM_TRAIN_POOL * 0.2) and source[0]["image"].shape == (8, 8, 1)
+  scans = _all(pipeline.load_source(md.digits_builder(data), "validation"))["digit_index"]
+  np.testing.assert_array_equal(np.sort(scans), md.digit_pool("validation", 0.2, 2))
+  read = images.read_images(data, "validation", 3, 2)
+  np.testing.assert_array_equal(read["image"][1], source[4]["image"])
+  with pytest.raises(ValueError, match=r"'dev'.*config\.data\.name='digits'"):
+    images.image_source(data, "dev")

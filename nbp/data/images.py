@@ -3,14 +3,19 @@
 Dimension letters: S image side, C channels (1 for digits, 3 for ImageNet).
 
 `image_source(data_cfg, split)` is the one entry point: a random-access source
-of {"image": uint8 [S, S, C], "label": int32} for
+of {"image": uint8 [S, S, C], "label": int32} of split train, validation or
+test, for
 
   digits        sklearn's 1,797 real 8x8 scans (nbp.data.moving_digits.Digits,
-                the same 80/20 train/test pools as moving digits), resized to
-                `image_size` with bilinear interpolation (8: the scans as they are);
+                the same train/validation/test scan pools as moving digits:
+                validation carved from the 80% train pool by
+                `config.data.validation_fraction` and `validation_seed`),
+                resized to `image_size` with bilinear interpolation (8: the
+                scans as they are);
   imagenet2012  tfds imagenet2012 prepared under `dir`, short side resized to
-                `image_size` and centre cropped (nbp.data.tfds_sources); the
-                test split is tfds's "validation".
+                `image_size` and centre cropped (nbp.data.tfds_sources). Its
+                official validation set serves as the test split; our
+                validation split is carved from tfds's "train" (nbp.data.splits).
 """
 
 from __future__ import annotations
@@ -26,11 +31,11 @@ from PIL import Image
 
 from nbp.data import moving_digits
 from nbp.data import pipeline
+from nbp.data import splits
 from nbp.data import tfds_sources
 
 IMAGE_DATASETS = ("digits", "imagenet2012")
-SPLITS = {"digits": {"train": "train", "test": "test"},
-          "imagenet2012": {"train": "train", "test": "validation"}}
+IMAGENET_TEST_SPLIT = "validation"  # the tfds split of ImageNet that serves as our test split
 
 
 def resize_image(image: np.ndarray, size: int) -> np.ndarray:
@@ -60,18 +65,20 @@ class ResizedImages:
 
 
 def image_source(data_cfg, split: str):
-  """{"image": uint8 [S, S, C], "label": int32} of `config.data` (name digits or imagenet2012), split train|test."""
+  """{"image": uint8 [S, S, C], "label": int32} of `config.data` (name digits or imagenet2012), split train|validation|test."""
   name = data_cfg.name
   if name not in IMAGE_DATASETS:
     raise ValueError(f"config.data.name={name!r} is not an image dataset; choose one of {IMAGE_DATASETS}.")
-  if split not in SPLITS[name]:
-    raise ValueError(f"split {split!r}: image datasets have {sorted(SPLITS[name])}")
+  splits.check(split, f"config.data.name={name!r}")
   if data_cfg.image_size < 1:
     raise ValueError(f"config.data.image_size={data_cfg.image_size} must be >= 1")
   if name == "digits":
-    builder = moving_digits.build(moving_digits.Digits(data_dir=data_cfg.dir))
+    builder = moving_digits.digits_builder(data_cfg)
     return ResizedImages(pipeline.load_source(builder, split), data_cfg.image_size)
-  return tfds_sources.imagenet_source(SPLITS[name][split], data_cfg.dir, image_size=data_cfg.image_size)
+  if split == "test":
+    return tfds_sources.imagenet_source(IMAGENET_TEST_SPLIT, data_cfg.dir, image_size=data_cfg.image_size)
+  train = tfds_sources.imagenet_source("train", data_cfg.dir, image_size=data_cfg.image_size)
+  return pipeline.carved_source(train, split, data_cfg, "imagenet2012")
 
 
 def num_classes(data_cfg) -> int:

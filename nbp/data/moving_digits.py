@@ -4,10 +4,13 @@ Dimension letters: N examples, F frames, H height, W width, C channels (1),
 D digits per video, S sprite side (8 * digit_scale).
 
 The 1,797 scans of `sklearn.datasets.load_digits()` are split once, by a fixed
-permutation, into a train pool (80%) and a test pool (20%); a video of the train
-split only shows scans of the train pool, so no test scan is ever seen in
-training, whatever the seed. Example i of a split is drawn from its own
-generator `np.random.default_rng([seed, split_id, i])`: examples are random
+permutation, into a train pool (80%) and a test pool (20%). The validation pool
+is carved from the train pool by `nbp.data.splits.carve` with
+`config.data.validation_fraction` and `validation_seed` (10% and 0 by default),
+and the train split keeps the rest. A video of a split only shows scans of its
+own pool, so no validation or test scan is ever seen in training, whatever the
+seed, and the test pool never changes. Example i of a split is drawn from its
+own generator `np.random.default_rng([seed, split_id, i])`: examples are random
 access and do not depend on how many are generated.
 
 Each digit starts at a random position, moves `speed` pixels per frame in a
@@ -15,7 +18,8 @@ random direction and bounces off the borders; digits are combined by max.
 
 Two tfds builders write the data as ArrayRecord without TensorFlow:
 `MovingDigits` (configs named from their knobs, see `moving_digits_config`) and
-`Digits` (the still 8x8 scans). `build` prepares either into a data_dir.
+`Digits` (the still 8x8 scans, configs named by `digits_config`), each with
+the splits train, validation and test. `build` prepares either into a data_dir.
 """
 
 from __future__ import annotations
@@ -27,10 +31,12 @@ import numpy as np
 import tensorflow_datasets as tfds
 from sklearn.datasets import load_digits
 
+from nbp.data import pipeline
+from nbp.data import splits
 from nbp.data.generated import GeneratedBuilder
 
-SPLIT_IDS = {"train": 0, "test": 1}  # split name -> id folded into the RNG
-TRAIN_FRACTION = 0.8  # share of the sklearn scans in the train pool
+SPLIT_IDS = {"train": 0, "test": 1, "validation": 2}  # split name -> id folded into the RNG
+TRAIN_FRACTION = 0.8  # share of the sklearn scans in the train pool (train + validation)
 _POOL_SEED = 20240511  # fixed: the train/test pools never change
 
 
@@ -43,15 +49,34 @@ def _digits() -> tuple[np.ndarray, np.ndarray]:
 
 
 @functools.cache
-def digit_pool(split: str) -> np.ndarray:
-  """sklearn scan indices (int64 [P]) a split may draw from; pools are disjoint."""
-  if split not in SPLIT_IDS:
-    raise ValueError(f"split must be one of {sorted(SPLIT_IDS)}, got {split!r}")
+def _pools(validation_fraction: float, validation_seed: int) -> dict[str, np.ndarray]:
+  """split -> sorted sklearn scan indices; validation is carved from the fixed train pool."""
   n = len(_digits()[1])
   perm = np.random.default_rng(_POOL_SEED).permutation(n)
   n_train = int(TRAIN_FRACTION * n)
-  pool = perm[:n_train] if split == "train" else perm[n_train:]
-  return np.sort(pool)
+  train_pool = np.sort(perm[:n_train])
+  carved = splits.carve(len(train_pool), validation_fraction, validation_seed)
+  pools = {"train": train_pool[carved["train"]], "validation": train_pool[carved["validation"]],
+           "test": np.sort(perm[n_train:])}
+  for pool in pools.values():
+    pool.setflags(write=False)  # cached: shared by every caller
+  return pools
+
+
+def digit_pool(split: str, validation_fraction: float = splits.VALIDATION_FRACTION,
+               validation_seed: int = splits.VALIDATION_SEED) -> np.ndarray:
+  """sklearn scan indices (int64 [P], sorted, read-only) a split may draw from; the three pools are disjoint.
+
+  Raises ValueError naming the dataset for an unknown split, and naming
+  `config.data.validation_fraction` when it holds out no validation scans.
+  """
+  splits.check(split, "moving digits")
+  pool = _pools(float(validation_fraction), int(validation_seed))[split]
+  if not len(pool):
+    raise ValueError(f"config.data.validation_fraction={validation_fraction} holds out no digit scans: the "
+                     "moving digits validation split is drawn from scans carved from the train pool, so the "
+                     "fraction must be in (0, 1).")
+  return pool
 
 
 def default_digit_scale(frame_size: int) -> int:
@@ -79,15 +104,23 @@ def moving_digits_example(
     num_digits: int = 2,
     speed: float = 2.0,
     digit_scale: int | None = None,
+    validation_fraction: float = splits.VALIDATION_FRACTION,
+    validation_seed: int = splits.VALIDATION_SEED,
 ) -> dict[str, np.ndarray]:
-  """One video: video uint8 [F,H,W,1], label int32 [D], digit_index int32 [D]."""
+  """One video: video uint8 [F,H,W,1], label int32 [D], digit_index int32 [D].
+
+  `split` (train, validation or test) picks the scan pool and the RNG stream;
+  `validation_fraction` and `validation_seed` say how the validation pool was
+  carved from the train pool (see `digit_pool`).
+  """
   scale = digit_scale or default_digit_scale(frame_size)
   side = 8 * scale  # S
   if side > frame_size:
     raise ValueError(f"digit sprite {side}px does not fit a {frame_size}px frame")
   images, labels = _digits()
+  pool = digit_pool(split, validation_fraction, validation_seed)
   rng = np.random.default_rng([seed, SPLIT_IDS[split], index])
-  chosen = rng.choice(digit_pool(split), size=num_digits)  # [D]
+  chosen = rng.choice(pool, size=num_digits)  # [D]
   limit = float(frame_size - side)
   video = np.zeros((num_frames, frame_size, frame_size), np.uint8)
   for idx in chosen:
@@ -113,13 +146,16 @@ def make_moving_digits(
     *,
     seed: int,
     split: str,
+    start: int = 0,
     num_frames: int = 16,
     frame_size: int = 32,
     num_digits: int = 2,
     speed: float = 2.0,
     digit_scale: int | None = None,
+    validation_fraction: float = splits.VALIDATION_FRACTION,
+    validation_seed: int = splits.VALIDATION_SEED,
 ) -> dict[str, np.ndarray]:
-  """Videos 0..N-1 of a split, stacked.
+  """Videos start..start+N-1 of a split, stacked (see `moving_digits_example`).
 
   Returns:
     video: uint8 [N, F, H, W, 1] in 0..255 (H = W = frame_size).
@@ -130,10 +166,25 @@ def make_moving_digits(
       moving_digits_example(
           i, seed=seed, split=split, num_frames=num_frames,
           frame_size=frame_size, num_digits=num_digits, speed=speed,
-          digit_scale=digit_scale)
-      for i in range(num_videos)
+          digit_scale=digit_scale, validation_fraction=validation_fraction,
+          validation_seed=validation_seed)
+      for i in range(start, start + num_videos)
   ]
   return {k: np.stack([e[k] for e in examples]) for k in examples[0]}
+
+
+def videos_from_config(data_cfg, split: str, start: int, count: int) -> dict[str, np.ndarray]:
+  """Videos start..start+count-1 of a split of a moving_digits `config.data`, generated directly (no build).
+
+  The same videos as the built dataset's (seed 0, the config's knobs and
+  validation carve); indices past the split's size are valid too.
+  """
+  fraction, validation_seed = pipeline.validation_keys(data_cfg)
+  return make_moving_digits(
+      count, seed=0, split=split, start=start, num_frames=data_cfg.num_frames,
+      frame_size=data_cfg.frame_size, num_digits=data_cfg.num_digits, speed=float(data_cfg.speed),
+      validation_fraction=fraction, validation_seed=validation_seed)
+
 
 
 # ----------------------------------------------------------------- tfds builders
@@ -147,46 +198,73 @@ class MovingDigitsConfig(tfds.core.BuilderConfig):
   num_digits: int = 2  # D digits per video
   speed: float = 2.0  # pixels per frame
   num_train: int = 10_000  # videos in the train split
+  num_validation: int = 1_000  # videos in the validation split
   num_test: int = 1_000  # videos in the test split
   seed: int = 0  # folded with (split, index) into each example's RNG
+  validation_fraction: float = splits.VALIDATION_FRACTION  # share of the train scan pool held out for validation
+  validation_seed: int = splits.VALIDATION_SEED  # seed of that carve
 
 
-_KNOB_DEFAULTS = {f.name: f.default for f in dataclasses.fields(MovingDigitsConfig)
-                  if f.name in ("num_frames", "frame_size", "num_digits", "speed",
-                                "num_train", "num_test", "seed")}
+_KNOBS = ("num_frames", "frame_size", "num_digits", "speed", "num_train", "num_validation", "num_test", "seed",
+          "validation_fraction", "validation_seed")
+_KNOB_DEFAULTS = {f.name: f.default for f in dataclasses.fields(MovingDigitsConfig) if f.name in _KNOBS}
+_SIZES = ("num_train", "num_validation", "num_test")
+
+
+def _carve_name(fraction: float, seed: int) -> str:
+  return f"valfrac{fraction:g}_valseed{seed}"
+
+
+def _check_carve(fraction: float) -> None:
+  if not 0.0 < fraction < 1.0:
+    raise ValueError(f"config.data.validation_fraction={fraction}: the digit datasets carve their validation "
+                     "scans from the train pool, so the fraction must be in (0, 1).")
 
 
 def moving_digits_config(name: str | None = None, **knobs) -> MovingDigitsConfig:
-  """A config named from its knobs, e.g. "f16_s32_d2" or "f8_s16_d1_v3_n64-16_seed1".
+  """A config named from its knobs, e.g. "f16_s32_d2" or "f8_s16_d1_v3_n64-16-16_seed1".
 
-  The name holds frames, size and digits always, and speed (v), split sizes (n)
-  and seed only where they differ from the defaults. `name` overrides it (used
-  for the registered configs); knobs are the fields of `MovingDigitsConfig`.
+  The name holds frames, size and digits always, and speed (v), split sizes
+  (n: train-validation-test), seed and the validation carve (valfrac, valseed)
+  only where they differ from the defaults. `name` overrides it (used for the
+  registered configs); knobs are the fields of `MovingDigitsConfig`.
   """
   unknown = set(knobs) - set(_KNOB_DEFAULTS)
   if unknown:
     raise ValueError(f"unknown knobs {sorted(unknown)}; known: {sorted(_KNOB_DEFAULTS)}")
   k = {**_KNOB_DEFAULTS, **knobs}
+  for key in _SIZES:
+    if k[key] < 1:
+      raise ValueError(f"config.data.{key}={k[key]}: every split of moving digits needs at least one video.")
+  _check_carve(k["validation_fraction"])
   auto_name = f"f{k['num_frames']}_s{k['frame_size']}_d{k['num_digits']}"
   if k["speed"] != _KNOB_DEFAULTS["speed"]:
     auto_name += f"_v{k['speed']:g}"
-  if (k["num_train"], k["num_test"]) != (_KNOB_DEFAULTS["num_train"], _KNOB_DEFAULTS["num_test"]):
-    auto_name += f"_n{k['num_train']}-{k['num_test']}"
+  if any(k[key] != _KNOB_DEFAULTS[key] for key in _SIZES):
+    auto_name += "_n" + "-".join(str(k[key]) for key in _SIZES)
   if k["seed"] != _KNOB_DEFAULTS["seed"]:
     auto_name += f"_seed{k['seed']}"
+  if (k["validation_fraction"], k["validation_seed"]) != (splits.VALIDATION_FRACTION, splits.VALIDATION_SEED):
+    auto_name += "_" + _carve_name(k["validation_fraction"], k["validation_seed"])
   if name is None:
     name = auto_name
   return MovingDigitsConfig(name=name, description=f"moving digits {k}", **k)
 
 
-class MovingDigits(GeneratedBuilder):
-  """Moving digits videos; features video uint8 [F,H,W,1], label int32 [D]."""
+# 2.0.0: a validation split, whose scans are carved from the train pool (the train split lost them).
+_RELEASE_NOTES = {"2.0.0": "Validation split; its digit scans are carved from the train pool.",
+                  "1.0.0": "Train and test splits."}
 
-  VERSION = tfds.core.Version("1.0.0")
+
+class MovingDigits(GeneratedBuilder):
+  """Moving digits videos; features video uint8 [F,H,W,1], label int32 [D]; splits train, validation, test."""
+
+  VERSION = tfds.core.Version("2.0.0")
+  RELEASE_NOTES = _RELEASE_NOTES
   BUILDER_CONFIGS = [
-      moving_digits_config(),  # f16_s32_d2: 10k train, 1k test
+      moving_digits_config(),  # f16_s32_d2: 10k train, 1k validation, 1k test
       moving_digits_config(name="f8_s16_d1", num_frames=8, frame_size=16, num_digits=1,
-                           num_train=512, num_test=128),  # f8_s16_d1: tiny
+                           num_train=512, num_validation=128, num_test=128),  # f8_s16_d1: tiny
   ]
 
   def _info(self) -> tfds.core.DatasetInfo:
@@ -206,6 +284,7 @@ class MovingDigits(GeneratedBuilder):
     del dl_manager  # generated, nothing to download
     c = self.builder_config
     return {"train": self._generate_examples("train", c.num_train),
+            "validation": self._generate_examples("validation", c.num_validation),
             "test": self._generate_examples("test", c.num_test)}
 
   def _generate_examples(self, split: str, num: int):
@@ -213,16 +292,36 @@ class MovingDigits(GeneratedBuilder):
     for i in range(num):
       yield i, moving_digits_example(
           i, seed=c.seed, split=split, num_frames=c.num_frames,
-          frame_size=c.frame_size, num_digits=c.num_digits, speed=c.speed)
+          frame_size=c.frame_size, num_digits=c.num_digits, speed=c.speed,
+          validation_fraction=c.validation_fraction, validation_seed=c.validation_seed)
+
+
+@dataclasses.dataclass(eq=False)
+class DigitsConfig(tfds.core.BuilderConfig):
+  """How the validation scans of `Digits` are carved from the train pool."""
+  validation_fraction: float = splits.VALIDATION_FRACTION  # share of the train pool held out for validation
+  validation_seed: int = splits.VALIDATION_SEED  # seed of that carve
+
+
+def digits_config(validation_fraction: float = splits.VALIDATION_FRACTION,
+                  validation_seed: int = splits.VALIDATION_SEED) -> DigitsConfig:
+  """The `Digits` config of a validation carve, named e.g. "valfrac0.1_valseed0" (the default)."""
+  _check_carve(validation_fraction)
+  return DigitsConfig(name=_carve_name(validation_fraction, validation_seed),
+                      description=f"validation_fraction={validation_fraction}, validation_seed={validation_seed}",
+                      validation_fraction=validation_fraction, validation_seed=validation_seed)
 
 
 class Digits(GeneratedBuilder):
   """sklearn's 8x8 scans: image uint8 [8,8,1] (0..255), label int32, index int32.
 
-  The train/test splits are the same 80/20 pools as `MovingDigits` uses.
+  The train/validation/test splits are the scan pools `MovingDigits` draws
+  from (`digit_pool`), for the config's validation carve.
   """
 
-  VERSION = tfds.core.Version("1.0.0")
+  VERSION = tfds.core.Version("2.0.0")
+  RELEASE_NOTES = _RELEASE_NOTES
+  BUILDER_CONFIGS = [digits_config()]  # tfds.builder("digits"): the default carve
 
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(
@@ -237,11 +336,12 @@ class Digits(GeneratedBuilder):
 
   def _split_generators(self, dl_manager):
     del dl_manager
-    return {s: self._generate_examples(s) for s in SPLIT_IDS}
+    return {s: self._generate_examples(s) for s in splits.SPLITS}
 
   def _generate_examples(self, split: str):
+    c = self.builder_config
     images, labels = _digits()
-    for idx in digit_pool(split):
+    for idx in digit_pool(split, c.validation_fraction, c.validation_seed):
       yield int(idx), {"image": images[idx][..., None], "label": labels[idx],
                        "digit_index": np.int32(idx)}
 
@@ -265,13 +365,33 @@ def build(name_or_builder: str | tfds.core.DatasetBuilder,
   return builder
 
 
+def num_videos(data_cfg, split: str) -> int:
+  """Videos in a split of a moving_digits `config.data`: num_train, num_validation or num_test.
+
+  num_validation defaults to num_test where a config predates the key.
+  """
+  splits.check(split, "moving digits")
+  if split == "validation":
+    return int(data_cfg.get("num_validation", data_cfg.num_test))
+  return int(data_cfg[f"num_{split}"])
+
+
 def builder_from_config(data_cfg) -> tfds.core.DatasetBuilder:
   """The prepared builder for a config's data section.
 
   Reads `num_frames`, `frame_size`, `num_digits`, `speed`, `num_train`,
-  `num_test` and `dir`; builds the ArrayRecord files on first use.
+  `num_validation`, `num_test`, `validation_fraction`, `validation_seed` and
+  `dir`; builds the ArrayRecord files on first use.
   """
+  fraction, validation_seed = pipeline.validation_keys(data_cfg)
   knobs = moving_digits_config(
       num_frames=data_cfg.num_frames, frame_size=data_cfg.frame_size, num_digits=data_cfg.num_digits,
-      speed=data_cfg.speed, num_train=data_cfg.num_train, num_test=data_cfg.num_test)
+      speed=data_cfg.speed, num_train=num_videos(data_cfg, "train"),
+      num_validation=num_videos(data_cfg, "validation"), num_test=num_videos(data_cfg, "test"),
+      validation_fraction=fraction, validation_seed=validation_seed)
   return build(MovingDigits(config=knobs, data_dir=data_cfg.dir))
+
+
+def digits_builder(data_cfg) -> tfds.core.DatasetBuilder:
+  """The prepared `Digits` builder of a config's data section (its validation carve and `dir`)."""
+  return build(Digits(config=digits_config(*pipeline.validation_keys(data_cfg)), data_dir=data_cfg.dir))

@@ -25,6 +25,11 @@ read or decoded raises `DataCorruptionError` naming the file, the record in it
 and how to rebuild the dataset (built datasets are derived data: delete the
 named directory and rerun). `nbp.data.tokens.TokenSource` does the same for
 token files. The training loop saves its progress and stops on this error.
+
+Splits. `carved_source` gives the train or validation part of a dataset that
+ships no validation split (nbp.data.splits.carve with the config's
+`validation_fraction` and `validation_seed`, read by `validation_keys`), as a
+`SubsetSource` of its train split.
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ from absl import flags
 from pydoc_data.topics import topics
 from tensorflow_datasets.core.data_sources import array_record
 
+from nbp.data import splits
 from nbp.data.generated import GeneratedBuilder
 
 Transform = grain.transforms.Map | grain.transforms.RandomMap | Callable[[Any], Any]
@@ -323,6 +329,52 @@ class ArraySource:
     return {k: np.asarray(v[i]) for k, v in self.arrays.items()}
 
 
+# ------------------------------------------------------------------- splits
+
+
+@dataclasses.dataclass(frozen=True)
+class SubsetSource:
+  """Random access over some examples of a source: example i is source[indices[i]]."""
+
+  source: Any  # random access (`len`, `[i]`)
+  indices: np.ndarray  # int64 [N]: the examples of `source` taken, in this order
+  what: str  # the dataset and split, for messages
+
+  def __len__(self) -> int:
+    return len(self.indices)
+
+  def __getitem__(self, index: SupportsIndex):
+    i = int(index)
+    if not 0 <= i < len(self):
+      raise IndexError(f"example {i} out of range [0, {len(self)}) of {self.what}")
+    return self.source[int(self.indices[i])]
+
+  def __repr__(self) -> str:
+    return f"SubsetSource({self.what}, {len(self)} of {self.source!r})"
+
+
+def validation_keys(data_cfg) -> tuple[float, int]:
+  """(validation_fraction, validation_seed) of `config.data`; nbp.data.splits' defaults where a key is absent."""
+  return (float(data_cfg.get("validation_fraction", splits.VALIDATION_FRACTION)),
+          int(data_cfg.get("validation_seed", splits.VALIDATION_SEED)))
+
+
+def carved_source(train_source, split: str, data_cfg, what: str) -> SubsetSource:
+  """The train or validation part of a dataset's train split, carved by `config.data` (nbp.data.splits.carve).
+
+  `what` names the dataset in errors. The carve is a fixed permutation of the
+  train examples seeded by `config.data.validation_seed`, its first
+  round(N * validation_fraction) held out as validation.
+  """
+  splits.check(split, what)
+  fraction, seed = validation_keys(data_cfg)
+  if split == "validation" and fraction == 0.0:
+    raise ValueError(f"config.data.validation_fraction=0: {what} holds out no validation examples; use a "
+                     "fraction in (0, 1).")
+  indices = splits.select(splits.carve(len(train_source), fraction, seed), split, what)
+  return SubsetSource(train_source, indices, f"{what} {split} (carved from train)")
+
+
 # ------------------------------------------------------------------------- text
 
 
@@ -349,21 +401,40 @@ class TextBytesSource:
 
 
 TEXT_TEST_EVERY = 10  # every 10th topic (sorted by name) is held out for test
+TEXT_NAME = "the text dataset (pydoc topics)"  # how errors name it
 
 
-def text_bytes_source(split: str, seq_len: int) -> TextBytesSource:
-  """CPython's documentation topics (`pydoc_data.topics`) as byte windows.
+def text_topics(split: str, validation_fraction: float = splits.VALIDATION_FRACTION,
+                validation_seed: int = splits.VALIDATION_SEED) -> tuple[str, ...]:
+  """The pydoc topic names (sorted) of a split: whole documents, never shared between splits.
 
-  Topics are sorted by name; topic k goes to test when k % 10 == 0, else train,
-  so no document is in both. Texts are joined with a blank line. Returns a
-  source of {"tokens": int32 [seq_len + 1]}.
+  Topics are sorted by name; topic k is test when k % 10 == 0. The others
+  are the train pool, from which `nbp.data.splits.carve(len(pool),
+  validation_fraction, validation_seed)` holds out the validation topics.
   """
-  if split not in ("train", "test"):
-    raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+  splits.check(split, TEXT_NAME)
+  names = sorted(topics)
+  if split == "test":
+    return tuple(names[::TEXT_TEST_EVERY])
+  if split == "validation" and validation_fraction == 0.0:
+    raise ValueError(f"config.data.validation_fraction=0: {TEXT_NAME} holds out no validation topics; use a "
+                     "fraction in (0, 1).")
+  pool = [n for k, n in enumerate(names) if k % TEXT_TEST_EVERY]
+  carved = splits.carve(len(pool), validation_fraction, validation_seed)
+  return tuple(pool[i] for i in carved[split])
+
+
+def text_bytes_source(split: str, seq_len: int, *, validation_fraction: float = splits.VALIDATION_FRACTION,
+                      validation_seed: int = splits.VALIDATION_SEED) -> TextBytesSource:
+  """CPython's documentation topics (`pydoc_data.topics`) of a split as byte windows.
+
+  The topics of the split (`text_topics`: train, validation or test, whole
+  documents) are joined with a blank line. Returns a source of {"tokens":
+  int32 [seq_len + 1]}. Pass `config.data.validation_fraction` and
+  `validation_seed` (see `validation_keys`).
+  """
   if seq_len < 1:
     raise ValueError(f"seq_len must be positive, got {seq_len}")
-  names = sorted(topics)
-  chosen = tuple(n for k, n in enumerate(names)
-                 if (k % TEXT_TEST_EVERY == 0) == (split == "test"))
+  chosen = text_topics(split, validation_fraction, validation_seed)
   text = "\n\n".join(topics[n] for n in chosen).encode("utf-8")
   return TextBytesSource(np.frombuffer(text, np.uint8), seq_len, chosen)

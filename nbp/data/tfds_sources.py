@@ -14,6 +14,11 @@ plain though: each ArrayRecord record is a serialized `tf.train.Example` with
 opens the shards `data_dir/ucf101/<config>/<version>/ucf101-<split>.array_record-*`
 with array_record, parses the record with the proto bundled in tfds and
 decodes only the frames of the clip with PIL.
+
+Both readers take tfds's split names (UCF-101: train, test; ImageNet: train,
+validation). Neither ships a validation split of ours: nbp.data.video_sources
+and nbp.data.images carve it from tfds's "train", and ImageNet's official
+"validation" serves as the test split.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ UCF101_FRAME_SHAPES = {
     "ucf101_3": (None, None, 3),
 }
 UCF101_VERSION = "2.0.0"  # version of tfds's ucf101 builder
+UCF101_SPLITS = ("train", "test")  # the splits tfds's ucf101 ships
 
 
 def _decode_jpeg(data: bytes) -> np.ndarray:
@@ -54,7 +60,7 @@ class Ucf101Source:
   The clip starts at the video's centre clip, or, with `random_clip`, at a start
   drawn once per example from `default_rng([seed, index])`.
   """
-  split: str  # "train" or "test"
+  split: str  # tfds's split: "train" or "test"
   data_dir: str  # tfds data_dir holding ucf101/<config>/<version>/
   num_frames: int  # F frames per clip
   frame_size: int  # S output side (short-side resize + centre crop)
@@ -65,6 +71,9 @@ class Ucf101Source:
   seed: int = 0  # seed of the random clip starts
 
   def __post_init__(self):
+    if self.split not in UCF101_SPLITS:
+      raise ValueError(f"split {self.split!r}: tfds ucf101 ships the splits {UCF101_SPLITS} (the validation "
+                       "split is carved from train by nbp.data.video_sources.video_source)")
     folder = os.path.join(os.fspath(self.data_dir), "ucf101", self.config, self.version)
     pattern = os.path.join(folder, f"ucf101-{self.split}.array_record-*")
     self.paths = sorted(glob.glob(pattern))
@@ -113,7 +122,7 @@ class ImagenetSource:
 
   Images are short-side resized to S and centre cropped (the evaluation crop).
   """
-  split: str  # "train" or "validation" (or any tfds split string)
+  split: str  # tfds's split: "train" or "validation" (or any tfds split string)
   data_dir: str  # tfds data_dir holding imagenet2012/<version>/
   image_size: int  # S output side
 

@@ -1,13 +1,19 @@
 """Video-tokenizer tokens on disk: a dataset encoded once, read back for training NBP.
 
 `encode_dataset` (the library side of `python -m experiments.encode_tokens`)
-runs an encode function (a trained tokenizer's) over every video of a dataset. A token directory holds, per split, `<split>.array_record` with one record per
-video, {"tokens": int32 [f, h, w], "label": int32 [D]} (msgpack-serialised), in
-the dataset's order, and `metadata.json` (latent shape, codebook size, FSQ
-levels, example counts, the tokenizer's workdir). `token_source` opens one
-split as a random-access source (`len`, `[i]`) that grain takes as it is; a
-damaged record raises `nbp.data.pipeline.DataCorruptionError` naming the file,
-the record and how to encode the tokens again.
+runs an encode function (a trained tokenizer's) over every video of a dataset.
+A token directory holds, per split (train, validation, test),
+`<split>.array_record` with one record per video, {"tokens": int32 [f, h, w],
+"label": int32 [D]} (msgpack-serialised), in the dataset's order, and
+`metadata.json` (latent shape, codebook size, FSQ levels, example counts per
+split, the tokenizer's workdir, the data section encoded). Encoding some splits
+into a directory that holds others of the same tokenizer and data adds them
+(the counts are merged). `token_source` opens one split as a random-access
+source (`len`, `[i]`) that grain takes as it is; a missing split (a directory
+encoded before validation splits existed has none) raises FileNotFoundError
+naming the path and the command that writes it; a damaged record raises
+`nbp.data.pipeline.DataCorruptionError` naming the file, the record and how to
+encode the tokens again.
 """
 
 from __future__ import annotations
@@ -24,12 +30,21 @@ from array_record.python import array_record_module
 from flax import serialization
 
 from nbp.data import pipeline
+from nbp.data import splits
 
 METADATA = "metadata.json"
+COUNTS = "num_examples"  # the metadata entry: split -> examples encoded
 
 
 def record_path(directory: str, split: str) -> str:
   return os.path.join(directory, f"{split}.array_record")
+
+
+def encode_command(directory: str, metadata: dict[str, Any] | None, split_names=splits.SPLITS) -> str:
+  """The command line that encodes `split_names` into `directory` (with the tokenizer the metadata names)."""
+  workdir = (metadata or {}).get("tokenizer_workdir") or "<the tokenizer's workdir>"
+  return (f"python -m experiments.encode_tokens --workdir {workdir} --output_dir {directory} "
+          f"--splits {','.join(split_names)}")
 
 
 def read_metadata(directory: str) -> dict[str, Any]:
@@ -65,17 +80,43 @@ def encode_split(encode, source, path: str, *, batch_size: int = 32) -> int:
   return count
 
 
+def _previous_counts(output_dir: str, metadata: dict[str, Any], encoding: set[str]) -> dict[str, int]:
+  """The example counts of splits already in `output_dir` that this call does not rewrite.
+
+  They are kept when the directory's metadata describes the same tokens
+  (everything but the counts equal); raises ValueError naming the directory
+  and the stale split files otherwise.
+  """
+  path = os.path.join(output_dir, METADATA)
+  if not os.path.exists(path):
+    return {}
+  with open(path) as f:
+    previous = json.load(f)
+  kept = {s: n for s, n in previous.get(COUNTS, {}).items() if s not in encoding}
+  kept = {s: n for s, n in kept.items() if os.path.exists(record_path(output_dir, s))}
+  same = json.loads(json.dumps(metadata)) == {k: v for k, v in previous.items() if k != COUNTS}
+  if kept and not same:
+    raise ValueError(f"{output_dir} holds the split(s) {sorted(kept)} of other tokens ({path} differs): encode "
+                     f"every split together ({encode_command(output_dir, metadata)}) or use another --output_dir.")
+  return kept
+
+
 def encode_dataset(encode, sources: dict[str, Any], output_dir: str, *, metadata: dict[str, Any],
                    batch_size: int = 32) -> dict:
   """Encodes each split's source (split -> source) under `output_dir`; writes and returns the metadata.
 
   `metadata` describes the tokens (latent_shape, codebook_size, ...: the
-  encoder's caller knows them); the example counts are added.
+  encoder's caller knows them); the example counts are added under
+  "num_examples", with those of the splits the directory already holds for
+  the same metadata (see `_previous_counts`).
   """
+  for split in sources:
+    splits.check(split, f"the token directory {output_dir}")
   os.makedirs(output_dir, exist_ok=True)
-  counts = {split: encode_split(encode, source, record_path(output_dir, split), batch_size=batch_size)
-            for split, source in sources.items()}
-  metadata = {**metadata, "num_examples": counts}
+  counts = _previous_counts(output_dir, metadata, set(sources))
+  counts.update({split: encode_split(encode, source, record_path(output_dir, split), batch_size=batch_size)
+                 for split, source in sources.items()})
+  metadata = {**metadata, COUNTS: counts}
   with open(os.path.join(output_dir, METADATA), "w") as f:
     json.dump(metadata, f, indent=2, sort_keys=True)
   return metadata
@@ -106,10 +147,11 @@ class TokenSource:
 
   def _rebuild_hint(self) -> str:
     directory = os.path.dirname(self.path)
+    split = os.path.basename(self.path).removesuffix(".array_record")
     workdir = self.metadata.get("tokenizer_workdir")
     source = f" of the tokenizer in {workdir}" if workdir else ""
-    return (f"The tokens are derived data{source}: encode them again with python -m experiments.encode_tokens "
-            f"--output_dir {directory} (it rewrites the files).")
+    command = encode_command(directory, self.metadata, (split,))
+    return f"The tokens are derived data{source}: encode them again with {command} (it rewrites the file)."
 
   def __repr__(self) -> str:
     return f"TokenSource({self.path!r}, {len(self)} examples)"
@@ -122,10 +164,15 @@ def token_source(directory: str, split: str, *, grid: tuple[int, ...] | None = N
   A mismatch names the config key to fix: a model built for one tokenizer must
   not silently read another's tokens.
   """
+  splits.check(split, f"the token directory {directory} (config.data.token_dir)")
   path = record_path(directory, split)
   if not os.path.exists(path):
-    raise FileNotFoundError(f"No encoded split {split!r} at {path} (config.data.token_dir={directory!r}): "
-                            "run experiments.encode_tokens first.")
+    metadata_path = os.path.join(directory, METADATA)
+    metadata = read_metadata(directory) if os.path.exists(metadata_path) else None
+    older = (" (token directories encoded before the validation split existed lack it)"
+             if split == "validation" and metadata is not None else "")
+    raise FileNotFoundError(f"No encoded split {split!r} at {path} (config.data.token_dir={directory!r}){older}. "
+                            f"Encode it with: {encode_command(directory, metadata, (split,))}")
   metadata = read_metadata(directory)
   if grid is not None and tuple(metadata["latent_shape"]) != tuple(grid):
     raise ValueError(f"config.model.grid={tuple(grid)} but the tokens in {directory} have latent shape "
@@ -148,3 +195,12 @@ class TokensAndClass(grain.transforms.Map):
     label = np.asarray(element["label"], np.int64).reshape(-1)
     return {"tokens": np.asarray(element["tokens"], np.int32).reshape(-1),
             "class": np.int32(np.sum(label * 10 ** np.arange(label.shape[0])))}
+
+
+def tokenizer_workdir(token_dir: str) -> str:
+  """The workdir of the tokenizer that wrote the tokens in `token_dir` (their metadata names it)."""
+  workdir = read_metadata(token_dir).get("tokenizer_workdir")
+  if not workdir:
+    raise ValueError(f"The tokens in config.data.token_dir={token_dir!r} do not name the tokenizer that wrote "
+                     f"them ({METADATA} has no tokenizer_workdir): re-encode them with experiments.encode_tokens.")
+  return workdir

@@ -5,18 +5,23 @@ channels (1 for moving digits, 3 for RGB), D labels per video.
 
 Every source is random access (`len`, `[i]`) and yields
 {"video": uint8 [F, S, S, C], "label": int32 [D]}, so the video tokenizer and
-`experiments/encode_tokens.py` read any of them the same way. `data.name`:
+`experiments/encode_tokens.py` read any of them the same way. Every dataset has
+the splits train, validation and test; `data.name`:
 
   moving_digits  the generated tfds dataset (nbp.data.moving_digits), built in
                  data.dir on first use; label = the D digits shown (also yields
                  "digit_index"). Reads num_frames, frame_size, num_digits, speed,
-                 num_train, num_test.
+                 num_train, num_validation, num_test and the validation carve
+                 of the digit scans (validation_fraction, validation_seed).
   ucf101         tfds-prepared UCF-101 (ArrayRecord) under data.dir, read without
-                 TensorFlow (nbp.data.tfds_video); splits "train" and "test"
-                 (tfds's split 1); D = 1 (0..100).
+                 TensorFlow (nbp.data.tfds_sources); test is tfds's "test"
+                 (split 1), train and validation are carved from tfds's "train"
+                 (nbp.data.pipeline.carved_source); D = 1 (0..100).
   video_folder   Kinetics-style folders data.dir/<split folder>/<class>/<video>
                  (nbp.data.video_folder, PyAV); classes are the sorted
                  sub-folders; D = 1. Kinetics-600 must be laid out by class.
+                 Validation reads its own folder when `split_folders` lists
+                 one, else it is carved from the train folder.
 
 Real videos take a clip of F frames every `data.frame_stride` frames, centred
 in the video (the official NBP evaluation's "center" strategy; one clip per
@@ -25,8 +30,9 @@ the moving-digits ones:
 
   frame_stride   take every k-th frame (UCF-101 at 25 fps, stride 3 ~ 8 fps)
   split_folders  video_folder only: ((split, sub-folder of data.dir), ...),
-                 e.g. (("train", "train"), ("test", "val")); a split not
-                 listed is its own sub-folder.
+                 e.g. (("train", "train"), ("test", "val")); train or test
+                 not listed is its own sub-folder, validation not listed is
+                 carved from train.
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ import numpy as np
 
 from nbp.data import moving_digits
 from nbp.data import pipeline
+from nbp.data import splits
 from nbp.data import tfds_sources
 from nbp.data import video_folder
 
@@ -74,27 +81,48 @@ class LabelVector:
     return f"LabelVector({self.source!r})"
 
 
-def split_folder(data_cfg, split: str) -> str:
-  """The directory of `split` for video_folder data: data.dir / (split_folders[split] or split)."""
+def split_folders(data_cfg) -> dict[str, str]:
+  """video_folder data: split -> its sub-folder of data.dir, as `config.data.split_folders` lists them."""
   folders = dict(data_cfg.get("split_folders", None) or ())
-  return os.path.join(os.fspath(data_cfg.dir), folders.get(split, split))
+  for split in folders:
+    splits.check(split, f"config.data.split_folders of {data_cfg.name!r}")
+  return folders
+
+
+def split_folder(data_cfg, split: str) -> str:
+  """The directory of `split` for video_folder data: data.dir / (split_folders[split] or split).
+
+  A validation split that `split_folders` does not list has no folder: it is
+  carved from train (`video_source`).
+  """
+  splits.check(split, f"config.data.name={data_cfg.name!r}")
+  return os.path.join(os.fspath(data_cfg.dir), split_folders(data_cfg).get(split, split))
 
 
 def video_source(data_cfg, split: str):
   """A random-access source of {"video": uint8 [F, S, S, C], "label": int32 [D]} of `split`.
 
-  Raises ValueError naming `config.data.name` for an unknown dataset, and
-  naming the missing path when the files are not there.
+  Raises ValueError naming `config.data.name` for an unknown dataset or split,
+  and naming the missing path when the files are not there.
   """
   _check_name(data_cfg)
+  splits.check(split, f"config.data.name={data_cfg.name!r}")
   if data_cfg.name == "moving_digits":
     return pipeline.load_source(moving_digits.builder_from_config(data_cfg), split, data_cfg.dir)
   stride = int(data_cfg.get("frame_stride", 1))
   if data_cfg.name == "ucf101":
-    source = tfds_sources.ucf101_source(split, data_cfg.dir, num_frames=data_cfg.num_frames,
-                                      frame_size=data_cfg.frame_size, frame_stride=stride)
+    def read(tfds_split):
+      return tfds_sources.ucf101_source(tfds_split, data_cfg.dir, num_frames=data_cfg.num_frames,
+                                        frame_size=data_cfg.frame_size, frame_stride=stride)
+    carve = split != "test"  # tfds ucf101 ships train and test
   else:
-    source = video_folder.VideoFolderSource(split_folder(data_cfg, split), num_frames=data_cfg.num_frames,
+    def read(folder_split):
+      return video_folder.VideoFolderSource(split_folder(data_cfg, folder_split), num_frames=data_cfg.num_frames,
                                             frame_size=data_cfg.frame_size, frame_stride=stride,
                                             center_clip=True)
+    carve = split != "test" and "validation" not in split_folders(data_cfg)
+  if carve:
+    source = pipeline.carved_source(read("train"), split, data_cfg, f"config.data.name={data_cfg.name!r}")
+  else:
+    source = read(split)
   return LabelVector(source)
