@@ -21,9 +21,11 @@ COMMON_KEYS = ("name", "dir", "worker_count", "validation_fraction", "validation
 
 # name -> the keys of its section (besides COMMON_KEYS).
 DATASET_KEYS = {
-    # generated from sklearn's digits (nbp.data.moving_digits); levels: grey levels the frames are
-    # quantised to for a classifier that judges quantised videos (0: the raw 256).
-    "moving_digits": ("num_frames", "frame_size", "num_digits", "speed", "num_train", "num_test", "levels"),
+    # generated from sklearn's digits (nbp.data.moving_digits); num_train/num_validation/num_test: videos per
+    # split (validation scans carved from the train pool); levels: grey levels the frames are quantised to
+    # for a classifier that judges quantised videos (0: the raw 256).
+    "moving_digits": ("num_frames", "frame_size", "num_digits", "speed", "num_train", "num_validation", "num_test",
+                      "levels"),
     # tfds-prepared UCF-101 under dir (nbp.data.tfds_sources)
     "ucf101": ("num_frames", "frame_size", "frame_stride"),
     # Kinetics-style dir/<split folder>/<class>/<video> (nbp.data.video_folder)
