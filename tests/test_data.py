@@ -627,3 +627,46 @@ def test_digit_images_follow_the_carve(tmp_path):
   np.testing.assert_array_equal(read["image"][1], source[4]["image"])
   with pytest.raises(ValueError, match=r"'dev'.*config\.data\.name='digits'"):
     images.image_source(data, "dev")
+
+
+# -------------------------------------------------------------------- tokens
+
+
+def _video_split(n, offset):
+  videos = np.stack([np.full((2, 4, 4, 1), 10 * (offset + i), np.uint8) for i in range(n)])
+  return pipeline.ArraySource({"video": videos, "label": np.arange(offset, offset + n, dtype=np.int32)[:, None]})
+
+
+def _encode(videos):  # float [b, F, H, W, C] in [-1, 1] -> int [b, 1, 1, 1]: the grey level back
+  return np.round((videos[:, :1, :1, :1, 0] + 1.0) * 127.5).astype(np.int32)
+
+
+def test_token_directories_hold_validation_and_name_the_command_for_old_ones(tmp_path):
+  out = str(tmp_path / "tokens")
+  metadata = {"latent_shape": [1, 1, 1], "codebook_size": 256, "tokenizer_workdir": "/runs/tok"}
+  sources = {"train": _video_split(5, 0), "validation": _video_split(2, 5), "test": _video_split(3, 7)}
+  old = tokens_lib.encode_dataset(_encode, {s: sources[s] for s in ("train", "test")}, out, metadata=metadata,
+                                  batch_size=4)  # a directory encoded before validation splits existed
+  assert old["num_examples"] == {"train": 5, "test": 3}
+  with pytest.raises(FileNotFoundError) as info:
+    tokens_lib.token_source(out, "validation")
+  message = str(info.value)
+  assert tokens_lib.record_path(out, "validation") in message and "before the validation split" in message
+  assert f"experiments.encode_tokens --workdir /runs/tok --output_dir {out} --splits validation" in message
+  # Encoding the missing split adds it beside the others.
+  new = tokens_lib.encode_dataset(_encode, {"validation": sources["validation"]}, out, metadata=metadata)
+  assert new["num_examples"] == {"train": 5, "validation": 2, "test": 3}
+  with open(os.path.join(out, tokens_lib.METADATA)) as f:
+    assert json.load(f)["num_examples"] == new["num_examples"]
+  validation = tokens_lib.token_source(out, "validation", grid=(1, 1, 1), codebook_size=256)
+  assert [int(validation[i]["tokens"].ravel()[0]) for i in range(2)] == [50, 60]
+  assert [validation[i]["label"].tolist() for i in range(2)] == [[5], [6]]
+  assert len(tokens_lib.token_source(out, "train")) == 5
+  # Tokens of another tokenizer do not join the old ones silently.
+  with pytest.raises(ValueError, match=r"split\(s\) \['test', 'train'\].*--splits train,validation,test"):
+    tokens_lib.encode_dataset(_encode, {"validation": sources["validation"]}, out,
+                              metadata={**metadata, "codebook_size": 64})
+  with pytest.raises(ValueError, match=r"'dev'.*token directory"):
+    tokens_lib.token_source(out, "dev")
+  with pytest.raises(FileNotFoundError, match="tokenizer's workdir"):  # no metadata: the command still shown
+    tokens_lib.token_source(str(tmp_path / "nothing"), "validation")
