@@ -364,7 +364,7 @@ def test_carved_source_is_a_fixed_disjoint_subset():
   assert [int(e["x"]) for e in _all_list(pipeline.carved_source(source, "validation", data, "toy"))] != xs["validation"]
   with pytest.raises(ValueError, match="'test'.*toy"):  # test is never carved from train
     pipeline.carved_source(source, "test", data, "toy")
-  with pytest.raises(IndexError, match="toy validation"):
+  with pytest.raises(IndexError, match="validation part of the train split of toy"):
     parts["validation"][5]  # pylint: disable=pointless-statement
   data.validation_fraction = 0.0
   with pytest.raises(ValueError, match=r"config\.data\.validation_fraction=0: toy"):

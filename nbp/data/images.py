@@ -65,7 +65,11 @@ class ResizedImages:
 
 
 def image_source(data_cfg, split: str):
-  """{"image": uint8 [S, S, C], "label": int32} of `config.data` (name digits or imagenet2012), split train|validation|test."""
+  """{"image": uint8 [S, S, C], "label": int32} of a split (train, validation, test) of `config.data`.
+
+  `config.data.name` is digits or imagenet2012; an unknown split raises
+  ValueError naming the dataset.
+  """
   name = data_cfg.name
   if name not in IMAGE_DATASETS:
     raise ValueError(f"config.data.name={name!r} is not an image dataset; choose one of {IMAGE_DATASETS}.")

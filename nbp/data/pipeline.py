@@ -332,7 +332,7 @@ class ArraySource:
 # ------------------------------------------------------------------- splits
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)
 class SubsetSource:
   """Random access over some examples of a source: example i is source[indices[i]]."""
 
@@ -372,7 +372,7 @@ def carved_source(train_source, split: str, data_cfg, what: str) -> SubsetSource
     raise ValueError(f"config.data.validation_fraction=0: {what} holds out no validation examples; use a "
                      "fraction in (0, 1).")
   indices = splits.select(splits.carve(len(train_source), fraction, seed), split, what)
-  return SubsetSource(train_source, indices, f"{what} {split} (carved from train)")
+  return SubsetSource(train_source, indices, f"the {split} part of the train split of {what}")
 
 
 # ------------------------------------------------------------------------- text
