@@ -6,31 +6,35 @@ logits (`config.loss.pooling`). The only difference between the two models is
 `config.model.attention`: "aaren" or "softmax" (the Transformer baseline).
 
 Argument: "ATTENTION[,DATASET][,local]", e.g. "aaren,BasicMotions,local".
-DATASET is one of the classification sets shipped inside sktime's wheel
-(nbp.data.ucr.dataset_names(): ACSF1, ArrowHead, BasicMotions, GunPoint,
-ItalyPowerDemand, JapaneseVowels, OSULeaf, PLAID, ...), default
-JapaneseVowels; a user's .ts pair: `--config.data.train_path=... --config.data.test_path=...`.
-Channels, classes and lengths come from the files; nothing else changes.
+DATASET (default JapaneseVowels) is read from `config.data.dir`/DATASET/
+DATASET_{TRAIN,TEST}.ts when that folder exists, else from the sets shipped
+inside sktime's wheel (nbp.data.ucr.dataset_names(): ACSF1, ArrowHead,
+BasicMotions, GunPoint, ItalyPowerDemand, JapaneseVowels, OSULeaf, PLAID, ...).
+The ten UEA sets of the Aaren paper's classification table
+(nbp.data.ucr.PAPER_UEA_SETS: EthanolConcentration, FaceDetection, Handwriting,
+Heartbeat, JapaneseVowels, PEMS-SF, SelfRegulationSCP1, SelfRegulationSCP2,
+SpokenArabicDigits, UWaveGestureLibrary) need the UEA archive's folders, e.g.
+  python -m experiments.train --config experiments/configs/aaren_classification.py:aaren,Heartbeat \
+      --config.data.dir=/data/Multivariate_ts --workdir runs/aaren_heartbeat
+(a missing file is an error naming its path). A user's .ts pair:
+`--config.data.train_path=... --config.data.test_path=...`. Channels, classes
+and lengths come from the train file; nothing else changes.
+
+Splits: the files' test split; validation is 10% of the train file
+(config.data.validation_fraction, validation_seed), carved by example. The
+split_metrics evaluator "metrics" scores the whole validation split during
+training (metrics/accuracy); `eval_test_at_end` scores the test split once
+after the last step (test/metrics/accuracy, the headline).
 
 Launch (CPU, 2 cores):
   python -m experiments.train --config experiments/configs/aaren_classification.py:aaren,local \
       --workdir runs/aaren_classification_local
-and the same with `softmax,local`. The headline metric is `test/accuracy`
-(split_metrics: every test example once) in the workdir's metrics.jsonl;
-`eval/accuracy` is over a few shuffled test batches.
-
-`local`: the "tiny" model (2 layers, width 64, 4 heads), batch 32, 400 steps,
-lr 2e-3. Without `local`: variant "S" (3 layers, width 128), batch 64, 3000
-steps (not yet run).
-
-Measured (local, JapaneseVowels, 2 CPU cores shared with other jobs): about
-22-27 s wall (30-35 s of CPU, compile included; 50-55 steps/s once compiled);
-train accuracy 1.0 from step ~150. test/accuracy (370 test series, majority
-class 0.24) over seeds 0, 1, 2: aaren 0.957, 0.965, 0.970; softmax 0.965, 0.962,
-0.973. Other sets at the same settings, seed 0 (slower: longer series):
-GunPoint (T = 150, majority 0.51) aaren 0.940, softmax 0.980, 80-110 s of CPU;
-ArrowHead (T = 251, 36 train series, majority 0.39) 0.697 both, 120-210 s of CPU;
-BasicMotions (T = 100, 6 channels, 40 train series, chance 0.25) aaren 0.950, softmax 0.975.
+and the same with `softmax,local`: about 20-30 s each (400 steps of the "tiny"
+model: 2 layers, width 64, 4 heads; batch 32, lr 2e-3). Expected (seed 0,
+JapaneseVowels, 243 train / 27 validation / 370 test series, majority class
+0.24): test accuracy about 0.96 for both models (seeds 0-2 over both models:
+experiments/benchmark_aaren.py --parts tasks). Without `local`: variant "S"
+(3 layers, width 128), batch 64, 3000 steps (not yet run).
 """
 
 from experiments.configs import aaren_common
@@ -55,10 +59,12 @@ def get_config(arg: str = "aaren,local"):
   c.model.dtype = "float32"
 
   c.data.name = "ucr"
-  c.data.dataset = dataset or DEFAULT_DATASET  # a set inside sktime's wheel
+  c.data.dataset = dataset or DEFAULT_DATASET  # data.dir/DATASET/ if there, else a set inside sktime's wheel
   c.data.train_path = ""  # a user's .ts pair instead of `dataset`
   c.data.test_path = ""
-  c.data.max_len = 0  # T: longer series are cut (0: the longest)
+  c.data.max_len = 0  # T: longer series are cut (0: the longest train series)
+  c.data.validation_fraction = 0.1  # of the train file's examples, carved by example (nbp.data.splits.carve)
+  c.data.validation_seed = 0
 
   c.loss.pooling = "mean"  # "mean" over valid steps or "last" valid step
   c.loss.label_smoothing = 0.0
@@ -70,8 +76,10 @@ def get_config(arg: str = "aaren,local"):
   c.optimizer.weight_decay = 0.01
   c.log_every = 50 if local else 100
   c.checkpoint_every = c.num_steps  # one checkpoint, at the end
-  c.evals.eval = dict(type="loss", every=0, steps=4)  # test loss and accuracy on 4 shuffled batches
-  c.evals.test = dict(type="split_metrics", every=0, split="test")  # accuracy over the whole test split
+  c.evals.eval = dict(type="loss", pred="eval_loss", split="validation", every=0, steps=4)  # 4 shuffled batches
   del c.evals["sample"]  # a classifier has no sampler
+  # Accuracy and cross-entropy over every validation series, at the end; the test split once after it.
+  c.evals.metrics = dict(type="split_metrics", pred="score", split="validation", every=0)
+  c.eval_test_at_end = True
   c.lock()
   return c

@@ -1,26 +1,47 @@
 """UCR/UEA time-series classification sets read from .ts files, as padded arrays and a grain source.
 
 Dimension letters: N examples, C channels of the file, T steps (the longest
-series of either split, or `max_len`), F model inputs per step (C, or 2C with
-the missing-value indicators).
+series of the train split, or `max_len`), F model inputs per step (C, or 2C
+with the missing-value indicators).
 
-`config.data.name` "ucr" names a set by `dataset` (one of the classification
-sets shipped inside sktime's wheel, listed at run time by `dataset_names()`:
-ArrowHead, BasicMotions, GunPoint, ItalyPowerDemand, JapaneseVowels, OSULeaf,
-PLAID, ACSF1, ...) or by `train_path`/`test_path` (a user's .ts pair; both
-given, `dataset` may then be empty). Everything else comes from the files:
+`config.data.name` "ucr" names a set by `dataset` or gives a .ts pair by
+`train_path`/`test_path` (both given, `dataset` may then be empty). A name is
+looked up in this order:
+
+  1. the folder `config.data.dir`/NAME/ holding NAME_TRAIN.ts and NAME_TEST.ts
+     (the layout of the UEA/UCR archives, for sets a user downloaded; a
+     missing file there is an error naming it);
+  2. the classification sets shipped inside sktime's wheel, listed at run time
+     by `dataset_names()` (ArrowHead, BasicMotions, GunPoint, ItalyPowerDemand,
+     JapaneseVowels, OSULeaf, PLAID, ACSF1, ...);
+  3. else an error: for one of the ten UEA sets of the Aaren paper's
+     classification table (`PAPER_UEA_SETS`), a FileNotFoundError naming the
+     train file expected under `config.data.dir`.
+
+Splits. The files ship train and test; validation is carved from the train
+file by example (`nbp.data.splits.carve` with `config.data.validation_fraction`
+and `validation_seed`, a fixed permutation), and "train" is the rest. Nothing
+below is decided by the validation or test examples:
 
   channels    the .ts dimensions (C);
-  classes     the train split's sorted label set (numerically when every label
-              is a number, so "10" follows "9"), labels mapped to 0..K-1; a test
-              label missing from train is an error naming the file and example;
-  lengths     series are right-padded to T with `valid` False (or cut to their
-              first `max_len` steps); a case whose channels differ in length
-              has its shorter channels padded with missing values;
-  missing     "?" in the file (NaN): after normalisation NaN becomes 0, and when
-              either split holds any missing value every channel gets an
-              indicator channel (1 where missing), so F = 2C; a set without
-              missing values keeps F = C;
+  classes     the train file's sorted label set (numerically when every label
+              is a number, so "10" follows "9"), labels mapped to 0..K-1: the
+              label space the set declares by its training file, so a class
+              whose examples all fall in the carved validation part keeps its
+              output; a test label missing from it is an error naming the file
+              and example;
+  lengths     T is the longest series of the train split (or `max_len` when
+              smaller). Shorter series are right-padded with `valid` False; a
+              longer one, which only a validation or test series (or any,
+              under `max_len`) can be, is cut to its first T steps, and
+              `UCRData.num_cut` counts them per split (logged at load). A case
+              whose channels differ in length has its shorter channels padded
+              with missing values;
+  missing     "?" in the file (NaN). When the train split holds a missing value,
+              every channel gets an indicator channel (1 where missing), so
+              F = 2C; otherwise F = C, and a missing value of the validation or
+              test split is only set to 0 (the train mean). After
+              normalisation NaN becomes 0 either way;
   scale       each channel is normalised with the mean and std of the train
               split's observed values only (a constant channel: std 1).
 
@@ -37,14 +58,21 @@ import dataclasses
 import functools
 import os
 
+from absl import logging
 import numpy as np
 import sktime
 from sktime.datasets import load_from_tsfile
 
 from nbp.data import pipeline
+from nbp.data import splits as splits_lib
 
 SKTIME_DATA = os.path.join(os.path.dirname(sktime.__file__), "datasets", "data")
-SPLITS = ("train", "test")
+SPLITS = splits_lib.SPLITS
+# The ten UEA multivariate sets of the Aaren paper's classification table (the usual Transformer time-series
+# benchmark); read from config.data.dir/<Name>/<Name>_{TRAIN,TEST}.ts (JapaneseVowels also ships with sktime).
+PAPER_UEA_SETS = ("EthanolConcentration", "FaceDetection", "Handwriting", "Heartbeat", "JapaneseVowels",
+                  "PEMS-SF", "SelfRegulationSCP1", "SelfRegulationSCP2", "SpokenArabicDigits",
+                  "UWaveGestureLibrary")
 
 
 class UCRFileError(ValueError):
@@ -91,8 +119,13 @@ def dataset_names() -> tuple[str, ...]:
   return tuple(names)
 
 
+def folder_paths(data_dir: str, name: str) -> tuple[str, str]:
+  """(DIR/NAME/NAME_TRAIN.ts, DIR/NAME/NAME_TEST.ts): the UEA/UCR archives' layout."""
+  return tuple(os.path.join(data_dir, name, f"{name}_{s}.ts") for s in ("TRAIN", "TEST"))
+
+
 def dataset_paths(data_cfg) -> tuple[str, str]:
-  """(train .ts, test .ts) of `config.data`: its train_path/test_path, else sktime's set `dataset`."""
+  """(train .ts, test .ts) of `config.data`: its train_path/test_path, else `dataset` (see the module docstring)."""
   train_path, test_path = data_cfg.get("train_path", ""), data_cfg.get("test_path", "")
   if train_path or test_path:
     if not (train_path and test_path):
@@ -104,10 +137,24 @@ def dataset_paths(data_cfg) -> tuple[str, str]:
         raise FileNotFoundError(f"config.data.{key}={path!r}: no such file.")
     return os.path.abspath(train_path), os.path.abspath(test_path)
   name = data_cfg.get("dataset", "")
-  if name not in dataset_names():
-    raise ValueError(f"config.data.dataset={name!r} is not a classification set shipped with sktime; choose one "
-                     f"of {dataset_names()}, or give config.data.train_path and test_path.")
-  return tuple(os.path.join(SKTIME_DATA, name, f"{name}_{s}.ts") for s in ("TRAIN", "TEST"))
+  data_dir = data_cfg.get("dir", "") or "."
+  if name and os.path.isdir(os.path.join(data_dir, name)):
+    paths = folder_paths(data_dir, name)
+    for path in paths:
+      if not os.path.isfile(path):
+        raise FileNotFoundError(f"config.data.dataset={name!r}: no file {path} (a set read from "
+                                f"config.data.dir={data_dir!r} needs {os.path.basename(paths[0])} and "
+                                f"{os.path.basename(paths[1])} in {os.path.join(data_dir, name)}).")
+    return tuple(os.path.abspath(p) for p in paths)
+  if name in dataset_names():
+    return tuple(os.path.join(SKTIME_DATA, name, f"{name}_{s}.ts") for s in ("TRAIN", "TEST"))
+  if name in PAPER_UEA_SETS:
+    raise FileNotFoundError(f"config.data.dataset={name!r}: no file {folder_paths(data_dir, name)[0]}. This UEA "
+                            "set does not ship with sktime: put the archive's <Name>/<Name>_TRAIN.ts and _TEST.ts "
+                            "under config.data.dir.")
+  raise ValueError(f"config.data.dataset={name!r} is neither a folder {os.path.join(data_dir, str(name))}/ "
+                   f"(config.data.dir) nor a classification set shipped with sktime; choose one of "
+                   f"{dataset_names()}, or give config.data.train_path and test_path.")
 
 
 def _as_series(X) -> list[np.ndarray]:
@@ -174,16 +221,18 @@ def sorted_labels(labels) -> tuple[str, ...]:
 
 @dataclasses.dataclass(frozen=True)
 class UCRData:
-  """Both splits of a set as arrays, and what the model needs to know of them."""
+  """The three splits of a set as arrays, and what the model needs to know of them."""
 
-  name: str  # the set (sktime name, or the train file's stem)
+  name: str  # the set (its name, or the train file's stem)
   paths: tuple[str, str]  # (train .ts, test .ts)
   splits: dict  # split -> {"x": float32 [N, T, F], "valid": bool [N, T], "label": int32 [N]}
+  indices: dict  # "train"/"validation" -> int64 indices into the train file's examples (the carve)
   class_names: tuple[str, ...]  # label k of the arrays is class_names[k]
   channels: int  # C, channels of the files
   missing_indicators: bool  # whether x holds C indicator channels after the C values (F = 2C)
   mean: np.ndarray  # float64 [C], the train split's per-channel mean
   std: np.ndarray  # float64 [C], the train split's per-channel std (1 for a constant channel)
+  num_cut: dict  # split -> how many of its series were longer than T and cut
 
   @property
   def num_classes(self) -> int:
@@ -200,9 +249,8 @@ class UCRData:
     return self.splits["train"]["x"].shape[1]
 
 
-def _pad(series: list[np.ndarray], length: int) -> tuple[np.ndarray, np.ndarray]:
+def _pad(series: list[np.ndarray], length: int, channels: int) -> tuple[np.ndarray, np.ndarray]:
   """N arrays [C, T_n] -> (float64 [N, length, C] NaN-free only where observed, bool valid [N, length])."""
-  channels = series[0].shape[0]
   x = np.zeros((len(series), length, channels))
   valid = np.zeros((len(series), length), bool)
   for n, s in enumerate(series):
@@ -223,34 +271,46 @@ def _labels_to_ints(labels: np.ndarray, class_names: tuple[str, ...], path: str)
 
 
 @functools.lru_cache(maxsize=8)
-def load_pair(train_path: str, test_path: str, max_len: int = 0, name: str = "") -> UCRData:
+def load_pair(train_path: str, test_path: str, max_len: int = 0, name: str = "",
+              validation_fraction: float = splits_lib.VALIDATION_FRACTION,
+              validation_seed: int = splits_lib.VALIDATION_SEED) -> UCRData:
   """Reads and prepares a train/test .ts pair (see the module docstring); cached per process, arrays read-only."""
   if max_len < 0:
-    raise ValueError(f"config.data.max_len={max_len} must be >= 0 (0: the longest series).")
-  (train, train_labels), (test, test_labels) = read_ts(train_path), read_ts(test_path)
-  channels = train[0].shape[0]
-  for path, series in ((train_path, train), (test_path, test)):
+    raise ValueError(f"config.data.max_len={max_len} must be >= 0 (0: the longest train series).")
+  (train_file, train_file_labels), (test, test_labels) = read_ts(train_path), read_ts(test_path)
+  channels = train_file[0].shape[0]
+  for path, series in ((train_path, train_file), (test_path, test)):
     for n, s in enumerate(series):
       if s.shape[0] != channels:
         raise UCRFileError(f"UCR/UEA file {path}: example {n} has {s.shape[0]} channels, the train split "
                            f"{channels}.", path)
-  longest = max(s.shape[1] for s in train + test)
+  class_names = sorted_labels(train_file_labels)
+  file_labels = _labels_to_ints(train_file_labels, class_names, train_path)
+  indices = splits_lib.carve(len(train_file), validation_fraction, validation_seed)
+  series = {split: [train_file[i] for i in idx] for split, idx in indices.items()}
+  series["test"] = test
+  labels = {split: file_labels[idx] for split, idx in indices.items()}
+  labels["test"] = _labels_to_ints(test_labels, class_names, test_path)
+
+  longest = max(s.shape[1] for s in series["train"])  # train only: no shape from validation or test
   length = min(longest, max_len) if max_len else longest
-  class_names = sorted_labels(train_labels)
-  raw = {"train": _pad(train, length), "test": _pad(test, length)}
-  labels = {"train": _labels_to_ints(train_labels, class_names, train_path),
-            "test": _labels_to_ints(test_labels, class_names, test_path)}
+  num_cut = {split: int(sum(s.shape[1] > length for s in series[split])) for split in SPLITS}
+  raw = {split: _pad(series[split], length, channels) for split in SPLITS}
+  name = name or os.path.basename(train_path).rsplit(".", 1)[0].removesuffix("_TRAIN")
+  if any(num_cut.values()):
+    logging.info("UCR/UEA set %s: series longer than T=%d cut to their first T steps: %s", name, length, num_cut)
 
   x_train, valid_train = raw["train"]
   observed = x_train[valid_train]  # [steps, C]
   mean, std = np.nanmean(observed, axis=0), np.nanstd(observed, axis=0)
   if np.isnan(mean).any():
     channel = int(np.flatnonzero(np.isnan(mean))[0])
-    raise UCRFileError(f"UCR/UEA file {train_path}: channel {channel} has no observed value.", train_path)
+    raise UCRFileError(f"UCR/UEA file {train_path}: channel {channel} has no observed value in the train split.",
+                       train_path)
   std = np.where(std > 0, std, 1.0)
-  missing_indicators = any(np.isnan(x[valid]).any() for x, valid in raw.values())
+  missing_indicators = bool(np.isnan(observed).any())  # decided by the train split alone
 
-  splits = {}
+  arrays_by_split = {}
   for split, (x, valid) in raw.items():
     missing = np.isnan(x) & valid[..., None]  # [N, T, C]
     x = np.where(valid[..., None] & ~missing, (x - mean) / std, 0.0)
@@ -259,24 +319,25 @@ def load_pair(train_path: str, test_path: str, max_len: int = 0, name: str = "")
     arrays = {"x": x.astype(np.float32), "valid": valid, "label": labels[split]}
     for a in arrays.values():
       a.setflags(write=False)
-    splits[split] = arrays
-  name = name or os.path.basename(train_path).rsplit(".", 1)[0].removesuffix("_TRAIN")
-  return UCRData(name, (train_path, test_path), splits, class_names, channels, missing_indicators, mean, std)
+    arrays_by_split[split] = arrays
+  return UCRData(name, (train_path, test_path), arrays_by_split, indices, class_names, channels,
+                 missing_indicators, mean, std, num_cut)
 
 
 def load(data_cfg) -> UCRData:
-  """Both splits of `config.data` (name "ucr"), read once per process."""
+  """The three splits of `config.data` (name "ucr"), read once per process."""
   if data_cfg.name != "ucr":
     raise ValueError(f"config.data.name={data_cfg.name!r}: nbp.data.ucr reads 'ucr'.")
   train_path, test_path = dataset_paths(data_cfg)
   name = "" if data_cfg.get("train_path", "") else data_cfg.get("dataset", "")
-  return load_pair(train_path, test_path, int(data_cfg.get("max_len", 0)), name)
+  return load_pair(train_path, test_path, int(data_cfg.get("max_len", 0)), name,
+                   float(data_cfg.get("validation_fraction", splits_lib.VALIDATION_FRACTION)),
+                   int(data_cfg.get("validation_seed", splits_lib.VALIDATION_SEED)))
 
 
 def split_arrays(data_cfg, split: str) -> dict[str, np.ndarray]:
   """The whole split: {"x": float32 [N, T, F], "valid": bool [N, T], "label": int32 [N]} (read-only)."""
-  if split not in SPLITS:
-    raise ValueError(f"split {split!r}: UCR/UEA sets have {SPLITS}.")
+  splits_lib.check(split, "a UCR/UEA set")
   return load(data_cfg).splits[split]
 
 

@@ -11,8 +11,9 @@ class logits [B, K]:
           reading the whole series, in constant memory for Aaren).
 
 The loss is the cross-entropy of those logits (optionally label-smoothed);
-`score` gives every example's correctness for the split_metrics evaluator,
-whose accuracy over the whole test split is the headline number.
+the predict function "score" gives every example's correctness for the
+split_metrics evaluator: its accuracy over the whole validation split guides
+choices, and over the whole test split (evaluated once) is the headline number.
 
 Data: `config.data.name` "ucr" (nbp.data.ucr). F, K and T come from the
 files: `config.model.input_dim` / `output_dim` left 0 are filled from them, and
@@ -95,7 +96,9 @@ def make_task(config) -> tasks.Task:
                            "valid": jnp.ones(shape, bool)},
       loss=functools.partial(loss, model, **loss_cfg),
       data=functools.partial(ucr.make_iterator, config.data),
-      evaluate=functools.partial(loss, model, pooling=pooling),  # no label smoothing on held-out batches
-      examples=lambda split: dict(ucr.split_arrays(config.data, split)),
-      score=functools.partial(score, model, pooling=pooling),
+      predict_fns={
+          "eval_loss": functools.partial(loss, model, pooling=pooling),  # no label smoothing on held-out batches
+          "split_arrays": lambda split: dict(ucr.split_arrays(config.data, split)),
+          "score": functools.partial(score, model, pooling=pooling),
+      },
   )
