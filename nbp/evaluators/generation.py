@@ -49,9 +49,8 @@ def real_videos(data_cfg, start: int, count: int, split: str = "validation") -> 
   past the split's size are valid); other datasets are read from the split.
   """
   if data_cfg.name == "moving_digits":
-    examples = [moving_digits.moving_digits_example(  # seed 0: the seed of builder_from_config's datasets
-        i, seed=0, split=split, num_frames=data_cfg.num_frames, frame_size=data_cfg.frame_size,
-        num_digits=data_cfg.num_digits, speed=float(data_cfg.speed)) for i in range(start, start + count)]
+    videos = moving_digits.videos_from_config(data_cfg, split, start, count)
+    examples = [{"video": v, "label": l} for v, l in zip(videos["video"], videos["label"])]
   else:
     source = video_sources.video_source(data_cfg, split)
     if start + count > len(source):

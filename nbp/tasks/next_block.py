@@ -188,7 +188,9 @@ def make_data(model: Model, data_cfg, split: str, *, seed: int, process_index: i
     transforms = (tokens_lib.TokensAndClass(),)
   elif data_cfg.name == "text":
     # Windows of N + 1 bytes; the begin token replaces the first as input, so keep the last N as targets.
-    source = pipeline.text_bytes_source(split, model.num_tokens - 1)
+    fraction, validation_seed = pipeline.validation_keys(data_cfg)
+    source = pipeline.text_bytes_source(split, model.num_tokens - 1, validation_fraction=fraction,
+                                        validation_seed=validation_seed)
     transforms = ()
   else:
     source = pipeline.load_source(moving_digits.builder_from_config(data_cfg), split, data_cfg.dir)

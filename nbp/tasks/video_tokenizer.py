@@ -136,9 +136,7 @@ def _first_validation_videos(data_cfg_json: str, num: int) -> np.ndarray:
   """float32 [num, F, H, W, C] in [-1, 1]: the first `num` videos of the validation split of a video dataset."""
   data_cfg = ml_collections.ConfigDict(json.loads(data_cfg_json))
   if data_cfg.name == "moving_digits":  # generated directly: no dataset build for a few videos
-    videos = moving_digits.make_moving_digits(
-        num, seed=0, split="validation", num_frames=data_cfg.num_frames, frame_size=data_cfg.frame_size,
-        num_digits=data_cfg.num_digits, speed=float(data_cfg.speed))["video"]
+    videos = moving_digits.videos_from_config(data_cfg, "validation", 0, num)["video"]
   else:
     source = video_sources.video_source(data_cfg, "validation")
     videos = np.stack([source[i]["video"] for i in range(min(num, len(source)))])
