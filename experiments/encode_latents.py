@@ -6,22 +6,27 @@ r"""Encodes an image dataset once into KL-VAE latents, as ArrayRecord files (xAR
 `--workdir` names the trained VAE (its config.json says which images it was
 trained on, and those are encoded: digits or imagenet2012, read by
 `nbp.data.images.image_source`); a `--config` replaces that data section by
-its own. `--flips` stores each image's horizontal mirror as a second view
-(xAR's training picks one of the two at random). After training with
-experiments/configs/kl_vae_imagenet.py, on one host (the latents are written
-with local file APIs):
+its own. `--splits` (default train, validation, test) names the splits
+encoded; the validation split is carved from train by the image source, as
+`config.data.validation_fraction` and `validation_seed` say. `--flips` stores
+each image's horizontal mirror as a second view (xAR's training picks one of
+the two at random). After training with experiments/configs/kl_vae_imagenet.py,
+on one host (the latents are written with local file APIs):
 
   python -m experiments.encode_latents --workdir gs://BUCKET/kl_vae_imagenet \
       --output_dir data/latents_imagenet256 --flips --batch_size 256
 
 The output directory then holds, per split, `<split>.array_record` with one
-record per image, {"latent": float32 [V, h, w, c], "label": int32} (V = 2 with
---flips, else 1; the posterior mean, unscaled), in the dataset's order, and
-`metadata.json` (the VAE's workdir, the image data section, latent shape,
-flips, counts, and the scaling factor: 1 / std of the train latents). The
-scaling factor is also written into the VAE's workdir as latent_scale.json,
-beside its checkpoints. The library side is `nbp.tasks.kl_vae.encode_latents`
-over `nbp.data.latents`; xAR reads the directory with
+record per image, {"latent": float32 [V, h, w, c] (the posterior mean,
+unscaled), "logvar": float32 [V, h, w, c] (its log-variance), "label": int32}
+(V = 2 with --flips, else 1), in the dataset's order, and `metadata.json`
+(the VAE's workdir, the image data section, latent shape, flips, counts,
+"moments": true, and the scaling factor: 1 / std of the train means). With
+both moments xAR can train on the posterior mean or on a fresh draw from the
+posterior at every step (`config.loss.posterior`). The scaling factor is also
+written into the VAE's workdir as latent_scale.json, beside its checkpoints.
+The library side is `nbp.tasks.kl_vae.encode_latents` over
+`nbp.data.latents`; xAR reads the directory with
 `config.data.name = "latents"`, `config.data.latent_dir`.
 """
 

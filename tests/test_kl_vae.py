@@ -230,6 +230,12 @@ def _fake_encode(images):
   return np.concatenate([pooled, 3 * x[:, ::2, ::2] - 1, pooled * np.arange(2)[None, None, :, None]], axis=-1)
 
 
+def _fake_moments(images):
+  """uint8 [n, 4, 4, 1] -> {"mean": _fake_encode, "logvar": a fixed function of the pixels} [n, 2, 2, 3]."""
+  mean = _fake_encode(images)
+  return {"mean": mean, "logvar": -4.0 + np.tanh(mean)}
+
+
 META = {"vae_workdir": "/runs/vae", "num_classes": 3, "data": {"name": "digits", "dir": "/data", "image_size": 4}}
 
 
@@ -240,6 +246,7 @@ def test_latent_cache_round_trip(tmp_path):
   metadata = latents_lib.encode_latents(_fake_encode, {"train": train_images, "test": test_images}, directory,
                                         metadata=META, flips=True, batch_size=8)  # the last batch is padded
   assert metadata["latent_shape"] == [2, 2, 3] and metadata["flips"] and metadata["num_views"] == 2
+  assert not metadata["moments"] and "posterior_std" not in metadata  # a deterministic encoder: means only
   assert metadata["num_examples"] == {"train": 37, "test": 5} and metadata["data"] == META["data"]
   assert latents_lib.read_metadata(directory) == metadata
   data_cfg = images_lib.image_data_config(ml_collections.ConfigDict({"name": "latents", "latent_dir": directory}))
@@ -283,6 +290,33 @@ def test_latent_cache_round_trip(tmp_path):
   scale = latents_lib.read_latent_scale(str(vae))
   assert scale["scaling_factor"] == metadata["scaling_factor"] and scale["step"] == 7
   assert scale["latent_dir"] == directory and scale["flips"]
+
+
+def test_latent_cache_of_posterior_moments(tmp_path):
+  """An encoder of moments: each record keeps mean and log-variance per view; batches carry the scaled std."""
+  directory = str(tmp_path / "latents")
+  train_images = _fake_images(20, 0)
+  sources = {"train": train_images, "validation": _fake_images(6, 2), "test": _fake_images(5, 1)}
+  metadata = latents_lib.encode_latents(_fake_moments, sources, directory, metadata=META, flips=True, batch_size=8)
+  assert metadata["moments"] and metadata["num_examples"] == {"train": 20, "validation": 6, "test": 5}
+  source = latents_lib.latent_source(directory, "train")
+  images = np.stack([e["image"] for e in train_images])
+  logvar = np.stack([source[i]["logvar"] for i in range(20)])  # [20, V, 2, 2, 3]
+  np.testing.assert_allclose(logvar[:, 0], _fake_moments(images)["logvar"], rtol=1e-6)
+  np.testing.assert_allclose(logvar[:, 1], _fake_moments(images[:, :, ::-1])["logvar"], rtol=1e-6)
+  np.testing.assert_allclose(metadata["posterior_std"], np.mean(np.exp(0.5 * logvar.astype(np.float64))), rtol=1e-6)
+  stored = np.stack([source[i]["latent"] for i in range(20)])
+  np.testing.assert_allclose(metadata["scaling_factor"], 1.0 / np.std(stored.astype(np.float64)), rtol=1e-9)
+
+  choose = latents_lib.ChooseFlip(2.5)
+  rng = np.random.default_rng(0)
+  for _ in range(8):  # the std belongs to the view chosen, scaled like the mean
+    pick = choose.random_map(source[3], rng)
+    view = [np.allclose(pick["latent"], 2.5 * v) for v in source[3]["latent"]].index(True)
+    np.testing.assert_allclose(pick["latent_std"], 2.5 * np.exp(0.5 * source[3]["logvar"][view]), rtol=1e-6)
+  it = latents_lib.latent_iterator(directory, "validation", seed=0, process_index=0, process_count=1, batch_size=4)
+  batch = next(it)
+  assert batch["latent"].shape == batch["latent_std"].shape == (4, 2, 2, 3) and np.all(batch["latent_std"] > 0)
 
 
 def test_damaged_latent_record_is_named(tmp_path):
@@ -342,20 +376,19 @@ def test_one_training_step_through_the_shared_loop(trained_vae):
   np.testing.assert_allclose(last["psnr/psnr"], last["sample/psnr"], rtol=1e-5)  # the psnr evaluator, same images
   assert os.path.exists(os.path.join(workdir, "samples", "step_0000001.png"))
 
-  model, params = kv_task.load_vae(workdir)  # the workdir alone: its config.json and checkpoint
-  images = jnp.zeros((3, 8, 8, 1), jnp.uint8)
+  run = tasks.load_run(workdir)  # the workdir alone: its config.json and checkpoint
+  encode, decode = run.predict("encode"), run.predict("decode")  # what other families call
+  images = jnp.zeros((3, 8, 8, 1), jnp.float32)
 
   @jax.jit
-  def round_trip(p, x):
-    latents = kv_task.encode_images(model, p, x)
-    return latents, kv_task.decode_latents(model, p, latents)
+  def round_trip(x):
+    moments = encode(x)
+    return moments, decode(moments["mean"])
 
-  latents, decoded = round_trip(params, images)
-  assert latents.shape == (3, 4, 4, 2) and latents.dtype == jnp.float32
+  moments, decoded = round_trip(images)
+  assert moments["mean"].shape == moments["logvar"].shape == (3, 4, 4, 2) and moments["mean"].dtype == jnp.float32
   assert decoded.shape == (3, 8, 8, 1) and float(jnp.abs(decoded).max()) <= 1.0
   assert kv_task.to_uint8(decoded).dtype == np.uint8
-  with pytest.raises(ValueError, match="uint8"):
-    kv_task.encode_images(model, params, images.astype(jnp.float32))
 
 
 @pytest.mark.slow
@@ -364,20 +397,23 @@ def test_encode_latents_of_a_trained_vae(trained_vae, tmp_path):
   workdir, config = trained_vae
   out = str(tmp_path / "latents")
   metadata = kv_task.encode_latents(workdir, out, flips=True, batch_size=256)
-  assert metadata["num_examples"] == {"train": 1437, "test": 360} and metadata["latent_shape"] == [4, 4, 2]
+  assert metadata["num_examples"] == {"train": 1293, "validation": 144, "test": 360}
+  assert metadata["latent_shape"] == [4, 4, 2] and metadata["moments"] and metadata["posterior_std"] > 0
   assert metadata["vae_workdir"] == os.path.abspath(workdir) and metadata["num_classes"] == 10
   assert metadata["data"]["name"] == "digits" and metadata["data"]["image_size"] == 8
   scale = latents_lib.read_latent_scale(workdir)
   assert scale["scaling_factor"] == metadata["scaling_factor"] and scale["step"] == 1
   assert scale["latent_dir"] == os.path.abspath(out)
-  test_source = latents_lib.latent_source(out, "test")
-  model, params = kv_task.load_vae(workdir)
-  images = images_lib.read_images(config.data, "test", 0, 5)
-  encode = jax.jit(lambda x: kv_task.encode_images(model, params, x))
-  for view, batch in ((0, images["image"]), (1, images["image"][:, :, ::-1])):
-    got = np.stack([test_source[i]["latent"][view] for i in range(5)])
-    np.testing.assert_allclose(got, np.asarray(encode(jnp.asarray(batch))), atol=1e-5)
-  np.testing.assert_array_equal([test_source[i]["label"] for i in range(5)], images["class"])
+  encode = jax.jit(tasks.load_run(workdir).predict("encode"))
+  for split in ("validation", "test"):
+    source = latents_lib.latent_source(out, split)
+    images = images_lib.read_images(config.data, split, 0, 5)
+    for view, batch in ((0, images["image"]), (1, images["image"][:, :, ::-1])):
+      moments = encode(kv_task.normalize(jnp.asarray(batch)))
+      for key, stored in (("mean", "latent"), ("logvar", "logvar")):
+        got = np.stack([source[i][stored][view] for i in range(5)])
+        np.testing.assert_allclose(got, np.asarray(moments[key]), atol=1e-5)
+    np.testing.assert_array_equal([source[i]["label"] for i in range(5)], images["class"])
 
 
 @pytest.mark.slow

@@ -1,9 +1,11 @@
-"""xAR: entity orderings, masks, the flow-matching loss, the solvers, the cached sampler, training steps."""
+"""xAR: entity orderings, masks, the network's causality and switches, the flow-matching loss, the solvers, the
+cached sampler in every context mode, latents (posterior mean or draws), training steps."""
 
 import json
 import os
 import types
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,9 +14,12 @@ import pytest
 from experiments.configs import kl_vae_digits, xar_digits
 from kernels import dispatch
 from kernels.masks import MaskSpec
+from layers import transformer as transformer_lib
 from nbp import tasks
 from nbp.models import entities as entities_lib
+from nbp.models import xar as xar_model
 from nbp.models.xar import SIZES, XAR
+from nbp.samplers import xar as sampler
 from nbp.tasks import kl_vae
 from nbp.tasks import xar
 from nbp.training import loop as train
@@ -207,18 +212,153 @@ def test_noisy_context_draws_a_time_per_entity_of_every_sample():
 
 
 # ---------------------------------------------------------------------------
+# The network: causal across entities, and the switches of the official network's differences.
+
+
+def _apply(model, params, x, t, labels, **kw):
+  return np.asarray(model.apply({"params": params}, jnp.asarray(x), jnp.asarray(t), jnp.asarray(labels), **kw))
+
+
+CAUSAL_CASES = [("token", {}, False), ("cell", {"cell": 2}, False), ("subsample", {"stride": 2}, False),
+                ("scale", {}, False), ("image", {}, False), ("cell", {"cell": 2}, True)]
+
+
+@pytest.mark.parametrize("kind,kw,teacher_forcing", CAUSAL_CASES,
+                         ids=[f"{k}{'-tf' if tf else ''}" for k, _, tf in CAUSAL_CASES])
+def test_velocity_of_an_entity_ignores_later_entities(kind, kw, teacher_forcing):
+  """Through XAR.apply: new tokens and times for the entities after i leave the velocities of entities <= i as they
+  were, while a change of entity i itself changes its own velocity and those after it (with teacher forcing: the
+  noisy copy of entity i ignores the clean copies from i on and every other noisy entity)."""
+  model = _tiny(kind, teacher_forcing=teacher_forcing, **kw)
+  params = _params(model, noise=0.2)
+  ents, s = model.entities, model.seq_len
+  n = 2 * s if teacher_forcing else s
+  rng = np.random.default_rng(0)
+  x, t = rng.normal(size=(2, n, 3)).astype(np.float32), rng.uniform(size=(2, n)).astype(np.float32)
+  labels = np.array([1, 4])
+  base = _apply(model, params, x, t, labels)
+  ends = np.cumsum(ents.sizes)
+  checked = sorted({0, len(ends) // 2, len(ends) - 1})  # first, middle and last entity
+  for i in checked:
+    start, end = int(ents.starts[i]), int(ends[i])
+    later = np.zeros(n, bool)
+    later[end:s] = True
+    if teacher_forcing:  # the clean copies from i on, and the noisy copies of every other entity
+      later[start:s] = True
+      later[s:] = True
+      later[s + start:s + end] = False
+    x2, t2 = x.copy(), t.copy()
+    x2[:, later] += rng.normal(size=x2[:, later].shape).astype(np.float32)
+    t2[:, later] = rng.uniform(size=t2[:, later].shape)
+    out = _apply(model, params, x2, t2, labels)
+    rows = slice(s + start, s + end) if teacher_forcing else slice(0, end)
+    np.testing.assert_allclose(out[:, rows], base[:, rows], rtol=1e-5, atol=1e-5)
+    # Entity i's own tokens change its velocity, and the entities after it see it.
+    x3 = x.copy()
+    own = slice(s + start, s + end) if teacher_forcing else slice(start, end)
+    x3[:, own] += 1.0
+    out = _apply(model, params, x3, t, labels)
+    assert np.abs(out[:, own] - base[:, own]).max() > 1e-3
+    if not teacher_forcing and end < s:
+      assert np.abs(out[:, end:] - base[:, end:]).max() > 1e-3
+
+
+BLOCK_SWITCHES = {"attention_bias", "dropout_rate", "adaln_init"}
+NEEDS_BLOCK_SWITCHES = pytest.mark.skipif(
+    not BLOCK_SWITCHES <= set(tasks.module_fields(transformer_lib.TransformerBlock)),
+    reason="layers.transformer.TransformerBlock has no attention_bias / dropout_rate / adaln_init fields yet")
+
+
+def test_integer_time_embedding_floors_t_times_1000():
+  t = jnp.array([0.5, 0.50049, 0.0401, 0.04])
+  continuous = xar_model.timestep_embedding(t, 16)
+  integer = xar_model.timestep_embedding(t, 16, integer=True)
+  np.testing.assert_allclose(integer[0], integer[1])  # 500 and 500
+  np.testing.assert_allclose(integer[2], xar_model.timestep_embedding(jnp.array(0.04), 16), atol=1e-6)  # 40
+  np.testing.assert_allclose(integer[0], continuous[0], atol=1e-6)
+  assert np.abs(np.asarray(continuous[0] - continuous[1])).max() > 1e-3
+  model = _tiny("cell", time_embedding="integer")
+  params = _params(model)
+  x = np.random.default_rng(0).normal(size=(1, 16, 3)).astype(np.float32)
+  np.testing.assert_allclose(_apply(model, params, x, np.full((1, 16), 0.7001), [0]),
+                             _apply(model, params, x, np.full((1, 16), 0.7008), [0]), rtol=1e-6)
+  with pytest.raises(ValueError, match="config.model.time_embedding"):
+    _tiny("cell", time_embedding="half").check()
+
+
+def test_input_norm_makes_the_blocks_blind_to_the_input_embedding_scale():
+  """With the input RMSNorm, scaling the input projection and the position table by 3 changes nothing."""
+  x = np.random.default_rng(0).normal(size=(2, 16, 3)).astype(np.float32)
+  t = np.full((2, 16), 0.3, np.float32)
+  for input_norm in (True, False):
+    model = _tiny("cell", input_norm=input_norm)
+    params = _params(model)
+    assert ("input_norm_layer" in params) == input_norm
+    scaled = dict(params, input_proj=jax.tree.map(lambda p: 3 * p, params["input_proj"]),
+                  positions=jax.tree.map(lambda p: 3 * p, params["positions"]))
+    diff = np.abs(_apply(model, scaled, x, t, [0, 1]) - _apply(model, params, x, t, [0, 1])).max()
+    assert (diff < 1e-4) if input_norm else (diff > 1e-3), (input_norm, diff)
+
+
+def _init_params(model):
+  return nn.unbox(model.init(jax.random.key(0), jnp.zeros((1, model.seq_len, model.token_dim)),
+                            jnp.zeros((1, model.seq_len)), jnp.zeros((1,), jnp.int32))["params"])
+
+
+@NEEDS_BLOCK_SWITCHES
+def test_official_block_switches_qkv_bias_adaln_init_and_dropout():
+  default, official = _tiny("cell"), _tiny("cell", qkv_bias=True, adaln_init="xavier", dropout=0.5)
+  p0, p1 = _init_params(default), _init_params(official)
+  attention = p1["decoder"]["layer_0"]["attention"]
+  assert all("bias" in attention[k] for k in ("query", "key", "value", "out"))
+  assert all("bias" not in v for v in p0["decoder"]["layer_0"]["attention"].values())
+  zeros = p0["decoder"]["layer_0"]["adaln"]["proj"]["kernel"]
+  xavier = p1["decoder"]["layer_0"]["adaln"]["proj"]["kernel"]  # [E, 6, E]: fan_in E, fan_out 6E
+  assert not np.any(np.asarray(zeros))
+  e = xavier.shape[0]
+  np.testing.assert_allclose(np.std(np.asarray(xavier)), np.sqrt(2.0 / (e + 6 * e)), rtol=0.1)
+  # Dropout: on only when asked (deterministic=False with a dropout rng), and it changes the velocities.
+  params = _params(official)
+  x = np.random.default_rng(0).normal(size=(2, 16, 3)).astype(np.float32)
+  t = np.full((2, 16), 0.3, np.float32)
+  plain = _apply(official, params, x, t, [0, 1])
+  np.testing.assert_allclose(plain, _apply(official, params, x, t, [0, 1], deterministic=True))
+  dropped = [_apply(official, params, x, t, [0, 1], deterministic=False, rngs={"dropout": jax.random.key(k)})
+             for k in (0, 1)]
+  assert np.abs(dropped[0] - plain).max() > 1e-3 and np.abs(dropped[0] - dropped[1]).max() > 1e-3
+  with pytest.raises(ValueError, match="config.model.adaln_init"):
+    _tiny("cell", adaln_init="ones").check()
+
+
+@NEEDS_BLOCK_SWITCHES
+def test_a_train_step_with_every_official_switch(data_dir):
+  """xar_imagenet.py's switches (nbp.models.xar.OFFICIAL) on the digits: a finite step, dropout in the loss only."""
+  config = tiny_xar_config(data_dir, "cell", **{f"model.{k}": v for k, v in xar_model.OFFICIAL.items()})
+  task = tasks.make_task(config)
+  batch = next(task.data("train", seed=0, process_index=0, process_count=1, batch_size=4))
+  params = task.model.init(jax.random.key(0), **task.init_inputs())["params"]
+  (value, _), grads = jax.jit(jax.value_and_grad(task.loss, has_aux=True))(params, batch, jax.random.key(1))
+  assert np.isfinite(float(value)) and all(np.isfinite(np.asarray(g)).all() for g in jax.tree.leaves(grads))
+  key, loss_cfg = jax.random.key(2), dict(config.loss, class_dropout=0.0)
+  held_out = float(task.predict_fn("eval_loss")(params, batch, key)[0])
+  without = float(xar.objective(task.model, params, batch, key, train=False, **loss_cfg)[0])
+  with_dropout = float(xar.objective(task.model, params, batch, key, train=True, **loss_cfg)[0])
+  assert held_out == without and abs(with_dropout - without) > 1e-4
+
+
+# ---------------------------------------------------------------------------
 # Solvers and the sampler.
 
 
 def test_solver_schedule_and_guidance_schedule():
-  times = xar.solver_times(5, 0.04)
+  times = sampler.solver_times(5, 0.04)
   np.testing.assert_allclose(times, [1.0, 0.76, 0.52, 0.28, 0.04, 0.0], atol=1e-6)
-  scales = [xar.guidance_scale_at(k, 4, 2.5, "linear") for k in range(4)]
+  scales = [sampler.guidance_scale_at(k, 4, 2.5, "linear") for k in range(4)]
   np.testing.assert_allclose(scales, [1.0, 1.5, 2.0, 2.5])
-  assert xar.guidance_scale_at(0, 1, 2.5, "linear") == 2.5
-  assert xar.guidance_scale_at(2, 4, 2.5, "constant") == 2.5
+  assert sampler.guidance_scale_at(0, 1, 2.5, "linear") == 2.5
+  assert sampler.guidance_scale_at(2, 4, 2.5, "constant") == 2.5
   with pytest.raises(ValueError, match="config.sampler.num_steps"):
-    xar.solver_times(0, 0.04)
+    sampler.solver_times(0, 0.04)
 
 
 @pytest.mark.parametrize("kind", ["cell", "scale", "token"])
@@ -233,36 +373,95 @@ def test_ode_sampler_on_an_analytic_velocity_field_lands_on_its_target(kind):
 
   field = types.SimpleNamespace(entities=ents, teacher_forcing=False, seq_len=ents.seq_len, token_dim=3,
                                 num_classes=2, apply=apply)
-  out = jax.jit(lambda rng: xar.sample(field, None, rng, num_samples=2, num_steps=7, solver="ode",
+  out = jax.jit(lambda rng: sampler.sample(field, None, rng, num_samples=2, num_steps=7, solver="ode",
                                        use_cache=False))(jax.random.key(0))
   np.testing.assert_allclose(np.asarray(out), np.broadcast_to(target_grid, (2, 4, 4, 3)), rtol=1e-4, atol=1e-4)
-  # The SDE solver, started from the same noise, also ends near the point (its last step is not exact).
-  sde = xar.sample(field, None, jax.random.key(0), num_samples=2, num_steps=40, solver="sde", use_cache=False)
-  assert np.abs(np.asarray(sde) - target_grid).max() < 0.2
+
+
+def test_sde_step_is_euler_maruyama_of_the_reverse_sde():
+  """By hand: drift v - (w/2) score with w = 2t and score -(x + (1-t) v) / t; noise sqrt(w |dt|); none at the end."""
+  rng = np.random.default_rng(0)
+  x, v, noise = (rng.normal(size=(3, 5)).astype(np.float32) for _ in range(3))
+  t, t_next = 0.6, 0.45
+  score = -(x + (1 - t) * v) / t
+  drift = v - 0.5 * (2 * t) * score
+  want = x + (t_next - t) * drift + np.sqrt(2 * t * (t - t_next)) * noise
+  got = sampler.solver_step(jnp.asarray(x), jnp.asarray(v), t, t_next, jnp.asarray(noise), solver="sde")
+  np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-6)
+  final = sampler.solver_step(jnp.asarray(x), jnp.asarray(v), t, 0.0, None, solver="sde")
+  np.testing.assert_allclose(np.asarray(final), x + (0.0 - t) * drift, rtol=1e-5, atol=1e-6)
+  ode = sampler.solver_step(jnp.asarray(x), jnp.asarray(v), t, t_next, jnp.asarray(noise), solver="ode")
+  np.testing.assert_allclose(np.asarray(ode), x + (t_next - t) * v, rtol=1e-6)
+
+
+def _gaussian_field(mean: float, std: float, ents):
+  """The exact velocity E[eps - x | x_t] of data N(mean, std^2) per value, x_t = (1 - t) x + t eps, as a model."""
+  def apply(variables, x_t, t, labels):
+    t = t[..., None]
+    var = (1 - t) ** 2 * std ** 2 + t ** 2  # Var x_t
+    r = x_t - (1 - t) * mean
+    return t * r / var - (mean + (1 - t) * std ** 2 * r / var)  # E[eps | x_t] - E[x | x_t]
+  return types.SimpleNamespace(entities=ents, teacher_forcing=False, seq_len=ents.seq_len, token_dim=4,
+                               num_classes=2, apply=apply)
+
+
+def test_sde_samples_have_the_spread_of_the_data():
+  """With the exact velocity of N(1, 0.5^2) data, the SDE's samples have std 0.5 within 5% (4,096 values).
+
+  Samplers with the noise wrong miss it: without noise the spread collapses
+  (about 0.14), with half the noise variance it is about 0.36.
+  """
+  ents = _entities("cell", grid=(4, 4), cell=2)
+  field = _gaussian_field(1.0, 0.5, ents)
+  draw = jax.jit(lambda noise_scale: sampler.sample(field, None, jax.random.key(0), num_samples=64, num_steps=40,
+                                                    solver="sde", noise_scale=noise_scale, use_cache=False))
+  samples = np.asarray(draw(1.0))  # [64, 4, 4, 4]: 4,096 values
+  assert abs(samples.mean() - 1.0) < 0.03 and abs(samples.std() / 0.5 - 1) < 0.05, samples.std()
+  for wrong in (0.0, np.sqrt(0.5)):  # no noise; half the noise variance
+    assert abs(np.asarray(draw(wrong)).std() / 0.5 - 1) > 0.15
 
 
 SLOW = pytest.mark.slow
 
 
-@pytest.mark.parametrize("kind,teacher_forcing", [
-    ("cell", False), ("scale", False), ("cell", True), pytest.param("token", False, marks=SLOW),
-    pytest.param("scale", True, marks=SLOW)])
-def test_cached_sampling_equals_uncached(kind, teacher_forcing):
-  """Uniform entities (cells; tokens over several phases) and entities of several sizes, each way of training."""
+@pytest.mark.parametrize("kind,teacher_forcing,context", [
+    ("cell", False, "t_end"), ("cell", False, "clean"), ("cell", False, "fixed"), ("scale", False, "t_end"),
+    ("scale", False, "fixed"), ("cell", True, "clean"), pytest.param("token", False, "clean", marks=SLOW),
+    pytest.param("scale", False, "clean", marks=SLOW), pytest.param("scale", True, "clean", marks=SLOW)])
+def test_cached_sampling_equals_uncached(kind, teacher_forcing, context):
+  """Every context mode: uniform entities (cells; tokens over several phases), entities of several sizes."""
   model = _tiny(kind, teacher_forcing=teacher_forcing)
   params = _params(model)
-  kw = dict(num_samples=3, num_steps=2, guidance_scale=2.0, labels=jnp.array([0, 3, 4]), cache_phases=1)
-  cached = jax.jit(lambda p, r: xar.sample(model, p, r, **kw))(params, jax.random.key(5))
-  full = jax.jit(lambda p, r: xar.sample(model, p, r, use_cache=False, **kw))(params, jax.random.key(5))
+  kw = dict(num_samples=3, num_steps=2, guidance_scale=2.0, labels=jnp.array([0, 3, 4]), cache_phases=1,
+            context=context, context_t=0.3)
+  cached = jax.jit(lambda p, r: sampler.sample(model, p, r, **kw))(params, jax.random.key(5))
+  full = jax.jit(lambda p, r: sampler.sample(model, p, r, use_cache=False, **kw))(params, jax.random.key(5))
   assert cached.shape == (3, 4, 4, 3) and np.isfinite(np.asarray(cached)).all()
   np.testing.assert_allclose(np.asarray(cached), np.asarray(full), rtol=1e-4, atol=1e-5)
+
+
+def test_context_modes_differ_and_are_checked():
+  """The three contexts give three different samples from the same noise (the later entities see them)."""
+  model = _tiny("cell")
+  params = _params(model, noise=0.2)
+  draw = {c: np.asarray(sampler.sample(model, params, jax.random.key(3), num_samples=2, num_steps=2, context=c,
+                                       use_cache=False)) for c in sampler.CONTEXTS}
+  first = model.entities.sizes[0]
+  for a, b in (("clean", "t_end"), ("clean", "fixed"), ("t_end", "fixed")):
+    seq_a, seq_b = (np.asarray(model.entities.decompose(jnp.asarray(draw[c]))) for c in (a, b))
+    np.testing.assert_allclose(seq_a[:, :first], seq_b[:, :first], rtol=1e-6)  # the first entity sees no context
+    assert np.abs(seq_a[:, first:] - seq_b[:, first:]).max() > 1e-3, (a, b)
+  with pytest.raises(ValueError, match="config.sampler.context"):
+    sampler.sample(model, params, jax.random.key(0), context="noisy")
+  with pytest.raises(ValueError, match="config.sampler.context_t"):
+    sampler.sample(model, params, jax.random.key(0), context="fixed", context_t=1.0)
 
 
 @pytest.mark.slow
 def test_sampler_result_does_not_depend_on_the_cache_phases():
   model = _tiny("token")
   params = _params(model)
-  runs = [xar.sample(model, params, jax.random.key(1), num_samples=2, num_steps=2, cache_phases=p) for p in (1, 3)]
+  runs = [sampler.sample(model, params, jax.random.key(1), num_samples=2, num_steps=2, cache_phases=p) for p in (1, 3)]
   np.testing.assert_allclose(np.asarray(runs[0]), np.asarray(runs[1]), rtol=1e-5, atol=1e-6)
 
 
@@ -271,8 +470,8 @@ def test_guidance_scale_one_equals_the_conditional_sampler():
   params = _params(model)
   labels = jnp.array([1, 2])
   kw = dict(num_samples=2, num_steps=2, labels=labels, cache_phases=1)
-  plain = xar.sample(model, params, jax.random.key(2), **kw)
-  guided = jax.jit(lambda scale: xar.sample(model, params, jax.random.key(2), guidance_scale=scale,
+  plain = sampler.sample(model, params, jax.random.key(2), **kw)
+  guided = jax.jit(lambda scale: sampler.sample(model, params, jax.random.key(2), guidance_scale=scale,
                                             guidance_schedule="constant", **kw))  # one compile, any scale
   np.testing.assert_allclose(np.asarray(guided(1.0)), np.asarray(plain), rtol=1e-5, atol=1e-5)
   # A different scale changes the samples (the null-class rows matter).
@@ -283,7 +482,7 @@ def test_the_sampler_compiles_to_loops_not_a_python_loop_per_step():
   """Token entities, 16 of them with 5 solver steps each: the program has one model call per phase, not 80."""
   model = _tiny("token")
   params = _params(model)
-  jaxpr = jax.make_jaxpr(lambda p: xar.sample(model, p, jax.random.key(0), num_samples=1, num_steps=5,
+  jaxpr = jax.make_jaxpr(lambda p: sampler.sample(model, p, jax.random.key(0), num_samples=1, num_steps=5,
                                               cache_phases=2))(params)
   text = str(jaxpr)
   assert text.count("while[") + text.count("scan[") >= 2
@@ -321,7 +520,7 @@ def test_config_mismatches_are_named(data_dir):
   with pytest.raises(ValueError, match="config.model.grid"):
     tasks.make_task(tiny_xar_config(data_dir, **{"model.grid": (5, 5), "model.cell": 5}))
   with pytest.raises(ValueError, match="config.sampler.solver"):
-    xar.sample(_tiny(), None, jax.random.key(0), solver="heun")
+    sampler.sample(_tiny(), None, jax.random.key(0), solver="heun")
   bad = tiny_xar_config(data_dir)
   bad.unlock()
   bad.sampler.temperature = 1.0
@@ -358,28 +557,47 @@ def test_loss_falls_in_a_short_run(tmp_path, data_dir):
 
 @pytest.mark.slow
 def test_xar_on_kl_vae_latents_end_to_end(tmp_path, data_dir):
-  """VAE (2 steps) -> latent cache with flips -> xAR on scaled latents -> samples decoded by the VAE."""
+  """VAE (1 step) -> latent cache of moments with flips -> xAR on posterior draws -> samples decoded by the VAE."""
   vae_config = kl_vae_digits.get_config("local")
   vae_config.data.dir = data_dir
   set_tiny_budget(vae_config, num_steps=1, checkpoint_every=1)
   vae_config.unlock()
   vae_config.evals = {}  # only the checkpoint matters here
   train.train_and_evaluate(vae_config, str(tmp_path / "vae"))
-  metadata = kl_vae.encode_latents(str(tmp_path / "vae"), str(tmp_path / "latents"), flips=True)
-  assert list(metadata["latent_shape"]) == [4, 4, 4] and metadata["scaling_factor"] > 0
+  latent_dir = str(tmp_path / "latents")
+  metadata = kl_vae.encode_latents(str(tmp_path / "vae"), latent_dir, flips=True)
+  assert list(metadata["latent_shape"]) == [4, 4, 4] and metadata["scaling_factor"] > 0 and metadata["moments"]
+  assert set(metadata["num_examples"]) == {"train", "validation", "test"}
 
-  config = tiny_xar_config(data_dir, "cell,latents", **{"data.latent_dir": str(tmp_path / "latents"),
-                                                         "num_steps": 1, "checkpoint_every": 1})
-  config.unlock()
-  del config.evals["eval"]  # the samples (decoded by the VAE) are what this run checks
+  config = tiny_xar_config(data_dir, "cell,latents", **{"data.latent_dir": latent_dir, "num_steps": 1,
+                                                         "checkpoint_every": 1, "loss.posterior": "sample"})
   task = tasks.make_task(config)
   batch = next(task.data("train", seed=0, process_index=0, process_count=1, batch_size=4))
-  assert batch["latent"].shape == (4, 4, 4, 4)
+  assert batch["latent"].shape == batch["latent_std"].shape == (4, 4, 4, 4)
   np.testing.assert_allclose(np.std(batch["latent"]), 1.0, rtol=0.5)  # scaled to about unit spread
-  assert task.to_images(np.asarray(batch["latent"])).shape == (4, 16, 16, 1)
+  to_images = task.predict_fn("to_images")
+  assert to_images(np.asarray(batch["latent"])).shape == (4, 16, 16, 1)
+  # The posterior: "mean" trains on the mean; "sample" on mean + std * eps, a new draw per key.
+  draws = [np.asarray(xar.training_grid(batch, "sample", jax.random.key(k))) for k in range(2)]
+  np.testing.assert_array_equal(np.asarray(xar.training_grid(batch, "mean", None)), batch["latent"])
+  eps = (draws[0] - batch["latent"]) / batch["latent_std"]
+  assert 0.5 < np.std(eps) < 1.5 and np.abs(draws[0] - draws[1]).max() > 0
   result = train.train_and_evaluate(config, str(tmp_path / "xar"))
   assert result["step"] == 1 and np.isfinite(result["loss"])
   assert os.path.exists(tmp_path / "xar" / "samples" / "step_0000001.png")
   with pytest.raises(ValueError, match="config.model.grid"):
-    tasks.make_task(tiny_xar_config(data_dir, "cell,latents", **{"data.latent_dir": str(tmp_path / "latents"),
-                                                                  "model.grid": (8, 8)}))
+    tasks.make_task(tiny_xar_config(data_dir, "cell,latents", **{"data.latent_dir": latent_dir, "model.grid": (8, 8)}))
+
+  # A cache written before the moments were stored (means only) still trains on means; "sample" names the fix.
+  with open(os.path.join(latent_dir, "metadata.json")) as f:
+    old = json.load(f)
+  del old["moments"]
+  with open(os.path.join(latent_dir, "metadata.json"), "w") as f:
+    json.dump(old, f)
+  tasks.make_task(tiny_xar_config(data_dir, "cell,latents", **{"data.latent_dir": latent_dir}))
+  with pytest.raises(ValueError, match="config.loss.posterior='sample'.*experiments.encode_latents"):
+    tasks.make_task(config)
+  with pytest.raises(ValueError, match="experiments.encode_latents"):
+    xar.training_grid({"latent": batch["latent"], "class": batch["class"]}, "sample", jax.random.key(0))
+  with pytest.raises(ValueError, match="config.loss.posterior"):
+    tasks.make_task(tiny_xar_config(data_dir, "cell", **{"loss.posterior": "sample"}))

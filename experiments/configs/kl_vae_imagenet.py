@@ -10,8 +10,9 @@ and train xAR on them (config.data.name = "latents"):
       --output_dir data/latents_imagenet256 --flips --batch_size 256
 
 Data (nbp.data.images): tfds-prepared imagenet2012 under data.dir (1,281,167
-train images; the test split is the 50,000 validation images), short side
-resized to 256 and centre cropped.
+train images, of which 10% are held out as our validation split; the test
+split is the official 50,000 validation images), short side resized to 256
+and centre cropped.
 
 Model: the "kl16" row of nbp.models.kl_vae.SIZES, the usual KL-16 VAE of
 latent-diffusion and autoregressive image models: width 128, channel_mult
@@ -80,8 +81,7 @@ def get_config(arg: str = ""):
   c.mesh = (("data", -1), ("fsdp", 1), ("tensor", 1))  # parameters replicated (see the docstring)
   c.log_every = 100
   c.checkpoint_every = 5000
-  c.evals.eval.every = 5000
-  c.evals.eval.steps = 4
-  c.evals.sample.every = 5000
+  c.evals.eval = dict(type="loss", pred="eval_loss", split="validation", every=5000, steps=4)
+  c.evals.sample = dict(type="samples", pred="sample", every=5000)  # validation images beside reconstructions
   c.lock()
   return c

@@ -19,16 +19,21 @@ dropout 0.1; logit-normal(0, 1) times per cell. Sampling: Euler-Maruyama with
 40 steps and guidance 2.7 (B), 50 and 2.3 (L), 50 and 2.2 (H), the guidance
 growing linearly over the 4 cells. Published FID 1.72 / 1.28 / 1.24.
 
-Ours: every block is adaLN-conditioned in one stack, SwiGLU, the modulated final
-norm, continuous time embeddings, no dropout (theirs 0.1), the cache of the
-last solver call (nbp/tasks/xar.py), bfloat16, scanned layers with remat, and
-the mesh: parameters and optimizer state over 8-way FSDP, the batch over all
+The network's documented differences from the official one are switched to
+the official values here (nbp.models.xar.OFFICIAL: qkv biases, the input
+RMSNorm, dropout 0.1, xavier-initialised adaLN modulation, integer time
+embeddings), and the sampler caches each finished entity clean, at t = 0, as
+the official sampler does. What remains ours: every block adaLN-conditioned in
+one stack (no encoder/decoder split), the modulated final norm, no dropout on
+the attention probabilities, bfloat16, scanned layers with remat, and the
+mesh: parameters and optimizer state over 8-way FSDP, the batch over all
 devices.
 
 Argument: "SIZE[,fid]", SIZE one of B, L, H; `fid` adds the standard FID at the
 end of training (50k images, Inception-v3 from `--config.evals.fid.inception_path`).
 """
 
+from nbp.models import xar
 from nbp.training import config as config_lib
 
 # size -> (solver steps, guidance scale), the official sampling settings.
@@ -59,6 +64,8 @@ def get_config(arg: str = "B"):
   c.model.remat_policy = "dots_with_no_batch_dims_saveable"
   c.model.attention_impl = "auto"  # Pallas block-causal attention on GPU/TPU
   c.model.dtype = "bfloat16"
+  for key, value in xar.OFFICIAL.items():  # qkv_bias, input_norm, dropout, adaln_init, time_embedding
+    c.model[key] = value
 
   c.loss.class_dropout = 0.1
   c.loss.t_mean = 0.0
@@ -69,6 +76,7 @@ def get_config(arg: str = "B"):
   c.sampler.t_end = 0.04
   c.sampler.guidance_scale = guidance
   c.sampler.guidance_schedule = "linear"
+  c.sampler.context = "clean"  # the official cache: each finished entity at t = 0 (nbp/samplers/xar.py)
 
   c.batch_size = 2048
   c.num_steps = 800 * EPOCH_STEPS
@@ -85,10 +93,10 @@ def get_config(arg: str = "B"):
   c.mesh = (("data", -1), ("fsdp", 8), ("tensor", 1))
   c.log_every = 100
   c.checkpoint_every = 5_000
-  c.evals.eval.every = 10 * EPOCH_STEPS
-  c.evals.eval.steps = 8
-  c.evals.sample.every = 10 * EPOCH_STEPS
+  c.evals.eval = dict(type="loss", pred="eval_loss", split="validation", every=10 * EPOCH_STEPS, steps=8)
+  c.evals.sample = dict(type="samples", pred="sample", every=10 * EPOCH_STEPS)
   if fid:  # Inception-v3 weights from a local file (nothing is downloaded): --config.evals.fid.inception_path=...
-    c.evals.fid = dict(type="fid", inception_path=INCEPTION_PATH, num_images=50_000, batch_size=256, every=0)
+    c.evals.fid = dict(type="fid", pred="sample_images", split="validation", inception_path=INCEPTION_PATH,
+                       num_images=50_000, batch_size=256, every=0)
   c.lock()
   return c

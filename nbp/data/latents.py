@@ -5,10 +5,12 @@ flips: the image and its horizontal mirror, else 1), h, w, c latent height,
 width and channels.
 
 `encode_latents` (the library side of `python -m experiments.encode_latents`)
-runs an encode function (a trained VAE's posterior mean) over every image of
-each split. A latent directory holds, per split, `<split>.array_record` with
-one record per image, {"latent": float32 [V, h, w, c], "label": int32}
-(msgpack-serialised), in the dataset's order, and `metadata.json`:
+runs an encode function (a trained VAE's posterior) over every image of each
+split (train, validation, test). A latent directory holds, per split,
+`<split>.array_record` with one record per image, {"latent": float32
+[V, h, w, c] (the posterior mean), "logvar": float32 [V, h, w, c] (its
+log-variance), "label": int32} (msgpack-serialised), in the dataset's order,
+and `metadata.json`:
 
   vae_workdir     the VAE's run (its decoder turns sampled latents back into images)
   data            the image section the latents were encoded from (a plain dict;
@@ -16,13 +18,19 @@ one record per image, {"latent": float32 [V, h, w, c], "label": int32}
   num_classes     classes of that dataset
   latent_shape    [h, w, c]
   flips, num_views  whether the mirrored view is stored, and V
-  scaling_factor  1 / std of every stored train latent value (all views), computed
+  moments         whether the records hold "logvar" (the posterior's moments, so
+                  a trainer can sample the posterior at every step, as MAR and
+                  xAR do); caches written before had the means only
+  scaling_factor  1 / std of every stored train mean value (all views), computed
                   from the data; latents are multiplied by it when read
   latent_mean, latent_std  the moments it comes from
+  posterior_std   the mean posterior std exp(logvar / 2) over the train values
+                  (with moments), beside latent_std: how far a draw strays
   num_examples    split -> images
 
-The stored latents are raw (unscaled); `ChooseFlip` scales them, and a
-sampler divides by the factor before decoding. The same factor is also written
+The stored latents are raw (unscaled); `ChooseFlip` scales them (and the
+posterior std, exp(logvar / 2), by the same factor), and a sampler divides by
+the factor before decoding. The same factor is also written
 beside the VAE's checkpoints, as `<vae workdir>/latent_scale.json`
 (`write_latent_scale`), so it stays with the checkpoint it was measured on;
 the latent directory's metadata.json is what training reads.
@@ -102,17 +110,31 @@ def views(images: np.ndarray, flips: bool) -> np.ndarray:
   return np.stack(stacked, axis=1)
 
 
-def encode_split(encode_fn: Callable, source, path: str, *, flips: bool, batch_size: int = 64,
-                 moments: _Moments | None = None) -> tuple[int, tuple[int, ...]]:
-  """Encodes every example of `source` ({"image": uint8 [S, S, C], "label"}) in order; returns (count, latent shape).
+def split_moments(encoded) -> tuple[np.ndarray, np.ndarray | None]:
+  """An encode function's output -> (mean, logvar or None), float32 [n, h, w, c] each.
 
-  `encode_fn` maps uint8 images [n, S, S, C] to latents [n, h, w, c] (e.g. a
-  jitted VAE's posterior mean); it is always called with n = batch_size * V:
-  the last batch is padded with copies of its first image, not written.
-  `moments`, when given, accumulates every value written.
+  A dict {"mean", "logvar"} is the posterior's moments; an array is a
+  deterministic encoding (means only).
+  """
+  if isinstance(encoded, dict):
+    return np.asarray(encoded["mean"], np.float32), np.asarray(encoded["logvar"], np.float32)
+  return np.asarray(encoded, np.float32), None
+
+
+def encode_split(encode_fn: Callable, source, path: str, *, flips: bool, batch_size: int = 64,
+                 moments: _Moments | None = None,
+                 posterior: _Moments | None = None) -> tuple[int, tuple[int, ...], bool]:
+  """Encodes every example of `source` ({"image": uint8 [S, S, C], "label"}) in order.
+
+  `encode_fn` maps uint8 images [n, S, S, C] to the posterior's moments
+  {"mean", "logvar"} (or to means alone) [n, h, w, c] (e.g. a jitted VAE's
+  encoder); it is always called with n = batch_size * V: the last batch is
+  padded with copies of its first image, not written. `moments`, when given,
+  accumulates every mean written; `posterior`, every posterior std.
+  Returns (count, latent shape, whether log-variances were written).
   """
   writer = array_record_module.ArrayRecordWriter(path, "group_size:1")  # random access per record
-  count, shape = len(source), None
+  count, shape, has_logvar = len(source), None, False
   for start in range(0, count, batch_size):
     examples = [source[i] for i in range(start, min(start + batch_size, count))]
     images = np.stack([np.asarray(e["image"], np.uint8) for e in examples])  # [b, S, S, C]
@@ -121,16 +143,23 @@ def encode_split(encode_fn: Callable, source, path: str, *, flips: bool, batch_s
       images = np.concatenate([images, np.repeat(images[:1], batch_size - n, axis=0)])
     batch = views(images, flips)  # [batch_size, V, S, S, C]
     flat = batch.reshape((-1,) + batch.shape[2:])
-    latents = np.asarray(jax.device_get(encode_fn(flat)), np.float32)  # [batch_size * V, h, w, c]
+    latents, logvars = split_moments(jax.device_get(encode_fn(flat)))  # [batch_size * V, h, w, c]
     latents = latents.reshape(batch.shape[:2] + latents.shape[1:])[:n]  # [b, V, h, w, c]
+    has_logvar = logvars is not None
+    if has_logvar:
+      logvars = logvars.reshape(batch.shape[:2] + logvars.shape[1:])[:n]
     shape = latents.shape[2:]
     if moments is not None:
       moments.add(latents)
-    for e, latent in zip(examples, latents):
-      writer.write(serialization.msgpack_serialize(
-          {"latent": latent, "label": np.asarray(e.get("label", 0), np.int32).reshape(())}))
+    if posterior is not None and has_logvar:
+      posterior.add(np.exp(0.5 * logvars))
+    for i, (e, latent) in enumerate(zip(examples, latents)):
+      record = {"latent": latent, "label": np.asarray(e.get("label", 0), np.int32).reshape(())}
+      if has_logvar:
+        record["logvar"] = logvars[i]
+      writer.write(serialization.msgpack_serialize(record))
   writer.close()
-  return count, tuple(int(d) for d in shape or ())
+  return count, tuple(int(d) for d in shape or ()), has_logvar
 
 
 def encode_latents(encode_fn: Callable, sources: dict[str, Any], output_dir: str, *, metadata: dict[str, Any],
@@ -138,8 +167,9 @@ def encode_latents(encode_fn: Callable, sources: dict[str, Any], output_dir: str
   """Encodes each split's image source (split -> source) under `output_dir`; writes and returns the metadata.
 
   `metadata` must name "vae_workdir", "num_classes" and "data" (the caller
-  knows them); latent_shape, flips, num_views, the counts and the scaling
-  factor (1 / std of the train split's stored latents, both views) are added.
+  knows them); latent_shape, flips, num_views, moments, the counts, the
+  scaling factor (1 / std of the train split's stored means, both views) and
+  the mean posterior std are added.
   """
   missing = [key for key in REQUIRED_METADATA if key not in metadata]
   if missing:
@@ -148,16 +178,21 @@ def encode_latents(encode_fn: Callable, sources: dict[str, Any], output_dir: str
     raise ValueError(f"encode_latents: splits {sorted(sources)} hold no 'train'; the scaling factor is measured "
                      "on the train latents.")
   os.makedirs(output_dir, exist_ok=True)
-  moments, counts, shape = _Moments(), {}, None
+  moments, posterior, counts, shape, stored = _Moments(), _Moments(), {}, None, set()
   for split in ("train", *sorted(set(sources) - {"train"})):  # train first: it is the one measured
-    counts[split], shape = encode_split(encode_fn, sources[split], record_path(output_dir, split), flips=flips,
-                                        batch_size=batch_size, moments=moments if split == "train" else None)
+    train = split == "train"
+    counts[split], shape, has_logvar = encode_split(
+        encode_fn, sources[split], record_path(output_dir, split), flips=flips, batch_size=batch_size,
+        moments=moments if train else None, posterior=posterior if train else None)
+    stored.add(has_logvar)
   if not moments.count or moments.std == 0:
     raise ValueError(f"encode_latents: the train latents (source of {counts['train']} images) have no spread; "
                      "cannot scale them.")
   metadata = {**metadata, "latent_shape": list(shape), "flips": bool(flips), "num_views": 2 if flips else 1,
-              "num_examples": counts, "scaling_factor": 1.0 / moments.std, "latent_mean": moments.mean,
-              "latent_std": moments.std}
+              "moments": stored == {True}, "num_examples": counts, "scaling_factor": 1.0 / moments.std,
+              "latent_mean": moments.mean, "latent_std": moments.std}
+  if posterior.count:
+    metadata["posterior_std"] = posterior.mean
   with open(os.path.join(output_dir, METADATA), "w") as f:
     json.dump(metadata, f, indent=2, sort_keys=True)
   return metadata
@@ -192,7 +227,7 @@ def read_latent_scale(vae_workdir: str) -> dict[str, Any]:
 
 
 class LatentSource(tokens_lib.TokenSource):
-  """Random-access latents of one split: [i] -> {"latent": float32 [V, h, w, c], "label": int32}."""
+  """Random-access latents of one split: [i] -> {"latent": float32 [V, h, w, c], "label": int32} (and "logvar")."""
 
   def __getitem__(self, index: SupportsIndex) -> dict[str, np.ndarray]:
     i = int(index)
@@ -200,7 +235,10 @@ class LatentSource(tokens_lib.TokenSource):
       raise IndexError(f"record {i} out of range [0, {len(self)}) of {self.path}")
     try:
       record = serialization.msgpack_restore(self._records[i])
-      return {"latent": np.asarray(record["latent"], np.float32), "label": np.int32(record["label"])}
+      out = {"latent": np.asarray(record["latent"], np.float32), "label": np.int32(record["label"])}
+      if "logvar" in record:
+        out["logvar"] = np.asarray(record["logvar"], np.float32)
+      return out
     except Exception as e:  # pylint: disable=broad-except  # riegeli: RuntimeError; msgpack: any type
       raise pipeline.DataCorruptionError(
           f"Damaged latent file {self.path}: record {i} could not be read: {type(e).__name__}: {e}. "
@@ -221,7 +259,8 @@ def latent_source(latent_dir: str, split: str, *, latent_shape: tuple[int, ...] 
   path = record_path(latent_dir, split)
   if not os.path.exists(path):
     raise FileNotFoundError(f"No encoded split {split!r} at {path} (config.data.latent_dir={latent_dir!r}): "
-                            f"run {ENCODE_HINT} first.")
+                            f"run {ENCODE_HINT} first (it encodes the train, validation and test splits; a "
+                            "cache written before validation existed lacks it).")
   metadata = read_metadata(latent_dir)
   if latent_shape is not None and tuple(metadata["latent_shape"]) != tuple(latent_shape):
     raise ValueError(f"the model expects latents {tuple(latent_shape)} but those in "
@@ -234,7 +273,8 @@ class ChooseFlip(grain.transforms.RandomMap):
   """{"latent" [V, h, w, c], "label"} -> {"latent": float32 [h, w, c] * scaling_factor, "class": int32}.
 
   One of the V views is chosen uniformly at random (with flips: the image or
-  its mirror, each half the time).
+  its mirror, each half the time). A record with "logvar" also gives that
+  view's posterior std exp(logvar / 2), scaled alike, as "latent_std".
   """
 
   scaling_factor: float = 1.0  # metadata.json's: 1 / std of the train latents
@@ -242,14 +282,19 @@ class ChooseFlip(grain.transforms.RandomMap):
   def random_map(self, element, rng: np.random.Generator):
     latent = np.asarray(element["latent"], np.float32)
     view = int(rng.integers(latent.shape[0]))
-    return {"latent": latent[view] * np.float32(self.scaling_factor), "class": np.int32(element["label"])}
+    scale = np.float32(self.scaling_factor)
+    out = {"latent": latent[view] * scale, "class": np.int32(element["label"])}
+    if "logvar" in element:
+      out["latent_std"] = np.exp(0.5 * np.asarray(element["logvar"][view], np.float32)) * scale
+    return out
 
 
 def latent_iterator(latent_dir: str, split: str, *, seed: int, process_index: int, process_count: int,
                     batch_size: int, worker_count: int = 0) -> grain.DatasetIterator:
   """A checkpointable grain iterator of {"latent": float32 [b, h, w, c] (scaled), "class": int32 [b]}.
 
-  batch_size is this host's b (the global batch is b * process_count);
+  With a cache of moments, also "latent_std" float32 [b, h, w, c] (the scaled
+  posterior std). split: train, validation or test. batch_size is this host's b (the global batch is b * process_count);
   shuffled every epoch, repeated forever, one view chosen per example.
   """
   source = latent_source(latent_dir, split)

@@ -17,6 +17,28 @@ SwiGLU, and 2D RoPE of the token's (row, column) on the finest grid; learned
 position embeddings indexed by the sequence slot are added to the input. The
 final layer is a modulated norm and a zero-initialised linear velocity head.
 
+Differences from the official network (OliverRensu/xAR, models/xar.py). Five
+are fields, each defaulting to this codebase's choice; the ImageNet configs
+set the official values (`OFFICIAL`):
+  qkv_bias        biases on the attention's q, k, v and output projections
+                  (official: on; here off, as in the other models);
+  input_norm      a learned-scale RMSNorm of the projected input plus its
+                  position embedding, before the first block (official: on);
+  dropout         on each block's attention output and MLP output in training
+                  (official: 0.1 there and 0.1 on the attention probabilities,
+                  which the fused attention kernels do not offer);
+  adaln_init      the adaLN modulation's kernel at init: "zeros" (DiT: every
+                  block starts as the identity) or "xavier" (official: xavier
+                  uniform, as every linear layer of that network, so the gates
+                  start nonzero);
+  time_embedding  "continuous" (t * 1000 as a real number) or "integer"
+                  (official: floor(t * 1000), 1,000 distinct times).
+Not switched: the official network is an encoder stack and a decoder stack
+(8+8 blocks for B) with a learned-scale RMSNorm, a linear projection and a
+second position embedding between them and a plain learned-scale RMSNorm
+before an xavier-initialised head; here one stack with a modulated final norm
+and a zero-initialised head.
+
 Teacher forcing (the paper's ablation, `teacher_forcing=True`): the sequence is
 the S tokens clean (t = 0), then the same S tokens noisy; the noisy copy of
 entity i sees the clean entities before it and itself (kernels.masks,
@@ -58,6 +80,11 @@ SIZES = {
     "H": (40, 1280, 16),
 }
 TIME_SCALE = 1000.0  # t in [0, 1] is embedded as t * TIME_SCALE (the frequencies of DiT's 1000 steps)
+TIME_EMBEDDINGS = ("continuous", "integer")
+ADALN_INITS = {"zeros": nn.initializers.zeros,
+               "xavier": nn.initializers.xavier_uniform(in_axis=0, out_axis=(1, 2))}  # kernel [C, 6, E]
+# The official network's values of the switches (module docstring).
+OFFICIAL = dict(qkv_bias=True, input_norm=True, dropout=0.1, adaln_init="xavier", time_embedding="integer")
 
 
 def mlp_dim(width: int) -> int:
@@ -65,11 +92,14 @@ def mlp_dim(width: int) -> int:
   return int(np.ceil(8 * width / 3 / 64) * 64)
 
 
-def timestep_embedding(t, dim: int, max_period: float = 10000.0):
-  """Sinusoidal features [..., dim] of times t [...] (scaled by TIME_SCALE): cos then sin."""
+def timestep_embedding(t, dim: int, max_period: float = 10000.0, integer: bool = False):
+  """Sinusoidal features [..., dim] of times t [...] scaled by TIME_SCALE (integer: floored): cos then sin."""
   half = dim // 2
   freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
-  args = (jnp.asarray(t, jnp.float32) * TIME_SCALE)[..., None] * freqs
+  steps = jnp.asarray(t, jnp.float32) * TIME_SCALE
+  if integer:
+    steps = jnp.floor(steps)
+  args = steps[..., None] * freqs
   return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
 
 
@@ -78,11 +108,12 @@ class TimestepEmbedder(nn.Module):
 
   features: int  # E
   frequency_dim: int = 256  # sinusoidal features before the MLP
+  integer: bool = False  # embed floor(t * TIME_SCALE) (the official integer times) instead of t * TIME_SCALE
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, t):
-    x = timestep_embedding(t, self.frequency_dim).astype(self.dtype)
+    x = timestep_embedding(t, self.frequency_dim, integer=self.integer).astype(self.dtype)
     init = nn.initializers.normal(0.02)
     x = linear.DenseGeneral(self.features, kernel_axes=(None, "embed"), use_bias=True, dtype=self.dtype,
                             kernel_init=init, name="fc1")(x)
@@ -111,6 +142,12 @@ class XAR(sizes.SizedByTable, nn.Module):
   remat_policy: str = "none"  # see layers.transformer.DecoderStack
   attention_impl: str = "auto"  # kernels.dispatch implementation
   dtype: Any = "float32"  # computation dtype; parameters stay float32
+  # Switches of the differences from the official network (module docstring; official values in OFFICIAL).
+  qkv_bias: bool = False  # biases on the q, k, v and output projections (official True)
+  input_norm: bool = False  # learned-scale RMSNorm of the input embedding before the first block (official True)
+  dropout: float = 0.0  # dropout rate on each block's attention and MLP outputs in training (official 0.1)
+  adaln_init: str = "zeros"  # adaLN modulation kernel init: "zeros" (DiT) or "xavier" (official)
+  time_embedding: str = "continuous"  # "continuous" t * 1000, or "integer" floor(t * 1000) (official)
 
   SIZES = SIZES  # depth, embed_dim, heads: nbp.models.sizes.SizedByTable
 
@@ -142,6 +179,23 @@ class XAR(sizes.SizedByTable, nn.Module):
       raise ValueError(f"config.model: width {self.embed_dim} over {self.heads} heads must give a head dim "
                        "divisible by 4 (2D RoPE rotates pairs on two axes)")
     self.entities  # checks entity, cell, stride, scales
+    if self.time_embedding not in TIME_EMBEDDINGS:
+      raise ValueError(f"config.model.time_embedding={self.time_embedding!r}: choose one of {TIME_EMBEDDINGS}")
+    if self.adaln_init not in ADALN_INITS:
+      raise ValueError(f"config.model.adaln_init={self.adaln_init!r}: choose one of {sorted(ADALN_INITS)}")
+    if not 0.0 <= self.dropout < 1.0:
+      raise ValueError(f"config.model.dropout={self.dropout} must be in [0, 1)")
+
+  def block_switches(self) -> dict[str, Any]:
+    """The TransformerBlock fields of the official-network switches that differ from the block's defaults."""
+    switches = {}
+    if self.qkv_bias:
+      switches["attention_bias"] = True
+    if self.dropout:
+      switches["dropout_rate"] = self.dropout
+    if self.adaln_init != "zeros":
+      switches["adaln_init"] = ADALN_INITS[self.adaln_init]
+    return switches
 
   def setup(self):
     self.check()
@@ -152,12 +206,14 @@ class XAR(sizes.SizedByTable, nn.Module):
       self.positions = position_lib.LearnedPositionEmbedding(self.seq_len, width)
     self.class_embed = nn.Embed(self.num_classes + 1, width, dtype=dtype, embedding_init=nn.with_logical_partitioning(
         nn.initializers.normal(0.02), (None, "embed")))
-    self.time_embed = TimestepEmbedder(width, dtype=dtype)
+    self.time_embed = TimestepEmbedder(width, integer=self.time_embedding == "integer", dtype=dtype)
+    if self.input_norm:
+      self.input_norm_layer = transformer_lib.make_norm("rmsnorm", use_scale=True)
     self.decoder = transformer_lib.DecoderStack(
         num_layers=self.depth,
         block=dict(num_heads=self.heads, head_dim=width // self.heads, mlp_dim=mlp_dim(width), activation="swiglu",
                    norm="rmsnorm", mask=self.mask(), rope="2d", rope_base=self.rope_base, impl=self.attention_impl,
-                   dtype=dtype, max_decode_len=self.seq_len, adaln=True),
+                   dtype=dtype, max_decode_len=self.seq_len, adaln=True, **self.block_switches()),
         scan_layers=self.scan_layers, remat_policy=self.remat_policy)
     self.final_norm = transformer_lib.make_norm("rmsnorm", use_scale=False)
     self.final_modulation = transformer_lib.AdaLNModulation(width, num_chunks=2, dtype=dtype)
@@ -165,12 +221,13 @@ class XAR(sizes.SizedByTable, nn.Module):
                                     kernel_init=nn.initializers.zeros)
 
   def __call__(self, x_t: jax.Array, t: jax.Array, labels: jax.Array, *, slots: jax.Array | None = None,
-               decode: bool = False):
+               decode: bool = False, deterministic: bool = True):
     """Velocities [B, T, C] of tokens x_t [B, T, C] with times t [B, T] at sequence `slots` [B, T].
 
     slots default to 0..T-1 (a whole sequence; with teacher forcing T = 2S
     and the second copy at the same slots). While decoding, pass the slots of
-    the tokens given.
+    the tokens given. deterministic=False applies `dropout` (training; the
+    apply then needs a "dropout" rng).
     """
     b, length, _ = x_t.shape
     if slots is None:
@@ -179,10 +236,13 @@ class XAR(sizes.SizedByTable, nn.Module):
     x = self.input_proj(x_t.astype(jnp.dtype(self.dtype)))  # [B, T, E]
     if self.learned_positions:
       x = x + self.positions(slots)
+    if self.input_norm:
+      x = self.input_norm_layer(x)
     cond = self.class_embed(labels)[:, None, :] + self.time_embed(t)  # [B, T, E]
     positions = jnp.take(jnp.asarray(self.entities.positions()), slots, axis=0)  # [B, T, 2]
     x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
-    x = self.decoder(x, cond, positions=positions, decode=decode)
+    stack_kwargs = {"deterministic": deterministic} if self.dropout else {}
+    x = self.decoder(x, cond, positions=positions, decode=decode, **stack_kwargs)
     shift, scale = self.final_modulation(cond)
     x = transformer_lib.modulate(self.final_norm(x), shift, scale)
     return self.head(x).astype(jnp.float32)  # [B, T, C]

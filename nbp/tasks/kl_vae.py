@@ -29,10 +29,13 @@ Dimensions: B batch (b: one host's), S image side, C image channels, h, w, c
 latent height, width and channels (S / downsample, S / downsample,
 latent_channels).
 
-Other code (xAR's latent data and sampler) uses `load_vae`, `encode_images`
-and `decode_latents`; `encode_latents` (the library side of
-experiments.encode_latents) writes a dataset's latents once (nbp.data.latents)
-and the measured scaling factor into the VAE workdir as latent_scale.json.
+Other code loads a trained VAE by its workdir (nbp.tasks.load_run) and calls
+its predict functions "encode" (images in [-1, 1] -> the posterior's moments
+{"mean", "logvar"}) and "decode" (unscaled latents -> images in [-1, 1]);
+xAR's sampler decodes its latents so. `encode_latents` (the library side of
+experiments.encode_latents) writes a dataset's latents once, the moments of
+every image of the train, validation and test splits (nbp.data.latents), and
+the measured scaling factor into the VAE workdir as latent_scale.json.
 """
 
 from __future__ import annotations
@@ -49,13 +52,14 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from nbp import reconstruction as reconstruction_lib
 from nbp import tasks
 from nbp import visualization
 from nbp.data import images as images_lib
 from nbp.data import latents as latents_lib
 from nbp.data import pipeline
+from nbp.data import splits as splits_lib
 from nbp.models.kl_vae import KLVAE as Model
-from nbp.tasks import reconstruction as reconstruction_lib
 from nbp.training import workdir as workdir_lib
 
 DATASETS = images_lib.IMAGE_DATASETS  # ("digits", "imagenet2012")
@@ -136,17 +140,17 @@ def make_data(data_cfg, split: str, *, seed: int, process_index: int, process_co
 
 
 @functools.cache
-def _first_test_images(data_cfg_json: str, num: int) -> np.ndarray:
-  """uint8 [num, S, S, C]: the first `num` images of the test split."""
+def _first_validation_images(data_cfg_json: str, num: int) -> np.ndarray:
+  """uint8 [num, S, S, C]: the first `num` images of the validation split."""
   data_cfg = ml_collections.ConfigDict(json.loads(data_cfg_json))
-  return images_lib.read_images(data_cfg, "test", 0, num)["image"]
+  return images_lib.read_images(data_cfg, "validation", 0, num)["image"]
 
 
 def sample(model: Model, params, rng, images: jax.Array, *, num_samples: int = 8):
   """The sampler: {"image", "reconstruction"} [n, S, S, C] in [-1, 1] of the first `num_samples` of `images` (uint8).
 
-  Reconstructions decode the posterior mean. The task passes the first test
-  images, so every call shows the same ones.
+  Reconstructions decode the posterior mean. The task passes the first
+  validation images, so every call shows the same ones.
   """
   del rng
   x = normalize(images[:num_samples])
@@ -155,7 +159,7 @@ def sample(model: Model, params, rng, images: jax.Array, *, num_samples: int = 8
 
 
 def write_samples(samples, out_dir: str, step: int) -> dict[str, float]:
-  """A PNG with one row per test image: the image, then its reconstruction; returns their PSNR."""
+  """A PNG with one row per validation image: the image, then its reconstruction; returns their PSNR."""
   pairs = np.stack([to_uint8(samples["image"]), to_uint8(samples["reconstruction"])], axis=1)  # [n, 2, S, S, C]
   visualization.save_frame_grid(os.path.join(out_dir, f"step_{step:07d}.png"), pairs, max_videos=len(pairs),
                                 title=f"image | reconstruction, step {step}")
@@ -180,74 +184,71 @@ def make_task(config) -> tasks.Task:
     raise ValueError("config.loss.adversarial_weight > 0 needs config.model.discriminator_channels > 0.")
   num_samples = config.get("sampler", {}).get("num_samples", 8)
 
-  def sample_fn(params, rng):  # the test images are read when first sampled, not when the task is built
-    return sample(model, params, rng, jnp.asarray(_first_test_images(d.to_json(), num_samples)),
+  def sample_fn(params, rng):  # the images are read when first sampled, not when the task is built
+    return sample(model, params, rng, jnp.asarray(_first_validation_images(d.to_json(), num_samples)),
                   num_samples=num_samples)
 
+  predict_fns = {
+      "eval_loss": functools.partial(loss, model, **loss_cfg),  # held-out: psnr, kl, l1 (the GAN terms when on)
+      "write_samples": write_samples,
+      "to_images": lambda samples: to_uint8(samples["reconstruction"]),
+      "encode": functools.partial(encode, model),
+      "decode": functools.partial(decode, model),
+  }
+  if num_samples:
+    predict_fns["sample"] = sample_fn
   return tasks.Task(
       model=model,
       init_inputs=lambda: {"images": jnp.zeros((1, d.image_size, d.image_size, model.channels), jnp.float32)},
       loss=functools.partial(loss, model, **loss_cfg),
       data=functools.partial(make_data, d),
-      evaluate=functools.partial(loss, model, **loss_cfg),  # held-out: psnr, kl, l1 (the GAN terms too when on)
-      sample=sample_fn if num_samples else None,
-      write_samples=write_samples,
-      to_images=lambda samples: to_uint8(samples["reconstruction"]),
       param_labels=param_labels if adversarial else None,
+      predict_fns=predict_fns,
   )
 
 
 # ---------------------------------------------------------------------------
-# Encode / decode API for other code (xAR's latent data and sampler, notebooks).
+# Encode / decode (the "encode" and "decode" predict functions) and the latent cache.
+
+
+def encode(model: Model, params, images: jax.Array) -> dict[str, jax.Array]:
+  """Images [B, S, S, C] in [-1, 1] -> the posterior's moments {"mean", "logvar"}, float32 [B, h, w, c] (unscaled)."""
+  mean, logvar = model.apply({"params": params}, images, method=Model.encode)
+  return {"mean": mean.astype(jnp.float32), "logvar": logvar.astype(jnp.float32)}
+
+
+def decode(model: Model, params, latents: jax.Array) -> jax.Array:
+  """Unscaled latents [B, h, w, c] (divide scaled ones by the scaling factor first) -> images in [-1, 1]."""
+  return jnp.clip(model.apply({"params": params}, latents, method=Model.decode), -1.0, 1.0)
 
 
 def _load(workdir: str) -> tuple[Model, Any, int, ml_collections.ConfigDict]:
+  """(model, params, checkpoint step, config) of the VAE trained in `workdir` (EMA parameters when kept)."""
   config = workdir_lib.read_config(workdir)
   model = tasks.build_model(Model, config.model)
   params, _, step = workdir_lib.load_params(workdir, model, make_task(config).init_inputs())
   return model, params, step, config
 
 
-def load_vae(workdir: str) -> tuple[Model, Any]:
-  """(model, params) of the VAE trained in `workdir` (its config.json and latest checkpoint).
-
-  The EMA parameters are returned when the run kept them (nbp.training.workdir.load_params).
-  """
-  model, params, _, _ = _load(workdir)
-  return model, params
-
-
-def encode_images(model: Model, params, images: jax.Array) -> jax.Array:
-  """uint8 images [B, S, S, C] -> the posterior mean, float32 latents [B, h, w, c] (unscaled)."""
-  if images.dtype != jnp.uint8:
-    raise ValueError(f"encode_images takes uint8 images [B, S, S, C], got {images.dtype}.")
-  mean, _ = model.apply({"params": params}, normalize(images), method=Model.encode)
-  return mean.astype(jnp.float32)
-
-
-def decode_latents(model: Model, params, latents: jax.Array) -> jax.Array:
-  """Unscaled latents [B, h, w, c] (divide scaled ones by the scaling factor first) -> images in [-1, 1]."""
-  return jnp.clip(model.apply({"params": params}, latents, method=Model.decode), -1.0, 1.0)
-
-
 def _path(path: str) -> str:
   return path if "://" in path else os.path.abspath(path)
 
 
-def encode_latents(workdir: str, output_dir: str, *, data_cfg=None, splits=("train", "test"), flips: bool = False,
+def encode_latents(workdir: str, output_dir: str, *, data_cfg=None, splits=splits_lib.SPLITS, flips: bool = False,
                    batch_size: int = 64) -> dict:
   """Encodes the images of `data_cfg` (default: the VAE's own data) with the VAE of `workdir`.
 
-  Writes nbp.data.latents' layout under `output_dir` (one view per image, or
-  the image and its mirror with `flips`) and the scaling factor measured on
-  the train latents into `<workdir>/latent_scale.json`; returns the metadata.
+  Writes nbp.data.latents' layout under `output_dir`: the posterior's moments
+  (mean and log-variance) of every image of `splits`, one view per image, or
+  the image and its mirror with `flips`; and the scaling factor measured on
+  the train means into `<workdir>/latent_scale.json`. Returns the metadata.
   """
   model, params, step, config = _load(workdir)
   data_cfg = config.data if data_cfg is None else data_cfg
   if data_cfg.name not in DATASETS:
     raise ValueError(f"config.data.name={data_cfg.name!r}: latents are encoded from one of {DATASETS}.")
   check_model_against_data(model, data_cfg)
-  encode = jax.jit(lambda x: encode_images(model, params, x))
+  encode_fn = jax.jit(lambda x: encode(model, params, normalize(x)))  # uint8 images -> moments
   sources = {split: images_lib.image_source(data_cfg, split) for split in splits}
   section = data_cfg.to_dict()
   section["dir"] = _path(section.get("dir", "data"))
@@ -258,7 +259,7 @@ def encode_latents(workdir: str, output_dir: str, *, data_cfg=None, splits=("tra
       "num_classes": images_lib.num_classes(data_cfg),
       "image_shape": [data_cfg.image_size, data_cfg.image_size, model.channels],
   }
-  metadata = latents_lib.encode_latents(encode, sources, output_dir, metadata=metadata, flips=flips,
+  metadata = latents_lib.encode_latents(encode_fn, sources, output_dir, metadata=metadata, flips=flips,
                                         batch_size=batch_size)
   latents_lib.write_latent_scale(workdir, metadata, latent_dir=_path(output_dir), step=step)
   return metadata

@@ -1,6 +1,8 @@
-"""xAR as a task: flow matching per entity with noisy context, the entity-by-entity sampler, data and images.
+"""xAR as a task: flow matching per entity with noisy context, data and images; the sampler is nbp.samplers.xar.
 
-The network is nbp.models.xar (`config.model` is its fields).
+The network is nbp.models.xar (`config.model` is its fields); the sampler,
+entity by entity over a KV cache, is nbp.samplers.xar (`config.sampler` is
+the keywords of its `sample`).
 
 Tokens. An image becomes a token grid [h, w, C] (h, w = `config.model.grid`):
   pixels   (`config.data.name` digits or imagenet2012): scaled to [-1, 1] and
@@ -11,6 +13,12 @@ The patch size is what the data's side and the model's grid imply (latents:
 one latent per token); the token_dim must match, and a mismatch names both
 keys.
 
+Latents (`config.loss.posterior`): "mean" trains on the VAE posterior's mean
+of every image; "sample" draws mean + std * eps from the posterior afresh at
+every training step (what MAR and xAR do), from the moments the latent cache
+stores. A cache written before the moments were stored holds means only and
+is refused for "sample" with the command that encodes it again.
+
 Flow matching (the loss). For the grid's entity sequence x [B, S, C], every
 entity of every sample draws its own t ~ logit-normal(t_mean, t_std) and its
 own noise eps: x_t = (1 - t) x + t eps, and the network's outputs at entity
@@ -19,30 +27,15 @@ Noisy Context Learning is exactly this: the context an entity sees is the
 other entities at their own noise levels, in one pass. With
 `config.model.teacher_forcing` the network sees the clean sequence first and
 the loss is over the noisy copy (nbp.models.xar). Class dropout
-(`config.loss.class_dropout`) replaces the label by the null class.
+(`config.loss.class_dropout`) replaces the label by the null class; the
+model's own `dropout`, when set, is on in the training loss only.
 
-Sampling (`sample`), jitted whole. Entity by entity: the entity starts as
-noise at t = 1 and is integrated to t = 0 by Euler (ODE) or Euler-Maruyama
-(SDE) steps, at the times of `solver_times` (uniform from 1 to t_end, then
-one step without noise to 0), each step one model call on that entity over
-the KV cache of the finished ones. Guidance runs the conditional and
-null-class rows as one doubled batch; its scale grows linearly across the AR
-steps (`guidance_scale_at`). Times are embedded continuously (t * 1000, not
-floored to an integer as the official code does).
+Images. Samples decode to uint8 images by unpatchifying pixels, or, for
+latents, by the decoder of the VAE run that wrote them (loaded by its workdir,
+nbp.tasks.load_run, and called through its "decode" predict function).
 
-What the cache holds. The official code writes each finished entity into the
-cache clean, at t = 0: a context the noisy-context model never saw in
-training (its context is always noisy). Here the cache keeps the keys and
-values of the entity's last solver call, the state at t = t_end with its t
-embedding: a noisy context of the kind training drew, and it costs no extra
-model call. A teacher-forced model was trained on clean context, so its
-sampler writes the clean entity (one more call at t = 0), as it was trained.
-`use_cache=False` runs the same sampler by full forward passes over the whole
-sequence (later slots hold zeros and, the mask being causal across entities,
-change nothing): the reference the cached sampler is tested against.
-
-Dimensions: B batch, S slots, C token channels, K entities, L tokens of one
-entity, N solver steps, h/w the token grid, H/W the image.
+Dimensions: B batch, S slots, C token channels, K entities, h/w the token
+grid, H/W the image.
 """
 
 from __future__ import annotations
@@ -54,7 +47,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from layers import attention as attention_lib
 from nbp import decoding
 from nbp import tasks
 from nbp import visualization
@@ -62,11 +54,11 @@ from nbp.data import images as images_lib
 from nbp.data import latents as latents_lib
 from nbp.data import pipeline
 from nbp.models.xar import XAR as Model
-from nbp.tasks import kl_vae
-from nbp.tasks import next_block
+from nbp.samplers import xar as sampler_lib
 
 DATASETS = ("digits", "imagenet2012", "latents")
-SOLVERS = ("sde", "ode")
+POSTERIORS = ("mean", "sample")
+sample = sampler_lib.sample  # the schema of config.sampler (nbp.tasks.check_config)
 
 
 # ---------------------------------------------------------------------------
@@ -113,6 +105,21 @@ def data_geometry(model: Model, data_cfg) -> tuple[int, int]:
   return patch, channels
 
 
+def check_posterior(posterior: str, data_cfg) -> None:
+  """config.loss.posterior must name a choice the data can give: a ValueError names the key and the cache."""
+  if posterior not in POSTERIORS:
+    raise ValueError(f"config.loss.posterior={posterior!r}: choose one of {POSTERIORS}")
+  if posterior == "mean":
+    return
+  if data_cfg.name != "latents":
+    raise ValueError(f"config.loss.posterior={posterior!r} samples a VAE posterior; config.data.name="
+                     f"{data_cfg.name!r} is pixels (set it to 'mean', or train on latents).")
+  if not latents_lib.read_metadata(data_cfg.latent_dir).get("moments"):
+    raise ValueError(f"config.loss.posterior='sample' needs the posterior's moments, but the latent cache "
+                     f"config.data.latent_dir={data_cfg.latent_dir!r} holds its means only (encoded before "
+                     f"the moments were stored): encode it again ({latents_lib.ENCODE_HINT}), or use 'mean'.")
+
+
 # ---------------------------------------------------------------------------
 # Flow matching with noisy context.
 
@@ -122,34 +129,68 @@ def logit_normal(rng, shape, mean: float, std: float) -> jax.Array:
   return jax.nn.sigmoid(mean + std * jax.random.normal(rng, shape))
 
 
-def flow_matching_loss(model: Model, params, x, t_entity, eps, labels):
-  """MSE of the velocity at per-entity times: x, eps [B, S, C], t_entity [B, K], labels [B] -> (loss, v, target)."""
+def flow_matching_loss(model: Model, params, x, t_entity, eps, labels, dropout_rng=None):
+  """MSE of the velocity at per-entity times: x, eps [B, S, C], t_entity [B, K], labels [B] -> (loss, v, target).
+
+  dropout_rng: the model's dropout on (training), None: off.
+  """
   t = t_entity[:, model.entities.entity_of_slot()]  # [B, S]
   x_t = (1.0 - t[..., None]) * x + t[..., None] * eps
   target = eps - x
+  train = {} if dropout_rng is None else {"deterministic": False, "rngs": {"dropout": dropout_rng}}
   if model.teacher_forcing:  # the clean copy at t = 0, then the noisy one; velocities of the noisy copy
     inputs, times = jnp.concatenate([x, x_t], axis=1), jnp.concatenate([jnp.zeros_like(t), t], axis=1)
-    v = model.apply({"params": params}, inputs, times, labels)[:, model.seq_len:]
+    v = model.apply({"params": params}, inputs, times, labels, **train)[:, model.seq_len:]
   else:
-    v = model.apply({"params": params}, x_t, t, labels)
+    v = model.apply({"params": params}, x_t, t, labels, **train)
   return jnp.mean(jnp.square(v - target)), v, target
 
 
-def loss(model: Model, params, batch, rng, *, class_dropout: float = 0.1, t_mean: float = 0.0, t_std: float = 1.0):
+def training_grid(batch, posterior: str, rng) -> jax.Array:
+  """The token grid [B, h, w, C] a step trains on: pixel patches, or latents (the posterior mean or a draw)."""
+  if "tokens" in batch:
+    return batch["tokens"]
+  if posterior == "mean":
+    return batch["latent"]
+  if "latent_std" not in batch:
+    raise ValueError("config.loss.posterior='sample': the batches hold no posterior std (a latent cache of means "
+                     f"only): encode the latents again ({latents_lib.ENCODE_HINT}).")
+  return batch["latent"] + batch["latent_std"] * jax.random.normal(rng, batch["latent"].shape)
+
+
+def loss(model: Model, params, batch, rng, *, class_dropout: float = 0.1, t_mean: float = 0.0, t_std: float = 1.0,
+         posterior: str = "mean"):
   """Flow-matching MSE with an independent logit-normal t and noise per entity; per-entity-position losses.
 
   class_dropout: probability of the null class (guidance). t_mean, t_std: the
-  logit-normal's location and scale.
+  logit-normal's location and scale. posterior: "mean" or "sample" (latents;
+  module docstring). The model's dropout is on.
   """
+  return objective(model, params, batch, rng, class_dropout=class_dropout, t_mean=t_mean, t_std=t_std,
+                   posterior=posterior, train=True)
+
+
+def eval_loss(model: Model, params, batch, rng, *, class_dropout: float = 0.1, t_mean: float = 0.0,
+              t_std: float = 1.0, posterior: str = "mean"):
+  """The held-out loss: `loss` with the true classes (no class dropout) and the model's dropout off."""
+  del class_dropout
+  return objective(model, params, batch, rng, class_dropout=0.0, t_mean=t_mean, t_std=t_std, posterior=posterior,
+                   train=False)
+
+
+def objective(model: Model, params, batch, rng, *, class_dropout: float, t_mean: float, t_std: float,
+              posterior: str, train: bool):
+  """(loss, metrics) of `loss`; train: the model's dropout on."""
   ents = model.entities
-  grid = batch["tokens"] if "tokens" in batch else batch["latent"]  # pixel patches or scaled latents
+  key_t, key_eps, key_drop, key_posterior, key_dropout = jax.random.split(rng, 5)
+  grid = training_grid(batch, posterior, key_posterior)
   x = ents.decompose(grid.astype(jnp.float32))  # [B, S, C]
   b = x.shape[0]
-  key_t, key_eps, key_drop = jax.random.split(rng, 3)
   t_entity = logit_normal(key_t, (b, ents.num_entities), t_mean, t_std)  # [B, K]
   eps = jax.random.normal(key_eps, x.shape)
-  labels = next_block.drop_condition(key_drop, batch["class"], class_dropout, model.num_classes)
-  value, v, target = flow_matching_loss(model, params, x, t_entity, eps, labels)
+  labels = decoding.drop_condition(key_drop, batch["class"], class_dropout, model.num_classes)
+  dropout_rng = key_dropout if train and model.dropout else None
+  value, v, target = flow_matching_loss(model, params, x, t_entity, eps, labels, dropout_rng)
   metrics = {"num_targets": jnp.asarray(x.size, jnp.float32)}
   per_entity = jnp.mean(jnp.square(v - target), axis=(0, 2))  # [S]
   first, last = ents.sizes[0], ents.sizes[-1]
@@ -159,162 +200,13 @@ def loss(model: Model, params, batch, rng, *, class_dropout: float = 0.1, t_mean
 
 
 # ---------------------------------------------------------------------------
-# Sampling.
-
-
-def solver_times(num_steps: int, t_end: float) -> np.ndarray:
-  """float32 [N + 1]: N times uniform from 1 down to t_end, then 0 (the final deterministic step's end)."""
-  if num_steps < 1 or not 0.0 < t_end < 1.0:
-    raise ValueError(f"config.sampler.num_steps={num_steps} must be >= 1 and t_end={t_end} in (0, 1)")
-  return np.append(np.linspace(1.0, t_end, num_steps), 0.0).astype(np.float32)
-
-
-def guidance_scale_at(k, num_entities: int, guidance_scale: float, schedule: str):
-  """The guidance scale of AR step k of K.
-
-  "linear": 1 + (scale - 1) k / (K - 1), from no guidance on the first entity
-  to the full scale on the last (the official schedule; one entity: the
-  scale); "constant": the scale throughout.
-  """
-  if schedule not in ("linear", "constant"):
-    raise ValueError(f"config.sampler.guidance_schedule={schedule!r}: choose 'linear' or 'constant'")
-  if schedule == "constant" or num_entities == 1:
-    return guidance_scale
-  return 1.0 + (guidance_scale - 1.0) * k / (num_entities - 1)
-
-
-def solver_step(x, v, t, t_next, noise, *, solver: str, noise_scale: float = 1.0):
-  """One step from t to t_next < t given the velocity v at (x, t); noise None: no noise (the final step).
-
-  ODE (Euler): x + (t_next - t) v. SDE (Euler-Maruyama) of the reverse-time
-  SDE with the flow's marginals and diffusion w(t) = 2t: with the score
-  -(x + (1 - t) v) / t, the drift v - (w/2) score is (2 - t) v + x, and the
-  noise sqrt(w (t - t_next)) * noise_scale * noise. The final step from
-  t_end to 0 is the same drift without noise (as the official sampler does).
-  """
-  dt = t_next - t  # negative
-  if solver == "ode":
-    return x + dt * v
-  drift = (2.0 - t) * v + x
-  x = x + dt * drift
-  if noise is None:
-    return x
-  return x + jnp.sqrt(2.0 * t * -dt) * noise_scale * noise
-
-
-def sample(model: Model, params, rng, *, num_samples: int = 8, labels: jax.Array | None = None,
-           num_steps: int = 40, solver: str = "sde", t_end: float = 0.04, noise_scale: float = 1.0,
-           guidance_scale: float | None = None, guidance_schedule: str = "linear", use_cache: bool = True,
-           cache_phases: int = 2) -> jax.Array:
-  """Draws `num_samples` token grids [B, h, w, C] entity by entity (module docstring); jit it whole.
-
-  labels: int [B] classes (default 0, 1, 2, ... mod num_classes).
-  num_steps: solver steps (model calls) per entity; t_end: where the last
-    stochastic step ends before the final deterministic one.
-  solver: "sde" (Euler-Maruyama) or "ode" (Euler); noise_scale scales the SDE's noise.
-  guidance_scale: None for the conditional model alone; a number runs the doubled
-    batch with the scale growing linearly over the entities (guidance_schedule
-    "linear"; "constant" keeps it).
-  use_cache: False runs full forward passes instead of the KV cache (the reference).
-  Entity k starts from the noise normal(fold_in(rng, k)); its solver step j
-  draws fold_in(fold_in(rng, k), j + 1).
-  """
-  if solver not in SOLVERS:
-    raise ValueError(f"config.sampler.solver={solver!r}: choose one of {SOLVERS}")
-  ents = model.entities
-  b, c, s = num_samples, model.token_dim, model.seq_len
-  guided = guidance_scale is not None
-  rows = 2 * b if guided else b
-  labels = jnp.arange(b, dtype=jnp.int32) % model.num_classes if labels is None else labels
-  row_labels = jnp.concatenate([labels, jnp.full((b,), model.num_classes, jnp.int32)]) if guided else labels
-  times = jnp.asarray(solver_times(num_steps, t_end))
-  context_t = 0.0 if model.teacher_forcing else float(solver_times(num_steps, t_end)[-2])
-
-  def velocity(state, x, t, start):
-    """v [rows, L, C] of the current entity x [B, L, C] at slots start..; the state with its keys written."""
-    length = x.shape[1]
-    inputs = jnp.concatenate([x, x]) if guided else x  # [rows, L, C]
-    t_tokens = jnp.full((rows, length), t, jnp.float32)
-    if use_cache:
-      cache = attention_lib.set_cache_index(state, start)
-      slots = jnp.broadcast_to(start + jnp.arange(length, dtype=jnp.int32), (rows, length))
-      v, state = decoding.apply_decoding(model, params, cache, inputs, t_tokens, row_labels, slots=slots)
-    else:  # the whole sequence: the context so far, this entity at its slots, zeros after
-      seq_x, seq_t = state
-      seq_x = jax.lax.dynamic_update_slice(seq_x, inputs, (0, start, 0))
-      seq_t = jax.lax.dynamic_update_slice(seq_t, t_tokens, (0, start))
-      v = jax.lax.dynamic_slice_in_dim(model.apply({"params": params}, seq_x, seq_t, row_labels), start, length, 1)
-    return v, state
-
-  def entity_step(k, start, length, state, out):
-    """Integrates entity k (slots start..start+L-1) from noise to t = 0; writes it into the context and `out`."""
-    key = jax.random.fold_in(rng, k)
-    scale = guidance_scale_at(k, ents.num_entities, guidance_scale, guidance_schedule) if guided else None
-
-    def guided_velocity(state, x, t):
-      v, state = velocity(state, x, t, start)
-      return (decoding.guide(v, scale) if guided else v), state
-
-    def step(j, carry):
-      x, state = carry
-      v, state = guided_velocity(state, x, times[j])
-      noise = jax.random.normal(jax.random.fold_in(key, j + 1), x.shape)
-      return solver_step(x, v, times[j], times[j + 1], noise, solver=solver, noise_scale=noise_scale), state
-
-    x = jax.random.normal(key, (b, length, c))
-    x, state = jax.lax.fori_loop(0, num_steps - 1, step, (x, state))
-    last_input = x  # the state the last call sees: the noisy context the cache keeps
-    v, state = guided_velocity(state, x, times[num_steps - 1])
-    x = solver_step(x, v, times[num_steps - 1], 0.0, None, solver=solver)  # the final deterministic step
-    context = x if model.teacher_forcing else last_input
-    context = jnp.concatenate([context, context]) if guided else context
-    if use_cache and model.teacher_forcing:  # the clean entity's keys, as training saw them
-      _, state = velocity(state, x, 0.0, start)
-    elif not use_cache:
-      seq_x, seq_t = state
-      state = (jax.lax.dynamic_update_slice(seq_x, context, (0, start, 0)),
-               jax.lax.dynamic_update_slice(seq_t, jnp.full((rows, length), context_t, jnp.float32), (0, start)))
-    return state, jax.lax.dynamic_update_slice(out, x, (0, start, 0))
-
-  out = jnp.zeros((b, s, c), jnp.float32)
-  if use_cache:
-    state = decoding.init_cache(model, ents.sizes[0], jnp.zeros((rows, 1, c)), jnp.zeros((rows, 1)), row_labels)
-  else:
-    state = (jnp.zeros((rows, s, c), jnp.float32), jnp.zeros((rows, s), jnp.float32))
-  if ents.uniform:
-    length = ents.sizes[0]
-
-    def ar_step(k, state, out):
-      return entity_step(k, k * length, length, state, out)
-
-    if use_cache:
-      state, out = decoding.decode_in_phases(ar_step, state, out, 0, ents.num_entities,
-                                             cache_len=lambda k1: k1 * length, phases=cache_phases)
-    else:
-      state, out = jax.lax.fori_loop(0, ents.num_entities, lambda k, so: ar_step(k, *so), (state, out))
-  else:  # entities of several sizes (scales): one traced step per entity, the cache grown to each one's end
-    for k, (start, length) in enumerate(zip(ents.starts.tolist(), ents.sizes)):
-      if use_cache:
-        state = attention_lib.resize_cache(state, start + length)
-      state, out = entity_step(k, start, length, state, out)
-  return ents.reconstruct(out)
-
-
-def sampler_kwargs(sampler_cfg) -> dict:
-  """`sample`'s keywords from `config.sampler`; guidance scale 1 means no guidance (the same velocities)."""
-  kwargs = dict(sampler_cfg)
-  if kwargs.get("guidance_scale") == 1.0:
-    kwargs["guidance_scale"] = None
-  return kwargs
-
-
-# ---------------------------------------------------------------------------
 # Data and images.
 
 
 def make_data(model: Model, data_cfg, split: str, *, seed: int, process_index: int, process_count: int,
               batch_size: int):
-  """A checkpointable grain iterator of {"tokens" (pixels) or "latent": float32 [b, h, w, C], "class": int32 [b]}."""
+  """A checkpointable grain iterator of {"tokens" (pixels) or "latent" (+ "latent_std"): float32 [b, h, w, C],
+  "class": int32 [b]}; split one of train, validation, test."""
   patch, _ = data_geometry(model, data_cfg)
   if data_cfg.name == "latents":
     return latents_lib.latent_iterator(
@@ -333,11 +225,11 @@ def make_data(model: Model, data_cfg, split: str, *, seed: int, process_index: i
 
 @functools.cache
 def _vae(latent_dir: str):
-  """(jitted decode of unscaled latents, params, scaling factor) of the VAE that wrote `latent_dir`."""
+  """(jitted decode of unscaled latents to [-1, 1] images, params, scaling factor) of the VAE behind `latent_dir`."""
   metadata = latents_lib.read_metadata(latent_dir)
-  vae, params = kl_vae.load_vae(metadata["vae_workdir"])
-  decode = jax.jit(functools.partial(kl_vae.decode_latents, vae))
-  return decode, params, float(metadata["scaling_factor"])
+  run = tasks.load_run(metadata["vae_workdir"])
+  decode = jax.jit(run.task.predict_fn("decode", who="xAR's latent samples"))
+  return decode, run.params, float(metadata["scaling_factor"])
 
 
 def tokens_to_images(model: Model, data_cfg, tokens) -> np.ndarray:
@@ -370,11 +262,14 @@ def make_task(config) -> tasks.Task:
   if config.data.name != "latents" and model.num_classes != images_lib.num_classes(config.data):
     raise ValueError(f"config.model.num_classes={model.num_classes}, but {config.data.name} has "
                      f"{images_lib.num_classes(config.data)} classes.")
-  sampler = sampler_kwargs(config.get("sampler", {}))
+  loss_cfg = dict(config.get("loss", {}))
+  check_posterior(loss_cfg.get("posterior", "mean"), config.data)
+  sampler = sampler_lib.sampler_kwargs(config.get("sampler", {}))
   conditioned = {k: v for k, v in sampler.items() if k != "num_samples"}
+  sampler_lib.check_kwargs(sampler)
 
   def sample_images(params, rng, labels):
-    return sample(model, params, rng, num_samples=labels.shape[0], labels=labels, **conditioned)
+    return sampler_lib.sample(model, params, rng, num_samples=labels.shape[0], labels=labels, **conditioned)
 
   def init_inputs():
     s = model.seq_len * (2 if model.teacher_forcing else 1)
@@ -383,12 +278,14 @@ def make_task(config) -> tasks.Task:
   return tasks.Task(
       model=model,
       init_inputs=init_inputs,
-      loss=functools.partial(loss, model, **config.get("loss", {})),
-      evaluate=functools.partial(loss, model, class_dropout=0.0,
-                                 **{k: v for k, v in config.get("loss", {}).items() if k != "class_dropout"}),
+      loss=functools.partial(loss, model, **loss_cfg),
       data=functools.partial(make_data, model, config.data),
-      sample=functools.partial(sample, model, **sampler),
-      write_samples=functools.partial(write_samples, model, config.data),
-      sample_images=sample_images,
-      to_images=functools.partial(tokens_to_images, model, config.data),
+      predict_fns={
+          "eval_loss": functools.partial(eval_loss, model, **loss_cfg),
+          "sample": functools.partial(sampler_lib.sample, model, **sampler),
+          "write_samples": functools.partial(write_samples, model, config.data),
+          "sample_images": sample_images,
+          "to_images": functools.partial(tokens_to_images, model, config.data),
+      },
   )
+
