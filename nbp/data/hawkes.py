@@ -36,8 +36,15 @@ compensator is closed form, T sum(mu) + sum_j sum_k alpha[k, m_j] (1 - exp(-beta
 
 Cache. `load(config.data)` builds config.data.dir/hawkes_k{K}_e{E}_train{N}_test{N'}/
 once: data.npz (times float64 [N, E], marks int32 [N, E] and the true
-log-likelihood float64 [N] per split) and metadata.json (the parameters, their
-spectral radius and stationary rate, the seeds); later calls read it.
+log-likelihood float64 [N] per simulated split, train and test) and
+metadata.json (the parameters, their spectral radius and stationary rate, the
+seeds); later calls read it.
+
+Splits. train and test are simulated (independent draws); the validation split
+is carved from the simulated train sequences by `nbp.data.splits.carve` with
+`config.data.validation_fraction` and `validation_seed` (a fixed permutation),
+so "train" is the num_train sequences less those. The sequences are i.i.d.,
+so a carved validation sequence is as fresh as a simulated one.
 """
 
 from __future__ import annotations
@@ -48,10 +55,13 @@ import os
 
 import numpy as np
 
+from nbp.data import splits as splits_lib
+
 PARAMETER_SEED = 20240611  # with num_marks: the Generator the process parameters are drawn from
 SIMULATION_SEED = 7  # with num_marks, seq_len and the split: the Generator the sequences are drawn from
 SPECTRAL_RADIUS = 0.7  # of alpha: the share of events that are children of earlier ones
-SPLITS = ("train", "test")
+SIMULATED = ("train", "test")  # the splits simulated into the cache; validation is carved from train
+SPLITS = splits_lib.SPLITS
 VERSION = 2  # bumped when the simulation or the file layout changes (an older cache is rejected)
 
 
@@ -177,7 +187,7 @@ def build(data_cfg) -> str:
   out = cache_dir(data_cfg)
   os.makedirs(out, exist_ok=True)
   arrays = {}
-  for s, (split, count) in enumerate(zip(SPLITS, (data_cfg.num_train, data_cfg.num_test))):
+  for s, (split, count) in enumerate(zip(SIMULATED, (data_cfg.num_train, data_cfg.num_test))):
     rng = np.random.default_rng((SIMULATION_SEED, data_cfg.num_marks, data_cfg.seq_len, s))
     times, marks = simulate(params, count, data_cfg.seq_len, rng)
     arrays[f"{split}_times"] = times
@@ -195,7 +205,9 @@ def build(data_cfg) -> str:
 
 
 def load(data_cfg) -> tuple[dict[str, dict[str, np.ndarray]], dict]:
-  """({split: {"times", "marks", "true_log_likelihood"}}, metadata) of `config.data`, built on first use.
+  """({split: {"times", "marks", "true_log_likelihood"}} of SPLITS, metadata) of `config.data`, built on first use.
+
+  The validation split is carved from the simulated train sequences (see the module docstring).
 
   Raises ValueError naming the cache folder when it was written by another
   version of this module (delete the folder to rebuild it).
@@ -213,9 +225,14 @@ def load(data_cfg) -> tuple[dict[str, dict[str, np.ndarray]], dict]:
     raise ValueError(f"The Hawkes cache {out} was written by another version of nbp.data.hawkes "
                      f"(version {meta.get('version')}, this is {VERSION}); delete the folder to rebuild it.")
   with np.load(os.path.join(out, "data.npz")) as f:
-    splits = {split: {key: f[f"{split}_{key}"] for key in ("times", "marks", "true_log_likelihood")}
-              for split in SPLITS}
-  return splits, meta
+    simulated = {split: {key: f[f"{split}_{key}"] for key in ("times", "marks", "true_log_likelihood")}
+                 for split in SIMULATED}
+  carved = splits_lib.carve(int(data_cfg.num_train),
+                            float(data_cfg.get("validation_fraction", splits_lib.VALIDATION_FRACTION)),
+                            int(data_cfg.get("validation_seed", splits_lib.VALIDATION_SEED)))
+  out_splits = {split: {k: v[carved[split]] for k, v in simulated["train"].items()} for split in carved}
+  out_splits["test"] = simulated["test"]
+  return out_splits, dict(meta, validation_indices=carved["validation"].tolist())
 
 
 def parameters_from_metadata(meta: dict) -> HawkesParameters:

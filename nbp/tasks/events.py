@@ -28,7 +28,7 @@ process's. The mark is categorical given the history (not the time of the next
 event), one reason a model stays below the ceiling.
 
 Loss: the negative log-likelihood per event (time + mark), `config.loss.num_components` = M.
-Score (the split_metrics evaluator), each per event over a split:
+Score (the predict function "score", for the split_metrics evaluator), each per event over a split:
   log_likelihood       time + mark log-likelihood (nats per event);
   time_log_likelihood, mark_log_likelihood   its two parts;
   true_log_likelihood  the true process's on the same sequences;
@@ -50,6 +50,7 @@ import numpy as np
 from nbp import tasks
 from nbp.data import hawkes
 from nbp.data import pipeline
+from nbp.data import splits
 from nbp.models import sequence
 from nbp.models.sequence import SequenceModel as Model
 
@@ -162,19 +163,18 @@ def score(model: Model, time_scale: TimeScale, num_components: int, params, batc
 # ------------------------------------------------------------------------- data
 
 
-def examples(data_cfg, split: str) -> dict[str, np.ndarray]:
+def split_arrays(data_cfg, split: str) -> dict[str, np.ndarray]:
   """The whole split: {"tau": float32 [N, E], "marks": int32 [N, E], "true_log_likelihood": float32 [N]}."""
-  if split not in hawkes.SPLITS:
-    raise ValueError(f"split {split!r}: the hawkes dataset has {hawkes.SPLITS}")
+  splits.check(split, "the hawkes dataset")
   data = hawkes.load(data_cfg)[0][split]
   return {"tau": inter_event_times(data["times"]), "marks": data["marks"].astype(np.int32),
           "true_log_likelihood": data["true_log_likelihood"].astype(np.float32)}
 
 
 def make_data(data_cfg, split: str, *, seed: int, process_index: int, process_count: int, batch_size: int):
-  """A checkpointable grain iterator of this host's batches of `examples(split)` (shuffled, repeated)."""
+  """A checkpointable grain iterator of this host's batches of `split_arrays(split)` (shuffled, repeated)."""
   return pipeline.make_iterator(
-      pipeline.ArraySource(examples(data_cfg, split)), global_batch_size=batch_size * process_count, seed=seed,
+      pipeline.ArraySource(split_arrays(data_cfg, split)), global_batch_size=batch_size * process_count, seed=seed,
       shuffle=True, process_index=process_index, process_count=process_count,
       worker_count=data_cfg.worker_count)
 
@@ -191,14 +191,14 @@ def make_task(config) -> tasks.Task:
       data=f"the hawkes data with num_marks={d.num_marks} and num_components={num_components}")
   if model.max_len < d.seq_len:
     raise ValueError(f"config.model.max_len={model.max_len} is below config.data.seq_len={d.seq_len}.")
-  time_scale = TimeScale.from_tau(examples(d, "train")["tau"])
-  value = functools.partial(loss, model, time_scale, num_components=num_components)
+  time_scale = TimeScale.from_tau(split_arrays(d, "train")["tau"])  # the train split's statistics only
   return tasks.Task(
       model=model,
       init_inputs=lambda: {"x": jnp.zeros((1, d.seq_len, features), jnp.float32)},
-      loss=value,
-      evaluate=value,
+      loss=functools.partial(loss, model, time_scale, num_components=num_components),
       data=functools.partial(make_data, d),
-      examples=functools.partial(examples, d),
-      score=functools.partial(score, model, time_scale, num_components),
+      predict_fns={
+          "split_arrays": functools.partial(split_arrays, d),
+          "score": functools.partial(score, model, time_scale, num_components),
+      },
   )
