@@ -4,7 +4,7 @@ r"""In-domain FVD of trained moving-digits generators, side by side: fvd_digits_
       --run runs/fvd/nbp_row \
       --run experiments/configs/nbp_digits.py:XS,local,token=runs/fvd/nbp_token \
       [--run runs/fvd/ntp] [--num_videos 256] [--sample_batch_size 64] [--seeds 0,1] \
-      [--out_dir runs/fvd/benchmark]
+      [--split validation] [--out_dir runs/fvd/benchmark]
 
 A thin caller of the `fvd_digits` evaluator (nbp/evaluators/fvd_digits.py),
 once per run and seed. Each `--run` is a trained `next_block` run (NBP, or
@@ -17,12 +17,13 @@ evaluator stops with an error naming both when a run's decoded videos differ
 from the classifier's in shape, digits, speed or grey levels.
 
 Per sampling seed s (N = --num_videos), as nbp/evaluators/generation.py says:
-the reference is real test videos 0..N-1 of the classifier's data, the
-stand-in test videos (s+1)N..(s+2)N-1; the floor is their distance; each run
-draws N videos conditioned like the stand-in (its digit classes, or its first
-frames for frame prediction) with the key jax.random.key(s), through the
-task's sampler and its guidance. Token runs' samples are decoded by their
-tokenizer. Beside the distance, "class match": the share of videos whose k
+the reference is real videos 0..N-1 of one split of the classifier's data
+(--split: validation while choosing settings, test once for the report), the
+stand-in videos (s+1)N..(s+2)N-1 of the same split; the floor is their
+distance; each run draws N videos conditioned like the stand-in (its digit
+classes, or its first frames for frame prediction) with the key
+jax.random.key(s), through the run's "sample_conditioned" and its guidance.
+Token runs' samples are decoded by their tokenizer. Beside the distance, "class match": the share of videos whose k
 top-scoring classes are the k digits asked for ("-" for runs without a class
 condition; for the floor row, the classifier's accuracy on the stand-in).
 frames/s: generated frames over the seconds of the sampler calls (compiled
@@ -33,18 +34,7 @@ distance per seed, its mean and sd over the seeds, frames/s (the range over
 the seeds) and the class match; with --out_dir also results.json and a PNG
 frame grid of each run's first generated videos.
 
-Measured (2 shared CPU cores; 300 steps of batch 8 each, the shared local
-budget; N = 256, batch 64, seeds 0-3; classifier test accuracy 0.973; with the
-samplers and the benchmark code before the restructuring), mean (sd) over the
-four seeds:
-  run                               fvd_digits_classifier   frames/s    class match
-  real test videos (floor)            9.7  (2.6)             -           0.977
-  nbp_digits XS,local,row            249.7 (14.7)          100-245       0.161
-  nbp_digits XS,local,token          110.4  (7.8)           60-79        0.168
-  nbp_digits XS,local,row,uncond     262.6  (6.9)          225-280       -
-  nbp_digits XS,local,token,uncond   193.3 (12.3)           67-86        -
-  ntp_digits XS,local                110.1  (8.1)           46-58        -
-Not yet rerun with this code.
+The measured tables, with their commands: docs/nbp.md.
 
 Dimensions: N videos, B sampler batch, F frames, H = W frame side.
 """
@@ -75,6 +65,8 @@ CLASSIFIER = flags.DEFINE_string(
 NUM_VIDEOS = flags.DEFINE_integer("num_videos", 256, "N: generated videos per run and seed, and real videos per set.")
 BATCH_SIZE = flags.DEFINE_integer("sample_batch_size", 64, "Videos per sampler call (and per classifier call).")
 SEEDS = flags.DEFINE_list("seeds", ["0"], "Sampling seeds; seed s also picks the real stand-in set.")
+SPLIT = flags.DEFINE_enum("split", "validation", ["validation", "test"],
+                          "The real videos' split: validation while choosing, test once for the report.")
 OUT_DIR = flags.DEFINE_string("out_dir", "", "If set: results.json and samples_<run>.png here.")
 
 
@@ -110,8 +102,9 @@ def describe(config) -> tuple[str, str]:
   return "x".join(map(str, config.model.block)), config.model.get("condition", "none")
 
 
-def benchmark(specs, classifier: str, *, num_videos: int, batch_size: int, seeds, out_dir: str = "") -> list[dict]:
-  """One row per (run, seed) with the evaluator's numbers; a floor row per seed (from the first run)."""
+def benchmark(specs, classifier: str, *, num_videos: int, batch_size: int, seeds, out_dir: str = "",
+              split: str = "validation") -> list[dict]:
+  """One row per (run, seed) with the evaluator's numbers on `split`; a floor row per seed (from the first run)."""
   if out_dir:
     os.makedirs(out_dir, exist_ok=True)
   rows = []
@@ -123,17 +116,18 @@ def benchmark(specs, classifier: str, *, num_videos: int, batch_size: int, seeds
     for seed in seeds:
       # The floor and the real class match are the same for every run of a seed: measured with the first.
       evaluator = fvd_digits.Evaluator(classifier_workdir=classifier, num_videos=num_videos, batch_size=batch_size,
-                                       seed=seed, floor=index == 0)
+                                       seed=seed, floor=index == 0, split=split)
       context = evaluators.Context(setup=s, params=params, params_name=params_name, step=step, workdir=workdir,
                                    rng=jax.random.key(seed))
       metrics, _, generated = evaluator.measure(context)
       if index == 0:
-        rows.append({"run": f"real test videos {(seed + 1) * num_videos}..{(seed + 2) * num_videos - 1}",
+        rows.append({"run": f"real {split} videos {(seed + 1) * num_videos}..{(seed + 2) * num_videos - 1}",
                      "block": "-", "condition": "-", "seed": seed, FVD_KEY: metrics.pop(FLOOR_KEY),
                      "class_match": metrics.pop("class_match_real"), "frames_per_s": None, "floor": True})
         print(json.dumps(rows[-1]), flush=True)
       rows.append({"run": name, "spec": spec, "block": block, "condition": condition, "seed": seed, "step": step,
-                   "params": params_name, "class_match": metrics.pop("class_match", None), **metrics})
+                   "params": params_name, "split": split, "class_match": metrics.pop("class_match", None),
+                   **metrics})
       print(json.dumps(rows[-1]), flush=True)
       if out_dir and seed == seeds[0]:
         from nbp import visualization  # pylint: disable=g-import-not-at-top
@@ -155,7 +149,7 @@ def table(rows: list[dict]) -> str:
            "|---|---|---|---|---|---|---|"]
   groups: dict[str, list[dict]] = {}
   for r in rows:
-    groups.setdefault("real test videos (floor)" if r.get("floor") else r["spec"], []).append(r)
+    groups.setdefault("real videos (floor)" if r.get("floor") else r["spec"], []).append(r)
   for label, group in groups.items():
     fps = [r["frames_per_s"] for r in group if r["frames_per_s"] is not None]
     fps_text = f"{min(fps):.0f}-{max(fps):.0f}" if fps else "-"
@@ -174,15 +168,16 @@ def main(argv):
   seeds = [int(x) for x in SEEDS.value]
   classifier = parse_run(CLASSIFIER.value)[2]
   rows = benchmark(RUNS.value, classifier, num_videos=NUM_VIDEOS.value, batch_size=BATCH_SIZE.value,
-                   seeds=seeds, out_dir=OUT_DIR.value)
-  print(f"\n{FVD_KEY}: N = {NUM_VIDEOS.value} videos per set against real test videos 0..{NUM_VIDEOS.value - 1}; "
+                   seeds=seeds, out_dir=OUT_DIR.value, split=SPLIT.value)
+  print(f"\n{FVD_KEY}: N = {NUM_VIDEOS.value} videos per set against real {SPLIT.value} videos "
+        f"0..{NUM_VIDEOS.value - 1}; "
         f"classifier {classifier}; batch {BATCH_SIZE.value}; {jax.default_backend()}, "
         f"{jax.device_count()} device(s)\n")
   print(table(rows))
   if OUT_DIR.value:
     with open(os.path.join(OUT_DIR.value, "results.json"), "w") as f:
       json.dump({"num_videos": NUM_VIDEOS.value, "batch_size": BATCH_SIZE.value, "classifier": classifier,
-                 "rows": rows}, f, indent=1)
+                 "split": SPLIT.value, "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """FVD: the Fréchet distance against scipy, I3D on fixed weights and its weight file, the preprocessing,
 the moving-digits classifier, the two FVD evaluators on tiny trained runs, and experiments/benchmark_fvd.py."""
 
+import dataclasses
 import json
 import os
 import zlib
@@ -17,6 +18,7 @@ from experiments.configs import nbp_digits
 from experiments.configs import ntp_digits
 from experiments.configs import video_classifier_digits
 from nbp import evaluators
+from nbp import tasks
 from nbp.data import moving_digits
 from nbp.data import pipeline
 from nbp.evaluators import frechet
@@ -356,32 +358,44 @@ def classifier_workdir(data_dir, tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_load_classifier_returns_the_parameters_the_loop_evaluated(classifier_workdir, data_dir):
-  """load_classifier(workdir) alone (config.json + checkpoint) gives the loop's final eval/loss exactly."""
-  model, params, config = video_classifier.load_classifier(classifier_workdir)
+def test_load_run_gives_the_classifier_the_loop_evaluated(classifier_workdir, data_dir):
+  """tasks.load_run(workdir) alone (config.json + checkpoint) gives the loop's final eval/loss exactly."""
+  run = tasks.load_run(classifier_workdir)
   as_json = lambda c: json.loads(c.to_json_best_effort())
-  assert as_json(config) == as_json(tiny_classifier_config(data_dir))  # config.json is the run's config
+  assert as_json(run.config) == as_json(tiny_classifier_config(data_dir))  # config.json is the run's config
   rows = metrics_lib.read_jsonl(os.path.join(classifier_workdir, "metrics.jsonl"))
   logged = [r for r in rows if r.get("step") == 2 and "eval/loss" in r][-1]
-  batch = next(video_classifier.make_data(config.data, "test", seed=config.seed, process_index=0,
-                                          process_count=1, batch_size=config.batch_size))  # the eval's batch
-  value, metrics = jax.jit(lambda p, b: video_classifier.loss(model, p, b, None))(params, batch)
+  batch = next(run.task.data("validation", seed=run.config.seed, process_index=0, process_count=1,
+                             batch_size=run.config.batch_size))  # the eval's batch: validation, as in training
+  value, metrics = jax.jit(run.predict("eval_loss"))(batch, None)
   np.testing.assert_allclose(float(value), logged["eval/loss"], rtol=1e-5)
   np.testing.assert_allclose(float(metrics["class_accuracy"]), logged["eval/class_accuracy"], rtol=1e-6)
 
 
+def _judge(config, params, batch_size):
+  """An fvd_digits Judge of an untrained classifier: its task's "features" and "logits", as load_judge builds it."""
+  task = video_classifier.make_task(config)
+  features, logits = (frechet.FeatureExtractor(task.predict_fn(name), params, batch_size)
+                      for name in ("features", "logits"))
+  return fvd_digits.Judge(config, features, logits)
+
+
 def test_digits_features_requantise_and_separate_sets():
-  data = video_classifier_digits.get_config("local,4x12").data
+  config = video_classifier_digits.get_config("local,4x12")
+  data = config.data
   data.frame_size = 8
-  model = VideoClassifier(widths=(8,), feature_dim=8)
-  params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 4, 8, 8, 1), jnp.uint8))["params"]
-  extract = fvd_digits.feature_extractor(model, params, batch_size=8, levels=data.levels)
+  config.model.widths = (8,)
+  config.model.feature_dim = 8
+  task = video_classifier.make_task(config)
+  params = jax.jit(task.model.init)(jax.random.key(0), **task.init_inputs())["params"]
+  extract = _judge(config, params, batch_size=8).features
   raw = generation.real_videos(data, 0, 16)["video"]
   quantised = video_classifier.requantize(raw, data.levels)
+  assert data.levels == 8 and not np.array_equal(raw, quantised)
   features = extract(quantised)
   assert features.shape == (16, 8) and features.dtype == np.float64
-  np.testing.assert_allclose(extract(raw), features, atol=1e-6)  # the extractor requantises
-  same = fvd_digits.digits_fvd(quantised, raw, classifier_params=params, model=model, batch_size=5, levels=8)
+  np.testing.assert_allclose(extract(raw), features, atol=1e-6)  # "features" requantises to data.levels
+  same = fvd_digits.digits_fvd(quantised, raw, _judge(config, params, batch_size=5))
   assert set(same) == {FVD_KEY} and abs(same[FVD_KEY]) < 1e-6
   shifted = np.roll(quantised, 3, axis=3)  # the same digits, moved 3 pixels to the right
   brighter = np.clip(quantised.astype(np.int32) + 64, 0, 255).astype(np.uint8)
@@ -395,15 +409,18 @@ def test_digits_features_requantise_and_separate_sets():
 def test_real_sets_are_disjoint_random_access_and_reach_past_num_test():
   data = video_classifier_digits.get_config("local,4x12").data
   data.num_digits = 2
-  a, b = generation.real_videos(data, 0, 6), generation.real_videos(data, 6, 6)
+  a, b = generation.real_videos(data, 0, 6), generation.real_videos(data, 6, 6)  # validation, by default
   assert a["video"].shape == (6, 4, 12, 12, 1) and a["video"].dtype == np.uint8
   assert a["label"].shape == (6, 2)
   np.testing.assert_array_equal(a["class"], a["label"][:, 0] + 10 * a["label"][:, 1])
   assert not np.array_equal(a["video"], b["video"])
   np.testing.assert_array_equal(generation.real_videos(data, 3, 3)["video"], a["video"][3:])
-  built = moving_digits.make_moving_digits(6, seed=0, split="test", num_frames=4, frame_size=12, num_digits=2)
-  np.testing.assert_array_equal(a["video"], built["video"])  # the dataset's own test videos
-  late = generation.real_videos(data, data.num_test + 5, 2)  # past the dataset's 1000
+  knobs = dict(seed=0, num_frames=4, frame_size=12, num_digits=2)
+  for split, videos in (("validation", a), ("test", generation.real_videos(data, 0, 6, "test"))):
+    built = moving_digits.make_moving_digits(6, split=split, **knobs)
+    np.testing.assert_array_equal(videos["video"], built["video"])  # the dataset's own videos of that split
+  assert not np.array_equal(a["video"], generation.real_videos(data, 0, 6, "test")["video"])
+  late = generation.real_videos(data, data.num_test + 5, 2)  # past the split's 1000
   assert late["video"].shape == (2, 4, 12, 12, 1) and late["video"].max() > 0
 
 
@@ -457,8 +474,11 @@ def test_sampler_settings_are_the_configs_with_the_tasks_guidance_rule(data_dir)
     assert next_block.sampler_kwargs(model, config.sampler) == {
         "num_samples": 2, "guidance_scale": expected, "temperature": 1.0, "top_k": 5, "top_p": 1.0,
         "cache_phases": 1}
-  with pytest.raises(ValueError, match="'video_classifier'"):
-    generation.conditioned_sampler(tiny_classifier_config(data_dir), None, 2)
+  # A family without a conditioned sampler (or decoded videos): the error names the evaluator and what it offers.
+  classifier = video_classifier.make_task(tiny_classifier_config(data_dir))
+  with pytest.raises(ValueError, match=r"an FVD evaluator asks for predict function 'to_videos'.*"
+                                       r"\['eval_loss', 'features', 'logits'\]"):
+    generation.check_video_shape(classifier, (5, 8, 8, 1), "the judge")
 
 
 @pytest.mark.slow
@@ -466,7 +486,7 @@ def test_conditioned_sampler_is_the_task_sampler_with_explicit_conditions(data_d
   s, params = _untrained(tiny_generator_config(data_dir, **{"sampler.guidance_scale": 3.0}))
   model, labels = s.task.model, jnp.array([3, 8], jnp.int32)
   prompt = jnp.zeros((2, 0, 8, 8), jnp.int32)
-  ours = jax.jit(generation.conditioned_sampler(s.config, model, 2))(params, jax.random.key(1), labels, prompt)
+  ours = jax.jit(s.task.predict_fn("sample_conditioned"))(params, jax.random.key(1), labels, prompt)
   theirs = jax.jit(lambda p: next_block.sample(model, p, jax.random.key(1), num_samples=2, labels=labels,
                                                guidance_scale=3.0))(params)
   np.testing.assert_array_equal(ours, theirs)
@@ -483,20 +503,27 @@ def test_fvd_digits_evaluator_on_a_tiny_trained_run(classifier_workdir, generato
   assert generated.videos.shape == (6, 5, 8, 8, 1) and generated.videos.dtype == np.uint8
   assert set(np.unique(generated.videos)) <= set(video_classifier.requantize(np.arange(256, dtype=np.uint8), 8))
   assert generated.drawn == 8 and generated.frames == 5  # 6 videos in batches of 4; every frame drawn
-  # The numbers are the distances of these very sets, through the classifier alone.
-  model, c_params, c_config = video_classifier.load_classifier(classifier_workdir)
-  reference = generation.real_videos(c_config.data, 0, 6)["video"]
-  np.testing.assert_array_equal(stand_in["video"], generation.real_videos(c_config.data, 12, 6)["video"])  # seed 1
-  direct = lambda a, b: fvd_digits.digits_fvd(a, b, classifier_params=c_params, model=model, levels=8)[FVD_KEY]
+  # The numbers are the distances of these very sets (validation videos), through the classifier alone.
+  judge = fvd_digits.load_judge(classifier_workdir, 4)  # the evaluator's own judge (batch 4)
+  reference = generation.real_videos(judge.config.data, 0, 6, "validation")["video"]
+  stand_in_videos = generation.real_videos(judge.config.data, 12, 6, "validation")["video"]  # seed 1
+  np.testing.assert_array_equal(stand_in["video"], stand_in_videos)
+  direct = lambda a, b: fvd_digits.digits_fvd(a, b, judge)[FVD_KEY]
   np.testing.assert_allclose(metrics[FVD_KEY], direct(reference, generated.videos), rtol=1e-6)
   np.testing.assert_allclose(metrics[FVD_KEY + "_floor"], direct(reference, stand_in["video"]), rtol=1e-6)
-  assert metrics[FVD_KEY] > metrics[FVD_KEY + "_floor"] > 0  # 2 training steps: far from real videos
+  # Both positive and apart. Their order is not tested: a judge trained 2 steps orders them by chance
+  # (on the test split generated > floor, on validation 0.50 < 0.87).
+  assert metrics[FVD_KEY] > 0 and metrics[FVD_KEY + "_floor"] > 0 and metrics[FVD_KEY] != metrics[FVD_KEY + "_floor"]
   # The same seed draws the same videos (one compilation), another seed others.
   again, _, same = evaluator.measure(_context(s, params))
   np.testing.assert_array_equal(same.videos, generated.videos)
   assert again[FVD_KEY] == metrics[FVD_KEY] and again["compile_seconds"] == metrics["compile_seconds"]
   other = fvd_digits.Evaluator(classifier_workdir=classifier_workdir, num_videos=6, batch_size=4, seed=2)
   assert not np.array_equal(other.measure(_context(s, params))[2].videos, generated.videos)
+  # The context's split (experiments.evaluate --split test) replaces the evaluator's own validation.
+  _, on_test, _ = evaluator.measure(dataclasses.replace(_context(s, params), split="test"))
+  np.testing.assert_array_equal(on_test["video"], generation.real_videos(judge.config.data, 12, 6, "test")["video"])
+  assert not np.array_equal(on_test["video"], stand_in["video"])
 
 
 @pytest.mark.slow
@@ -560,9 +587,9 @@ def test_fvd_digits_evaluator_on_a_token_run(classifier_workdir, token_run):
   assert np.isfinite(metrics[FVD_KEY]) and metrics[FVD_KEY] > 0
   assert generated.videos.shape == (4, 5, 8, 8, 1) and generated.tokens.shape == (4, 2, 2, 2)
   # The prompt is the stand-in's first latent frame, through the run's tokenizer.
-  given = s.task.from_videos(stand_in["video"])[:, :1]
+  given = s.task.predict_fn("from_videos")(stand_in["video"])[:, :1]
   np.testing.assert_array_equal(generated.tokens[:, :1], given)
-  np.testing.assert_array_equal(generated.videos, s.task.to_videos(generated.tokens))
+  np.testing.assert_array_equal(generated.videos, s.task.predict_fn("to_videos")(generated.tokens))
 
 
 # ---------------------------------------------------------------------------
@@ -616,7 +643,7 @@ def test_benchmark_table_gives_each_run_its_seeds_mean_and_sd():
           {"run": "a", "spec": "runs/a", "block": "1x1x8", "condition": "class", "seed": 1, FVD_KEY: 110.0,
            "class_match": 0.75, "frames_per_s": 60.0}]
   lines = benchmark_fvd.table(rows).splitlines()
-  assert lines[2] == "| real test videos (floor) | - | - | 9.0 / 11.0 | 10.0 (1.4) | - | 0.500 |"
+  assert lines[2] == "| real videos (floor) | - | - | 9.0 / 11.0 | 10.0 (1.4) | - | 0.500 |"
   assert lines[3] == "| runs/a | 1x1x8 | class | 100.0 / 110.0 | 105.0 (7.1) | 40-60 | 0.500 |"
 
 
@@ -626,11 +653,17 @@ def test_benchmark_runs_the_evaluator_over_runs_and_seeds(classifier_workdir, ge
                                  out_dir=str(tmp_path))
   floors, runs = [r for r in rows if r.get("floor")], [r for r in rows if not r.get("floor")]
   assert [r["seed"] for r in floors] == [0, 3] and [r["seed"] for r in runs] == [0, 3]
-  assert floors[1]["run"] == "real test videos 16..19"
-  model, params, c_config = video_classifier.load_classifier(classifier_workdir)
-  real = lambda start: generation.real_videos(c_config.data, start, 4)["video"]
-  floor = fvd_digits.digits_fvd(real(0), real(16), classifier_params=params, model=model, levels=8)[FVD_KEY]
+  assert floors[1]["run"] == "real validation videos 16..19" and runs[0]["split"] == "validation"
+  judge = fvd_digits.load_judge(classifier_workdir, 4)  # the evaluator's own judge (batch 4)
+  real = lambda start, split="validation": generation.real_videos(judge.config.data, start, 4, split)["video"]
+  floor = fvd_digits.digits_fvd(real(0), real(16), judge)[FVD_KEY]
   assert floors[1][FVD_KEY] == pytest.approx(floor, rel=1e-6)
+  on_test = benchmark_fvd.benchmark([generator_workdir], classifier_workdir, num_videos=4, batch_size=4, seeds=[3],
+                                    split="test")
+  assert on_test[0]["run"] == "real test videos 16..19" and on_test[1]["split"] == "test"
+  assert on_test[0][FVD_KEY] == pytest.approx(fvd_digits.digits_fvd(real(0, "test"), real(16, "test"), judge)[FVD_KEY],
+                                              rel=1e-6)
+  assert on_test[0][FVD_KEY] != pytest.approx(floor, rel=1e-6)
   assert runs[1][FVD_KEY] > floor and runs[0][FVD_KEY] != runs[1][FVD_KEY]
   assert runs[0]["compile_seconds"] == runs[1]["compile_seconds"]  # one compilation for both seeds
   assert runs[0]["block"] == "1x1x8" and runs[0]["condition"] == "class" and runs[0]["step"] == 2
