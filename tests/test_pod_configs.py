@@ -16,6 +16,7 @@ import pytest
 
 from experiments.configs import nbp_kinetics600, nbp_pod, nbp_ucf101, video_tokenizer_pod, xar_imagenet
 from nbp import tasks
+from nbp.data import splits
 from nbp.data import tokens as tokens_lib
 from nbp.data import video_sources
 from nbp.tasks import video_tokenizer as vt
@@ -32,9 +33,9 @@ def ucf_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def kinetics_dir(tmp_path_factory):
-  """root/train/<class>/<video> (3 videos) and root/val/<class>/<video> (2), as video_tokenizer_pod expects."""
+  """root/train/<class>/<video> (5 videos) and root/val/<class>/<video> (2), as video_tokenizer_pod expects."""
   root = tmp_path_factory.mktemp("k600")
-  layout = {"train": {"archery": ["a.mp4", "b.mp4"], "bowling": ["c.mp4"]},
+  layout = {"train": {"archery": ["a.mp4", "b.mp4", "f.mp4"], "bowling": ["c.mp4", "g.mp4"]},
             "val": {"archery": ["d.mp4"], "bowling": ["e.mp4"]}}
   for split, classes in layout.items():
     for k, (cls, names) in enumerate(classes.items()):
@@ -53,22 +54,31 @@ def _small_data(dataset: str, data_dir: str, **overrides):
 # ------------------------------------------------------------------ video_source
 
 
+def _labels(source) -> list[int]:
+  return [int(source[i]["label"][0]) for i in range(len(source))]
+
+
 def test_video_source_ucf101(ucf_dir):
   data = _small_data("ucf101", ucf_dir).data
-  source = video_sources.video_source(data, "train")
-  assert len(source) == 3 and len(video_sources.video_source(data, "test")) == 2
+  source, validation, test = (video_sources.video_source(data, split) for split in splits.SPLITS)
+  # tfds's train (3 videos) gives train and, carved by config.data, validation; test is tfds's test.
+  assert (len(source), len(validation), len(test)) == (2, 1, 2)
   example = source[0]
   assert example["video"].shape == (5, 16, 16, 3) and example["video"].dtype == np.uint8
   assert example["label"].shape == (1,) and example["label"].dtype == np.int32
-  assert sorted(int(source[i]["label"][0]) for i in range(3)) == [0, 10, 20]
+  assert sorted(_labels(source) + _labels(validation)) == [0, 10, 20] and sorted(_labels(test)) == [1, 11]
   assert video_sources.num_channels(data) == 3
 
 
 def test_video_source_video_folder(kinetics_dir):
   data = _small_data("kinetics600", kinetics_dir).data
-  train, test = video_sources.video_source(data, "train"), video_sources.video_source(data, "test")  # test reads val/
-  assert len(train) == 3 and len(test) == 2
-  assert [train[i]["label"].tolist() for i in range(3)] == [[0], [0], [1]]
+  train, validation, test = (video_sources.video_source(data, split) for split in splits.SPLITS)
+  # test reads val/; validation is carved from train/ (a, b, f of class 0, c, g of class 1) by config.data.
+  carved = splits.carve(5, data.validation_fraction, data.validation_seed)
+  assert (len(train), len(validation), len(test)) == (4, 1, 2)
+  folder_labels = [0, 0, 0, 1, 1]
+  assert _labels(train) == [folder_labels[i] for i in carved["train"]]
+  assert _labels(validation) == [folder_labels[i] for i in carved["validation"]] and _labels(test) == [0, 1]
   assert train[2]["video"].shape == (5, 16, 16, 3) and train[2]["video"].dtype == np.uint8
 
 
@@ -88,11 +98,12 @@ def test_video_source_errors(tmp_path, kinetics_dir):
 
 
 def _tiny_rgb_tokenizer(data_dir: str):
-  """The kinetics600 tokenizer config shrunk: 5x16x16 RGB -> 2x4x4 tokens, 8 channels, float32."""
+  """The kinetics600 tokenizer config shrunk: 5x16x16 RGB -> 2x4x4 tokens, 8 channels, float32; 2 of the 5
+  train/ videos held out as validation."""
   return _small_data("kinetics600", data_dir, **{
       "model.channels": 8, "model.channel_multipliers": (1, 2, 2), "model.num_res_blocks": 1,
       "model.space_factor": 4, "model.norm_groups": 4, "model.dtype": "float32", "sampler.num_samples": 2,
-      "data.worker_count": 0, "batch_size": 2})
+      "data.worker_count": 0, "data.validation_fraction": 0.4, "batch_size": 2})
 
 
 @pytest.mark.slow
@@ -107,17 +118,19 @@ def test_tokenizer_reads_rgb_videos_and_encode_dataset_writes_what_nbp_reads(tmp
   shapes = jax.eval_shape(task.model.init, jax.random.key(0), **task.init_inputs())["params"]
   rng = np.random.default_rng(0)
   params = jax.tree.map(lambda s: jnp.asarray(rng.normal(0.0, 0.2, s.shape), s.dtype), shapes)
-  samples = jax.jit(task.sample)(params, jax.random.key(1))  # the sampler reads the first test videos
+  samples = jax.jit(task.predict_fn("sample"))(params, jax.random.key(1))  # the first validation videos
   assert samples["video"].shape == samples["reconstruction"].shape == (2, 5, 16, 16, 3)
+  validation = video_sources.video_source(config.data, "validation")
+  np.testing.assert_allclose(samples["video"][1], validation[1]["video"] / 127.5 - 1.0, atol=1e-6)
 
   out = str(tmp_path / "tokens")
-  encode = jax.jit(lambda v: vt.encode_video(task.model, params, v))
-  sources = {split: video_sources.video_source(config.data, split) for split in ("train", "test")}
+  encode = jax.jit(lambda v: task.predict_fn("encode")(params, v))
+  sources = {split: video_sources.video_source(config.data, split) for split in splits.SPLITS}
   metadata = tokens_lib.encode_dataset(encode, sources, out, batch_size=2, metadata={
       "latent_shape": [2, 4, 4], "codebook_size": task.model.codebook_size, "video_shape": [5, 16, 16, 3]})
   assert {"latent_shape", "codebook_size", "num_examples", "video_shape"} <= set(metadata)
   assert metadata["latent_shape"] == [2, 4, 4] and metadata["video_shape"] == [5, 16, 16, 3]
-  assert metadata["num_examples"] == {"train": 3, "test": 2} and metadata["codebook_size"] == 64000
+  assert metadata["num_examples"] == {"train": 3, "validation": 2, "test": 2} and metadata["codebook_size"] == 64000
   source = tokens_lib.token_source(out, "test")  # in the dataset's order (values: test_video_tokenizer)
   for i in range(2):
     assert source[i]["tokens"].shape == (2, 4, 4) and source[i]["tokens"].dtype == np.int32
@@ -130,7 +143,7 @@ def test_tokenizer_reads_rgb_videos_and_encode_dataset_writes_what_nbp_reads(tmp
   it = tasks.make_task(nbp_config).data("train", seed=0, process_index=0, process_count=1, batch_size=3)
   tokens = next(it)
   assert tokens["tokens"].shape == (3, 32) and tokens["tokens"].dtype == np.int32
-  assert sorted(tokens["class"].tolist()) == [0, 0, 1]
+  assert sorted(tokens["class"].tolist()) == sorted(_labels(sources["train"]))  # the 3 train videos' classes
   assert tokens["tokens"].min() >= 0 and tokens["tokens"].max() < 64000
 
 
