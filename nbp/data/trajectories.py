@@ -1,4 +1,4 @@
-"""Offline-RL trajectories: scripted behaviour in gymnasium's classic control, D4RL and Minari files, K-step windows.
+"""Offline-RL trajectories: scripted behaviour in gymnasium's classic control, its cache, splits and windows.
 
 Dimension letters: N steps of all episodes end to end, E episodes, S observation
 size, A action size (continuous actions), K steps per training window.
@@ -9,10 +9,10 @@ size, A action size (continuous actions), K steps per training window.
                 "Pendulum-v1"); the policy is rolled out in it, and without `path` the data are
                 collected in it;
   path          "" (collect) or a user's file: a D4RL .hdf5 (or .npz) of flat arrays, or a Minari
-                dataset (its data/main_data.hdf5, or the dataset's directory); the format is read
-                from the file's content, not its name;
+                dataset (its data/main_data.hdf5, or the dataset's directory), read by
+                nbp.data.offline_rl_files (the format comes from the file's content);
   num_episodes  episodes collected (without `path`);
-  context_len   K, steps per training window (nbp.tasks.decision).
+  context_len   K, steps per training window (nbp.tasks.decision); 0: whole episodes.
 
 Collected data. Each environment has a scripted controller (`BEHAVIOURS`): CartPole a
 linear rule on the pole's angle and angular velocity, Acrobot a torque following the
@@ -26,25 +26,15 @@ policy's, so that a return-conditioned policy has returns to choose from. Episod
 starts from `env.reset(seed=e)`. The data are collected once and cached under
 
   config.data.dir/<env>_<num_episodes>_<BEHAVIOUR_VERSION>/
-    trajectories.hdf5   D4RL's flat layout (below)
+    trajectories.hdf5   D4RL's flat layout (nbp.data.offline_rl_files)
     metadata.json       env, behaviour (controller, epsilons), counts, returns summary
                         (overall and per epsilon level)
 
-D4RL layout (flat arrays over N steps, at the file's root):
-
-  observations  float32 [N, S]
-  actions       int32 [N] (discrete) or float32 [N, A] (continuous)
-  rewards       float32 [N]
-  terminals     bool [N]   the episode ended in a terminal state
-  timeouts      bool [N]   the episode was cut by its time limit
-
-An episode ends at the first step with terminals | timeouts; a last run of steps
-with neither flag is kept as a truncated episode. Minari layout: groups
-episode_<i> holding observations [T + 1, S] (the final observation too, dropped
-here), actions [T, ...], rewards [T], terminations [T], truncations [T].
-
-Splits: episode e is a test episode when e % 10 == 0 (`TEST_EVERY`), else a
-training one; a dataset needs at least two episodes.
+Splits, by episode: episode e is a test episode when e % 10 == 0 (`TEST_EVERY`);
+of the others, `nbp.data.splits.carve` (config.data.validation_fraction and
+validation_seed, a fixed permutation) holds out the validation episodes, and the
+rest are the train split. A dataset needs at least two episodes besides its
+test episodes (one to train on, one to validate on) unless validation_fraction is 0.
 """
 
 from __future__ import annotations
@@ -56,193 +46,15 @@ import shutil
 from typing import Callable, SupportsIndex
 
 import gymnasium as gym
-import h5py
 import numpy as np
+
+from nbp.data import offline_rl_files
+from nbp.data import splits as splits_lib
+from nbp.data.offline_rl_files import Episodes
 
 BEHAVIOUR_VERSION = "scripted-v2"  # the cache folder's suffix: change it when a controller or epsilon changes
 DATA_FILE = "trajectories.hdf5"
 TEST_EVERY = 10  # episode e is held out for test when e % TEST_EVERY == 0
-D4RL_KEYS = ("observations", "actions", "rewards", "terminals", "timeouts")
-MINARI_KEYS = ("observations", "actions", "rewards", "terminations", "truncations")
-
-
-# ----------------------------------------------------------------- episodes
-
-
-@dataclasses.dataclass(frozen=True)
-class Episodes:
-  """E episodes stored end to end: episode e is steps starts[e]:starts[e + 1] of the flat arrays."""
-
-  observations: np.ndarray  # float32 [N, S]
-  actions: np.ndarray  # int32 [N] (discrete) or float32 [N, A] (continuous)
-  rewards: np.ndarray  # float32 [N]
-  starts: np.ndarray  # int64 [E + 1], starts[0] = 0 and starts[E] = N
-  terminated: np.ndarray  # bool [E]: ended in a terminal state (else cut by a time limit)
-
-  def __len__(self) -> int:
-    return len(self.starts) - 1
-
-  @property
-  def discrete(self) -> bool:
-    return self.actions.ndim == 1
-
-  @property
-  def lengths(self) -> np.ndarray:
-    return np.diff(self.starts)
-
-  @property
-  def episode_of_step(self) -> np.ndarray:
-    """int64 [N]: the episode each step belongs to."""
-    return np.repeat(np.arange(len(self)), self.lengths)
-
-  def returns(self) -> np.ndarray:
-    """float64 [E]: each episode's undiscounted return."""
-    return np.add.reduceat(self.rewards.astype(np.float64), self.starts[:-1]) if len(self.rewards) else np.zeros(0)
-
-  def returns_to_go(self) -> np.ndarray:
-    """float32 [N]: R_t = r_t + r_{t+1} + ... + r_{T-1} of each step's episode (undiscounted)."""
-    rewards = self.rewards.astype(np.float64)
-    cumulative = np.cumsum(rewards[::-1])[::-1]  # sum of r_i for i >= t over the whole flat array
-    ends = np.append(cumulative[self.starts[1:-1]], 0.0)  # the sum beyond each episode's end
-    return (cumulative - ends[self.episode_of_step]).astype(np.float32)
-
-  def select(self, episodes) -> Episodes:
-    """The episodes at the given indices, in that order."""
-    episodes = np.asarray(episodes, np.int64)
-    steps = np.concatenate([np.arange(self.starts[e], self.starts[e + 1]) for e in episodes] or [np.zeros(0, int)])
-    starts = np.concatenate([[0], np.cumsum(self.lengths[episodes])])
-    return Episodes(self.observations[steps], self.actions[steps], self.rewards[steps], starts,
-                    self.terminated[episodes])
-
-  def split(self, split: str) -> Episodes:
-    """The train or test episodes (test: e % TEST_EVERY == 0)."""
-    if split not in ("train", "test"):
-      raise ValueError(f"split {split!r}: trajectories have 'train' and 'test'")
-    if len(self) < 2:
-      raise ValueError(f"{len(self)} episode(s): a dataset needs at least 2 (one for test, one for training)")
-    test = np.arange(len(self)) % TEST_EVERY == 0
-    return self.select(np.flatnonzero(test if split == "test" else ~test))
-
-  def to_flat(self) -> dict[str, np.ndarray]:
-    """D4RL's flat arrays: the last step of each episode flagged terminal or timeout."""
-    last = self.starts[1:] - 1
-    terminals = np.zeros(len(self.rewards), bool)
-    timeouts = np.zeros(len(self.rewards), bool)
-    terminals[last[self.terminated]] = True
-    timeouts[last[~self.terminated]] = True
-    return {"observations": self.observations, "actions": self.actions, "rewards": self.rewards,
-            "terminals": terminals, "timeouts": timeouts}
-
-
-def _as_actions(actions: np.ndarray, where: str) -> np.ndarray:
-  """Integer actions -> int32 [N]; real ones -> float32 [N, A] ([N] becomes [N, 1])."""
-  actions = np.asarray(actions)
-  if np.issubdtype(actions.dtype, np.integer) or actions.dtype == bool:
-    if actions.ndim == 2 and actions.shape[1] == 1:
-      actions = actions[:, 0]
-    if actions.ndim != 1:
-      raise ValueError(f"{where}: integer actions must be one per step, got shape {actions.shape}")
-    return actions.astype(np.int32)
-  actions = actions.astype(np.float32)
-  return actions[:, None] if actions.ndim == 1 else actions.reshape(len(actions), -1)
-
-
-def from_flat(arrays, where: str) -> Episodes:
-  """D4RL flat arrays (a mapping with D4RL_KEYS) -> Episodes cut at terminals | timeouts.
-
-  `where` names the file in errors: a missing key, or arrays of different lengths.
-  """
-  missing = [k for k in D4RL_KEYS if k not in arrays]
-  if missing:
-    raise KeyError(f"{where}: no {missing[0]!r} array (a D4RL file holds {list(D4RL_KEYS)} at its root)")
-  values = {k: np.asarray(arrays[k]) for k in D4RL_KEYS}
-  n = len(values["rewards"])
-  for k, v in values.items():
-    if len(v) != n:
-      raise ValueError(f"{where}: {k!r} has {len(v)} rows but 'rewards' has {n}")
-  terminals = values["terminals"].astype(bool).reshape(n)
-  ends = np.flatnonzero(terminals | values["timeouts"].astype(bool).reshape(n)) + 1  # one past each end
-  if not len(ends) or ends[-1] != n:
-    ends = np.append(ends, n)  # a last run of steps without a flag: a truncated episode
-  ends = ends[ends > 0]
-  starts = np.concatenate([[0], ends]).astype(np.int64)
-  observations = values["observations"].astype(np.float32).reshape(n, -1)
-  return Episodes(observations, _as_actions(values["actions"], where), values["rewards"].astype(np.float32).reshape(n),
-                  starts, terminals[ends - 1] if n else np.zeros(0, bool))
-
-
-# -------------------------------------------------------------------- files
-
-
-def write_d4rl(path: str, episodes: Episodes) -> None:
-  """Writes the D4RL flat layout to an .hdf5 file."""
-  with h5py.File(path, "w") as f:
-    for k, v in episodes.to_flat().items():
-      f.create_dataset(k, data=v)
-
-
-def _minari_episodes(f: h5py.File, where: str) -> Episodes:
-  names = sorted((k for k in f.keys() if k.startswith("episode_")), key=lambda k: int(k.split("_")[1]))
-  parts = {k: [] for k in ("observations", "actions", "rewards")}
-  lengths, terminated = [], []
-  for name in names:
-    group = f[name]
-    missing = [k for k in MINARI_KEYS if k not in group]
-    if missing:
-      raise KeyError(f"{where}: group {name!r} has no {missing[0]!r} (a Minari episode holds {list(MINARI_KEYS)})")
-    if isinstance(group["observations"], h5py.Group):
-      raise ValueError(f"{where}: {name}/observations is a group (a dict observation space); only array "
-                       "observations are read")
-    rewards = np.asarray(group["rewards"], np.float32).reshape(-1)
-    t = len(rewards)
-    if t == 0:  # an empty episode holds no step to learn from
-      continue
-    observations = np.asarray(group["observations"], np.float32).reshape(-1, *group["observations"].shape[1:])
-    if len(observations) != t + 1:
-      raise ValueError(f"{where}: {name}/observations has {len(observations)} rows; a Minari episode of {t} "
-                       f"steps holds {t + 1} (the final observation too)")
-    actions = np.asarray(group["actions"])
-    if len(actions) != t:
-      raise ValueError(f"{where}: {name}/actions has {len(actions)} rows but {name}/rewards has {t}")
-    parts["observations"].append(observations[:-1].reshape(t, -1))
-    parts["actions"].append(actions)
-    parts["rewards"].append(rewards)
-    lengths.append(t)
-    terminated.append(bool(np.asarray(group["terminations"]).reshape(-1)[-1]))
-  if not lengths:
-    raise KeyError(f"{where}: no 'episode_<i>' group with steps")
-  return Episodes(np.concatenate(parts["observations"]), _as_actions(np.concatenate(parts["actions"]), where),
-                  np.concatenate(parts["rewards"]), np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
-                  np.asarray(terminated, bool))
-
-
-def read_file(path: str) -> Episodes:
-  """A user's dataset: a D4RL .hdf5 or .npz of flat arrays, or a Minari main_data.hdf5 (or its dataset directory).
-
-  The format comes from the content: flat arrays at the root are D4RL, groups
-  named episode_<i> are Minari. Errors name the file and the missing key.
-  """
-  if os.path.isdir(path):
-    for candidate in (os.path.join(path, "data", "main_data.hdf5"), os.path.join(path, "main_data.hdf5")):
-      if os.path.exists(candidate):
-        return read_file(candidate)
-    raise FileNotFoundError(f"config.data.path={path!r} is a directory without data/main_data.hdf5 (a Minari "
-                            "dataset)")
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"config.data.path={path!r} does not exist")
-  if h5py.is_hdf5(path):
-    with h5py.File(path, "r") as f:
-      if any(k.startswith("episode_") for k in f.keys()):
-        return _minari_episodes(f, path)
-      return from_flat(f, path)
-  try:
-    arrays = np.load(path, allow_pickle=False)
-  except Exception as e:  # pylint: disable=broad-except  # numpy raises several types for a non-array file
-    raise ValueError(f"{path}: neither an HDF5 file (D4RL or Minari) nor an .npz of D4RL arrays ({e})") from e
-  if not isinstance(arrays, np.lib.npyio.NpzFile):
-    raise ValueError(f"{path}: a single array; a D4RL .npz holds {list(D4RL_KEYS)}")
-  with arrays:
-    return from_flat(arrays, path)
 
 
 # --------------------------------------------------------------- behaviour
@@ -349,7 +161,7 @@ def collect(env_name: str, num_episodes: int, *, max_episode_steps: int | None =
   lengths = [len(r["rewards"]) for r in runs]
   episodes = Episodes(
       np.concatenate([r["observations"] for r in runs]),
-      _as_actions(np.concatenate([r["actions"] for r in runs]), env_name),
+      offline_rl_files.as_actions(np.concatenate([r["actions"] for r in runs]), env_name),
       np.concatenate([r["rewards"] for r in runs]),
       np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
       np.asarray([r["terminated"] for r in runs], bool))
@@ -363,7 +175,7 @@ def collect(env_name: str, num_episodes: int, *, max_episode_steps: int | None =
       "returns": _summary(returns),
       "returns_by_epsilon": {f"{eps:g}": _summary(returns[levels == eps]) for eps in behaviour.epsilons
                              if np.any(levels == eps)},
-      "layout": "D4RL flat arrays " + ", ".join(D4RL_KEYS) + f" in {DATA_FILE}",
+      "layout": "D4RL flat arrays " + ", ".join(offline_rl_files.D4RL_KEYS) + f" in {DATA_FILE}",
   }
   return episodes, metadata
 
@@ -405,7 +217,7 @@ def build(data_dir: str, env_name: str, num_episodes: int) -> tuple[Episodes, di
     tmp = f"{directory}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
-    write_d4rl(os.path.join(tmp, DATA_FILE), episodes)
+    offline_rl_files.write_d4rl(os.path.join(tmp, DATA_FILE), episodes)
     with open(os.path.join(tmp, "metadata.json"), "w") as f:
       json.dump(metadata, f, indent=2)
     try:
@@ -416,16 +228,39 @@ def build(data_dir: str, env_name: str, num_episodes: int) -> tuple[Episodes, di
       raise RuntimeError(f"could not write the trajectory cache {directory}")
   with open(os.path.join(directory, "metadata.json")) as f:
     metadata = json.load(f)
-  return read_file(os.path.join(directory, DATA_FILE)), metadata
+  return offline_rl_files.read_file(os.path.join(directory, DATA_FILE)), metadata
 
 
 def load(data_cfg) -> tuple[Episodes, dict]:
   """The episodes of `config.data` (collected and cached, or `path`'s file) and metadata (env, returns)."""
   if data_cfg.get("path"):
-    episodes = read_file(data_cfg.path)
+    episodes = offline_rl_files.read_file(data_cfg.path)
     return episodes, {"env": data_cfg.env, "path": data_cfg.path, "num_episodes": len(episodes),
                       "returns": _summary(episodes.returns())}
   return build(data_cfg.dir, data_cfg.env, int(data_cfg.num_episodes))
+
+
+# ------------------------------------------------------------------- splits
+
+
+def split_indices(num_episodes: int, validation_fraction: float = splits_lib.VALIDATION_FRACTION,
+                  validation_seed: int = splits_lib.VALIDATION_SEED) -> dict[str, np.ndarray]:
+  """split -> the indices of its episodes (see the module docstring)."""
+  test = np.arange(num_episodes) % TEST_EVERY == 0
+  rest = np.flatnonzero(~test)
+  if len(rest) < 1:
+    raise ValueError(f"{num_episodes} episode(s): a dataset needs at least 2 (one for test, one for training)")
+  carved = splits_lib.carve(len(rest), validation_fraction, validation_seed)
+  return {"train": rest[carved["train"]], "validation": rest[carved["validation"]], "test": np.flatnonzero(test)}
+
+
+def split(episodes: Episodes, split_name: str, data_cfg=None) -> Episodes:
+  """The episodes of one split; `data_cfg` gives validation_fraction and validation_seed (None: the defaults)."""
+  splits_lib.check(split_name, "trajectories")
+  get = (lambda k, d: data_cfg.get(k, d)) if data_cfg is not None else (lambda k, d: d)
+  indices = split_indices(len(episodes), float(get("validation_fraction", splits_lib.VALIDATION_FRACTION)),
+                          int(get("validation_seed", splits_lib.VALIDATION_SEED)))
+  return episodes.select(indices[split_name])
 
 
 # ------------------------------------------------------------------ windows
@@ -433,17 +268,19 @@ def load(data_cfg) -> tuple[Episodes, dict]:
 
 @dataclasses.dataclass(frozen=True)
 class Windows:
-  """Random-access K-step windows, one starting at every step of every episode (uniform over steps).
+  """Random-access K-step windows: one from every step of every episode, or one per episode from its start.
 
-  Window i covers steps i .. i + K - 1 of step i's episode, cut at the
-  episode's end and padded at the right (valid False, zeros). Each step holds
-  its return-to-go, observation, action, the previous action of its episode
+  Window i covers K steps from its first step (every step, or with
+  `episode_starts` only each episode's first step), cut at the episode's end
+  and padded at the right (valid False, zeros). Each step holds its
+  return-to-go, observation, action, the previous action of its episode
   (discrete: -1 at the episode's first step; continuous: zeros) and its time
   step in the episode (0 at the first).
   """
 
   episodes: Episodes
   context_len: int  # K
+  episode_starts: bool = False  # windows only from each episode's first step (whole episodes when K >= length)
 
   def __post_init__(self):
     if self.context_len < 1:
@@ -458,21 +295,24 @@ class Windows:
     object.__setattr__(self, "_ends", e.starts[1:][e.episode_of_step])
     timesteps = np.arange(len(e.rewards)) - e.starts[:-1][e.episode_of_step]  # the step within its episode
     object.__setattr__(self, "_timesteps", timesteps.astype(np.int32))
+    firsts = e.starts[:-1][e.lengths > 0] if self.episode_starts else np.arange(len(e.rewards))
+    object.__setattr__(self, "_firsts", firsts)
 
   def __len__(self) -> int:
-    return len(self.episodes.rewards)
+    return len(self._firsts)
 
   def __getitem__(self, index: SupportsIndex) -> dict[str, np.ndarray]:
     i = int(index)
     if not 0 <= i < len(self):
       raise IndexError(f"window {i} out of range [0, {len(self)})")
+    start = int(self._firsts[i])
     k = self.context_len
-    n = min(k, int(self._ends[i]) - i)
+    n = min(k, int(self._ends[start]) - start)
     e = self.episodes
 
     def window(values, fill=0):
       out = np.full((k, *values.shape[1:]), fill, values.dtype)
-      out[:n] = values[i:i + n]
+      out[:n] = values[start:start + n]
       return out
     return {"returns_to_go": window(self._returns_to_go), "observations": window(e.observations),
             "actions": window(e.actions), "prev_actions": window(self._previous, -1 if e.discrete else 0),
