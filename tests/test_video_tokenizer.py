@@ -231,7 +231,7 @@ def test_perceptual_hook_takes_a_user_feature_function():
 def test_one_training_step_through_the_shared_loop(tmp_path, data_dir):
   config = tiny_tokenizer_config(data_dir)
   with config.unlocked():
-    config.evals.psnr = dict(type="psnr")  # the reconstruction PSNR of the sampler's test videos
+    config.evals.psnr = dict(type="psnr")  # the reconstruction PSNR of the sampler's validation videos
   result = train.train_and_evaluate(config, str(tmp_path))
   assert result["status"] == "done" and result["step"] == 1
   rows = metrics_lib.read_jsonl(os.path.join(tmp_path, "metrics.jsonl"))
@@ -242,12 +242,13 @@ def test_one_training_step_through_the_shared_loop(tmp_path, data_dir):
   np.testing.assert_allclose(last["psnr/psnr"], last["sample/psnr"], rtol=1e-5)  # the same videos, two ways
   assert os.path.exists(os.path.join(tmp_path, "samples", "step_0000001.gif"))
 
-  # The encode/decode API reads the checkpoint back.
-  model, params = vt_task.load_tokenizer(str(tmp_path))  # the workdir alone: its config.json and checkpoint
+  # The run's "encode" and "decode", loaded from the workdir alone (its config.json and checkpoint).
+  run = tasks.load_run(str(tmp_path))
   video = jnp.zeros((1, 5, 8, 8, 1))
-  tokens = jax.jit(lambda p, v: vt_task.encode_video(model, p, v))(params, video)
+  tokens = jax.jit(run.predict("encode"))(video)
   assert tokens.shape == (1, 2, 2, 2) and tokens.dtype == jnp.int32
-  assert jax.jit(lambda p, t: vt_task.decode_tokens(model, p, t))(params, tokens).shape == video.shape
+  decoded = jax.jit(run.predict("decode"))(tokens)
+  assert decoded.shape == video.shape and float(jnp.max(jnp.abs(decoded))) <= 1.0
 
 
 @pytest.mark.slow
@@ -265,7 +266,7 @@ def test_encode_tokens_round_trip(tmp_path, data_dir):
   config = tiny_tokenizer_config(data_dir)
   workdir = str(tmp_path / "tokenizer")
   train.train_and_evaluate(config, workdir)
-  model, params = vt_task.load_tokenizer(workdir)
+  encode = jax.jit(tasks.load_run(workdir).predict("encode"))
   out = str(tmp_path / "tokens")
   metadata = vt_task.encode_tokens(workdir, out, splits=("test",), batch_size=6)
   assert metadata["num_examples"] == {"test": 16} and metadata["latent_shape"] == [2, 2, 2]
@@ -275,7 +276,7 @@ def test_encode_tokens_round_trip(tmp_path, data_dir):
   d = config.data
   videos = pipeline.load_source(moving_digits.builder_from_config(d), "test", d.dir)
   batch = np.stack([videos[i]["video"] for i in range(16)]).astype(np.float32) / 127.5 - 1.0
-  expected = np.asarray(jax.jit(lambda p, v: vt_task.encode_video(model, p, v))(params, jnp.asarray(batch)))
+  expected = np.asarray(encode(jnp.asarray(batch)))
   for i in range(16):
     record = source[i]
     assert record["tokens"].dtype == np.int32 and record["tokens"].shape == (2, 2, 2)
