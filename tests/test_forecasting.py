@@ -41,22 +41,46 @@ def _tiny_config(attention, dataset="co2", **overrides):
                              "data.lookback": 12, "data.horizon": 4, **overrides})
 
 
-def test_every_named_series_loads_without_gaps():
+def test_every_named_series_loads_and_co2_gaps_are_filled_from_its_train_rows():
   for name in data.SERIES:
     values = data.load_series(name)
     assert values.ndim == 2 and values.dtype == np.float32 and len(values) >= 30, name
-    assert np.isfinite(values).all(), name
+    assert np.isfinite(values).all() or name == "co2", name
   assert data.load_series("co2").shape == (2284, 1) and data.load_series("macrodata").shape == (203, 12)
   assert data.load_series("elnino").shape == (732, 1) and data.load_series("uschange").shape == (187, 5)
   raw = sm.datasets.co2.load_pandas().data["co2"].to_numpy()
   gaps = np.isnan(raw)
-  assert gaps.sum() == 59
-  t = np.arange(len(raw))
-  filled = np.interp(t[gaps], t[~gaps], raw[~gaps])  # linear in time
-  np.testing.assert_allclose(data.load_series("co2")[gaps, 0], filled, rtol=1e-6)
+  assert gaps.sum() == 59 and np.isnan(data.load_series("co2")[:, 0]).sum() == 59  # kept until the split
+  s = data.split_series(data.load_series("co2"), lookback=104, horizon=26, test_fraction=0.2,
+                        validation_fraction=0.1)
+  assert s.sizes == (1644, 183, 457) and np.flatnonzero(gaps).max() < 1644  # every gap in the train rows
+  t = np.arange(1644)
+  train_raw, train_gaps = raw[:1644], gaps[:1644]
+  filled = np.interp(t[train_gaps], t[~train_gaps], train_raw[~train_gaps])  # linear in time, train values only
+  np.testing.assert_allclose(s.values[:1644][train_gaps, 0] * s.std[0] + s.mean[0], filled, rtol=1e-5)
   with pytest.raises(ValueError, match="config.data.dataset='nope'"):
     data.load_series("nope")
   assert set(aaren_forecasting.WINDOWS) == set(data.SERIES) | {"csv"}  # the config has a window per series
+
+
+def test_gaps_are_filled_without_borrowing_from_a_later_split():
+  values = np.arange(20, dtype=np.float64)[:, None] * [1.0, 10.0]
+  values[[0, 3, 11, 12, 16], 0] = np.nan  # train rows 0-11 (sizes 12, 4, 4): gaps at 0, 3, 11; later 12, 16
+  values[13, 1] = np.nan
+  filled = data.fill_gaps(values, 12)
+  np.testing.assert_array_equal(filled[[0, 3, 11], 0], [1.0, 3.0, 10.0])  # ends: the nearest train value
+  np.testing.assert_array_equal(filled[[12, 16], 0], [10.0, 15.0])  # later rows: the last earlier value
+  assert filled[13, 1] == 120.0
+  later = values.copy()
+  later[12:] = -1000.0  # whatever the later rows hold, the train rows' filling is the same
+  np.testing.assert_array_equal(data.fill_gaps(later, 12)[:12], filled[:12])
+  test_changed = values.copy()
+  test_changed[16:] = 7.0  # nor does the test period change the validation rows
+  np.testing.assert_array_equal(data.fill_gaps(test_changed, 12)[:16], filled[:16])
+  empty = values.copy()
+  empty[:12, 1] = np.nan
+  with pytest.raises(ValueError, match="channel 1 has no observed value in its 12 train rows"):
+    data.fill_gaps(empty, 12)
 
 
 def test_csv_reader_reads_ett_columns_and_names_what_is_wrong(tmp_path):
@@ -86,35 +110,85 @@ def test_csv_reader_reads_ett_columns_and_names_what_is_wrong(tmp_path):
 def test_normalisation_uses_the_train_rows_only():
   rng = np.random.default_rng(1)
   raw = (np.arange(50)[:, None] * [1.0, -2.0] + rng.normal(size=(50, 2)) + [3.0, 5.0]).astype(np.float32)
-  raw[:, 1] = np.where(np.arange(50) < 40, 7.0, raw[:, 1])  # constant over the train rows
-  s = data.split_series(raw, lookback=5, horizon=3, test_fraction=0.2)
-  assert s.num_train == 40
-  np.testing.assert_allclose(s.mean, raw[:40].mean(axis=0), rtol=1e-5)
-  np.testing.assert_allclose(s.std, [raw[:40, 0].std(), 1.0], rtol=1e-5)  # a constant channel: std 1
+  raw[:, 1] = np.where(np.arange(50) < 36, 7.0, raw[:, 1])  # constant over the train rows
+  s = data.split_series(raw, lookback=5, horizon=3, test_fraction=0.2, validation_fraction=0.1)
+  assert s.sizes == (36, 4, 10) and s.num_train == 36  # test: the last 10; validation: the last 4 before them
+  np.testing.assert_allclose(s.mean, raw[:36].mean(axis=0), rtol=1e-5)  # not the validation rows'
+  np.testing.assert_allclose(s.std, [raw[:36, 0].std(), 1.0], rtol=1e-5)  # a constant channel: std 1
   np.testing.assert_allclose(s.values, (raw - s.mean) / s.std, rtol=1e-5, atol=1e-5)
-  assert abs(s.values[:40, 0].mean()) < 1e-5 and abs(s.values[40:, 0].mean()) > 1.0  # the trend leaves the range
+  assert abs(s.values[:36, 0].mean()) < 1e-5 and abs(s.values[40:, 0].mean()) > 1.0  # the trend leaves the range
   with pytest.raises(ValueError, match="config.data.test_fraction"):
     data.split_series(raw, lookback=5, horizon=3, test_fraction=1.0)
   with pytest.raises(ValueError, match="no test window of config.data.lookback=5 \\+ config.data.horizon=20"):
     data.split_series(raw, lookback=5, horizon=20, test_fraction=0.2).windows("test")
+  with pytest.raises(ValueError, match="split_rows=\\(30, 10, 20\\) needs 60 rows but it has 50"):
+    data.split_series(raw, lookback=5, horizon=3, test_fraction=0.2, split_rows=(30, 10, 20))
 
 
-def test_windows_are_the_raw_slices_and_the_first_test_target_the_first_test_step():
-  raw = np.random.default_rng(2).normal(size=(60, 3)).astype(np.float32)
-  s = data.split_series(raw, lookback=8, horizon=4, test_fraction=0.25)  # 45 train steps, 15 test
+def test_windows_are_the_raw_slices_and_the_first_target_of_a_split_its_first_step():
+  raw = np.random.default_rng(2).normal(size=(64, 3)).astype(np.float32)
+  # 45 train rows, 7 validation, 12 test: split_rows as the ETT protocol gives them, rows past 64 unused
+  s = data.split_series(raw, lookback=8, horizon=4, test_fraction=0.5, split_rows=(45, 7, 12))
+  np.testing.assert_allclose(s.mean, raw[:45].mean(0), rtol=1e-5)
   norm = (raw - s.mean) / s.std
-  train, test = s.windows("train"), s.windows("test")
-  assert (len(train), len(test)) == (45 - 8 - 4 + 1, 15 - 4 + 1)
-  for source, targets in ((train, range(8, 45 - 4 + 1)), (test, range(45, 60 - 4 + 1))):
+  windows = {split: s.windows(split) for split in data.SPLITS}
+  targets = {"train": range(8, 45 - 4 + 1), "validation": range(45, 52 - 4 + 1), "test": range(52, 64 - 4 + 1)}
+  for split, source in windows.items():
+    assert len(source) == len(targets[split]), split
     arrays = source.arrays()
     assert arrays["x"].shape == (len(source), 8, 3) and arrays["y"].shape == (len(source), 4, 3)
-    for i, t in enumerate(targets):
-      np.testing.assert_allclose(arrays["x"][i], norm[t - 8:t], atol=1e-5)
-      np.testing.assert_allclose(arrays["y"][i], norm[t:t + 4], atol=1e-5)
+    for i, t in enumerate(targets[split]):
+      np.testing.assert_allclose(arrays["x"][i], norm[t - 8:t], atol=1e-5)  # the lookback may reach back
+      np.testing.assert_allclose(arrays["y"][i], norm[t:t + 4], atol=1e-5)  # the targets stay in the split
       np.testing.assert_array_equal(source[i]["y"], arrays["y"][i])
-  assert train.first_target + len(train) - 1 + 4 == 45  # the last train target is the last train step
   with pytest.raises(IndexError):
-    test[len(test)]
+    windows["test"][len(windows["test"])]
+  with pytest.raises(ValueError, match="split 'dev'"):
+    s.windows("dev")
+
+
+def _write_rows(path, rows, columns=ETT_COLUMNS):
+  """A long ETT-like CSV (hourly dates, columns of random walks) written with numpy: fast for 10^4 rows."""
+  rng = np.random.default_rng(4)
+  values = np.cumsum(rng.normal(size=(rows, len(columns))), axis=0).round(3)
+  dates = np.datetime64("2016-07-01T00") + np.arange(rows).astype("timedelta64[h]")
+  with open(path, "w") as f:
+    f.write(",".join(("date",) + tuple(columns)) + "\n")
+    for date, row in zip(dates, values):
+      f.write(str(date).replace("T", " ") + ":00:00," + ",".join(map(repr, row.tolist())) + "\n")
+  return values
+
+
+@pytest.mark.parametrize("name,horizon", [("ETTh1", 96), ("ETTh2", 720)])
+def test_the_ett_protocol_12_4_4_months_lookback_96(tmp_path, name, horizon):
+  c = aaren_forecasting.get_config(f"aaren,{name}:{horizon}")
+  assert (c.data.name, c.data.lookback, c.data.horizon, tuple(c.data.split_rows)) == (
+      "csv_series", 96, horizon, (8640, 2880, 2880))
+  path = str(tmp_path / f"{name}.csv")
+  values = _write_rows(path, 14_400 + 500)  # ETTh files hold about 17,420 rows; the last ones are unused
+  c.data.path = path
+  s = data.series_from_config(c.data)
+  assert s.sizes == (8640, 2880, 2880) and len(s.values) == 14_400
+  np.testing.assert_allclose(s.mean, values[:8640].mean(0), rtol=1e-4, atol=1e-3)  # the first 12 months only
+  counts = {split: len(s.windows(split)) for split in data.SPLITS}
+  # The benchmark's counts: 8640 - 96 - H + 1 train windows, 2880 - H + 1 for validation and test.
+  assert counts == {"train": 8640 - 96 - horizon + 1, "validation": 2880 - horizon + 1, "test": 2880 - horizon + 1}
+  last_test = s.windows("test").arrays()["y"][-1, -1]
+  np.testing.assert_allclose(last_test, (values[14_399] - s.mean) / s.std, rtol=1e-4, atol=1e-4)
+
+
+def test_the_benchmark_files_and_horizons_of_the_config():
+  assert aaren_forecasting.get_config("aaren,ETTm1:336").data.split_rows == (34560, 11520, 11520)  # 15 minutes
+  assert aaren_forecasting.get_config("softmax,ETTh1").data.horizon == 96
+  for name in ("weather", "electricity", "traffic", "exchange_rate"):
+    c = aaren_forecasting.get_config(f"aaren,{name}:192")
+    assert (c.data.split_rows, c.data.test_fraction, c.data.validation_fraction) == ((), 0.2, 0.125)
+    assert c.data.path == f"data/{name}.csv" and (c.data.lookback, c.data.horizon) == (96, 192)
+  assert data.split_sizes(52_696, test_fraction=0.2, validation_fraction=0.125) == (36_887, 5_270, 10_539)  # 70/10/20
+  with pytest.raises(ValueError, match="horizon '100'"):
+    aaren_forecasting.get_config("aaren,ETTh1:100")
+  with pytest.raises(ValueError, match="dataset 'co2:26'"):
+    aaren_forecasting.get_config("aaren,co2:26")
 
 
 def test_naive_baseline_and_horizon_metrics_by_hand():
@@ -149,10 +223,11 @@ def test_one_training_step_and_score(attention):
   params = task.model.init(jax.random.key(0), **task.init_inputs())["params"]
   train_batch = next(task.data("train", seed=0, process_index=0, process_count=1, batch_size=8))
   assert train_batch["x"].shape == (8, 12, 1) and train_batch["y"].shape == (8, 4, 1)
-  batch = {k: v[:8] for k, v in task.examples("test").items()}  # one shape for every compiled function
+  batch = {k: v[:8] for k, v in task.predict_fns["split_arrays"]("validation").items()}  # one compiled shape
 
   def everything(params, batch):  # one compilation for all the values checked below
-    return (jax.value_and_grad(task.loss, has_aux=True)(params, batch, None), task.score(params, batch),
+    return (jax.value_and_grad(task.loss, has_aux=True)(params, batch, None),
+            task.predict_fns["score"](params, batch),
             task.model.apply({"params": params}, batch["x"] - batch["x"][:, :1]),
             forecasting.loss(task.model, params, batch, None, dense=True)[0])
 
@@ -172,16 +247,21 @@ def test_one_training_step_and_score(attention):
 
 
 @pytest.mark.slow
-def test_train_and_evaluate_on_an_ett_csv_logs_the_test_metrics_and_naive_baseline(tmp_path):
+def test_train_and_evaluate_on_an_ett_csv_logs_validation_then_test_metrics_and_the_naive_baseline(tmp_path):
   path = str(tmp_path / "ETTh1.csv")
   _write_ett(path, rows=120)
   c = _tiny_config("aaren", dataset="csv", **{"data.path": path})
   train.train_and_evaluate(c, str(tmp_path / "run"))
   with open(tmp_path / "run" / "metrics.jsonl") as f:
-    final = [json.loads(line) for line in f][-1]
-  windows = data.series_from_config(c.data).windows("test").arrays()
-  assert windows["x"].shape == (24 - 4 + 1, 12, 4)  # the last 24 of 120 hours, 4 variables
-  assert final["test/num_examples"] == len(windows["x"])
-  naive = np.mean((windows["y"] - windows["x"][:, -1:]) ** 2)
-  np.testing.assert_allclose(final["test/naive_mse@4"], naive, rtol=1e-4)
-  assert np.isfinite(final["test/mse@1"]) and np.isfinite(final["test/mae@4"])
+    final = {}
+    for line in f:
+      final.update(json.loads(line))
+  series = data.series_from_config(c.data)
+  assert series.sizes == (86, 10, 24)  # the last 24 of 120 hours test, the last 10 of the rest validation
+  for prefix, split in (("metrics/", "validation"), ("test/metrics/", "test")):
+    windows = series.windows(split).arrays()
+    assert windows["x"].shape == ({"validation": 10, "test": 24}[split] - 4 + 1, 12, 4)
+    assert final[prefix + "num_examples"] == len(windows["x"])
+    naive = np.mean((windows["y"] - windows["x"][:, -1:]) ** 2)
+    np.testing.assert_allclose(final[prefix + "naive_mse@4"], naive, rtol=1e-4)
+    assert np.isfinite(final[prefix + "mse@1"]) and np.isfinite(final[prefix + "mae@4"])

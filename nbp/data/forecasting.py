@@ -11,26 +11,46 @@ Two `config.data` sections:
               one numeric column per variable; `columns` picks some by name
               (empty: every column after the date that holds numbers).
 
-Both take `lookback` (L), `horizon` (H) and `test_fraction`.
+Both take `lookback` (L), `horizon` (H) and `test_fraction`; csv_series also
+`split_rows`.
 
-Splits are chronological: the last round(N * test_fraction) time steps are the
-test split, the steps before them the train split. Every channel is
-normalised by the mean and standard deviation of the train rows only (a
-constant channel by std 1), so no statistic sees the test period.
+Splits are chronological, in this order: train, validation, test.
+
+  fractions   (default) the last round(N * test_fraction) time steps are the
+              test split; of the steps before them, the last
+              round(. * config.data.validation_fraction) are the validation
+              split (`nbp.data.splits.carve_chronological`), the rest train.
+  split_rows  (csv_series) (train, validation, test) row counts from the first
+              row; rows after them are not used. The ETT protocol of the
+              long-horizon benchmark is (8640, 2880, 2880) for the hourly files
+              (12/4/4 months of 30 days) and four times that for the 15-minute
+              ones; its 70/10/20 files (Weather, ECL, Traffic, Exchange) are
+              test_fraction 0.2 with validation_fraction 0.125 (10% of the
+              whole; the row counts agree with int(0.7 N), int(0.2 N) to within
+              a row).
+
+Every channel is normalised by the mean and standard deviation of the train
+rows only (a constant channel by std 1), so no statistic sees the validation
+or test period.
 
 Windows. A window whose first target step is t has input x = series[t-L:t]
 [L, C] and target y = series[t:t+H] [H, C], both normalised. Train windows lie
-wholly in the train rows (t from L to num_train - H); test windows have every
-target step in the test rows (t from num_train to N - H) and their lookback
-may reach back into the train rows, as is usual: the first test target is the
-first test time step. `WindowSource` gives random access ({"x", "y"} per
-window, for grain) and `arrays()` the whole split at once.
+wholly in the train rows (t from L to num_train - H); a validation or test
+window has every target step in its split's rows and its lookback may reach
+back into the rows before (the past), as is usual: the first validation target
+is the first validation step. `WindowSource` gives random access ({"x", "y"}
+per window, for grain) and `arrays()` the whole split at once.
 
 Missing values. statsmodels' weekly co2 record has 59 missing weeks (gaps of
-1 to 8 weeks in 1958-1967); they are filled by linear interpolation in time
-(`fill_gaps`; a gap at either end repeats the nearest value). No other series
-of the table has gaps. A CSV file must be complete: an empty or non-numeric
-cell is an error naming the file, the column and the row.
+1 to 8 weeks in 1958-1967, all in its train rows); the loaders keep them as
+NaN and `fill_gaps` fills them once the split is known, borrowing nothing from
+a later split: the train rows by linear interpolation in time between train
+values (a gap at either end of the train rows repeats the nearest train
+value), the validation and test rows by carrying the last earlier value
+forward (the past only, so no window's input holds a value derived from its
+own targets). No other series of the table has gaps. A CSV file must be
+complete: an empty or non-numeric cell is an error naming the file, the column
+and the row.
 
 Nothing is downloaded or cached: the series ship inside the installed
 statsmodels and sktime packages and load in milliseconds.
@@ -48,22 +68,38 @@ import pandas as pd
 import sktime.datasets
 import statsmodels.api as sm
 
-SPLITS = ("train", "test")
+from nbp.data import splits as splits_lib
+
+SPLITS = splits_lib.SPLITS
 
 
 # ---------------------------------------------------------------------------
 # The series table.
 
 
-def fill_gaps(frame: pd.DataFrame) -> pd.DataFrame:
-  """Missing values filled by linear interpolation along time; gaps at the ends take the nearest value."""
-  return frame.interpolate(method="linear", limit_direction="both")
+def fill_gaps(values: np.ndarray, num_train: int, what: str = "series") -> np.ndarray:
+  """NaN in float [N, C] filled without borrowing from a later split (see the module docstring).
+
+  Rows 0..num_train-1: linear interpolation in time between train values, the
+  nearest train value at either end; the rows after: the last earlier value
+  carried forward. Raises ValueError naming `what` when a channel has no
+  observed train value.
+  """
+  frame = pd.DataFrame(np.asarray(values, np.float64))
+  train = frame.iloc[:num_train]
+  empty = np.flatnonzero(train.isna().all().to_numpy())
+  if empty.size:
+    raise ValueError(f"{what}: channel {int(empty[0])} has no observed value in its {num_train} train rows")
+  train = train.interpolate(method="linear", limit_direction="both")
+  later = frame.iloc[num_train:]
+  filled = pd.concat([train, later]).ffill()  # train rows are complete, so every later gap has a past value
+  return filled.to_numpy(np.float64)
 
 
 def _statsmodels(name: str, columns: tuple[str, ...] | None = None) -> Callable[[], np.ndarray]:
   def load() -> np.ndarray:
     frame = getattr(sm.datasets, name).load_pandas().data
-    return fill_gaps(frame[list(columns)] if columns else frame).to_numpy(np.float64)
+    return (frame[list(columns)] if columns else frame).to_numpy(np.float64)  # gaps stay NaN
   return load
 
 
@@ -89,7 +125,7 @@ _MACRO = ("realgdp", "realcons", "realinv", "realgovt", "realdpi", "cpi", "m1", 
 
 # name -> loader of float [N, C] (N time steps, C variables), in time order.
 SERIES: dict[str, Callable[[], np.ndarray]] = {
-    "co2": _statsmodels("co2"),  # Mauna Loa CO2, weekly 1958-2001: [2284, 1] (59 gaps interpolated)
+    "co2": _statsmodels("co2"),  # Mauna Loa CO2, weekly 1958-2001: [2284, 1] (59 gaps, NaN until fill_gaps)
     "sunspots": _statsmodels("sunspots", ("SUNACTIVITY",)),  # yearly sunspot activity 1700-2008: [309, 1]
     "elnino": _elnino,  # monthly El Nino sea-surface temperature 1950-2010: [732, 1]
     "nile": _statsmodels("nile", ("volume",)),  # yearly Nile flow at Aswan 1871-1970: [100, 1]
@@ -106,14 +142,14 @@ SERIES: dict[str, Callable[[], np.ndarray]] = {
 @functools.cache
 def _load_series_cached(name: str) -> np.ndarray:
   values = np.asarray(SERIES[name](), np.float32)
-  if values.ndim != 2 or not np.isfinite(values).all():
-    raise ValueError(f"series {name!r}: the loader gave shape {values.shape} or non-finite values")
+  if values.ndim != 2 or np.isinf(values).any():
+    raise ValueError(f"series {name!r}: the loader gave shape {values.shape} or infinite values")
   values.setflags(write=False)
   return values
 
 
 def load_series(name: str) -> np.ndarray:
-  """The named real series as float32 [N, C], gaps filled; raises ValueError naming config.data.dataset."""
+  """The named real series as float32 [N, C], NaN at its gaps; raises ValueError naming config.data.dataset."""
   if name not in SERIES:
     raise ValueError(f"config.data.dataset={name!r} is not a known series; choose one of {sorted(SERIES)}.")
   return _load_series_cached(name)
@@ -166,11 +202,22 @@ def read_csv_series(path: str, columns=()) -> tuple[np.ndarray, tuple[str, ...]]
 # Splits, normalisation, windows.
 
 
-def num_train_steps(num_steps: int, test_fraction: float) -> int:
-  """Time steps of the train split: all but the last round(N * test_fraction)."""
+def split_sizes(num_steps: int, *, test_fraction: float, validation_fraction: float = 0.0,
+                split_rows=(), what: str = "series") -> tuple[int, int, int]:
+  """(train, validation, test) time steps, in that order from the first (see the module docstring)."""
+  if split_rows:
+    sizes = tuple(int(r) for r in split_rows)
+    if len(sizes) != 3 or min(sizes) < 0 or sizes[0] < 1 or sizes[2] < 1:
+      raise ValueError(f"config.data.split_rows={tuple(split_rows)} must be three row counts (train, validation, "
+                       "test), train and test >= 1")
+    if sum(sizes) > num_steps:
+      raise ValueError(f"{what}: config.data.split_rows={sizes} needs {sum(sizes)} rows but it has {num_steps}")
+    return sizes
   if not 0.0 < test_fraction < 1.0:
     raise ValueError(f"config.data.test_fraction={test_fraction} must lie strictly between 0 and 1")
-  return num_steps - int(round(num_steps * test_fraction))
+  num_test = int(round(num_steps * test_fraction))
+  num_validation = splits_lib.num_held_out(num_steps - num_test, validation_fraction)
+  return num_steps - num_test - num_validation, num_validation, num_test
 
 
 def normalise(values: np.ndarray, num_train: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -214,12 +261,12 @@ class WindowSource:
 
 @dataclasses.dataclass(frozen=True)
 class SplitSeries:
-  """A series normalised by its train statistics, with its split point."""
+  """A series with its gaps filled and normalised by its train statistics, and its split rows."""
 
-  values: np.ndarray  # float32 [N, C], normalised
+  values: np.ndarray  # float32 [N', C], normalised: the used rows (train, validation, test) only
   mean: np.ndarray  # float32 [C], of the train rows (raw units)
   std: np.ndarray  # float32 [C], of the train rows (raw units; 1 for a constant channel)
-  num_train: int  # rows 0..num_train-1 are the train split, the rest the test split
+  sizes: tuple[int, int, int]  # rows of the train, validation and test splits, in this order
   lookback: int  # L
   horizon: int  # H
   what: str  # the dataset, for messages
@@ -228,33 +275,45 @@ class SplitSeries:
   def num_channels(self) -> int:
     return self.values.shape[1]
 
+  @property
+  def num_train(self) -> int:
+    return self.sizes[0]
+
+  def rows(self, split: str) -> tuple[int, int]:
+    """[start, stop) of the split's rows."""
+    i = SPLITS.index(splits_lib.check(split, self.what))
+    start = sum(self.sizes[:i])
+    return start, start + self.sizes[i]
+
   def windows(self, split: str) -> WindowSource:
     """The split's windows; raises ValueError when the split is too short for one."""
-    if split not in SPLITS:
-      raise ValueError(f"split {split!r}: forecasting series have {SPLITS}")
-    L, H, n = self.lookback, self.horizon, len(self.values)
-    first, last = (L, self.num_train - H) if split == "train" else (max(self.num_train, L), n - H)
+    start, stop = self.rows(split)
+    L, H = self.lookback, self.horizon
+    first, last = max(start, L), stop - H
     count = last - first + 1
     if count < 1:
+      train, validation, test = self.sizes
       raise ValueError(
-          f"{self.what}: {n} time steps ({self.num_train} train, {n - self.num_train} test) hold no {split} "
-          f"window of config.data.lookback={L} + config.data.horizon={H}; shorten them or change "
-          "config.data.test_fraction.")
+          f"{self.what}: {sum(self.sizes)} time steps ({train} train, {validation} validation, {test} test) hold "
+          f"no {split} window of config.data.lookback={L} + config.data.horizon={H}; shorten them or change "
+          "config.data.test_fraction / validation_fraction (or split_rows).")
     return WindowSource(self.values, L, H, first, count)
 
 
 def split_series(values: np.ndarray, *, lookback: int, horizon: int, test_fraction: float,
-                 what: str = "series") -> SplitSeries:
-  """Chronological train/test split of raw [N, C] values, normalised by the train rows."""
+                 validation_fraction: float = 0.0, split_rows=(), what: str = "series") -> SplitSeries:
+  """Chronological train/validation/test split of raw [N, C] values (NaN: gaps), filled and normalised by train."""
   if lookback < 1 or horizon < 1:
     raise ValueError(f"config.data.lookback={lookback} and config.data.horizon={horizon} must be >= 1")
-  num_train = num_train_steps(len(values), test_fraction)
-  normalised, mean, std = normalise(values, num_train)
-  return SplitSeries(normalised, mean, std, num_train, lookback, horizon, what)
+  sizes = split_sizes(len(values), test_fraction=test_fraction, validation_fraction=validation_fraction,
+                      split_rows=split_rows, what=what)
+  used = fill_gaps(values[:sum(sizes)], sizes[0], what)
+  normalised, mean, std = normalise(used, sizes[0])
+  return SplitSeries(normalised, mean, std, sizes, lookback, horizon, what)
 
 
 def raw_values(data_cfg) -> tuple[np.ndarray, str]:
-  """(raw float32 [N, C], a description for messages) of a `series` or `csv_series` section."""
+  """(raw float32 [N, C], NaN at gaps; a description for messages) of a `series` or `csv_series` section."""
   if data_cfg.name == "series":
     return load_series(data_cfg.dataset), f"series {data_cfg.dataset!r}"
   if data_cfg.name == "csv_series":
@@ -264,7 +323,14 @@ def raw_values(data_cfg) -> tuple[np.ndarray, str]:
 
 
 def series_from_config(data_cfg) -> SplitSeries:
-  """The split, normalised series of `config.data` (name series or csv_series)."""
+  """The split, filled, normalised series of `config.data` (name series or csv_series)."""
   values, what = raw_values(data_cfg)
   return split_series(values, lookback=data_cfg.lookback, horizon=data_cfg.horizon,
-                      test_fraction=data_cfg.test_fraction, what=what)
+                      test_fraction=data_cfg.test_fraction,
+                      validation_fraction=data_cfg.get("validation_fraction", splits_lib.VALIDATION_FRACTION),
+                      split_rows=tuple(data_cfg.get("split_rows", ()) or ()), what=what)
+
+
+def split_arrays(data_cfg, split: str) -> dict[str, np.ndarray]:
+  """The whole split's windows: {"x": float32 [W, L, C], "y": float32 [W, H, C]}."""
+  return series_from_config(data_cfg).windows(split).arrays()
