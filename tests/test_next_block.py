@@ -315,7 +315,7 @@ def test_token_data_reads_encoded_tokens_and_checks_them(tmp_path, data_dir):
   assert batch["tokens"].max() < config.model.codebook_size == 125
   assert batch["class"].shape == (4,) and batch["class"].max() < 10
   assert task.model.grid == (2, 2, 2) and task.model.vocab_size == 126 and task.model.num_classes == 10
-  videos = task.to_videos(np.asarray(batch["tokens"]).reshape(4, 2, 2, 2))  # decoded by the tokenizer
+  videos = task.predict_fn("to_videos")(np.asarray(batch["tokens"]).reshape(4, 2, 2, 2))  # decoded by the tokenizer
   assert videos.shape == (4, 5, 8, 8, 1) and videos.dtype == np.uint8
 
   def first_batch(**overrides):
