@@ -3,7 +3,7 @@ r"""Aaren against a Transformer of the same size: streaming cost, training step 
   python -m experiments.benchmark_aaren --parts streaming,train \
       [--contexts 64,1024,4096,16384] [--train_lengths 256,1024,4096] [--bench_variant S]
   python -m experiments.benchmark_aaren --parts tasks [--tasks classification,forecasting,decision,events] \
-      [--task_seeds 0,1,2] [--aaren_runs_dir runs/aaren_benchmark]
+      [--task_seeds 0,1,2] [--aaren_runs_dir runs/aaren_benchmark] [--task_num_steps N]
 
 streaming: one token at a time through `nbp.models.sequence.step`, batch 1,
 for each context C: Aaren (its (m, u, w) state) and the Transformer with a KV
@@ -20,8 +20,11 @@ the median of interleaved timed steps and the ratio.
 
 tasks: each task's config (experiments/configs/aaren_<task>.py) with
 `ATTENTION,local` for both attentions and every seed, trained through the
-shared loop (a finished run in aaren_runs_dir is reused); the final metrics
-of its evaluators, then a Markdown table of mean and sd over seeds.
+shared loop (a finished run in aaren_runs_dir is reused). Its evaluators score
+the validation split at the end of training (what choices are made on), and
+`eval_test_at_end` the test split once after it; two Markdown tables per task,
+validation then test, of mean (sd) over seeds. `--task_num_steps` shortens
+every run (a smoke test; its runs are kept apart from full-length ones).
 
 Run the timing parts on an idle machine: ratios are measured side by side,
 absolute times on a shared CPU mean little.
@@ -61,6 +64,7 @@ TASKS = flags.DEFINE_list("tasks", ["classification", "forecasting", "decision",
                           "classification:JapaneseVowels).")
 TASK_SEEDS = flags.DEFINE_list("task_seeds", ["0", "1", "2"], "Seeds of every task run.")
 RUNS_DIR = flags.DEFINE_string("aaren_runs_dir", "runs/aaren_benchmark", "Task run workdirs and results.json.")
+TASK_NUM_STEPS = flags.DEFINE_integer("task_num_steps", 0, "Training steps of every task run (0: the config's).")
 
 FEATURES = 16  # F = O of the timed models
 ATTENTIONS = ("softmax", "aaren")
@@ -178,14 +182,18 @@ def train_steps(lengths) -> list[dict]:
 # ---------------------------------------------------------------------------
 # Tasks.
 
-# task -> the final metrics to tabulate: keys of the run's metrics.jsonl (evaluator name / metric).
+# task -> the final metrics to tabulate: "<evaluator>/<metric>" keys of the run's metrics.jsonl; the validation
+# value has the key itself, the test value "test/" + key (config.eval_test_at_end).
 TASK_METRICS = {
-    "classification": ("test/accuracy",),
-    "forecasting": ("test/mse@1", "test/mse@6", "test/mse@26", "test/mae@26", "test/naive_mse@26", "test/naive_mae@26"),
+    "classification": ("metrics/accuracy", "metrics/loss"),
+    # @*: every horizon the runs report; @H: the longest only
+    "forecasting": ("metrics/mse@*", "metrics/mae@H", "metrics/naive_mse@H", "metrics/naive_mae@H"),
     "decision": ("rollout/return_mean@500", "rollout/normalized_score@500", "rollout/return_mean@250",
-                 "rollout/normalized_score@250"),
-    "events": ("test/log_likelihood", "test/true_log_likelihood", "test/time_mse", "test/mark_accuracy"),
+                 "rollout/normalized_score@250", "eval/accuracy"),
+    "events": ("metrics/log_likelihood", "metrics/true_log_likelihood", "metrics/time_mse", "metrics/mark_accuracy"),
 }
+SPLIT_PREFIXES = {"validation": "", "test": "test/"}
+PROTOCOL = "validation/test"  # results.json entries of earlier protocols are not reused
 
 
 def _task_config(task: str, attention: str, seed: int):
@@ -195,6 +203,12 @@ def _task_config(task: str, attention: str, seed: int):
   config = module.get_config(arg)
   config.unlock()
   config.seed = seed
+  config.eval_test_at_end = True  # the test split once, after the validation evaluations
+  if TASK_NUM_STEPS.value:
+    config.num_steps = TASK_NUM_STEPS.value
+    config.checkpoint_every = TASK_NUM_STEPS.value
+    config.log_every = min(config.log_every, TASK_NUM_STEPS.value)
+    config.optimizer.warmup_steps = min(config.optimizer.warmup_steps, TASK_NUM_STEPS.value)
   config.lock()
   return name, arg, config
 
@@ -220,42 +234,61 @@ def tasks_table(task_names, seeds) -> dict:
   if os.path.exists(path):
     with open(path) as f:
       results = json.load(f)
+  steps = f"|steps{TASK_NUM_STEPS.value}" if TASK_NUM_STEPS.value else ""
   for task in task_names:
     for attention in ATTENTIONS:
       for seed in seeds:
-        key = f"{task}|{attention}|{seed}"
-        if key in results:
+        key = f"{task}|{attention}|{seed}{steps}"
+        if results.get(key, {}).get("protocol") == PROTOCOL:
           continue
         name, arg, config = _task_config(task, attention, seed)
-        workdir = os.path.join(RUNS_DIR.value, task.replace(":", "_"), f"{attention}_seed{seed}")
+        workdir = os.path.join(RUNS_DIR.value, task.replace(":", "_"),
+                               f"{attention}_seed{seed}{steps.replace('|', '_')}")
         start = time.perf_counter()
         train.train_and_evaluate(config, workdir)
         metrics = dict(final_metrics(workdir), wall_s=time.perf_counter() - start)
         metrics["num_params"] = float(num_params(config))
-        results[key] = dict(metrics, config=f"experiments/configs/aaren_{name}.py:{arg}")
+        results[key] = dict(metrics, config=f"experiments/configs/aaren_{name}.py:{arg}", protocol=PROTOCOL)
         print(json.dumps({"run": key, **results[key]}), flush=True)
         os.makedirs(RUNS_DIR.value, exist_ok=True)
         with open(path, "w") as f:
           json.dump(results, f, indent=1)
-  print_tables(results, task_names, seeds)
+  print_tables(results, task_names, seeds, steps)
   return results
 
 
-def print_tables(results, task_names, seeds) -> None:
+def metric_keys(task: str, runs: list[dict]) -> list[str]:
+  """TASK_METRICS of the task, "@*" standing for every horizon the runs report and "@H" for the longest."""
+  keys = []
+  for key in TASK_METRICS[task.partition(":")[0]]:
+    stem, at, which = key.rpartition("@")
+    if at and which in ("*", "H"):
+      found = sorted({k for r in runs for k in r if k.startswith(stem + "@")}, key=lambda k: int(k.rpartition("@")[2]))
+      keys += found if which == "*" else found[-1:]
+    else:
+      keys.append(key)
+  return keys
+
+
+def print_tables(results, task_names, seeds, steps: str = "") -> None:
+  """Per task: the validation table (choices are made on it), then the test table (reported once)."""
   for task in task_names:
-    keys = [k for k in TASK_METRICS[task.partition(":")[0]]]
-    print(f"\n{task} ({len(seeds)} seeds, mean (sd))\n")
-    print("| attention | " + " | ".join(keys) + " | params |")
-    print("|---" * (len(keys) + 2) + "|")
-    for attention in ATTENTIONS:
-      runs = [results.get(f"{task}|{attention}|{s}") for s in seeds]
-      runs = [r for r in runs if r]
-      cells = []
-      for k in keys:
-        values = [r[k] for r in runs if k in r]
-        cells.append(f"{np.mean(values):.4g} ({np.std(values):.2g})" if values else "-")
-      params = runs[0].get("num_params", float("nan")) if runs else float("nan")
-      print(f"| {attention} | " + " | ".join(cells) + f" | {params:,.0f} |")
+    for split, prefix in SPLIT_PREFIXES.items():
+      runs_by_attention = {a: [r for r in (results.get(f"{task}|{a}|{s}{steps}") for s in seeds) if r]
+                           for a in ATTENTIONS}
+      keys = metric_keys(task, [r for runs in runs_by_attention.values() for r in runs])
+      print(f"\n{task}, {split} split ({len(seeds)} seeds, mean (sd))\n")
+      print("| attention | " + " | ".join(prefix + k for k in keys) + " | params |")
+      print("|---" * (len(keys) + 2) + "|")
+      for attention in ATTENTIONS:
+        runs = runs_by_attention[attention]
+        cells = []
+        for k in keys:
+          values = [r[prefix + k] for r in runs if prefix + k in r]
+          sd = np.std(values, ddof=1) if len(values) > 1 else 0.0  # the sample sd over seeds
+          cells.append(f"{np.mean(values):.4g} ({sd:.2g})" if values else "-")
+        params = runs[0].get("num_params", float("nan")) if runs else float("nan")
+        print(f"| {attention} | " + " | ".join(cells) + f" | {params:,.0f} |")
 
 
 def main(argv):
