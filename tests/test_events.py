@@ -184,6 +184,11 @@ def test_one_training_step_and_the_score(tmp_path, attention):
   task = tasks.make_task(config)
   assert (task.model.input_dim, task.model.output_dim) == (3, 3 * 3 + 2)
   batch = {k: jnp.asarray(v[:4]) for k, v in task.predict_fns["split_arrays"]("test").items()}
+  # The time normalisation is the train split's (14 sequences), not the validation or test split's.
+  train_tau = task.predict_fns["split_arrays"]("train")["tau"]
+  assert train_tau.shape == (14, 12)
+  log_tau = np.log(train_tau.astype(np.float64))
+  assert task.loss.args[1] == events.TimeScale(float(log_tau.mean()), float(log_tau.std()))
 
   @jax.jit  # one program (init, a step, the score): one compile per attention
   def run(key):
