@@ -164,6 +164,7 @@ def test_the_ett_protocol_12_4_4_months_lookback_96(tmp_path, name, horizon):
   c = aaren_forecasting.get_config(f"aaren,{name}:{horizon}")
   assert (c.data.name, c.data.lookback, c.data.horizon, tuple(c.data.split_rows)) == (
       "csv_series", 96, horizon, (8640, 2880, 2880))
+  tasks.check_config(c)  # split_rows is a key of the csv_series section
   path = str(tmp_path / f"{name}.csv")
   values = _write_rows(path, 14_400 + 500)  # ETTh files hold about 17,420 rows; the last ones are unused
   c.data.path = path

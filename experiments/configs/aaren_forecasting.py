@@ -133,8 +133,7 @@ def get_config(arg: str = "aaren,local"):
   elif dataset == "csv":
     c.data.name = "csv_series"
     c.data.path = "data/ETTh1.csv"  # date, then the variables (ETTh1: HUFL, HULL, MUFL, MULL, LUFL, LULL, OT)
-    c.data.columns = ()  # empty: every numeric column
-    c.data.split_rows = ()  # the fractions above
+    c.data.columns = ()  # empty: every numeric column (the fractions above split it)
   else:
     c.data.name = "series"
     c.data.dataset = dataset
