@@ -257,9 +257,9 @@ def split_indices(num_episodes: int, validation_fraction: float = splits_lib.VAL
 def split(episodes: Episodes, split_name: str, data_cfg=None) -> Episodes:
   """The episodes of one split; `data_cfg` gives validation_fraction and validation_seed (None: the defaults)."""
   splits_lib.check(split_name, "trajectories")
-  get = (lambda k, d: data_cfg.get(k, d)) if data_cfg is not None else (lambda k, d: d)
-  indices = split_indices(len(episodes), float(get("validation_fraction", splits_lib.VALIDATION_FRACTION)),
-                          int(get("validation_seed", splits_lib.VALIDATION_SEED)))
+  cfg = {} if data_cfg is None else data_cfg
+  indices = split_indices(len(episodes), float(cfg.get("validation_fraction", splits_lib.VALIDATION_FRACTION)),
+                          int(cfg.get("validation_seed", splits_lib.VALIDATION_SEED)))
   return episodes.select(indices[split_name])
 
 
