@@ -6,7 +6,9 @@ encoded once into tokenizer tokens), video_sources (one call over every video
 dataset), tfds_sources (UCF-101 and ImageNet prepared by tfds, read without
 TensorFlow), video_folder (Kinetics-style folders of video files), images (digits and
 ImageNet images), latents (image datasets encoded once into KL-VAE latents),
-splits (train, validation and test, and how validation is carved from train).
+splits (train, validation and test, and how validation is carved from train);
+Aaren's: ucr, forecasting, trajectories (scripted collection in gymnasium),
+offline_rl_files (D4RL/Minari files), hawkes.
 
 `config.data` holds the common keys and the keys of the one dataset it names:
 `check_data_config` rejects a key that dataset does not read, so a section
@@ -40,15 +42,19 @@ DATASET_KEYS = {
     "imagenet2012": ("image_size",),
     # images encoded once into KL-VAE latents, both flips (nbp.data.latents, experiments.encode_latents)
     "latents": ("latent_dir",),
-    # Aaren's datasets. UCR/UEA classification sets by name (those shipped inside sktime) or a .ts
-    # train/test pair (nbp.data.ucr); max_len: longer series are cut (0: the longest).
+    # Aaren's datasets. UCR/UEA classification sets by name (those shipped inside sktime, or under dir as
+    # <dir>/<Name>/<Name>_TRAIN.ts and _TEST.ts) or a .ts train/test pair (nbp.data.ucr); max_len: longer
+    # series are cut (0: the longest train series).
     "ucr": ("dataset", "train_path", "test_path", "max_len"),
     # a real series shipped with statsmodels or sktime, by name (nbp.data.forecasting)
     "series": ("dataset", "lookback", "horizon", "test_fraction"),
-    # an ETT/Weather-style CSV file: a date column then one column per variable (nbp.data.forecasting)
-    "csv_series": ("path", "columns", "lookback", "horizon", "test_fraction"),
+    # an ETT/Weather-style CSV file: a date column then one column per variable (nbp.data.forecasting);
+    # split_rows: (train, validation, test) rows of a fixed split (ETT's 12/4/4 months), else test_fraction
+    # and validation_fraction split chronologically.
+    "csv_series": ("path", "columns", "lookback", "horizon", "test_fraction", "split_rows"),
     # trajectories of a gymnasium classic-control environment, collected once and cached under dir, or a
-    # D4RL/Minari file given by path (nbp.data.trajectories)
+    # D4RL/Minari file given by path (nbp.data.trajectories, nbp.data.offline_rl_files); context_len: the
+    # steps the policy sees (0: whole episodes, streamed at rollout)
     "trajectories": ("env", "path", "num_episodes", "context_len"),
     # marked event sequences of a Hawkes process simulated once (nbp.data.hawkes)
     "hawkes": ("num_marks", "num_train", "num_test", "seq_len"),
