@@ -5,7 +5,7 @@ r"""`make demo`: NBP end to end on moving digits: tokenizer, tokens, next-block 
 Three stages, each resumed or skipped when the workdir already holds it:
   1. trains the video tokenizer (3D causal CNN + FSQ) -> workdir/tokenizer
      (--tokenizer_config, default experiments/configs/video_tokenizer_digits.py:local);
-  2. encodes the train and test videos once into tokens -> workdir/tokens;
+  2. encodes the train, validation and test videos once into tokens -> workdir/tokens;
   3. trains NBP on the tokens, one latent row per block, class-conditional,
      and samples videos through the tokenizer's decoder -> workdir/nbp
      (experiments/configs/nbp_digits.py:XS,local,tokens,row).
@@ -14,8 +14,9 @@ To override keys, name the configs, e.g.
       --config experiments/configs/nbp_digits.py:XS,local,tokens,row --config.num_steps=600 \
       --tokenizer_config experiments/configs/video_tokenizer_digits.py:local --tokenizer_config.num_steps=600
 Then it writes workdir/samples.gif and samples.png (NBP's videos, one class
-per row), reconstructions.gif (test videos above their tokenizer
-reconstructions), loss.png and metrics.json.
+per row), reconstructions.gif (validation videos above their tokenizer
+reconstructions), loss.png and metrics.json. Its eval figures are on the
+validation split, as in training.
 """
 
 import glob
@@ -30,6 +31,7 @@ from ml_collections import config_flags
 from experiments import common
 from experiments.configs import nbp_digits, video_tokenizer_digits
 from nbp import visualization
+from nbp.data import splits
 from nbp.data import tokens as tokens_lib
 from nbp.tasks import video_tokenizer
 from nbp.training import loop as train
@@ -55,10 +57,10 @@ def _copy_latest_samples(run_dir: str, out_stem: str) -> None:
 
 
 def encode_tokens(tokenizer_dir: str, tokens_dir: str, tokenizer_step: int) -> dict:
-  """Encodes the tokenizer's dataset unless `tokens_dir` already holds this tokenizer step's tokens."""
+  """Encodes the tokenizer's dataset unless `tokens_dir` already holds this tokenizer step's tokens of every split."""
   if os.path.exists(os.path.join(tokens_dir, tokens_lib.METADATA)):
     metadata = tokens_lib.read_metadata(tokens_dir)
-    if metadata.get("tokenizer_step") == tokenizer_step:
+    if metadata.get("tokenizer_step") == tokenizer_step and set(splits.SPLITS) <= set(metadata.get("num_examples", {})):
       return metadata
   return video_tokenizer.encode_tokens(tokenizer_dir, tokens_dir, extra_metadata={"tokenizer_step": tokenizer_step})
 

@@ -3,6 +3,11 @@ r"""Trains a config in a workdir, resuming from its latest checkpoint.
   python -m experiments.train --config experiments/configs/ntp_digits.py:S,local \
       --workdir runs/ntp_digits_local [--config.num_steps=1000 ...]
 
+Evaluators read the validation split. `--config.eval_test_at_end=True` adds one
+pass of every evaluator over the test split after the last step (logged as
+test/<name>/<key>); `python -m experiments.evaluate --split test` does the same
+on a finished run.
+
 Multi-process on one machine (the local stand-in for a pod), one command per process:
   python -m experiments.train ... --coordinator_address=127.0.0.1:12345 \
       --num_processes=2 --process_id=0

@@ -225,7 +225,10 @@ def test_gradient_accumulation_weights_micro_batches_by_their_targets(data_dir):
   moved = max(float(np.max(np.abs(a - b))) for a, b in zip(jax.tree.leaves(full_params),
                                                            jax.tree.leaves(jax.device_get(train.init_state(s, 0).params))))
   assert moved > 5e-4  # the comparison below is not of two unchanged states
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), accum_params, full_params)
+  # 5e-5: 2.5% of the two updates (~2e-3). Adam magnifies the float error of a gradient near zero: on the
+  # train split without its validation scans, one element of 4096 in one kernel differs by 1.8e-5. A wrong
+  # weighting of the micro-batches changes the gradient itself, which grad_norm above checks at rtol 1e-5.
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=5e-5), accum_params, full_params)
 
 
 @pytest.mark.slow
