@@ -34,10 +34,11 @@ Parts (`--parts`, any of):
   switches   the differences from the official network (nbp.models.xar.OFFICIAL),
              each switched alone on the cell config, against the default.
   speed      images/s of the same network sampling 4 cell entities and 64
-             token entities (same parameters, same solver steps per entity),
-             jitted whole, calls interleaved, `--speed_repeats` of each at each
-             batch of `--speed_batches`. Run it on an idle machine: the ratio
-             is measured side by side, absolute times are noisy.
+             token entities (same parameters, same solver steps per entity,
+             the context mode of xar_digits.py), jitted whole, calls
+             interleaved, `--speed_repeats` of each at each batch of
+             `--speed_batches`. Run it on an idle machine: the ratio is
+             measured side by side, absolute times are noisy.
 
 `--smoke` runs every part asked for at a tiny size (variant tiny, 2 steps,
 16 images, 2 solver steps, one seed, a 2-step classifier) under
@@ -266,11 +267,12 @@ def speed(batch: int) -> dict:
   first = next(iter(models.values()))
   params = first.init(jax.random.key(0), jnp.zeros((1, 64, 4)), jnp.zeros((1, 64)), jnp.zeros((1,), jnp.int32))
   steps = 2 if SMOKE.value else SPEED_STEPS.value
+  context = xar_digits.get_config("cell").sampler.context  # the config's cache, with its extra call or not
   repeats = 1 if SMOKE.value else REPEATS.value
   samplers = {}
   for name, model in models.items():
     fn = jax.jit(lambda p, r, m=model: sampler_lib.sample(m, p, r, num_samples=batch, num_steps=steps,
-                                                          context="t_end"))
+                                                          context=context))
     jax.block_until_ready(fn(params["params"], jax.random.key(0)))  # compile, then one untimed call
     jax.block_until_ready(fn(params["params"], jax.random.key(1)))
     samplers[name] = fn

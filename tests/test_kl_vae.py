@@ -265,6 +265,8 @@ def test_latent_cache_round_trip(tmp_path):
   np.testing.assert_allclose(metadata["latent_mean"], np.mean(stored.astype(np.float64)), rtol=1e-9)
   with pytest.raises(ValueError, match="config.data.latent_dir"):
     latents_lib.latent_source(directory, "train", latent_shape=(4, 4, 3))
+  with pytest.raises(FileNotFoundError, match="split 'validation'.*experiments.encode_latents"):
+    latents_lib.latent_source(directory, "validation")  # a cache of train and test only (as written before)
 
   # ChooseFlip: one view, scaled, each of the two chosen over many draws.
   choose = latents_lib.ChooseFlip(2.5)

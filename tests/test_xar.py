@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from experiments.configs import kl_vae_digits, xar_digits
+from experiments.configs import kl_vae_digits, xar_digits, xar_imagenet
 from kernels import dispatch
 from kernels.masks import MaskSpec
 from layers import transformer as transformer_lib
@@ -339,6 +339,7 @@ def test_a_train_step_with_every_official_switch(data_dir):
   params = task.model.init(jax.random.key(0), **task.init_inputs())["params"]
   (value, _), grads = jax.jit(jax.value_and_grad(task.loss, has_aux=True))(params, batch, jax.random.key(1))
   assert np.isfinite(float(value)) and all(np.isfinite(np.asarray(g)).all() for g in jax.tree.leaves(grads))
+  params = jax.tree.map(lambda p: p + 0.05 * jnp.sign(p + 0.5), params)  # a nonzero head: dropout shows
   key, loss_cfg = jax.random.key(2), dict(config.loss, class_dropout=0.0)
   held_out = float(task.predict_fn("eval_loss")(params, batch, key)[0])
   without = float(xar.objective(task.model, params, batch, key, train=False, **loss_cfg)[0])
@@ -502,6 +503,17 @@ def test_sizes_match_the_paper():
     counts[variant] = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes)) / 1e6
   assert SIZES["B"] == (16, 768, 12) and SIZES["L"] == (32, 1024, 16) and SIZES["H"] == (40, 1280, 16)
   assert abs(counts["B"] - 172) < 3 and abs(counts["L"] - 608) < 10 and abs(counts["H"] - 1100) < 100, counts
+
+
+def test_imagenet_configs_use_the_official_network_and_cache():
+  for size in ("B", "L", "H"):
+    c = xar_imagenet.get_config(size)
+    assert {k: c.model[k] for k in xar_model.OFFICIAL} == xar_model.OFFICIAL and c.sampler.context == "clean"
+    assert (c.evals.eval.split, c.evals.eval.pred) == ("validation", "eval_loss")
+  assert xar_model.OFFICIAL == dict(qkv_bias=True, input_norm=True, dropout=0.1, adaln_init="xavier",
+                                    time_embedding="integer")
+  fid = xar_digits.get_config("cell,fid").evals.fid
+  assert (fid.split, fid.pred, fid.num_images) == ("validation", "sample_images", 144)
 
 
 def tiny_xar_config(data_dir, arg="cell", **overrides):
