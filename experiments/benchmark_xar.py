@@ -129,6 +129,9 @@ def trained(config, name: str) -> str:
   result = train.train_and_evaluate(config, workdir)
   print(json.dumps({"trained": name, "step": result.get("step"), "seconds": time.perf_counter() - start}),
         flush=True)
+  if result.get("status") != "done" or result.get("step") != config.num_steps:
+    raise RuntimeError(f"{workdir}: training stopped at step {result.get('step')} of {config.num_steps} "
+                       f"({result.get('status')}); run the benchmark again to resume it.")
   return workdir
 
 
