@@ -9,8 +9,11 @@ learned-query prefix-scan attention (layers/aaren.py), everything else
 unchanged: any causal model built on the stack switches by that one field.
 With adaLN
 (DiT-style, used by xAR) a condition c [B, C] or per token [B, T, C] gives a
-shift, scale and gate per sub-block; the gates start at zero so a fresh block is
-the identity. The stack (DecoderStack) runs N blocks, either scanned over one
+shift, scale and gate per sub-block; by default the gates start at zero so a
+fresh block is the identity (`adaln_init` picks another initializer). A block
+may add biases to its attention projections (`attention_bias`) and dropout on
+its two sub-block outputs in training (`dropout_rate`, `deterministic=False`).
+The stack (DecoderStack) runs N blocks, either scanned over one
 set of stacked weights (fast to compile, the "layers" axis shards) or as a Python
 loop of blocks layer_0..layer_{N-1} (fast decoding on CPU, where a matrix-vector
 product against a slice of a stacked weight is slow). The final norm belongs to
@@ -143,6 +146,7 @@ class AdaLNModulation(nn.Module):
   num_chunks: int = 6  # shift/scale/gate for attention and for the mlp
   dtype: jnp.dtype = jnp.float32  # computation dtype
   param_dtype: jnp.dtype = jnp.float32  # parameter storage dtype
+  kernel_init: Callable = nn.initializers.zeros  # of the kernel [C, num_chunks, E]; zeros: no modulation at init
 
   @nn.compact
   def __call__(self, c):
@@ -150,7 +154,7 @@ class AdaLNModulation(nn.Module):
       c = c[:, None, :]  # [B, C] -> [B, 1, C], broadcast over tokens
     mods = linear.DenseGeneral(
         features=(self.num_chunks, self.features), kernel_axes=(None, None, "embed"), use_bias=True,
-        dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=nn.initializers.zeros,
+        dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=self.kernel_init,
         name="proj")(nn.silu(c.astype(self.dtype)))  # [B, 1|T, 6, E]
     return tuple(mods[..., i, :] for i in range(self.num_chunks))
 
@@ -187,6 +191,9 @@ class TransformerBlock(nn.Module):
   param_dtype: jnp.dtype = jnp.float32  # parameter storage dtype
   max_decode_len: int | None = None  # KV cache length; None: T of the init input
   adaln: bool = False  # condition every sub-block on `cond` through adaLN
+  adaln_init: Callable = nn.initializers.zeros  # the adaLN modulation kernel's initializer
+  attention_bias: bool = False  # biases on the q/k/v/out projections of softmax attention
+  dropout_rate: float = 0.0  # dropout on the attention and MLP outputs before each residual add (training only)
   attention: str = "softmax"  # "softmax" (MultiHeadAttention) or "aaren" (AarenAttention; causal masks only)
   scan_impl: str = "auto"  # Aaren's scan implementation (kernels.scan_attention.IMPLS)
 
@@ -198,7 +205,7 @@ class TransformerBlock(nn.Module):
           num_heads=self.num_heads, head_dim=self.head_dim, num_kv_heads=self.num_kv_heads,
           mask=self.mask, rope=self.rope, rope_base=self.rope_base, impl=self.impl,
           dtype=self.dtype, param_dtype=self.param_dtype, max_decode_len=self.max_decode_len,
-          name="attention")
+          use_bias=self.attention_bias, name="attention")
     if not is_causal(self.mask):
       raise ValueError(f"config.model.attention='aaren' computes causal attention; this model's mask is "
                        f"{self.mask} (blocks, a prefix or full attention): use attention='softmax'")
@@ -206,7 +213,8 @@ class TransformerBlock(nn.Module):
                           dtype=self.dtype, param_dtype=self.param_dtype, name="attention")
 
   @nn.compact
-  def __call__(self, x, cond=None, *, positions=None, kv_valid_len=None, decode=False):
+  def __call__(self, x, cond=None, *, positions=None, kv_valid_len=None, decode=False, deterministic=True):
+    """deterministic=False applies dropout_rate (the apply then needs a "dropout" rng)."""
     if self.adaln != (cond is not None):
       raise ValueError(f"adaln={self.adaln} but cond is {'missing' if cond is None else 'given'}")
     width = x.shape[-1]
@@ -214,12 +222,13 @@ class TransformerBlock(nn.Module):
     norm_kwargs = dict(use_scale=not self.adaln, use_bias=not self.adaln, param_dtype=self.param_dtype)
     if self.adaln:
       shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = AdaLNModulation(
-          width, dtype=self.dtype, param_dtype=self.param_dtype, name="adaln")(cond)
+          width, dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=self.adaln_init, name="adaln")(cond)
+    dropout = nn.Dropout(self.dropout_rate, deterministic=deterministic or not self.dropout_rate)
 
     h = make_norm(self.norm, name="attention_norm", **norm_kwargs)(x)
     if self.adaln:
       h = modulate(h, shift_a, scale_a)
-    h = self._attention()(h, positions=positions, kv_valid_len=kv_valid_len, decode=decode)
+    h = dropout(self._attention()(h, positions=positions, kv_valid_len=kv_valid_len, decode=decode))
     if self.adaln:
       h = gate_a * h
     x = constrain(x + h.astype(x.dtype))
@@ -227,7 +236,7 @@ class TransformerBlock(nn.Module):
     h = make_norm(self.norm, name="mlp_norm", **norm_kwargs)(x)
     if self.adaln:
       h = modulate(h, shift_m, scale_m)
-    h = Mlp(self.mlp_dim, self.activation, dtype=self.dtype, param_dtype=self.param_dtype, name="mlp")(h)
+    h = dropout(Mlp(self.mlp_dim, self.activation, dtype=self.dtype, param_dtype=self.param_dtype, name="mlp")(h))
     if self.adaln:
       h = gate_m * h
     return constrain(x + h.astype(x.dtype))
@@ -264,9 +273,10 @@ class DecoderStack(nn.Module):
     super().__post_init__()
 
   @nn.compact
-  def __call__(self, x, cond=None, *, positions=None, kv_valid_len=None, decode=False):
+  def __call__(self, x, cond=None, *, positions=None, kv_valid_len=None, decode=False, deterministic=True):
     def body(block, carry, cond, positions, kv_valid_len):
-      out = block(carry, cond, positions=positions, kv_valid_len=kv_valid_len, decode=decode)
+      out = block(carry, cond, positions=positions, kv_valid_len=kv_valid_len, decode=decode,
+                  deterministic=deterministic)
       return out, None
 
     if self.remat_policy != "none" and not decode:  # no gradients while decoding
@@ -276,7 +286,7 @@ class DecoderStack(nn.Module):
 
     if self.scan_layers:
       scanned = nn.scan(
-          body, variable_axes={"params": 0, "cache": 0}, split_rngs={"params": True},
+          body, variable_axes={"params": 0, "cache": 0}, split_rngs={"params": True, "dropout": True},
           in_axes=(nn.broadcast, nn.broadcast, nn.broadcast), length=self.num_layers,
           metadata_params={nn.PARTITION_NAME: "layers"})
       x, _ = scanned(TransformerBlock(**self.block, name="layers"), x, cond, positions, kv_valid_len)

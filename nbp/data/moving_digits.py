@@ -394,4 +394,7 @@ def builder_from_config(data_cfg) -> tfds.core.DatasetBuilder:
 
 def digits_builder(data_cfg) -> tfds.core.DatasetBuilder:
   """The prepared `Digits` builder of a config's data section (its validation carve and `dir`)."""
-  return build(Digits(config=digits_config(*pipeline.validation_keys(data_cfg)), data_dir=data_cfg.dir))
+  config = digits_config(*pipeline.validation_keys(data_cfg))
+  # tfds tells a registered config from a custom one by identity: the default carve is the registered object.
+  config = Digits.builder_configs.get(config.name, config)
+  return build(Digits(config=config, data_dir=data_cfg.dir))
