@@ -224,7 +224,7 @@ def test_fid_of_a_set_against_itself_is_zero_and_grows_with_a_shift(small_incept
 
 
 # ---------------------------------------------------------------------------
-# Fake image generators: a setup with a Task whose sample_images returns real digits, or noise.
+# Fake image generators: a setup with a Task whose "sample_images" returns real digits, or noise.
 
 def _digits(image_size, data_dir):
   return ml_collections.ConfigDict({"name": "digits", "image_size": image_size, "dir": data_dir, "worker_count": 0})
@@ -249,7 +249,7 @@ BANK_START = 640  # train images 640.. feed the real-digit generator, past every
 
 def _digit_bank(data_cfg, per_class=40):
   """uint8 [10, per_class, S, S, 1]: train images from BANK_START on, sorted by class."""
-  real = images.read_images(data_cfg, "train", BANK_START, 1437 - BANK_START)
+  real = images.read_images(data_cfg, "train", BANK_START, len(images.image_source(data_cfg, "train")) - BANK_START)
   return np.stack([real["image"][real["class"] == k][:per_class] for k in range(10)])
 
 
@@ -264,8 +264,8 @@ def _noise_sampler(params, rng, labels):
 
 
 def _fake_context(data_cfg, sampler, params, seed=0):
-  task = tasks.Task(model=None, init_inputs=dict, loss=None, data=None, sample_images=sampler,
-                    to_images=lambda samples: np.asarray(samples, np.uint8))
+  task = tasks.Task(model=None, init_inputs=dict, loss=None, data=None,
+                    predict_fns={"sample_images": sampler, "to_images": lambda samples: np.asarray(samples, np.uint8)})
   config = ml_collections.ConfigDict({"family": "fake", "data": data_cfg.to_dict()})
   s = FakeSetup(config, task, sharding.make_mesh(config_lib.base_config().mesh))
   return evaluators.Context(setup=s, params=params, params_name="params", step=0, workdir="",
@@ -287,17 +287,25 @@ def test_generated_images_are_conditioned_on_the_stand_in_and_keyed_by_batch_sta
                              for i in (0, 4, 8)])[:10]
   np.testing.assert_array_equal(generated.images, expected)
   assert metrics["images_per_s"] > 0 and metrics["num_images"] == 10.0
-  reference = images.read_images(data, "test", 0, 10)["image"]
+  reference = images.read_images(data, "validation", 0, 10)["image"]  # the reference: validation by default
   np.testing.assert_allclose(metrics["d"], frechet.frechet_distance_of_features(
       extract(reference), extract(generated.images)), rtol=1e-6)
+  on_test, same_stand_in, same = image_generation.compare_with_real_images(
+      context, extract=extract, key="d", num_images=10, batch_size=4, seed=2, floor=True, split="test")
+  test_reference = images.read_images(data, "test", 0, 10)["image"]
+  assert not np.array_equal(test_reference, reference)
+  np.testing.assert_array_equal(same.images, generated.images)  # only the reference set changes
+  np.testing.assert_array_equal(same_stand_in["image"], stand_in["image"])
+  np.testing.assert_allclose(on_test["d"], frechet.frechet_distance_of_features(
+      extract(test_reference), extract(generated.images)), rtol=1e-6)
   # A generator of another image size: the error names both shapes.
   wrong = _fake_context(data, _real_digit_sampler, jnp.zeros((10, 2, 6, 6, 1), jnp.uint8))
   with pytest.raises(ValueError, match=r"\(6, 6, 1\) but the test's set has \(8, 8, 1\)"):
     image_generation.compare_with_real_images(wrong, extract=extract, key="d", num_images=4, batch_size=4, seed=0,
                                               floor=False, judge="the test's set")
   no_images = dataclasses.replace(context, setup=FakeSetup(context.setup.config, dataclasses.replace(
-      context.setup.task, sample_images=None), context.setup.mesh))
-  with pytest.raises(ValueError, match="sample_images"):
+      context.setup.task, predict_fns={"to_images": np.asarray}), context.setup.mesh))
+  with pytest.raises(ValueError, match=r"an FID evaluator asks for predict function 'sample_images'.*\['to_images'\]"):
     image_generation.compare_with_real_images(no_images, extract=extract, key="d", num_images=4, batch_size=4,
                                               seed=0, floor=False)
 
@@ -352,13 +360,22 @@ def test_fid_digits_is_near_the_floor_for_real_digits_and_far_above_for_noise(im
                        "sample_seconds", "compile_seconds", "num_images"}
   assert generated.images.shape == (100, 8, 8, 1)
   floor = real[FID_KEY + "_floor"]
+  # Measured (validation, the default): floor 3.01, real digits 3.82, noise 19.2; 100 of the 144 validation
+  # images are further from the train stand-in than 100 of the 360 test images are (below).
   assert 0 < floor and real[FID_KEY] < 2 * floor
-  assert noise[FID_KEY] > 10 * floor  # measured: floor 0.58, real digits 0.90, noise 11.7
+  assert noise[FID_KEY] > 5 * floor
   assert real["class_match"] > 0.5 and noise["class_match"] < 0.5
-  # The number is the distance of these very sets, through the classifier alone.
-  model, params, _ = video_classifier.load_classifier(image_classifier_workdir)
-  extract = fid_digits.feature_extractor(model, params, batch_size=32)
-  reference = images.read_images(data, "test", 0, 100)["image"]
+  # On the test split (Context.split, as experiments.evaluate --split test sets it): floor 0.75, real 1.38,
+  # noise 17.0 measured.
+  on_test = lambda context: evaluator.run(dataclasses.replace(context, split="test"))
+  real_test = on_test(_fake_context(data, _real_digit_sampler, jnp.asarray(_digit_bank(data))))
+  noise_test = on_test(_fake_context(data, _noise_sampler, jnp.zeros((10, 1, 8, 8, 1), jnp.uint8)))
+  floor_test = real_test[FID_KEY + "_floor"]
+  assert floor_test != floor and 0 < floor_test and real_test[FID_KEY] < 2 * floor_test
+  assert noise_test[FID_KEY] > 10 * floor_test
+  # The number is the distance of these very sets (validation images), through the classifier alone.
+  extract = fid_digits.load_judge(image_classifier_workdir, 32).features
+  reference = images.read_images(data, "validation", 0, 100)["image"]
   np.testing.assert_allclose(real[FID_KEY], frechet.frechet_distance_of_features(
       extract(reference), extract(generated.images)), rtol=1e-6)
 

@@ -67,7 +67,7 @@ def get_config(arg: str = "local"):
     ntp_digits.set_digits_data(c.data, local=True)  # the data NBP and NTP are trained on
     c.data.levels = ntp_digits.LEVELS
     c.data.num_train = 8000
-    c.data.num_test = 1000  # test videos 0..199 are the generators' test videos
+    c.data.num_test = 1000  # validation and test videos 0..199 are the generators' own (same knobs and carve)
 
   c.batch_size = 32 if local else 256
   c.num_steps = 1500 if local else 10_000
@@ -81,6 +81,6 @@ def get_config(arg: str = "local"):
   c.evals.eval.every = 500 if local else 2000
   c.evals.eval.steps = 8
   if generators:
-    c.evals.eval.steps = 31  # 992 of the 1000 test videos
+    c.evals.eval.steps = 31  # 992 of the 1000 validation videos (num_validation defaults to num_test)
   c.lock()
   return c
