@@ -159,8 +159,8 @@ def _tiny(kind="cell", **kw):
 def _params(model, seed=0, noise=0.05):
   """Parameters with the zero-initialised heads perturbed, so velocities depend on everything."""
   s = model.seq_len * (2 if model.teacher_forcing else 1)
-  params = model.init(jax.random.key(seed), jnp.zeros((1, s, model.token_dim)), jnp.zeros((1, s)),
-                      jnp.zeros((1,), jnp.int32))["params"]
+  params = jax.jit(model.init)(jax.random.key(seed), jnp.zeros((1, s, model.token_dim)), jnp.zeros((1, s)),
+                               jnp.zeros((1,), jnp.int32))["params"]
   leaves, tree = jax.tree.flatten(params)
   keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
   return jax.tree.unflatten(tree, [p + noise * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)])
@@ -202,7 +202,8 @@ def test_noisy_context_draws_a_time_per_entity_of_every_sample():
     seen["times"] = times
     return inputs
 
-  stand_in = types.SimpleNamespace(entities=ents, teacher_forcing=False, seq_len=16, num_classes=5, apply=apply)
+  stand_in = types.SimpleNamespace(entities=ents, teacher_forcing=False, seq_len=16, num_classes=5, dropout=0.0,
+                                   apply=apply)
   batch = {"tokens": jnp.zeros((64, 4, 4, 3)), "class": jnp.zeros((64,), jnp.int32)}
   xar.loss(stand_in, None, batch, jax.random.key(0), class_dropout=0.0)
   t = np.asarray(seen["times"]).reshape(64, 4, 4)  # [B, cells, tokens per cell]
@@ -235,8 +236,8 @@ def test_velocity_of_an_entity_ignores_later_entities(kind, kw, teacher_forcing)
   n = 2 * s if teacher_forcing else s
   rng = np.random.default_rng(0)
   x, t = rng.normal(size=(2, n, 3)).astype(np.float32), rng.uniform(size=(2, n)).astype(np.float32)
-  labels = np.array([1, 4])
-  base = _apply(model, params, x, t, labels)
+  apply = jax.jit(lambda x, t: model.apply({"params": params}, x, t, jnp.array([1, 4])))
+  base = np.asarray(apply(x, t))
   ends = np.cumsum(ents.sizes)
   checked = sorted({0, len(ends) // 2, len(ends) - 1})  # first, middle and last entity
   for i in checked:
@@ -250,14 +251,14 @@ def test_velocity_of_an_entity_ignores_later_entities(kind, kw, teacher_forcing)
     x2, t2 = x.copy(), t.copy()
     x2[:, later] += rng.normal(size=x2[:, later].shape).astype(np.float32)
     t2[:, later] = rng.uniform(size=t2[:, later].shape)
-    out = _apply(model, params, x2, t2, labels)
+    out = np.asarray(apply(x2, t2))
     rows = slice(s + start, s + end) if teacher_forcing else slice(0, end)
     np.testing.assert_allclose(out[:, rows], base[:, rows], rtol=1e-5, atol=1e-5)
     # Entity i's own tokens change its velocity, and the entities after it see it.
     x3 = x.copy()
     own = slice(s + start, s + end) if teacher_forcing else slice(start, end)
     x3[:, own] += 1.0
-    out = _apply(model, params, x3, t, labels)
+    out = np.asarray(apply(x3, t))
     assert np.abs(out[:, own] - base[:, own]).max() > 1e-3
     if not teacher_forcing and end < s:
       assert np.abs(out[:, end:] - base[:, end:]).max() > 1e-3
@@ -427,7 +428,7 @@ SLOW = pytest.mark.slow
 
 @pytest.mark.parametrize("kind,teacher_forcing,context", [
     ("cell", False, "t_end"), ("cell", False, "clean"), ("cell", False, "fixed"), ("scale", False, "t_end"),
-    ("scale", False, "fixed"), ("cell", True, "clean"), pytest.param("token", False, "clean", marks=SLOW),
+    pytest.param("scale", False, "fixed", marks=SLOW), ("cell", True, "clean"), pytest.param("token", False, "clean", marks=SLOW),
     pytest.param("scale", False, "clean", marks=SLOW), pytest.param("scale", True, "clean", marks=SLOW)])
 def test_cached_sampling_equals_uncached(kind, teacher_forcing, context):
   """Every context mode: uniform entities (cells; tokens over several phases), entities of several sizes."""
