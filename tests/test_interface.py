@@ -87,6 +87,21 @@ def test_an_evaluator_config_naming_a_missing_function_fails_with_that_error():
     evaluators.run(psnr, context, final=True)
 
 
+def test_a_config_naming_a_missing_function_fails_before_the_first_step():
+  """The loop checks every evaluator's named functions against the family before training (naming the key)."""
+  task = _task(sample=lambda params, rng: params, split_arrays=lambda split: {})
+  built = evaluators.build({"metrics": dict(type="split_metrics", pred="score"),
+                            "sample": dict(type="samples")})
+  with pytest.raises(ValueError, match=r"config\.evals\.metrics\.pred='score': this family does not offer it"):
+    evaluators.check_predict_fns(built, task)
+  # The samples writer is optional (every config has one); a family with a score passes.
+  evaluators.check_predict_fns(evaluators.build({"sample": dict(type="samples", pred="draw")}), task)
+  evaluators.check_predict_fns(built, _task(score=lambda p, b: {}, split_arrays=lambda split: {}))
+  wrong_arrays = evaluators.build({"metrics": dict(type="split_metrics", arrays="examples")})
+  with pytest.raises(ValueError, match=r"config\.evals\.metrics\.arrays='examples'"):
+    evaluators.check_predict_fns(wrong_arrays, _task(score=lambda p, b: {}, split_arrays=lambda split: {}))
+
+
 # ---------------------------------------------------------------------------
 # The splits the loop's evaluators read: validation in training, test once at the end.
 

@@ -78,6 +78,26 @@ def build(evals_cfg) -> dict[str, tuple[int, Any]]:
   return out
 
 
+# Evaluator fields that name one of the family's predict functions (nbp.tasks.PREDICT_FNS).
+PREDICT_FIELDS = ("pred", "arrays", "to_images", "write")
+
+
+def check_predict_fns(built: dict[str, tuple[int, Any]], task) -> None:
+  """Raises ValueError naming `config.evals.<name>.<field>` when it names a function the family does not offer.
+
+  Runs before the first training step. An evaluator class with `OPTIONAL_PREDICT_FNS` (the samples writer,
+  in every config by default) does nothing for a family without them, and is not checked.
+  """
+  for name, (_, evaluator) in built.items():
+    if getattr(evaluator, "OPTIONAL_PREDICT_FNS", False):
+      continue
+    for field in PREDICT_FIELDS:
+      fn_name = getattr(evaluator, field, None)
+      if fn_name is not None and not task.offers(fn_name):
+        raise ValueError(f"config.evals.{name}.{field}={fn_name!r}: this family does not offer it; it offers "
+                         f"{sorted(task.predict_fns)}.")
+
+
 def due(every: int, step: int, final: bool) -> bool:
   return final or bool(every and step % every == 0)
 

@@ -25,6 +25,8 @@ def draw(s, params, rng, pred: str = "sample"):
 
 @dataclasses.dataclass
 class Evaluator:
+  OPTIONAL_PREDICT_FNS = True  # in every config by default: a family without a sampler writes nothing
+
   subdir: str = "samples"  # under the workdir
   pred: str = "sample"  # the task's sampler: (params, rng) -> samples; a family without it writes nothing
   write: str = "write_samples"  # the task's writer: (samples, out_dir, step) -> numbers

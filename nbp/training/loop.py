@@ -302,6 +302,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   writer = metrics_lib.MetricWriter(workdir)
   workdir_lib.write_config(workdir, config)
   scheduled = evaluators.build(config.evals)  # fails on a bad config.evals before the first step
+  evaluators.check_predict_fns(scheduled, s.task)
   base_rng = jax.random.key(config.seed + 1)
   with s.context():
     step_fn = compile_train_step(s)
