@@ -332,6 +332,24 @@ def test_official_block_switches_qkv_bias_adaln_init_and_dropout():
 
 
 @NEEDS_BLOCK_SWITCHES
+def test_dropout_under_scanned_and_rematerialised_layers():
+  """The pod configs' layer stack (nn.scan, remat) with dropout: a gradient step with a mask per layer."""
+  model = _tiny("cell", dropout=0.5, scan_layers=True, remat_policy="full", qkv_bias=True, adaln_init="xavier")
+  params = _params(model)
+  x = np.random.default_rng(0).normal(size=(2, 16, 3)).astype(np.float32)
+  t, labels = np.full((2, 16), 0.3, np.float32), jnp.array([0, 1])
+
+  def loss(p, key):
+    v = model.apply({"params": p}, x, t, labels, deterministic=False, rngs={"dropout": key})
+    return jnp.mean(jnp.square(v))
+
+  values = [jax.jit(jax.value_and_grad(loss))(params, jax.random.key(k)) for k in (0, 1)]
+  assert all(np.isfinite(float(v)) for v, _ in values) and float(values[0][0]) != float(values[1][0])
+  without = model.clone(dropout=0.0)  # the same parameters; deterministic calls must equal it
+  np.testing.assert_allclose(_apply(model, params, x, t, labels), _apply(without, params, x, t, labels), rtol=1e-6)
+
+
+@NEEDS_BLOCK_SWITCHES
 def test_a_train_step_with_every_official_switch(data_dir):
   """xar_imagenet.py's switches (nbp.models.xar.OFFICIAL) on the digits: a finite step, dropout in the loss only."""
   config = tiny_xar_config(data_dir, "cell", **{f"model.{k}": v for k, v in xar_model.OFFICIAL.items()})
