@@ -29,10 +29,15 @@ Expected (cell, S, 1,500 steps): the digit asked for in most unguided samples,
 more with guidance; the measured figures (in-domain FID and class match,
 validation and test) are docs/xar.md's, from experiments/benchmark_xar.py.
 
-The choices below marked "measured" were each measured against this config's
-default, one switch at a time: cell, S, 1,500 steps, seed 0, no guidance, the
-in-domain FID (fid_digits_classifier) and class match of 144 samples against
-the 144 validation images (the commands are in docs/xar.md).
+Three choices are made by measurement on the validation split, each against
+this config's default with one thing changed (cell, S, seed 0; the in-domain
+FID and class match of 144 samples against the 144 validation images):
+the differences from the official network (model.qkv_bias, input_norm,
+dropout, adaln_init, time_embedding), what the sampler caches as context
+(sampler.context) and, for latents, loss.posterior. The commands are
+experiments/benchmark_xar.py --parts switches, context and posterior; the
+figures are in docs/xar.md. Until they are measured, each keeps this
+codebase's earlier choice.
 
 Argument: "ENTITY[,SIZE][,tf][,latents][,fid]", SIZE a key of nbp.models.xar.SIZES
 (default S).
@@ -82,7 +87,7 @@ def get_config(arg: str = "cell"):
   c.model.teacher_forcing = "tf" in flags
   c.model.variant = variants[0] if variants else "S"
   c.model.attention_impl = "auto"
-  # The differences from the official network (nbp.models.xar.OFFICIAL), each measured (docstring).
+  # The differences from the official network (nbp.models.xar.OFFICIAL); chosen on validation (docstring).
   c.model.qkv_bias = False
   c.model.input_norm = False
   c.model.dropout = 0.0
@@ -92,7 +97,7 @@ def get_config(arg: str = "cell"):
   c.loss.class_dropout = 0.1  # null class for guidance
   c.loss.t_mean = 0.0  # logit-normal t
   c.loss.t_std = 1.0
-  c.loss.posterior = "mean"  # latents: the posterior mean, or "sample" a draw per step (measured; pixels: "mean")
+  c.loss.posterior = "mean"  # latents: the posterior mean, or "sample" a draw per step (pixels: "mean")
 
   c.sampler.num_samples = 20  # two of each class
   c.sampler.num_steps = 20  # solver steps per entity
