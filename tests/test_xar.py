@@ -14,7 +14,6 @@ import pytest
 from experiments.configs import kl_vae_digits, xar_digits, xar_imagenet
 from kernels import dispatch
 from kernels.masks import MaskSpec
-from layers import transformer as transformer_lib
 from nbp import tasks
 from nbp.models import entities as entities_lib
 from nbp.models import xar as xar_model
@@ -264,12 +263,6 @@ def test_velocity_of_an_entity_ignores_later_entities(kind, kw, teacher_forcing)
       assert np.abs(out[:, end:] - base[:, end:]).max() > 1e-3
 
 
-BLOCK_SWITCHES = {"attention_bias", "dropout_rate", "adaln_init"}
-NEEDS_BLOCK_SWITCHES = pytest.mark.skipif(
-    not BLOCK_SWITCHES <= set(tasks.module_fields(transformer_lib.TransformerBlock)),
-    reason="layers.transformer.TransformerBlock has no attention_bias / dropout_rate / adaln_init fields yet")
-
-
 def test_integer_time_embedding_floors_t_times_1000():
   t = jnp.array([0.5, 0.50049, 0.0401, 0.04])
   continuous = xar_model.timestep_embedding(t, 16)
@@ -306,7 +299,6 @@ def _init_params(model):
                             jnp.zeros((1, model.seq_len)), jnp.zeros((1,), jnp.int32))["params"])
 
 
-@NEEDS_BLOCK_SWITCHES
 def test_official_block_switches_qkv_bias_adaln_init_and_dropout():
   default, official = _tiny("cell"), _tiny("cell", qkv_bias=True, adaln_init="xavier", dropout=0.5)
   p0, p1 = _init_params(default), _init_params(official)
@@ -331,7 +323,6 @@ def test_official_block_switches_qkv_bias_adaln_init_and_dropout():
     _tiny("cell", adaln_init="ones").check()
 
 
-@NEEDS_BLOCK_SWITCHES
 def test_dropout_under_scanned_and_rematerialised_layers():
   """The pod configs' layer stack (nn.scan, remat) with dropout: a gradient step with a mask per layer."""
   model = _tiny("cell", dropout=0.5, scan_layers=True, remat_policy="full", qkv_bias=True, adaln_init="xavier")
@@ -349,7 +340,6 @@ def test_dropout_under_scanned_and_rematerialised_layers():
   np.testing.assert_allclose(_apply(model, params, x, t, labels), _apply(without, params, x, t, labels), rtol=1e-6)
 
 
-@NEEDS_BLOCK_SWITCHES
 def test_a_train_step_with_every_official_switch(data_dir):
   """xar_imagenet.py's switches (nbp.models.xar.OFFICIAL) on the digits: a finite step, dropout in the loss only."""
   config = tiny_xar_config(data_dir, "cell", **{f"model.{k}": v for k, v in xar_model.OFFICIAL.items()})

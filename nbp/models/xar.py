@@ -186,17 +186,6 @@ class XAR(sizes.SizedByTable, nn.Module):
     if not 0.0 <= self.dropout < 1.0:
       raise ValueError(f"config.model.dropout={self.dropout} must be in [0, 1)")
 
-  def block_switches(self) -> dict[str, Any]:
-    """The TransformerBlock fields of the official-network switches that differ from the block's defaults."""
-    switches = {}
-    if self.qkv_bias:
-      switches["attention_bias"] = True
-    if self.dropout:
-      switches["dropout_rate"] = self.dropout
-    if self.adaln_init != "zeros":
-      switches["adaln_init"] = ADALN_INITS[self.adaln_init]
-    return switches
-
   def setup(self):
     self.check()
     dtype = jnp.dtype(self.dtype)
@@ -213,7 +202,8 @@ class XAR(sizes.SizedByTable, nn.Module):
         num_layers=self.depth,
         block=dict(num_heads=self.heads, head_dim=width // self.heads, mlp_dim=mlp_dim(width), activation="swiglu",
                    norm="rmsnorm", mask=self.mask(), rope="2d", rope_base=self.rope_base, impl=self.attention_impl,
-                   dtype=dtype, max_decode_len=self.seq_len, adaln=True, **self.block_switches()),
+                   dtype=dtype, max_decode_len=self.seq_len, adaln=True, attention_bias=self.qkv_bias,
+                   dropout_rate=self.dropout, adaln_init=ADALN_INITS[self.adaln_init]),
         scan_layers=self.scan_layers, remat_policy=self.remat_policy)
     self.final_norm = transformer_lib.make_norm("rmsnorm", use_scale=False)
     self.final_modulation = transformer_lib.AdaLNModulation(width, num_chunks=2, dtype=dtype)
@@ -241,8 +231,7 @@ class XAR(sizes.SizedByTable, nn.Module):
     cond = self.class_embed(labels)[:, None, :] + self.time_embed(t)  # [B, T, E]
     positions = jnp.take(jnp.asarray(self.entities.positions()), slots, axis=0)  # [B, T, 2]
     x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
-    stack_kwargs = {"deterministic": deterministic} if self.dropout else {}
-    x = self.decoder(x, cond, positions=positions, decode=decode, **stack_kwargs)
+    x = self.decoder(x, cond, positions=positions, decode=decode, deterministic=deterministic)
     shift, scale = self.final_modulation(cond)
     x = transformer_lib.modulate(self.final_norm(x), shift, scale)
     return self.head(x).astype(jnp.float32)  # [B, T, C]
