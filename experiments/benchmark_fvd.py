@@ -4,7 +4,7 @@ r"""In-domain FVD of trained moving-digits generators, side by side: fvd_digits_
       --run runs/fvd/nbp_row \
       --run experiments/configs/nbp_digits.py:XS,local,token=runs/fvd/nbp_token \
       [--run runs/fvd/ntp] [--num_videos 256] [--sample_batch_size 64] [--seeds 0,1] \
-      [--split validation] [--out_dir runs/fvd/benchmark]
+      [--fvd_split validation] [--out_dir runs/fvd/benchmark]
 
 A thin caller of the `fvd_digits` evaluator (nbp/evaluators/fvd_digits.py),
 once per run and seed. Each `--run` is a trained `next_block` run (NBP, or
@@ -18,7 +18,7 @@ from the classifier's in shape, digits, speed or grey levels.
 
 Per sampling seed s (N = --num_videos), as nbp/evaluators/generation.py says:
 the reference is real videos 0..N-1 of one split of the classifier's data
-(--split: validation while choosing settings, test once for the report), the
+(--fvd_split: validation while choosing settings, test once for the report), the
 stand-in videos (s+1)N..(s+2)N-1 of the same split; the floor is their
 distance; each run draws N videos conditioned like the stand-in (its digit
 classes, or its first frames for frame prediction) with the key
@@ -65,7 +65,7 @@ CLASSIFIER = flags.DEFINE_string(
 NUM_VIDEOS = flags.DEFINE_integer("num_videos", 256, "N: generated videos per run and seed, and real videos per set.")
 BATCH_SIZE = flags.DEFINE_integer("sample_batch_size", 64, "Videos per sampler call (and per classifier call).")
 SEEDS = flags.DEFINE_list("seeds", ["0"], "Sampling seeds; seed s also picks the real stand-in set.")
-SPLIT = flags.DEFINE_enum("split", "validation", ["validation", "test"],
+SPLIT = flags.DEFINE_enum("fvd_split", "validation", ["validation", "test"],
                           "The real videos' split: validation while choosing, test once for the report.")
 OUT_DIR = flags.DEFINE_string("out_dir", "", "If set: results.json and samples_<run>.png here.")
 

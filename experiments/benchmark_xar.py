@@ -1,9 +1,9 @@
 r"""xAR on digits: entity kinds, what the sampler caches as context, latents, the network switches, and speed.
 
-  python -m experiments.benchmark_xar --parts kinds,context,posterior,switches,speed \
+  python -m experiments.benchmark_xar --xar_parts kinds,context,posterior,switches,speed \
       [--image_classifier runs/image_classifier_digits] [--kinds cell,token,subsample,scale,image,cell:tf] \
       [--train_seeds 0,1,2] [--variant S] [--num_steps 1500] [--guidance_scales 1,3] \
-      [--splits validation] [--runs_dir runs/xar_benchmark] [--smoke]
+      [--xar_splits validation] [--runs_dir runs/xar_benchmark] [--smoke]
 
 Every quality figure is the `fid_digits` evaluator (nbp/evaluators/fid_digits.py):
 N generated images against N real images of a split, judged by the digit
@@ -12,13 +12,13 @@ there first if absent), with the real-vs-real floor (N train images against
 the same reference) and the class match (the share of samples the classifier
 reads as the digit asked for; real images score about 0.99). N is the whole
 split: 144 validation images, 360 test images. Choices are made on
-validation (`--splits validation`, the default); the test split is evaluated
-once, for the settings chosen, with `--splits test` (the same runs, reused).
+validation (`--xar_splits validation`, the default); the test split is evaluated
+once, for the settings chosen, with `--xar_splits test` (the same runs, reused).
 Sampling is deterministic (fixed keys and classes), so a table re-measured
 from the same checkpoints gives the same numbers. A finished run in
 runs_dir is reused.
 
-Parts (`--parts`, any of):
+Parts (`--xar_parts`, any of):
   kinds      every kind of `--kinds` ("KIND:tf": teacher forcing) and training
              seed, xar_digits.py:KIND,VARIANT for `--num_steps` steps, sampled
              with the config's sampler at each guidance scale of
@@ -75,7 +75,7 @@ from nbp.training import workdir as workdir_lib
 PARTS = ("kinds", "context", "posterior", "switches", "speed")
 SPLIT_IMAGES = {"validation": xar_digits.VALIDATION_IMAGES, "test": 360}  # N: the whole split
 
-PARTS_FLAG = flags.DEFINE_list("parts", ["kinds", "speed"], f"Which parts to run, of {PARTS}.")
+PARTS_FLAG = flags.DEFINE_list("xar_parts", ["kinds", "speed"], f"Which parts to run, of {PARTS}.")
 CLASSIFIER = flags.DEFINE_string("image_classifier", "runs/image_classifier_digits",
                                  "Workdir of the digit image classifier (trained there first if absent).")
 KINDS = flags.DEFINE_list("kinds", ["cell", "token", "subsample", "scale", "image", "cell:tf"],
@@ -85,7 +85,7 @@ VARIANT = flags.DEFINE_string("variant", "S", "nbp.models.xar.SIZES key of every
 NUM_STEPS = flags.DEFINE_integer("num_steps", 1500, "Training steps of every run (batch 32): the config's own.")
 GUIDANCE = flags.DEFINE_list("guidance_scales", ["1", "3"], "Guidance scales sampled (1: no guidance).")
 CONTEXT_LEVELS = flags.DEFINE_list("context_levels", ["0.1", "0.3"], "context_t of the 'fixed' context mode.")
-SPLITS = flags.DEFINE_list("splits", ["validation"], "Reference splits: validation (choices), test (once).")
+SPLITS = flags.DEFINE_list("xar_splits", ["validation"], "Reference splits: validation (choices), test (once).")
 OUT_DIR = flags.DEFINE_string("runs_dir", "runs/xar_benchmark", "Run workdirs and results.json.")
 DATA_DIR = flags.DEFINE_string("data_dir", "data", "tfds data dir of the digits.")
 SMOKE = flags.DEFINE_bool("smoke", False, "Every part at a tiny size under runs_dir/smoke (checks the script).")
@@ -350,10 +350,10 @@ def main(argv):
   del argv
   unknown = sorted(set(PARTS_FLAG.value) - set(PARTS))
   if unknown:
-    raise ValueError(f"--parts: {unknown} unknown; choose from {PARTS}")
+    raise ValueError(f"--xar_parts: {unknown} unknown; choose from {PARTS}")
   bad_splits = sorted(set(SPLITS.value) - set(SPLIT_IMAGES))
   if bad_splits:
-    raise ValueError(f"--splits: {bad_splits} unknown; choose from {sorted(SPLIT_IMAGES)}")
+    raise ValueError(f"--xar_splits: {bad_splits} unknown; choose from {sorted(SPLIT_IMAGES)}")
   os.makedirs(runs_dir(), exist_ok=True)
   parts = {"kinds": kinds_part, "context": context_part, "posterior": posterior_part, "switches": switches_part,
            "speed": lambda: [speed(int(b)) for b in SPEED_BATCHES.value]}

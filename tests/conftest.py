@@ -31,6 +31,7 @@ def tiny_ntp_config(data_dir: str, **overrides):
   c.data.num_frames = 2
   c.data.frame_size = 8
   c.data.num_train = 64
+  c.data.num_validation = 16
   c.data.num_test = 16
   c.model.grid = (2, 8, 8)
   c.sampler.num_samples = 2

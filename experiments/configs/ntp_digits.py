@@ -78,6 +78,7 @@ def set_digits_data(d, local: bool) -> None:
   d.num_digits = 1 if local else 2  # classes: 10 ** num_digits (ordered digit tuples)
   d.speed = 2.0
   d.num_train = 2000 if local else 20000
+  d.num_validation = 200 if local else 2000  # validation scans carved from the train pool
   d.num_test = 200 if local else 2000
 
 

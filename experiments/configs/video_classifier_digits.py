@@ -61,13 +61,15 @@ def get_config(arg: str = "local"):
   c.data.num_digits = 2
   c.data.speed = 2.0
   c.data.num_train = 4000 if local else 20000
+  c.data.num_validation = 500 if local else 2000  # validation scans carved from the train pool
   c.data.num_test = 500 if local else 2000
   c.data.levels = 0  # grey levels the videos are requantised to (0: raw uint8)
   if generators:
     ntp_digits.set_digits_data(c.data, local=True)  # the data NBP and NTP are trained on
     c.data.levels = ntp_digits.LEVELS
     c.data.num_train = 8000
-    c.data.num_test = 1000  # validation and test videos 0..199 are the generators' own (same knobs and carve)
+    c.data.num_validation = 1000  # validation and test videos 0..199 are the generators' own (same knobs and carve)
+    c.data.num_test = 1000
 
   c.batch_size = 32 if local else 256
   c.num_steps = 1500 if local else 10_000
@@ -81,6 +83,6 @@ def get_config(arg: str = "local"):
   c.evals.eval.every = 500 if local else 2000
   c.evals.eval.steps = 8
   if generators:
-    c.evals.eval.steps = 31  # 992 of the 1000 validation videos (num_validation defaults to num_test)
+    c.evals.eval.steps = 31  # 992 of the 1000 validation videos
   c.lock()
   return c

@@ -64,6 +64,7 @@ def get_config(arg: str = "local"):
   c.data.num_digits = 1 if local else 2
   c.data.speed = 2.0 if local else 8.0
   c.data.num_train = 2000 if local else 20000
+  c.data.num_validation = 200 if local else 2000  # validation scans carved from the train pool
   c.data.num_test = 200 if local else 2000
 
   c.batch_size = 16 if local else 64

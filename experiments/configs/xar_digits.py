@@ -35,7 +35,7 @@ FID and class match of 144 samples against the 144 validation images):
 the differences from the official network (model.qkv_bias, input_norm,
 dropout, adaln_init, time_embedding), what the sampler caches as context
 (sampler.context) and, for latents, loss.posterior. The commands are
-experiments/benchmark_xar.py --parts switches, context and posterior; the
+experiments/benchmark_xar.py --xar_parts switches, context and posterior; the
 figures are in docs/xar.md. Until they are measured, each keeps this
 codebase's earlier choice.
 

@@ -21,7 +21,7 @@ keys and values the later entities attend to are those of one of
 None of them is the context a noisy-context model saw in training, where each
 entity's t is logit-normal(0, 1): P(t <= 0.04) = Phi(logit 0.04) is about
 0.07%, P(t <= 0.1) about 1.4%, and t = 0 never occurs. Which works best is a
-measurement (experiments/benchmark_xar.py --parts context, on the same
+measurement (experiments/benchmark_xar.py --xar_parts context, on the same
 checkpoints); the config that uses a choice says its figure. A teacher-forced
 model was trained on clean context, so "clean" is its context as trained.
 
