@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from kernels import masks
+from kernels import scan_attention
 
 
 def _as_bkgts_mask(mask, num_kv_heads):
@@ -52,6 +53,42 @@ def xla_attention(q, k, v, mask=None):
   probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
   out = jnp.einsum("bkgts,bskd->btkgd", probs, v)  # [B, T, K, G, D]
   return out.reshape(b, t, h, d).astype(q.dtype)
+
+
+def xla_attention_lse(q, k, v, mask=None):
+  """`xla_attention` that also returns the logsumexp of each query's scaled logits.
+
+  q [B, T, H, D], k and v [B, S, K, D] -> (out [B, T, H, D], lse float32 [B, T, H]).
+  Two attentions of the same query over disjoint key sets merge exactly by
+  `merge_attention`. A row without any visible key has lse about MASK_VALUE.
+  """
+  b, t, h, d = q.shape
+  kv_heads = k.shape[2]
+  if h % kv_heads:
+    raise ValueError(f"{h} query heads are not a multiple of {kv_heads} kv heads")
+  q = q.reshape(b, t, kv_heads, h // kv_heads, d)  # [B, T, K, G, D]
+  logits = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
+  logits = logits * (1.0 / math.sqrt(d))  # [B, K, G, T, S]
+  if mask is not None:
+    logits = jnp.where(_as_bkgts_mask(mask, kv_heads), logits, masks.MASK_VALUE)
+  lse = jax.nn.logsumexp(logits, axis=-1)  # [B, K, G, T]
+  probs = jnp.exp(logits - lse[..., None]).astype(v.dtype)
+  out = jnp.einsum("bkgts,bskd->btkgd", probs, v)  # [B, T, K, G, D]
+  return out.reshape(b, t, h, d).astype(q.dtype), lse.transpose(0, 3, 1, 2).reshape(b, t, h)
+
+
+def merge_attention(out_a, lse_a, out_b, lse_b):
+  """The attention over the union of two disjoint key sets, from each set's (out [..., D], lse [...]).
+
+  The softmax combine of scan attention (kernels.scan_attention.combine) on
+  the states (lse, 1, out): weights exp(lse_a - m) and exp(lse_b - m) with m
+  the larger lse. Output in out_a.dtype.
+  """
+  m, u, w = scan_attention.combine(
+      (lse_a.astype(jnp.float32), jnp.ones_like(lse_a, jnp.float32), out_a.astype(jnp.float32)),
+      (lse_b.astype(jnp.float32), jnp.ones_like(lse_b, jnp.float32), out_b.astype(jnp.float32)))
+  del m
+  return (w / u[..., None]).astype(out_a.dtype)
 
 
 def block_causal_attention(q, k, v, *, block_len, prefix_len=0, kv_valid_len=None):

@@ -77,7 +77,7 @@ def _safe_divide(w, u):
 # Reference: the parallel prefix scan.
 
 
-def _combine(a, b):
+def combine(a, b):
   """The associative (m, u, w) operator; a holds the earlier positions."""
   m_a, u_a, w_a = a
   m_b, u_b, w_b = b
@@ -94,7 +94,7 @@ def scan_attention_reference(s, v, valid=None):
   s, valid_bth = _masked_scores(s, valid)
   u = valid_bth.astype(jnp.float32)  # each position alone: u = 1 (0 if invalid)
   w = u[..., None] * v.astype(jnp.float32)
-  m, u, w = lax.associative_scan(_combine, (s, u, w), axis=1)
+  m, u, w = lax.associative_scan(combine, (s, u, w), axis=1)
   return _safe_divide(w, u).astype(v.dtype)
 
 

@@ -7,6 +7,8 @@ A block is pre-norm: x + Attn(Norm(x)), then x + Mlp(Norm(x)). Its attention
 is softmax multi-head attention or, with `attention="aaren"`, Aaren's
 learned-query prefix-scan attention (layers/aaren.py), everything else
 unchanged: any causal model built on the stack switches by that one field.
+`attention="two_stream"` (layers/two_stream.py) serves the energy-based
+transformer: observed tokens and candidates in one sequence.
 With adaLN
 (DiT-style, used by xAR) a condition c [B, C] or per token [B, T, C] gives a
 shift, scale and gate per sub-block; by default the gates start at zero so a
@@ -34,6 +36,7 @@ from kernels.masks import MaskSpec
 from layers import linear
 from layers.aaren import AarenAttention
 from layers.attention import MultiHeadAttention
+from layers.two_stream import TwoStreamAttention
 
 ACTIVATION_AXES = ("batch", "length", "embed")
 
@@ -163,7 +166,7 @@ class AdaLNModulation(nn.Module):
 # Block and stack.
 
 
-ATTENTIONS = ("softmax", "aaren")
+ATTENTIONS = ("softmax", "aaren", "two_stream")
 
 
 def is_causal(mask: MaskSpec) -> bool:
@@ -194,7 +197,10 @@ class TransformerBlock(nn.Module):
   adaln_init: Callable = nn.initializers.zeros  # the adaLN modulation kernel's initializer
   attention_bias: bool = False  # biases on the q/k/v/out projections of softmax attention
   dropout_rate: float = 0.0  # dropout on the attention and MLP outputs before each residual add (training only)
-  attention: str = "softmax"  # "softmax" (MultiHeadAttention) or "aaren" (AarenAttention; causal masks only)
+  # "softmax" (MultiHeadAttention), "aaren" (AarenAttention; causal masks only) or "two_stream"
+  # (layers/two_stream.py: `num_observed` observed tokens first, then candidates; `mask` and `rope` unused).
+  attention: str = "softmax"
+  num_observed: int = 0  # two_stream: how many of the tokens are the observed stream
   scan_impl: str = "auto"  # Aaren's scan implementation (kernels.scan_attention.IMPLS)
 
   def _attention(self):
@@ -206,6 +212,11 @@ class TransformerBlock(nn.Module):
           mask=self.mask, rope=self.rope, rope_base=self.rope_base, impl=self.impl,
           dtype=self.dtype, param_dtype=self.param_dtype, max_decode_len=self.max_decode_len,
           use_bias=self.attention_bias, name="attention")
+    if self.attention == "two_stream":
+      return TwoStreamAttention(
+          num_heads=self.num_heads, head_dim=self.head_dim, num_observed=self.num_observed,
+          num_kv_heads=self.num_kv_heads, rope_base=self.rope_base, impl=self.impl, dtype=self.dtype,
+          param_dtype=self.param_dtype, max_decode_len=self.max_decode_len, name="attention")
     if not is_causal(self.mask):
       raise ValueError(f"config.model.attention='aaren' computes causal attention; this model's mask is "
                        f"{self.mask} (blocks, a prefix or full attention): use attention='softmax'")

@@ -34,8 +34,9 @@ DATASET_KEYS = {
     "video_folder": ("num_frames", "frame_size", "frame_stride", "split_folders"),
     # a dataset encoded into tokenizer tokens (nbp.data.tokens, experiments.encode_tokens)
     "tokens": ("token_dir",),
-    # bytes of CPython's documentation topics (nbp.data.pipeline.text_bytes_source)
-    "text": (),
+    # bytes of CPython's documentation topics (nbp.data.pipeline.text_bytes_source); seq_len: observed bytes per
+    # window for EBT (next-token models take their length from config.model.grid)
+    "text": ("seq_len",),
     # sklearn's 8x8 digit scans resized to image_size (nbp.data.images)
     "digits": ("image_size",),
     # tfds-prepared ImageNet-2012 under dir, resized and centre cropped to image_size (nbp.data.images)

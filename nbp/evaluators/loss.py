@@ -44,5 +44,8 @@ class Evaluator:
         batch = sharding.global_batch(next(it), s.batch_sharding)
         totals.append(jax.device_get(eval_step(context.params, batch, jax.random.fold_in(rng, i))))
     out = {k: float(np.mean([t[k] for t in totals])) for k in totals[0]}
+    if "nll" in out:  # nats per token: the perplexity of the whole evaluation, not a mean of per-batch ones
+      with np.errstate(over="ignore"):  # an untrained model's perplexity may be inf: reported as such
+        out["perplexity"] = float(np.exp(out["nll"]))
     out["uses_ema"] = float(context.params_name == "ema_params")
     return out

@@ -61,6 +61,7 @@ FAMILIES = {
     "forecasting": "nbp.tasks.forecasting",  # multi-horizon time-series forecasting
     "decision": "nbp.tasks.decision",  # offline RL: a return-conditioned policy (Decision-Transformer style)
     "events": "nbp.tasks.events",  # event forecasting: a marked temporal point process
+    "ebt": "nbp.tasks.ebt",  # energy-based transformers: prediction by optimisation, thinking at inference
 }
 
 
@@ -101,6 +102,9 @@ class Task:
   # params -> a pytree of group names (optax.multi_transform labels), for a second optimizer
   # (config.param_groups); None: one group.
   param_labels: Callable[[Any], Any] | None = None
+  # () -> a pytree the loss carries from step to step (EBT's replay buffer), part of the checkpointed train
+  # state; with it the loss is loss(params, batch, rng, loss_state) -> (loss, metrics, new loss_state).
+  init_loss_state: Callable[[], Any] | None = None
   # name -> function: what evaluators and scripts call by name (PREDICT_FNS lists the standard names).
   predict_fns: Mapping[str, Callable[..., Any]] = dataclasses.field(default_factory=dict)
 

@@ -175,6 +175,9 @@ def check_data(model: Model, data_cfg) -> None:
       raise ValueError(f"config.model.num_classes={model.num_classes}: moving digits with "
                        f"num_digits={data_cfg.num_digits} have {10 ** data_cfg.num_digits} classes.")
   elif data_cfg.name == "text":
+    if data_cfg.get("seq_len") and data_cfg.seq_len != model.num_tokens - 1:
+      raise ValueError(f"config.data.seq_len={data_cfg.seq_len}: a next-token model reads windows of its grid, "
+                       f"{model.num_tokens - 1} tokens; leave seq_len unset")
     if model.codebook_size != 256 or f * h != 1:
       raise ValueError(f"text is bytes on a 1 x 1 x N grid: config.model.codebook_size={model.codebook_size} "
                        f"(want 256), config.model.grid={tuple(model.grid)} (want (1, 1, N)).")

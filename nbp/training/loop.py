@@ -58,6 +58,7 @@ class TrainState:
   params: Any
   opt_state: Any
   ema_params: Any  # None when config.optimizer.ema_decay == 0
+  loss_state: Any = None  # what a stateful loss carries between steps (Task.init_loss_state); None for most
 
 
 @dataclasses.dataclass(eq=False)  # hashed by identity: jitted functions are cached per Setup
@@ -89,6 +90,9 @@ def setup(config: ml_collections.ConfigDict, devices=None) -> Setup:
   rules = tuple((name, tuple(axes) if isinstance(axes, (list, tuple)) else axes) for name, axes in config.axis_rules)
   sharding.check_batch_size(config.batch_size, mesh, rules, grad_accum_steps=config.grad_accum_steps)
   task = tasks_lib.make_task(config)
+  if task.init_loss_state is not None and config.grad_accum_steps != 1:
+    raise ValueError(f"config.grad_accum_steps={config.grad_accum_steps}: family {config.family!r} carries state "
+                     "from step to step in its loss (e.g. a replay buffer); accumulation is not supported, use 1.")
   tx, schedule = make_optimizer(config, task)
   init = _init_fn(task, tx, config.optimizer.ema_decay)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
@@ -161,8 +165,9 @@ def _init_fn(task: tasks_lib.Task, tx, ema_decay: float):
   def init(rng):
     variables = task.model.init({"params": rng, "dropout": rng}, **task.init_inputs())
     params = variables["params"]
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                      opt_state=tx.init(params), ema_params=params if ema_decay else None)
+    loss_state = task.init_loss_state() if task.init_loss_state is not None else None
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                      ema_params=params if ema_decay else None, loss_state=loss_state)
   return init
 
 
@@ -177,6 +182,9 @@ def _microbatches(batch, n: int):
   return jax.tree.map(lambda x: x.reshape(x.shape[0] // n, n, *x.shape[1:]).swapaxes(0, 1), batch)
 
 
+_LOSS_STATE = "__loss_state__"  # the metrics key a stateful loss's new state travels under inside train_step
+
+
 def train_step(state: TrainState, batch, base_rng, *, task: tasks_lib.Task, tx, schedule,
                grad_accum_steps: int, ema_decay: float):
   """One optimizer step, gradients accumulated over `grad_accum_steps` micro-batches.
@@ -189,7 +197,12 @@ def train_step(state: TrainState, batch, base_rng, *, task: tasks_lib.Task, tx, 
   Without it, every micro-batch weighs the same.
   """
   rng = jax.random.fold_in(base_rng, state.step)
-  grad_fn = functools.partial(loss_and_grad, task.loss, param_labels=task.param_labels)
+  loss_fn = task.loss
+  if state.loss_state is not None:  # a stateful loss: its new state rides in the metrics until the step ends
+    def loss_fn(params, batch, rng):
+      loss, metrics, new_state = task.loss(params, batch, rng, state.loss_state)
+      return loss, dict(metrics, **{_LOSS_STATE: new_state})
+  grad_fn = functools.partial(loss_and_grad, loss_fn, param_labels=task.param_labels)
   if grad_accum_steps == 1:
     (loss, metrics), grads = grad_fn(state.params, batch, rng)
   else:
@@ -224,7 +237,9 @@ def train_step(state: TrainState, batch, base_rng, *, task: tasks_lib.Task, tx, 
   if ema is not None:
     ema = optax.incremental_update(params, ema, step_size=1.0 - ema_decay)
   metrics = dict(metrics, loss=loss, grad_norm=optax.global_norm(grads), lr=schedule(state.step))
-  return TrainState(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema), metrics
+  loss_state = metrics.pop(_LOSS_STATE, None)
+  return TrainState(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema,
+                    loss_state=loss_state), metrics
 
 
 def compile_train_step(s: Setup):
