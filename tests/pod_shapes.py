@@ -39,7 +39,8 @@ def latent_dir_stand_in() -> str:
   """A latent directory holding only the metadata of 16x16x16 ImageNet latents (xAR reads their shape)."""
   directory = tempfile.mkdtemp()
   with open(os.path.join(directory, "metadata.json"), "w") as f:
-    json.dump({"latent_shape": [16, 16, 16], "data": {"name": "imagenet2012", "image_size": 256}}, f)
+    json.dump({"latent_shape": [16, 16, 16], "moments": True,
+               "data": {"name": "imagenet2012", "image_size": 256}}, f)
   return directory
 
 

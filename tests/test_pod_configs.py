@@ -184,7 +184,7 @@ def test_xar_pod_configs_carry_the_papers_settings():
     assert (c.optimizer.weight_decay, c.optimizer.ema_decay, c.optimizer.clip_norm) == (0.02, 0.9999, 1.0)
     assert (c.sampler.num_steps, c.sampler.guidance_scale, c.sampler.solver) == (steps, guidance, "sde")
     assert c.model.entity == "cell" and c.model.cell == 8 and tuple(c.model.grid) == (16, 16)
-    assert c.loss.class_dropout == 0.1 and c.model.variant == size
+    assert c.loss.class_dropout == 0.1 and c.model.variant == size and c.loss.posterior == "sample"
     tasks.check_config(c)
   assert "fid" in xar_imagenet.get_config("B,fid").evals
   with pytest.raises(ValueError, match="B"):

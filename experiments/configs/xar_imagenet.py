@@ -70,6 +70,7 @@ def get_config(arg: str = "B"):
   c.loss.class_dropout = 0.1
   c.loss.t_mean = 0.0
   c.loss.t_std = 1.0
+  c.loss.posterior = "sample"  # a fresh VAE posterior draw per step, as MAR and xAR train (the cache has both moments)
   c.sampler.num_samples = 16
   c.sampler.num_steps = num_steps
   c.sampler.solver = "sde"
