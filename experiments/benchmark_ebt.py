@@ -1,0 +1,269 @@
+r"""EBT against Transformer++ on text: perplexity against thinking, in and out of distribution, and training cost.
+
+  python -m experiments.benchmark_ebt --ebt_parts thinking,cost [--ebt_seeds 0,1,2] \
+      [--ebt_splits validation] [--ood_text PATH] [--ebt_steps 1,2,3,4,6] [--ebt_best_of 1,2,4] \
+      [--ebt_runs_dir runs/ebt_benchmark] [--ebt_num_steps N] [--ebt_smoke]
+
+thinking  for each seed, ebt_text.py:s2,local (System 2) and ntp_text.py's
+          Transformer++ at the same width, depth, heads and window, trained
+          through the shared loop for the same steps and batch (a finished run
+          in ebt_runs_dir is reused). Each is scored teacher-forced on every
+          whole window of each split of `--ebt_splits` (choices on validation;
+          test once) and of the out-of-distribution text `--ood_text` (default:
+          the Python licence, LICENSE.txt of the running interpreter's
+          standard library: legal English against the documentation the models
+          trained on). EBT's perplexity is exp of the final candidates' mean
+          cross-entropy for every thinking setting: `--ebt_steps` optimisation
+          steps (best-of-1), and best-of-N (`--ebt_best_of`) at the recipe's
+          3 steps. Transformer++ has no such knob: one figure per text.
+cost      one training step of each recipe (System 1: 2 steps; System 2 at 2
+          and at 3 steps, its two branches) and of Transformer++, same
+          model size, batch and window: XLA's FLOP count of the compiled step
+          and its median time, steps interleaved, both as ratios to
+          Transformer++. Run it on an idle machine.
+
+Prints one JSON line per measurement, then Markdown tables (mean and sd over
+seeds); also written to ebt_runs_dir/results.json. `--ebt_smoke`: every part
+at a tiny size (2 training steps, a few windows): it checks the script, not
+what it measures.
+
+Dimensions: B batch, L window (observed bytes).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sysconfig
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+
+from experiments.configs import ebt_text, ntp_text
+from nbp.data import pipeline
+from nbp.models import block_transformer
+from nbp.tasks import ebt as ebt_task
+from nbp.training import loop as train
+from nbp.training import sharding
+
+PARTS = ("thinking", "cost")
+PARTS_FLAG = flags.DEFINE_list("ebt_parts", ["thinking", "cost"], f"Which parts to run, of {PARTS}.")
+SEEDS = flags.DEFINE_list("ebt_seeds", ["0", "1", "2"], "Training seeds (one run of each model each).")
+SPLITS = flags.DEFINE_list("ebt_splits", ["validation"], "In-distribution splits scored (test: once).")
+OOD = flags.DEFINE_string("ood_text", os.path.join(sysconfig.get_paths()["stdlib"], "LICENSE.txt"),
+                          "A UTF-8 text file scored as the out-of-distribution text.")
+STEPS = flags.DEFINE_list("ebt_steps", ["1", "2", "3", "4", "6"], "Thinking steps scored (best-of-1).")
+BEST_OF = flags.DEFINE_list("ebt_best_of", ["1", "2", "4"], "N of best-of-N scored (at the recipe's steps).")
+RUNS_DIR = flags.DEFINE_string("ebt_runs_dir", "runs/ebt_benchmark", "Run workdirs and results.json.")
+NUM_STEPS = flags.DEFINE_integer("ebt_num_steps", 0, "Training steps of every run (0: the local configs' own).")
+COST_REPEATS = flags.DEFINE_integer("ebt_cost_repeats", 7, "Timed training steps per model in the cost part.")
+SMOKE = flags.DEFINE_bool("ebt_smoke", False, "Every part at a tiny size (checks the script).")
+DATA_DIR = flags.DEFINE_string("ebt_data_dir", "data", "config.data.dir of the runs.")
+
+
+def runs_dir() -> str:
+  return os.path.join(RUNS_DIR.value, "smoke") if SMOKE.value else RUNS_DIR.value
+
+
+def configs(seed: int):
+  """(EBT System 2, Transformer++) configs of the same size, window, batch and budget."""
+  ebt = ebt_text.get_config("s2,local")
+  ebt.unlock()
+  depth, width, heads = ebt_task.Model.SIZES[ebt.model.variant]
+  ebt.model.mlp_dim = block_transformer.mlp_dim(width, "swiglu")  # the baseline's MLP: the same parameters
+  ntp = ntp_text.get_config("tiny,local")
+  ntp.unlock()
+  ntp.model.variant = None
+  ntp.model.num_layers, ntp.model.width, ntp.model.num_heads, ntp.model.num_kv_heads = depth, width, heads, heads
+  # The same windows of L + 1 bytes. Transformer++ predicts all L + 1 (the first from its begin token alone),
+  # EBT the last L: one target in L + 1 more for the baseline, and the hardest.
+  ntp.model.grid = (1, 1, ebt.data.seq_len + 1)
+  for c in (ebt, ntp):
+    c.seed = seed
+    c.data.dir = DATA_DIR.value
+    c.batch_size = ebt.batch_size
+    c.num_steps = 2 if SMOKE.value else (NUM_STEPS.value or ebt.num_steps)
+    c.optimizer.lr, c.optimizer.warmup_steps = ebt.optimizer.lr, ebt.optimizer.warmup_steps
+    c.checkpoint_every = c.num_steps
+    c.evals = type(c.evals)()
+  if SMOKE.value:
+    ebt.data.seq_len = 16
+    ntp.model.grid = (1, 1, 17)
+    ebt.loss.replay_size = 8
+  return ebt, ntp
+
+
+def trained(config, name: str) -> str:
+  workdir = os.path.join(runs_dir(), name)
+  start = time.perf_counter()
+  result = train.train_and_evaluate(config, workdir)
+  if result.get("status") != "done":
+    raise RuntimeError(f"{workdir}: training stopped at step {result.get('step')} ({result.get('status')}); "
+                       "run the benchmark again to resume it.")
+  print(json.dumps({"trained": name, "step": result.get("step"), "seconds": time.perf_counter() - start}),
+        flush=True)
+  return workdir
+
+
+def windows_of(text: str | bytes, seq_len: int, max_windows: int | None) -> np.ndarray:
+  """Every whole window int32 [N, L + 1] of a text (a split's or a file's bytes)."""
+  data = np.frombuffer(text if isinstance(text, bytes) else text.encode("utf-8"), np.uint8)
+  source = pipeline.TextBytesSource(data, seq_len, ())
+  n = len(source) if max_windows is None else min(len(source), max_windows)
+  return np.stack([source[i]["tokens"] for i in range(n)])
+
+
+def split_text(split: str, config) -> bytes:
+  fraction, seed = pipeline.validation_keys(config.data)
+  source = pipeline.text_bytes_source(split, config.data.seq_len, validation_fraction=fraction, validation_seed=seed)
+  return source.data.tobytes()
+
+
+def mean_nll(score, windows: np.ndarray, batch: int) -> float:
+  """The mean over windows of score(batch of windows) (its nats per byte), the last partial batch dropped."""
+  n = (len(windows) // batch) * batch
+  values = [float(score(jnp.asarray(windows[i:i + batch]), i)) for i in range(0, n, batch)]
+  return float(np.mean(values))
+
+
+def thinking_part() -> list[dict]:
+  rows = []
+  max_windows = 8 if SMOKE.value else None
+  for seed in [0] if SMOKE.value else [int(s) for s in SEEDS.value]:
+    ebt_cfg, ntp_cfg = configs(seed)
+    ebt_dir, ntp_dir = trained(ebt_cfg, f"ebt_s2_seed{seed}"), trained(ntp_cfg, f"ntp_seed{seed}")
+    s_ebt, p_ebt, _, _ = train.load_params(ebt_cfg, ebt_dir)
+    s_ntp, p_ntp, _, _ = train.load_params(ntp_cfg, ntp_dir)
+    texts = {split: split_text(split, ebt_cfg) for split in SPLITS.value}
+    with open(OOD.value, "rb") as f:
+      texts["ood"] = f.read()
+    ntp_loss = jax.jit(s_ntp.task.predict_fn("eval_loss"))
+    settings = [dict(num_steps=int(k), best_of=1) for k in STEPS.value]
+    settings += [dict(num_steps=ebt_cfg.sampler.num_steps, best_of=int(n)) for n in BEST_OF.value if int(n) > 1]
+    for text_name, text in texts.items():
+      windows = windows_of(text, ebt_cfg.data.seq_len, max_windows)
+      batch = min(len(windows), ebt_cfg.batch_size)
+      with s_ntp.context():
+        nll = mean_nll(lambda w, i: ntp_loss(p_ntp, {"tokens": w}, jax.random.key(i))[0], windows, batch)
+      emit(rows, {"part": "thinking", "model": "Transformer++", "seed": seed, "text": text_name,
+                  "windows": len(windows), "nll": nll, "perplexity": float(np.exp(nll))})
+      for setting in settings:
+        fn = jax.jit(lambda p, b, r, setting=setting: ebt_task.eval_loss(s_ebt.task.model, p, b, r, **setting)[0])
+        with s_ebt.context():
+          nll = mean_nll(lambda w, i: fn(p_ebt, {"tokens": w}, jax.random.key(i)), windows, batch)
+        emit(rows, {"part": "thinking", "model": "EBT System 2", "seed": seed, "text": text_name,
+                    "windows": len(windows), **setting, "nll": nll, "perplexity": float(np.exp(nll))})
+  return rows
+
+
+def cost_part() -> list[dict]:
+  """Training-step FLOPs and time of each recipe against Transformer++ (module docstring)."""
+  ebt_s2, ntp = configs(0)
+  ebt_s1 = ebt_text.get_config("s1,local")
+  ebt_s1.unlock()
+  ebt_s1.model.mlp_dim, ebt_s1.data.seq_len = ebt_s2.model.mlp_dim, ebt_s2.data.seq_len
+  ebt_s1.batch_size = ebt_s2.batch_size
+  variants = {"Transformer++": ntp, "EBT System 1 (2 steps)": ebt_s1}
+  for steps in (2, 3):
+    c = ebt_s2.copy_and_resolve_references()
+    c.loss.num_steps, c.loss.num_steps_max = steps, 0
+    variants[f"EBT System 2 ({steps} steps)"] = c
+  steps_fns, costs = {}, {}
+  for name, config in variants.items():
+    s = train.setup(config)
+    state = train.init_state(s, 0)
+    length = config.data.seq_len + 1 if config.family == "ebt" else config.model.grid[-1]
+    tokens = np.random.default_rng(0).integers(0, 256, (config.batch_size, length), dtype=np.int32)
+    batch = sharding.global_batch({"tokens": tokens}, s.batch_sharding)
+    with s.context():
+      compiled = train.compile_train_step(s).lower(state, batch, jax.random.key(0)).compile()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    costs[name] = {"flops": float(cost.get("flops", float("nan"))),
+                   "params": int(sum(x.size for x in jax.tree.leaves(state.params)))}
+    steps_fns[name] = _stepper(compiled, state, batch)
+  repeats = 1 if SMOKE.value else COST_REPEATS.value
+  seconds = {name: [] for name in steps_fns}
+  for name, fn in steps_fns.items():
+    jax.block_until_ready(fn())  # one untimed step each (the donated state is replaced by the output)
+  for _ in range(repeats):
+    for name, fn in steps_fns.items():
+      start = time.perf_counter()
+      jax.block_until_ready(fn())
+      seconds[name].append(time.perf_counter() - start)
+  base = "Transformer++"
+  rows = []
+  for name in steps_fns:
+    t = float(np.median(seconds[name]))
+    emit(rows, {"part": "cost", "model": name, **costs[name], "seconds_per_step": t,
+                "flops_ratio": costs[name]["flops"] / costs[base]["flops"],
+                "time_ratio": t / float(np.median(seconds[base])), "repeats": repeats,
+                "backend": jax.default_backend()})
+  return rows
+
+
+def _stepper(compiled, state, batch):
+  """A function running one more training step of `compiled` (the state is donated, so it keeps the newest)."""
+  holder = [state]
+
+  def run():
+    holder[0] = compiled(holder[0], batch, jax.random.key(0))[0]
+    return holder[0]
+  return run
+
+
+def emit(rows: list[dict], row: dict) -> None:
+  rows.append(row)
+  print(json.dumps(row, default=float), flush=True)
+
+
+def _mean_sd(values) -> str:
+  values = np.asarray(values, np.float64)
+  sd = f" ({np.std(values, ddof=1):.2f})" if len(values) > 1 else ""
+  return f"{np.mean(values):.2f}{sd}"
+
+
+def print_tables(results: dict) -> None:
+  rows = results.get("thinking", [])
+  if rows:
+    texts = list(dict.fromkeys(r["text"] for r in rows))
+    keys = list(dict.fromkeys((r["model"], r.get("num_steps"), r.get("best_of")) for r in rows))
+    print("\nPerplexity (bytes; mean (sd) over seeds), teacher-forced on whole windows:\n")
+    print("| model | thinking | " + " | ".join(texts) + " |\n|---|---|" + "---|" * len(texts))
+    for model, steps, best_of in keys:
+      label = "-" if steps is None else f"{steps} steps" + (f", best of {best_of}" if best_of > 1 else "")
+      cells = [_mean_sd([r["perplexity"] for r in rows if (r["model"], r.get("num_steps"), r.get("best_of"),
+                                                            r["text"]) == (model, steps, best_of, t)])
+               for t in texts]
+      print(f"| {model} | {label} | " + " | ".join(cells) + " |")
+  rows = results.get("cost", [])
+  if rows:
+    print(f"\nTraining step against Transformer++ ({rows[0]['backend']}, median of {rows[0]['repeats']}):\n")
+    print("| model | parameters | XLA FLOPs | FLOPs ratio | time ratio |\n|---|---|---|---|---|")
+    for r in rows:
+      print(f"| {r['model']} | {r['params']:,} | {r['flops'] / 1e9:.2f} G | {r['flops_ratio']:.2f}x | "
+            f"{r['time_ratio']:.2f}x |")
+
+
+def main(argv):
+  del argv
+  unknown = sorted(set(PARTS_FLAG.value) - set(PARTS))
+  if unknown:
+    raise ValueError(f"--ebt_parts: {unknown} unknown; choose from {PARTS}")
+  if not os.path.exists(OOD.value):
+    raise FileNotFoundError(f"--ood_text={OOD.value!r}: no such file")
+  os.makedirs(runs_dir(), exist_ok=True)
+  results = {}
+  for name, fn in (("thinking", thinking_part), ("cost", cost_part)):
+    if name in PARTS_FLAG.value:
+      results[name] = fn()
+  print_tables(results)
+  with open(os.path.join(runs_dir(), "results.json"), "w") as f:
+    json.dump(results, f, indent=1, default=float)
+
+
+if __name__ == "__main__":
+  app.run(main)
