@@ -496,3 +496,28 @@ def test_evaluation_and_sampling_use_the_ema_parameters_and_say_so(tmp_path, dat
   # The samples the run wrote at its last step are the EMA parameters' (same key, same tokens).
   expected = open(os.path.join(tmp_path, "samples", "step_0000003.png"), "rb").read()
   assert open(os.path.join(tmp_path / "ema_params", "samples", "step_0000003.png"), "rb").read() == expected
+
+
+def test_a_checkpoint_written_before_loss_state_existed_still_restores(tmp_path):
+  """A train state saved without the loss_state field (every run before it, every stateless family) resumes."""
+  import flax  # pylint: disable=g-import-not-at-top
+
+  @flax.struct.dataclass
+  class EarlierTrainState:  # the train state as it was: four fields
+    step: jax.Array
+    params: dict
+    opt_state: tuple
+    ema_params: dict | None
+
+  params = {"w": jnp.arange(6.0).reshape(2, 3)}
+  tx = optax.adam(1e-3)
+  old = EarlierTrainState(step=jnp.array(7, jnp.int32), params=params, opt_state=tx.init(params), ema_params=None)
+  ckpt = checkpoint_lib.Checkpoints(str(tmp_path), keep=1, async_save=False)
+  ckpt.manager.save(7, args=checkpoint_lib.ocp.args.Composite(state=checkpoint_lib.ocp.args.StandardSave(old)))
+  ckpt.close()
+
+  new = train.TrainState(step=jnp.array(0, jnp.int32), params=params, opt_state=tx.init(params), ema_params=None)
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), new)
+  step, state = checkpoint_lib.restore_state(str(tmp_path), abstract)
+  assert step == 7 and int(state.step) == 7 and state.loss_state is None
+  np.testing.assert_array_equal(state.params["w"], params["w"])

@@ -29,6 +29,7 @@ OCDBT manifests are detected.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections.abc import Callable, Sequence
@@ -153,6 +154,24 @@ def restore_newest(directory: str, steps: Sequence[int], restore_step: Callable[
                                f"first):\n{lines}") from first_error
 
 
+# Train-state fields written only when set: checkpoints made before a field existed (or by runs without it)
+# keep the same tree, so every run resumes whether or not its family uses the field.
+OPTIONAL_FIELDS = ("loss_state",)
+
+
+def saved_form(state: Any) -> Any:
+  """The tree written for a train state: its fields as a dict, an unset optional field left out."""
+  if not dataclasses.is_dataclass(state):
+    return state
+  fields = {f.name: getattr(state, f.name) for f in dataclasses.fields(state)}
+  return {k: v for k, v in fields.items() if not (k in OPTIONAL_FIELDS and v is None)}
+
+
+def from_saved_form(restored: Any, like: Any) -> Any:
+  """The train state `like` (abstract) with the fields of a restored `saved_form` tree."""
+  return like.replace(**restored) if dataclasses.is_dataclass(like) else restored
+
+
 class Checkpoints:
   """Keeps the last `keep` checkpoints and restores the latest one that is readable."""
 
@@ -185,7 +204,7 @@ class Checkpoints:
         `iterator.get_state()` (e.g. before a batch that failed to load).
     """
     self._move_aside_skipped(step)
-    items = {"state": ocp.args.StandardSave(state)}
+    items = {"state": ocp.args.StandardSave(saved_form(state))}
     if data_state is not None:
       items["data"] = grain.checkpoint.CheckpointSave(_FixedIteratorState(data_state))
     elif data_iterator is not None:
@@ -214,11 +233,11 @@ class Checkpoints:
 
   def restore(self, step: int, abstract_state: Any, data_iterator=None) -> Any:
     """Restores the state onto the shardings of `abstract_state`; the iterator in place."""
-    items = {"state": ocp.args.StandardRestore(abstract_state)}
+    items = {"state": ocp.args.StandardRestore(saved_form(abstract_state))}
     if data_iterator is not None:
       items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
     restored = self.manager.restore(step, args=ocp.args.Composite(**items))
-    return restored["state"]
+    return from_saved_form(restored["state"], abstract_state)
 
   def restore_latest(self, abstract_state: Any, data_iterator=None) -> tuple[int, Any] | None:
     """(step, state) of the newest step that restores, the iterator in place; None without checkpoints.
@@ -275,8 +294,8 @@ def restore_state(directory: str, abstract_state: Any) -> tuple[int, Any]:
   nothing on disk is changed.
   """
   step, restored = _restore_readonly(directory, lambda manager, step: manager.restore(
-      step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))))
-  return step, restored["state"]
+      step, args=ocp.args.Composite(state=ocp.args.StandardRestore(saved_form(abstract_state)))))
+  return step, from_saved_form(restored["state"], abstract_state)
 
 
 def restore_params(directory: str, abstract_params: Any, names: Sequence[str] = ("params",)
