@@ -10,7 +10,7 @@ from tests.conftest import REPO
 
 NOTEBOOKS = sorted(f for f in os.listdir(os.path.join(REPO, "colab")) if f.endswith(".ipynb"))
 # What each notebook leaves in its workdir at the end (default: the samples it drew at step 42).
-OUTPUTS = {"aaren.ipynb": "streaming.png"}
+OUTPUTS = {"aaren.ipynb": "streaming.png", "ebt.ipynb": "thinking.png"}
 
 
 @pytest.mark.slow
