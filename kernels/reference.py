@@ -9,6 +9,9 @@ visible); it is also the "xla" implementation of `kernels.dispatch.attention`
 (any mask, any query offset, differentiable to any order). `block_causal_attention`
 is it under the block-causal mask and key padding: the contract of the
 block-causal kernels (kernels/block_attention.py, kernels/blocksparse.py).
+`xla_attention_lse` also returns each query's logsumexp, and `merge_attention`
+combines two attentions of the same queries over disjoint key sets (the
+candidates of layers/two_stream.py: their prefix, then themselves).
 
 Scale 1/sqrt(D), logits and softmax in float32, masked logits MASK_VALUE (a row
 without any visible key averages every value instead of giving NaN), output in
