@@ -5,6 +5,8 @@ Videos are uint8 [N, F, H, W, C] with C in {1, 3}.
 
 from __future__ import annotations
 
+import os
+
 import imageio.v3 as iio
 import matplotlib
 
@@ -57,6 +59,15 @@ def save_frame_grid(path: str, videos: np.ndarray, *, max_videos: int = 8, title
   fig.tight_layout()
   fig.savefig(path, dpi=100)
   plt.close(fig)
+
+
+def save_predicted_frames(frames, out_dir: str, step: int, *, title: str = "") -> dict:
+  """Frames in [-1, 1] [N, F, H, W, C] (each after the first predicted from the real ones before it) as
+  out_dir/step_<step>.png; returns {} (nothing to log)."""
+  videos = np.round((np.asarray(frames, np.float32) + 1.0) * 127.5).clip(0, 255).astype(np.uint8)
+  save_frame_grid(os.path.join(out_dir, f"step_{step:07d}.png"), videos,
+                  title=title or f"next-frame predictions, step {step}")
+  return {}
 
 
 def save_loss_plot(path: str, rows: list[dict], keys=("loss", "eval/loss")) -> None:

@@ -1,5 +1,7 @@
 """EBT: the two-stream attention, the energy's locality, thinking, the two recipes, replay, caching."""
 
+import json
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -274,3 +276,41 @@ def test_thinking_lowers_the_energy_of_a_briefly_trained_model(tmp_path):
   after = [thinking.final_energy(model, energy, y, 1) for y in thought.ys]
   assert float(jnp.mean(after[0])) < float(jnp.mean(start))
   assert float(jnp.mean(after[1])) < float(jnp.mean(start))
+
+
+# ---------------------------------------------------------------------------
+# Video: continuous frame candidates, and the regression baseline.
+
+
+def _video_config(recipe, data_dir, **overrides):
+  from experiments.configs import ebt_video  # pylint: disable=g-import-not-at-top
+  c = ebt_video.get_config(f"{recipe},local")
+  c.unlock()
+  c.data.dir = data_dir
+  c.data.update(num_frames=4, frame_size=8, num_train=16, num_validation=8, num_test=8)
+  c.model.num_layers, c.model.width, c.model.num_heads = 1, 32, 2
+  c.sampler.num_samples = 2
+  if recipe != "regression":
+    c.loss.replay_size = 8 if recipe == "s2" else 0
+  set_tiny_budget(c, num_steps=2, checkpoint_every=2)
+  c.batch_size = 4
+  return apply_overrides(c, overrides)
+
+
+@pytest.mark.parametrize("recipe", ["s1", "s2", "regression"])
+def test_next_frame_training_of_each_recipe_and_the_baseline(tmp_path, data_dir, recipe):
+  config = _video_config(recipe, data_dir)
+  result = train.train_and_evaluate(config, str(tmp_path))
+  assert result["status"] == "done" and np.isfinite(result["loss"])
+  metrics = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  assert np.isfinite(metrics[-1]["eval/mse"])  # the held-out next frames, under the sampler's thinking for EBT
+  assert list((tmp_path / "samples").glob("step_*.png"))  # the predicted frames written as a grid
+  if recipe != "regression":
+    s, params, _, _ = train.load_params(config, str(tmp_path))
+    assert s.task.model.input_dim == 64 and s.task.model.continuous  # filled from the 8x8 frames
+
+
+def test_a_frame_model_with_the_wrong_frame_size_is_refused(data_dir):
+  config = _video_config("s2", data_dir, **{"model.input_dim": 100})
+  with pytest.raises(ValueError, match="config.model.input_dim=100"):
+    ebt_task.make_task(config)

@@ -38,9 +38,12 @@ the moving-digits ones:
 from __future__ import annotations
 
 import dataclasses
+import functools
+import json
 import os
 from typing import Any, SupportsIndex
 
+import ml_collections
 import numpy as np
 
 from nbp.data import moving_digits
@@ -126,3 +129,27 @@ def video_source(data_cfg, split: str):
   else:
     source = read(split)
   return LabelVector(source)
+
+
+def video_iterator(data_cfg, split: str, *, seed: int, process_index: int, process_count: int, batch_size: int):
+  """A checkpointable grain iterator of {"video": float32 [b, F, H, W, C] in [-1, 1], "label"} batches of
+  `video_source(data_cfg, split)`, shuffled; b = batch_size per process."""
+  return pipeline.make_iterator(
+      video_source(data_cfg, split), global_batch_size=batch_size * process_count, seed=seed, shuffle=True,
+      transforms=(pipeline.NormalizeVideo(),), process_index=process_index, process_count=process_count,
+      worker_count=data_cfg.worker_count)
+
+
+@functools.cache
+def first_videos(data_cfg_json: str, num: int, split: str = "validation") -> np.ndarray:
+  """float32 [num, F, H, W, C] in [-1, 1]: the first `num` videos of a split (a config section as JSON, cached).
+
+  Moving digits are generated directly (no dataset build for a few videos).
+  """
+  data_cfg = ml_collections.ConfigDict(json.loads(data_cfg_json))
+  if data_cfg.name == "moving_digits":
+    videos = moving_digits.videos_from_config(data_cfg, split, 0, num)["video"]
+  else:
+    source = video_source(data_cfg, split)
+    videos = np.stack([source[i]["video"] for i in range(min(num, len(source)))])
+  return videos.astype(np.float32) / 127.5 - 1.0

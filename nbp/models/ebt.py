@@ -102,22 +102,18 @@ class EBT(sizes.SizedByTable, nn.Module):
     if self.alpha < 1e-4:
       raise ValueError(f"config.model.alpha={self.alpha}: the step size is clamped to at least 1e-4")
 
-  def _embed_observed(self, observed, dtype):
+  def _embedders(self, dtype):
+    """(observed stream's embedding, candidates' embedding): for frames one shared linear map."""
     if self.continuous:
-      return self._frame_embed(dtype)(jnp.asarray(observed, dtype))
+      frame = linear.DenseGeneral(self.embed_dim, kernel_axes=(None, "embed"), dtype=dtype, name="frame_embed")
+      embed = lambda x: frame(jnp.asarray(x, dtype))
+      return embed, embed
     table = nn.Embed(self.vocab_size, self.embed_dim, dtype=dtype,
                      embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed")),
                      name="token_embed")
-    return table(observed)
-
-  def _frame_embed(self, dtype):
-    return linear.DenseGeneral(self.embed_dim, kernel_axes=(None, "embed"), dtype=dtype, name="frame_embed")
-
-  def _embed_candidates(self, candidates, dtype):
-    if self.continuous:
-      return self._frame_embed(dtype)(jnp.asarray(candidates, dtype))
-    return linear.DenseGeneral(self.embed_dim, kernel_axes=("vocab", "embed"), dtype=dtype,
-                               name="candidate_embed")(jnp.asarray(candidates, dtype))
+    candidate = linear.DenseGeneral(self.embed_dim, kernel_axes=("vocab", "embed"), dtype=dtype,
+                                    name="candidate_embed")
+    return table, lambda p: candidate(jnp.asarray(p, dtype))
 
   @nn.compact
   def __call__(self, observed, candidates, step=0, *, decode: bool = False, prefill: bool = False):
@@ -134,16 +130,17 @@ class EBT(sizes.SizedByTable, nn.Module):
     step_table = self.param("step_embedding", nn.with_logical_partitioning(nn.initializers.normal(0.02),
                                                                            (None, "embed")),
                             (self.num_step_embeddings, width), jnp.float32)
+    embed_observed, embed_candidates = self._embedders(dtype)
     parts = []
     if not decode or prefill:
       batch = (observed if observed is not None else candidates).shape[0]
       row = jnp.take(step_table, jnp.minimum(step, self.num_step_embeddings - 1), axis=0)
       parts.append(jnp.broadcast_to(row.astype(dtype), (batch, 1, width)))
     if observed is not None:
-      parts.append(self._embed_observed(observed, dtype))
+      parts.append(embed_observed(observed))
     num_observed = sum(p.shape[1] for p in parts)
     if candidates is not None:
-      parts.append(self._embed_candidates(candidates, dtype))
+      parts.append(embed_candidates(candidates))
     h = jnp.concatenate(parts, axis=1)  # [B, O + C, E]
     h = nn.with_logical_constraint(h, transformer_lib.ACTIVATION_AXES)
     h = transformer_lib.DecoderStack(

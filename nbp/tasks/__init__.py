@@ -62,6 +62,7 @@ FAMILIES = {
     "decision": "nbp.tasks.decision",  # offline RL: a return-conditioned policy (Decision-Transformer style)
     "events": "nbp.tasks.events",  # event forecasting: a marked temporal point process
     "ebt": "nbp.tasks.ebt",  # energy-based transformers: prediction by optimisation, thinking at inference
+    "frame_regression": "nbp.tasks.frame_regression",  # next-frame regression: EBT's video baseline
 }
 
 

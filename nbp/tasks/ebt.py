@@ -1,7 +1,13 @@
-"""EBT on text: byte-level language modelling by optimisation against a learned energy.
+"""EBT on text and on video frames: prediction by optimisation against a learned energy.
 
 Dimension letters: B batch (R replayed rows on top), L positions, V
-vocabulary (256 bytes).
+vocabulary (256 bytes), F values per frame (H * W pixels).
+
+Video (`config.data.name` "moving_digits"): each frame is one token, its
+pixels in [-1, 1] flattened (F values, projected to the width by the model);
+the task is next-frame prediction. Candidates start from N(0, 1), are not
+normalised, and the loss is the smooth L1 distance to the next frame
+(`config.model.input_dim` left 0 is filled with F).
 
 A batch is windows of L + 1 bytes: x = window[:-1] observed, the targets
 window[1:]. Every position's candidate starts from N(0, 1) noise over the
@@ -47,12 +53,14 @@ import numpy as np
 import optax
 
 from nbp import tasks
+from nbp import visualization
 from nbp.data import pipeline
+from nbp.data import video_sources
 from nbp.models.ebt import EBT
 from nbp.samplers import ebt as thinking
 
 Model = EBT
-DATASETS = ("text",)
+DATASETS = ("text", "moving_digits")
 LOSS_AT = ("mean", "last")
 
 
@@ -63,14 +71,36 @@ def cross_entropy(y, targets, weights):
   return jnp.sum(per_row * weights) / jnp.maximum(jnp.sum(weights), 1.0)
 
 
+def smooth_l1(y, targets, weights):
+  """Weighted mean smooth L1 (Huber, delta 1) of frames y [B, L, F] against target frames [B, L, F]; weights [B]."""
+  per_row = jnp.mean(optax.huber_loss(y.astype(jnp.float32), targets, delta=1.0), axis=(-2, -1))
+  return jnp.sum(per_row * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+
+
+def split_window(model: EBT, batch):
+  """(observed [B, L(, F)], targets [B, L(, F)], the whole window) of a batch: bytes or flattened frames."""
+  if model.continuous:
+    video = jnp.asarray(batch["video"], jnp.float32)  # [B, L + 1, H, W, C] in [-1, 1]
+    window = video.reshape(*video.shape[:2], -1)  # [B, L + 1, F]
+  else:
+    window = batch["tokens"]  # [B, L + 1]
+  return window[:, :-1], window[:, 1:], window
+
+
+def prediction_loss(model: EBT, y, targets, weights):
+  """The loss of finished candidates: cross-entropy (text) or smooth L1 (frames)."""
+  return smooth_l1(y, targets, weights) if model.continuous else cross_entropy(y, targets, weights)
+
+
 # ---------------------------------------------------------------------------
 # The replay buffer.
 
 
-def init_replay(size: int, seq_len: int, vocab_size: int) -> dict:
-  """An empty buffer of `size` windows [size, L + 1] and their final candidates [size, L, V]."""
-  return {"windows": jnp.zeros((size, seq_len + 1), jnp.int32),
-          "candidates": jnp.zeros((size, seq_len, vocab_size), jnp.float32),
+def init_replay(size: int, seq_len: int, candidate_dim: int, *, continuous: bool = False) -> dict:
+  """An empty buffer of `size` windows ([size, L + 1] bytes or [size, L + 1, F] frames) and final candidates."""
+  window = (size, seq_len + 1, candidate_dim) if continuous else (size, seq_len + 1)
+  return {"windows": jnp.zeros(window, jnp.float32 if continuous else jnp.int32),
+          "candidates": jnp.zeros((size, seq_len, candidate_dim), jnp.float32),
           "count": jnp.zeros((), jnp.int32),  # entries filled (at most size)
           "next": jnp.zeros((), jnp.int32)}  # the slot the next entry overwrites (the oldest once full)
 
@@ -109,11 +139,11 @@ def loss(model: EBT, params, batch, rng, loss_state=None, *, num_steps: int = 2,
   """
   if loss_at not in LOSS_AT:
     raise ValueError(f"config.loss.loss_at={loss_at!r}: expected one of {LOSS_AT}")
-  windows = batch["tokens"]  # [B, L + 1]
+  _, _, windows = split_window(model, batch)  # [B, L + 1(, F)]
   b = windows.shape[0]
   noise_rng, alpha_rng, think_rng, replay_rng, count_rng = jax.random.split(rng, 5)
   weights = jnp.ones((b,), jnp.float32)
-  y0 = jax.random.normal(noise_rng, (*windows[:, 1:].shape, model.vocab_size))
+  y0 = jax.random.normal(noise_rng, (b, windows.shape[1] - 1, model.candidate_dim))
   if loss_state is not None:
     num = max(1, round(replay_fraction * b))
     old_windows, old_candidates, old_weights = draw_replay(loss_state, replay_rng, num)
@@ -121,13 +151,14 @@ def loss(model: EBT, params, batch, rng, loss_state=None, *, num_steps: int = 2,
     y0 = jnp.concatenate([y0, old_candidates])
     weights = jnp.concatenate([weights, old_weights])
   observed, targets = windows[:, :-1], windows[:, 1:]
-  alpha = thinking.randomized_alpha(alpha_rng, thinking.step_size(model, params), (*targets.shape, 1), alpha_scale)
+  alpha = thinking.randomized_alpha(alpha_rng, thinking.step_size(model, params), (*targets.shape[:2], 1),
+                                    alpha_scale)
   energy = thinking.model_energy(model, params, observed)
 
   def run(steps: int):
     thought = thinking.think(model, energy, y0, num_steps=steps, alpha=alpha, rng=think_rng,
                              langevin_sigma=langevin_sigma, detach=detach, truncate=truncate)
-    losses = [cross_entropy(y, targets, weights) for y in thought.ys]
+    losses = [prediction_loss(model, y, targets, weights) for y in thought.ys]
     value = jnp.mean(jnp.stack(losses)) if loss_at == "mean" else losses[-1]
     metrics = {"initial_step_loss": losses[0], "final_step_loss": losses[-1],
                "energy_gap": jnp.mean(thought.energies[0] - thought.energies[-1])}
@@ -150,18 +181,22 @@ def eval_loss(model: EBT, params, batch, rng, *, num_steps: int = 2, langevin_si
               best_of: int = 1, accept_lower: bool = False, alpha: float | None = None, attention_impl: str = ""):
   """Teacher-forced held-out cross-entropy of the final candidates under the given thinking (module docstring)."""
   model = with_impl(model, attention_impl)
-  observed, targets = batch["tokens"][:, :-1], batch["tokens"][:, 1:]
+  observed, targets, _ = split_window(model, batch)
   energy = thinking.model_energy(model, params, observed)
-  y, e = thinking.think_best_of(model, energy, rng, (*targets.shape, model.vocab_size), best_of=best_of,
+  y, e = thinking.think_best_of(model, energy, rng, (*targets.shape[:2], model.candidate_dim), best_of=best_of,
                                 num_steps=num_steps, alpha=thinking.step_size(model, params, alpha),
                                 langevin_sigma=langevin_sigma, accept_lower=accept_lower)
-  nll = cross_entropy(y, targets, jnp.ones((targets.shape[0],), jnp.float32))
+  ones = jnp.ones((targets.shape[0],), jnp.float32)
+  if model.continuous:
+    value = smooth_l1(y, targets, ones)
+    return value, {"mse": jnp.mean((y - targets) ** 2), "final_energy": jnp.mean(e)}
+  nll = cross_entropy(y, targets, ones)
   accuracy = jnp.mean((jnp.argmax(y, axis=-1) == targets).astype(jnp.float32))
   return nll, {"nll": nll, "accuracy": accuracy, "final_energy": jnp.mean(e)}
 
 
 # ---------------------------------------------------------------------------
-# Sampling: text continued from validation prompts.
+# Sampling: text continued from validation prompts, frames predicted from validation videos.
 
 
 def with_impl(model: EBT, attention_impl: str) -> EBT:
@@ -189,13 +224,31 @@ def write_samples(tokens, out_dir: str, step: int) -> dict[str, float]:
   return {}
 
 
+def predict_frames(model: EBT, params, rng, videos, *, num_steps: int = 2, langevin_sigma: float = 0.0,
+                   best_of: int = 1, accept_lower: bool = False, alpha: float | None = None, attention_impl: str = ""):
+  """Next-frame predictions, teacher-forced: videos float [B, L + 1, H, W, C] in [-1, 1] -> the same shape,
+  frame 0 given and frame i + 1 predicted from frames 0..i."""
+  model = with_impl(model, attention_impl)
+  observed, targets, _ = split_window(model, {"video": videos})
+  energy = thinking.model_energy(model, params, observed)
+  y, _ = thinking.think_best_of(model, energy, rng, targets.shape, best_of=best_of, num_steps=num_steps,
+                                alpha=thinking.step_size(model, params, alpha), langevin_sigma=langevin_sigma,
+                                accept_lower=accept_lower)
+  frames = jnp.concatenate([videos[:, :1], y.reshape(videos[:, 1:].shape)], axis=1)
+  return jnp.clip(frames, -1.0, 1.0)
+
+
 # ---------------------------------------------------------------------------
 # Data and the task.
 
 
 def make_data(seq_len: int, data_cfg, split: str, *, seed: int, process_index: int, process_count: int,
               batch_size: int):
-  """A checkpointable grain iterator of {"tokens": int32 [b, seq_len + 1]} byte windows of the split."""
+  """A checkpointable grain iterator of byte windows {"tokens": int32 [b, seq_len + 1]} (text) or of videos
+  {"video": float32 [b, F, H, W, 1] in [-1, 1], "label"} (moving digits)."""
+  if data_cfg.name == "moving_digits":
+    return video_sources.video_iterator(data_cfg, split, seed=seed, process_index=process_index,
+                                        process_count=process_count, batch_size=batch_size)
   fraction, validation_seed = pipeline.validation_keys(data_cfg)
   source = pipeline.text_bytes_source(split, seq_len, validation_fraction=fraction, validation_seed=validation_seed)
   return pipeline.make_iterator(
@@ -204,8 +257,8 @@ def make_data(seq_len: int, data_cfg, split: str, *, seed: int, process_index: i
 
 
 @functools.cache
-def _validation_prompts(data_json: str, seq_len: int, num: int) -> np.ndarray:
-  """The first `num` validation windows [num, seq_len + 1] (unshuffled order of the split)."""
+def _validation_windows(data_json: str, seq_len: int, num: int) -> np.ndarray:
+  """The first `num` validation byte windows [num, seq_len + 1] (the split's order)."""
   data_cfg = ml_collections.ConfigDict(json.loads(data_json))
   fraction, validation_seed = pipeline.validation_keys(data_cfg)
   source = pipeline.text_bytes_source("validation", seq_len, validation_fraction=fraction,
@@ -218,20 +271,34 @@ def _param_labels(params):
   return {k: jax.tree.map(lambda _: "alpha" if k == "alpha" else "model", v) for k, v in params.items()}
 
 
-def make_task(config) -> tasks.Task:
-  model = tasks.build_model(Model, config.model)
-  model.check()
-  if model.continuous:
-    raise ValueError("config.model.vocab_size=0: the text task needs the byte vocabulary (256)")
+def check_data(model: EBT, data_cfg) -> int:
+  """The observed length L of the data (bytes per window, or frames - 1); a ValueError names a mismatch."""
+  if data_cfg.name == "moving_digits":
+    if not model.continuous:
+      raise ValueError(f"config.model.vocab_size={model.vocab_size}: video frames are continuous candidates; "
+                       "set vocab_size 0")
+    pixels = data_cfg.frame_size ** 2
+    if model.input_dim != pixels:
+      raise ValueError(f"config.model.input_dim={model.input_dim}: frames of {data_cfg.frame_size}x"
+                       f"{data_cfg.frame_size} have {pixels} values (leave 0 to fill it)")
+    return int(data_cfg.num_frames) - 1
   if model.vocab_size != 256:
     raise ValueError(f"config.model.vocab_size={model.vocab_size}: text is bytes, set 256")
-  loss_cfg = dict(config.get("loss", {}))
-  seq_len = int(config.data.get("seq_len", 0))
+  seq_len = int(data_cfg.get("seq_len", 0))
   if seq_len < 1:
     raise ValueError(f"config.data.seq_len={seq_len}: the observed bytes per window must be >= 1")
-  second_order_impl = model.attention_impl
-  if second_order_impl != "xla":
-    raise ValueError(f"config.model.attention_impl={second_order_impl!r}: training differentiates through "
+  return seq_len
+
+
+def make_task(config) -> tasks.Task:
+  model = tasks.build_model(Model, config.model)
+  if config.data.name == "moving_digits" and model.input_dim == 0:
+    model = model.clone(input_dim=int(config.data.frame_size) ** 2)
+  model.check()
+  seq_len = check_data(model, config.data)
+  loss_cfg = dict(config.get("loss", {}))
+  if model.attention_impl != "xla":
+    raise ValueError(f"config.model.attention_impl={model.attention_impl!r}: training differentiates through "
                      "dE/dp, a second-order gradient, and only the 'xla' attention is twice differentiable "
                      "(the Pallas kernels' custom VJPs are not); set 'xla'. Thinking at inference "
                      "differentiates once: config.sampler.attention_impl may name a kernel")
@@ -242,17 +309,25 @@ def make_task(config) -> tasks.Task:
                      "in its own group (lr, weight_decay 0), and only then")
   sampler = dict(config.get("sampler", {}))
   think_keys = ("num_steps", "langevin_sigma", "best_of", "accept_lower", "alpha", "attention_impl")
-  eval_kwargs = {k: sampler[k] for k in think_keys if k in sampler}
+  think_kwargs = {k: sampler[k] for k in think_keys if k in sampler}
   replay_size = int(loss_cfg.get("replay_size", 0))
+  num_samples = sampler.get("num_samples", 4)
 
   def sample_fn(params, rng):
-    """Validation windows' first bytes continued (the prompts are a trace-time constant)."""
-    num = sampler.get("num_samples", 4)
-    prompts = _validation_prompts(config.data.to_json(), seq_len, num)
-    return sample(model, params, rng, prompt=jnp.asarray(prompts), **sampler)
+    """Validation examples continued: text from their first bytes, frames predicted one by one (the examples
+    are a trace-time constant)."""
+    if model.continuous:
+      videos = jnp.asarray(video_sources.first_videos(config.data.to_json(), num_samples))
+      return predict_frames(model, params, rng, videos, **think_kwargs)
+    prompts = jnp.asarray(_validation_windows(config.data.to_json(), seq_len, num_samples))
+    return sample(model, params, rng, prompt=prompts, **sampler)
 
   def init_inputs():
-    return {"observed": jnp.zeros((1, 4), jnp.int32), "candidates": jnp.zeros((1, 4, model.vocab_size))}
+    observed = jnp.zeros((1, 4, model.input_dim)) if model.continuous else jnp.zeros((1, 4), jnp.int32)
+    return {"observed": observed, "candidates": jnp.zeros((1, 4, model.candidate_dim))}
+
+  def init_loss_state():
+    return init_replay(replay_size, seq_len, model.candidate_dim, continuous=model.continuous)
 
   return tasks.Task(
       model=model,
@@ -260,10 +335,10 @@ def make_task(config) -> tasks.Task:
       loss=functools.partial(loss, model, **loss_cfg),
       data=functools.partial(make_data, seq_len, config.data),
       param_labels=_param_labels if model.learn_alpha else None,
-      init_loss_state=(lambda: init_replay(replay_size, seq_len, model.vocab_size)) if replay_size else None,
+      init_loss_state=init_loss_state if replay_size else None,
       predict_fns={
-          "eval_loss": functools.partial(eval_loss, model, **eval_kwargs),
+          "eval_loss": functools.partial(eval_loss, model, **think_kwargs),
           "sample": sample_fn,
-          "write_samples": write_samples,
+          "write_samples": visualization.save_predicted_frames if model.continuous else write_samples,
       },
   )

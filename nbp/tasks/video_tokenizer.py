@@ -20,20 +20,16 @@ from __future__ import annotations
 
 import functools
 import importlib
-import json
 import os
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
 from nbp import reconstruction as reconstruction_lib
 from nbp import tasks
 from nbp import visualization
-from nbp.data import moving_digits
-from nbp.data import pipeline
 from nbp.data import splits as splits_lib
 from nbp.data import tokens as tokens_lib
 from nbp.data import video_sources
@@ -124,23 +120,8 @@ def make_data(data_cfg, split: str, *, seed: int, process_index: int, process_co
 
   Any dataset of `nbp.data.video_sources.video_source` (moving digits, UCF-101, a video folder).
   """
-  source = video_sources.video_source(data_cfg, split)
-  return pipeline.make_iterator(
-      source, global_batch_size=batch_size * process_count, seed=seed, shuffle=True,
-      transforms=(pipeline.NormalizeVideo(),), process_index=process_index, process_count=process_count,
-      worker_count=data_cfg.worker_count)
-
-
-@functools.cache
-def _first_validation_videos(data_cfg_json: str, num: int) -> np.ndarray:
-  """float32 [num, F, H, W, C] in [-1, 1]: the first `num` videos of the validation split of a video dataset."""
-  data_cfg = ml_collections.ConfigDict(json.loads(data_cfg_json))
-  if data_cfg.name == "moving_digits":  # generated directly: no dataset build for a few videos
-    videos = moving_digits.videos_from_config(data_cfg, "validation", 0, num)["video"]
-  else:
-    source = video_sources.video_source(data_cfg, "validation")
-    videos = np.stack([source[i]["video"] for i in range(min(num, len(source)))])
-  return videos.astype(np.float32) / 127.5 - 1.0
+  return video_sources.video_iterator(data_cfg, split, seed=seed, process_index=process_index,
+                                     process_count=process_count, batch_size=batch_size)
 
 
 def sample(model: Model, params, rng, videos: jax.Array, *, num_samples: int = 4):
@@ -186,7 +167,7 @@ def make_task(config) -> tasks.Task:
   num_samples = config.get("sampler", {}).get("num_samples", 4)
 
   def sample_fn(params, rng):  # the videos are read when first sampled, not when the task is built
-    return sample(model, params, rng, jnp.asarray(_first_validation_videos(d.to_json(), num_samples)),
+    return sample(model, params, rng, jnp.asarray(video_sources.first_videos(d.to_json(), num_samples)),
                   num_samples=num_samples)
 
   predict_fns = {
