@@ -3,18 +3,18 @@
 Dimension letters: B batch (R replayed rows on top), L positions, V
 vocabulary (256 bytes), F values per frame (H * W pixels).
 
-Video (`config.data.name` "moving_digits"): each frame is one token, its
-pixels in [-1, 1] flattened (F values, projected to the width by the model);
-the task is next-frame prediction. Candidates start from N(0, 1), are not
-normalised, and the loss is the smooth L1 distance to the next frame
-(`config.model.input_dim` left 0 is filled with F).
-
-A batch is windows of L + 1 bytes: x = window[:-1] observed, the targets
+Text: a batch is windows of L + 1 bytes: x = window[:-1] observed, the targets
 window[1:]. Every position's candidate starts from N(0, 1) noise over the
 vocabulary (or, with the replay buffer, some rows from their stored final
 candidates) and takes the recipe's optimisation steps (nbp/samplers/ebt.py);
 the loss is the cross-entropy of log_softmax(y) after each step against the
 targets: averaged over the steps, or at the last step only.
+
+Video (`config.data.name` "moving_digits"): each frame is one token, its
+pixels in [-1, 1] flattened (F values, projected to the width by the model);
+the task is next-frame prediction. Candidates start from N(0, 1), are not
+normalised, and the loss is the smooth L1 distance to the next frame
+(`config.model.input_dim` left 0 is filled with F).
 
 The two recipes are configs (experiments/configs/ebt_text.py):
 - System 1: 2 steps with 2 step embeddings, alpha learned in its own
@@ -137,6 +137,7 @@ def loss(model: EBT, params, batch, rng, loss_state=None, *, num_steps: int = 2,
   num_steps_max > num_steps draws the step count per batch uniformly in
   [num_steps, num_steps_max] (each count is its own compiled branch).
   """
+  del replay_size  # the buffer's size: make_task builds it (Task.init_loss_state)
   if loss_at not in LOSS_AT:
     raise ValueError(f"config.loss.loss_at={loss_at!r}: expected one of {LOSS_AT}")
   _, _, windows = split_window(model, batch)  # [B, L + 1(, F)]
