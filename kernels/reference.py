@@ -39,11 +39,8 @@ def _as_bkgts_mask(mask, num_kv_heads):
   return mask.reshape(b, num_kv_heads, h // num_kv_heads, t, s)  # [B|1, K, G, T|1, S|1]
 
 
-def xla_attention(q, k, v, mask=None):
-  """Softmax attention q [B, T, H, D], k and v [B, S, K, D] -> [B, T, H, D] (H % K == 0).
-
-  mask: None (all visible) or bool broadcastable to [B, H, T, S].
-  """
+def _masked_logits(q, k, mask):
+  """Scaled float32 logits [B, K, G, T, S] of q [B, T, H, D] against k [B, S, K, D], masked to MASK_VALUE."""
   b, t, h, d = q.shape
   kv_heads = k.shape[2]
   if h % kv_heads:
@@ -53,9 +50,22 @@ def xla_attention(q, k, v, mask=None):
   logits = logits * (1.0 / math.sqrt(d))  # [B, K, G, T, S]
   if mask is not None:
     logits = jnp.where(_as_bkgts_mask(mask, kv_heads), logits, masks.MASK_VALUE)
-  probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-  out = jnp.einsum("bkgts,bskd->btkgd", probs, v)  # [B, T, K, G, D]
+  return logits
+
+
+def _weighted_values(probs, v, q):
+  """probs [B, K, G, T, S] times v [B, S, K, D] -> [B, T, H, D] in q.dtype."""
+  b, t, h, d = q.shape
+  out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(v.dtype), v)  # [B, T, K, G, D]
   return out.reshape(b, t, h, d).astype(q.dtype)
+
+
+def xla_attention(q, k, v, mask=None):
+  """Softmax attention q [B, T, H, D], k and v [B, S, K, D] -> [B, T, H, D] (H % K == 0).
+
+  mask: None (all visible) or bool broadcastable to [B, H, T, S].
+  """
+  return _weighted_values(jax.nn.softmax(_masked_logits(q, k, mask), axis=-1), v, q)
 
 
 def xla_attention_lse(q, k, v, mask=None):
@@ -65,19 +75,11 @@ def xla_attention_lse(q, k, v, mask=None):
   Two attentions of the same query over disjoint key sets merge exactly by
   `merge_attention`. A row without any visible key has lse about MASK_VALUE.
   """
-  b, t, h, d = q.shape
-  kv_heads = k.shape[2]
-  if h % kv_heads:
-    raise ValueError(f"{h} query heads are not a multiple of {kv_heads} kv heads")
-  q = q.reshape(b, t, kv_heads, h // kv_heads, d)  # [B, T, K, G, D]
-  logits = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
-  logits = logits * (1.0 / math.sqrt(d))  # [B, K, G, T, S]
-  if mask is not None:
-    logits = jnp.where(_as_bkgts_mask(mask, kv_heads), logits, masks.MASK_VALUE)
+  b, t, h, _ = q.shape
+  logits = _masked_logits(q, k, mask)
   lse = jax.nn.logsumexp(logits, axis=-1)  # [B, K, G, T]
-  probs = jnp.exp(logits - lse[..., None]).astype(v.dtype)
-  out = jnp.einsum("bkgts,bskd->btkgd", probs, v)  # [B, T, K, G, D]
-  return out.reshape(b, t, h, d).astype(q.dtype), lse.transpose(0, 3, 1, 2).reshape(b, t, h)
+  out = _weighted_values(jnp.exp(logits - lse[..., None]), v, q)
+  return out, lse.transpose(0, 3, 1, 2).reshape(b, t, h)
 
 
 def merge_attention(out_a, lse_a, out_b, lse_b):
