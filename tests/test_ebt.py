@@ -248,9 +248,11 @@ def test_one_training_step_of_each_recipe(tmp_path, recipe):
 
 def test_replay_buffer_survives_a_resume_bit_identically(tmp_path):
   config = _config("s2", tmp_path)
+  config.evals = type(config.evals)()  # training only: three runs
   straight, resumed = tmp_path / "straight", tmp_path / "resumed"
   train.train_and_evaluate(config, str(straight))
   half = _config("s2", tmp_path, num_steps=2)
+  half.evals = type(half.evals)()
   train.train_and_evaluate(half, str(resumed))
   train.train_and_evaluate(config, str(resumed))
   abstract = train.setup(config).abstract_state
@@ -294,6 +296,8 @@ def _video_config(recipe, data_dir, **overrides):
     c.loss.replay_size = 8 if recipe == "s2" else 0
   set_tiny_budget(c, num_steps=2, checkpoint_every=2)
   c.batch_size = 4
+  if recipe == "s1":  # its evaluators are the same code as s2's: training only
+    c.evals = type(c.evals)()
   return apply_overrides(c, overrides)
 
 
@@ -302,9 +306,10 @@ def test_next_frame_training_of_each_recipe_and_the_baseline(tmp_path, data_dir,
   config = _video_config(recipe, data_dir)
   result = train.train_and_evaluate(config, str(tmp_path))
   assert result["status"] == "done" and np.isfinite(result["loss"])
-  metrics = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-  assert np.isfinite(metrics[-1]["eval/mse"])  # the held-out next frames, under the sampler's thinking for EBT
-  assert list((tmp_path / "samples").glob("step_*.png"))  # the predicted frames written as a grid
+  if recipe != "s1":
+    metrics = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert np.isfinite(metrics[-1]["eval/mse"])  # the held-out next frames, under the sampler's thinking for EBT
+    assert list((tmp_path / "samples").glob("step_*.png"))  # the predicted frames written as a grid
   if recipe != "regression":
     s, params, _, _ = train.load_params(config, str(tmp_path))
     assert s.task.model.input_dim == 64 and s.task.model.continuous  # filled from the 8x8 frames
