@@ -87,7 +87,7 @@ def naive_two_stream_attention(q, k, v, num_observed: int):
   cols = jnp.arange(n)[None, :]
   observed_rows = (rows < num_observed) & (cols <= rows)
   # Candidate row O + j sees observed keys 0..O - C + j and itself.
-  candidate_rows = (rows >= num_observed) & ((cols <= rows - num_observed + num_observed - c) | (cols == rows))
+  candidate_rows = (rows >= num_observed) & ((cols <= rows - c) | (cols == rows))
   return reference.xla_attention(q, k, v, observed_rows | candidate_rows)
 
 
