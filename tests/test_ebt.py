@@ -198,7 +198,7 @@ def test_cached_generation_equals_uncached():
 
 
 def test_replay_buffer_is_a_fifo_and_weighs_unfilled_draws_zero():
-  buffer = ebt_task.init_replay(4, seq_len=2, vocab_size=3)
+  buffer = ebt_task.init_replay(4, seq_len=2, candidate_dim=3)
   windows, cands, weights = ebt_task.draw_replay(buffer, jax.random.key(0), 2)
   assert weights.tolist() == [0.0, 0.0]  # nothing stored yet
   for i in range(3):  # 6 rows into 4 slots: rows 2..5 stay
