@@ -1,5 +1,6 @@
 """EBT: the two-stream attention, the energy's locality, thinking, the two recipes, replay, caching."""
 
+import functools
 import json
 
 import flax.linen as nn
@@ -91,14 +92,15 @@ def test_a_candidate_changes_only_its_own_energy():
   model = _tiny()
   params = _params(model)
   obs, cand = _inputs()
-  jac = jax.jacrev(lambda c: model.apply({"params": params}, obs, c, 1))(cand)  # [B, L, B, L, V]
+  jac = jax.jit(jax.jacrev(lambda c: model.apply({"params": params}, obs, c, 1)))(cand)  # [B, L, B, L, V]
   size = jnp.abs(jac).sum(-1)[0, :, 0, :]  # [L, L]: energy i against candidate j
   off_diagonal = size * (1 - jnp.eye(size.shape[0]))
   assert float(off_diagonal.max()) == 0.0
   assert float(jnp.diag(size).min()) > 1e-3  # and its own candidate does change it
   # The observed token it predicts is invisible too: changing x_{i+1} leaves energy i alone.
   other = obs.at[:, 4].set((obs[:, 4] + 1) % V)
-  e, e2 = (model.apply({"params": params}, o, cand, 0) for o in (obs, other))
+  energies = jax.jit(lambda o: model.apply({"params": params}, o, cand, 0))
+  e, e2 = energies(obs), energies(other)
   np.testing.assert_array_equal(e[:, :3], e2[:, :3])
   assert float(jnp.abs(e[:, 4:] - e2[:, 4:]).min()) > 0
 
@@ -122,22 +124,25 @@ def test_second_order_gradient_matches_finite_differences():
   targets = (obs + 1) % V
   y0 = jax.random.normal(jax.random.key(3), (1, 4, V))
 
+  @functools.partial(jax.jit, static_argnums=(1, 2))
   def objective(p, steps, truncate=False):
     energy = thinking.model_energy(model, p, obs)
     ys = thinking.think(model, energy, y0, num_steps=steps, alpha=0.3, truncate=truncate).ys
     return ebt_task.cross_entropy(ys[-1], targets, jnp.ones((1,)))
+
+  gradient = jax.jit(jax.grad(objective), static_argnums=(1, 2))
 
   direction = jax.tree.map(lambda x: jax.random.normal(jax.random.key(x.size), x.shape), params)
   along = lambda grad: sum(float(jnp.vdot(g, u)) for g, u in zip(jax.tree.leaves(grad), jax.tree.leaves(direction)))
   eps = 1e-4
   shifted = lambda s: jax.tree.map(lambda x, u: x + s * eps * u, params, direction)
   for steps in (1, 2):
-    analytic = along(jax.grad(objective)(params, steps))
+    analytic = along(gradient(params, steps, False))
     numeric = float(objective(shifted(1), steps) - objective(shifted(-1), steps)) / (2 * eps)
     assert abs(analytic) > 1.0
     np.testing.assert_allclose(analytic, numeric, rtol=2e-3)
   # Truncation drops the first step's second-order term: no longer the loss's derivative.
-  truncated = along(jax.grad(objective)(params, 2, True))
+  truncated = along(gradient(params, 2, True))
   assert abs(truncated - numeric) > 0.1 * abs(numeric)
 
 
@@ -148,13 +153,15 @@ def test_best_of_n_keeps_the_lowest_energy_per_position():
   energy = thinking.model_energy(model, params, obs)
   kwargs = dict(num_steps=2, alpha=1.0)
   rng = jax.random.key(7)
-  y, e = thinking.think_best_of(model, energy, rng, (2, 7, V), best_of=4, **kwargs)
-  singles = []
-  for n in range(4):  # each run of best-of-N, alone
-    key = jax.random.fold_in(rng, n)
+  y, e = jax.jit(lambda r: thinking.think_best_of(model, energy, r, (2, 7, V), best_of=4, **kwargs))(rng)
+
+  @jax.jit
+  def single(key):  # one run of best-of-N, alone
     y_n = thinking.think(model, energy, jax.random.normal(jax.random.fold_in(key, 0), (2, 7, V)),
                          rng=jax.random.fold_in(key, 1), **kwargs).ys[-1]
-    singles.append((y_n, thinking.final_energy(model, energy, y_n, 2)))
+    return y_n, thinking.final_energy(model, energy, y_n, 2)
+
+  singles = [single(jax.random.fold_in(rng, n)) for n in range(4)]
   energies = jnp.stack([s[1] for s in singles])  # [N, B, L]
   best = jnp.argmin(energies, axis=0)
   np.testing.assert_allclose(e, energies.min(axis=0), rtol=1e-5)
@@ -169,28 +176,29 @@ def test_accept_lower_never_raises_a_positions_energy():
   obs, _ = _inputs()
   energy = thinking.model_energy(model, params, obs)
   y0 = jax.random.normal(jax.random.key(4), (2, 7, V))
-  ys = thinking.think(model, energy, y0, num_steps=3, alpha=50.0, accept_lower=True).ys
-  before = thinking.final_energy(model, energy, y0, 1)
-  for y in ys:
-    after = thinking.final_energy(model, energy, y, 1)
+  final = jax.jit(lambda y: thinking.final_energy(model, energy, y, 1))
+  run = jax.jit(lambda accept: thinking.think(model, energy, y0, num_steps=3, alpha=50.0, accept_lower=accept).ys,
+                static_argnums=0)
+  before = final(y0)
+  for y in run(True):
+    after = final(y)
     assert bool(jnp.all(after <= before + 1e-5))
     before = after
   # Without the rule, steps this large do raise some positions' energies.
-  free = thinking.think(model, energy, y0, num_steps=3, alpha=50.0).ys
-  rises = [thinking.final_energy(model, energy, b, 1) < thinking.final_energy(model, energy, a, 1)
-           for a, b in zip([y0] + free[:-1], free)]
-  assert any(bool(jnp.any(r)) for r in rises)
+  free = run(False)
+  assert any(bool(jnp.any(final(b) > final(a))) for a, b in zip([y0] + free[:-1], free))
 
 
 def test_cached_generation_equals_uncached():
   model = _tiny()
   params = _params(model)
   obs, _ = _inputs()
-  kwargs = dict(num_steps=3, langevin_sigma=0.5, best_of=2)
-  cached = jax.jit(lambda r: thinking.generate(model, params, r, obs[:, :3], 5, **kwargs))(jax.random.key(5))
-  uncached = thinking.generate_uncached(model, params, jax.random.key(5), obs[:, :3], 5, **kwargs)
+  kwargs = dict(num_steps=2, langevin_sigma=0.5, best_of=2)
+  cached = jax.jit(lambda r: thinking.generate(model, params, r, obs[:, :3], 3, **kwargs))(jax.random.key(5))
+  uncached = jax.jit(lambda r: thinking.generate_uncached(model, params, r, obs[:, :3], 3, **kwargs))(
+      jax.random.key(5))
   np.testing.assert_array_equal(cached, uncached)
-  assert cached.shape == (2, 8)
+  assert cached.shape == (2, 6)
 
 
 # ---------------------------------------------------------------------------
@@ -273,9 +281,12 @@ def test_thinking_lowers_the_energy_of_a_briefly_trained_model(tmp_path):
   obs = jnp.asarray(batch["tokens"][:, :-1])
   energy = thinking.model_energy(model, params, obs)
   y0 = jax.random.normal(jax.random.key(0), (*obs.shape, 256))
-  thought = thinking.think(model, energy, y0, num_steps=2, alpha=thinking.step_size(model, params))
-  start = thinking.final_energy(model, energy, y0, 1)  # one step embedding: one landscape
-  after = [thinking.final_energy(model, energy, y, 1) for y in thought.ys]
+  @jax.jit
+  def energies(y0):
+    ys = thinking.think(model, energy, y0, num_steps=2, alpha=thinking.step_size(model, params)).ys
+    return [thinking.final_energy(model, energy, y, 1) for y in [y0] + ys]  # one step embedding: one landscape
+
+  start, *after = energies(y0)
   assert float(jnp.mean(after[0])) < float(jnp.mean(start))
   assert float(jnp.mean(after[1])) < float(jnp.mean(start))
 
