@@ -38,10 +38,11 @@ again to t = 0.1 (sampler.context "fixed"; validation FID 37.2 and class match
 "clean", at guidance 3), and samples with guidance scale 3 (class match 0.82
 against 0.64 without). For latents, loss.posterior stays the mean: a draw per
 step measured the same (--xar_parts posterior; figures at the key below). Not
-yet measured, so each keeps this codebase's earlier choice: the differences
-from the official network (model.qkv_bias, input_norm, dropout, adaln_init,
-time_embedding; --xar_parts switches). A teacher-forced model (`tf`) keeps the
-clean context it was trained on.
+yet fully measured, so each keeps this codebase's earlier choice: the
+differences from the official network (model.qkv_bias, input_norm, dropout,
+adaln_init, time_embedding; --xar_parts switches, docs/xar.md: so far qkv
+biases tie and the input norm is worse). A teacher-forced model (`tf`) keeps
+the clean context it was trained on.
 
 Argument: "ENTITY[,SIZE][,tf][,latents][,fid]", SIZE a key of nbp.models.xar.SIZES
 (default S).
