@@ -41,7 +41,7 @@ step measured the same (--xar_parts posterior; figures at the key below). Not
 yet fully measured, so each keeps this codebase's earlier choice: the
 differences from the official network (model.qkv_bias, input_norm, dropout,
 adaln_init, time_embedding; --xar_parts switches, docs/xar.md: so far qkv
-biases tie and the input norm is worse). A teacher-forced model (`tf`) keeps
+biases tie, the input norm and dropout 0.1 are worse). A teacher-forced model (`tf`) keeps
 the clean context it was trained on.
 
 Argument: "ENTITY[,SIZE][,tf][,latents][,fid]", SIZE a key of nbp.models.xar.SIZES
