@@ -32,6 +32,7 @@ Dimensions: B batch, L window (observed bytes).
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sysconfig
@@ -129,6 +130,11 @@ def mean_nll(score, windows: np.ndarray, batch: int) -> float:
   return float(np.mean(values))
 
 
+def _ebt_nll(model, params, batch, rng, *, setting):
+  """EBT's teacher-forced mean cross-entropy of a batch under one thinking setting."""
+  return ebt_task.eval_loss(model, params, batch, rng, **setting)[0]
+
+
 def thinking_part() -> list[dict]:
   rows = []
   max_windows = 8 if SMOKE.value else None
@@ -143,6 +149,9 @@ def thinking_part() -> list[dict]:
     ntp_loss = jax.jit(s_ntp.task.predict_fn("eval_loss"))
     settings = [dict(num_steps=int(k), best_of=1) for k in STEPS.value]
     settings += [dict(num_steps=ebt_cfg.sampler.num_steps, best_of=int(n)) for n in BEST_OF.value if int(n) > 1]
+    # One jitted scorer per thinking setting, compiled once and reused for every text.
+    scorers = [(setting, jax.jit(functools.partial(_ebt_nll, s_ebt.task.model, setting=setting)))
+               for setting in settings]
     for text_name, text in texts.items():
       windows = windows_of(text, ebt_cfg.data.seq_len, max_windows)
       batch = min(len(windows), ebt_cfg.batch_size)
@@ -150,8 +159,7 @@ def thinking_part() -> list[dict]:
         nll = mean_nll(lambda w, i: ntp_loss(p_ntp, {"tokens": w}, jax.random.key(i))[0], windows, batch)
       emit(rows, {"part": "thinking", "model": "Transformer++", "seed": seed, "text": text_name,
                   "windows": len(windows), "nll": nll, "perplexity": float(np.exp(nll))})
-      for setting in settings:
-        fn = jax.jit(lambda p, b, r, setting=setting: ebt_task.eval_loss(s_ebt.task.model, p, b, r, **setting)[0])
+      for setting, fn in scorers:
         with s_ebt.context():
           nll = mean_nll(lambda w, i: fn(p_ebt, {"tokens": w}, jax.random.key(i)), windows, batch)
         emit(rows, {"part": "thinking", "model": "EBT System 2", "seed": seed, "text": text_name,
