@@ -63,6 +63,7 @@ FAMILIES = {
     "events": "nbp.tasks.events",  # event forecasting: a marked temporal point process
     "ebt": "nbp.tasks.ebt",  # energy-based transformers: prediction by optimisation, thinking at inference
     "frame_regression": "nbp.tasks.frame_regression",  # next-frame regression: EBT's video baseline
+    "ebt_denoising": "nbp.tasks.ebt_denoising",  # image denoising: a bidirectional EBT or a flow transformer
 }
 
 
