@@ -24,10 +24,10 @@ demo: $(VENV)/.installed
 	$(PY) -m experiments.demo --workdir runs/demo
 
 test: $(VENV)/.installed-test
-	$(PY) -m pytest -q -n 2 tests
+	$(PY) -m pytest -q -n 2 --dist worksteal tests
 
 test-fast: $(VENV)/.installed-test  # the fast tier: everything but the end-to-end runs marked slow
-	$(PY) -m pytest -q -n 2 -m "not slow" tests
+	$(PY) -m pytest -q -n 2 --dist worksteal -m "not slow" tests
 
 clean:
 	rm -rf runs
