@@ -1,8 +1,11 @@
-r"""EBT against Transformer++ on text: perplexity against thinking, in and out of distribution, and training cost.
+r"""EBT against Transformer++ on text: perplexity against thinking, in and out of distribution, and training cost;
+and the bidirectional EBT against a flow transformer on image denoising: PSNR against forward passes.
 
   python -m experiments.benchmark_ebt --ebt_parts thinking,cost [--ebt_seeds 0,1,2] \
       [--ebt_splits validation] [--ood_text PATH] [--ebt_steps 1,2,3,4,6] [--ebt_best_of 1,2,4] \
       [--ebt_runs_dir runs/ebt_benchmark] [--ebt_num_steps N] [--ebt_smoke]
+  python -m experiments.benchmark_ebt --ebt_parts denoising [--ebt_seeds 0,1,2] [--ebt_splits validation,test] \
+      [--ebt_denoising_ebt_steps 1,2,3,4,6,8] [--ebt_denoising_flow_steps 1,2,4,8,16,32] [--ebt_num_steps N]
 
 thinking  for each seed, ebt_text.py:s2,local (System 2) and ntp_text.py's
           Transformer++ at the same width, depth, heads and window, trained
@@ -21,6 +24,17 @@ cost      one training step of each recipe (System 1: 2 steps; System 2 at 2
           model size, batch and window: XLA's FLOP count of the compiled step
           and its median time, steps interleaved, both as ratios to
           Transformer++. Run it on an idle machine.
+denoising for each seed, ebt_denoising.py:ebt,local (the bidirectional EBT,
+          System 2 denoising recipe) and ebt_denoising.py:flow,local (a flow
+          transformer of the same backbone and size), trained through the
+          shared loop for the same steps and batch (a finished run in
+          ebt_runs_dir is reused). Each is scored by the same split_metrics
+          evaluator the loop runs, over every image of each split of
+          `--ebt_splits` (choices on validation; test once), the same noisy
+          images for both: the PSNR of the noisy input, and of the output
+          after each step count (EBT: thinking steps, each one forward and
+          one backward pass; flow: Euler steps from t*, one forward pass
+          each).
 
 Prints one JSON line per measurement, then Markdown tables (mean and sd over
 seeds); also written to ebt_runs_dir/results.json. `--ebt_smoke`: every part
@@ -43,14 +57,14 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from experiments.configs import ebt_text, ntp_text
+from experiments.configs import ebt_denoising, ebt_text, ntp_text
 from nbp.data import pipeline
 from nbp.models import block_transformer
 from nbp.tasks import ebt as ebt_task
 from nbp.training import loop as train
 from nbp.training import sharding
 
-PARTS = ("thinking", "cost")
+PARTS = ("thinking", "cost", "denoising")
 PARTS_FLAG = flags.DEFINE_list("ebt_parts", ["thinking", "cost"], f"Which parts to run, of {PARTS}.")
 SEEDS = flags.DEFINE_list("ebt_seeds", ["0", "1", "2"], "Training seeds (one run of each model each).")
 SPLITS = flags.DEFINE_list("ebt_splits", ["validation"], "In-distribution splits scored (test: once).")
@@ -63,6 +77,13 @@ NUM_STEPS = flags.DEFINE_integer("ebt_num_steps", 0, "Training steps of every ru
 COST_REPEATS = flags.DEFINE_integer("ebt_cost_repeats", 7, "Timed training steps per model in the cost part.")
 SMOKE = flags.DEFINE_bool("ebt_smoke", False, "Every part at a tiny size (checks the script).")
 DATA_DIR = flags.DEFINE_string("ebt_data_dir", "data", "config.data.dir of the runs.")
+DENOISE_STEPS = {
+    "ebt": flags.DEFINE_list("ebt_denoising_ebt_steps", [str(k) for k in ebt_denoising.STEPS["ebt"]],
+                             "Denoising: the EBT's thinking step counts scored."),
+    "flow": flags.DEFINE_list("ebt_denoising_flow_steps", [str(k) for k in ebt_denoising.STEPS["flow"]],
+                              "Denoising: the flow's Euler step counts scored."),
+}
+DENOISE_NAMES = {"ebt": "bidirectional EBT", "flow": "flow transformer"}
 
 
 def runs_dir() -> str:
@@ -213,6 +234,45 @@ def cost_part() -> list[dict]:
   return rows
 
 
+def denoising_config(kind: str, seed: int):
+  """ebt_denoising.py:KIND,local for the benchmark: its budget, the PSNR evaluator alone (the validation split)."""
+  c = ebt_denoising.get_config(f"{kind},local")
+  c.unlock()
+  c.seed = seed
+  c.data.dir = DATA_DIR.value
+  c.num_steps = 2 if SMOKE.value else (NUM_STEPS.value or c.num_steps)
+  c.checkpoint_every = c.num_steps
+  c.sampler.steps = tuple(int(k) for k in DENOISE_STEPS[kind].value)
+  if SMOKE.value:
+    c.data.image_size = 8
+    c.model.variant = None
+    c.model.num_layers, c.model.width, c.model.num_heads = 1, 32, 2
+    c.sampler.steps = (1, 2)
+  c.evals = type(c.evals)({"psnr": dict(type="split_metrics", every=0, split="validation")})
+  return c
+
+
+def denoising_part() -> list[dict]:
+  """PSNR against forward passes of both denoisers over whole splits (module docstring)."""
+  rows = []
+  for seed in [0] if SMOKE.value else [int(s) for s in SEEDS.value]:
+    for kind in ("ebt", "flow"):
+      config = denoising_config(kind, seed)
+      workdir = trained(config, f"denoising_{kind}_seed{seed}")
+      s, params, params_name, step = train.load_params(config, workdir)
+      size = int(sum(x.size for x in jax.tree.leaves(params)))
+      for split in SPLITS.value:
+        out = train.run_evaluators(s, params, params_name, step, workdir, final=True, only_due=False, split=split)
+        scores = {k.split("/")[-1]: v for k, v in out.items()}
+        base = {"part": "denoising", "model": DENOISE_NAMES[kind], "params": size, "seed": seed, "split": split,
+                "images": scores["num_examples"]}
+        emit(rows, {**base, "steps": 0, "forward": 0, "backward": 0, "psnr": scores["psnr_noisy"], "noisy": True})
+        for k in config.sampler.steps:
+          emit(rows, {**base, "steps": k, "forward": scores[f"forward_{k}_steps"],
+                      "backward": scores[f"backward_{k}_steps"], "psnr": scores[f"psnr_{k}_steps"]})
+  return rows
+
+
 def _stepper(compiled, state, batch):
   """A function running one more training step of `compiled` (the state is donated, so it keeps the newest)."""
   holder = [state]
@@ -254,6 +314,22 @@ def print_tables(results: dict) -> None:
     for r in rows:
       print(f"| {r['model']} | {r['params']:,} | {r['flops'] / 1e9:.2f} G | {r['flops_ratio']:.2f}x | "
             f"{r['time_ratio']:.2f}x |")
+  rows = results.get("denoising", [])
+  if rows:
+    splits = list(dict.fromkeys(r["split"] for r in rows))
+    sizes = ", ".join(f"{m} {p:,}" for m, p in dict.fromkeys((r["model"], r["params"]) for r in rows))
+    print(f"\nDenoising PSNR (dB; mean (sd) over seeds) against passes per image; parameters: {sizes}:\n")
+    print("| model | steps | forward | backward | " + " | ".join(splits) + " |\n|---|---|---|---|"
+          + "---|" * len(splits))
+    first = rows[0]["model"]  # both models score the same noisy images
+    noisy = [_mean_sd([r["psnr"] for r in rows if r.get("noisy") and (r["split"], r["model"]) == (t, first)])
+             for t in splits]
+    print("| noisy input | 0 | 0 | 0 | " + " | ".join(noisy) + " |")
+    for model, steps, forward, backward in dict.fromkeys(
+        (r["model"], r["steps"], r["forward"], r["backward"]) for r in rows if not r.get("noisy")):
+      cells = [_mean_sd([r["psnr"] for r in rows if not r.get("noisy") and (r["model"], r["steps"], r["split"]) ==
+                         (model, steps, t)]) for t in splits]
+      print(f"| {model} | {steps} | {forward:g} | {backward:g} | " + " | ".join(cells) + " |")
 
 
 def main(argv):
@@ -265,7 +341,7 @@ def main(argv):
     raise FileNotFoundError(f"--ood_text={OOD.value!r}: no such file")
   os.makedirs(runs_dir(), exist_ok=True)
   results = {}
-  for name, fn in (("thinking", thinking_part), ("cost", cost_part)):
+  for name, fn in (("thinking", thinking_part), ("cost", cost_part), ("denoising", denoising_part)):
     if name in PARTS_FLAG.value:
       results[name] = fn()
   print_tables(results)

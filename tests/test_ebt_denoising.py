@@ -135,6 +135,16 @@ def test_the_flows_start_point_lies_on_the_path_and_euler_steps_recover_the_imag
     np.testing.assert_allclose(out, x, atol=1e-5)
 
 
+def test_patches_are_the_images_2x2_blocks_and_go_back():
+  model = bidirectional_ebt.FlowTransformer(image_size=4, patch_size=2, channels=1)
+  images = np.arange(2 * 4 * 4, dtype=np.float32).reshape(2, 4, 4, 1)
+  patches = np.asarray(model.patchify(images))
+  assert patches.shape == (2, 4, 4)
+  np.testing.assert_array_equal(patches[0, 1], images[0, 0:2, 2:4, 0].reshape(-1))  # the second patch of row 0
+  np.testing.assert_array_equal(patches[1, 2], images[1, 2:4, 0:2, 0].reshape(-1))  # the first patch of row 1
+  np.testing.assert_array_equal(model.unpatchify(patches), images)
+
+
 # ---------------------------------------------------------------------------
 # The PSNR evaluator, by hand.
 

@@ -125,6 +125,18 @@ class DenoisingTransformer(sizes.SizedByTable, nn.Module):
     """P."""
     return self.patch_size ** 2 * self.channels
 
+  def patchify(self, images):
+    """images [B, S, S, C] -> patches [B, T, P]: row-major patches, each row-major with channels last."""
+    b, g, p = images.shape[0], self.grid, self.patch_size
+    x = images.reshape(b, g, p, g, p, self.channels).transpose(0, 1, 3, 2, 4, 5)  # [B, S/p, S/p, p, p, C]
+    return x.reshape(b, self.num_patches, self.patch_dim)
+
+  def unpatchify(self, patches):
+    """patches [B, T, P] -> images [B, S, S, C]: the inverse of `patchify`."""
+    b, g, p = patches.shape[0], self.grid, self.patch_size
+    x = patches.reshape(b, g, g, p, p, self.channels).transpose(0, 1, 3, 2, 4, 5)  # [B, S/p, p, S/p, p, C]
+    return x.reshape(b, self.image_size, self.image_size, self.channels)
+
   def check(self) -> None:
     """Raises ValueError naming the first bad field (config.model.<field>)."""
     if self.kind not in KINDS:

@@ -64,7 +64,6 @@ from nbp.data import splits
 from nbp.models import bidirectional_ebt
 from nbp.models.bidirectional_ebt import DenoisingTransformer as Model
 from nbp.samplers import ebt as thinking
-from nbp.tasks import xar as xar_task
 
 DATASETS = ("digits",)
 SIGMA = 0.46  # the default noise level (experiments/configs/ebt_denoising.py says how it matches the official)
@@ -74,18 +73,6 @@ EVAL_NOISE_SEED = 1234  # eps of split i of nbp.data.splits.SPLITS is drawn with
 def flow_start_time(sigma: float) -> float:
   """t* = sigma / (1 + sigma): the time at which (1 - t*) (x + sigma eps) lies on the flow path of x."""
   return sigma / (1.0 + sigma)
-
-
-def to_patches(model: Model, images):
-  """images [B, S, S, C] -> patches [B, T, P] (row-major patches, each row-major with channels last)."""
-  patches = xar_task.patchify(images, model.patch_size)  # [B, S/p, S/p, P]
-  return patches.reshape(patches.shape[0], model.num_patches, model.patch_dim)
-
-
-def to_images(model: Model, patches):
-  """patches [B, T, P] -> images [B, S, S, C]: the inverse of `to_patches`."""
-  grid = patches.reshape(patches.shape[0], model.grid, model.grid, model.patch_dim)
-  return xar_task.unpatchify(grid, model.patch_size)
 
 
 def psnr_per_image(target, output):
@@ -114,7 +101,7 @@ def image_energy(model: Model, params) -> thinking.Energy:
 def think_from(model: Model, params, noisy_images, *, num_steps: int, alpha, detach: bool = False,
                truncate: bool = False) -> thinking.Thought:
   """`num_steps` optimisation steps starting at the noisy images [B, S, S, C]; alpha scalar or [B, 1, 1]."""
-  y0 = to_patches(model, noisy_images).reshape(noisy_images.shape[0], 1, -1)  # [B, 1, T * P]
+  y0 = model.patchify(noisy_images).reshape(noisy_images.shape[0], 1, -1)  # [B, 1, T * P]
   return thinking.think(model, image_energy(model, params), y0, num_steps=num_steps, alpha=alpha, detach=detach,
                         truncate=truncate)
 
@@ -128,7 +115,7 @@ def ebt_loss(model: Model, params, clean, noisy, rng, *, num_steps: int, num_ste
 
   def run(steps: int):
     thought = think_from(model, params, noisy, num_steps=steps, alpha=alpha, detach=detach, truncate=truncate)
-    outputs = [to_images(model, y.reshape(y.shape[0], model.num_patches, model.patch_dim)) for y in thought.ys]
+    outputs = [model.unpatchify(y.reshape(y.shape[0], model.num_patches, model.patch_dim)) for y in thought.ys]
     value = smooth_l1(outputs[-1], clean)
     return value, {"initial_step_loss": smooth_l1(outputs[0], clean), "final_step_loss": value,
                    "mse": jnp.mean((outputs[-1] - clean) ** 2),
@@ -153,7 +140,7 @@ def flow_loss(model: Model, params, clean, rng, *, max_t: float):
   t_rng, eps_rng = jax.random.split(rng)
   b = clean.shape[0]
   t = jax.random.uniform(t_rng, (b,)) * max_t
-  x = to_patches(model, clean)
+  x = model.patchify(clean)
   eps = jax.random.normal(eps_rng, x.shape)
   x_t = (1.0 - t[:, None, None]) * x + t[:, None, None] * eps
   v = model.apply({"params": params}, x_t, t)
@@ -172,8 +159,8 @@ def flow_denoise(model: Model, params, noisy_images, *, sigma: float, num_steps:
     v = model.apply({"params": params}, x, jnp.full((b,), t))
     return x + (t_next - t) * v
 
-  x = jax.lax.fori_loop(0, num_steps, step, (1.0 - t_star) * to_patches(model, noisy_images))
-  return to_images(model, x)
+  x = jax.lax.fori_loop(0, num_steps, step, (1.0 - t_star) * model.patchify(noisy_images))
+  return model.unpatchify(x)
 
 
 # ---------------------------------------------------------------------------
@@ -226,7 +213,7 @@ def denoise(model: Model, params, noisy_images, *, sigma: float, steps, alpha: f
     return {k: flow_denoise(model, params, noisy_images, sigma=sigma, num_steps=k) for k in steps}
   thought = think_from(model, params, noisy_images, num_steps=steps[-1],
                        alpha=thinking.step_size(model, params, alpha))
-  return {k: to_images(model, thought.ys[k - 1].reshape(-1, model.num_patches, model.patch_dim)) for k in steps}
+  return {k: model.unpatchify(thought.ys[k - 1].reshape(-1, model.num_patches, model.patch_dim)) for k in steps}
 
 
 def score(model: Model, params, batch, *, sigma: float, steps, alpha: float | None = None) -> dict:
