@@ -47,7 +47,10 @@ at the end of training, the PSNR of the noisy input and after each step
 count, with the forward and backward passes per image; the test split once
 with `python -m experiments.evaluate ... --split test`, or both models side
 by side with `python -m experiments.benchmark_ebt --ebt_parts denoising`.
-Expected: not yet measured.
+Expected (1,000 steps, tiny, seeds 0-2; docs/ebt.md has the table): from
+14.53 dB noisy, the EBT reaches 20.29 dB on validation at 3 thinking steps
+(fewer or more steps score lower), the flow 20.40 dB at one Euler step and
+less with more steps.
 """
 
 import ml_collections
