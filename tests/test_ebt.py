@@ -110,6 +110,10 @@ def test_training_path_refuses_a_kernel_by_its_key(tmp_path):
   config.model.attention_impl = "pallas"
   with pytest.raises(ValueError, match="config.model.attention_impl"):
     ebt_task.make_task(config)
+  mismatched = _config("s1", tmp_path)  # a learned alpha without its parameter group
+  del mismatched.param_groups["alpha"]
+  with pytest.raises(ValueError, match="config.model.learn_alpha=True but config.param_groups lacks"):
+    ebt_task.make_task(mismatched)
 
 
 def test_second_order_gradient_matches_finite_differences():

@@ -47,6 +47,15 @@ def step_size(model: EBT, params, alpha: float | None = None):
   return jnp.maximum(value, MIN_ALPHA)
 
 
+def check_alpha_group(model, config) -> None:
+  """A learned step size trains in its own parameter group ("alpha"), and only then; else ValueError naming both keys."""
+  groups = dict(config.get("param_groups", {}))
+  if model.learn_alpha != ("alpha" in groups):
+    raise ValueError(f"config.model.learn_alpha={model.learn_alpha} but config.param_groups "
+                     f"{'lacks' if model.learn_alpha else 'has'} an 'alpha' group: the learned step size trains "
+                     "in its own group (lr, weight_decay 0), and only then")
+
+
 def randomized_alpha(rng, alpha, shape, scale: float):
   """alpha drawn per (batch, position) uniformly in [alpha / scale, alpha * scale] (scale 1: alpha itself)."""
   if scale == 1.0:

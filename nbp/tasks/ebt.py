@@ -303,11 +303,7 @@ def make_task(config) -> tasks.Task:
                      "dE/dp, a second-order gradient, and only the 'xla' attention is twice differentiable "
                      "(the Pallas kernels' custom VJPs are not); set 'xla'. Thinking at inference "
                      "differentiates once: config.sampler.attention_impl may name a kernel")
-  groups = dict(config.get("param_groups", {}))
-  if model.learn_alpha != ("alpha" in groups):
-    raise ValueError(f"config.model.learn_alpha={model.learn_alpha} but config.param_groups "
-                     f"{'lacks' if model.learn_alpha else 'has'} an 'alpha' group: the learned step size trains "
-                     "in its own group (lr, weight_decay 0), and only then")
+  thinking.check_alpha_group(model, config)
   sampler = dict(config.get("sampler", {}))
   think_keys = ("num_steps", "langevin_sigma", "best_of", "accept_lower", "alpha", "attention_impl")
   think_kwargs = {k: sampler[k] for k in think_keys if k in sampler}

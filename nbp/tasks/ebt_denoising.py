@@ -298,11 +298,7 @@ def make_task(config) -> tasks.Task:
   model.check()
   loss_cfg = dict(config.get("loss", {}))
   check_loss(**loss_cfg)
-  groups = dict(config.get("param_groups", {}))
-  if model.learn_alpha != ("alpha" in groups):
-    raise ValueError(f"config.model.learn_alpha={model.learn_alpha} but config.param_groups "
-                     f"{'lacks' if model.learn_alpha else 'has'} an 'alpha' group: the learned step size trains "
-                     "in its own group, and only then")
+  thinking.check_alpha_group(model, config)
   sampler = dict(config.get("sampler", {}))
   sigma = float(loss_cfg.get("sigma", SIGMA))
   steps = tuple(int(k) for k in sampler.get("steps", (1, 2, 4)))
