@@ -1,9 +1,11 @@
 r"""EBT against Transformer++ on text: perplexity against thinking, in and out of distribution, and training cost;
-and the bidirectional EBT against a flow transformer on image denoising: PSNR against forward passes.
+against a regression transformer on next-frame prediction; and the bidirectional EBT against a flow
+transformer on image denoising: PSNR against forward passes.
 
   python -m experiments.benchmark_ebt --ebt_parts thinking,cost [--ebt_seeds 0,1,2] \
       [--ebt_splits validation] [--ood_text PATH] [--ebt_steps 1,2,3,4,6] [--ebt_best_of 1,2,4] \
       [--ebt_runs_dir runs/ebt_benchmark] [--ebt_num_steps N] [--ebt_smoke]
+  python -m experiments.benchmark_ebt --ebt_parts video [--ebt_seeds 0,1,2] [--ebt_splits validation,test]
   python -m experiments.benchmark_ebt --ebt_parts denoising [--ebt_seeds 0,1,2] [--ebt_splits validation,test] \
       [--ebt_denoising_ebt_steps 1,2,3,4,6,8] [--ebt_denoising_flow_steps 1,2,4,8,16,32] [--ebt_num_steps N]
 
@@ -24,6 +26,15 @@ cost      one training step of each recipe (System 1: 2 steps; System 2 at 2
           model size, batch and window: XLA's FLOP count of the compiled step
           and its median time, steps interleaved, both as ratios to
           Transformer++. Run it on an idle machine.
+video     for each seed, ebt_video.py:s2,local (System 2 on moving digits,
+          each frame one token) and ebt_video.py:regression,local (a causal
+          transformer of the same size regressing the next frame), trained
+          for the same steps and batch (a finished run is reused). Each is
+          scored teacher-forced on every video of each split of
+          `--ebt_splits`: the smooth L1 (the training loss) and the MSE of
+          every next frame; EBT for each of `--ebt_steps` (best-of-1) and
+          best-of-N at the recipe's steps; beside them, repeating the last
+          frame (no model).
 denoising for each seed, ebt_denoising.py:ebt,local (the bidirectional EBT,
           System 2 denoising recipe) and ebt_denoising.py:flow,local (a flow
           transformer of the same backbone and size), trained through the
@@ -57,14 +68,14 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from experiments.configs import ebt_denoising, ebt_text, ntp_text
-from nbp.data import pipeline
+from experiments.configs import ebt_denoising, ebt_text, ebt_video, ntp_text
+from nbp.data import pipeline, video_sources
 from nbp.models import block_transformer
 from nbp.tasks import ebt as ebt_task
 from nbp.training import loop as train
 from nbp.training import sharding
 
-PARTS = ("thinking", "cost", "denoising")
+PARTS = ("thinking", "cost", "video", "denoising")
 PARTS_FLAG = flags.DEFINE_list("ebt_parts", ["thinking", "cost"], f"Which parts to run, of {PARTS}.")
 SEEDS = flags.DEFINE_list("ebt_seeds", ["0", "1", "2"], "Training seeds (one run of each model each).")
 SPLITS = flags.DEFINE_list("ebt_splits", ["validation"], "In-distribution splits scored (test: once).")
@@ -234,6 +245,59 @@ def cost_part() -> list[dict]:
   return rows
 
 
+def video_config(recipe: str, seed: int):
+  """ebt_video.py:RECIPE,local for the benchmark: its budget, no in-training evaluators."""
+  c = ebt_video.get_config(f"{recipe},local")
+  c.unlock()
+  c.seed = seed
+  c.data.dir = DATA_DIR.value
+  c.num_steps = 2 if SMOKE.value else (NUM_STEPS.value or c.num_steps)
+  c.checkpoint_every = c.num_steps
+  c.evals = type(c.evals)()
+  if SMOKE.value:
+    c.data.num_frames, c.data.frame_size, c.data.num_validation, c.data.num_test = 4, 8, 8, 8
+    c.data.num_train = 32
+    if recipe != "regression":
+      c.loss.replay_size = 8
+  return c
+
+
+def video_part() -> list[dict]:
+  """Next-frame smooth L1 and MSE of EBT against thinking, the regression transformer and the last frame."""
+  rows = []
+  for seed in [0] if SMOKE.value else [int(s) for s in SEEDS.value]:
+    ebt_cfg, reg_cfg = video_config("s2", seed), video_config("regression", seed)
+    s_ebt, p_ebt, _, _ = train.load_params(ebt_cfg, trained(ebt_cfg, f"video_ebt_s2_seed{seed}"))
+    s_reg, p_reg, _, _ = train.load_params(reg_cfg, trained(reg_cfg, f"video_regression_seed{seed}"))
+    settings = [dict(num_steps=int(k), best_of=1) for k in STEPS.value]
+    settings += [dict(num_steps=ebt_cfg.sampler.num_steps, best_of=int(n)) for n in BEST_OF.value if int(n) > 1]
+    reg_loss = jax.jit(s_reg.task.loss)
+    for split in SPLITS.value:
+      num = ebt_cfg.data.num_validation if split == "validation" else ebt_cfg.data.num_test
+      videos = jnp.asarray(video_sources.first_videos(ebt_cfg.data.to_json(), num, split))
+      frames = videos.reshape(*videos.shape[:2], -1)
+      base = {"part": "video", "seed": seed, "split": split, "videos": int(videos.shape[0])}
+      last, target = frames[:, :-1], frames[:, 1:]
+      ones = jnp.ones((videos.shape[0],))
+      emit(rows, {**base, "model": "repeat the last frame", "smooth_l1": float(ebt_task.smooth_l1(last, target, ones)),
+                  "mse": float(jnp.mean((last - target) ** 2))})
+      with s_reg.context():
+        value, aux = reg_loss(p_reg, {"video": videos}, jax.random.key(0))
+      emit(rows, {**base, "model": "regression transformer", "params": _size(p_reg), "smooth_l1": float(value),
+                  "mse": float(aux["mse"])})
+      for setting in settings:
+        fn = jax.jit(functools.partial(s_ebt.task.predict_fn("eval_loss"), **setting))
+        with s_ebt.context():
+          value, aux = fn(p_ebt, {"video": videos}, jax.random.key(seed))
+        emit(rows, {**base, "model": "EBT System 2", "params": _size(p_ebt), **setting, "smooth_l1": float(value),
+                    "mse": float(aux["mse"])})
+  return rows
+
+
+def _size(params) -> int:
+  return int(sum(x.size for x in jax.tree.leaves(params)))
+
+
 def denoising_config(kind: str, seed: int):
   """ebt_denoising.py:KIND,local for the benchmark: its budget, the PSNR evaluator alone (the validation split)."""
   c = ebt_denoising.get_config(f"{kind},local")
@@ -260,7 +324,7 @@ def denoising_part() -> list[dict]:
       config = denoising_config(kind, seed)
       workdir = trained(config, f"denoising_{kind}_seed{seed}")
       s, params, params_name, step = train.load_params(config, workdir)
-      size = int(sum(x.size for x in jax.tree.leaves(params)))
+      size = _size(params)
       for split in SPLITS.value:
         out = train.run_evaluators(s, params, params_name, step, workdir, final=True, only_due=False, split=split)
         scores = {k.split("/")[-1]: v for k, v in out.items()}
@@ -288,10 +352,10 @@ def emit(rows: list[dict], row: dict) -> None:
   print(json.dumps(row, default=float), flush=True)
 
 
-def _mean_sd(values) -> str:
+def _mean_sd(values, digits: int = 2) -> str:
   values = np.asarray(values, np.float64)
-  sd = f" ({np.std(values, ddof=1):.2f})" if len(values) > 1 else ""
-  return f"{np.mean(values):.2f}{sd}"
+  sd = f" ({np.std(values, ddof=1):.{digits}f})" if len(values) > 1 else ""
+  return f"{np.mean(values):.{digits}f}{sd}"
 
 
 def print_tables(results: dict) -> None:
@@ -314,6 +378,20 @@ def print_tables(results: dict) -> None:
     for r in rows:
       print(f"| {r['model']} | {r['params']:,} | {r['flops'] / 1e9:.2f} G | {r['flops_ratio']:.2f}x | "
             f"{r['time_ratio']:.2f}x |")
+  rows = results.get("video", [])
+  if rows:
+    splits = list(dict.fromkeys(r["split"] for r in rows))
+    print("\nNext-frame smooth L1 / MSE (pixels in [-1, 1]; mean (sd) over seeds), teacher-forced on whole splits:\n")
+    print("| model | thinking | " + " | ".join(f"{t} smooth L1 | {t} MSE" for t in splits) + " |\n|---|---|"
+          + "---|---|" * len(splits))
+    for model, steps, best_of in dict.fromkeys((r["model"], r.get("num_steps"), r.get("best_of")) for r in rows):
+      label = "-" if steps is None else f"{steps} steps" + (f", best of {best_of}" if best_of > 1 else "")
+      cells = []
+      for t in splits:
+        mine = [r for r in rows if (r["model"], r.get("num_steps"), r.get("best_of"), r["split"]) ==
+                (model, steps, best_of, t)]
+        cells += [_mean_sd([r["smooth_l1"] for r in mine], 4), _mean_sd([r["mse"] for r in mine], 4)]
+      print(f"| {model} | {label} | " + " | ".join(cells) + " |")
   rows = results.get("denoising", [])
   if rows:
     splits = list(dict.fromkeys(r["split"] for r in rows))
@@ -341,7 +419,8 @@ def main(argv):
     raise FileNotFoundError(f"--ood_text={OOD.value!r}: no such file")
   os.makedirs(runs_dir(), exist_ok=True)
   results = {}
-  for name, fn in (("thinking", thinking_part), ("cost", cost_part), ("denoising", denoising_part)):
+  for name, fn in (("thinking", thinking_part), ("cost", cost_part), ("video", video_part),
+                   ("denoising", denoising_part)):
     if name in PARTS_FLAG.value:
       results[name] = fn()
   print_tables(results)
