@@ -70,7 +70,7 @@ from absl import app, flags
 
 from experiments.configs import ebt_denoising, ebt_text, ebt_video, ntp_text
 from nbp.data import pipeline, video_sources
-from nbp.models import block_transformer, sequence
+from nbp.models import block_transformer
 from nbp.tasks import ebt as ebt_task
 from nbp.training import loop as train
 from nbp.training import sharding
@@ -254,8 +254,6 @@ def video_config(recipe: str, seed: int):
   c.num_steps = 2 if SMOKE.value else (NUM_STEPS.value or c.num_steps)
   c.checkpoint_every = c.num_steps
   c.evals = type(c.evals)()
-  if recipe != "regression":  # the regression transformer's MLP width: the same size within 10%
-    c.model.mlp_dim = sequence.SequenceModel.mlp_ratio * c.model.width
   if SMOKE.value:
     c.data.num_frames, c.data.frame_size, c.data.num_validation, c.data.num_test = 4, 8, 8, 8
     c.data.num_train = 32

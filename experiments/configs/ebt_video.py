@@ -62,6 +62,7 @@ def get_config(arg: str = "s2,local"):
     c.family = "ebt"
     c.model.vocab_size = 0  # continuous candidates: frames
     c.model.num_layers, c.model.width, c.model.num_heads = depth, width, heads
+    c.model.mlp_dim = 4 * width  # the regression baseline's MLP, so both have the same size within 10%
     c.model.variant = None
     c.model.attention_impl = "xla"
     c.sampler.update(langevin_sigma=0.0, best_of=1, accept_lower=False)
