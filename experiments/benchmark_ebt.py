@@ -245,14 +245,19 @@ def cost_part() -> list[dict]:
   return rows
 
 
-def video_config(recipe: str, seed: int):
-  """ebt_video.py:RECIPE,local for the benchmark: its budget, no in-training evaluators."""
-  c = ebt_video.get_config(f"{recipe},local")
+def for_benchmark(c, seed: int):
+  """A local config, unlocked, as a benchmark run: its seed, the data dir, the budget (one checkpoint at the end)."""
   c.unlock()
   c.seed = seed
   c.data.dir = DATA_DIR.value
   c.num_steps = 2 if SMOKE.value else (NUM_STEPS.value or c.num_steps)
   c.checkpoint_every = c.num_steps
+  return c
+
+
+def video_config(recipe: str, seed: int):
+  """ebt_video.py:RECIPE,local for the benchmark: its budget, no in-training evaluators."""
+  c = for_benchmark(ebt_video.get_config(f"{recipe},local"), seed)
   c.evals = type(c.evals)()
   if SMOKE.value:
     c.data.num_frames, c.data.frame_size, c.data.num_validation, c.data.num_test = 4, 8, 8, 8
@@ -300,12 +305,7 @@ def _size(params) -> int:
 
 def denoising_config(kind: str, seed: int):
   """ebt_denoising.py:KIND,local for the benchmark: its budget, the PSNR evaluator alone (the validation split)."""
-  c = ebt_denoising.get_config(f"{kind},local")
-  c.unlock()
-  c.seed = seed
-  c.data.dir = DATA_DIR.value
-  c.num_steps = 2 if SMOKE.value else (NUM_STEPS.value or c.num_steps)
-  c.checkpoint_every = c.num_steps
+  c = for_benchmark(ebt_denoising.get_config(f"{kind},local"), seed)
   c.sampler.steps = tuple(int(k) for k in DENOISE_STEPS[kind].value)
   if SMOKE.value:
     c.data.image_size = 8
