@@ -6,6 +6,7 @@ transformer on image denoising: PSNR against forward passes.
       [--ebt_splits validation] [--ood_text PATH] [--ebt_steps 1,2,3,4,6] [--ebt_best_of 1,2,4] \
       [--ebt_runs_dir runs/ebt_benchmark] [--ebt_num_steps N] [--ebt_smoke]
   python -m experiments.benchmark_ebt --ebt_parts video [--ebt_seeds 0,1,2] [--ebt_splits validation,test]
+  python -m experiments.benchmark_ebt --ebt_parts recipes [--ebt_seeds 0] [--ebt_recipes s1,s1:model.alpha=50.0,...]
   python -m experiments.benchmark_ebt --ebt_parts denoising [--ebt_seeds 0,1,2] [--ebt_splits validation,test] \
       [--ebt_denoising_ebt_steps 1,2,3,4,6,8] [--ebt_denoising_flow_steps 1,2,4,8,16,32] [--ebt_num_steps N]
 
@@ -46,6 +47,11 @@ denoising for each seed, ebt_denoising.py:ebt,local (the bidirectional EBT,
           after each step count (EBT: thinking steps, each one forward and
           one backward pass; flow: Euler steps from t*, one forward pass
           each).
+recipes   the local text recipe values, chosen on validation: each candidate
+          of `--ebt_recipes` (ebt_text.py:RECIPE,local at thinking's model
+          size, with its overrides) trained for each seed, and its validation
+          perplexity at the candidate's own evaluation steps (`s2` with no
+          override is thinking's run, reused).
 
 Prints one JSON line per measurement, then Markdown tables (mean and sd over
 seeds); also written to ebt_runs_dir/results.json. `--ebt_smoke`: every part
@@ -57,6 +63,7 @@ Dimensions: B batch, L window (observed bytes).
 
 from __future__ import annotations
 
+import ast
 import functools
 import json
 import os
@@ -75,7 +82,7 @@ from nbp.tasks import ebt as ebt_task
 from nbp.training import loop as train
 from nbp.training import sharding
 
-PARTS = ("thinking", "cost", "video", "denoising")
+PARTS = ("thinking", "cost", "video", "denoising", "recipes")
 PARTS_FLAG = flags.DEFINE_list("ebt_parts", ["thinking", "cost"], f"Which parts to run, of {PARTS}.")
 SEEDS = flags.DEFINE_list("ebt_seeds", ["0", "1", "2"], "Training seeds (one run of each model each).")
 SPLITS = flags.DEFINE_list("ebt_splits", ["validation"], "In-distribution splits scored (test: once).")
@@ -85,6 +92,9 @@ STEPS = flags.DEFINE_list("ebt_steps", ["1", "2", "3", "4", "6"], "Thinking step
 BEST_OF = flags.DEFINE_list("ebt_best_of", ["1", "2", "4"], "N of best-of-N scored (at the recipe's steps).")
 RUNS_DIR = flags.DEFINE_string("ebt_runs_dir", "runs/ebt_benchmark", "Run workdirs and results.json.")
 NUM_STEPS = flags.DEFINE_integer("ebt_num_steps", 0, "Training steps of every run (0: the local configs' own).")
+RECIPES = flags.DEFINE_list(
+    "ebt_recipes", ["s1", "s1:model.alpha=50.0", "s1:model.alpha=5.0", "s2", "s2:loss.langevin_sigma=0.0"],
+    "Recipes part: the text candidates, each RECIPE[:KEY=VALUE[+KEY=VALUE...]] (dotted config keys).")
 COST_REPEATS = flags.DEFINE_integer("ebt_cost_repeats", 7, "Timed training steps per model in the cost part.")
 SMOKE = flags.DEFINE_bool("ebt_smoke", False, "Every part at a tiny size (checks the script).")
 DATA_DIR = flags.DEFINE_string("ebt_data_dir", "data", "config.data.dir of the runs.")
@@ -101,12 +111,38 @@ def runs_dir() -> str:
   return os.path.join(RUNS_DIR.value, "smoke") if SMOKE.value else RUNS_DIR.value
 
 
+def text_config(recipe: str, overrides: dict | None = None):
+  """ebt_text.py:RECIPE,local, unlocked, its MLP as wide as Transformer++'s (the same parameters), overridden."""
+  ebt = ebt_text.get_config(f"{recipe},local")
+  ebt.unlock()
+  ebt.model.mlp_dim = block_transformer.mlp_dim(ebt_task.Model.SIZES[ebt.model.variant][1], "swiglu")
+  for key, value in (overrides or {}).items():
+    *path, last = key.split(".")
+    target = ebt
+    for part in path:
+      target = target[part]
+    if last not in target:
+      raise KeyError(f"--ebt_recipes: {key!r} is not a key of ebt_text.py:{recipe},local")
+    target[last] = value
+  return ebt
+
+
+def parse_recipe(candidate: str) -> tuple[str, dict]:
+  """'s1:model.alpha=50.0+loss.num_steps=3' -> ('s1', {'model.alpha': 50.0, 'loss.num_steps': 3})."""
+  recipe, _, rest = candidate.partition(":")
+  overrides = {}
+  for item in filter(None, rest.split("+")):
+    key, sep, value = item.partition("=")
+    if not sep:
+      raise ValueError(f"--ebt_recipes: {item!r} in {candidate!r} is not KEY=VALUE")
+    overrides[key] = ast.literal_eval(value)
+  return recipe, overrides
+
+
 def configs(seed: int):
   """(EBT System 2, Transformer++) configs of the same size, window, batch and budget."""
-  ebt = ebt_text.get_config("s2,local")
-  ebt.unlock()
+  ebt = text_config("s2")
   depth, width, heads = ebt_task.Model.SIZES[ebt.model.variant]
-  ebt.model.mlp_dim = block_transformer.mlp_dim(width, "swiglu")  # the baseline's MLP: the same parameters
   ntp = ntp_text.get_config("tiny,local")
   ntp.unlock()
   ntp.model.variant = None
@@ -245,6 +281,33 @@ def cost_part() -> list[dict]:
   return rows
 
 
+def recipes_part() -> list[dict]:
+  """Validation perplexity of each text recipe candidate at its own evaluation steps (the local values' choice)."""
+  rows = []
+  for seed in [0] if SMOKE.value else [int(s) for s in SEEDS.value]:
+    _, ntp_cfg = configs(seed)  # the budget, batch and learning rate that thinking's runs use
+    for candidate in RECIPES.value:
+      recipe, overrides = parse_recipe(candidate)
+      c = text_config(recipe, overrides)
+      c.seed, c.data.dir, c.num_steps, c.checkpoint_every = seed, DATA_DIR.value, ntp_cfg.num_steps, ntp_cfg.num_steps
+      c.optimizer.warmup_steps = ntp_cfg.optimizer.warmup_steps
+      c.evals = type(c.evals)()
+      if SMOKE.value:
+        c.data.seq_len, c.loss.replay_size = 16, 8
+      slug = "".join(ch if ch.isalnum() or ch in "._=" else "_" for ch in candidate)
+      name = f"ebt_s2_seed{seed}" if candidate == "s2" else f"recipe_{slug}_seed{seed}"
+      s_ebt, params, _, _ = train.load_params(c, trained(c, name))
+      windows = windows_of(split_text("validation", c), c.data.seq_len, 8 if SMOKE.value else None)
+      fn = jax.jit(functools.partial(_ebt_nll, s_ebt.task.model, setting=dict(num_steps=c.sampler.num_steps)))
+      with s_ebt.context():
+        nll = mean_nll(lambda w, i: fn(params, {"tokens": w}, jax.random.key(i)), windows,
+                       min(len(windows), c.batch_size))
+      emit(rows, {"part": "recipes", "candidate": candidate, "seed": seed, "text": "validation",
+                  "num_steps": c.sampler.num_steps, "alpha": float(params.get("alpha", c.model.alpha)),
+                  "nll": nll, "perplexity": float(np.exp(nll))})
+  return rows
+
+
 def for_benchmark(c, seed: int):
   """A local config, unlocked, as a benchmark run: its seed, the data dir, the budget (one checkpoint at the end)."""
   c.unlock()
@@ -371,6 +434,14 @@ def print_tables(results: dict) -> None:
                                                             r["text"]) == (model, steps, best_of, t)])
                for t in texts]
       print(f"| {model} | {label} | " + " | ".join(cells) + " |")
+  rows = results.get("recipes", [])
+  if rows:
+    print("\nText recipe candidates (validation perplexity at each candidate's evaluation steps; mean (sd) over seeds):\n")
+    print("| candidate | thinking steps | final alpha | validation perplexity |\n|---|---|---|---|")
+    for candidate in dict.fromkeys(r["candidate"] for r in rows):
+      mine = [r for r in rows if r["candidate"] == candidate]
+      print(f"| {candidate} | {mine[0]['num_steps']} | {_mean_sd([r['alpha'] for r in mine])} | "
+            f"{_mean_sd([r['perplexity'] for r in mine])} |")
   rows = results.get("cost", [])
   if rows:
     print(f"\nTraining step against Transformer++ ({rows[0]['backend']}, median of {rows[0]['repeats']}):\n")
@@ -420,7 +491,7 @@ def main(argv):
   os.makedirs(runs_dir(), exist_ok=True)
   results = {}
   for name, fn in (("thinking", thinking_part), ("cost", cost_part), ("video", video_part),
-                   ("denoising", denoising_part)):
+                   ("denoising", denoising_part), ("recipes", recipes_part)):
     if name in PARTS_FLAG.value:
       results[name] = fn()
   print_tables(results)
