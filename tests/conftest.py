@@ -36,6 +36,7 @@ def tiny_ntp_config(data_dir: str, **overrides):
   c.data.num_validation = 16
   c.data.num_test = 16
   c.model.grid = (2, 8, 8)
+  c.model.num_layers = 1  # the loop's tests need a model, not a deep one (fewer ops to compile)
   c.sampler.num_samples = 2
   set_tiny_budget(c, num_steps=4, checkpoint_every=2)
   return apply_overrides(c, overrides)
@@ -67,7 +68,8 @@ def config_flags_for(config) -> list[str]:
   flags = []
   for section in ("data", "model", "loss", "sampler", "optimizer"):
     for key, value in config[section].items():
-      flags.append(f"--config.{section}.{key}={value}")
+      if value is not None:
+        flags.append(f"--config.{section}.{key}={value}")
   for key in ("batch_size", "num_steps", "log_every", "checkpoint_every", "seed", "grad_accum_steps"):
     flags.append(f"--config.{key}={config[key]}")
   flags.append(f"--config.evals.eval.steps={config.evals.eval.steps}")

@@ -295,6 +295,7 @@ def tiny_nbp_config(data_dir, arg="tiny,local,row", **overrides):
   c.model.block = nbp_digits.block_shape(block, c.model.grid[2])
   if c.model.condition == "frames":
     c.model.prefix_frames = c.model.grid[0] // 2
+  c.model.num_layers = 1  # fewer ops to compile
   c.sampler.num_samples = 2
   set_tiny_budget(c, num_steps=1, checkpoint_every=100)
   return apply_overrides(c, overrides)

@@ -435,11 +435,11 @@ SLOW = pytest.mark.slow
 
 
 @pytest.mark.parametrize("kind,teacher_forcing,context", [
-    ("cell", False, "t_end"), ("cell", False, "clean"), ("cell", False, "fixed"), ("scale", False, "t_end"),
-    pytest.param("scale", False, "fixed", marks=SLOW), ("cell", True, "clean"), pytest.param("token", False, "clean", marks=SLOW),
-    pytest.param("scale", False, "clean", marks=SLOW), pytest.param("scale", True, "clean", marks=SLOW)])
+    ("cell", False, "t_end"), ("cell", False, "fixed"), ("scale", False, "t_end"),
+    pytest.param("token", False, "clean", marks=SLOW), pytest.param("scale", True, "clean", marks=SLOW)])
 def test_cached_sampling_equals_uncached(kind, teacher_forcing, context):
-  """Every context mode: uniform entities (cells; tokens over several phases), entities of several sizes."""
+  """Every context mode, each kind of entity layout once: uniform entities (cells; tokens over several phases),
+  entities of several sizes (scales), with and without teacher forcing."""
   model = _tiny(kind, teacher_forcing=teacher_forcing)
   params = _params(model)
   kw = dict(num_samples=3, num_steps=2, guidance_scale=2.0, labels=jnp.array([0, 3, 4]), cache_phases=1,
@@ -506,7 +506,7 @@ def test_the_sampler_compiles_to_loops_not_a_python_loop_per_step():
 def test_sizes_match_the_paper():
   counts = {}
   for variant in ("B", "L", "H"):
-    model = XAR(token_dim=16, grid=(16, 16), num_classes=1000, variant=variant)
+    model = XAR(token_dim=16, grid=(16, 16), num_classes=1000, variant=variant, scan_layers=True)  # traces 1 layer
     shapes = jax.eval_shape(lambda m=model: m.init(jax.random.key(0), jnp.zeros((1, 256, 16)), jnp.zeros((1, 256)),
                                                    jnp.zeros((1,), jnp.int32)))
     counts[variant] = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes)) / 1e6
@@ -528,6 +528,7 @@ def test_imagenet_configs_use_the_official_network_and_cache():
 def tiny_xar_config(data_dir, arg="cell", **overrides):
   c = xar_digits.get_config(arg + ",tiny")
   c.data.dir = data_dir
+  c.model.num_layers = 1  # fewer ops to compile
   c.sampler.num_samples = 2
   c.sampler.num_steps = 2
   set_tiny_budget(c, num_steps=2, checkpoint_every=2)

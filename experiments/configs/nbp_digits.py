@@ -45,6 +45,7 @@ docs/nbp.md.
 """
 
 import ml_collections
+from ml_collections import config_dict
 
 from experiments.configs import ntp_digits, video_tokenizer_digits
 from nbp.training import config as config_lib
@@ -94,6 +95,7 @@ def get_config(arg: str = "XS,local,row"):
   c.model.num_class_tokens = 1 if local else 4  # prefix tokens per class
   c.model.prefix_frames = grid[0] // 2 if condition == "frames" else 0
   c.model.variant = variant  # a key of nbp.models.block_transformer.SIZES
+  c.model.num_layers = config_dict.placeholder(int)  # set, it overrides the variant's depth
   c.model.activation = "swiglu"
   c.model.norm = "rmsnorm"
   c.model.position = "rope3d"  # or "learned" (the paper's code) or "rope" (1D over slots)

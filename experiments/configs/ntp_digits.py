@@ -23,6 +23,8 @@ nats); samples show digit-like strokes drifting across frames, not yet clean
 digits. The measured tables, against NBP: docs/nbp.md.
 """
 
+from ml_collections import config_dict
+
 from nbp.training import config as config_lib
 
 
@@ -42,6 +44,7 @@ def get_config(arg: str = "XS,local"):
   c.model.block = (1, 1, 1)
   c.model.condition = "none"
   c.model.variant = variant  # a key of nbp.models.block_transformer.SIZES
+  c.model.num_layers = config_dict.placeholder(int)  # set, it overrides the variant's depth
   c.model.activation = "swiglu"
   c.model.norm = "rmsnorm"
   c.model.position = "rope"  # 1D over the sequence

@@ -51,6 +51,8 @@ Argument: "ENTITY[,SIZE][,tf][,latents][,fid]", SIZE a key of nbp.models.xar.SIZ
 """
 
 
+from ml_collections import config_dict
+
 from nbp.models import entities
 from nbp.models import xar
 from nbp.training import config as config_lib
@@ -93,6 +95,7 @@ def get_config(arg: str = "cell"):
   c.model.scales = entities.default_scales(*c.model.grid)[-4:]  # 4 scales, e.g. (8, 4, 2, 1)
   c.model.teacher_forcing = "tf" in flags
   c.model.variant = variants[0] if variants else "S"
+  c.model.num_layers = config_dict.placeholder(int)  # set, it overrides the variant's depth
   c.model.attention_impl = "auto"
   # The differences from the official network (nbp.models.xar.OFFICIAL); chosen on validation (docstring).
   c.model.qkv_bias = False
