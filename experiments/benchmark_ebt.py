@@ -50,8 +50,7 @@ denoising for each seed, ebt_denoising.py:ebt,local (the bidirectional EBT,
 recipes   the local text recipe values, chosen on validation: each candidate
           of `--ebt_recipes` (ebt_text.py:RECIPE,local at thinking's model
           size, with its overrides) trained for each seed, and its validation
-          perplexity at the candidate's own evaluation steps (`s2` with no
-          override is thinking's run, reused).
+          perplexity at the candidate's own evaluation steps.
 
 Prints one JSON line per measurement, then Markdown tables (mean and sd over
 seeds); also written to ebt_runs_dir/results.json. `--ebt_smoke`: every part
@@ -81,6 +80,7 @@ from nbp.models import block_transformer
 from nbp.tasks import ebt as ebt_task
 from nbp.training import loop as train
 from nbp.training import sharding
+from nbp.training import workdir as workdir_lib
 
 PARTS = ("thinking", "cost", "video", "denoising", "recipes")
 PARTS_FLAG = flags.DEFINE_list("ebt_parts", ["thinking", "cost"], f"Which parts to run, of {PARTS}.")
@@ -93,7 +93,7 @@ BEST_OF = flags.DEFINE_list("ebt_best_of", ["1", "2", "4"], "N of best-of-N scor
 RUNS_DIR = flags.DEFINE_string("ebt_runs_dir", "runs/ebt_benchmark", "Run workdirs and results.json.")
 NUM_STEPS = flags.DEFINE_integer("ebt_num_steps", 0, "Training steps of every run (0: the local configs' own).")
 RECIPES = flags.DEFINE_list(
-    "ebt_recipes", ["s1", "s1:model.alpha=50.0", "s1:model.alpha=5.0", "s2", "s2:loss.langevin_sigma=0.0"],
+    "ebt_recipes", ["s1", "s1:model.alpha=50.0", "s1:model.alpha=5.0", "s2", "s2:loss.langevin_sigma=3.0"],
     "Recipes part: the text candidates, each RECIPE[:KEY=VALUE[+KEY=VALUE...]] (dotted config keys).")
 COST_REPEATS = flags.DEFINE_integer("ebt_cost_repeats", 7, "Timed training steps per model in the cost part.")
 SMOKE = flags.DEFINE_bool("ebt_smoke", False, "Every part at a tiny size (checks the script).")
@@ -165,8 +165,23 @@ def configs(seed: int):
   return ebt, ntp
 
 
+def _flat(tree: dict, prefix: str = "") -> dict:
+  out = {}
+  for key, value in tree.items():
+    out.update(_flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
+  return out
+
+
 def trained(config, name: str) -> str:
+  """The workdir of `config` trained under runs_dir()/name: resumed or reused if there, refused if another config's."""
   workdir = os.path.join(runs_dir(), name)
+  if os.path.exists(os.path.join(workdir, workdir_lib.CONFIG_FILE)):
+    before = _flat(json.loads(workdir_lib.read_config(workdir).to_json_best_effort()))
+    now = _flat(json.loads(config.to_json_best_effort()))
+    changed = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
+    if changed:
+      raise ValueError(f"{workdir} holds a run of another config (changed: {', '.join(changed[:6])}); "
+                       "give another --ebt_runs_dir or remove that run")
   start = time.perf_counter()
   result = train.train_and_evaluate(config, workdir)
   if result.get("status") != "done":
@@ -295,7 +310,7 @@ def recipes_part() -> list[dict]:
       if SMOKE.value:
         c.data.seq_len, c.loss.replay_size = 16, 8
       slug = "".join(ch if ch.isalnum() or ch in "._=" else "_" for ch in candidate)
-      name = f"ebt_s2_seed{seed}" if candidate == "s2" else f"recipe_{slug}_seed{seed}"
+      name = f"recipe_{slug}_seed{seed}"
       s_ebt, params, _, _ = train.load_params(c, trained(c, name))
       windows = windows_of(split_text("validation", c), c.data.seq_len, 8 if SMOKE.value else None)
       fn = jax.jit(functools.partial(_ebt_nll, s_ebt.task.model, setting=dict(num_steps=c.sampler.num_steps)))
