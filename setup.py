@@ -35,7 +35,7 @@ INSTALL_REQUIRES = [
 ]
 
 EXTRAS_REQUIRE = {
-    "test": ["pytest>=8", "pytest-xdist>=3.5", "hypothesis>=6.100", "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29", "scipy>=1.11"],
+    "test": ["pytest>=8", "pytest-xdist>=3.5", "hypothesis>=6.100", "nbformat>=5.10", "ipython>=8", "scipy>=1.11"],
     "notebooks": ["jupyter", "ipykernel>=6.29", "nbformat>=5.10"],
 }
 
