@@ -84,4 +84,10 @@ def run_module(args, *, env=None, timeout=600, **kwargs):
 
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory):
-  return str(tmp_path_factory.mktemp("data"))
+  """One data directory for the whole session, shared by the xdist workers: each generated dataset is made once
+  (nbp.data.generated.prepare locks it while one worker writes it)."""
+  if os.environ.get("PYTEST_XDIST_WORKER") is None:
+    return str(tmp_path_factory.mktemp("data"))
+  shared = tmp_path_factory.getbasetemp().parent / "data"  # the workers' common base
+  shared.mkdir(exist_ok=True)
+  return str(shared)

@@ -155,6 +155,20 @@ def test_builder_deterministic_disjoint_and_typed(tiny_dir, tmp_path):
       "train"].num_examples == 24
 
 
+def test_a_dataset_another_process_prepared_meanwhile_is_read_not_redone(tmp_path):
+  """A builder made before the dataset existed (as in a worker that waited on the lock) reads what was written."""
+  d = str(tmp_path)
+  early = md.MovingDigits(config=TINY, data_dir=d)
+  assert not early.info.splits
+  md.build(md.MovingDigits(config=TINY, data_dir=d), d)  # the other process
+  info_file = os.path.join(os.fspath(early.data_dir), "dataset_info.json")
+  written = os.path.getmtime(info_file)
+  builder = md.build(early, d)
+  assert builder.info.splits["train"].num_examples == 24 and os.path.getmtime(info_file) == written
+  assert len(pipeline.load_source(builder, "test")) == 8
+  assert os.path.exists(os.fspath(early.data_dir) + ".lock")
+
+
 def test_digits_builder(tiny_dir):
   data = {s: _all(pipeline.load_source("digits", s, tiny_dir)) for s in splits.SPLITS}
   held_out = round(NUM_TRAIN_POOL * splits.VALIDATION_FRACTION)
