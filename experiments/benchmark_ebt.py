@@ -93,7 +93,7 @@ BEST_OF = flags.DEFINE_list("ebt_best_of", ["1", "2", "4"], "N of best-of-N scor
 RUNS_DIR = flags.DEFINE_string("ebt_runs_dir", "runs/ebt_benchmark", "Run workdirs and results.json.")
 NUM_STEPS = flags.DEFINE_integer("ebt_num_steps", 0, "Training steps of every run (0: the local configs' own).")
 RECIPES = flags.DEFINE_list(
-    "ebt_recipes", ["s1", "s1:model.alpha=50.0", "s1:model.alpha=5.0", "s2", "s2:loss.langevin_sigma=3.0"],
+    "ebt_recipes", ["s1", "s1:model.alpha=50.0", "s1:model.alpha=5.0", "s2", "s2:loss.langevin_sigma=0.0"],
     "Recipes part: the text candidates, each RECIPE[:KEY=VALUE[+KEY=VALUE...]] (dotted config keys).")
 COST_REPEATS = flags.DEFINE_integer("ebt_cost_repeats", 7, "Timed training steps per model in the cost part.")
 SMOKE = flags.DEFINE_bool("ebt_smoke", False, "Every part at a tiny size (checks the script).")
