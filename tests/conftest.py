@@ -1,6 +1,9 @@
 """Shared fixtures: a tiny next-token config and a data directory built once per session."""
 
+import fcntl
+import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -82,12 +85,39 @@ def run_module(args, *, env=None, timeout=600, **kwargs):
                         timeout=timeout, **kwargs)
 
 
+def shared_path(tmp_path_factory, name: str) -> str:
+  """A path under the session's base directory that every xdist worker of the session sees."""
+  base = tmp_path_factory.getbasetemp()
+  if os.environ.get("PYTEST_XDIST_WORKER") is not None:
+    base = base.parent  # the workers' common base
+  return os.path.join(base, name)
+
+
+def trained_once(tmp_path_factory, name: str, train_fn) -> tuple[str, dict]:
+  """(workdir, result) of train_fn(workdir), run once per session by whichever worker asks first.
+
+  The others wait on a file lock, then read the result it wrote; a workdir whose result is missing (its
+  worker died mid-way) is trained again from scratch.
+  """
+  workdir = shared_path(tmp_path_factory, name)
+  with open(workdir + ".lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    try:
+      if not os.path.exists(workdir + ".json"):
+        shutil.rmtree(workdir, ignore_errors=True)
+        result = train_fn(workdir)
+        with open(workdir + ".json", "w") as f:
+          json.dump(result, f, default=float)
+      with open(workdir + ".json") as f:
+        return workdir, json.load(f)
+    finally:
+      fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory):
   """One data directory for the whole session, shared by the xdist workers: each generated dataset is made once
   (nbp.data.generated.prepare locks it while one worker writes it)."""
-  if os.environ.get("PYTEST_XDIST_WORKER") is None:
-    return str(tmp_path_factory.mktemp("data"))
-  shared = tmp_path_factory.getbasetemp().parent / "data"  # the workers' common base
-  shared.mkdir(exist_ok=True)
-  return str(shared)
+  path = shared_path(tmp_path_factory, "data")
+  os.makedirs(path, exist_ok=True)
+  return path

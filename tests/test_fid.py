@@ -27,6 +27,7 @@ from nbp.training import config as config_lib
 from nbp.training import loop as train
 from nbp.training import metrics as metrics_lib
 from nbp.training import sharding
+from tests.conftest import trained_once
 
 FID_KEY = fid_digits.FID_KEY
 SMALL = inception.MIN_RESOLUTION  # the fastest side the network takes: most tests run there
@@ -328,8 +329,9 @@ def tiny_image_classifier_config(data_dir, image_size=8):
 
 @pytest.fixture(scope="module")
 def image_classifier_workdir(data_dir, tmp_path_factory):
-  workdir = str(tmp_path_factory.mktemp("image_classifier"))
-  result = train.train_and_evaluate(tiny_image_classifier_config(data_dir), workdir)
+  """The classifier trained once per session, for every worker (read only)."""
+  workdir, result = trained_once(tmp_path_factory, "image_classifier",
+                                 lambda w: train.train_and_evaluate(tiny_image_classifier_config(data_dir), w))
   assert result["status"] == "done" and result["step"] == 400
   return workdir
 

@@ -305,6 +305,8 @@ def tiny_nbp_config(data_dir, arg="tiny,local,row", **overrides):
 def test_token_data_reads_encoded_tokens_and_checks_them(tmp_path, data_dir):
   """Tokens written by the encoder come back as flat grid-order tokens and a class; mismatches name the key."""
   tokenizer_config = tiny_tokenizer_config(data_dir)
+  tokenizer_config.unlock()
+  tokenizer_config.evals = {}  # only its checkpoint matters here
   tokenizer_dir, token_dir = str(tmp_path / "tokenizer"), str(tmp_path / "tokens")
   train.train_and_evaluate(tokenizer_config, tokenizer_dir)
   metadata = vt.encode_tokens(tokenizer_dir, token_dir, batch_size=16)
