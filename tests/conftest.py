@@ -1,4 +1,4 @@
-"""Shared fixtures: a tiny next-token config and a data directory built once per session."""
+"""Shared fixtures: a tiny next-token config, and a data directory and trained runs that the xdist workers share."""
 
 import fcntl
 import json

@@ -31,9 +31,9 @@ import numpy as np
 import tensorflow_datasets as tfds
 from sklearn.datasets import load_digits
 
+from nbp.data import generated
 from nbp.data import pipeline
 from nbp.data import splits
-from nbp.data import generated
 from nbp.data.generated import GeneratedBuilder
 
 SPLIT_IDS = {"train": 0, "test": 1, "validation": 2}  # split name -> id folded into the RNG
@@ -357,12 +357,13 @@ def build(name_or_builder: str | tfds.core.DatasetBuilder,
   """
   if isinstance(name_or_builder, str):
     remake = lambda: tfds.builder(name_or_builder, data_dir=data_dir, file_format="array_record")
+    builder = remake()
   else:
-    given = name_or_builder
-    if data_dir is not None and str(given.data_dir_root) != str(data_dir):
-      raise ValueError(f"builder writes to {given.data_dir_root}, not {data_dir}")
-    remake = lambda: type(given)(config=given.builder_config, data_dir=given.data_dir_root)
-  return generated.prepare(remake() if isinstance(name_or_builder, str) else name_or_builder, remake)
+    builder = name_or_builder
+    if data_dir is not None and str(builder.data_dir_root) != str(data_dir):
+      raise ValueError(f"builder writes to {builder.data_dir_root}, not {data_dir}")
+    remake = lambda: type(builder)(config=builder.builder_config, data_dir=builder.data_dir_root)
+  return generated.prepare(builder, remake)
 
 
 def num_videos(data_cfg, split: str) -> int:
