@@ -11,11 +11,12 @@ import numpy as np
 import optax
 import pytest
 
-from experiments.configs import nbp_digits, ntp_text, video_tokenizer_digits
+from experiments.configs import nbp_digits, ntp_digits, ntp_text, video_tokenizer_digits, xar_digits
 from layers import attention as attention_lib
 from nbp import decoding
 from nbp import tasks
 from nbp.models import block_transformer as bt
+from nbp.models import xar as xar_model
 from nbp.tasks import next_block as nb
 from nbp.tasks import video_tokenizer as vt
 from nbp.training import loop as train
@@ -408,6 +409,17 @@ def test_sizes_table_parameter_counts(variant, low, high):
   shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32)))
   count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes))
   assert low < count < high, count
+
+
+def test_the_configs_num_layers_overrides_the_variants_depth_only_when_set():
+  """config.model.num_layers (digits configs, and the command line) is unset by default: the variant's depth."""
+  for config in (ntp_digits.get_config("XS,local"), nbp_digits.get_config("XS,local,row")):
+    assert config.model.num_layers is None
+    assert bt.NextBlockTransformer(**config.model).depth == bt.SIZES["XS"][0]
+    config.model.num_layers = 1
+    assert bt.NextBlockTransformer(**config.model).depth == 1
+  config = xar_digits.get_config("cell")
+  assert config.model.num_layers is None and xar_model.XAR(**config.model).depth == xar_model.SIZES["S"][0]
 
 
 def test_explicit_sizes_override_the_variant_and_zero_is_an_error():
