@@ -22,8 +22,8 @@ The loss evaluator reports the validation smooth L1 and MSE of the next frames
 writes each validation video's frames as predicted one by one.
 Expected (500 steps, 3 seeds, validation, benchmark_ebt --ebt_parts video): smooth L1 0.45 for System 2
 at its 3 steps (0.43 at 6 steps or best of 4) against 0.060 for the regression baseline and 0.108 for
-repeating the last frame: the candidate's start outside the frame embedding's column space is never
-updated (docs/ebt.md).
+repeating the last frame. At width 256 (a square frame embedding) System 2 is no better: 0.43 at 3 steps
+(docs/ebt.md).
 """
 
 import ml_collections
