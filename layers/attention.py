@@ -136,6 +136,9 @@ class MultiHeadAttention(nn.Module):
   `mask`, and advances cache_index by T. The cache may have any length S >= the
   slots written (`resize_cache`); a step costs attention over all S slots.
 
+  `positions` ([B, T] or [B, T, A]) rotate queries and keys alike; a pair
+  (query positions, key positions) rotates each by its own.
+
   `impl` picks the attention implementation through `kernels.dispatch.attention`
   ("auto" chooses per backend and sequence length); cached decode steps always
   run `decode_attention` (plain XLA in the cache's layout). An impl outside
@@ -165,6 +168,11 @@ class MultiHeadAttention(nn.Module):
     if self.rope is None:
       return x
     return position.rope(x, positions, base=self.rope_base)
+
+  def _rope_qk(self, q, k, positions):
+    """q and k rotated by one positions array, or by (query positions, key positions)."""
+    q_positions, k_positions = positions if isinstance(positions, tuple) else (positions, positions)
+    return self._rope(q, q_positions), self._rope(k, k_positions)
 
   def _default_positions(self, batch, length, offset):
     if self.rope is None:
@@ -208,7 +216,7 @@ class MultiHeadAttention(nn.Module):
         raise ValueError(f"{t} tokens do not fit a KV cache of {cache_len}")
       if positions is None:
         positions = self._default_positions(b, t, offset)
-      q, k = self._rope(q, positions), self._rope(k, positions)
+      q, k = self._rope_qk(q, k, positions)
       # One in-place write per tensor at offset: keys [B*K, D, S] <- [B*K, D, T], values [B*K, S, D] <- [B*K, T, D].
       new_keys, new_values = cache_layout(k.astype(self.dtype), v.astype(self.dtype))
       keys = jax.lax.dynamic_update_slice(cached_key.value, new_keys, (0, 0, offset))
@@ -223,7 +231,7 @@ class MultiHeadAttention(nn.Module):
     else:
       if positions is None:
         positions = self._default_positions(b, t, 0)
-      q, k = self._rope(q, positions), self._rope(k, positions)
+      q, k = self._rope_qk(q, k, positions)
       # The MaskSpec itself goes to the kernels: they may skip invisible tiles.
       out = dispatch.attention(q, k, v, mask=self.mask, kv_valid_len=kv_valid_len, impl=self.impl)
     # out: [B, T, H, D]

@@ -179,13 +179,66 @@ def test_loss_with_full_condition_dropout_is_the_null_class_loss():
 
 
 # ---------------------------------------------------------------------------
+# The model's dropout and the rope3d geometry.
+
+
+def test_dropout_is_on_in_the_training_loss_only():
+  tokens = _tokens(_model())
+  params = _init(_model(), tokens)  # dropout adds no parameters
+  model = _model(dropout=0.5)
+  batch = {"tokens": tokens}
+  loss = jax.jit(lambda rng, train: nb.loss(model, params, batch, rng, train=train)[0], static_argnums=1)
+  plain = nb.loss(_model(), params, batch, jax.random.key(0))[0]
+  assert float(loss(jax.random.key(0), True)) != float(loss(jax.random.key(1), True))
+  assert abs(float(loss(jax.random.key(0), True)) - float(plain)) > 1e-3
+  for rng in (jax.random.key(0), jax.random.key(1)):  # held out: the network without dropout
+    np.testing.assert_allclose(loss(rng, False), plain, rtol=1e-6)
+  task = nb.make_task(apply_overrides(tiny_ntp_config("unused"), {"model.dropout": 0.1}))
+  assert task.predict_fns["eval_loss"].keywords == {"train": False}
+  with pytest.raises(ValueError, match="config.model.dropout"):
+    _model(dropout=1.0).check()
+
+
+@pytest.mark.parametrize("condition,block", [("class", (1, 1, 4)), ("frames", (1, 2, 2)), ("none", (1, 2, 4))])
+def test_split_rope3d_keys_sit_at_the_tokens_they_hold(condition, block):
+  """rope3d_split: a key's label is its token's own coordinates, a query's its target's (brute force).
+
+  Plain rope3d labels keys like queries: one block step from what they hold, a step that changes at a
+  frame wrap, which is what the split removes.
+  """
+  fields = dict(condition=condition, prefix_frames=1, block=block)
+  split, plain = _model(position="rope3d_split", **fields), _model(position="rope3d", **fields)
+  grid_index = jnp.arange(split.num_tokens)[None]  # every token's value is its row-major grid index
+  inputs, targets = nb.next_block_targets(split, grid_index)
+  inputs, targets = np.asarray(inputs[0]), np.asarray(targets[0])
+  coords = np.indices(split.grid).reshape(3, -1).T  # row-major index -> (t, h, w)
+  p = split.num_class_tokens if condition == "class" else 0
+  queries, keys = split.slot_positions(), split.slot_positions(keys=True)
+  np.testing.assert_array_equal(queries, plain.slot_positions())
+  np.testing.assert_array_equal(queries[p:][-split.num_predicted:], coords[targets])
+  start = np.zeros(len(inputs), bool)  # the start block's slots (grid indices may equal the begin token)
+  start[split.frame_prefix_len:split.frame_prefix_len + split.block_len] = True
+  held = ~start
+  np.testing.assert_array_equal(keys[p:][held], coords[inputs[held]])
+  # The start block: one block before block 0 in time.
+  np.testing.assert_array_equal(keys[p:][start], coords[targets[:split.block_len]] - [block[0], 0, 0])
+  if condition == "class":  # behind the start block
+    assert keys[:p, 0].max() < keys[p:, 0].min() and (keys[:p, 1:] == 0).all()
+  predicting = held.copy()
+  predicting[:split.frame_prefix_len] = False
+  steps = {tuple(d) for d in plain.slot_positions()[p:][predicting] - coords[inputs[predicting]]}
+  assert len(steps) >= 2, steps  # inside a row of blocks, and at each wrap
+
+
+# ---------------------------------------------------------------------------
 # Cached block decoding.
 
 
 @pytest.mark.parametrize("position,condition,block,scan_layers", [
     ("learned", "class", (1, 2, 2), False), ("rope3d", "class", (1, 2, 2), False),
     ("learned", "frames", (1, 2, 2), False), ("rope3d", "frames", (1, 2, 2), True),
-    ("rope", "none", (1, 1, 1), False), ("rope", "none", (1, 1, 1), True)])
+    ("rope3d_split", "frames", (1, 2, 2), False), ("rope", "none", (1, 1, 1), False),
+    ("rope", "none", (1, 1, 1), True)])
 @pytest.mark.slow
 def test_cached_block_decoding_equals_full_forward(position, condition, block, scan_layers):
   model = _model(position=position, condition=condition, prefix_frames=1, block=block, scan_layers=scan_layers)

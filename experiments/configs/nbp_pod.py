@@ -10,9 +10,9 @@ official code, RenShuhuai-Andy/NBP (file named on each line), unless marked
   (`pos_emb`, one vector per sequence slot, 5,120 slots; `vtokens_pos` off),
   LayerNorm, GELU MLP of 4x width, no tied head. Sizes 700M / 1.2B / 3B =
   (24 layers, 1536 wide, 16 heads) / (24, 2048, 32) / (32, 3072, 32)
-  (scripts/lm_train/train_*.sh), nbp.models.block_transformer.SIZES here. Not reproduced: their
-  dropout 0.1 on embeddings and residuals (`--transformer_dropout` default in
-  nbp/lm_transformer.py; the scripts do not change it); this model has none.
+  (scripts/lm_train/train_*.sh), nbp.models.block_transformer.SIZES here. Dropout 0.1 on
+  embeddings and residuals (`--transformer_dropout` default in nbp/lm_transformer.py; the
+  scripts do not change it).
 - Block: 16 tokens, one latent row 1x1x16 (`BLOCK=16`, `--token_number_per_step`).
 - Optimizer (nbp/lm_transformer.py `configure_optimizers`): AdamW, betas
   (0.9, 0.95), weight decay 0.01 (theirs on Linear weights only; here on
@@ -58,6 +58,7 @@ def pod_config(dataset: str, size: str, *, batch_size: int, lr: float, warmup_st
   c.model.activation = "gelu"  # theirs; "swiglu" is the modern choice
   c.model.norm = "layernorm"  # theirs; or "rmsnorm"
   c.model.position = "learned"  # theirs (absolute, per slot); "rope3d" is the alternative here
+  c.model.dropout = 0.1  # theirs, on embeddings and residuals
   c.model.tie_embeddings = False
   c.model.scan_layers = True
   c.model.remat_policy = "dots_with_no_batch_dims_saveable"

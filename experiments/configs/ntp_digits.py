@@ -48,6 +48,7 @@ def get_config(arg: str = "XS,local"):
   c.model.activation = "swiglu"
   c.model.norm = "rmsnorm"
   c.model.position = "rope"  # 1D over the sequence
+  c.model.dropout = 0.0  # on embeddings and residual branches in training
   c.model.scan_layers = not local  # CPU decoding is faster with unstacked layers
   c.model.remat_policy = "none" if local else "dots_with_no_batch_dims_saveable"
   c.model.attention_impl = "auto"  # kernels.dispatch: Pallas on GPU/TPU, block-sparse XLA on long CPU sequences

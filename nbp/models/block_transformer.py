@@ -22,7 +22,7 @@ Sequence layout (S slots = P prefix + N predicted):
   none:                        [start block] [block 0] ... [block nb-2]
 Logits at the last N slots predict blocks 0..nb-1 of the generated part.
 
-Positions ("learned" | "rope" | "rope3d"):
+Positions ("learned" | "rope" | "rope3d" | "rope3d_split"):
   learned: a learned table indexed by the slot (the NBP paper's code);
   rope:    1D RoPE of the slot index (the usual next-token transformer);
   rope3d:  3D RoPE of (t, h, w). A predicting slot carries the coordinates of
@@ -30,6 +30,15 @@ Positions ("learned" | "rope" | "rope3d"):
            coordinates, as slot i of a next-token model sits at position i);
            frame-prefix tokens carry their own coordinates; class token p of P
            sits before the video on the time axis, at (p - P, 0, 0).
+           Its keys carry the same labels, so the offset between a key's label
+           and the token it holds is one block step, which changes where a
+           block wraps to the next frame: (0, 1, 0) between 1x1xW rows inside a
+           frame, (1, 1 - H, 0) from a frame's last row to the next frame's
+           first.
+  rope3d_split: the same query labels, but each key at the coordinates of the
+           token it holds (the start block's keys one block before block 0 in
+           time, class tokens a further block back), so every query-key offset
+           is the true offset between the predicted token and the seen one.
 
 Sizes come from `SIZES` by `variant`; any of num_layers, width, num_heads,
 num_kv_heads set explicitly overrides the table.
@@ -69,7 +78,7 @@ SIZES = {
     "3B": (32, 3072, 32, 32),
 }
 CONDITIONS = ("none", "class", "frames")
-POSITIONS = ("learned", "rope", "rope3d")
+POSITIONS = ("learned", "rope", "rope3d", "rope3d_split")
 
 
 def mlp_dim(width: int, activation: str) -> int:
@@ -135,6 +144,7 @@ class NextBlockTransformer(sizes.SizedByTable, nn.Module):
   norm: str = "rmsnorm"  # or "layernorm"
   position: str = "rope3d"  # "learned", "rope" (1D over slots) or "rope3d" (t, h, w)
   rope_base: float = 10000.0
+  dropout: float = 0.0  # on the embeddings and on each residual branch, in training only (the official 0.1)
   tie_embeddings: bool = False  # share the token embedding with the head
   scan_layers: bool = False  # stacked layers under nn.scan: faster compiles, slower CPU decoding
   remat_policy: str = "none"  # see layers.transformer.DecoderStack
@@ -209,6 +219,8 @@ class NextBlockTransformer(sizes.SizedByTable, nn.Module):
       raise ValueError(f"config.model.condition={self.condition!r}: expected one of {CONDITIONS}")
     if self.position not in POSITIONS:
       raise ValueError(f"config.model.position={self.position!r}: expected one of {POSITIONS}")
+    if not 0.0 <= self.dropout < 1.0:
+      raise ValueError(f"config.model.dropout={self.dropout} must be in [0, 1)")
     for value in (self.depth, self.embed_dim, self.heads, self.kv_heads):
       if value < 1:
         raise ValueError(f"config.model: layers, width and heads must be >= 1, got {value}")
@@ -223,17 +235,25 @@ class NextBlockTransformer(sizes.SizedByTable, nn.Module):
       raise ValueError(f"config.model.attention='aaren' is causal attention: it needs config.model.block=(1, 1, 1) "
                        f"and at most one prefix token; got block={tuple(self.block)}, {self.prefix_len} prefix slots")
 
-  def slot_positions(self) -> np.ndarray:
-    """int [S] (learned, rope) or [S, 3] (rope3d): the position of every slot (module docstring)."""
-    if self.position != "rope3d":
+  def slot_positions(self, keys: bool = False) -> np.ndarray:
+    """int [S] (learned, rope) or [S, 3] (rope3d*): every slot's query position, or its key's (module docstring)."""
+    if not self.position.startswith("rope3d"):
       return np.arange(self.max_len, dtype=np.int32)
     # position_lib.grid_positions's coordinates, built in numpy (a trace-time constant), block-major.
     coords = np.indices(self.grid).reshape(3, -1).T[self.order]  # [F*H*W, 3]
+    split = keys and self.position == "rope3d_split"
+    if split:
+      # Each predicting slot holds the block before its target's: the start block one block back in time.
+      given, step = self.frame_prefix_len, np.array([self.block[0], 0, 0])
+      held = coords[given:][:-self.block_len]
+      start = coords[given:given + self.block_len] - step
+      coords = np.concatenate([coords[:given], start, held])
     if self.condition == "class":
       p = self.num_class_tokens
-      prefix = np.stack([np.arange(p) - p, np.zeros(p, int), np.zeros(p, int)], axis=1)
+      back = p + (self.block[0] if split else 0)  # split: behind the start block's keys
+      prefix = np.stack([np.arange(p) - back, np.zeros(p, int), np.zeros(p, int)], axis=1)
       return np.concatenate([prefix, coords]).astype(np.int32)
-    # frames: prefix tokens at their own coordinates, then each slot at its target's.
+    # frames: prefix tokens at their own coordinates, then each slot at its target's (or its key's).
     return coords.astype(np.int32)
 
   # ------------------------------------------------------------------ layers
@@ -251,7 +271,7 @@ class NextBlockTransformer(sizes.SizedByTable, nn.Module):
       self.class_embed = self.param(
           "class_embed", nn.with_logical_partitioning(nn.initializers.normal(0.02), (None, None, "embed")),
           (self.num_classes + 1, self.num_class_tokens, width), jnp.float32)
-    rope = {"learned": None, "rope": "1d", "rope3d": "3d"}[self.position]
+    rope = {"learned": None, "rope": "1d", "rope3d": "3d", "rope3d_split": "3d"}[self.position]
     self.decoder = transformer_lib.DecoderStack(
         num_layers=self.depth,
         block=dict(num_heads=self.heads, num_kv_heads=self.kv_heads, head_dim=width // self.heads,
@@ -259,15 +279,17 @@ class NextBlockTransformer(sizes.SizedByTable, nn.Module):
                    mask=attention_lib.MaskSpec("block_causal", block_len=self.block_len,
                                                prefix_len=self.prefix_len),
                    rope=rope, rope_base=self.rope_base, impl=self.attention_impl, dtype=dtype,
-                   max_decode_len=self.max_len, attention=self.attention, scan_impl=self.scan_impl),
+                   max_decode_len=self.max_len, attention=self.attention, scan_impl=self.scan_impl,
+                   dropout_rate=self.dropout),
         scan_layers=self.scan_layers, remat_policy=self.remat_policy)
     self.final_norm = transformer_lib.make_norm(self.norm)
+    self.embed_dropout = nn.Dropout(self.dropout)
     if not self.tie_embeddings:
       self.head = linear.DenseGeneral(self.padded_vocab, kernel_axes=("embed", "vocab"), dtype=dtype,
                                       kernel_init=nn.initializers.normal(0.02))
 
   def __call__(self, tokens: jax.Array, *, slots: jax.Array | None = None, labels: jax.Array | None = None,
-               decode: bool = False, last: int | None = None):
+               decode: bool = False, last: int | None = None, deterministic: bool = True):
     """tokens [B, T] at `slots` [B, T] (default: the first slots after any class prefix).
 
     labels int [B] (class condition): the class tokens are prepended at slots
@@ -275,6 +297,8 @@ class NextBlockTransformer(sizes.SizedByTable, nn.Module):
     labels only in the first (prefill) call and `slots` in every later one.
     last: return the logits of the last `last` slots only ([B, last, V]; a
     sampler's prefill needs just the final block's).
+    deterministic=False applies `dropout` (training; the apply then needs a
+    "dropout" rng).
     """
     b, t = tokens.shape
     x = self.embed(tokens)  # [B, T, E]
@@ -293,8 +317,12 @@ class NextBlockTransformer(sizes.SizedByTable, nn.Module):
     positions = jnp.take(jnp.asarray(self.slot_positions()), slots, axis=0)  # [B, T'] or [B, T', 3]
     if self.position == "learned":
       x = x + self.positions(positions)
+      positions = None
+    elif self.position == "rope3d_split":  # (queries', keys') positions
+      positions = (positions, jnp.take(jnp.asarray(self.slot_positions(keys=True)), slots, axis=0))
+    x = self.embed_dropout(x, deterministic=deterministic or not self.dropout)
     x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
-    x = self.decoder(x, positions=None if self.position == "learned" else positions, decode=decode)
+    x = self.decoder(x, positions=positions, decode=decode, deterministic=deterministic)
     if last is not None:
       x = x[:, -last:]
     x = self.final_norm(x)

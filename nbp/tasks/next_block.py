@@ -72,16 +72,18 @@ def cross_entropy(logits: jax.Array, targets: jax.Array, weights: jax.Array | No
   return jnp.sum(losses * weights) / jnp.maximum(count, 1.0), count
 
 
-def loss(model: Model, params, batch, rng, *, cond_dropout: float = 0.0):
+def loss(model: Model, params, batch, rng, *, cond_dropout: float = 0.0, train: bool = True):
   """Cross-entropy over the predicted tokens (never the prefix); bits/token, accuracy, num_targets.
 
   cond_dropout: probability of the null class in place of the label (class condition; CFG).
+  train: the model's own `dropout`, when set, is on (False: held-out data).
   """
   inputs, targets = next_block_targets(model, batch["tokens"])
   labels = None
   if model.condition == "class":
     labels = decoding.drop_condition(rng, batch["class"], cond_dropout, model.num_classes)
-  logits = model.apply({"params": params}, inputs, labels=labels)[:, -model.num_predicted:]  # [B, N, V]
+  train = {"deterministic": False, "rngs": {"dropout": jax.random.fold_in(rng, 1)}} if train and model.dropout else {}
+  logits = model.apply({"params": params}, inputs, labels=labels, **train)[:, -model.num_predicted:]  # [B, N, V]
   weights = batch.get("weights")
   if weights is not None:
     weights = to_block_order(weights, model.order)[:, model.frame_prefix_len:]
@@ -308,7 +310,7 @@ def make_task(config) -> tasks.Task:
     return inputs
 
   predict_fns = {
-      "eval_loss": functools.partial(loss, model),  # no condition dropout on held-out data
+      "eval_loss": functools.partial(loss, model, train=False),  # no dropout of either kind on held-out data
       "sample": sample_fn,
       "sample_conditioned": sample_conditioned,
       "write_samples": functools.partial(write_samples, model, config.data),
