@@ -252,13 +252,31 @@ def test_preprocess_shapes_range_and_grey():
   np.testing.assert_allclose(g, fvd.preprocess(np.repeat(grey, 3, axis=-1), resolution=64), atol=1e-6)
 
 
-def test_preprocess_checks_the_frame_count():
-  videos = np.zeros((1, 17, 8, 8, 3), np.uint8)
-  with pytest.raises(ValueError, match="16 frames.*got 17.*num_frames=None"):
-    fvd.preprocess(videos)
+def test_preprocess_keeps_the_first_16_frames_and_checks_the_count():
+  videos = np.random.default_rng(0).integers(0, 256, size=(1, 17, 8, 8, 3), dtype=np.uint8)
+  np.testing.assert_array_equal(fvd.preprocess(videos, resolution=16), fvd.preprocess(videos[:, :16], resolution=16))
+  with pytest.raises(ValueError, match="16 frames.*got 15.*num_frames=None"):
+    fvd.preprocess(videos[:, :15])
   assert fvd.preprocess(videos, num_frames=None, resolution=16).shape == (1, 17, 16, 16, 3)
   with pytest.raises(ValueError, match=r"\[N, F, H, W, 1\|3\]"):
     fvd.preprocess(np.zeros((1, 16, 8, 8, 2), np.uint8))
+
+
+@pytest.mark.parametrize("half_pixel_centers", [False, True])
+def test_preprocess_downsamples_to_stored_integer_frames_first(half_pixel_centers):
+  """Kinetics-600's protocol: frames at 64x64 grey levels, then the I3D's size, in one resize convention."""
+  videos = np.random.default_rng(1).integers(0, 256, size=(1, 16, 32, 32, 1), dtype=np.uint8)
+  frames = jnp.asarray(videos[0])
+  if half_pixel_centers:  # PyTorch's bilinear resize with align_corners=False: 2x down is the 2x2 mean
+    small = np.asarray(videos[0], np.float32).reshape(16, 16, 2, 16, 2, 1).mean((2, 4))
+  else:  # TF1's: output pixel i samples input pixel 2i
+    small = np.asarray(videos[0, :, ::2, ::2], np.float32)
+  np.testing.assert_allclose(resize.resize_bilinear(frames, 16, half_pixel_centers=half_pixel_centers), small, atol=1e-4)
+  stored = np.round(small)[None]
+  got = fvd.preprocess(videos, resolution=24, downsample=16, half_pixel_centers=half_pixel_centers)
+  want = fvd.preprocess(stored, resolution=24, half_pixel_centers=half_pixel_centers)
+  np.testing.assert_allclose(got, want, atol=1e-6)
+  assert np.abs(np.asarray(got) - np.asarray(fvd.preprocess(videos, resolution=24))).max() > 0.01
 
 
 # ---------------------------------------------------------------------------

@@ -2,10 +2,22 @@
 
 FVD (Unterthiner et al. 2018) is the Fréchet distance between two Gaussians
 fitted to I3D features of real and of generated videos. The standard recipe,
-which the NBP paper follows: 16 frames per video, frames resized to 224x224
-(bilinear, TF1's convention), pixel values scaled to [-1, 1], the 400-d logits
-of the Kinetics-400 I3D (nbp.models.i3d) as the features. The weights load
-from a local file the user names (`i3d_path`); nothing is downloaded.
+which the NBP paper follows: 16 frames per video (the first 16 of NBP's 17),
+frames resized to 224x224 (bilinear), pixel values scaled to [-1, 1], the
+400-d logits of the Kinetics-400 I3D (nbp.models.i3d) as the features. The
+weights load from a local file the user names (`i3d_path`); nothing is
+downloaded.
+
+Resizing is bilinear without antialiasing, in one of two conventions
+(`half_pixel_centers`): False is TF1's `tf.image.resize_bilinear`
+(align_corners False), which the reference FVD code calls: output pixel i
+samples input position i * H / R. True is the half-pixel convention of
+PyTorch's `F.interpolate(mode="bilinear", align_corners=False)`, which the
+NBP authors' evaluation calls, and of `jax.image.resize`: output pixel i
+samples (i + 1/2) * H / R - 1/2. For Kinetics-600 the paper reports FVD at
+64x64 (`downsample=64`): every frame is first resized to 64x64 in the same
+convention and rounded to integer grey levels, as a video stored at that
+size would be, then resized to 224x224.
 
 `config.evals.<name> = dict(type="fvd", i3d_path=..., ...)` (the fields of
 `Evaluator`) compares the run's sampler with real test videos of the videos
@@ -36,19 +48,26 @@ FVD_KEY = "fvd"  # the standard FVD; only this evaluator reports under that name
 
 
 def preprocess(videos, *, resolution: int = RESOLUTION, num_frames: int | None = NUM_FRAMES,
-               half_pixel_centers: bool = False) -> jax.Array:
-  """Videos [N, F, H, W, C] (uint8, or floats in [0, 255]) -> float32 [N, F, R, R, 3] in [-1, 1].
+               half_pixel_centers: bool = False, downsample: int = 0) -> jax.Array:
+  """Videos [N, F, H, W, C] (uint8, or floats in [0, 255]) -> float32 [N, num_frames, R, R, 3] in [-1, 1].
 
-  C = 1 (grey) is repeated to 3 channels. `num_frames` is checked (16 in the
-  standard FVD); None accepts any length.
+  C = 1 (grey) is repeated to 3 channels. Videos longer than `num_frames` (16
+  in the standard FVD) keep their first `num_frames`; shorter ones are an
+  error; None keeps every frame. downsample > 0: frames first pass through
+  downsample x downsample integer grey levels (module docstring).
   """
   if videos.ndim != 5 or videos.shape[-1] not in (1, 3):
     raise ValueError(f"videos must be [N, F, H, W, 1|3], got shape {tuple(videos.shape)}")
+  if num_frames is not None:
+    if videos.shape[1] < num_frames:
+      raise ValueError(f"FVD expects {num_frames} frames per video, got {videos.shape[1]} (shape "
+                       f"{tuple(videos.shape)}); pass num_frames=None to accept other lengths (the result is "
+                       "then not the standard FVD).")
+    videos = videos[:, :num_frames]
   n, f, h, w, c = videos.shape
-  if num_frames is not None and f != num_frames:
-    raise ValueError(f"FVD expects {num_frames} frames per video, got {f} (shape {tuple(videos.shape)}); "
-                     "pass num_frames=None to accept other lengths (the result is then not the standard FVD).")
   frames = jnp.asarray(videos).reshape(n * f, h, w, c)
+  if downsample:
+    frames = jnp.clip(jnp.round(resize_bilinear(frames, downsample, half_pixel_centers=half_pixel_centers)), 0, 255)
   frames = resize_bilinear(frames, resolution, half_pixel_centers=half_pixel_centers)
   frames = jnp.clip(2.0 * frames / 255.0 - 1.0, -1.0, 1.0)  # clip: float rounding of the resize
   if c == 1:
@@ -56,19 +75,19 @@ def preprocess(videos, *, resolution: int = RESOLUTION, num_frames: int | None =
   return frames.reshape(n, f, resolution, resolution, 3)
 
 
-def i3d_apply(model: InceptionI3D, variables, videos, *, resolution: int = RESOLUTION,
-              num_frames: int | None = NUM_FRAMES):
-  """Raw videos -> I3D logits [N, 400]: the FVD features."""
-  x = preprocess(videos, resolution=resolution, num_frames=num_frames)
+def i3d_apply(model: InceptionI3D, variables, videos, **preprocessing):
+  """Raw videos -> I3D logits [N, 400]: the FVD features (`preprocess`'s keywords)."""
+  x = preprocess(videos, **preprocessing)
   return model.apply(variables, x)
 
 
 def i3d_extractor(variables, *, batch_size: int = 8, resolution: int = RESOLUTION,
-                  num_frames: int | None = NUM_FRAMES) -> frechet.FeatureExtractor:
-  """The standard FVD feature extractor, from variables (e.g. `load_i3d(path)`)."""
+                  num_frames: int | None = NUM_FRAMES, half_pixel_centers: bool = False,
+                  downsample: int = 0) -> frechet.FeatureExtractor:
+  """The standard FVD feature extractor, from variables (e.g. `load_i3d(path)`); `preprocess`'s keywords."""
   num_classes = variables["params"]["Logits"]["conv"]["bias"].shape[0]
-  apply = functools.partial(i3d_apply, InceptionI3D(num_classes=num_classes),
-                            resolution=resolution, num_frames=num_frames)
+  apply = functools.partial(i3d_apply, InceptionI3D(num_classes=num_classes), resolution=resolution,
+                            num_frames=num_frames, half_pixel_centers=half_pixel_centers, downsample=downsample)
   return frechet.FeatureExtractor(apply, variables, batch_size)
 
 
@@ -82,9 +101,9 @@ def fvd(real_videos, fake_videos, *, extractor: frechet.FeatureExtractor) -> flo
 
 
 @functools.cache
-def _extractor(path: str, batch_size: int, resolution: int, num_frames: int | None) -> frechet.FeatureExtractor:
+def _extractor(path: str, batch_size: int, **preprocessing) -> frechet.FeatureExtractor:
   """The I3D extractor of a weight file, loaded and jitted once per process."""
-  return i3d_extractor(load_i3d(path), batch_size=batch_size, resolution=resolution, num_frames=num_frames)
+  return i3d_extractor(load_i3d(path), batch_size=batch_size, **preprocessing)
 
 
 @dataclasses.dataclass
@@ -96,8 +115,10 @@ class Evaluator:
   batch_size: int = 16  # videos per sampler call
   i3d_batch_size: int = 8  # videos per I3D call
   seed: int = 0  # the sampling key and the stand-in set: videos (seed+1)N..(seed+2)N-1 of the split
-  num_frames: int = NUM_FRAMES  # frames per video the I3D must see; 0 accepts any (then not the standard FVD)
+  num_frames: int = NUM_FRAMES  # the first frames of each video the I3D sees; 0: all (then not the standard FVD)
   resolution: int = RESOLUTION  # frame side the videos are resized to
+  half_pixel_centers: bool = False  # the resize convention: TF1's (False) or PyTorch's / JAX's (module docstring)
+  downsample: int = 0  # > 0: frames first stored at this side (Kinetics-600 in the NBP paper: 64)
   floor: bool = True  # also d(reference, stand-in): the FVD between two real sets of N videos
   split: str = "validation"  # the real videos' split: validation while choosing, test once
 
@@ -108,7 +129,9 @@ class Evaluator:
                               "Kinetics-400 I3D weights once into a local file (format: nbp/models/i3d.py).")
 
   def run(self, context) -> dict[str, float]:
-    extract = _extractor(self.i3d_path, self.i3d_batch_size, self.resolution, self.num_frames or None)
+    extract = _extractor(self.i3d_path, self.i3d_batch_size, resolution=self.resolution,
+                         num_frames=self.num_frames or None, half_pixel_centers=self.half_pixel_centers,
+                         downsample=self.downsample)
     metrics, _, _ = generation.compare_with_real(
         context, real_data=generation.run_video_data(context.setup.config), extract=extract, key=FVD_KEY,
         num_videos=self.num_videos, batch_size=self.batch_size, seed=self.seed, floor=self.floor,
