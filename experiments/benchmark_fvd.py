@@ -26,6 +26,10 @@ jax.random.key(s), through the run's "sample_conditioned" and its guidance.
 Token runs' samples are decoded by their tokenizer. Beside the distance, "class match": the share of videos whose k
 top-scoring classes are the k digits asked for ("-" for runs without a class
 condition; for the floor row, the classifier's accuracy on the stand-in).
+Frame-prediction runs (continuing the stand-in's first frames) also get a
+second table: the distance in pixels between the centres of mass of each
+predicted frame and its true frame, and the pixel MSE, each beside repeating
+the last given frame (and, for the MSE, black frames).
 frames/s: generated frames over the seconds of the sampler calls (compiled
 ahead, block_until_ready per batch, in the process that computes the FVD).
 
@@ -136,11 +140,11 @@ def benchmark(specs, classifier: str, *, num_videos: int, batch_size: int, seeds
   return rows
 
 
-def _spread(values) -> str:
+def _spread(values, digits: int = 1) -> str:
   """"mean (sd)" over seeds (sd with one degree of freedom; "-" for one seed)."""
   values = np.asarray(values, np.float64)
-  sd = f"{np.std(values, ddof=1):.1f}" if len(values) > 1 else "-"
-  return f"{np.mean(values):.1f} ({sd})"
+  sd = f"{np.std(values, ddof=1):.{digits}f}" if len(values) > 1 else "-"
+  return f"{np.mean(values):.{digits}f} ({sd})"
 
 
 def table(rows: list[dict]) -> str:
@@ -158,6 +162,16 @@ def table(rows: list[dict]) -> str:
     per_seed = " / ".join(f"{r[FVD_KEY]:.1f}" for r in group)
     lines.append(f"| {label} | {group[0]['block']} | {group[0]['condition']} | {per_seed} | "
                  f"{_spread([r[FVD_KEY] for r in group])} | {fps_text} | {match_text} |")
+  predicting = {label: group for label, group in groups.items() if "com_error_px" in group[0]}
+  if predicting:
+    lines += ["", "Frame prediction (the predicted frames against the true ones; mean (sd) over seeds):", "",
+              "| run | centre-of-mass error (px) | repeat last given frame | pixel MSE | repeat last | black "
+              "frames | empty predicted frames |", "|---|---|---|---|---|---|---|"]
+    for label, group in predicting.items():
+      cells = [_spread([r[k] for r in group], digits) for k, digits in (
+          ("com_error_px", 2), ("com_error_px_repeat_last", 2), ("mse", 4), ("mse_repeat_last", 4),
+          ("mse_black", 4), ("empty_frames", 3))]
+      lines.append(f"| {label} | " + " | ".join(cells) + " |")
   return "\n".join(lines)
 
 

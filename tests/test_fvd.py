@@ -552,6 +552,31 @@ def test_frame_prediction_is_prompted_with_the_stand_in_first_frames(classifier_
   assert "class_match" not in metrics and FVD_KEY + "_floor" not in metrics and np.isfinite(metrics[FVD_KEY])
   np.testing.assert_array_equal(generated.videos[:, :2], video_classifier.requantize(stand_in["video"][:, :2], 8))
   assert generated.frames == 3  # the two given frames are not counted as drawn
+  # Frame prediction's own figures: the predicted frames 2..4 against the stand-in's.
+  want = generation.frame_prediction_metrics(stand_in["video"], generated.videos, 2)
+  assert {k: metrics[k] for k in want} == want and set(want) == {
+      "com_error_px", "com_error_px_repeat_last", "empty_frames", "mse", "mse_repeat_last", "mse_black"}
+
+
+def test_frame_prediction_metrics_on_known_motion():
+  """A 2x2 square moving one pixel right per frame: exact, shifted, empty and repeated predictions."""
+  real = np.zeros((2, 5, 8, 8, 1), np.uint8)
+  for t in range(5):
+    real[:, t, 3:5, t:t + 2] = 200
+  exact = generation.frame_prediction_metrics(real, real, given=2)
+  assert exact["com_error_px"] == 0 and exact["mse"] == 0 and exact["empty_frames"] == 0
+  # Repeating frame 1 misses frames 2, 3, 4 by 1, 2, 3 pixels.
+  np.testing.assert_allclose(exact["com_error_px_repeat_last"], 2.0)
+  np.testing.assert_allclose(exact["mse_black"], 4 * (200 / 255) ** 2 / 64)
+  shifted = np.roll(real, 2, axis=2)  # two rows down
+  np.testing.assert_allclose(generation.frame_prediction_metrics(real, shifted, given=2)["com_error_px"], 2.0)
+  half_empty = real.copy()
+  half_empty[0, 2:] = 0
+  got = generation.frame_prediction_metrics(real, half_empty, given=2)
+  assert got["empty_frames"] == 0.5 and got["com_error_px"] == 0.0
+  np.testing.assert_allclose(got["mse"], got["mse_black"] / 2)
+  with pytest.raises(ValueError, match="5 given frames"):
+    generation.frame_prediction_metrics(real, real, given=5)
 
 
 @pytest.mark.slow
@@ -608,6 +633,8 @@ def test_fvd_digits_evaluator_on_a_token_run(classifier_workdir, token_run):
   given = s.task.predict_fn("from_videos")(stand_in["video"])[:, :1]
   np.testing.assert_array_equal(generated.tokens[:, :1], given)
   np.testing.assert_array_equal(generated.videos, s.task.predict_fn("to_videos")(generated.tokens))
+  # One latent frame given: the first video frame alone (the tokenizer codes it apart).
+  assert generation.given_video_frames(s.config) == 1 and np.isfinite(metrics["com_error_px"])
 
 
 # ---------------------------------------------------------------------------
@@ -663,6 +690,13 @@ def test_benchmark_table_gives_each_run_its_seeds_mean_and_sd():
   lines = benchmark_fvd.table(rows).splitlines()
   assert lines[2] == "| real videos (floor) | - | - | 9.0 / 11.0 | 10.0 (1.4) | - | 0.500 |"
   assert lines[3] == "| runs/a | 1x1x8 | class | 100.0 / 110.0 | 105.0 (7.1) | 40-60 | 0.500 |"
+  assert len(lines) == 4  # no frame-prediction run, no second table
+  frames = dict(com_error_px=1.0, com_error_px_repeat_last=2.0, empty_frames=0.0, mse=0.01, mse_repeat_last=0.02,
+                mse_black=0.03)
+  rows += [{"run": "f", "spec": "runs/f", "block": "1x1x8", "condition": "frames", "seed": seed, FVD_KEY: 50.0,
+            "class_match": None, "frames_per_s": 10.0, **frames, "com_error_px": 1.0 + seed} for seed in (0, 1)]
+  lines = benchmark_fvd.table(rows).splitlines()
+  assert lines[-1] == "| runs/f | 1.50 (0.71) | 2.00 (0.00) | 0.0100 (0.0000) | 0.0200 (0.0000) | 0.0300 (0.0000) | 0.000 (0.000) |"
 
 
 @pytest.mark.slow

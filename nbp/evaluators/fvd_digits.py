@@ -13,7 +13,10 @@ videos are the classifier's own data (its config.json): reference, stand-in
 and generated sets as nbp.evaluators.frechet describes. Every video, real or
 generated, is requantised to the classifier's `data.levels` first (its
 "features" and "logits" do it), so pixel runs' videos at the bin centres meet real videos
-after the same quantisation.
+after the same quantisation. Frame-prediction runs also get the figures of
+`generation.frame_prediction_metrics`: how far each predicted frame's centre
+of mass lies from the true frame's, and the pixel MSE, beside repeating the
+last given frame and beside black frames.
 
 Dimensions: N videos, F frames, H height, W width, D digits per video,
 K classes (10), E feature width.
@@ -127,6 +130,9 @@ class Evaluator:
         batch_size=self.batch_size, seed=self.seed, floor=self.floor, judge=name, split=context.split_of(self))
     if context.setup.task.model.condition == "class":
       metrics["class_match"] = class_match(judge.logits(generated.videos), stand_in["label"])
+    if context.setup.task.model.condition == "frames":  # continuations of the stand-in's first frames
+      metrics.update(generation.frame_prediction_metrics(
+          stand_in["video"], generated.videos, generation.given_video_frames(context.setup.config)))
     if self.floor:
       metrics["class_match_real"] = class_match(judge.logits(stand_in["video"]), stand_in["label"])
     return metrics, stand_in, generated

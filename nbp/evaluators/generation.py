@@ -164,6 +164,58 @@ def generate_videos(setup, params, rng, conditions: dict[str, np.ndarray], *, ba
                    tokens_per_video=model.num_predicted, compile_seconds=compile_seconds, sample_seconds=seconds)
 
 
+# ---------------------------------------------------------------------------
+# Frame prediction: the predicted frames against the true ones.
+
+
+def given_video_frames(config) -> int:
+  """Video frames a frame-prediction run is given: its prefix frames, or for token runs the video frames behind
+  its prefix latent frames (the first alone, then `time_factor` per latent frame)."""
+  p = config.model.prefix_frames
+  if config.data.name != "tokens":
+    return p
+  tokenizer = workdir_lib.read_config(tokens_lib.tokenizer_workdir(config.data.token_dir))
+  return 1 + (p - 1) * tokenizer.model.time_factor
+
+
+def centres_of_mass(frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """Frames [..., H, W, C] -> (intensity-weighted centres [..., 2] as (row, col) in pixels, non-empty [...])."""
+  mass = frames.astype(np.float64).mean(-1)  # [..., H, W]
+  total = mass.sum((-2, -1))
+  rows, cols = np.arange(mass.shape[-2]), np.arange(mass.shape[-1])
+  safe = np.where(total > 0, total, 1.0)
+  centre = np.stack([(mass.sum(-1) * rows).sum(-1) / safe, (mass.sum(-2) * cols).sum(-1) / safe], axis=-1)
+  return centre, total > 0
+
+
+def frame_prediction_metrics(real: np.ndarray, generated: np.ndarray, given: int) -> dict[str, float]:
+  """The predicted frames (after the first `given`) of uint8 videos [N, F, H, W, C] against the real ones.
+
+  com_error_px: mean distance in pixels between the centres of mass of each
+  predicted frame and its true frame, over frames that both have ink (the
+  share of empty predicted frames is empty_frames); mse: pixel MSE on [0, 1].
+  Beside them, the same for repeating the last given frame (repeat_last) and,
+  for the MSE, for black frames (black).
+  """
+  if real.shape != generated.shape or not 0 < given < real.shape[1]:
+    raise ValueError(f"real {real.shape} and generated {generated.shape} videos with {given} given frames")
+  truth, predicted = real[:, given:], generated[:, given:]
+  repeat = np.broadcast_to(real[:, given - 1:given], truth.shape)
+  true_centre, true_ink = centres_of_mass(truth)
+
+  def com_error(frames):
+    centre, ink = centres_of_mass(frames)
+    both = ink & true_ink
+    return float(np.linalg.norm(centre - true_centre, axis=-1)[both].mean()), float(1.0 - ink[true_ink].mean())
+
+  def mse(frames):
+    return float(np.mean((frames.astype(np.float64) / 255.0 - truth.astype(np.float64) / 255.0) ** 2))
+
+  com, empty = com_error(predicted)
+  return {"com_error_px": com, "com_error_px_repeat_last": com_error(repeat)[0], "empty_frames": empty,
+          "mse": mse(predicted), "mse_repeat_last": mse(repeat), "mse_black": mse(np.zeros_like(truth))}
+
+
 def compare_with_real(context, *, real_data, extract: Callable[[np.ndarray], np.ndarray], key: str,
                       num_videos: int, batch_size: int, seed: int, floor: bool, judge: str,
                       split: str = "validation"):
