@@ -349,6 +349,7 @@ def tiny_nbp_config(data_dir, arg="tiny,local,row", **overrides):
   c.model.block = nbp_digits.block_shape(block, c.model.grid[2])
   if c.model.condition == "frames":
     c.model.prefix_frames = c.model.grid[0] // 2
+    c.evals.frames.update(num_videos=2, batch_size=2)
   c.model.num_layers = 1  # fewer ops to compile
   c.sampler.num_samples = 2
   set_tiny_budget(c, num_steps=1, checkpoint_every=100)
@@ -425,6 +426,10 @@ def test_frame_prediction_trains_one_step_and_samples(tmp_path, data_dir):
   assert abs(result["loss"] - np.log(9)) < 1.0  # near uniform over 8 levels + begin
   assert os.path.exists(tmp_path / "samples" / "step_0000001.gif")
   assert os.path.exists(tmp_path / "samples" / "step_0000001.png")
+  with open(tmp_path / "metrics.jsonl") as f:  # the frame-prediction evaluator ran at the end, on validation
+    frames = [json.loads(line) for line in f if "frames/com_error_px" in line]
+  assert len(frames) == 1 and np.isfinite(frames[0]["frames/com_error_px"])  # 8x8 digits barely move
+  assert frames[0]["frames/mse_black"] > 0 and frames[0]["frames/num_videos"] == 2
 
 
 @pytest.mark.slow

@@ -114,5 +114,7 @@ def get_config(arg: str = "XS,local,row"):
 
   ntp_digits.set_digits_budget(c, local)
   c.optimizer.weight_decay = 0.01
+  if condition == "frames":  # the predicted frames against the true ones, at the end (nbp.evaluators.frame_prediction)
+    c.evals.frames = dict(type="frame_prediction", every=0, num_videos=64 if local else 256, batch_size=16)
   c.lock()
   return c

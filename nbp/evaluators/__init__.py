@@ -26,6 +26,8 @@ evaluator on test after the last step and logs it as "test/<name>/<key>".
   split_metrics  the task's `score` over every example of a split once (accuracy, MSE/MAE at
               horizons, log-likelihood per event), as sum / count
   rollout     episodes in the environment with the policy acting step by step (returns)
+  frame_prediction  predicted frames of a frame-prediction run against the true ones (centre-of-mass
+              error, pixel MSE) beside repeating the last given frame
 
 Every evaluator gets the same parameters, the EMA ones when the run keeps
 them (`Context.params_name` says which).
@@ -39,7 +41,8 @@ from typing import Any
 
 import jax
 
-TYPES = ("loss", "samples", "psnr", "fvd_digits", "fvd", "fid_digits", "fid", "split_metrics", "rollout")
+TYPES = ("loss", "samples", "psnr", "fvd_digits", "fvd", "fid_digits", "fid", "split_metrics", "rollout",
+         "frame_prediction")
 
 
 @dataclasses.dataclass

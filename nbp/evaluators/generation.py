@@ -205,8 +205,9 @@ def frame_prediction_metrics(real: np.ndarray, generated: np.ndarray, given: int
 
   def com_error(frames):
     centre, ink = centres_of_mass(frames)
-    both = ink & true_ink
-    return float(np.linalg.norm(centre - true_centre, axis=-1)[both].mean()), float(1.0 - ink[true_ink].mean())
+    both = ink & true_ink  # no such frame: NaN
+    distance = np.linalg.norm(centre - true_centre, axis=-1)[both]
+    return float(distance.mean()) if both.any() else float("nan"), float(1.0 - ink[true_ink].mean())
 
   def mse(frames):
     return float(np.mean((frames.astype(np.float64) / 255.0 - truth.astype(np.float64) / 255.0) ** 2))
