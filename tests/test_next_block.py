@@ -327,6 +327,33 @@ def test_frame_prediction_sampler_keeps_the_prompt_frames():
   np.testing.assert_array_equal(drawn[:, :1], prompt)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("position", ["rope3d", "learned"])
+def test_given_frames_as_blocks_are_trained_on_and_fed_to_the_sampler(position):
+  """given_frames="blocks": an unconditional sequence trained on every token; the greedy cached sampler
+  continues the prompt as block-by-block argmax over the whole sequence does."""
+  model = _model(condition="frames", prefix_frames=1, given_frames="blocks", block=(1, 2, 2), position=position)
+  assert (model.prefix_len, model.num_predicted, model.num_generated) == (0, 48, 32)
+  tokens = _tokens(model)
+  params = jax.tree.map(lambda x: x * 3.0, _init(model, tokens))
+  _, metrics = nb.loss(model, params, {"tokens": tokens}, jax.random.key(0))
+  assert float(metrics["num_targets"]) == 2 * model.num_tokens  # the given frame's tokens too
+  prompt = tokens.reshape(2, *model.grid)[:, :1]
+  drawn = jax.jit(lambda p: nb.sample(model, p, jax.random.key(0), num_samples=2, temperature=0.0, prompt=prompt,
+                                      cache_phases=2))(params)
+  np.testing.assert_array_equal(drawn[:, :1], prompt)
+  seq = np.asarray(bt.to_block_order(tokens, model.order)).copy()  # block-major; the given frame stays
+  l, g = model.block_len, model.given_len
+  seq[:, g:] = 0
+  for k in range(g // l, model.num_blocks):
+    inputs, _ = nb.next_block_targets(model, bt.to_grid_order(jnp.asarray(seq), model.order))
+    logits = model.apply({"params": params}, inputs)
+    seq[:, k * l:(k + 1) * l] = np.argmax(np.asarray(logits[:, k * l:(k + 1) * l, :model.bos]), -1)
+  np.testing.assert_array_equal(np.asarray(drawn).reshape(2, -1), bt.to_grid_order(seq, model.order))
+  with pytest.raises(ValueError, match="config.model.given_frames"):
+    _model(condition="frames", prefix_frames=1, given_frames="both").check()
+
+
 # ---------------------------------------------------------------------------
 # Training through the shared loop.
 

@@ -27,8 +27,10 @@ more, add a tensor axis.
 Condition: theirs trains unconditionally on all 5 latent frames (`--unconditional`,
 no begin token: the first row is never predicted) and predicts frames at
 evaluation by feeding the first 2 latent frames as a prompt
-(transformer_eval.py `frame_prediction`). Here the 2 latent frames are a
-prefix seen by every block and the loss is on the 3 generated frames only.
+(transformer_eval.py `frame_prediction`). So does this config
+(`model.given_frames="blocks"`), except that its start block also predicts
+the first row. `given_frames="prefix"` instead makes the 2 latent frames a
+prefix seen by every block, with the loss on the 3 generated frames only.
 
 Expected (the paper, 50k samples, FVD at 64x64): 25.5 (700M), 23.0 (1.2B),
 19.5 (3B). Not yet run here.
@@ -48,5 +50,6 @@ def get_config(arg: str = "700M"):
                          num_steps=4_000_000, token_dir="data/tokens_k600")
   c.model.condition = "frames"
   c.model.prefix_frames = 2  # latent frames given (= 5 video frames)
+  c.model.given_frames = "blocks"  # theirs: trained on as ordinary blocks, fed to the sampler as a prompt
   c.lock()
   return c

@@ -160,8 +160,8 @@ def generate_videos(setup, params, rng, conditions: dict[str, np.ndarray], *, ba
   tokens = np.concatenate(out)[:n]
   videos = task.predict_fn("to_videos")(tokens)
   return Generated(videos=videos, tokens=tokens, drawn=batches * batch_size,
-                   frames=videos.shape[1] * model.num_predicted // model.num_tokens,
-                   tokens_per_video=model.num_predicted, compile_seconds=compile_seconds, sample_seconds=seconds)
+                   frames=videos.shape[1] * model.num_generated // model.num_tokens,
+                   tokens_per_video=model.num_generated, compile_seconds=compile_seconds, sample_seconds=seconds)
 
 
 # ---------------------------------------------------------------------------

@@ -22,6 +22,12 @@ Sequence layout (S slots = P prefix + N predicted):
   none:                        [start block] [block 0] ... [block nb-2]
 Logits at the last N slots predict blocks 0..nb-1 of the generated part.
 
+Frame prediction's given frames (`given_frames`): "prefix" (above) makes them
+a prefix every block sees, never predicted; "blocks" (the NBP authors'
+Kinetics-600 training) makes them ordinary blocks of an unconditional
+sequence, predicted and trained on like the rest (P = 0, N = all tokens); the
+sampler then feeds them as its first blocks and draws the others.
+
 Positions ("learned" | "rope" | "rope3d" | "rope3d_split"):
   learned: a learned table indexed by the slot (the NBP paper's code);
   rope:    1D RoPE of the slot index (the usual next-token transformer);
@@ -78,6 +84,7 @@ SIZES = {
     "3B": (32, 3072, 32, 32),
 }
 CONDITIONS = ("none", "class", "frames")
+GIVEN_FRAMES = ("prefix", "blocks")
 POSITIONS = ("learned", "rope", "rope3d", "rope3d_split")
 
 
@@ -134,7 +141,8 @@ class NextBlockTransformer(sizes.SizedByTable, nn.Module):
   condition: str = "none"  # "none", "class" (class tokens as a prefix) or "frames" (first frames given)
   num_classes: int = 0  # classes of the class condition; index num_classes is the null class (CFG)
   num_class_tokens: int = 1  # P for "class": prefix tokens per class
-  prefix_frames: int = 0  # for "frames": the first frames, given and visible to all
+  prefix_frames: int = 0  # for "frames": the first frames, given
+  given_frames: str = "prefix"  # for "frames": a prefix visible to all, or "blocks" trained on (module docstring)
   variant: str | None = None  # a key of SIZES; the four fields below override it when set
   num_layers: int | None = None
   width: int | None = None  # E
@@ -179,9 +187,19 @@ class NextBlockTransformer(sizes.SizedByTable, nn.Module):
     return math.prod(self.grid)
 
   @property
-  def frame_prefix_len(self) -> int:
-    """Given grid tokens before the predicted part (frame prediction), else 0."""
+  def given_len(self) -> int:
+    """Grid tokens given to the sampler (frame prediction's first frames), else 0."""
     return self.prefix_frames * self.grid[1] * self.grid[2] if self.condition == "frames" else 0
+
+  @property
+  def frame_prefix_len(self) -> int:
+    """Given grid tokens before the predicted part (frame prediction with a prefix), else 0."""
+    return self.given_len if self.given_frames == "prefix" else 0
+
+  @property
+  def num_generated(self) -> int:
+    """Tokens the sampler draws (the grid minus the given frames)."""
+    return self.num_tokens - self.given_len
 
   @property
   def prefix_len(self) -> int:
@@ -225,6 +243,8 @@ class NextBlockTransformer(sizes.SizedByTable, nn.Module):
       if value < 1:
         raise ValueError(f"config.model: layers, width and heads must be >= 1, got {value}")
     block_order(self.grid, self.block)
+    if self.given_frames not in GIVEN_FRAMES:
+      raise ValueError(f"config.model.given_frames={self.given_frames!r}: expected one of {GIVEN_FRAMES}")
     if self.condition == "frames":
       if not 0 < self.prefix_frames < self.grid[0] or self.prefix_frames % self.block[0]:
         raise ValueError(f"config.model.prefix_frames={self.prefix_frames} must be in 1..{self.grid[0] - 1} "

@@ -116,7 +116,9 @@ def sample(model: Model, params, rng, *, num_samples: int = 8, temperature: floa
     number runs the conditional and null-class rows as one doubled batch and
     draws from uncond + scale * (cond - uncond) (0.0: unconditional).
   prompt: int [B, prefix_frames, H, W] given frames (condition "frames"); they
-    are returned unchanged in the output.
+    are returned unchanged in the output. As a prefix they are read in the
+    prefill before the start block; as blocks (`given_frames="blocks"`) after
+    it, so the prefill's last block predicts the first generated one.
   """
   b, block_len, p = num_samples, model.block_len, model.prefix_len
   guided = guidance_scale is not None
@@ -126,15 +128,19 @@ def sample(model: Model, params, rng, *, num_samples: int = 8, temperature: floa
   order, bos = model.order, model.bos
 
   first = jnp.full((rows, block_len), bos, jnp.int32)  # the start block
-  prefill_labels, given = None, None
+  prefill_labels, given, fed = None, None, 0  # fed: given tokens read as blocks after the start block
   if model.condition == "class":
     labels = jnp.arange(b, dtype=jnp.int32) % model.num_classes if labels is None else labels
     prefill_labels = jnp.concatenate([labels, jnp.full((b,), model.num_classes, jnp.int32)]) if guided else labels
   elif model.condition == "frames":
     if prompt is None:
       raise ValueError("frame prediction needs `prompt` frames [B, prefix_frames, H, W]")
-    given = to_block_order(prompt.reshape(b, -1).astype(jnp.int32), order[:p])  # the prefix's own order
-    first = jnp.concatenate([given, first], axis=1)  # [B, P + L]
+    given = to_block_order(prompt.reshape(b, -1).astype(jnp.int32), order[:model.given_len])  # its own order
+    if model.given_frames == "prefix":
+      first = jnp.concatenate([given, first], axis=1)  # [B, P + L]
+    else:
+      fed = model.given_len
+      first = jnp.concatenate([first, given], axis=1)  # [B, L + G]
 
   def draw(logits, key):
     logits = logits[..., :bos]  # the begin token is never drawn
@@ -142,22 +148,23 @@ def sample(model: Model, params, rng, *, num_samples: int = 8, temperature: floa
       logits = decoding.guide(logits, guidance_scale)
     return sampling.sample_tokens(key, logits, temperature=temperature, top_k=top_k, top_p=top_p)
 
-  cache = decoding.init_cache(model, p + block_len, jnp.zeros((rows, 1), jnp.int32))  # the prefill's slots
+  start = p + fed  # slots before the start block's position in the drawn blocks' numbering
+  cache = decoding.init_cache(model, start + block_len, jnp.zeros((rows, 1), jnp.int32))  # the prefill's slots
   logits, cache = decoding.apply_decoding(model, params, cache, first, labels=prefill_labels, last=block_len)
-  block = draw(logits, jax.random.fold_in(rng, 0))  # [B, L], block 0
-  drawn = jnp.zeros((b, model.num_predicted), jnp.int32).at[:, :block_len].set(block)
+  block = draw(logits, jax.random.fold_in(rng, 0))  # [B, L], drawn block 0
+  drawn = jnp.zeros((b, model.num_generated), jnp.int32).at[:, :block_len].set(block)
 
-  def step(k, cache, carry):  # feeds block k - 1, draws block k
+  def step(k, cache, carry):  # feeds drawn block k - 1, draws block k
     drawn, block = carry
-    slots = jnp.broadcast_to(p + k * block_len + jnp.arange(block_len, dtype=jnp.int32), (rows, block_len))
+    slots = jnp.broadcast_to(start + k * block_len + jnp.arange(block_len, dtype=jnp.int32), (rows, block_len))
     inputs = jnp.concatenate([block, block]) if guided else block  # [rows, L]
     logits, cache = decoding.apply_decoding(model, params, cache, inputs, slots=slots)
     block = draw(logits, jax.random.fold_in(rng, k))  # [B, L]
     return cache, (jax.lax.dynamic_update_slice(drawn, block, (0, k * block_len)), block)
 
-  # The phase ending at step k1 writes slots up to p + k1 L.
-  _, (drawn, _) = decoding.decode_in_phases(step, cache, (drawn, block), 1, model.num_blocks,
-                                            cache_len=lambda k1: p + k1 * block_len, phases=cache_phases)
+  # The phase ending at step k1 writes slots up to start + k1 L.
+  _, (drawn, _) = decoding.decode_in_phases(step, cache, (drawn, block), 1, model.num_generated // block_len,
+                                            cache_len=lambda k1: start + k1 * block_len, phases=cache_phases)
   seq = drawn if given is None else jnp.concatenate([given, drawn], axis=1)  # [B, F*H*W] block-major
   return to_grid_order(seq, order).reshape(b, *model.grid)
 
