@@ -15,8 +15,9 @@ To override keys, name the configs, e.g.
       --tokenizer_config experiments/configs/video_tokenizer_digits.py:local --tokenizer_config.num_steps=600
 Then it writes workdir/samples.gif and samples.png (NBP's videos, one class
 per row), reconstructions.gif (validation videos above their tokenizer
-reconstructions), loss.png and metrics.json. Its eval figures are on the
-validation split, as in training.
+reconstructions), loss.png (one panel per trained stage) and metrics.json
+(each stage's figures and its seconds in this invocation). Its eval figures
+are on the validation split, as in training.
 """
 
 import glob
@@ -72,18 +73,23 @@ def run(config, tokenizer_config, workdir: str) -> dict:
     raise ValueError(f"The demo trains NBP on tokenizer tokens: config.data.name={config.data.name!r} must be "
                      "'tokens' (nbp_digits.py:...,tokens).")
   tokenizer_dir, tokens_dir, nbp_dir = (os.path.join(workdir, name) for name in ("tokenizer", "tokens", "nbp"))
+  seconds = {}  # per stage, this invocation (a resumed stage counts only what it redid)
   tokenizer_result = train.train_and_evaluate(tokenizer_config, tokenizer_dir)
-  tokenizer_seconds = time.perf_counter() - start
+  seconds["tokenizer"] = time.perf_counter() - start
   metadata = encode_tokens(tokenizer_dir, tokens_dir, tokenizer_result["step"])
+  seconds["tokens"] = time.perf_counter() - start - seconds["tokenizer"]
 
   config = config.copy_and_resolve_references()
   with config.unlocked():
     config.data.token_dir = tokens_dir
   nbp_result = train.train_and_evaluate(config, nbp_dir)
+  seconds["nbp"] = time.perf_counter() - start - seconds["tokenizer"] - seconds["tokens"]
 
   tokenizer_rows = metrics_lib.read_jsonl(os.path.join(tokenizer_dir, "metrics.jsonl"))
   nbp_rows = metrics_lib.read_jsonl(os.path.join(nbp_dir, "metrics.jsonl"))
-  visualization.save_loss_plot(os.path.join(workdir, "loss.png"), nbp_rows)
+  visualization.save_loss_panels(os.path.join(workdir, "loss.png"), {
+      "video tokenizer": (tokenizer_rows, ("loss",), "training loss (its config's terms)"),
+      "NBP": (nbp_rows, ("loss", "eval/loss"), "cross-entropy (nats/token)")})
   _copy_latest_samples(nbp_dir, os.path.join(workdir, "samples"))
   _copy_latest_samples(tokenizer_dir, os.path.join(workdir, "reconstructions"))
   summary = {
@@ -104,7 +110,7 @@ def run(config, tokenizer_config, workdir: str) -> dict:
           "eval_bits_per_token": _last(nbp_rows, "eval/bits_per_token"),
           "eval_accuracy": _last(nbp_rows, "eval/accuracy"),
       },
-      "tokenizer_seconds_this_invocation": tokenizer_seconds,
+      "stage_seconds_this_invocation": seconds,
       "wall_seconds_this_invocation": time.perf_counter() - start,
   }
   with open(os.path.join(workdir, "metrics.json"), "w") as f:

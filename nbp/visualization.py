@@ -70,6 +70,24 @@ def save_predicted_frames(frames, out_dir: str, step: int, *, title: str = "") -
   return {}
 
 
+def save_loss_panels(path: str, panels: dict[str, tuple[list[dict], tuple[str, ...], str]]) -> None:
+  """One panel per stage, side by side: {title: (metrics.jsonl rows, keys plotted, y label)}."""
+  fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
+  for ax, (title, (rows, keys, ylabel)) in zip(axes[0], panels.items()):
+    for key in keys:
+      points = [(r["step"], r[key]) for r in rows if key in r]
+      if points:
+        ax.plot(*zip(*points), label=key, marker="o" if len(points) < 20 else None)
+    ax.set_title(title)
+    ax.set_xlabel("step")
+    ax.set_ylabel(ylabel)
+    ax.legend()
+    ax.grid(alpha=0.3)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+
+
 def save_loss_plot(path: str, rows: list[dict], keys=("loss", "eval/loss")) -> None:
   """Loss curves from metrics.jsonl rows."""
   fig, ax = plt.subplots(figsize=(6, 4))

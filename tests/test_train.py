@@ -259,6 +259,7 @@ def test_demo_code_path(tmp_path, data_dir):
   assert summary["tokenizer"]["steps"] == 2 and summary["tokenizer"]["token_grid"] == [2, 2, 2]
   assert summary["nbp"]["steps"] == 3 and np.isfinite(summary["nbp"]["eval_loss"])
   assert np.isfinite(summary["tokenizer"]["eval_psnr_db"])
+  assert set(summary["stage_seconds_this_invocation"]) == {"tokenizer", "tokens", "nbp"}
   tokens_written = os.path.getmtime(os.path.join(tmp_path, "tokens", "metadata.json"))
   again = demo.run(config, tokenizer_config, str(tmp_path))
   assert again["nbp"]["steps"] == 3
