@@ -353,6 +353,49 @@ def test_given_frames_as_blocks_are_trained_on_and_fed_to_the_sampler(position="
     _model(condition="frames", prefix_frames=1, given_frames="both").check()
 
 
+def test_first_block_by_tokens_inputs_and_mask_vs_brute_force():
+  """first_block="tokens": [begin, x_0 .. x_{L-2}] causal, then [x_{L-1}, placeholders], then blocks."""
+  model = _model(condition="class", block=(1, 2, 2), first_block="tokens")
+  l, p, s = model.block_len, model.prefix_len, model.max_len
+  assert model.vocab_size == model.codebook_size + l
+  tokens = _tokens(model)
+  inputs, targets = nb.next_block_targets(model, tokens)
+  inputs, targets = np.asarray(inputs), np.asarray(targets)
+  np.testing.assert_array_equal(targets, np.asarray(bt.to_block_order(tokens, model.order)))
+  np.testing.assert_array_equal(inputs[:, 0], model.bos)
+  np.testing.assert_array_equal(inputs[:, 1:l + 1], targets[:, :l])  # x_0 .. x_{L-1}, shifted by one
+  np.testing.assert_array_equal(inputs[:, l + 1:2 * l], np.broadcast_to(model.bos + np.arange(1, l), (2, l - 1)))
+  np.testing.assert_array_equal(inputs[:, 2 * l:], targets[:, l:-l])
+  dense = np.asarray(model.mask_spec().make(s))
+  for q in range(s):
+    for k in range(s):
+      i, j = q - p, k - p  # positions after the class prefix
+      sees = k < p or (0 <= i < l and j <= i) or (i >= l and j < (i // l + 1) * l)
+      assert dense[q, k] == sees, (q, k)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("condition", ["class", "frames"])
+def test_first_block_by_tokens_greedy_sampler_matches_recomputed_argmax(condition):
+  model = _model(condition=condition, prefix_frames=1, block=(1, 1, 4), first_block="tokens")
+  tokens = _tokens(model)
+  labels = jnp.array([3, 7]) if condition == "class" else None
+  params = jax.tree.map(lambda x: x * 3.0, _init(model, tokens, labels))
+  prompt = tokens.reshape(2, *model.grid)[:, :1] if condition == "frames" else None
+  drawn = jax.jit(lambda p: nb.sample(model, p, jax.random.key(0), num_samples=2, temperature=0.0, labels=labels,
+                                      prompt=prompt, cache_phases=2))(params)
+  seq = np.asarray(bt.to_block_order(tokens, model.order)).copy()  # block-major
+  given, l = model.frame_prefix_len, model.block_len
+  seq[:, given:] = 0
+  order = list(range(l)) + [range(k * l, (k + 1) * l) for k in range(1, model.num_blocks)]  # tokens, then blocks
+  for positions in order:
+    inputs, _ = nb.next_block_targets(model, bt.to_grid_order(jnp.asarray(seq), model.order))
+    logits = np.asarray(model.apply({"params": params}, inputs, labels=labels))[:, -model.num_predicted:]
+    positions = np.atleast_1d(np.asarray(positions))
+    seq[:, given + positions] = np.argmax(logits[:, positions, :model.bos], -1)
+  np.testing.assert_array_equal(np.asarray(drawn).reshape(2, -1), bt.to_grid_order(seq, model.order))
+
+
 # ---------------------------------------------------------------------------
 # Training through the shared loop.
 

@@ -95,6 +95,7 @@ def get_config(arg: str = "XS,local,row"):
   c.model.num_class_tokens = 1 if local else 4  # prefix tokens per class
   c.model.prefix_frames = grid[0] // 2 if condition == "frames" else 0
   c.model.given_frames = "prefix"  # frames: a prefix every block sees, or "blocks" trained on (the authors' K600)
+  c.model.first_block = "start_block"  # or "tokens": block 0 token by token (the authors' UCF-101 model)
   c.model.variant = variant  # a key of nbp.models.block_transformer.SIZES
   c.model.num_layers = config_dict.placeholder(int)  # set, it overrides the variant's depth
   c.model.activation = "swiglu"

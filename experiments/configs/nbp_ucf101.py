@@ -27,6 +27,13 @@ cfg 0.0 (scripts/lm_eval/eval_ucf.sh); here 10% of the training conditions are
 dropped (ours), so --config.sampler.guidance_scale > 1 gives classifier-free
 guidance; 1.0 samples as they do.
 
+The first block (`--hybrid`): theirs draws the first latent row token by
+token from a begin-of-video token, then switches to rows; so does this config
+(`model.first_block="tokens"`). "start_block" instead predicts the first row
+in one step from a block of begin tokens. The block kernels take blocks of
+one size, so with the token-by-token first row the dispatcher runs XLA's
+dense attention.
+
 Expected (the paper, 10k samples, FVD at 128x128): 103.3 (700M), 85.8 (1.2B),
 55.3 (3B). Not yet run here.
 """
@@ -46,6 +53,7 @@ def get_config(arg: str = "700M"):
   c.model.condition = "class"
   c.model.num_classes = 101
   c.model.num_class_tokens = 8  # theirs: 8 text tokens of the class name
+  c.model.first_block = "tokens"  # theirs (--hybrid): the first row token by token
   c.loss.cond_dropout = 0.1  # ours: trains the null class for classifier-free guidance
   c.lock()
   return c

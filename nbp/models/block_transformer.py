@@ -10,11 +10,17 @@ blocks, a conditioning prefix visible to all. With 1x1x1 blocks the mask is the
 causal mask and the model is a plain next-token transformer (the baseline is a
 config of this module, not a second module).
 
-The first block. A *start block* of L begin tokens sits before block 0 (the
-begin token's embedding, distinguished per slot by the position of the token it
-predicts), so every block, the first included, is predicted by one block step
-from the block before it; with 1x1x1 blocks the start block is the single
-begin-of-sequence token.
+The first block (`first_block`). "start_block": a *start block* of L begin
+tokens sits before block 0 (the begin token's embedding, distinguished per
+slot by the position of the token it predicts), so every block, the first
+included, is predicted by one block step from the block before it; with 1x1x1
+blocks the start block is the single begin-of-sequence token. "tokens" (the
+NBP authors' UCF-101 model): block 0 is drawn token by token from one begin
+token, then the blocks follow. Its L slots read [begin, x_0 .. x_{L-2}] under
+a causal mask and predict x_0 .. x_{L-1}; the next L slots read [x_{L-1},
+m_1 .. m_{L-1}], with m_j a placeholder token of its own per slot, and
+predict block 1; from there on as before. The same targets, a mask of blocks
+of sizes (P,) + (1,) * L + (L, L, ...), and L - 1 more token values.
 
 Sequence layout (S slots = P prefix + N predicted):
   class:  [class tokens (P)]   [start block] [block 0] ... [block nb-2]
@@ -85,6 +91,7 @@ SIZES = {
 }
 CONDITIONS = ("none", "class", "frames")
 GIVEN_FRAMES = ("prefix", "blocks")
+FIRST_BLOCKS = ("start_block", "tokens")
 POSITIONS = ("learned", "rope", "rope3d", "rope3d_split")
 
 
@@ -118,10 +125,18 @@ def to_grid_order(tokens, order: np.ndarray):
   return tokens[..., np.argsort(order)]
 
 
-def next_block_inputs(targets: jax.Array, block_len: int, bos: int) -> jax.Array:
-  """[B, N] block-major targets -> [B, N] inputs: a start block of begin tokens, then all blocks but the last."""
-  start = jnp.full((targets.shape[0], block_len), bos, targets.dtype)
-  return jnp.concatenate([start, targets[:, :-block_len]], axis=1)
+def next_block_inputs(targets: jax.Array, block_len: int, bos: int, first_block: str = "start_block") -> jax.Array:
+  """[B, N] block-major targets -> [B, N] inputs: a start block of begin tokens, then all blocks but the last.
+
+  first_block "tokens": [begin, x_0 .. x_{L-2}], [x_{L-1}, placeholders bos+1 .. bos+L-1], then blocks 1..nb-2.
+  """
+  b = targets.shape[0]
+  if first_block == "start_block":
+    start = jnp.full((b, block_len), bos, targets.dtype)
+    return jnp.concatenate([start, targets[:, :-block_len]], axis=1)
+  placeholders = jnp.broadcast_to(bos + jnp.arange(1, block_len, dtype=targets.dtype), (b, block_len - 1))
+  return jnp.concatenate([jnp.full((b, 1), bos, targets.dtype), targets[:, :block_len], placeholders,
+                          targets[:, block_len:-block_len]], axis=1)
 
 
 # ---------------------------------------------------------------------------
@@ -143,6 +158,7 @@ class NextBlockTransformer(sizes.SizedByTable, nn.Module):
   num_class_tokens: int = 1  # P for "class": prefix tokens per class
   prefix_frames: int = 0  # for "frames": the first frames, given
   given_frames: str = "prefix"  # for "frames": a prefix visible to all, or "blocks" trained on (module docstring)
+  first_block: str = "start_block"  # or "tokens": block 0 token by token (module docstring)
   variant: str | None = None  # a key of SIZES; the four fields below override it when set
   num_layers: int | None = None
   width: int | None = None  # E
@@ -167,8 +183,8 @@ class NextBlockTransformer(sizes.SizedByTable, nn.Module):
   # ------------------------------------------------------------------ sizes
   @property
   def vocab_size(self) -> int:
-    """V: the token values and the begin token."""
-    return self.codebook_size + 1
+    """V: the token values, the begin token and (first_block "tokens") the L - 1 placeholders."""
+    return self.codebook_size + (self.block_len if self.first_block == "tokens" else 1)
 
   @property
   def padded_vocab(self) -> int:
@@ -243,6 +259,13 @@ class NextBlockTransformer(sizes.SizedByTable, nn.Module):
       if value < 1:
         raise ValueError(f"config.model: layers, width and heads must be >= 1, got {value}")
     block_order(self.grid, self.block)
+    if self.first_block not in FIRST_BLOCKS:
+      raise ValueError(f"config.model.first_block={self.first_block!r}: expected one of {FIRST_BLOCKS}")
+    if self.first_block == "tokens" and self.position == "rope3d_split":
+      raise ValueError("config.model.first_block='tokens' has no rope3d_split keys: use position 'rope3d'")
+    if self.first_block == "tokens" and self.condition == "frames" and self.given_frames == "blocks":
+      raise ValueError("config.model.first_block='tokens' needs given_frames='prefix': given frames as blocks "
+                       "already start the sequence")
     if self.given_frames not in GIVEN_FRAMES:
       raise ValueError(f"config.model.given_frames={self.given_frames!r}: expected one of {GIVEN_FRAMES}")
     if self.condition == "frames":
@@ -254,6 +277,13 @@ class NextBlockTransformer(sizes.SizedByTable, nn.Module):
     if self.attention == "aaren" and (self.block_len != 1 or self.prefix_len > 1):
       raise ValueError(f"config.model.attention='aaren' is causal attention: it needs config.model.block=(1, 1, 1) "
                        f"and at most one prefix token; got block={tuple(self.block)}, {self.prefix_len} prefix slots")
+
+  def mask_spec(self) -> attention_lib.MaskSpec:
+    """The block-causal mask over the slots; with first_block "tokens" its first block is causal."""
+    if self.first_block == "start_block":
+      return attention_lib.MaskSpec("block_causal", block_len=self.block_len, prefix_len=self.prefix_len)
+    sizes = ((self.prefix_len,) if self.prefix_len else ()) + (1,) * self.block_len
+    return attention_lib.MaskSpec("block_causal", block_sizes=sizes + (self.block_len,) * (self.num_blocks - 1))
 
   def slot_positions(self, keys: bool = False) -> np.ndarray:
     """int [S] (learned, rope) or [S, 3] (rope3d*): every slot's query position, or its key's (module docstring)."""
@@ -296,8 +326,7 @@ class NextBlockTransformer(sizes.SizedByTable, nn.Module):
         num_layers=self.depth,
         block=dict(num_heads=self.heads, num_kv_heads=self.kv_heads, head_dim=width // self.heads,
                    mlp_dim=mlp_dim(width, self.activation), activation=self.activation, norm=self.norm,
-                   mask=attention_lib.MaskSpec("block_causal", block_len=self.block_len,
-                                               prefix_len=self.prefix_len),
+                   mask=self.mask_spec(),
                    rope=rope, rope_base=self.rope_base, impl=self.attention_impl, dtype=dtype,
                    max_decode_len=self.max_len, attention=self.attention, scan_impl=self.scan_impl,
                    dropout_rate=self.dropout),

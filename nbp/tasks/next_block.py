@@ -26,12 +26,14 @@ from __future__ import annotations
 import functools
 import json
 import os
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from layers import attention as attention_lib
 from nbp import decoding
 from nbp import reconstruction
 from nbp import sampling
@@ -60,7 +62,7 @@ def next_block_targets(model: Model, tokens: jax.Array):
   seq = to_block_order(tokens, model.order)
   given = model.frame_prefix_len
   prefix, targets = seq[:, :given], seq[:, given:]
-  inputs = jnp.concatenate([prefix, next_block_inputs(targets, model.block_len, model.bos)], axis=1)
+  inputs = jnp.concatenate([prefix, next_block_inputs(targets, model.block_len, model.bos, model.first_block)], axis=1)
   return inputs, targets
 
 
@@ -149,14 +151,23 @@ def sample(model: Model, params, rng, *, num_samples: int = 8, temperature: floa
     return sampling.sample_tokens(key, logits, temperature=temperature, top_k=top_k, top_p=top_p)
 
   start = p + fed  # slots before the start block's position in the drawn blocks' numbering
-  cache = decoding.init_cache(model, start + block_len, jnp.zeros((rows, 1), jnp.int32))  # the prefill's slots
-  logits, cache = decoding.apply_decoding(model, params, cache, first, labels=prefill_labels, last=block_len)
-  block = draw(logits, jax.random.fold_in(rng, 0))  # [B, L], drawn block 0
+  tokens_first = model.first_block == "tokens"
+  if tokens_first:  # block 0 token by token (token j with fold_in(fold_in(rng, 0), j)), then blocks
+    first = first[:, :first.shape[1] - block_len + 1]  # [given prefix, one begin token]
+    block, cache = _first_block_by_tokens(model, params, first, prefill_labels, draw, start, rows,
+                                          jax.random.fold_in(rng, 0))
+  else:
+    cache = decoding.init_cache(model, start + block_len, jnp.zeros((rows, 1), jnp.int32))  # the prefill's slots
+    logits, cache = decoding.apply_decoding(model, params, cache, first, labels=prefill_labels, last=block_len)
+    block = draw(logits, jax.random.fold_in(rng, 0))  # [B, L], drawn block 0
   drawn = jnp.zeros((b, model.num_generated), jnp.int32).at[:, :block_len].set(block)
+  placeholders = jnp.broadcast_to(bos + jnp.arange(1, block_len, dtype=jnp.int32), (b, block_len - 1))
 
   def step(k, cache, carry):  # feeds drawn block k - 1, draws block k
     drawn, block = carry
     slots = jnp.broadcast_to(start + k * block_len + jnp.arange(block_len, dtype=jnp.int32), (rows, block_len))
+    if tokens_first:  # block 1 is read from [x_{L-1}, placeholders]
+      block = jnp.where(k == 1, jnp.concatenate([block[:, -1:], placeholders], axis=1), block)
     inputs = jnp.concatenate([block, block]) if guided else block  # [rows, L]
     logits, cache = decoding.apply_decoding(model, params, cache, inputs, slots=slots)
     block = draw(logits, jax.random.fold_in(rng, k))  # [B, L]
@@ -167,6 +178,37 @@ def sample(model: Model, params, rng, *, num_samples: int = 8, temperature: floa
                                             cache_len=lambda k1: start + k1 * block_len, phases=cache_phases)
   seq = drawn if given is None else jnp.concatenate([given, drawn], axis=1)  # [B, F*H*W] block-major
   return to_grid_order(seq, order).reshape(b, *model.grid)
+
+
+class _FirstBlock(NamedTuple):
+  tokens: jax.Array  # [B, L], block 0
+  cache: Any  # the KV cache after reading [prefix, begin, x_0 .. x_{L-2}]
+
+
+def _first_block_by_tokens(model: Model, params, first, labels, draw, start: int, rows: int, rng) -> _FirstBlock:
+  """Block 0 token by token (first_block "tokens"): the prefill reads `first` ([given prefix, begin token]; the
+  class tokens come from `labels`) and draws x_0; step j reads x_{j-1} at slot start + j and draws x_j, with the
+  key fold_in(rng, j). `start` is the begin token's slot."""
+  block_len = model.block_len
+  cache = decoding.init_cache(model, start + 1, jnp.zeros((rows, 1), jnp.int32))
+  logits, cache = decoding.apply_decoding(model, params, cache, first, labels=labels, last=1)
+  tokens = draw(logits, jax.random.fold_in(rng, 0))  # [B, 1], x_0
+  b = tokens.shape[0]
+  guided = rows != b
+  tokens = jnp.zeros((b, block_len), jnp.int32).at[:, :1].set(tokens)
+  cache = attention_lib.resize_cache(cache, start + block_len)
+
+  def token_step(j, state):
+    cache, tokens = state
+    previous = jax.lax.dynamic_slice_in_dim(tokens, j - 1, 1, axis=1)  # [B, 1]
+    inputs = jnp.concatenate([previous, previous]) if guided else previous
+    slots = jnp.full((rows, 1), start + j, jnp.int32)
+    logits, cache = decoding.apply_decoding(model, params, cache, inputs, slots=slots)
+    token = draw(logits, jax.random.fold_in(rng, j))  # [B, 1]
+    return cache, jax.lax.dynamic_update_slice(tokens, token, (0, j))
+
+  cache, tokens = jax.lax.fori_loop(1, block_len, token_step, (cache, tokens))
+  return _FirstBlock(tokens, cache)
 
 
 # ---------------------------------------------------------------------------
