@@ -95,6 +95,9 @@ NUM_STEPS = flags.DEFINE_integer("ebt_num_steps", 0, "Training steps of every ru
 RECIPES = flags.DEFINE_list(
     "ebt_recipes", ["s1", "s1:model.alpha=50.0", "s1:model.alpha=5.0", "s2", "s2:loss.langevin_sigma=0.0"],
     "Recipes part: the text candidates, each RECIPE[:KEY=VALUE[+KEY=VALUE...]] (dotted config keys).")
+THINKING_OVERRIDES = flags.DEFINE_string(
+    "ebt_thinking_overrides", "", "KEY=VALUE+... on the thinking part's System 2 config, e.g. loss.langevin_sigma=0.0 "
+    "(give it its own --ebt_runs_dir).")
 COST_REPEATS = flags.DEFINE_integer("ebt_cost_repeats", 7, "Timed training steps per model in the cost part.")
 SMOKE = flags.DEFINE_bool("ebt_smoke", False, "Every part at a tiny size (checks the script).")
 DATA_DIR = flags.DEFINE_string("ebt_data_dir", "data", "config.data.dir of the runs.")
@@ -141,7 +144,7 @@ def parse_recipe(candidate: str) -> tuple[str, dict]:
 
 def configs(seed: int):
   """(EBT System 2, Transformer++) configs of the same size, window, batch and budget."""
-  ebt = text_config("s2")
+  ebt = text_config("s2", parse_recipe("s2:" + THINKING_OVERRIDES.value)[1])
   depth, width, heads = ebt_task.Model.SIZES[ebt.model.variant]
   ntp = ntp_text.get_config("tiny,local")
   ntp.unlock()
