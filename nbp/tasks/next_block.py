@@ -84,8 +84,8 @@ def loss(model: Model, params, batch, rng, *, cond_dropout: float = 0.0, train: 
   labels = None
   if model.condition == "class":
     labels = decoding.drop_condition(rng, batch["class"], cond_dropout, model.num_classes)
-  train = {"deterministic": False, "rngs": {"dropout": jax.random.fold_in(rng, 1)}} if train and model.dropout else {}
-  logits = model.apply({"params": params}, inputs, labels=labels, **train)[:, -model.num_predicted:]  # [B, N, V]
+  dropout = {"deterministic": False, "rngs": {"dropout": jax.random.fold_in(rng, 1)}} if train and model.dropout else {}
+  logits = model.apply({"params": params}, inputs, labels=labels, **dropout)[:, -model.num_predicted:]  # [B, N, V]
   weights = batch.get("weights")
   if weights is not None:
     weights = to_block_order(weights, model.order)[:, model.frame_prefix_len:]
@@ -161,12 +161,12 @@ def sample(model: Model, params, rng, *, num_samples: int = 8, temperature: floa
     logits, cache = decoding.apply_decoding(model, params, cache, first, labels=prefill_labels, last=block_len)
     block = draw(logits, jax.random.fold_in(rng, 0))  # [B, L], drawn block 0
   drawn = jnp.zeros((b, model.num_generated), jnp.int32).at[:, :block_len].set(block)
-  placeholders = jnp.broadcast_to(bos + jnp.arange(1, block_len, dtype=jnp.int32), (b, block_len - 1))
 
   def step(k, cache, carry):  # feeds drawn block k - 1, draws block k
     drawn, block = carry
     slots = jnp.broadcast_to(start + k * block_len + jnp.arange(block_len, dtype=jnp.int32), (rows, block_len))
-    if tokens_first:  # block 1 is read from [x_{L-1}, placeholders]
+    if tokens_first:  # block 1 is read from [x_{L-1}, placeholders bos+1 .. bos+L-1]
+      placeholders = jnp.broadcast_to(bos + jnp.arange(1, block_len, dtype=jnp.int32), (b, block_len - 1))
       block = jnp.where(k == 1, jnp.concatenate([block[:, -1:], placeholders], axis=1), block)
     inputs = jnp.concatenate([block, block]) if guided else block  # [rows, L]
     logits, cache = decoding.apply_decoding(model, params, cache, inputs, slots=slots)
