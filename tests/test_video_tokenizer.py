@@ -1,4 +1,5 @@
-"""The video tokenizer: FSQ, causality in time, shapes, training through the shared loop, token export."""
+"""The video tokenizer: FSQ, causality in time, shapes, its switches (swish_beta, conv resampling, LPIPS),
+training through the shared loop, token export."""
 
 import os
 
@@ -11,6 +12,7 @@ from experiments.configs import video_tokenizer_digits
 from nbp import tasks
 from nbp.data import moving_digits, pipeline
 from nbp.data import tokens as tokens_lib
+from nbp.models import vgg
 from nbp.models import video_tokenizer as vt
 from nbp.tasks import video_tokenizer as vt_task
 from nbp.training import loop as train
@@ -88,12 +90,19 @@ def test_straight_through_gradient_is_identity():
 # ------------------------------------------------------------------ the network
 
 
-def test_conv_implementations_agree():
+@pytest.mark.parametrize("strides", [(1, 1, 1), (2, 2, 2)])
+def test_conv_implementations_agree(strides):
   x = jax.random.normal(jax.random.key(0), (2, 5, 6, 6, 3))
-  taps = vt.CausalConv3D(4, impl="taps")
+  taps = vt.CausalConv3D(4, strides=strides, impl="taps")
   params = taps.init(jax.random.key(1), x)
-  np.testing.assert_allclose(vt.CausalConv3D(4, impl="conv3d").apply(params, x), taps.apply(params, x),
-                             atol=1e-5)
+  y = taps.apply(params, x)
+  np.testing.assert_allclose(vt.CausalConv3D(4, strides=strides, impl="conv3d").apply(params, x), y, atol=1e-5)
+  st, sh, _ = strides
+  assert y.shape == (2, 1 + 4 // st, 6 // sh, 6 // sh, 4)
+  if st == 2:  # output frame j sees input frames 2j-2..2j (overlapping), never a later one
+    changed = taps.apply(params, x.at[:, 3].set(5.0))
+    np.testing.assert_array_equal(y[:, :2], changed[:, :2])
+    assert float(jnp.abs(y[:, 2] - changed[:, 2]).max()) > 0
 
 
 @pytest.mark.slow
@@ -120,19 +129,34 @@ def test_bad_frame_count_is_named():
     _tokenizer().latent_shape(6, 16, 16)
   with pytest.raises(ValueError, match="power of two"):
     vt.downsample_schedule(2, 3, 4)
+  with pytest.raises(ValueError, match="config.model.resample='pixel_shuffle'"):
+    jax.eval_shape(_tokenizer(resample="pixel_shuffle").init, jax.random.key(0), jnp.zeros((1, 5, 4, 4, 1)))
+  with pytest.raises(ValueError, match="config.model.activation='gelu'"):
+    jax.eval_shape(_tokenizer(activation="gelu").init, jax.random.key(0), jnp.zeros((1, 5, 4, 4, 1)))
+
+
+# "conv" is checked without residual blocks (the same in both options): only what it changes, cheaper.
+RESAMPLES = [{}, {"resample": "conv", "num_res_blocks": 0}]
 
 
 @pytest.mark.slow
-def test_encoder_is_causal_in_time():
-  """F=9, time 4x: latent frames cover [0], [1..4], [5..8]; changing frame 5 leaves latents 0, 1 unchanged."""
-  model = _tokenizer()
+@pytest.mark.parametrize("fields", RESAMPLES, ids=["space_to_depth", "conv"])
+def test_encoder_is_causal_in_time(fields):
+  """F=9, time 4x: latent frame j depends on frames <= 4j; changing frame 5 leaves latents 0, 1 unchanged."""
+  model = _tokenizer(**fields)
   video = jax.random.uniform(jax.random.key(0), (2, 9, 16, 16, 1), minval=-1, maxval=1)
   params = _init(model, video)
+  if model.resample == "conv":  # strided 3x3x3 convs down keeping the width, a 3x3x3 conv before depth-to-space
+    shapes = jax.tree.map(jnp.shape, params)
+    assert [shapes["encoder"][f"downsample_{i}"]["kernel"] for i in range(2)] == [(3, 3, 3, 8, 8)] * 2
+    assert shapes["decoder"]["upsample_1"]["kernel"] == (3, 3, 3, 16, 8 * 16)  # 2x2x2 at the decoder's width, 16
+    assert not any(name.startswith("Dense") for name in params["decoder"])
   # The latents before quantisation (a strict check: rounding could hide small leaks), then the codes.
   encode = jax.jit(lambda v: model.apply({"params": params}, v, method=lambda m, x: m.encoder(x)))
   codes = jax.jit(lambda v: model.apply({"params": params}, v, method=vt.VideoTokenizer.encode)[0])
   np.testing.assert_array_equal(codes(video)[:, :2], codes(video.at[:, 5:].set(0.0))[:, :2])
   latents = encode(video)
+  assert latents.shape == (2, 3, 4, 4, 3)
   changed = encode(video.at[:, 5].set(jax.random.uniform(jax.random.key(2), (2, 16, 16, 1))))
   np.testing.assert_array_equal(latents[:, :2], changed[:, :2])  # bit-identical, not merely close
   assert float(jnp.abs(latents[:, 2] - changed[:, 2]).max()) > 0
@@ -143,9 +167,10 @@ def test_encoder_is_causal_in_time():
 
 
 @pytest.mark.slow
-def test_decoder_is_causal_in_time():
-  """Changing latent frame 2 leaves output frames 0..4 unchanged."""
-  model = _tokenizer()
+@pytest.mark.parametrize("fields", RESAMPLES, ids=["space_to_depth", "conv"])
+def test_decoder_is_causal_in_time(fields):
+  """Output frame i depends on latent frames <= ceil(i / 4): changing latent 2 leaves frames 0..4 unchanged."""
+  model = _tokenizer(**fields)
   video = jnp.zeros((2, 9, 16, 16, 1))
   params = _init(model, video)
   decode = jax.jit(lambda i: model.apply({"params": params}, i, method=vt.VideoTokenizer.decode_indices))
@@ -154,6 +179,36 @@ def test_decoder_is_causal_in_time():
   changed = decode(indices.at[:, 2].set((indices[:, 2] + 7) % model.codebook_size))
   np.testing.assert_array_equal(out[:, :5], changed[:, :5])
   assert float(jnp.abs(out[:, 5:] - changed[:, 5:]).max()) > 0
+
+
+def test_swish_beta_adds_a_beta_per_channel_and_equals_swish_at_one():
+  fields = dict(num_res_blocks=1, channels=4, channel_multipliers=(1, 2), time_factor=1, space_factor=2)
+  video = jax.random.uniform(jax.random.key(0), (1, 2, 4, 4, 1), minval=-1, maxval=1)
+  plain, learned = _tokenizer(**fields), _tokenizer(activation="swish_beta", **fields)
+  strip = lambda tree: ({k: strip(v) for k, v in tree.items() if not k.startswith("Swish")}
+                        if isinstance(tree, dict) else tree)  # the betas removed
+  # The parameters' shapes (an init is not compiled: that would cost more than the whole check).
+  shapes = jax.eval_shape(learned.init, jax.random.key(1), video)["params"]
+  betas = [leaf.shape for path, leaf in jax.tree_util.tree_leaves_with_path(shapes)
+           if "beta" in jax.tree_util.keystr(path)]
+  # One beta per channel after every norm: 2 per residual block (3 per coder), 1 before each coder's output.
+  assert len(betas) == 2 * (2 * 3 + 1) and sorted(set(betas)) == [(4,), (8,)]
+  assert jax.tree.structure(strip(shapes)) == jax.tree.structure(
+      jax.eval_shape(plain.init, jax.random.key(1), video)["params"])  # otherwise the plain network's
+  np.testing.assert_array_equal(vt.Swish().init(jax.random.key(0), jnp.ones((2, 4)))["params"]["beta"],
+                                np.ones(4))  # initialised at 1
+
+  # At beta = 1 both networks compute the same function (random weights elsewhere).
+  rng = np.random.default_rng(0)
+  params = jax.tree_util.tree_map_with_path(
+      lambda path, leaf: np.ones(leaf.shape, np.float32) if "beta" in jax.tree_util.keystr(path)
+      else 0.3 * rng.standard_normal(leaf.shape).astype(np.float32), shapes)
+  outputs = jax.jit(lambda p, q: (learned.apply({"params": p}, video)[0], plain.apply({"params": q}, video)[0]))
+  np.testing.assert_allclose(*outputs(params, strip(params)), rtol=1e-5, atol=1e-6)
+  x = jnp.linspace(-3.0, 3.0, 8).reshape(2, 4)
+  beta = jnp.asarray([0.5, 1.0, 2.0, 4.0])
+  np.testing.assert_allclose(vt.Swish().apply({"params": {"beta": beta}}, x), x * jax.nn.sigmoid(beta * x),
+                             rtol=1e-6)
 
 
 @pytest.mark.slow
@@ -215,6 +270,75 @@ def test_discriminator_group_gets_its_own_optimizer(data_dir):
 def test_perceptual_weight_without_features_is_refused(data_dir):
   with pytest.raises(ValueError, match="perceptual_features"):
     train.setup(tiny_tokenizer_config(data_dir, **{"loss.perceptual_weight": 1.0}))
+
+
+def _random_lpips_weights(seed: int = 0) -> dict[str, np.ndarray]:
+  """VGG16 + LPIPS heads of the right shapes, He-scaled random values (no real weights on this machine)."""
+  rng = np.random.default_rng(seed)
+  weights = {}
+  for key, shape in vgg.EXPECTED_SHAPES.items():
+    fan_in = int(np.prod(shape[:-1])) if key.endswith("/kernel") else 1
+    scale = np.sqrt(2.0 / fan_in) if key.endswith("/kernel") else 0.1
+    values = rng.standard_normal(shape, np.float32)
+    weights[key] = np.abs(values) * np.float32(0.1) if key.startswith("lin") else values * np.float32(scale)
+  return weights
+
+
+def test_lpips_loads_local_weights_and_names_a_bad_key(tmp_path):
+  weights = _random_lpips_weights()
+  path = str(tmp_path / "lpips_vgg16.npz")
+  vgg.save_weights(path, weights)
+  loaded = vgg.load_weights(path)
+  assert set(loaded) == set(vgg.EXPECTED_SHAPES) and len(loaded) == 2 * 13 + 5
+  msgpack = str(tmp_path / "lpips_vgg16.msgpack")  # the other format, nested {"conv1_1": {"kernel", ...}}
+  vgg.save_weights(msgpack, weights)
+  np.testing.assert_array_equal(vgg.load_weights(msgpack)["conv5_3/kernel"], weights["conv5_3/kernel"])
+
+  # The distance: 0 for equal frames, > 0 otherwise; grey frames are the same frames repeated to RGB.
+  rng = np.random.default_rng(0)
+  x = rng.uniform(-1, 1, (2, 16, 16, 1)).astype(np.float32)
+  y = np.clip(x + 0.3 * rng.standard_normal(x.shape), -1, 1).astype(np.float32)
+  z = rng.standard_normal((2, 2, 2, 512)).astype(np.float32)
+  video = lambda frames: frames.reshape(1, 2, 16, 16, -1)
+
+  @jax.jit  # one compilation
+  def run(w):
+    conv = jax.lax.conv_general_dilated(z, w["conv5_1/kernel"], (1, 1), ((1, 1), (1, 1)),
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return (vgg.lpips(w, x, x), vgg.lpips(w, x, y), vgg.lpips(w, jnp.repeat(x, 3, -1), jnp.repeat(y, 3, -1)),
+            vt_task.lpips_loss(w, video(x), video(y)),  # the task's term: the mean over frames
+            vgg._conv(z, w["conv5_1/kernel"], w["conv5_1/bias"]), jax.nn.relu(conv + w["conv5_1/bias"]))
+
+  same, grey, rgb, term, small_conv, conv = run(loaded)
+  np.testing.assert_allclose(same, 0.0, atol=1e-6)
+  assert grey.shape == (2,) and np.all(np.asarray(grey) > 0)
+  np.testing.assert_allclose(rgb, grey, rtol=1e-5)
+  np.testing.assert_allclose(term, np.mean(grey), rtol=1e-5)
+  np.testing.assert_allclose(small_conv, conv, rtol=1e-4, atol=1e-4)  # the CPU path of small inputs
+
+  # torchvision's VGG16 state dict and the LPIPS heads convert to the same arrays.
+  conv_names = [name for block in vgg.BLOCKS for name, _, _ in block]
+  torch_vgg = {}
+  for i, name in zip((0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28), conv_names):
+    torch_vgg[f"features.{i}.weight"] = weights[f"{name}/kernel"].transpose(3, 2, 0, 1)  # [Cout, Cin, 3, 3]
+    torch_vgg[f"features.{i}.bias"] = weights[f"{name}/bias"]
+  heads = {f"lin{k}.model.1.weight": weights[f"lin{k}"].reshape(1, -1, 1, 1) for k in range(5)}
+  converted = vgg.from_torch_state_dicts(torch_vgg, heads)
+  jax.tree.map(np.testing.assert_array_equal, converted, weights)
+
+  # A missing file, a missing key, a wrong shape: each error names the file and the key.
+  with pytest.raises(FileNotFoundError, match="nowhere.npz"):
+    vgg.load_weights(str(tmp_path / "nowhere.npz"))
+  bad = str(tmp_path / "bad_key.npz")
+  vgg.save_weights(bad, {k: v for k, v in weights.items() if k != "conv3_2/bias"})
+  with pytest.raises(KeyError, match="bad_key.npz.*'conv3_2/bias'"):
+    vgg.load_weights(bad)
+  with pytest.raises(KeyError, match="conv3_2/bias"):  # through the config, when the task is built
+    tasks.make_task(tiny_tokenizer_config(str(tmp_path), **{"loss.perceptual_weight": 1.0,
+                                                            "loss.perceptual_weights_file": bad}))
+  vgg.save_weights(bad, dict(weights, lin2=np.ones(255, np.float32)))
+  with pytest.raises(ValueError, match="bad_key.npz.*'lin2' has shape \\(255,\\), expected \\(256,\\)"):
+    vgg.load_weights(bad)
 
 
 def test_perceptual_hook_takes_a_user_feature_function():

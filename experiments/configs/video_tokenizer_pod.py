@@ -27,17 +27,25 @@ Model: the official tokenizer's shape (nbp/magvit2.py of RenShuhuai-Andy/NBP):
 channels 128 -> 256 -> 256 -> 512 (here 128 x (1, 2, 2, 4)), 4 residual blocks
 per level, GroupNorm of 32 groups, 2x space on every stage and 2x time on the
 last two (4x time, 8x space), FSQ levels (8, 8, 8, 5, 5, 5) (their README).
-294M parameters. Their tokenizer also trained with LPIPS and a PatchGAN
-(their README); no perceptual network ships here and the adversarial weight and start
-step were not released, so both are off (turn the GAN on with
---config.model.adversarial_weight=0.1).
+Their Swish with a learned beta per channel (activation="swish_beta") and
+their resampling (resample="conv"): strided causal 3x3x3 convolutions down,
+stride (1, 2, 2) then (2, 2, 2) twice, each keeping the width; up, a causal
+3x3x3 convolution to 8 (or 4) times the width, then depth-to-space. 370M
+parameters (294M with resample="space_to_depth", the cheaper option).
+Losses: their README names a PatchGAN; their code carries LPIPS with VGG16
+(nbp/modules/lpips.py and its heads, vgg.pth) but no tokenizer training
+script, so neither weight nor start step was released and both terms are off.
+Turn LPIPS on with a local weight file (nbp/models/vgg.py converts
+torchvision's VGG16 and the LPIPS heads; nothing is downloaded):
+  --config.loss.perceptual_weight=1.0 --config.loss.perceptual_weights_file=/path/lpips_vgg16.npz
+and the GAN with --config.model.discriminator_channels=64 --config.loss.adversarial_weight=0.1.
 
 Training numbers: the authors released no tokenizer training code, so batch,
 learning rate, steps and EMA are our choice (the same as
 video_tokenizer_digits.py:pod), not the paper's.
 
 Sharding: the tokenizer's parameters carry no logical axis names, so they are
-replicated (294M parameters, with Adam and EMA about 5 GB per chip in float32)
+replicated (370M parameters, with Adam and EMA about 6 GB per chip in float32)
 and the batch is split over every device: the mesh is data parallel.
 
 Expected: not yet run. The authors' tokenizers reach rFVD 15.50 (UCF-101) and
@@ -83,10 +91,13 @@ def get_config(arg: str = "ucf101"):
   c.model.dtype = "bfloat16"
   c.model.out_channels = 3  # RGB
   c.model.discriminator_channels = 0  # the authors used a PatchGAN (64 wide here); weight not released
+  c.model.activation = "swish_beta"  # the official Swish: x * sigmoid(beta x), beta learned per channel
+  c.model.resample = "conv"  # the official strided causal 3x3x3 convs down, 3x3x3 conv + depth-to-space up
 
   c.loss.l1_weight = 1.0
   c.loss.mse_weight = 1.0
-  c.loss.perceptual_weight = 0.0  # > 0 needs perceptual_features (none ships here)
+  c.loss.perceptual_weight = 0.0  # LPIPS: the official code carries it, its weight was not released
+  c.loss.perceptual_weights_file = ""  # a local LPIPS/VGG16 .npz (nbp/models/vgg.py says how to make one)
   c.loss.perceptual_features = ""
   c.loss.adversarial_weight = 0.0
   c.sampler.num_samples = 4  # test videos reconstructed at each sampling step

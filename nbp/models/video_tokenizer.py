@@ -12,6 +12,18 @@ Dimensions: B batch, F frames, H height, W width, C channels (video);
 f latent frames, h, w latent height and width, d latent dim (= len(levels)),
 K channels of a hidden layer.
 
+Two switches compare this codebase's cheaper choices with the official NBP
+tokenizer's (RenShuhuai-Andy/NBP, nbp/magvit2.py); the defaults are the cheaper
+ones, so older checkpoints restore unchanged:
+- `activation`: "swish" (x * sigmoid(x)) or "swish_beta" (x * sigmoid(beta x)
+  with a learned beta per channel, initialised at 1: the official's).
+- `resample`: "space_to_depth" (space-to-depth then a Dense layer down,
+  a Dense layer then depth-to-space up) or "conv" (the official's:
+  overlapping strided causal 3x3x3 convolutions down, stride (1, 2, 2) or
+  (2, 2, 2); a causal 3x3x3 convolution then depth-to-space up). In "conv"
+  the resampling keeps a level's width K and the next level's first residual
+  block changes it, as the official code does.
+
 The optional 3D patch discriminator (`discriminator_channels` > 0) lives in
 the parameter tree under "discriminator"; nbp.tasks.video_tokenizer trains it
 as its own parameter group with its own optimizer.
@@ -109,17 +121,20 @@ def _pad_time_causal(x: jax.Array, frames: int) -> jax.Array:
 
 
 class CausalConv3D(nn.Module):
-  """[B, F, H, W, Cin] -> [B, F, H, W, K]; padded in time on the past side only.
+  """[B, F, H, W, Cin] -> [B, 1 + (F-1)/st, H/sh, W/sw, K]; padded in time on the past side only.
 
   A kernel of kt frames sees kt-1 frames before the current one (the first
   frame repeated before the video, as MAGVIT-v2), none after; space is padded
-  symmetrically ("same"). On CPU the convolution runs as kt 2D convolutions,
-  one per time tap, summed (3-4x faster there than XLA's 3D convolution);
-  elsewhere as one 3D convolution. Both compute the same function.
+  symmetrically ("same"). With a time stride st, output frame j sees input
+  frames st*j-kt+1..st*j: frame 0 alone first, then overlapping windows, never
+  a later frame. On CPU the convolution runs as kt 2D convolutions, one per
+  time tap, summed (3-4x faster there than XLA's 3D convolution); elsewhere as
+  one 3D convolution. Both compute the same function.
   """
 
   features: int  # K
   kernel_size: tuple[int, int, int] = (3, 3, 3)  # (kt, kh, kw)
+  strides: tuple[int, int, int] = (1, 1, 1)  # (st, sh, sw); > 1 downsamples
   impl: str = "auto"  # "conv3d", "taps" (2D per time tap) or "auto" (taps on CPU)
   dtype: Any = jnp.float32  # computation dtype; parameters stay float32
 
@@ -132,17 +147,18 @@ class CausalConv3D(nn.Module):
     x = _pad_time_causal(x.astype(self.dtype), kt - 1)  # [B, kt-1+F, H, W, Cin]
     x = jnp.pad(x, ((0, 0), (0, 0), (kh // 2, (kh - 1) // 2), (kw // 2, (kw - 1) // 2), (0, 0)))
     kernel = kernel.astype(self.dtype)
+    st, sh, sw = self.strides
     impl = self.impl if self.impl != "auto" else ("taps" if jax.default_backend() == "cpu" else "conv3d")
     if impl == "conv3d":
-      y = jax.lax.conv_general_dilated(x, kernel, (1, 1, 1), "VALID",
+      y = jax.lax.conv_general_dilated(x, kernel, (st, sh, sw), "VALID",
                                        dimension_numbers=("NDHWC", "DHWIO", "NDHWC"))
     elif impl == "taps":
       b, padded, h, w, c = x.shape
-      f = padded - (kt - 1)
+      f = (padded - kt) // st + 1  # output frames
       y = 0
       for t in range(kt):
-        frames = x[:, t:t + f].reshape(b * f, h, w, c)  # [B*F, H+kh-1, W+kw-1, Cin]
-        y = y + jax.lax.conv_general_dilated(frames, kernel[t], (1, 1), "VALID",
+        frames = x[:, t:t + st * (f - 1) + 1:st].reshape(b * f, h, w, c)  # [B*f, H+kh-1, W+kw-1, Cin]
+        y = y + jax.lax.conv_general_dilated(frames, kernel[t], (sh, sw), "VALID",
                                              dimension_numbers=("NHWC", "HWIO", "NHWC"))
       y = y.reshape((b, f) + y.shape[1:])
     else:
@@ -165,18 +181,43 @@ class FrameGroupNorm(nn.Module):
     return y.reshape(x.shape)
 
 
+ACTIVATIONS = ("swish", "swish_beta")
+RESAMPLES = ("space_to_depth", "conv")
+
+
+class Swish(nn.Module):
+  """x * sigmoid(beta * x) with a learned beta per channel K, initialised at 1 (the official NBP tokenizer's)."""
+
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    beta = self.param("beta", nn.initializers.ones, (x.shape[-1],), jnp.float32)  # [K]
+    return x * jax.nn.sigmoid(beta.astype(x.dtype) * x)
+
+
+def activate(x: jax.Array, activation: str, dtype: Any) -> jax.Array:
+  """The network's nonlinearity; "swish_beta" adds a Swish module (its beta) to the calling module."""
+  if activation == "swish":
+    return nn.swish(x)
+  if activation == "swish_beta":
+    return Swish(dtype)(x)
+  raise ValueError(f"config.model.activation={activation!r}: expected one of {ACTIVATIONS}.")
+
+
 class ResBlock(nn.Module):
   """norm, swish, causal conv, twice, plus the input (projected when K changes)."""
 
   features: int  # K out
   norm_groups: int = 8  # GroupNorm groups
   dtype: Any = jnp.float32
+  activation: str = "swish"  # "swish" or "swish_beta" (learned beta per channel)
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    h = nn.swish(FrameGroupNorm(self.norm_groups, self.dtype)(x))
+    h = activate(FrameGroupNorm(self.norm_groups, self.dtype)(x), self.activation, self.dtype)
     h = CausalConv3D(self.features, dtype=self.dtype)(h)
-    h = nn.swish(FrameGroupNorm(self.norm_groups, self.dtype)(h))
+    h = activate(FrameGroupNorm(self.norm_groups, self.dtype)(h), self.activation, self.dtype)
     h = CausalConv3D(self.features, dtype=self.dtype)(h)
     if x.shape[-1] != self.features:
       x = nn.Dense(self.features, dtype=self.dtype, param_dtype=jnp.float32)(x)
@@ -228,6 +269,15 @@ class _Levels(nn.Module):
   space_factor: int = 8  # H = space_factor * h
   norm_groups: int = 8
   dtype: Any = jnp.float32
+  activation: str = "swish"  # "swish" or "swish_beta"
+  resample: str = "space_to_depth"  # "space_to_depth" or "conv"
+
+  def _check(self):
+    if self.resample not in RESAMPLES:
+      raise ValueError(f"config.model.resample={self.resample!r}: expected one of {RESAMPLES}.")
+
+  def _res_block(self, features: int) -> ResBlock:
+    return ResBlock(features, self.norm_groups, self.dtype, self.activation)
 
 
 class Encoder(_Levels):
@@ -237,19 +287,25 @@ class Encoder(_Levels):
 
   @nn.compact
   def __call__(self, video: jax.Array) -> jax.Array:
+    self._check()
     mults = self.channel_multipliers
     stages = downsample_schedule(len(mults) - 1, self.time_factor, self.space_factor)
     x = nn.with_logical_constraint(video.astype(self.dtype), ("batch", None, None, None, None))
     x = CausalConv3D(self.channels * mults[0], dtype=self.dtype)(x)
     for i, mult in enumerate(mults):
       for _ in range(self.num_res_blocks):
-        x = ResBlock(self.channels * mult, self.norm_groups, self.dtype)(x)
+        x = self._res_block(self.channels * mult)(x)
       if i < len(stages):
-        x = space_time_to_depth(x, *stages[i])  # a strided (2x2 or 2x2x2) conv once projected
-        x = nn.Dense(self.channels * mults[i + 1], dtype=self.dtype, param_dtype=jnp.float32)(x)
+        time, space = stages[i]
+        if self.resample == "conv":  # overlapping windows; keeps K (the next level's first block changes it)
+          x = CausalConv3D(x.shape[-1], strides=(time, space, space), dtype=self.dtype,
+                           name=f"downsample_{i}")(x)  # [B, 1 + (F'-1)/time, H'/space, W'/space, K]
+        else:
+          x = space_time_to_depth(x, time, space)  # a strided (2x2 or 2x2x2) conv once projected
+          x = nn.Dense(self.channels * mults[i + 1], dtype=self.dtype, param_dtype=jnp.float32)(x)
     for _ in range(self.num_res_blocks):
-      x = ResBlock(self.channels * mults[-1], self.norm_groups, self.dtype)(x)
-    x = nn.swish(FrameGroupNorm(self.norm_groups, self.dtype)(x))
+      x = self._res_block(self.channels * mults[-1])(x)
+    x = activate(FrameGroupNorm(self.norm_groups, self.dtype)(x), self.activation, self.dtype)
     return nn.Dense(self.latent_dim, param_dtype=jnp.float32)(x.astype(jnp.float32))
 
 
@@ -260,20 +316,24 @@ class Decoder(_Levels):
 
   @nn.compact
   def __call__(self, codes: jax.Array) -> jax.Array:
+    self._check()
     mults = self.channel_multipliers
     stages = downsample_schedule(len(mults) - 1, self.time_factor, self.space_factor)
     x = CausalConv3D(self.channels * mults[-1], dtype=self.dtype)(codes.astype(self.dtype))
     for _ in range(self.num_res_blocks):
-      x = ResBlock(self.channels * mults[-1], self.norm_groups, self.dtype)(x)
+      x = self._res_block(self.channels * mults[-1])(x)
     for i in reversed(range(len(mults))):
       for _ in range(self.num_res_blocks):
-        x = ResBlock(self.channels * mults[i], self.norm_groups, self.dtype)(x)
+        x = self._res_block(self.channels * mults[i])(x)
       if i > 0:
         time, space = stages[i - 1]
-        x = nn.Dense(time * space * space * self.channels * mults[i - 1], dtype=self.dtype,
-                     param_dtype=jnp.float32)(x)
+        if self.resample == "conv":  # keeps K (the next level's first block changes it)
+          x = CausalConv3D(time * space * space * x.shape[-1], dtype=self.dtype, name=f"upsample_{i - 1}")(x)
+        else:
+          x = nn.Dense(time * space * space * self.channels * mults[i - 1], dtype=self.dtype,
+                       param_dtype=jnp.float32)(x)
         x = depth_to_space_time(x, time, space)  # [B, 1 + time*k, space*h, space*w, K]
-    x = nn.swish(FrameGroupNorm(self.norm_groups, self.dtype)(x))
+    x = activate(FrameGroupNorm(self.norm_groups, self.dtype)(x), self.activation, self.dtype)
     return CausalConv3D(self.out_channels, dtype=self.dtype)(x).astype(jnp.float32)
 
 
@@ -308,6 +368,11 @@ class VideoTokenizer(nn.Module):
   norm_groups: int = 8  # GroupNorm groups (per frame)
   discriminator_channels: int = 0  # > 0: a PatchDiscriminator of this width lives in the params
   dtype: Any = "float32"  # computation dtype (a name or a jnp dtype); parameters stay float32
+  # "swish" (x * sigmoid(x)) or "swish_beta" (x * sigmoid(beta x), beta learned per channel: the official's).
+  activation: str = "swish"
+  # "space_to_depth" (+ Dense down, Dense + depth-to-space up) or "conv" (strided causal 3x3x3 convs down,
+  # a causal 3x3x3 conv + depth-to-space up: the official's; keeps K at each stage, see the module docstring).
+  resample: str = "space_to_depth"
 
   @property
   def fsq(self) -> FSQ:
@@ -328,7 +393,8 @@ class VideoTokenizer(nn.Module):
   def setup(self):
     common = dict(channels=self.channels, channel_multipliers=tuple(self.channel_multipliers),
                   num_res_blocks=self.num_res_blocks, time_factor=self.time_factor,
-                  space_factor=self.space_factor, norm_groups=self.norm_groups, dtype=jnp.dtype(self.dtype))
+                  space_factor=self.space_factor, norm_groups=self.norm_groups, dtype=jnp.dtype(self.dtype),
+                  activation=self.activation, resample=self.resample)
     self.encoder = Encoder(latent_dim=len(self.levels), **common)
     self.decoder = Decoder(out_channels=self.out_channels, **common)
     if self.discriminator_channels:

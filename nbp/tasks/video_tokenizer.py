@@ -2,9 +2,12 @@
 
 The network is nbp.models.video_tokenizer (`config.model` is its fields).
 
-Loss (`config.loss`): L1 + MSE reconstruction, an optional perceptual term on
-features from a function the user names (nothing pretrained ships here), and
-an optional hinge-loss 3D patch discriminator. With the discriminator the
+Loss (`config.loss`): L1 + MSE reconstruction, an optional perceptual term, and
+an optional hinge-loss 3D patch discriminator. The perceptual term is either
+LPIPS on VGG16 features (nbp.models.vgg), its weights read from a local file
+the user names in `perceptual_weights_file` (nothing pretrained ships here and
+nothing is downloaded), or the distance of features from a function the user
+names in `perceptual_features`. With the discriminator the
 parameters form two groups, "model" and "discriminator" (`param_labels`), each
 with its own optimizer (`config.param_groups.discriminator` overrides
 `config.optimizer`), and the loss returns one objective per group: the loop
@@ -33,6 +36,7 @@ from nbp import visualization
 from nbp.data import splits as splits_lib
 from nbp.data import tokens as tokens_lib
 from nbp.data import video_sources
+from nbp.models import vgg
 from nbp.models.video_tokenizer import VideoTokenizer as Model
 from nbp.training import workdir as workdir_lib
 
@@ -67,6 +71,12 @@ def perceptual_loss(features: Callable, video: jax.Array, reconstruction: jax.Ar
   return sum(jnp.mean(jnp.sum(jnp.square(unit(r) - unit(g)), axis=-1)) for r, g in zip(real, fake))
 
 
+def lpips_loss(weights, video: jax.Array, reconstruction: jax.Array) -> jax.Array:
+  """Mean LPIPS (VGG16, nbp.models.vgg) over the frames of videos [B, F, H, W, C] in [-1, 1]."""
+  frames = lambda v: v.reshape((-1,) + v.shape[2:])  # [B*F, H, W, C]
+  return jnp.mean(vgg.lpips(weights, frames(video), frames(reconstruction)))
+
+
 def load_feature_function(spec: str) -> Callable:
   """"package.module:function" -> that function (e.g. one that loads VGG/LPIPS weights from a local file)."""
   module, _, name = spec.partition(":")
@@ -77,12 +87,15 @@ def load_feature_function(spec: str) -> Callable:
 
 def loss(model: Model, params, batch, rng, *, l1_weight: float = 1.0, mse_weight: float = 1.0,
          perceptual_weight: float = 0.0, perceptual_features: str | Callable = "",
-         adversarial_weight: float = 0.0):
+         perceptual_weights_file: str | dict = "", adversarial_weight: float = 0.0):
   """(loss, metrics) of one batch {"video": [B, F, H, W, C] in [-1, 1]}.
 
   l1_weight, mse_weight: the reconstruction terms ([-1, 1] scale).
-  perceptual_weight: > 0 needs `perceptual_features`, a 'package.module:function'
-    (or the function) mapping frames [N, H, W, C] in [-1, 1] to features.
+  perceptual_weight: > 0 needs one of
+    perceptual_weights_file: LPIPS with VGG16 (nbp.models.vgg), its weights
+      from this local .npz / .msgpack (or the loaded arrays);
+    perceptual_features: a 'package.module:function' (or the function) mapping
+      frames [N, H, W, C] in [-1, 1] to features (`perceptual_loss`).
   adversarial_weight: > 0 needs model.discriminator_channels > 0; the loss is
     then {"model": generator objective, "discriminator": hinge loss}.
   """
@@ -96,11 +109,17 @@ def loss(model: Model, params, batch, rng, *, l1_weight: float = 1.0, mse_weight
   metrics = {"recon": recon, "l1": l1, "mse": mse, "psnr": psnr(video, reconstruction),
              "codebook_usage": codebook_usage(aux["indices"], model.codebook_size)}
   if perceptual_weight > 0:
-    if not perceptual_features:
-      raise ValueError("perceptual_weight > 0 needs perceptual_features (see make_task)")
-    features = (load_feature_function(perceptual_features) if isinstance(perceptual_features, str)
-                else perceptual_features)
-    metrics["perceptual"] = perceptual_loss(features, video, reconstruction)
+    if bool(perceptual_weights_file) == bool(perceptual_features):
+      raise ValueError("perceptual_weight > 0 needs one of perceptual_weights_file, perceptual_features "
+                       "(see make_task)")
+    if perceptual_weights_file:
+      weights = (vgg.load_weights(perceptual_weights_file) if isinstance(perceptual_weights_file, str)
+                 else perceptual_weights_file)
+      metrics["perceptual"] = lpips_loss(weights, video, reconstruction)
+    else:
+      features = (load_feature_function(perceptual_features) if isinstance(perceptual_features, str)
+                  else perceptual_features)
+      metrics["perceptual"] = perceptual_loss(features, video, reconstruction)
     value = value + perceptual_weight * metrics["perceptual"]
   if adversarial_weight <= 0:
     return value, metrics
@@ -157,13 +176,20 @@ def make_task(config) -> tasks.Task:
   adversarial = loss_cfg.get("adversarial_weight", 0.0) > 0
   if adversarial and not model.discriminator_channels:
     raise ValueError("config.loss.adversarial_weight > 0 needs config.model.discriminator_channels > 0.")
-  if loss_cfg.get("perceptual_weight", 0.0) > 0 and not loss_cfg.get("perceptual_features"):
+  weights_file, features = loss_cfg.get("perceptual_weights_file"), loss_cfg.get("perceptual_features")
+  if loss_cfg.get("perceptual_weight", 0.0) > 0 and not (weights_file or features):
     raise ValueError(
-        "config.loss.perceptual_weight > 0 but config.loss.perceptual_features is empty: no pretrained "
-        "network ships with this codebase; name a 'package.module:function' that maps frames "
-        "[N, H, W, C] in [-1, 1] to features (e.g. a VGG loaded from a local weights file).")
-  if loss_cfg.get("perceptual_features"):
-    loss_cfg["perceptual_features"] = load_feature_function(loss_cfg["perceptual_features"])
+        "config.loss.perceptual_weight > 0 but config.loss.perceptual_weights_file and "
+        "config.loss.perceptual_features are empty: no pretrained network ships with this codebase; name a "
+        "local LPIPS/VGG16 weight file (nbp/models/vgg.py says how to make one) or a 'package.module:function' "
+        "that maps frames [N, H, W, C] in [-1, 1] to features.")
+  if weights_file and features:
+    raise ValueError("config.loss.perceptual_weights_file and config.loss.perceptual_features are both set: "
+                     "name one perceptual network.")
+  if loss_cfg.get("perceptual_weight", 0.0) > 0 and weights_file:
+    loss_cfg["perceptual_weights_file"] = vgg.load_weights(weights_file)  # read once, at start (numpy constants)
+  if features:
+    loss_cfg["perceptual_features"] = load_feature_function(features)
   num_samples = config.get("sampler", {}).get("num_samples", 4)
 
   def sample_fn(params, rng):  # the videos are read when first sampled, not when the task is built
