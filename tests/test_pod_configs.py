@@ -199,8 +199,9 @@ def test_pod_train_states_are_sharded_on_eight_devices():
 
   for name in ("video_tokenizer_pod:ucf101", "video_tokenizer_pod:kinetics600"):
     r = report[name]
-    # 294M parameters (128 x (1, 2, 2, 4) channels, 4 residual blocks per level); data parallel over 8.
-    assert 0.25e9 < r["num_params"] < 0.35e9 and r["mesh"] == {"data": 8, "fsdp": 1, "tensor": 1}
+    # 370M parameters (128 x (1, 2, 2, 4) channels, 4 residual blocks per level, the official strided
+    # convolutions; 294M with space-to-depth resampling); data parallel over 8.
+    assert 0.35e9 < r["num_params"] < 0.40e9 and r["mesh"] == {"data": 8, "fsdp": 1, "tensor": 1}
 
   nominal = {"nbp_ucf101:700M": 0.7e9, "nbp_kinetics600:700M": 0.7e9, "nbp_ucf101:3B": 3e9}
   tolerance = {"nbp_ucf101:700M": 0.05, "nbp_kinetics600:700M": 0.05, "nbp_ucf101:3B": 0.25}
