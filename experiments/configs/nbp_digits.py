@@ -101,7 +101,9 @@ def get_config(arg: str = "XS,local,row"):
   c.model.activation = "swiglu"
   c.model.norm = "rmsnorm"
   c.model.position = "rope3d"  # or "rope3d_split", "learned" (the paper's code) or "rope" (1D over slots)
-  c.model.dropout = 0.0  # on embeddings and residual branches in training (the paper's code: 0.1)
+  # Dropout on embeddings and residual branches in training (the paper's code: 0.1). Local: none, measured on
+  # validation (XS,local,row pixels, 300 steps, seed 0): cross-entropy 0.5391 without, 0.5419 with 0.1.
+  c.model.dropout = 0.0
   c.model.scan_layers = not local  # CPU decoding is 2-3x faster with unstacked layers
   c.model.remat_policy = "none" if local else "dots_with_no_batch_dims_saveable"
   c.model.attention_impl = "auto"  # kernels.dispatch
