@@ -48,6 +48,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from nbp.models import weight_files
+
 NUM_FRAMES = 16  # frames per video in the standard FVD
 RESOLUTION = 224  # frame side the I3D sees
 NUM_CLASSES = 400  # Kinetics-400: the logits are the FVD features
@@ -232,16 +234,5 @@ def load_i3d(path: str, num_classes: int = NUM_CLASSES) -> dict[str, Any]:
       flat = {k: np.asarray(v) for k, v in flax.serialization.msgpack_restore(f.read()).items()}
   else:
     raise ValueError(f"I3D weight file {path!r}: expected a name ending in .npz or .msgpack")
-  expected = i3d_variable_shapes(num_classes)
-  for key, shape in expected.items():
-    if key not in flat:
-      raise ValueError(f"I3D weight file {path!r} lacks the key {key!r} (shape {shape}); "
-                       f"it has {len(flat)} keys, {len(expected)} expected.")
-    if tuple(flat[key].shape) != shape:
-      raise ValueError(f"I3D weight file {path!r}: key {key!r} has shape {tuple(flat[key].shape)}, "
-                       f"expected {shape}.")
-  extra = sorted(set(flat) - set(expected))
-  if extra:
-    raise ValueError(f"I3D weight file {path!r} has an unexpected key {extra[0]!r} "
-                     f"({len(extra)} unexpected in all).")
+  weight_files.check_arrays(flat, i3d_variable_shapes(num_classes), what="I3D", path=path)
   return unflatten_variables({k: jnp.asarray(v, jnp.float32) for k, v in flat.items()})

@@ -61,6 +61,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from nbp.models import weight_files
 from nbp.models.resize import resize_bilinear
 
 RESOLUTION = 299  # image side the FID's Inception sees
@@ -318,15 +319,5 @@ def load_params(path: str, reference=None) -> dict[str, Any]:
   except (ValueError, OSError, zipfile.BadZipFile) as e:
     raise ValueError(f"Inception weight file {path!r} is not a .npz archive (numpy.savez): {e}") from e
   expected = variable_shapes(reference)
-  for key, shape in expected.items():
-    if key not in flat:
-      raise ValueError(f"Inception weight file {path!r} lacks the key {key!r} (shape {shape}); "
-                       f"it has {len(flat)} keys, {len(expected)} expected.")
-    if tuple(flat[key].shape) != shape:
-      raise ValueError(f"Inception weight file {path!r}: key {key!r} has shape {tuple(flat[key].shape)}, "
-                       f"expected {shape}.")
-  extra = sorted(set(flat) - set(expected))
-  if extra:
-    raise ValueError(f"Inception weight file {path!r} has an unexpected key {extra[0]!r} "
-                     f"({len(extra)} unexpected in all).")
+  weight_files.check_arrays(flat, expected, what="Inception", path=path)
   return unflatten_variables({k: jnp.asarray(flat[k], jnp.float32) for k in expected})

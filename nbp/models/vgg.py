@@ -38,6 +38,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from nbp.models import weight_files
+
 # VGG16's convolutions up to relu5_3 by block: (name, Cin, Cout); a 2x2 max pool starts blocks 2..5.
 BLOCKS = (
     (("conv1_1", 3, 64), ("conv1_2", 64, 64)),
@@ -81,16 +83,9 @@ def load_weights(path: str) -> dict[str, np.ndarray]:
   else:
     with np.load(path) as data:
       arrays = {key: data[key] for key in data.files}
-  weights = {}
-  for key, shape in EXPECTED_SHAPES.items():
-    if key not in arrays:
-      raise KeyError(f"LPIPS/VGG16 weight file {path!r} has no key {key!r} (expected shape {shape}; "
-                     f"keys are described in nbp/models/vgg.py).")
-    if tuple(arrays[key].shape) != shape:
-      raise ValueError(f"LPIPS/VGG16 weight file {path!r}: key {key!r} has shape {tuple(arrays[key].shape)}, "
-                       f"expected {shape}.")
-    weights[key] = np.asarray(arrays[key], np.float32)
-  return weights
+  # The keys and shapes: the module docstring. Keys beyond them (a converter's extras) are ignored.
+  weight_files.check_arrays(arrays, EXPECTED_SHAPES, what="LPIPS/VGG16", path=path, allow_extra=True)
+  return {key: np.asarray(arrays[key], np.float32) for key in EXPECTED_SHAPES}
 
 
 def save_weights(path: str, weights: Mapping[str, np.ndarray]) -> None:
