@@ -21,6 +21,8 @@ import tensorflow_datasets as tfds
 from PIL import Image
 from pydoc_data.topics import topics as pydoc_topics
 
+from nbp.data import clips
+from nbp.data import frames
 from nbp.data import images
 from nbp.data import moving_digits as md
 from nbp.data import pipeline
@@ -212,6 +214,25 @@ def test_video_source_moving_digits_splits_follow_the_config(tmp_path):
     video_sources.video_source(data, "val")
   del data["num_validation"]  # a config that predates the key: as many as test
   assert md.num_videos(data, "validation") == 4
+
+
+def test_clips_of_moving_digits_differ_by_the_mirror_only(tmp_path):
+  """Generated videos are exactly num_frames long: one start, so two clips per video at most, the second mirrored."""
+  data = _moving_digits_data(str(tmp_path))
+  videos = _all(video_sources.video_source(data, "train"))["video"]
+  mirrored = video_sources.clip_source(data, "train", clips.ClipPolicy(2, "random", flip=True, seed=1))
+  assert len(mirrored) == 24
+  records = _all(mirrored)
+  assert records["video_index"].tolist() == np.repeat(np.arange(12), 2).tolist()
+  assert not records["clip_start"].any() and records["flip"].reshape(12, 2).sum(1).tolist() == [1] * 12
+  for r in range(24):
+    video = videos[r // 2][:, :, ::-1] if records["flip"][r] else videos[r // 2]
+    np.testing.assert_array_equal(records["video"][r], video)
+  assert records["label"].shape == (24, 2)
+  with pytest.raises(ValueError, match=r"--clips_per_video=2: .*moving_digits.*--clip_flip"):
+    video_sources.clip_source(data, "train", clips.ClipPolicy(2, "random"))
+  with pytest.raises(ValueError, match=r"--clips_per_video=3: .*moving_digits.*--clips_per_video=2 or fewer"):
+    video_sources.clip_source(data, "train", clips.ClipPolicy(3, "random", flip=True))
 
 
 # ------------------------------------------------------------------ pipeline
@@ -490,6 +511,58 @@ def test_video_folder_validation_folder_or_carve(split_root):
     video_sources.video_source(carved, "eval")
 
 
+def test_clip_policy_draws_are_valid_distinct_balanced_and_seeded():
+  policy = clips.ClipPolicy(per_video=4, offsets="random", flip=True, seed=3)
+  draws = policy.draw(7, num_starts=20)
+  starts = [s for s, _ in draws]
+  assert all(0 <= s < 20 for s in starts) and len(set(starts)) == 4  # distinct while the video has enough starts
+  assert sum(f for _, f in draws) == 2  # half mirrored
+  assert policy.draw(7, 20) == draws and clips.ClipPolicy(4, "random", True, seed=3).draw(7, 20) == draws
+  assert clips.ClipPolicy(4, "random", True, seed=4).draw(7, 20) != draws and policy.draw(8, 20) != draws
+  assert policy.draw(7, 1) in ([(0, False), (0, True)] * 2, [(0, True), (0, False)] * 2)  # one start: mirrors alternate
+  assert len(set(policy.draw(7, 2))) == 4  # 2 starts x 2 mirrors: all distinct
+  assert {f for v in range(20) for _, f in clips.ClipPolicy(1, flip=True).draw(v, 9)} == {False, True}
+  assert clips.CENTRED.draw(7, frames.num_starts(12, 2, 2)) == [(frames.center_start(12, 2, 2), False)]
+  assert clips.ClipPolicy.from_metadata(policy.to_metadata()) == policy
+  assert clips.ClipPolicy.from_metadata(None) == clips.CENTRED and "seed" not in clips.CENTRED.to_metadata()
+  with pytest.raises(ValueError, match=r"--clips_per_video=2: .*centred offsets.*--clip_flip"):
+    clips.ClipPolicy(per_video=2)
+  with pytest.raises(ValueError, match=r"--clip_offsets"):
+    clips.ClipPolicy(offsets="middle")
+  with pytest.raises(ValueError, match=r"--clips_per_video"):
+    clips.ClipPolicy(per_video=0)
+
+
+def test_clips_of_a_long_video_start_at_random_valid_frames_and_are_really_mirrored(tmp_path):
+  (tmp_path / "walk").mkdir()
+  _write_mp4(tmp_path / "walk" / "long.mp4", 24, height=16, width=24)  # 20 starts of 3 frames every 2nd
+  _write_mp4(tmp_path / "walk" / "short.mp4", 4, height=16, width=24, seed=1)  # shorter than a clip: 1 start
+  videos = VideoFolderSource(tmp_path, num_frames=3, frame_size=8, frame_stride=2, center_clip=True)
+  assert [videos.num_starts(i) for i in range(2)] == [20, 1]
+  policy = clips.ClipPolicy(per_video=4, offsets="random", flip=True, seed=0)
+  source = clips.ClipSource(videos, policy)
+  records = [source[r] for r in range(len(source))]
+  assert len(records) == 8 and [int(e["video_index"]) for e in records] == [0] * 4 + [1] * 4
+  long_starts = [int(e["clip_start"]) for e in records[:4]]
+  assert all(0 <= s < 20 for s in long_starts) and len(set(long_starts)) == 4
+  assert [int(e["clip_start"]) for e in records[4:]] == [0] * 4
+  assert [sum(int(e["flip"]) for e in records[k:k + 4]) for k in (0, 4)] == [2, 2]
+  for e in records:
+    plain = videos.clip(int(e["video_index"]), int(e["clip_start"]))["video"]
+    if e["flip"]:
+      assert not np.array_equal(e["video"], plain)  # the frames are not symmetric: a mirror differs
+      np.testing.assert_array_equal(e["video"], plain[:, :, ::-1])
+    else:
+      np.testing.assert_array_equal(e["video"], plain)
+  again = clips.ClipSource(VideoFolderSource(tmp_path, num_frames=3, frame_size=8, frame_stride=2), policy)
+  assert [(int(again[r]["clip_start"]), int(again[r]["flip"])) for r in range(8)] == [
+      (int(e["clip_start"]), int(e["flip"])) for e in records]
+  centred = clips.ClipSource(videos)  # CENTRED: the source's own centred clip, unflipped
+  assert len(centred) == 2 and int(centred[0]["clip_start"]) == frames.center_start(24, 3, 2) == 9
+  np.testing.assert_array_equal(centred[0]["video"], videos[0]["video"])
+  assert not centred[0]["flip"] and not centred[1]["flip"]
+
+
 # -------------------------------------------------- ucf101 and imagenet2012
 
 
@@ -573,6 +646,27 @@ def test_ucf101_validation_is_carved_from_train(ucf_dir):
   assert labels["validation"] == sorted(int(train[i]["label"]) for i in held_out)
   with pytest.raises(ValueError, match=r"'eval'.*config\.data\.name='ucf101'"):
     video_sources.video_source(data, "eval")
+
+
+def test_ucf101_clips_of_a_carved_split_keep_the_train_indices(ucf_dir):
+  data = ml_collections.ConfigDict({
+      "name": "ucf101", "dir": ucf_dir, "worker_count": 0, "num_frames": 2, "frame_size": 8, "frame_stride": 1,
+      "validation_fraction": 0.3, "validation_seed": 0})
+  train = tfds_sources.ucf101_source("train", ucf_dir, num_frames=2, frame_size=8)  # 5, 7, 9 frames
+  source = video_sources.clip_source(data, "train", clips.ClipPolicy(3, "random", seed=2))
+  kept = splits.carve(3, 0.3, 0)["train"]
+  assert len(source) == 3 * len(kept)
+  for r in range(len(source)):
+    e = source[r]
+    v, start = int(e["video_index"]), int(e["clip_start"])
+    assert v == kept[r // 3] and 0 <= start < train.num_starts(v) and not e["flip"]
+    np.testing.assert_array_equal(e["video"], train.clip(v, start)["video"])
+    assert e["label"].tolist() == [int(train[v]["label"])]
+  assert len({int(source[r]["clip_start"]) for r in range(3)}) == 3
+  validation = video_sources.clip_source(data, "validation")  # CENTRED
+  held_out = splits.carve(3, 0.3, 0)["validation"]
+  assert [int(e["video_index"]) for e in _all_list(validation)] == list(held_out)
+  np.testing.assert_array_equal(validation[0]["video"], train[held_out[0]]["video"])
 
 
 def test_ucf101_wrong_frame_shape_names_example(tmp_path):
@@ -684,3 +778,38 @@ def test_token_directories_hold_validation_and_name_the_command_for_old_ones(tmp
     tokens_lib.token_source(out, "dev")
   with pytest.raises(FileNotFoundError, match="tokenizer's workdir"):  # no metadata: the command still shown
     tokens_lib.token_source(str(tmp_path / "nothing"), "validation")
+
+
+def test_token_directories_record_the_clip_policy_and_old_ones_read_as_centred(tmp_path):
+  out = str(tmp_path / "tokens")
+  metadata = {"latent_shape": [1, 1, 1], "codebook_size": 256, "tokenizer_workdir": "/runs/tok"}
+  policy = clips.ClipPolicy(per_video=2, offsets="random", flip=True, seed=5)
+  sources = {"train": clips.ClipSource(_video_split(3, 0), policy), "test": clips.ClipSource(_video_split(2, 3))}
+  written = tokens_lib.encode_dataset(_encode, sources, out, metadata=metadata, clips={"train": policy},
+                                      batch_size=4)
+  assert written["num_examples"] == {"train": 6, "test": 2}
+  assert written["clips"] == {"train": {"per_video": 2, "offsets": "random", "flip": True, "seed": 5},
+                              "test": {"per_video": 1, "offsets": "center", "flip": False}}
+  train = tokens_lib.token_source(out, "train")
+  assert train.clips == policy and tokens_lib.token_source(out, "test").clips == clips.CENTRED
+  assert [int(train[r]["video_index"]) for r in range(6)] == [0, 0, 1, 1, 2, 2]
+  assert [int(train[r]["tokens"].ravel()[0]) for r in range(6)] == [0, 0, 10, 10, 20, 20]
+  assert sorted(int(train[r]["flip"]) for r in range(2)) == [0, 1] and not train[0]["clip_start"]
+  assert tokens_lib.encode_command(out, written, ("train",)).endswith(
+      "--splits train --clips_per_video=2 --clip_offsets=random --clip_flip --clip_seed=5")
+  # Adding a split keeps the others' policies.
+  added = tokens_lib.encode_dataset(_encode, {"validation": _video_split(1, 5)}, out, metadata=metadata)
+  assert added["clips"] == {**written["clips"], "validation": clips.CENTRED.to_metadata()}
+  # A directory written before clip policies were recorded: one centred clip per video, records without clip keys.
+  old = str(tmp_path / "old")
+  tokens_lib.encode_dataset(_encode, {"train": _video_split(2, 0)}, old, metadata=metadata)
+  path = os.path.join(old, tokens_lib.METADATA)
+  with open(path) as f:
+    recorded = json.load(f)
+  del recorded["clips"]
+  with open(path, "w") as f:
+    json.dump(recorded, f)
+  source = tokens_lib.token_source(old, "train", grid=(1, 1, 1), codebook_size=256)
+  assert source.clips == clips.CENTRED and sorted(source[1]) == ["label", "tokens"]
+  assert tokens_lib.encode_dataset(_encode, {"test": _video_split(1, 2)}, old, metadata=metadata)["clips"] == {
+      "train": clips.CENTRED.to_metadata(), "test": clips.CENTRED.to_metadata()}

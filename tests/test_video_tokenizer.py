@@ -10,7 +10,7 @@ import pytest
 
 from experiments.configs import video_tokenizer_digits
 from nbp import tasks
-from nbp.data import moving_digits, pipeline
+from nbp.data import clips, moving_digits, pipeline
 from nbp.data import tokens as tokens_lib
 from nbp.models import vgg
 from nbp.models import video_tokenizer as vt
@@ -410,3 +410,23 @@ def test_encode_tokens_round_trip(tmp_path, data_dir):
   assert next(it)["tokens"].shape == (4, 2, 2, 2)
   with pytest.raises(FileNotFoundError):
     tokens_lib.token_source(out, "train")
+
+  # Two clips of each train video, the second mirrored (moving digits have one start); test stays centred.
+  policy = clips.ClipPolicy(per_video=2, offsets="random", flip=True, seed=1)
+  mirrored = str(tmp_path / "mirrored")
+  metadata = vt_task.encode_tokens(workdir, mirrored, splits=("train", "test"), batch_size=6, train_clips=policy)
+  assert metadata["num_examples"] == {"train": 128, "test": 16}
+  assert metadata["clips"]["train"] == policy.to_metadata() and metadata["clips"]["test"]["offsets"] == "center"
+  train_tokens = tokens_lib.token_source(mirrored, "train")
+  train_videos = pipeline.load_source(moving_digits.builder_from_config(d), "train", d.dir)
+  for r in range(4):
+    record = train_tokens[r]
+    assert int(record["video_index"]) == r // 2 and int(record["clip_start"]) == 0
+    video = train_videos[r // 2]["video"]
+    video = video[:, :, ::-1] if record["flip"] else video
+    expected = encode(jnp.asarray(video[None].astype(np.float32) / 127.5 - 1.0))[0]
+    np.testing.assert_array_equal(record["tokens"], np.asarray(expected))
+  assert int(train_tokens[0]["flip"]) + int(train_tokens[1]["flip"]) == 1
+  np.testing.assert_array_equal(tokens_lib.token_source(mirrored, "test")[3]["tokens"], source[3]["tokens"])
+  with pytest.raises(ValueError, match=r"--clips_per_video=2: .*moving_digits.*--clip_flip"):
+    vt_task.encode_tokens(workdir, str(tmp_path / "bad"), train_clips=clips.ClipPolicy(2, "random"))

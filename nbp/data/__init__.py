@@ -4,7 +4,8 @@ Modules: moving_digits (generated tfds builders from sklearn's real digit
 scans), pipeline (grain iterators, quantisation, text bytes), tokens (datasets
 encoded once into tokenizer tokens), video_sources (one call over every video
 dataset), tfds_sources (UCF-101 and ImageNet prepared by tfds, read without
-TensorFlow), video_folder (Kinetics-style folders of video files), images (digits and
+TensorFlow), video_folder (Kinetics-style folders of video files), clips (which
+clips of each video are taken: several per video, random starts, mirrors), images (digits and
 ImageNet images), latents (image datasets encoded once into KL-VAE latents),
 splits (train, validation and test, and how validation is carved from train);
 Aaren's: ucr, forecasting, trajectories (scripted collection in gymnasium),

@@ -32,10 +32,23 @@ def clip_indices(num_available: int, num_frames: int, stride: int,
   return np.minimum(idx, num_available - 1)
 
 
-def center_start(num_available: int, num_frames: int, stride: int) -> int:
-  """First frame of the clip centred in the video (0 if the video is too short)."""
+def num_starts(num_available: int, num_frames: int, stride: int) -> int:
+  """How many first frames a whole clip can have: 0 .. num_available - span (1 when the video is too short).
+
+  span = stride * (num_frames - 1) + 1 frames of the video are covered by a clip.
+  """
   span = stride * (num_frames - 1) + 1
-  return max(0, (num_available - span) // 2)
+  return max(1, num_available - span + 1)
+
+
+def center_start(num_available: int, num_frames: int, stride: int) -> int:
+  """First frame of the clip centred in the video (0 if the video is too short): the middle valid start."""
+  return (num_starts(num_available, num_frames, stride) - 1) // 2
+
+
+def flip_horizontal(video: np.ndarray) -> np.ndarray:
+  """[..., H, W, C] -> the same frames mirrored left to right."""
+  return np.ascontiguousarray(video[..., ::-1, :])
 
 
 def check_array(array: np.ndarray, expected_shape: Sequence[int | None],

@@ -58,7 +58,9 @@ class Ucf101Source:
   """Random access over tfds ucf101: {"video": uint8 [F,S,S,3], "label": int32}.
 
   The clip starts at the video's centre clip, or, with `random_clip`, at a start
-  drawn once per example from `default_rng([seed, index])`.
+  drawn once per example from `default_rng([seed, index])`. `clip(i, start)`
+  cuts the clip at another start and `num_starts(i)` says how many an example
+  has (nbp.data.clips takes several clips of each video with them).
   """
   split: str  # tfds's split: "train" or "test"
   data_dir: str  # tfds data_dir holding ucf101/<config>/<version>/
@@ -85,8 +87,8 @@ class Ucf101Source:
   def __len__(self) -> int:
     return len(self._records)
 
-  def __getitem__(self, index: SupportsIndex) -> dict[str, np.ndarray]:
-    i = int(index)
+  def _example(self, i: int):
+    """(the JPEG bytes of every frame, the label) of example i."""
     example = tf_example_pb2.Example.FromString(self._records[i])
     feature = example.features.feature
     if "video" not in feature or "label" not in feature:
@@ -94,20 +96,35 @@ class Ucf101Source:
     encoded = feature["video"].bytes_list.value  # one JPEG per frame
     if not encoded:
       raise ValueError(f"ucf101 example {i} has no frames")
-    if self.random_clip:
-      span = self.frame_stride * (self.num_frames - 1) + 1
-      rng = np.random.default_rng([self.seed, i])
-      start = int(rng.integers(0, max(1, len(encoded) - span + 1)))
-    else:
-      start = frames_lib.center_start(len(encoded), self.num_frames, self.frame_stride)
+    return encoded, feature["label"].int64_list.value[0]
+
+  def num_starts(self, index: SupportsIndex) -> int:
+    """How many first frames a whole clip of example `index` can have (1 when it is shorter than a clip)."""
+    return frames_lib.num_starts(len(self._example(int(index))[0]), self.num_frames, self.frame_stride)
+
+  def clip(self, index: SupportsIndex, start: int) -> dict[str, np.ndarray]:
+    """The clip of example `index` whose first frame is `start` (only its frames are decoded)."""
+    i = int(index)
+    return self._clip(i, *self._example(i), start)
+
+  def _clip(self, i: int, encoded, label: int, start: int) -> dict[str, np.ndarray]:
     clip = []
     for j in frames_lib.clip_indices(len(encoded), self.num_frames, self.frame_stride, start):
       frame = _decode_jpeg(encoded[j])
       frames_lib.check_array(frame, self.frame_shape, np.uint8, index=i,
                              what=f"ucf101/{self.config} frame {j}")
       clip.append(frames_lib.resize_center_crop(frame, self.frame_size))
-    return {"video": np.stack(clip),
-            "label": np.int32(feature["label"].int64_list.value[0])}
+    return {"video": np.stack(clip), "label": np.int32(label)}
+
+  def __getitem__(self, index: SupportsIndex) -> dict[str, np.ndarray]:
+    i = int(index)
+    encoded, label = self._example(i)
+    num_starts = frames_lib.num_starts(len(encoded), self.num_frames, self.frame_stride)
+    if self.random_clip:
+      start = int(np.random.default_rng([self.seed, i]).integers(0, num_starts))
+    else:
+      start = (num_starts - 1) // 2  # the centred clip (frames.center_start)
+    return self._clip(i, encoded, label, start)
 
 
 def ucf101_source(split: str, data_dir: str, *, num_frames: int, frame_size: int,

@@ -4,7 +4,9 @@ Dimension letters: F frames (num_frames), S side (frame_size), C = 3 (RGB).
 Classes are the sub-folders sorted by name; label k is the k-th. Each example
 is a clip of F frames taken every `frame_stride` frames, from the start or
 centred in the video; a video shorter than the clip repeats its last frame.
-Frames are short-side resized to S and centre cropped.
+Frames are short-side resized to S and centre cropped. `clip(i, start)` cuts
+the clip at another start and `num_starts(i)` says how many a video has
+(nbp.data.clips takes several clips of each video with them).
 """
 
 from __future__ import annotations
@@ -43,6 +45,8 @@ class VideoFolderSource:
   frame_stride: int = 1  # take every k-th frame
   center_clip: bool = False  # centre the clip in the video instead of starting at 0
   extensions: tuple[str, ...] = VIDEO_EXTENSIONS  # file endings counted as videos
+  _whole: tuple[int, list[np.ndarray]] | None = dataclasses.field(  # (index, every frame) of the last whole video
+      default=None, init=False, repr=False, compare=False)
 
   def __post_init__(self):
     root = os.fspath(self.root)
@@ -63,21 +67,44 @@ class VideoFolderSource:
   def __len__(self) -> int:
     return len(self.files)
 
-  def __getitem__(self, index: SupportsIndex) -> dict[str, np.ndarray]:
-    i = int(index)
-    path, label = self.files[i]
-    span = self.frame_stride * (self.num_frames - 1)
+  def __getstate__(self):  # the kept frames stay behind when the source is sent to worker processes
+    return {**self.__dict__, "_whole": None}
+
+  def _frames(self, i: int, last_needed: int | None) -> list[np.ndarray]:
+    """uint8 [H,W,3] frames 0..last_needed (all when None) of video i; a video decoded whole is kept until
+    another is read, so the clips and the length of one video cost one decode."""
+    if self._whole is not None and self._whole[0] == i:
+      return self._whole[1]
+    path = self.files[i][0]
     try:
-      decoded = _decode_rgb_frames(path, None if self.center_clip else span)
+      decoded = _decode_rgb_frames(path, last_needed)
     except Exception as e:  # PyAV raises many error types for bad files
       raise ValueError(f"cannot decode video {path} (example {i}): {e}") from e
     if not decoded:
       raise ValueError(f"video {path} (example {i}) has no frames")
-    start = (frames_lib.center_start(len(decoded), self.num_frames, self.frame_stride)
-             if self.center_clip else 0)
+    if last_needed is None:
+      self._whole = (i, decoded)
+    return decoded
+
+  def num_starts(self, index: SupportsIndex) -> int:
+    """How many first frames a whole clip of video `index` can have (1 when it is shorter than a clip)."""
+    return frames_lib.num_starts(len(self._frames(int(index), None)), self.num_frames, self.frame_stride)
+
+  def clip(self, index: SupportsIndex, start: int) -> dict[str, np.ndarray]:
+    """The clip of video `index` whose first frame is `start`: {"video": uint8 [F,S,S,3], "label": int32}."""
+    i = int(index)
+    path, label = self.files[i]
+    decoded = self._frames(i, start + self.frame_stride * (self.num_frames - 1))
     idx = frames_lib.clip_indices(len(decoded), self.num_frames, self.frame_stride, start)
     video = np.stack([frames_lib.resize_center_crop(decoded[j], self.frame_size)
                       for j in idx])
     frames_lib.check_array(video, (self.num_frames, self.frame_size, self.frame_size, 3),
                            np.uint8, index=i, what=f"video {path}")
     return {"video": video, "label": np.int32(label)}
+
+  def __getitem__(self, index: SupportsIndex) -> dict[str, np.ndarray]:
+    i = int(index)
+    start = 0
+    if self.center_clip:
+      start = frames_lib.center_start(len(self._frames(i, None)), self.num_frames, self.frame_stride)
+    return self.clip(i, start)

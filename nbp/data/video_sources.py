@@ -25,8 +25,10 @@ the splits train, validation and test; `data.name`:
 
 Real videos take a clip of F frames every `data.frame_stride` frames, centred
 in the video (the official NBP evaluation's "center" strategy; one clip per
-video), frames short-side resized to S and centre cropped. Two data keys beyond
-the moving-digits ones:
+video), frames short-side resized to S and centre cropped. `clip_source` takes
+other clips instead, several per video at random starts and mirrored
+(nbp.data.clips.ClipPolicy; experiments/encode_tokens.py encodes the train
+split so). Two data keys beyond the moving-digits ones:
 
   frame_stride   take every k-th frame (UCF-101 at 25 fps, stride 3 ~ 8 fps)
   split_folders  video_folder only: ((split, sub-folder of data.dir), ...),
@@ -46,6 +48,7 @@ from typing import Any, SupportsIndex
 import ml_collections
 import numpy as np
 
+from nbp.data import clips
 from nbp.data import moving_digits
 from nbp.data import pipeline
 from nbp.data import splits
@@ -129,6 +132,24 @@ def video_source(data_cfg, split: str):
   else:
     source = read(split)
   return LabelVector(source)
+
+
+def clip_source(data_cfg, split: str, policy: clips.ClipPolicy = clips.CENTRED):
+  """`video_source`'s videos of `split` as the clips `policy` takes: K records per video, in the videos' order.
+
+  Each record is {"video": uint8 [F, S, S, C], "label": int32 [D], "video_index",
+  "clip_start", "flip"} (nbp.data.clips.ClipSource); a split carved from train
+  keeps the videos' indices in the train split, so a video's clips depend on the
+  seed and the video, not on the carve. Moving digits are exactly F frames long,
+  so their clips can differ by a flip only: more clips per video than that is a
+  ValueError naming the flag.
+  """
+  source = video_source(data_cfg, split).source  # LabelVector -> the split's videos
+  if data_cfg.name == "moving_digits":
+    policy.check_distinct(1, "(config.data.name='moving_digits': videos of exactly config.data.num_frames frames)")
+  if isinstance(source, pipeline.SubsetSource):  # carved from train: the clips of train's videos
+    return LabelVector(clips.ClipSource(source.source, policy, source.indices))
+  return LabelVector(clips.ClipSource(source, policy))
 
 
 def video_iterator(data_cfg, split: str, *, seed: int, process_index: int, process_count: int, batch_size: int):

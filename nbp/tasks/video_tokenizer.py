@@ -33,6 +33,7 @@ import numpy as np
 from nbp import reconstruction as reconstruction_lib
 from nbp import tasks
 from nbp import visualization
+from nbp.data import clips as clips_lib
 from nbp.data import splits as splits_lib
 from nbp.data import tokens as tokens_lib
 from nbp.data import video_sources
@@ -242,17 +243,25 @@ def decode_tokens(model: Model, params, indices: jax.Array) -> jax.Array:
 
 
 def encode_tokens(workdir: str, output_dir: str, *, data_cfg=None, splits=splits_lib.SPLITS,
-                  batch_size: int = 32, extra_metadata: dict | None = None) -> dict:
+                  batch_size: int = 32, extra_metadata: dict | None = None,
+                  train_clips: clips_lib.ClipPolicy = clips_lib.CENTRED) -> dict:
   """Encodes the videos of `data_cfg` (default: the tokenizer's own data) with the tokenizer of `workdir`.
 
   Writes nbp.data.tokens' layout under `output_dir`; the metadata names the
   tokenizer's workdir, so NBP's samples can be decoded from the tokens alone.
+  The train split is encoded as the clips `train_clips` takes of each video
+  (e.g. K random starts, half of them mirrored); validation and test always
+  as one centred, unflipped clip per video, so evaluation stays deterministic.
+  The metadata records each split's policy.
   """
-  model, params = load_tokenizer(workdir)
+  if train_clips != clips_lib.CENTRED and "train" not in splits:
+    raise ValueError(f"Clips of the train split ({train_clips.flags()}) but the splits encoded are {list(splits)}.")
   if data_cfg is None:
     data_cfg = workdir_lib.read_config(workdir).data
+  policies = {split: train_clips if split == "train" else clips_lib.CENTRED for split in splits}
+  sources = {split: video_sources.clip_source(data_cfg, split, policy) for split, policy in policies.items()}
+  model, params = load_tokenizer(workdir)
   encode = jax.jit(lambda v: encode_video(model, params, v))
-  sources = {split: video_sources.video_source(data_cfg, split) for split in splits}
   d = data_cfg
   metadata = {
       "latent_shape": list(model.latent_shape(d.num_frames, d.frame_size, d.frame_size)),
@@ -262,4 +271,5 @@ def encode_tokens(workdir: str, output_dir: str, *, data_cfg=None, splits=splits
       "tokenizer_workdir": workdir if "://" in workdir else os.path.abspath(workdir),
       **(extra_metadata or {}),
   }
-  return tokens_lib.encode_dataset(encode, sources, output_dir, metadata=metadata, batch_size=batch_size)
+  return tokens_lib.encode_dataset(encode, sources, output_dir, metadata=metadata, clips=policies,
+                                   batch_size=batch_size)
