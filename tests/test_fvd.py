@@ -17,6 +17,7 @@ from experiments import benchmark_fvd
 from experiments.configs import nbp_digits
 from experiments.configs import ntp_digits
 from experiments.configs import video_classifier_digits
+from experiments.configs import video_tokenizer_digits
 from nbp import evaluators
 from nbp import tasks
 from nbp.data import moving_digits
@@ -344,6 +345,19 @@ def test_class_match_on_hand_made_logits():
   assert fvd_digits.class_match(logits, np.array([[1, 1], [0, 1], [2, 2]])) == 1.0
   assert fvd_digits.class_match(logits, np.array([[1, 1], [0, 2], [0, 0]])) == pytest.approx(1 / 3)
   assert fvd_digits.class_match(logits[:1], np.array([[0, 1]])) == 0.0  # 0 asked for, but 2 is the runner-up
+
+
+def test_the_demo_judge_is_trained_on_the_demos_videos():
+  """video_classifier_digits.py:5x16 judges `make demo`'s token runs: the tokenizer's videos, validation first."""
+  judge = video_classifier_digits.get_config("5x16").data
+  videos = video_tokenizer_digits.get_config("local").data  # what the demo's tokens decode to
+  for knob in ("num_frames", "frame_size", *fvd_digits.KNOBS):
+    assert judge[knob] == videos[knob], knob
+  assert judge.levels == 0  # decoded videos are not quantised
+  np.testing.assert_array_equal(generation.real_videos(judge, 0, 4)["video"],
+                                generation.real_videos(videos, 0, 4)["video"])  # the same carve of the same pool
+  with pytest.raises(ValueError, match="two video shapes"):
+    video_classifier_digits.get_config("4x12,5x16")
 
 
 def tiny_classifier_config(data_dir):
