@@ -18,6 +18,15 @@ per row), reconstructions.gif (validation videos above their tokenizer
 reconstructions), loss.png (one panel per trained stage) and metrics.json
 (each stage's figures and its seconds in this invocation). Its eval figures
 are on the validation split, as in training.
+
+The demo trains no judge of its samples. Given one, a video classifier trained
+on the demo's videos (`--classifier WORKDIR` of a
+video_classifier_digits.py:5x16 run), it also samples 128 videos at the
+config's sampler settings, conditioned on the classes of validation videos,
+and writes metrics.json's "samples_judged": the share in which the classifier
+finds the digit asked for ("class_match") and fvd_digits_classifier against
+real validation videos, beside the distance between two real sets ("floor").
+On a finished workdir only that step runs.
 """
 
 import glob
@@ -26,23 +35,30 @@ import os
 import shutil
 import time
 
-from absl import app, logging
+import jax
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from experiments import common
 from experiments.configs import nbp_digits, video_tokenizer_digits
+from nbp import evaluators
 from nbp import visualization
 from nbp.data import splits
 from nbp.data import tokens as tokens_lib
+from nbp.evaluators import fvd_digits
 from nbp.tasks import video_tokenizer
 from nbp.training import loop as train
 from nbp.training import metrics as metrics_lib
+from nbp.training import workdir as workdir_lib
 
 DEFAULT_ARG = "XS,local,tokens,row"  # of experiments/configs/nbp_digits.py
 DEFAULT_TOKENIZER_ARG = "local"  # of experiments/configs/video_tokenizer_digits.py
 TOKENIZER_CONFIG = config_flags.DEFINE_config_file(
     "tokenizer_config", None, "The video tokenizer's config (default video_tokenizer_digits.py:local).")
+CLASSIFIER = flags.DEFINE_string(
+    "classifier", "", "Optional: WORKDIR of a trained video_classifier_digits.py:5x16 run, the judge of the samples.")
 DEFAULT_WORKDIR = "runs/demo"
+JUDGED_VIDEOS = 128  # videos sampled for "samples_judged"
 
 
 def _last(rows: list[dict], key: str):
@@ -66,8 +82,20 @@ def encode_tokens(tokenizer_dir: str, tokens_dir: str, tokenizer_step: int) -> d
   return video_tokenizer.encode_tokens(tokenizer_dir, tokens_dir, extra_metadata={"tokenizer_step": tokenizer_step})
 
 
-def run(config, tokenizer_config, workdir: str) -> dict:
-  """Runs the three stages; returns the metrics written to workdir/metrics.json."""
+def judge_samples(nbp_dir: str, classifier: str, num_videos: int = JUDGED_VIDEOS) -> dict:
+  """The fvd_digits evaluator on the run's newest checkpoint: class match and distance to real validation videos."""
+  s, params, params_name, step = train.load_params(workdir_lib.read_config(nbp_dir), nbp_dir)
+  section = dict(type="fvd_digits", classifier_workdir=classifier, num_videos=num_videos)
+  _, evaluator = evaluators.build({"fvd": section})["fvd"]
+  context = evaluators.Context(setup=s, params=params, params_name=params_name, step=step, workdir=nbp_dir,
+                               rng=jax.random.key(0))
+  result = evaluator.run(context)
+  keys = ("class_match", "class_match_real", fvd_digits.FVD_KEY, fvd_digits.FVD_KEY + "_floor", "num_videos")
+  return {"classifier": classifier, "step": step, **{k: result[k] for k in keys if k in result}}
+
+
+def run(config, tokenizer_config, workdir: str, classifier: str = "", judged_videos: int = JUDGED_VIDEOS) -> dict:
+  """Runs the three stages (and, given a classifier's workdir, judges the samples); returns metrics.json's dict."""
   start = time.perf_counter()
   if config.data.name != "tokens":
     raise ValueError(f"The demo trains NBP on tokenizer tokens: config.data.name={config.data.name!r} must be "
@@ -111,6 +139,7 @@ def run(config, tokenizer_config, workdir: str) -> dict:
           "eval_accuracy": _last(nbp_rows, "eval/accuracy"),
       },
       "stage_seconds_this_invocation": seconds,
+      "samples_judged": judge_samples(nbp_dir, classifier, judged_videos) if classifier else None,
       "wall_seconds_this_invocation": time.perf_counter() - start,
   }
   with open(os.path.join(workdir, "metrics.json"), "w") as f:
@@ -126,7 +155,7 @@ def main(argv):
     config = nbp_digits.get_config(DEFAULT_ARG)
   tokenizer_config = TOKENIZER_CONFIG.value or video_tokenizer_digits.get_config(DEFAULT_TOKENIZER_ARG)
   workdir = common.WORKDIR.value or DEFAULT_WORKDIR
-  summary = run(config, tokenizer_config, workdir)
+  summary = run(config, tokenizer_config, workdir, classifier=CLASSIFIER.value)
   print(json.dumps(summary, indent=1))
   print(f"NBP samples: {workdir}/samples.gif and samples.png; tokenizer reconstructions: "
         f"{workdir}/reconstructions.gif; loss curve: {workdir}/loss.png")

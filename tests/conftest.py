@@ -114,6 +114,33 @@ def trained_once(tmp_path_factory, name: str, train_fn) -> tuple[str, dict]:
       fcntl.flock(lock, fcntl.LOCK_UN)
 
 
+def tiny_classifier_config(data_dir: str):
+  """The judge of the tiny video runs: 5 frames of 8x8, one digit, 8 grey levels, 2 steps, no sample evaluator."""
+  from experiments.configs import video_classifier_digits  # pylint: disable=g-import-not-at-top
+  c = video_classifier_digits.get_config("local,4x12")
+  c.data.dir = data_dir
+  c.data.num_frames = 5
+  c.data.frame_size = 8
+  c.data.num_train = 32
+  c.data.num_test = 16
+  c.model.widths = (8, 16)
+  c.model.feature_dim = 16
+  set_tiny_budget(c, num_steps=2, checkpoint_every=2)
+  with c.unlocked():
+    del c.evals["sample"]
+  return c
+
+
+@pytest.fixture(scope="session")
+def classifier_workdir(data_dir, tmp_path_factory):
+  """A tiny_classifier_config run, trained once per session for every worker."""
+  from nbp.training import loop as train  # pylint: disable=g-import-not-at-top
+  workdir, result = trained_once(tmp_path_factory, "tiny_classifier",
+                                 lambda w: train.train_and_evaluate(tiny_classifier_config(data_dir), w))
+  assert result["status"] == "done" and result["step"] == 2
+  return workdir
+
+
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory):
   """One data directory for the whole session, shared by the xdist workers: each generated dataset is made once

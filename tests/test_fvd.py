@@ -35,7 +35,7 @@ from nbp.tasks import video_tokenizer
 from nbp.training import loop as train
 from nbp.training import metrics as metrics_lib
 from nbp.training import workdir as workdir_lib
-from tests.conftest import set_tiny_budget
+from tests.conftest import set_tiny_budget, tiny_classifier_config
 from tests.test_video_tokenizer import tiny_tokenizer_config
 
 FVD_KEY = fvd_digits.FVD_KEY
@@ -360,33 +360,11 @@ def test_the_demo_judge_is_trained_on_the_demos_videos():
     video_classifier_digits.get_config("4x12,5x16")
 
 
-def tiny_classifier_config(data_dir):
-  """The judge of the tiny runs below: 5 frames of 8x8, one digit, 8 grey levels, 2 steps."""
-  c = video_classifier_digits.get_config("local,4x12")
-  c.data.dir = data_dir
-  c.data.num_frames = 5
-  c.data.frame_size = 8
-  c.data.num_train = 32
-  c.data.num_test = 16
-  c.model.widths = (8, 16)
-  c.model.feature_dim = 16
-  set_tiny_budget(c, num_steps=2, checkpoint_every=2)
-  return _without_samples(c)
-
-
 def _without_samples(c):
   """No sample evaluator at the end of training: one compilation less per tiny run."""
   with c.unlocked():
     del c.evals["sample"]
   return c
-
-
-@pytest.fixture(scope="module")
-def classifier_workdir(data_dir, tmp_path_factory):
-  workdir = str(tmp_path_factory.mktemp("classifier"))
-  result = train.train_and_evaluate(tiny_classifier_config(data_dir), workdir)
-  assert result["status"] == "done" and result["step"] == 2
-  return workdir
 
 
 @pytest.mark.slow

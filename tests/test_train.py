@@ -249,8 +249,9 @@ def test_experiment_entry_points_import_together():
 
 
 @pytest.mark.slow
-def test_demo_code_path(tmp_path, data_dir):
-  """The demo's three stages in a tiny setting; a second call resumes every stage instead of redoing it."""
+def test_demo_code_path(tmp_path, data_dir, classifier_workdir):
+  """The demo's three stages in a tiny setting; a second call resumes every stage instead of redoing it, and
+  judges the samples with the classifier it is given."""
   config = tiny_nbp_config(data_dir, "tiny,local,tokens,row", num_steps=3)
   tokenizer_config = tiny_tokenizer_config(data_dir, num_steps=2)
   summary = demo.run(config, tokenizer_config, str(tmp_path))
@@ -261,9 +262,15 @@ def test_demo_code_path(tmp_path, data_dir):
   assert np.isfinite(summary["tokenizer"]["eval_psnr_db"])
   assert set(summary["stage_seconds_this_invocation"]) == {"tokenizer", "tokens", "nbp"}
   tokens_written = os.path.getmtime(os.path.join(tmp_path, "tokens", "metadata.json"))
-  again = demo.run(config, tokenizer_config, str(tmp_path))
+  assert summary["samples_judged"] is None  # no classifier given
+  again = demo.run(config, tokenizer_config, str(tmp_path), classifier=classifier_workdir, judged_videos=4)
   assert again["nbp"]["steps"] == 3
   assert os.path.getmtime(os.path.join(tmp_path, "tokens", "metadata.json")) == tokens_written
+  judged = again["samples_judged"]
+  assert judged["classifier"] == classifier_workdir and judged["step"] == 3 and judged["num_videos"] == 4
+  assert 0.0 <= judged["class_match"] <= 1.0 and np.isfinite(judged["fvd_digits_classifier"])
+  with open(os.path.join(tmp_path, "metrics.json")) as f:
+    assert json.load(f)["samples_judged"] == judged
 
 
 @pytest.mark.slow
