@@ -20,7 +20,7 @@ reconstructions), loss.png (one panel per trained stage) and metrics.json
 are on the validation split, as in training.
 
 The demo trains no judge of its samples. Given one, a video classifier trained
-on the demo's videos (`--classifier WORKDIR` of a
+on the demo's videos (`--judge WORKDIR` of a
 video_classifier_digits.py:5x16 run), it also samples 128 videos at the
 config's sampler settings, conditioned on the classes of validation videos,
 and writes metrics.json's "samples_judged": the share in which the classifier
@@ -55,8 +55,8 @@ DEFAULT_ARG = "XS,local,tokens,row"  # of experiments/configs/nbp_digits.py
 DEFAULT_TOKENIZER_ARG = "local"  # of experiments/configs/video_tokenizer_digits.py
 TOKENIZER_CONFIG = config_flags.DEFINE_config_file(
     "tokenizer_config", None, "The video tokenizer's config (default video_tokenizer_digits.py:local).")
-CLASSIFIER = flags.DEFINE_string(
-    "classifier", "", "Optional: WORKDIR of a trained video_classifier_digits.py:5x16 run, the judge of the samples.")
+JUDGE = flags.DEFINE_string(
+    "judge", "", "Optional: WORKDIR of a trained video_classifier_digits.py:5x16 run, the judge of the samples.")
 DEFAULT_WORKDIR = "runs/demo"
 JUDGED_VIDEOS = 128  # videos sampled for "samples_judged"
 
@@ -155,7 +155,7 @@ def main(argv):
     config = nbp_digits.get_config(DEFAULT_ARG)
   tokenizer_config = TOKENIZER_CONFIG.value or video_tokenizer_digits.get_config(DEFAULT_TOKENIZER_ARG)
   workdir = common.WORKDIR.value or DEFAULT_WORKDIR
-  summary = run(config, tokenizer_config, workdir, classifier=CLASSIFIER.value)
+  summary = run(config, tokenizer_config, workdir, classifier=JUDGE.value)
   print(json.dumps(summary, indent=1))
   print(f"NBP samples: {workdir}/samples.gif and samples.png; tokenizer reconstructions: "
         f"{workdir}/reconstructions.gif; loss curve: {workdir}/loss.png")

@@ -440,6 +440,9 @@ def tiny_generator_config(data_dir, arg="tiny,local,row", **overrides):
   `overrides`: "section.key" values, keys the config leaves at their defaults included.
   """
   c = nbp_digits.get_config(arg)
+  if c.model.condition == "class":  # unguided at top-p 1.0 unless a test says otherwise (the local configs guide)
+    c.sampler.guidance_scale = 1.0
+    c.sampler.top_p = 1.0
   c.data.dir = data_dir
   c.data.num_frames = 5
   c.data.frame_size = 8

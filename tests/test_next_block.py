@@ -403,6 +403,9 @@ def test_first_block_by_tokens_greedy_sampler_matches_recomputed_argmax(conditio
 def tiny_nbp_config(data_dir, arg="tiny,local,row", **overrides):
   """NBP on 4 frames of 8x8 pixels, or with "tokens" in `arg` on the tokens of `tiny_tokenizer_config`."""
   c = nbp_digits.get_config(arg)
+  if c.model.condition == "class":  # unguided at top-p 1.0 unless a test says otherwise (the local configs guide)
+    c.sampler.guidance_scale = 1.0
+    c.sampler.top_p = 1.0
   if "tokens" in arg.split(","):
     tokenizer = tiny_tokenizer_config(data_dir)  # its levels (5, 5, 5) and 2x2x2 latent grid
     c.model.grid = video_tokenizer_digits.token_grid(tokenizer)
