@@ -4,7 +4,8 @@ r"""In-domain FVD of trained moving-digits generators, side by side: fvd_digits_
       --run runs/fvd/nbp_row \
       --run experiments/configs/nbp_digits.py:XS,local,token=runs/fvd/nbp_token \
       [--run runs/fvd/ntp] [--num_videos 256] [--sample_batch_size 64] [--seeds 0,1] \
-      [--fvd_split validation] [--out_dir runs/fvd/benchmark]
+      [--fvd_split validation] [--out_dir runs/fvd/benchmark] \
+      [--steps 300,1000,3000] [--sampler top_p=0.9 --sampler guidance_scale=3]
 
 A thin caller of the `fvd_digits` evaluator (nbp/evaluators/fvd_digits.py),
 once per run and seed. Each `--run` is a trained `next_block` run (NBP, or
@@ -14,7 +15,11 @@ sample it with another config (e.g. other sampler settings). `--classifier`
 is the workdir of the judge, a video_classifier run trained on the generators'
 videos (video_classifier_digits.py:local,4x12 for the local pixel runs); the
 evaluator stops with an error naming both when a run's decoded videos differ
-from the classifier's in shape, digits, speed or grey levels.
+from the classifier's in shape, digits, speed or grey levels. `--steps`
+evaluates each run at those checkpoint steps instead of its newest (a training
+curve: keep them with `--config.keep_checkpoint_steps` when training) and,
+with --out_dir, plots fvd_vs_steps.png; `--sampler KEY=VALUE` sets a sampler
+key of every run (top_p, temperature, guidance_scale, ...) for a sweep.
 
 Per sampling seed s (N = --num_videos), as nbp/evaluators/generation.py says:
 the reference is real videos 0..N-1 of one split of the classifier's data
@@ -71,7 +76,12 @@ BATCH_SIZE = flags.DEFINE_integer("sample_batch_size", 64, "Videos per sampler c
 SEEDS = flags.DEFINE_list("seeds", ["0"], "Sampling seeds; seed s also picks the real stand-in set.")
 SPLIT = flags.DEFINE_enum("fvd_split", "validation", ["validation", "test"],
                           "The real videos' split: validation while choosing, test once for the report.")
-OUT_DIR = flags.DEFINE_string("out_dir", "", "If set: results.json and samples_<run>.png here.")
+OUT_DIR = flags.DEFINE_string("out_dir", "", "If set: results.json and samples_<run>.png here (and, with "
+                               "several --steps, fvd_vs_steps.png).")
+STEPS = flags.DEFINE_list("steps", [], "Checkpoint steps to evaluate each run at (kept in training with "
+                          "config.keep_checkpoint_steps); default: each run's newest.")
+SAMPLER = flags.DEFINE_multi_string("sampler", [], "KEY=VALUE of config.sampler applied to every run, e.g. "
+                                    "--sampler top_p=0.9 --sampler guidance_scale=3 (repeatable).")
 
 
 def parse_run(spec: str) -> tuple[str, str, str]:
@@ -101,20 +111,38 @@ def run_config(spec: str):
   return (load_config(path, arg) if path else workdir_lib.read_config(workdir)), workdir
 
 
+def override_sampler(config, overrides):
+  """The config with `overrides` ["KEY=VALUE", ...] set in config.sampler (values typed like the keys they replace)."""
+  if not overrides:
+    return config
+  config = config.copy_and_resolve_references()
+  with config.unlocked():
+    for item in overrides:
+      key, sep, value = item.partition("=")
+      if not sep or key not in config.sampler:
+        raise ValueError(f"--sampler {item!r}: expected KEY=VALUE with KEY one of {sorted(config.sampler)}")
+      config.sampler[key] = type(config.sampler[key])(value)
+  return config
+
+
 def describe(config) -> tuple[str, str]:
   """(block, condition) of a run for the table."""
   return "x".join(map(str, config.model.block)), config.model.get("condition", "none")
 
 
 def benchmark(specs, classifier: str, *, num_videos: int, batch_size: int, seeds, out_dir: str = "",
-              split: str = "validation") -> list[dict]:
-  """One row per (run, seed) with the evaluator's numbers on `split`; a floor row per seed (from the first run)."""
+              split: str = "validation", steps=(None,), sampler=()) -> list[dict]:
+  """One row per (run, step, seed) with the evaluator's numbers on `split`; a floor row per seed (first run).
+
+  steps: checkpoint steps to evaluate (None: the newest); sampler: "KEY=VALUE" overrides of every run's sampler.
+  """
   if out_dir:
     os.makedirs(out_dir, exist_ok=True)
   rows = []
-  for index, spec in enumerate(specs):
+  for index, (spec, wanted_step) in enumerate((spec, step) for spec in specs for step in steps):
     config, workdir = run_config(spec)
-    s, params, params_name, step = train.load_params(config, workdir)
+    config = override_sampler(config, sampler)
+    s, params, params_name, step = train.load_params(config, workdir, wanted_step)
     name = os.path.basename(os.path.normpath(workdir))
     block, condition = describe(config)
     for seed in seeds:
@@ -135,8 +163,9 @@ def benchmark(specs, classifier: str, *, num_videos: int, batch_size: int, seeds
       print(json.dumps(rows[-1]), flush=True)
       if out_dir and seed == seeds[0]:
         from nbp import visualization  # pylint: disable=g-import-not-at-top
-        visualization.save_frame_grid(os.path.join(out_dir, f"samples_{name}.png"), generated.videos, max_videos=8,
-                                      title=f"{name} ({block}, {condition}), seed {seed}")
+        suffix = f"_step{step}" if wanted_step is not None else ""
+        visualization.save_frame_grid(os.path.join(out_dir, f"samples_{name}{suffix}.png"), generated.videos,
+                                      max_videos=8, title=f"{name} ({block}, {condition}), step {step}, seed {seed}")
   return rows
 
 
@@ -152,8 +181,11 @@ def table(rows: list[dict]) -> str:
   lines = [f"| run | block | condition | {FVD_KEY} per seed | mean (sd) | frames/s | class match |",
            "|---|---|---|---|---|---|---|"]
   groups: dict[str, list[dict]] = {}
+  several_steps = len({(r["spec"], r.get("step")) for r in rows if not r.get("floor")}) > len(
+      {r["spec"] for r in rows if not r.get("floor")})
   for r in rows:
-    groups.setdefault("real videos (floor)" if r.get("floor") else r["spec"], []).append(r)
+    label = "real videos (floor)" if r.get("floor") else r["spec"] + (f" @ {r.get('step')}" if several_steps else "")
+    groups.setdefault(label, []).append(r)
   for label, group in groups.items():
     fps = [r["frames_per_s"] for r in group if r["frames_per_s"] is not None]
     fps_text = f"{min(fps):.0f}-{max(fps):.0f}" if fps else "-"
@@ -175,14 +207,32 @@ def table(rows: list[dict]) -> str:
   return "\n".join(lines)
 
 
+def save_curves(path: str, rows: list[dict]) -> None:
+  """FVD against checkpoint step, one line per run (mean and sd over the seeds), the floor dashed."""
+  from nbp import visualization  # pylint: disable=g-import-not-at-top
+  curves = {}
+  for spec in dict.fromkeys(r["spec"] for r in rows if not r.get("floor")):
+    by_step: dict[int, list[float]] = {}
+    for r in rows:
+      if r.get("spec") == spec and not r.get("floor"):
+        by_step.setdefault(r["step"], []).append(r[FVD_KEY])
+    x = sorted(by_step)
+    curves[spec] = (x, [float(np.mean(by_step[k])) for k in x],
+                    [float(np.std(by_step[k], ddof=1)) if len(by_step[k]) > 1 else 0.0 for k in x])
+  floors = [r[FVD_KEY] for r in rows if r.get("floor")]
+  visualization.save_curves(path, curves, xlabel="training step", ylabel=FVD_KEY + " (mean, sd over seeds)",
+                            floor=float(np.mean(floors)) if floors else None)
+
+
 def main(argv):
   del argv
   if not RUNS.value:
     raise app.UsageError("give at least one --run WORKDIR (or CONFIG_FILE:ARG=WORKDIR)")
   seeds = [int(x) for x in SEEDS.value]
   classifier = parse_run(CLASSIFIER.value)[2]
+  steps = [int(x) for x in STEPS.value] or [None]
   rows = benchmark(RUNS.value, classifier, num_videos=NUM_VIDEOS.value, batch_size=BATCH_SIZE.value,
-                   seeds=seeds, out_dir=OUT_DIR.value, split=SPLIT.value)
+                   seeds=seeds, out_dir=OUT_DIR.value, split=SPLIT.value, steps=steps, sampler=SAMPLER.value)
   print(f"\n{FVD_KEY}: N = {NUM_VIDEOS.value} videos per set against real {SPLIT.value} videos "
         f"0..{NUM_VIDEOS.value - 1}; "
         f"classifier {classifier}; batch {BATCH_SIZE.value}; {jax.default_backend()}, "
@@ -191,7 +241,9 @@ def main(argv):
   if OUT_DIR.value:
     with open(os.path.join(OUT_DIR.value, "results.json"), "w") as f:
       json.dump({"num_videos": NUM_VIDEOS.value, "batch_size": BATCH_SIZE.value, "classifier": classifier,
-                 "split": SPLIT.value, "rows": rows}, f, indent=1)
+                 "split": SPLIT.value, "sampler": SAMPLER.value, "rows": rows}, f, indent=1)
+    if len(steps) > 1:
+      save_curves(os.path.join(OUT_DIR.value, "fvd_vs_steps.png"), rows)
 
 
 if __name__ == "__main__":

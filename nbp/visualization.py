@@ -102,3 +102,24 @@ def save_loss_plot(path: str, rows: list[dict], keys=("loss", "eval/loss")) -> N
   fig.tight_layout()
   fig.savefig(path, dpi=100)
   plt.close(fig)
+
+
+def save_curves(path: str, curves: dict[str, tuple[list[float], list[float], list[float]]], *, xlabel: str,
+                ylabel: str, title: str = "", floor: float | None = None, log_x: bool = True) -> None:
+  """One line per curve, {label: (x, mean, sd)} with sd as error bars; `floor` a dashed line (e.g. real vs real)."""
+  fig, ax = plt.subplots(figsize=(6, 4))
+  for label, (x, mean, sd) in curves.items():
+    ax.errorbar(x, mean, yerr=sd, label=label, marker="o", capsize=3)
+  if floor is not None:
+    ax.axhline(floor, color="grey", linestyle="--", label="real vs real (floor)")
+  if log_x:
+    ax.set_xscale("log")
+  ax.set_xlabel(xlabel)
+  ax.set_ylabel(ylabel)
+  if title:
+    ax.set_title(title)
+  ax.legend()
+  ax.grid(alpha=0.3, which="both")
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)

@@ -464,9 +464,13 @@ def tiny_generator_config(data_dir, arg="tiny,local,row", **overrides):
 
 @pytest.fixture(scope="module")
 def generator_workdir(data_dir, tmp_path_factory):
-  """A class-conditional pixel run with guidance 2 (the doubled-batch sampler), trained 2 steps."""
+  """A class-conditional pixel run with guidance 2 (the doubled-batch sampler), trained 2 steps; the newest
+  checkpoint is step 2, and step 1's is kept as well (a training curve's)."""
   workdir = str(tmp_path_factory.mktemp("generator"))
-  train.train_and_evaluate(tiny_generator_config(data_dir, **{"sampler.guidance_scale": 2.0}), workdir)
+  config = tiny_generator_config(data_dir, **{"sampler.guidance_scale": 2.0})
+  with config.unlocked():
+    config.checkpoint_every, config.keep_checkpoints, config.keep_checkpoint_steps = 1, 1, (1,)
+  train.train_and_evaluate(config, workdir)
   return workdir
 
 
@@ -717,3 +721,24 @@ def test_benchmark_runs_the_evaluator_over_runs_and_seeds(classifier_workdir, ge
   assert os.path.getsize(tmp_path / f"samples_{os.path.basename(generator_workdir)}.png") > 0
   json.dumps(rows)  # plain numbers: results.json takes them
   assert f"| {generator_workdir} | 1x1x8 | class |" in benchmark_fvd.table(rows)
+
+
+@pytest.mark.slow
+def test_benchmark_evaluates_kept_steps_with_a_sampler_override(classifier_workdir, generator_workdir, tmp_path):
+  rows = benchmark_fvd.benchmark([generator_workdir], classifier_workdir, num_videos=4, batch_size=4, seeds=[0, 1],
+                                 steps=[1, 2], sampler=["top_p=0.5"])
+  runs = [r for r in rows if not r.get("floor")]
+  assert [(r["step"], r["seed"]) for r in runs] == [(1, 0), (1, 1), (2, 0), (2, 1)]
+  assert runs[0][FVD_KEY] != runs[2][FVD_KEY]  # two checkpoints, two sets of videos
+  plain = benchmark_fvd.benchmark([generator_workdir], classifier_workdir, num_videos=4, batch_size=4, seeds=[0],
+                                  steps=[2])
+  assert plain[1][FVD_KEY] != runs[2][FVD_KEY]  # top-p 0.5 draws other videos than the config's 1.0
+  lines = benchmark_fvd.table(rows).splitlines()
+  assert any(line.startswith(f"| {generator_workdir} @ 1 |") for line in lines)
+  assert any(line.startswith(f"| {generator_workdir} @ 2 |") for line in lines)
+  benchmark_fvd.save_curves(str(tmp_path / "curves.png"), rows)
+  assert os.path.getsize(tmp_path / "curves.png") > 0
+  with pytest.raises(FileNotFoundError, match="keep_checkpoint_steps"):
+    benchmark_fvd.benchmark([generator_workdir], classifier_workdir, num_videos=4, batch_size=4, seeds=[0], steps=[3])
+  with pytest.raises(ValueError, match="top_p"):
+    benchmark_fvd.override_sampler(workdir_lib.read_config(generator_workdir), ["top_q=0.5"])

@@ -173,12 +173,15 @@ def from_saved_form(restored: Any, like: Any) -> Any:
 
 
 class Checkpoints:
-  """Keeps the last `keep` checkpoints and restores the latest one that is readable."""
+  """Keeps the last `keep` checkpoints (and those of `keep_steps`) and restores the latest one that is readable."""
 
-  def __init__(self, directory: str, *, keep: int, async_save: bool = True):
+  def __init__(self, directory: str, *, keep: int, keep_steps: Sequence[int] = (), async_save: bool = True):
     self.directory = os.path.abspath(directory)
+    policies = [ocp.checkpoint_managers.LatestN(keep)]
+    if keep_steps:
+      policies.append(ocp.checkpoint_managers.CustomSteps(list(keep_steps)))
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=keep,
+        preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies),
         enable_async_checkpointing=async_save,
         create=True,
     )
@@ -271,8 +274,8 @@ def checkpoint_dir(path: str) -> str:
   return path
 
 
-def _restore_readonly(directory: str, restore: Callable[[Any, int], T]) -> tuple[int, T]:
-  """restore(manager, step) for the newest readable step under a workdir or checkpoints directory."""
+def _restore_readonly(directory: str, restore: Callable[[Any, int], T], step: int | None = None) -> tuple[int, T]:
+  """restore(manager, step) for the newest readable step (or `step` itself) under a workdir or checkpoints directory."""
   directory = checkpoint_dir(directory)
   if not os.path.isdir(directory):
     raise FileNotFoundError(f"No checkpoint directory at {directory}.")
@@ -281,6 +284,11 @@ def _restore_readonly(directory: str, restore: Callable[[Any, int], T]) -> tuple
     steps = manager.all_steps()
     if not steps:
       raise FileNotFoundError(f"No complete checkpoint under {directory}.")
+    if step is not None:
+      if step not in steps:
+        raise FileNotFoundError(f"No checkpoint of step {step} under {directory} (it holds {sorted(steps)}); keep it "
+                                "in training with config.keep_checkpoint_steps.")
+      steps = [step]
     step, restored, _ = restore_newest(directory, steps, lambda step: restore(manager, step))
   finally:
     manager.close()
@@ -298,9 +306,9 @@ def restore_state(directory: str, abstract_state: Any) -> tuple[int, Any]:
   return step, from_saved_form(restored["state"], abstract_state)
 
 
-def restore_params(directory: str, abstract_params: Any, names: Sequence[str] = ("params",)
-                   ) -> tuple[int, dict[str, Any]]:
-  """(step, {name: parameters}) of the newest readable step: only the `names` items of the train state.
+def restore_params(directory: str, abstract_params: Any, names: Sequence[str] = ("params",), *,
+                   step: int | None = None) -> tuple[int, dict[str, Any]]:
+  """(step, {name: parameters}) of the newest readable step (or of `step`): only the `names` items of the train state.
 
   `names` are TrainState fields holding parameter trees ("params",
   "ema_params"), each restored onto the shapes and shardings of
@@ -320,7 +328,7 @@ def restore_params(directory: str, abstract_params: Any, names: Sequence[str] = 
     restored = checkpointer.restore(path, args=ocp.args.PyTreeRestore(
         item=target, restore_args=jax.tree.map(to_args, target), partial_restore=True))
     return {n: restored.get(n) for n in names}
-  return _restore_readonly(directory, restore)
+  return _restore_readonly(directory, restore, step)
 
 
 def abstract_with_shardings(tree, shardings):

@@ -63,6 +63,7 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.checkpoint_every = 500  # steps between async checkpoints (and one at the end)
   c.keep_checkpoints = 3  # the last k are kept
+  c.keep_checkpoint_steps = ()  # and these steps' checkpoints too (training curves: experiments.benchmark_fvd --steps)
   c.log_every = 50  # steps between metric writes and NaN checks
   c.profile_steps = ()  # (first, count): trace these steps to workdir/profile
   return c

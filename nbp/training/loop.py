@@ -292,7 +292,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   s = setup(config)
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
-  ckpt = checkpoint_lib.Checkpoints(os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints)
+  ckpt = checkpoint_lib.Checkpoints(os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints,
+                                      keep_steps=tuple(config.keep_checkpoint_steps))
   train_iter = data_iterator(s, "train", config.seed)
 
   # The newest step that restores: a damaged one is skipped with a warning
@@ -436,12 +437,14 @@ def run_evaluators(s: Setup, params, params_name: str, step: int, workdir: str, 
   return out
 
 
-def load_params(config: ml_collections.ConfigDict, workdir: str) -> tuple[Setup, Any, str, int]:
-  """(setup, params, params_name, step) of a workdir's newest readable checkpoint, without optimizer state.
+def load_params(config: ml_collections.ConfigDict, workdir: str, step: int | None = None
+                ) -> tuple[Setup, Any, str, int]:
+  """(setup, params, params_name, step) of a workdir's newest readable checkpoint (or of `step`), without optimizer
+  state.
 
   params_name is "ema_params" when the run kept an EMA (what evaluation and
   sampling use), else "params". The parameters lie on the run's shardings.
   """
   s = setup(config)
-  params, name, step = workdir_lib.load_params(workdir, s.task.model, s.task.init_inputs())
+  params, name, step = workdir_lib.load_params(workdir, s.task.model, s.task.init_inputs(), step=step)
   return s, jax.device_put(params, s.state_sharding.params), name, step

@@ -49,8 +49,9 @@ def abstract_params(model: nn.Module, init_inputs: dict[str, Any]):
   return nn.meta.unbox(variables["params"])
 
 
-def load_params(workdir: str, model: nn.Module, init_inputs: dict[str, Any]) -> tuple[Any, str, int]:
-  """(params, which, step) of the newest readable checkpoint of `workdir` for `model`.
+def load_params(workdir: str, model: nn.Module, init_inputs: dict[str, Any], *,
+                step: int | None = None) -> tuple[Any, str, int]:
+  """(params, which, step) of the newest readable checkpoint of `workdir` (or of `step`) for `model`.
 
   which is "ema_params" when the run kept an EMA (then those are returned),
   else "params". Only parameters are read, never the optimizer state; a
@@ -60,6 +61,6 @@ def load_params(workdir: str, model: nn.Module, init_inputs: dict[str, Any]) -> 
   if not os.path.isdir(directory) or not any(name.isdigit() for name in os.listdir(directory)):
     raise FileNotFoundError(f"No checkpoint in workdir {workdir!r}: train first (experiments.train).")
   step, restored = checkpoint_lib.restore_params(workdir, abstract_params(model, init_inputs),
-                                                 names=("params", "ema_params"))
+                                                 names=("params", "ema_params"), step=step)
   which = "ema_params" if restored["ema_params"] is not None else "params"
   return restored[which], which, step
