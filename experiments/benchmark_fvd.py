@@ -50,6 +50,7 @@ Dimensions: N videos, B sampler batch, F frames, H = W frame side.
 
 from __future__ import annotations
 
+import ast
 import importlib.util
 import json
 import os
@@ -112,16 +113,22 @@ def run_config(spec: str):
 
 
 def override_sampler(config, overrides):
-  """The config with `overrides` ["KEY=VALUE", ...] set in config.sampler (values typed like the keys they replace)."""
+  """The config with `overrides` ["KEY=VALUE", ...] set in config.sampler.
+
+  A value is typed like the key it replaces; a key the run's config lacks (a
+  sampler option newer than the run) is read as a Python literal, and the task
+  names it if its sampler does not take it.
+  """
   if not overrides:
     return config
   config = config.copy_and_resolve_references()
   with config.unlocked():
     for item in overrides:
       key, sep, value = item.partition("=")
-      if not sep or key not in config.sampler:
-        raise ValueError(f"--sampler {item!r}: expected KEY=VALUE with KEY one of {sorted(config.sampler)}")
-      config.sampler[key] = type(config.sampler[key])(value)
+      if not sep or not key:
+        raise ValueError(f"--sampler {item!r}: expected KEY=VALUE, KEY a sampler option such as "
+                         f"{sorted(config.sampler)}")
+      config.sampler[key] = type(config.sampler[key])(value) if key in config.sampler else ast.literal_eval(value)
   return config
 
 

@@ -17,6 +17,13 @@ it is given. `phase_bounds` cuts the steps of a sampler into a few runs of
 consecutive steps; each run is its own `lax.fori_loop` over a cache grown
 (`layers.attention.resize_cache`) to the slots written by the run's end, so a
 step attends over at most one phase's worth of unwritten slots.
+
+Consensus (minimum Bayes risk) selection. Given K sequences drawn for one
+condition, `consensus` keeps the one that agrees with the other K - 1 on the
+most tokens: the draw with the least expected token error against a sample of
+the model's own distribution, estimated by the other draws. Where one answer is
+wanted (the continuation of given frames), it trades the diversity of a single
+draw for a typical one.
 """
 
 from __future__ import annotations
@@ -85,6 +92,24 @@ def sample_tokens(rng: jax.Array, logits: jax.Array, *, temperature: float = 1.0
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)
   logits = filter_logits(logits / temperature, top_k=top_k, top_p=top_p)
   return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
+
+
+def consensus(candidates: jax.Array) -> jax.Array:
+  """int [B, K, N] K drawn sequences per row -> [B, N], per row the one agreeing with the others on most tokens.
+
+  Ties go to the lowest index. One sequence is compared with all K at a time
+  (`lax.map`), so memory stays at B x K x N whatever K.
+  """
+  b, k, n = candidates.shape
+  if k == 1:
+    return candidates[:, 0]
+  def agree(i):  # [B, K]: candidate i against every candidate (itself: n, alike for all)
+    one = jax.lax.dynamic_slice_in_dim(candidates, i, 1, axis=1)
+    return jnp.sum(candidates == one, axis=-1, dtype=jnp.int32)
+
+  agreement = jax.lax.map(agree, jnp.arange(k))  # [K, B, K]
+  best = jnp.argmax(jnp.sum(agreement, axis=-1).T, axis=-1)  # [B]
+  return jnp.take_along_axis(candidates, best[:, None, None], axis=1)[:, 0]
 
 
 def phase_bounds(start: int, stop: int, phases: int) -> list[tuple[int, int]]:

@@ -55,6 +55,43 @@ def _all(source):
 # ------------------------------------------------------------- moving digits
 
 
+def test_motion_floors_against_brute_force_over_the_same_paths():
+  """The ideal predictors' errors against a loop over groups of paths with equal given positions."""
+  kw = dict(num_frames=4, frame_size=12, speed=2.0, given=2, num_paths=4000, seed=3)
+  got = md.motion_floors(**kw)
+  # The same paths, step by step with the generator's own `_bounce`.
+  rng = np.random.default_rng(3)
+  pos, angle = rng.uniform(0, 4.0, size=(4000, 2)), rng.uniform(0, 2 * np.pi, size=4000)
+  paths = np.zeros((4000, 4, 2))
+  for i in range(4000):
+    (y, x), vy, vx = pos[i], 2.0 * np.sin(angle[i]), 2.0 * np.cos(angle[i])
+    for f in range(4):
+      paths[i, f] = round(y), round(x)
+      y, vy = md._bounce(y, vy, 4.0)
+      x, vx = md._bounce(x, vx, 4.0)
+  groups = {}
+  for i in range(4000):
+    groups.setdefault(paths[i, :2].tobytes(), []).append(i)
+  points = np.stack(np.meshgrid(np.arange(5), np.arange(5), indexing="ij"), -1).reshape(-1, 2)
+  pairs, pair_weight, best = 0.0, 0, 0.0
+  for members in groups.values():
+    future = paths[members, 2:]  # [m, 2, 2]
+    for f in range(2):
+      best += min(np.linalg.norm(future[:, f] - p, axis=-1).sum() for p in points)
+    if len(members) > 1:  # every ordered pair of two paths, weighted like one partner per path
+      apart = np.linalg.norm(future[:, None] - future[None], axis=-1).mean(-1)  # [m, m]
+      pairs += apart.sum() / (len(members) - 1)
+      pair_weight += len(members)
+  np.testing.assert_allclose(got["best_point"], best / (4000 * 2), rtol=1e-9)
+  np.testing.assert_allclose(got["exact_sampler"], pairs / pair_weight, atol=0.05)  # one random partner per path
+  np.testing.assert_allclose(got["repeat_last"], np.linalg.norm(paths[:, 2:] - paths[:, 1:2], axis=-1).mean())
+  assert got["best_point"] < got["exact_sampler"] < got["repeat_last"]
+  still = md.motion_floors(num_frames=4, frame_size=12, speed=0.0, given=1, num_paths=100)
+  assert still == {"exact_sampler": 0.0, "best_point": 0.0, "repeat_last": 0.0}
+  with pytest.raises(ValueError, match="given=4"):
+    md.motion_floors(num_frames=4, frame_size=12, speed=2.0, given=4)
+
+
 def test_make_moving_digits_shapes_range_and_motion():
   d = md.make_moving_digits(5, seed=0, split="train", num_frames=10, frame_size=32)
   assert d["video"].shape == (5, 10, 32, 32, 1) and d["video"].dtype == np.uint8

@@ -740,5 +740,9 @@ def test_benchmark_evaluates_kept_steps_with_a_sampler_override(classifier_workd
   assert os.path.getsize(tmp_path / "curves.png") > 0
   with pytest.raises(FileNotFoundError, match="keep_checkpoint_steps"):
     benchmark_fvd.benchmark([generator_workdir], classifier_workdir, num_videos=4, batch_size=4, seeds=[0], steps=[3])
-  with pytest.raises(ValueError, match="top_p"):
-    benchmark_fvd.override_sampler(workdir_lib.read_config(generator_workdir), ["top_q=0.5"])
+  config = benchmark_fvd.override_sampler(workdir_lib.read_config(generator_workdir), ["top_q=0.5", "candidates=2"])
+  assert config.sampler.candidates == 2  # an option the run's config lacks, read as a literal
+  with pytest.raises(ValueError, match="top_q.*top_p"):
+    next_block.make_task(config)
+  with pytest.raises(ValueError, match="KEY=VALUE"):
+    benchmark_fvd.override_sampler(workdir_lib.read_config(generator_workdir), ["top_p"])

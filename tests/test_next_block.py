@@ -328,6 +328,39 @@ def test_frame_prediction_sampler_keeps_the_prompt_frames():
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("condition", ["frames", "class"])
+def test_candidates_keep_the_draw_agreeing_most_with_the_others(condition):
+  """K candidates per condition: the K draws of a batch of B K repeated conditions, the consensus of each K."""
+  model = _model(condition=condition, prefix_frames=1, block=(1, 1, 4))
+  tokens = _tokens(model)
+  labels = jnp.array([1, 7]) if condition == "class" else None
+  params = _init(model, tokens, labels)
+  prompt = tokens.reshape(2, *model.grid)[:, :1] if condition == "frames" else None
+  k = 5
+  repeat = lambda x: None if x is None else jnp.repeat(x, k, axis=0)
+  draws = np.asarray(jax.jit(lambda p: nb.sample(model, p, jax.random.key(3), num_samples=2 * k, labels=repeat(labels),
+                                                 prompt=repeat(prompt), top_p=0.9))(params)).reshape(2, k, -1)
+  chosen = np.asarray(jax.jit(lambda p: nb.sample(model, p, jax.random.key(3), num_samples=2, labels=labels,
+                                                  prompt=prompt, top_p=0.9, candidates=k))(params))
+  assert len({draws[0, i].tobytes() for i in range(k)}) > 1  # the draws differ: the choice is not trivial
+  for row in range(2):
+    agreement = [sum(int(np.sum(draws[row, i] == draws[row, j])) for j in range(k)) for i in range(k)]
+    np.testing.assert_array_equal(chosen[row].reshape(-1), draws[row, int(np.argmax(agreement))])
+  if condition == "frames":
+    np.testing.assert_array_equal(chosen[:, :1], prompt)
+  with pytest.raises(ValueError, match="candidates=0"):
+    nb.sample(model, params, jax.random.key(3), num_samples=2, labels=labels, prompt=prompt, candidates=0)
+
+
+def test_sampler_config_keys_the_sampler_does_not_take_are_named():
+  model = _model()
+  with pytest.raises(ValueError, match=r"\['top_q'\].*top_p"):
+    nb.sampler_kwargs(model, {"top_q": 0.5})
+  kwargs = nb.sampler_kwargs(model, {"top_p": 0.5, "candidates": 4})
+  assert kwargs["top_p"] == 0.5 and kwargs["candidates"] == 4
+
+
+@pytest.mark.slow
 def test_given_frames_as_blocks_are_trained_on_and_fed_to_the_sampler(position="learned"):  # the K600 config's
   """given_frames="blocks": an unconditional sequence trained on every token; the greedy cached sampler
   continues the prompt as block-by-block argmax over the whole sequence does."""
@@ -502,6 +535,8 @@ def test_frame_prediction_trains_one_step_and_samples(tmp_path, data_dir):
     frames = [json.loads(line) for line in f if "frames/com_error_px" in line]
   assert len(frames) == 1 and np.isfinite(frames[0]["frames/com_error_px"])  # 8x8 digits barely move
   assert frames[0]["frames/mse_black"] > 0 and frames[0]["frames/num_videos"] == 2
+  # An 8x8 digit in an 8x8 frame cannot move: ideal predictors make no error.
+  assert frames[0]["frames/com_error_px_exact_sampler"] == 0 == frames[0]["frames/com_error_px_best_point"]
 
 
 @pytest.mark.slow

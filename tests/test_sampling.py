@@ -125,3 +125,16 @@ def test_phase_bounds():
   assert sampling.phase_bounds(3, 3, 4) == [] and sampling.phase_bounds(0, 5, 1) == [(0, 5)]
   with pytest.raises(ValueError, match="cache_phases"):
     sampling.phase_bounds(0, 5, 0)
+
+
+def test_consensus_keeps_the_candidate_agreeing_most_with_the_others():
+  rng = np.random.default_rng(0)
+  candidates = rng.integers(0, 3, size=(6, 5, 11))
+  candidates[0, 1:] = candidates[0, 0]  # all alike: the first is kept
+  got = np.asarray(sampling.consensus(jnp.asarray(candidates)))
+  for row in range(6):
+    agreement = (candidates[row, :, None] == candidates[row, None]).sum(axis=(1, 2))
+    np.testing.assert_array_equal(got[row], candidates[row, np.argmax(agreement)])
+  majority = np.array([[[0, 0, 0], [1, 1, 1], [1, 1, 0], [1, 1, 1]]])  # the two alike beat the others
+  np.testing.assert_array_equal(sampling.consensus(jnp.asarray(majority)), [[1, 1, 1]])
+  np.testing.assert_array_equal(sampling.consensus(jnp.asarray(candidates[:, :1])), candidates[:, 0])

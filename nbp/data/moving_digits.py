@@ -174,6 +174,67 @@ def make_moving_digits(
   return {k: np.stack([e[k] for e in examples]) for k in examples[0]}
 
 
+def motion_floors(*, num_frames: int, frame_size: int, speed: float, given: int, digit_scale: int | None = None,
+                  num_paths: int = 200_000, seed: int = 0) -> dict[str, float]:
+  """The centre-of-mass errors, in pixels, of two ideal predictors of one digit's frames after the first `given`.
+
+  A digit's centre of mass moves with its sprite, so the error of a predicted
+  frame is the distance between the sprite positions. The videos' random start
+  and direction are simulated on `num_paths` paths; paths whose given frames
+  show the same (rounded) positions form one group, so the future of a group
+  is what the given frames leave open. Averaged, like
+  `frame_prediction_metrics`, over paths and predicted frames:
+    exact_sampler: a sample of the true conditional distribution: the distance
+      between two paths of one group (each path against another, at random);
+    best_point: one position per group and predicted frame, the grid point
+      with the least mean distance to the group's futures (what the best single
+      video a sampler can return scores);
+    repeat_last: the last given frame's position, for scale.
+  """
+  if not 0 < given < num_frames:
+    raise ValueError(f"given={given} frames of {num_frames}: at least one given and one predicted")
+  side = 8 * (digit_scale or default_digit_scale(frame_size))
+  limit = float(frame_size - side)
+  rng = np.random.default_rng(seed)
+  pos = rng.uniform(0, limit, size=(num_paths, 2))  # (y, x), as the videos draw them
+  angle = rng.uniform(0, 2 * np.pi, size=num_paths)
+  vel = speed * np.stack([np.sin(angle), np.cos(angle)], axis=-1)
+  frames = []
+  for _ in range(num_frames):
+    frames.append(np.round(pos).astype(np.int64))
+    pos = pos + vel  # `_bounce` on every path at once
+    vel = np.where(pos < 0, -vel, vel)
+    pos = np.where(pos < 0, -pos, pos)
+    vel = np.where(pos > limit, -vel, vel)
+    pos = np.clip(np.where(pos > limit, 2 * limit - pos, pos), 0, limit)
+  paths = np.stack(frames, axis=1)  # [paths, F, 2] integer positions 0..limit
+  grid = int(limit) + 1
+  past = paths[:, :given].reshape(num_paths, -1)
+  group = np.unique(np.ravel_multi_index(past.T, (grid,) * past.shape[1]), return_inverse=True)[1].reshape(-1)
+  future = paths[:, given:]  # [paths, F - given, 2]
+  sizes = np.bincount(group)
+  kept = sizes[group] > 1  # a path alone in its group has no other to be compared with
+  # Each path against the next one of its group, after shuffling: an independent draw from the same condition.
+  order = np.lexsort((rng.permutation(num_paths), group))
+  starts = np.cumsum(sizes) - sizes
+  rank = np.empty(num_paths, np.int64)
+  rank[order] = np.arange(num_paths) - starts[group[order]]
+  partner = order[starts[group] + (rank + 1) % sizes[group]]
+  exact = np.linalg.norm(future - future[partner], axis=-1)[kept].mean()
+  # Best point: counts of the futures on the grid per (group, frame), against every grid point.
+  points = np.stack(np.meshgrid(np.arange(grid), np.arange(grid), indexing="ij"), -1).reshape(-1, 2)  # [G2, 2]
+  apart = np.linalg.norm(points[:, None] - points[None], axis=-1)  # [G2, G2]
+  cell = future[..., 0] * grid + future[..., 1]  # [paths, F - given]
+  best = 0.0
+  for f in range(num_frames - given):
+    counts = np.zeros((len(sizes), grid * grid))
+    np.add.at(counts, (group, cell[:, f]), 1.0)
+    best += (counts @ apart).min(axis=1).sum() / num_paths  # the best grid point of each group
+  repeat = np.linalg.norm(future - paths[:, given - 1:given], axis=-1).mean()
+  return {"exact_sampler": float(exact), "best_point": float(best / (num_frames - given)),
+          "repeat_last": float(repeat)}
+
+
 def videos_from_config(data_cfg, split: str, start: int, count: int) -> dict[str, np.ndarray]:
   """Videos start..start+count-1 of a split of a moving_digits `config.data`, generated directly (no build).
 

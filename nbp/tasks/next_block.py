@@ -24,6 +24,7 @@ N predicted tokens, V vocabulary (with the begin token).
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 import os
 from typing import Any, NamedTuple
@@ -103,7 +104,7 @@ def loss(model: Model, params, batch, rng, *, cond_dropout: float = 0.0, train: 
 
 def sample(model: Model, params, rng, *, num_samples: int = 8, temperature: float = 1.0, top_k: int = 0,
            top_p: float = 1.0, labels: jax.Array | None = None, guidance_scale: float | None = None,
-           prompt: jax.Array | None = None, cache_phases: int = 4) -> jax.Array:
+           prompt: jax.Array | None = None, cache_phases: int = 4, candidates: int = 1) -> jax.Array:
   """Draws `num_samples` grids of tokens [B, F, H, W] block by block with the KV cache; jit it whole.
 
   One prefill call reads the prefix and the start block (a cache of exactly
@@ -121,7 +122,21 @@ def sample(model: Model, params, rng, *, num_samples: int = 8, temperature: floa
     are returned unchanged in the output. As a prefix they are read in the
     prefill before the start block; as blocks (`given_frames="blocks"`) after
     it, so the prefill's last block predicts the first generated one.
+  candidates: K > 1 draws K grids per condition in one batch of B K rows and
+    returns, per condition, the one agreeing with the other K - 1 on most
+    tokens (`sampling.consensus`, minimum Bayes risk): one typical answer,
+    at K times the cost.
   """
+  if candidates > 1:
+    if model.condition == "class" and labels is None:
+      labels = jnp.arange(num_samples, dtype=jnp.int32) % model.num_classes
+    repeat = lambda x: None if x is None else jnp.repeat(x, candidates, axis=0)  # rows c0 .. cK-1 per condition
+    grids = sample(model, params, rng, num_samples=num_samples * candidates, temperature=temperature, top_k=top_k,
+                   top_p=top_p, labels=repeat(labels), guidance_scale=guidance_scale, prompt=repeat(prompt),
+                   cache_phases=cache_phases)
+    return sampling.consensus(grids.reshape(num_samples, candidates, -1)).reshape(num_samples, *model.grid)
+  if candidates != 1:
+    raise ValueError(f"config.sampler.candidates={candidates}: draws per condition, at least 1")
   b, block_len, p = num_samples, model.block_len, model.prefix_len
   guided = guidance_scale is not None
   if guided and model.condition != "class":
@@ -324,6 +339,10 @@ def sampler_kwargs(model: Model, sampler_cfg) -> dict:
   batch draws the same tokens at half the cost.
   """
   kwargs = dict(sampler_cfg)
+  known = set(inspect.signature(sample).parameters) - {"model", "params", "rng", "labels", "prompt"}
+  if set(kwargs) - known:
+    raise ValueError(f"config.sampler has {sorted(set(kwargs) - known)}, which the block sampler does not take; "
+                     f"its keys: {sorted(known)}")
   if kwargs.get("guidance_scale") == 1.0 or model.condition != "class":
     kwargs["guidance_scale"] = None
   return kwargs
