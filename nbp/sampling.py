@@ -100,9 +100,10 @@ def consensus(candidates: jax.Array) -> jax.Array:
   Ties go to the lowest index. One sequence is compared with all K at a time
   (`lax.map`), so memory stays at B x K x N whatever K.
   """
-  b, k, n = candidates.shape
+  k = candidates.shape[1]
   if k == 1:
     return candidates[:, 0]
+
   def agree(i):  # [B, K]: candidate i against every candidate (itself: n, alike for all)
     one = jax.lax.dynamic_slice_in_dim(candidates, i, 1, axis=1)
     return jnp.sum(candidates == one, axis=-1, dtype=jnp.int32)
