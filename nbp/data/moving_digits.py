@@ -85,14 +85,14 @@ def default_digit_scale(frame_size: int) -> int:
   return 1 if frame_size <= 32 else frame_size // 32
 
 
-def _bounce(pos: float, vel: float, limit: float) -> tuple[float, float]:
-  """Reflects a 1D position off the walls [0, limit]."""
-  pos += vel
-  if pos < 0:
-    pos, vel = -pos, -vel
-  if pos > limit:
-    pos, vel = 2 * limit - pos, -vel
-  return min(max(pos, 0.0), limit), vel
+def _bounce(pos, vel, limit: float):
+  """Reflects positions off the walls [0, limit] after one step: (pos, vel), floats or arrays alike."""
+  pos = pos + vel
+  vel = np.where(pos < 0, -vel, vel)
+  pos = np.where(pos < 0, -pos, pos)
+  vel = np.where(pos > limit, -vel, vel)
+  pos = np.where(pos > limit, 2 * limit - pos, pos)
+  return np.clip(pos, 0.0, limit), vel
 
 
 def moving_digits_example(
@@ -202,11 +202,7 @@ def motion_floors(*, num_frames: int, frame_size: int, speed: float, given: int,
   frames = []
   for _ in range(num_frames):
     frames.append(np.round(pos).astype(np.int64))
-    pos = pos + vel  # `_bounce` on every path at once
-    vel = np.where(pos < 0, -vel, vel)
-    pos = np.where(pos < 0, -pos, pos)
-    vel = np.where(pos > limit, -vel, vel)
-    pos = np.clip(np.where(pos > limit, 2 * limit - pos, pos), 0, limit)
+    pos, vel = _bounce(pos, vel, limit)  # every path and axis at once
   paths = np.stack(frames, axis=1)  # [paths, F, 2] integer positions 0..limit
   grid = int(limit) + 1
   past = paths[:, :given].reshape(num_paths, -1)
