@@ -73,9 +73,10 @@ def test_motion_floors_against_brute_force_over_the_same_paths():
   for i in range(4000):
     groups.setdefault(paths[i, :2].tobytes(), []).append(i)
   points = np.stack(np.meshgrid(np.arange(5), np.arange(5), indexing="ij"), -1).reshape(-1, 2)
-  pairs, pair_weight, best = 0.0, 0, 0.0
+  pairs, pair_weight, best, to_mean = 0.0, 0, 0.0, 0.0
   for members in groups.values():
     future = paths[members, 2:]  # [m, 2, 2]
+    to_mean += np.linalg.norm(future - future.mean(0), axis=-1).sum()
     for f in range(2):
       best += min(np.linalg.norm(future[:, f] - p, axis=-1).sum() for p in points)
     if len(members) > 1:  # every ordered pair of two paths, weighted like one partner per path
@@ -83,11 +84,12 @@ def test_motion_floors_against_brute_force_over_the_same_paths():
       pairs += apart.sum() / (len(members) - 1)
       pair_weight += len(members)
   np.testing.assert_allclose(got["best_point"], best / (4000 * 2), rtol=1e-9)
+  np.testing.assert_allclose(got["exact_mean"], to_mean / (4000 * 2), rtol=1e-9)
   np.testing.assert_allclose(got["exact_sampler"], pairs / pair_weight, atol=0.05)  # one random partner per path
   np.testing.assert_allclose(got["repeat_last"], np.linalg.norm(paths[:, 2:] - paths[:, 1:2], axis=-1).mean())
-  assert got["best_point"] < got["exact_sampler"] < got["repeat_last"]
+  assert got["best_point"] < got["exact_mean"] < got["exact_sampler"] < got["repeat_last"]
   still = md.motion_floors(num_frames=4, frame_size=12, speed=0.0, given=1, num_paths=100)
-  assert still == {"exact_sampler": 0.0, "best_point": 0.0, "repeat_last": 0.0}
+  assert still == {"exact_sampler": 0.0, "best_point": 0.0, "exact_mean": 0.0, "repeat_last": 0.0}
   with pytest.raises(ValueError, match="given=4"):
     md.motion_floors(num_frames=4, frame_size=12, speed=2.0, given=4)
 

@@ -22,6 +22,7 @@ from nbp import evaluators
 from nbp import tasks
 from nbp.data import moving_digits
 from nbp.data import pipeline
+from nbp.evaluators import frame_prediction
 from nbp.evaluators import frechet
 from nbp.evaluators import fvd
 from nbp.evaluators import fvd_digits
@@ -555,6 +556,28 @@ def test_frame_prediction_is_prompted_with_the_stand_in_first_frames(classifier_
   want = generation.frame_prediction_metrics(stand_in["video"], generated.videos, 2)
   assert {k: metrics[k] for k in want} == want and set(want) == {
       "com_error_px", "com_error_px_repeat_last", "empty_frames", "mse", "mse_repeat_last", "mse_black"}
+
+
+@pytest.mark.slow
+def test_frame_prediction_scores_the_pixel_mean_of_several_draws(data_dir):
+  """draws=K: K continuations per video, the single-draw figures over all of them, the mean frame scored apart."""
+  s, params = _untrained(tiny_generator_config(data_dir, "tiny,local,row,frames"))
+  evaluator = frame_prediction.Evaluator(num_videos=3, batch_size=4, draws=2)
+  metrics = evaluator.run(_context(s, params))
+  real = generation.real_videos(generation.run_video_data(s.config), 0, 3, "validation")
+  repeated = {k: np.repeat(v, 2, axis=0) for k, v in real.items()}  # video 0, video 0, video 1, ...
+  drawn = generation.generate_videos(s, params, jax.random.key(0), repeated, batch_size=4,
+                                     expected_shape=real["video"].shape[1:], judge="test").videos
+  assert not np.array_equal(drawn[0::2, 2:], drawn[1::2, 2:])  # two draws of one video differ
+  single = generation.frame_prediction_metrics(repeated["video"], drawn, 2)
+  assert {k: metrics[k] for k in single} == single
+  mean = drawn.astype(np.float64).reshape(3, 2, *drawn.shape[1:]).mean(1)
+  of_mean = generation.frame_prediction_metrics(real["video"], mean, 2)
+  assert metrics["mse_mean_of_draws"] == of_mean["mse"] and metrics["draws"] == 2
+  assert metrics["com_error_px_mean_of_draws"] == of_mean["com_error_px"] or np.isnan(of_mean["com_error_px"])
+  assert metrics["mse_mean_of_draws"] <= metrics["mse"]  # averaging never raises the MSE (convexity)
+  with pytest.raises(ValueError, match="draws=0"):
+    frame_prediction.Evaluator(draws=0).run(_context(s, params))
 
 
 def test_frame_prediction_metrics_on_known_motion():

@@ -189,6 +189,10 @@ def motion_floors(*, num_frames: int, frame_size: int, speed: float, given: int,
     best_point: one position per group and predicted frame, the grid point
       with the least mean distance to the group's futures (what the best single
       video a sampler can return scores);
+    exact_mean: the group's mean future position, what the pixel mean of
+      many draws of the true conditional distribution scores (the mean frame's
+      centre of mass is the mean of the draws' centres, as every draw holds the
+      whole digit);
     repeat_last: the last given frame's position, for scale.
   """
   if not 0 < given < num_frames:
@@ -226,9 +230,12 @@ def motion_floors(*, num_frames: int, frame_size: int, speed: float, given: int,
     counts = np.zeros((len(sizes), grid * grid))
     np.add.at(counts, (group, cell[:, f]), 1.0)
     best += (counts @ apart).min(axis=1).sum() / num_paths  # the best grid point of each group
+  mean = np.stack([np.bincount(group, weights=future[:, f, a]) / sizes
+                   for f in range(num_frames - given) for a in range(2)], axis=-1)[group]
+  exact_mean = np.linalg.norm(future - mean.reshape(future.shape), axis=-1).mean()
   repeat = np.linalg.norm(future - paths[:, given - 1:given], axis=-1).mean()
   return {"exact_sampler": float(exact), "best_point": float(best / (num_frames - given)),
-          "repeat_last": float(repeat)}
+          "exact_mean": float(exact_mean), "repeat_last": float(repeat)}
 
 
 def videos_from_config(data_cfg, split: str, start: int, count: int) -> dict[str, np.ndarray]:

@@ -16,6 +16,13 @@ for one moving digit the evaluator also reports what ideal predictors score
 (com_error_px_exact_sampler), the floor of any sampler that draws, and the best
 single answer per condition (com_error_px_best_point), the floor of any.
 
+A single draw is a sample, not a forecast: with `draws` K > 1 the sampler
+continues each video K times, the single-draw figures average over the K, and
+the pixel mean of the K predicted frames, the Monte-Carlo estimate of the
+conditional mean (the least-MSE prediction), is scored as one more predictor
+(`*_mean_of_draws`). Its floor is com_error_px_exact_mean: the mean of many
+draws of the true conditional distribution.
+
 Dimensions: N videos, F frames, H height, W width, C channels.
 """
 
@@ -25,6 +32,7 @@ import dataclasses
 import functools
 
 import jax
+import numpy as np
 
 from nbp.data import moving_digits
 from nbp.evaluators import generation
@@ -35,6 +43,7 @@ class Evaluator:
   """The predicted frames of N videos of a split against the true ones; the schema of its config section."""
 
   num_videos: int = 64  # N: videos 0..N-1 of the split, continued from their first frames
+  draws: int = 1  # K continuations per video; K > 1 also scores their pixel mean (*_mean_of_draws)
   batch_size: int = 16  # videos per sampler call
   seed: int = 0  # the sampling key: jax.random.key(seed)
   split: str = "validation"  # validation while choosing, test once
@@ -44,25 +53,34 @@ class Evaluator:
     if s.task.model.condition != "frames":
       raise ValueError(f"frame_prediction: config.model.condition is {s.task.model.condition!r}; it evaluates runs "
                        "that continue given frames (condition 'frames').")
+    if self.draws < 1:
+      raise ValueError(f"frame_prediction: draws={self.draws}; it needs at least one continuation per video.")
     split = context.split_of(self)
     real = generation.real_videos(generation.run_video_data(s.config), 0, self.num_videos, split)
-    generated = generation.generate_videos(s, context.params, jax.random.key(self.seed), real,
+    repeated = {k: np.repeat(v, self.draws, axis=0) for k, v in real.items()}  # each video's K draws side by side
+    generated = generation.generate_videos(s, context.params, jax.random.key(self.seed), repeated,
                                            batch_size=self.batch_size, expected_shape=real["video"].shape[1:],
                                            judge=f"the run's {split} videos")
     given = generation.given_video_frames(s.config)
-    metrics = generation.frame_prediction_metrics(real["video"], generated.videos, given)
+    metrics = generation.frame_prediction_metrics(repeated["video"], generated.videos, given)
+    if self.draws > 1:
+      draws = generated.videos.reshape(self.num_videos, self.draws, *generated.videos.shape[1:])
+      mean = generation.frame_prediction_metrics(real["video"], draws.astype(np.float64).mean(1), given)
+      metrics.update({f"{k}_mean_of_draws": mean[k] for k in ("com_error_px", "empty_frames", "mse")})
     metrics.update(_floors(generation.run_video_data(s.config), given))
-    return dict(metrics, frames_per_s=generated.rates()["frames_per_s"], num_videos=float(self.num_videos))
+    return dict(metrics, frames_per_s=generated.rates()["frames_per_s"], num_videos=float(self.num_videos),
+                draws=float(self.draws))
 
 
 def _floors(data_cfg, given: int) -> dict[str, float]:
   """For one moving digit, the centre-of-mass errors of ideal predictors (`moving_digits.motion_floors`):
-  com_error_px_exact_sampler (a draw of the true conditional distribution) and com_error_px_best_point (the best
-  single answer per condition). Other data: none."""
+  com_error_px_exact_sampler (a draw of the true conditional distribution), com_error_px_exact_mean (the mean of
+  many such draws) and com_error_px_best_point (the best single answer per condition). Other data: none."""
   if data_cfg.name != "moving_digits" or data_cfg.num_digits != 1:
     return {}
   floors = _motion_floors(data_cfg.num_frames, data_cfg.frame_size, float(data_cfg.speed), given)
-  return {"com_error_px_exact_sampler": floors["exact_sampler"], "com_error_px_best_point": floors["best_point"]}
+  return {"com_error_px_exact_sampler": floors["exact_sampler"], "com_error_px_exact_mean": floors["exact_mean"],
+          "com_error_px_best_point": floors["best_point"]}
 
 
 @functools.cache

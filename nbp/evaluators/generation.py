@@ -189,7 +189,8 @@ def centres_of_mass(frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def frame_prediction_metrics(real: np.ndarray, generated: np.ndarray, given: int) -> dict[str, float]:
-  """The predicted frames (after the first `given`) of uint8 videos [N, F, H, W, C] against the real ones.
+  """The predicted frames (after the first `given`) of videos [N, F, H, W, C] on 0..255 (uint8, or the float mean
+  of several draws) against the real ones.
 
   com_error_px: mean distance in pixels between the centres of mass of each
   predicted frame and its true frame, over frames that both have ink (the
