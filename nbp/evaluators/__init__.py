@@ -27,7 +27,8 @@ evaluator on test after the last step and logs it as "test/<name>/<key>".
               horizons, log-likelihood per event), as sum / count
   rollout     episodes in the environment with the policy acting step by step (returns)
   frame_prediction  predicted frames of a frame-prediction run against the true ones (centre-of-mass
-              error, pixel MSE) beside repeating the last given frame
+              error, pixel MSE) beside repeating the last given frame; with `draws` K, also the
+              pixel mean of K draws per video, a forecast
 
 Every evaluator gets the same parameters, the EMA ones when the run keeps
 them (`Context.params_name` says which).
