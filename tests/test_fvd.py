@@ -580,6 +580,33 @@ def test_frame_prediction_scores_the_pixel_mean_of_several_draws(data_dir):
     frame_prediction.Evaluator(draws=0).run(_context(s, params))
 
 
+@pytest.mark.slow
+def test_frame_log_likelihoods_sum_to_the_loss_and_the_belief_is_scored(data_dir):
+  """The frames' teacher-forced log-likelihoods add up to the loss; the evaluator's belief figures exist."""
+  s, params = _untrained(tiny_generator_config(data_dir, "tiny,local,row,frames"))
+  real = generation.real_videos(generation.run_video_data(s.config), 0, 3, "validation")
+  tokens = s.task.predict_fn("from_videos")(real["video"])  # [3, F, H, W]
+  score = s.task.predict_fn("frame_log_likelihood")
+  model = s.task.model
+  total = sum(score(params, tokens, frame=f) for f in range(model.prefix_frames, model.grid[0]))  # [3]
+  loss, _ = s.task.predict_fn("eval_loss")(params, {"tokens": tokens.reshape(3, -1)}, jax.random.key(0))
+  np.testing.assert_allclose(-float(total.mean()) / model.num_predicted, float(loss), rtol=1e-5)
+  with pytest.raises(ValueError, match="frame 1 of 5 is not predicted"):
+    score(params, tokens, frame=1)
+  metrics = frame_prediction.Evaluator(num_videos=2, batch_size=2, belief=True).run(_context(s, params))
+  assert 0 <= metrics["com_error_px_first_belief"] < 8 and np.isfinite(metrics["com_error_px_first"])
+  assert metrics["com_error_px_first_exact_sampler"] == 0  # an 8x8 digit in an 8x8 frame cannot move
+
+
+def test_position_shifts_keep_every_inked_pixel():
+  ink = np.zeros((5, 6), bool)
+  ink[1:3, 2] = True  # rows 1-2, column 2
+  inside = [(dy, dx) for dy in range(-5, 6) for dx in range(-6, 7)  # brute force: both pixels stay in the frame
+            if 0 <= 1 + dy and 2 + dy < 5 and 0 <= 2 + dx < 6]
+  assert frame_prediction.position_shifts(ink) == inside and len(inside) == 4 * 6
+  assert frame_prediction.position_shifts(np.zeros((3, 3), bool)) == [(0, 0)]
+
+
 def test_frame_prediction_metrics_on_known_motion():
   """A 2x2 square moving one pixel right per frame: exact, shifted, empty and repeated predictions."""
   real = np.zeros((2, 5, 8, 8, 1), np.uint8)

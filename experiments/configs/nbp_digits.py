@@ -144,7 +144,7 @@ def get_config(arg: str = "XS,local,row"):
     c.sampler.guidance_scale = 3.0
   if condition == "frames":  # the predicted frames against the true ones, at the end (nbp.evaluators.frame_prediction)
     c.evals.frames = dict(type="frame_prediction", every=0, num_videos=64 if local else 256, batch_size=16, seed=0,
-                          draws=1)
+                          draws=1, belief=False)
     if local and "tokens" not in flags:
       # Chosen on validation (XS pixels, 300 steps, seeds 0 and 1, 64 videos; centre-of-mass error in pixels,
       # repeating the last given frame: 2.16): rope3d 1.80, rope3d_split 1.73; top-p 0.9 1.73 and 1.61,

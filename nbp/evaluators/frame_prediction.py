@@ -23,6 +23,17 @@ conditional mean (the least-MSE prediction), is scored as one more predictor
 (`*_mean_of_draws`). Its floor is com_error_px_exact_mean: the mean of many
 draws of the true conditional distribution.
 
+Where a miss comes from, the model or its sampler: with `belief` (pixel runs
+on one moving digit), the model scores every shift of the last given frame as
+the first predicted frame (the true one is among them: the digit moves
+whole), which gives its belief over where the digit goes. Reported for that
+first predicted frame: what a draw of the belief misses by
+(com_error_px_first_belief), what the sampler's draws miss by
+(com_error_px_first), and the exact sampler's floor
+(com_error_px_first_exact_sampler). A sampler that misses by more than the
+belief loses what the model knows; a belief that misses by more than the
+floor is the model's own.
+
 Dimensions: N videos, F frames, H height, W width, C channels.
 """
 
@@ -44,6 +55,7 @@ class Evaluator:
 
   num_videos: int = 64  # N: videos 0..N-1 of the split, continued from their first frames
   draws: int = 1  # K continuations per video; K > 1 also scores their pixel mean (*_mean_of_draws)
+  belief: bool = False  # also the model's belief over the first predicted frame's shift (pixels, one digit)
   batch_size: int = 16  # videos per sampler call
   seed: int = 0  # the sampling key: jax.random.key(seed)
   split: str = "validation"  # validation while choosing, test once
@@ -68,6 +80,10 @@ class Evaluator:
       mean = generation.frame_prediction_metrics(real["video"], draws.astype(np.float64).mean(1), given)
       metrics.update({f"{k}_mean_of_draws": mean[k] for k in ("com_error_px", "empty_frames", "mse")})
     metrics.update(_floors(generation.run_video_data(s.config), given))
+    if self.belief:
+      first = generation.frame_prediction_metrics(repeated["video"][:, :given + 1],
+                                                  generated.videos[:, :given + 1], given)
+      metrics.update(_belief(s, context.params, real["video"], given), com_error_px_first=first["com_error_px"])
     return dict(metrics, frames_per_s=generated.rates()["frames_per_s"], num_videos=float(self.num_videos),
                 draws=float(self.draws))
 
@@ -81,6 +97,41 @@ def _floors(data_cfg, given: int) -> dict[str, float]:
   floors = _motion_floors(data_cfg.num_frames, data_cfg.frame_size, float(data_cfg.speed), given)
   return {"com_error_px_exact_sampler": floors["exact_sampler"], "com_error_px_exact_mean": floors["exact_mean"],
           "com_error_px_best_point": floors["best_point"]}
+
+
+def _belief(s, params, videos, given: int) -> dict[str, float]:
+  """The first predicted frame: what a draw of the model's belief over shifts misses by, and the floor."""
+  data_cfg = s.config.data
+  if data_cfg.name != "moving_digits" or data_cfg.num_digits != 1:
+    raise ValueError(f"frame_prediction: belief=True scores shifts of one digit in pixels; config.data is "
+                     f"{data_cfg.name!r} with {data_cfg.get('num_digits')} digits.")
+  tokens = np.asarray(s.task.predict_fn("from_videos")(videos))  # [N, F, H, W]
+  background = np.asarray(s.task.predict_fn("from_videos")(np.zeros_like(videos[:1])))[0, 0, 0, 0]
+  score = s.task.predict_fn("frame_log_likelihood", who="frame_prediction's belief")
+  centres = generation.centres_of_mass(videos)[0]  # [N, F, 2]
+  shifts = [position_shifts(frame != background) for frame in tokens[:, given - 1]]
+  most = max(map(len, shifts))
+  misses = []
+  for video, last, centre, moves in zip(tokens, tokens[:, given - 1], centres, shifts):
+    candidates = np.repeat(video[None], most, axis=0)  # padded with copies of the first shift, dropped below
+    for k, move in enumerate(moves + moves[:1] * (most - len(moves))):
+      candidates[k, given] = np.roll(last, move, axis=(0, 1))
+    log_p = np.asarray(score(params, candidates, frame=given))[:len(moves)]
+    belief = np.exp(log_p - log_p.max())
+    apart = np.linalg.norm(centre[given - 1] + np.asarray(moves, float) - centre[given], axis=-1)
+    misses.append(np.sum(belief * apart) / belief.sum())
+  floor = _motion_floors(given + 1, data_cfg.frame_size, float(data_cfg.speed), given)
+  return {"com_error_px_first_belief": float(np.mean(misses)),
+          "com_error_px_first_exact_sampler": floor["exact_sampler"]}
+
+
+def position_shifts(ink: np.ndarray) -> list[tuple[int, int]]:
+  """Every (dy, dx) that moves the inked pixels of a frame [H, W] without losing any (none inked: no move)."""
+  if not ink.any():
+    return [(0, 0)]
+  rows, cols = np.nonzero(ink)
+  return [(dy, dx) for dy in range(-rows.min(), ink.shape[0] - rows.max())
+          for dx in range(-cols.min(), ink.shape[1] - cols.max())]
 
 
 @functools.cache

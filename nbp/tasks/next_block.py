@@ -75,6 +75,28 @@ def cross_entropy(logits: jax.Array, targets: jax.Array, weights: jax.Array | No
   return jnp.sum(losses * weights) / jnp.maximum(count, 1.0), count
 
 
+def frame_log_likelihood(model: Model, params, grids: jax.Array, frame: int) -> jax.Array:
+  """log p(frame `frame` | everything before it) of unconditioned or frame-conditioned grids [B, F, H, W]: [B].
+
+  Teacher forced: one forward pass, the log-probabilities of that frame's
+  tokens summed (they must be predicted, not given). The frame's tokens see
+  only blocks before their own, so what follows the frame does not matter.
+  """
+  if model.condition == "class":
+    raise ValueError("frame_log_likelihood scores unconditioned or frame-conditioned runs; this one is "
+                     "class-conditioned.")
+  if not model.frame_prefix_len <= frame * model.grid[1] * model.grid[2] < model.num_tokens:
+    raise ValueError(f"frame {frame} of {model.grid[0]} is not predicted by the model (given frames: "
+                     f"{model.frame_prefix_len // (model.grid[1] * model.grid[2])})")
+  inputs, targets = next_block_targets(model, grids.reshape(grids.shape[0], -1))
+  logits = model.apply({"params": params}, inputs)[:, -model.num_predicted:]
+  log_p = jnp.take_along_axis(jax.nn.log_softmax(logits.astype(jnp.float32), -1), targets[..., None], -1)[..., 0]
+  in_frame = np.zeros(model.grid, bool)
+  in_frame[frame] = True
+  in_frame = to_block_order(in_frame.reshape(-1), model.order)[model.frame_prefix_len:]  # [N], target order
+  return jnp.sum(log_p * in_frame, axis=-1)
+
+
 def loss(model: Model, params, batch, rng, *, cond_dropout: float = 0.0, train: bool = True):
   """Cross-entropy over the predicted tokens (never the prefix); bits/token, accuracy, num_targets.
 
@@ -386,6 +408,8 @@ def make_task(config) -> tasks.Task:
   if config.data.name != "text":
     predict_fns["to_videos"] = functools.partial(tokens_to_videos, model, config.data)
     predict_fns["from_videos"] = functools.partial(videos_to_tokens, model, config.data)
+    predict_fns["frame_log_likelihood"] = jax.jit(functools.partial(frame_log_likelihood, model),
+                                                  static_argnames="frame")
   return tasks.Task(
       model=model,
       init_inputs=init_inputs,
