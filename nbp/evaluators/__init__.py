@@ -28,7 +28,8 @@ evaluator on test after the last step and logs it as "test/<name>/<key>".
   rollout     episodes in the environment with the policy acting step by step (returns)
   frame_prediction  predicted frames of a frame-prediction run against the true ones (centre-of-mass
               error, pixel MSE) beside repeating the last given frame; with `draws` K, also the
-              pixel mean of K draws per video, a forecast
+              pixel mean of K draws per video, a forecast; with `belief`, the model's own belief
+              over where the digit goes, against its sampler's draws
 
 Every evaluator gets the same parameters, the EMA ones when the run keeps
 them (`Context.params_name` says which).
