@@ -596,6 +596,22 @@ def test_frame_log_likelihoods_sum_to_the_loss_and_the_belief_is_scored(data_dir
   metrics = frame_prediction.Evaluator(num_videos=2, batch_size=2, belief=True).run(_context(s, params))
   assert 0 <= metrics["com_error_px_first_belief"] < 8 and np.isfinite(metrics["com_error_px_first"])
   assert metrics["com_error_px_first_exact_sampler"] == 0  # an 8x8 digit in an 8x8 frame cannot move
+  # Videos whose digit moves by the furthest shift down and right, and a scorer sure of that shift (it scores
+  # ink lower and further right higher): a draw of its belief misses by nothing, one sure of no move by the move.
+  videos = real["video"][:2].copy()
+  last = s.task.predict_fn("from_videos")(videos)[:, 1]
+  moves = [frame_prediction.position_shifts(np.asarray(f) != 0)[-1] for f in last]
+  assert max(map(max, moves)) > 0  # the digit's ink leaves room to move
+  for video, move in zip(videos, moves):
+    video[2] = np.roll(video[1], move, axis=(0, 1))
+  reach = np.add.outer(np.arange(8), np.arange(8))
+  s.task.predict_fns["frame_log_likelihood"] = lambda params, grids, frame: (
+      1e3 * ((grids[:, frame] != 0) * reach).sum((1, 2)))
+  assert frame_prediction._belief(s, params, videos, 2)["com_error_px_first_belief"] == 0
+  s.task.predict_fns["frame_log_likelihood"] = lambda params, grids, frame: (
+      -1e3 * (grids[:, frame] != grids[:, 1]).sum((1, 2)))
+  np.testing.assert_allclose(frame_prediction._belief(s, params, videos, 2)["com_error_px_first_belief"],
+                             np.linalg.norm(np.asarray(moves, float), axis=-1).mean(), rtol=1e-9)
 
 
 def test_position_shifts_keep_every_inked_pixel():
