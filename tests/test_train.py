@@ -184,6 +184,23 @@ def test_accumulation_of_a_batch_without_targets_is_zero_not_nan():
   assert float(metrics["grad_norm"]) == 0.0 and np.isfinite(params["kernel"]).all()
 
 
+def test_every_log_line_carries_the_model_flops_utilisation(tmp_path, data_dir, monkeypatch):
+  """mfu = XLA's FLOPs of the compiled step x steps/s / the start-up matmul rate, on every log line."""
+  monkeypatch.setattr(train.roofline, "peak_matmul_rate", lambda dtype: 1e9)  # a known denominator
+  config = tiny_ntp_config(data_dir, num_steps=3, checkpoint_every=3)
+  train.train_and_evaluate(config, str(tmp_path))
+  rows = [r for r in metrics_lib.read_jsonl(os.path.join(tmp_path, "metrics.jsonl")) if "loss" in r]
+  assert len(rows) == 3
+  s = train.setup(config)
+  state = train.init_state(s, config.seed)
+  batch = train.sharding.global_batch(next(train.data_iterator(s, "train", config.seed)), s.batch_sharding)
+  with s.context():
+    _, flops = train.aot_compile(train.compile_train_step(s), state, batch, jax.random.key(0))
+  assert flops > 0
+  for r in rows:
+    np.testing.assert_allclose(r["mfu"], flops * r["steps_per_sec"] / 1e9, rtol=1e-6)
+
+
 def _two_steps(data_dir, batch, grad_accum_steps):
   """Params, loss and metrics after two optimizer steps on `batch`, lr constant from step 0."""
   config = tiny_ntp_config(data_dir, grad_accum_steps=grad_accum_steps)
@@ -444,17 +461,17 @@ def test_init_from_takes_parameters_and_ema_but_not_the_optimizer(tmp_path, data
 
   # Record the state the first train step of run B receives (before it is donated).
   started = []
-  compile_train_step = train.compile_train_step
+  aot_compile = train.aot_compile
 
-  def recording_compile(setup_):
-    step_fn = compile_train_step(setup_)
+  def recording_compile(step_fn, *args):
+    compiled, flops = aot_compile(step_fn, *args)
     def step(state, *args):
       if not started:
         started.append(jax.device_get(state))
-      return step_fn(state, *args)
-    return step
+      return compiled(state, *args)
+    return step, flops
 
-  monkeypatch.setattr(train, "compile_train_step", recording_compile)
+  monkeypatch.setattr(train, "aot_compile", recording_compile)
   config_b = tiny_ntp_config(data_dir, num_steps=1, checkpoint_every=1)
   config_b.optimizer.ema_decay = 0.5
   config_b.init_from = str(tmp_path / "a" / "checkpoints")

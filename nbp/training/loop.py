@@ -16,8 +16,15 @@ step, logged under "test/".
 The state is built abstractly (`jax.eval_shape`), its shardings derived from the
 logical axis names in the model and `config.axis_rules`, then materialised with
 `jax.jit(init, out_shardings=...)`. The train step is jitted once with the state
-donated. Every step's RNG is the base RNG folded with the step, so a resumed run
-repeats exactly what an uninterrupted one would have done.
+donated, and compiled ahead of time on the first batch. Every step's RNG is the
+base RNG folded with the step, so a resumed run repeats exactly what an
+uninterrupted one would have done.
+
+Every log line carries the step rate and the model FLOPs utilisation ("mfu"):
+XLA's FLOP count of the compiled step times the steps per second, over the
+matmul rate measured at start-up (nbp.roofline.peak_matmul_rate, per device).
+The step rate counts training steps only: time spent in evaluators and
+checkpoint saves is left out.
 """
 
 from __future__ import annotations
@@ -42,6 +49,7 @@ from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from nbp import evaluators
+from nbp import roofline
 from nbp import tasks as tasks_lib
 from nbp.data import pipeline
 from nbp.training import checkpoint as checkpoint_lib
@@ -250,6 +258,15 @@ def compile_train_step(s: Setup):
                  out_shardings=(s.state_sharding, sharding.replicated(s.mesh)), donate_argnums=(0,))
 
 
+def aot_compile(step_fn, state: TrainState, batch, rng):
+  """(the compiled train step, its FLOPs as XLA counts them, or None where XLA gives no count)."""
+  compiled = step_fn.lower(state, batch, rng).compile()
+  try:
+    return compiled, roofline.compiled_flops(compiled)
+  except ValueError:
+    return compiled, None
+
+
 def data_iterator(s: Setup, split: str, seed: int):
   local = s.config.batch_size // jax.process_count()
   return s.task.data(split, seed=seed, process_index=jax.process_index(),
@@ -322,6 +339,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   base_rng = jax.random.key(config.seed + 1)
   with s.context():
     step_fn = compile_train_step(s)
+  step_flops = None  # set with the compiled step, on the first batch
+  peak = roofline.peak_matmul_rate(config.model.get("dtype", "float32"))  # FLOP/s, per device
+  compiled = False
   start = int(state.step)
   pending: list[tuple[int, dict]] = []  # per-step metrics not yet fetched
   last: dict[str, Any] = {}
@@ -370,6 +390,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         e.add_note(note)
         raise
       batch = sharding.global_batch(local_batch, s.batch_sharding)
+      if not compiled:
+        step_fn, step_flops = aot_compile(step_fn, state, batch, base_rng)
+        compiled = True
+        tick = time.perf_counter()  # the compilation is not a step
       state, metrics = step_fn(state, batch, base_rng)
       pending.append((step + 1, metrics))
       done = step + 1
@@ -391,17 +415,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           means["examples_per_sec"] = rate * config.batch_size
           if "num_targets" in means:
             means["targets_per_sec"] = rate * means["num_targets"]
+          postfix = dict(loss=f"{means['loss']:.4f}", steps_per_s=f"{rate:.2f}")
+          if step_flops is not None:
+            means["mfu"] = step_flops * rate / peak
+            postfix["mfu"] = f"{means['mfu']:.2f}"
           writer.write(done, means)
-          progress.set_postfix(loss=f"{means['loss']:.4f}", steps_per_s=f"{rate:.2f}")
+          progress.set_postfix(**postfix)
           last = means
         tick, tick_step = now, done
 
+      paused = False  # evaluations and saves are not training time
       if any(evaluators.due(every, done, is_last) for every, _ in scheduled.values()):
         run_evaluators(s, *eval_params(state), done, workdir, final=is_last, writer=writer)
+        paused = True
       if is_last and config.eval_test_at_end:
         run_evaluators(s, *eval_params(state), done, workdir, final=True, writer=writer, split="test")
       if done % config.checkpoint_every == 0 or is_last or preempted:
         ckpt.save(done, state, train_iter)
+        paused = True
+      if paused:
+        jax.block_until_ready(state)
+        tick, tick_step = time.perf_counter(), done
       if preempted:
         logging.warning("SIGTERM: saved step %d, exiting.", done)
         status = "preempted"
