@@ -19,6 +19,15 @@ are 4x the latent frames for a 4x time-compressing tokenizer), the prefill's
 seconds, the milliseconds of one block step after it, and the speed-up over
 NTP, both for the whole generation and for the block steps alone.
 
+Beside each time it prints its floor (nbp.roofline), from rates measured in
+the same run: the memory bandwidth, and the matmul rate at the step's own
+shape (batch x block rows through the width-to-MLP projection; the prefill's
+rows for the prefill). A block step must read the weights and the cache it
+attends over (the slots written so far: the mean over the generation's
+steps) and do the FLOPs XLA counts for one step compiled alone at the mean
+cache length (the model call and the top-p draw, as the sampler's loop body
+does it); the prefill, its weights and the FLOPs of its compiled call.
+
 --before REV also times the samplers of git revision REV (e.g. the commit
 before a change) in a child process that waits for its turn, interleaved with
 this checkout's: rows marked "(REV)". The child builds the same weights (same
@@ -50,6 +59,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
+
+try:
+  from nbp import roofline
+except ImportError:  # the --before child runs this file against a revision older than nbp.roofline
+  roofline = None
 
 SETTINGS = {  # name: (layers, width, heads, vocab, grid, given frames)
     "paper": (8, 512, 8, 1024, (5, 16, 16), 2),
@@ -89,6 +103,7 @@ class Api:
       self.model_module = importlib.import_module("nbp.models.block_transformer")
       self.tasks = importlib.import_module("nbp.tasks.next_block")
       self.decoding = importlib.import_module("nbp.decoding")
+      self.sampling = importlib.import_module("nbp.sampling")
       self.new = True
 
   def build(self, setting: str, block):
@@ -157,8 +172,43 @@ def compiled_runs(api: Api, setting: str, batch: int, blocks, cache_phases: list
       return time.perf_counter() - start
 
     run_sampler.first_call = first_call
+    run_sampler.params = params
     runs[name] = (run_sampler, run_prefill, model)
   return runs
+
+
+def step_floors(api: Api, model, params, batch: int, bandwidth: float, repeats: int = 5) -> dict:
+  """{"step": Floor, "prefill": Floor} of `model`'s sampler at `batch` (this checkout's API only)."""
+  block_len, start = model.block_len, model.prefix_len
+  example = jnp.zeros((batch, 1), jnp.int32)
+  slot_bytes = (roofline.tree_bytes(api.decoding.init_cache(model, 2, example))
+                - roofline.tree_bytes(api.decoding.init_cache(model, 1, example)))  # keys and values of one slot
+  weights = roofline.tree_bytes(params)
+  # Step k (1 .. num_blocks - 1) attends over the start + (k + 1) L slots written once it has run.
+  attended = [start + (k + 1) * block_len for k in range(1, model.num_blocks)]
+  mean_len = int(round(np.mean(attended)))
+
+  def one_step(params, cache, block, rng):  # the sampler's loop body: feed a block, draw the next
+    slots = jnp.broadcast_to(mean_len - block_len + jnp.arange(block_len, dtype=jnp.int32), block.shape)
+    logits, cache = api.decoding.apply_decoding(model, params, cache, block, slots=slots)
+    return api.sampling.sample_tokens(rng, logits[..., :model.bos], top_p=TOP_P), cache
+
+  cache = api.decoding.init_cache(model, mean_len, example)
+  block = jnp.zeros((batch, block_len), jnp.int32)
+  step = jax.jit(one_step).lower(params, cache, block, jax.random.key(0)).compile()
+  first = jnp.zeros((batch, model.prefix_len + block_len), jnp.int32)
+  prefill = jax.jit(lambda p, x: api.prefill(model, p, x)).lower(params, first).compile()
+
+  def rate(rows):
+    return roofline.measure_matmul_rate(rows, model.embed_dim, api.model_module.mlp_dim(
+        model.embed_dim, model.activation), repeats=repeats)
+
+  return {
+      "step": roofline.floor(weights + slot_bytes * float(np.mean(attended)), roofline.compiled_flops(step),
+                             roofline.Machine(bandwidth, rate(batch * block_len))),
+      "prefill": roofline.floor(weights + slot_bytes * first.shape[1], roofline.compiled_flops(prefill),
+                                roofline.Machine(bandwidth, rate(batch * first.shape[1]))),
+  }
 
 
 # The child process of --before: builds REV's samplers, then times one call per line of stdin.
@@ -208,9 +258,16 @@ class Before:
     shutil.rmtree(self.support_dir, ignore_errors=True)
 
 
-def measure(setting: str, batch: int, blocks, repeats: int, cache_phases: list[int], before_rev: str):
-  """Rows of one setting and batch: every sampler timed in turns."""
-  runs = compiled_runs(Api(), setting, batch, blocks, cache_phases)
+def measure(setting: str, batch: int, blocks, repeats: int, cache_phases: list[int], before_rev: str,
+            bandwidth: float):
+  """Rows of one setting and batch: every sampler timed in turns, beside its floors."""
+  api = Api()
+  runs = compiled_runs(api, setting, batch, blocks, cache_phases)
+  floors = {}  # by model: the floors depend on its shapes, not on the phases or the revision
+  for name, (run_sampler, _, model) in runs.items():
+    base = name.split(", ")[0]
+    if base not in floors:
+      floors[base] = step_floors(api, model, run_sampler.params, batch, bandwidth, repeats + 2)
   timers = {name: (r[0], r[1]) for name, r in runs.items()}
   first_calls = {name: r[0].first_call for name, r in runs.items()}  # compile + one run
   shapes = {name: (r[2].num_blocks, r[2].num_predicted) for name, r in runs.items()}
@@ -238,10 +295,15 @@ def measure(setting: str, batch: int, blocks, repeats: int, cache_phases: list[i
     seconds = float(np.median(times[name]["sample"]))
     prefill = float(np.median(times[name]["prefill"]))
     num_blocks, num_predicted = shapes[name]
+    ms_per_step = 1000 * (seconds - prefill) / max(num_blocks - 1, 1)
+    floor = floors[name.split(", ")[0].split(" (")[0]]
+    step_floor = {f"step_{k}": v for k, v in roofline.as_dict(ms_per_step / 1000, floor["step"]).items()}
+    prefill_floor = {f"prefill_{k}": v for k, v in roofline.as_dict(prefill, floor["prefill"]).items()}
     rows.append({
+        **step_floor, **prefill_floor,
         "setting": setting, "batch": batch, "sampler": name, "seconds": seconds, "prefill_seconds": prefill,
         "tokens_per_s": batch * num_predicted / seconds, "frames_per_s": batch * frames / seconds,
-        "ms_per_step": 1000 * (seconds - prefill) / max(num_blocks - 1, 1),
+        "ms_per_step": ms_per_step,
         "steps_seconds": seconds - prefill, "all_seconds": times[name]["sample"],
         "first_call_seconds": first_calls.get(name)})
   for row in rows:  # speed-ups over the NTP sampler of the same code
@@ -255,23 +317,28 @@ def measure(setting: str, batch: int, blocks, repeats: int, cache_phases: list[i
 
 def main(argv):
   del argv
+  bandwidth = roofline.measure_bandwidth(repeats=REPEATS.value + 2)
   all_rows = []
   for setting in SETTINGS_FLAG.value:
     grid = SETTINGS[setting][4]
     blocks = [parse_block(b, grid) for b in BLOCKS.value]
     for batch in map(int, BATCHES.value):
-      rows = measure(setting, batch, blocks, REPEATS.value, [int(n) for n in CACHE_PHASES.value], BEFORE.value)
+      rows = measure(setting, batch, blocks, REPEATS.value, [int(n) for n in CACHE_PHASES.value], BEFORE.value,
+                     bandwidth)
       for row in rows:
         print(json.dumps(row), flush=True)
       all_rows += rows
   print(f"\n{jax.devices()[0].device_kind}, {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}; "
-        f"cache_phases={','.join(CACHE_PHASES.value)}, top-p {TOP_P}, median of {REPEATS.value} interleaved runs\n")
-  print("| setting | batch | sampler | tokens/s | latent frames/s | prefill s | ms/step | speed-up | "
-        "speed-up, steps only |")
-  print("|---|---|---|---|---|---|---|---|---|")
+        f"cache_phases={','.join(CACHE_PHASES.value)}, top-p {TOP_P}, median of {REPEATS.value} interleaved runs; "
+        f"memory bandwidth {bandwidth / 1e9:.1f} GB/s\n")
+  print("| setting | batch | sampler | tokens/s | latent frames/s | prefill s | prefill floor s | of floor | "
+        "ms/step | step floor ms | of floor | speed-up | speed-up, steps only |")
+  print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
   for r in all_rows:
     print(f"| {r['setting']} | {r['batch']} | {r['sampler']} | {r['tokens_per_s']:.0f} | "
-          f"{r['frames_per_s']:.2f} | {r['prefill_seconds']:.2f} | {r['ms_per_step']:.1f} | "
+          f"{r['frames_per_s']:.2f} | {r['prefill_seconds']:.2f} | {r['prefill_floor_ms'] / 1e3:.2f} "
+          f"({r['prefill_floor_bound']}) | {r['prefill_of_floor']:.2f}x | {r['ms_per_step']:.1f} | "
+          f"{r['step_floor_ms']:.1f} ({r['step_floor_bound']}) | {r['step_of_floor']:.2f}x | "
           f"{r['speedup']:.1f}x | {r['steps_speedup']:.1f}x |")
 
 

@@ -1,0 +1,49 @@
+"""The timing benchmarks' floors (nbp.roofline) on tiny models: what they count, not how fast anything runs."""
+
+import jax
+import pytest
+
+from experiments import benchmark_generation
+from nbp import roofline
+
+
+@pytest.fixture
+def tiny_setting(monkeypatch):
+  # 2 layers, width 64, vocab 64, a 3x4x4 grid with 1 given frame: 16 prefix tokens, 32 generated.
+  monkeypatch.setitem(benchmark_generation.SETTINGS, "tiny", (2, 64, 4, 64, (3, 4, 4), 1))
+  return "tiny"
+
+
+def test_generation_rows_carry_step_and_prefill_floors(tiny_setting):
+  rows = benchmark_generation.measure(tiny_setting, 2, [(1, 1, 4)], repeats=1, cache_phases=[2], before_rev="",
+                                      bandwidth=1e10)
+  assert [r["sampler"] for r in rows] == ["ntp", "nbp 1x1x4"]
+  for r in rows:
+    for what in ("step", "prefill"):
+      assert r[f"{what}_floor_ms"] > 0 and r[f"{what}_floor_bound"] in ("bandwidth", "compute")
+      assert r[f"{what}_of_floor"] == pytest.approx(
+          (r["ms_per_step"] if what == "step" else 1e3 * r["prefill_seconds"]) / r[f"{what}_floor_ms"])
+
+
+def test_a_block_step_is_floored_by_its_weights_cache_and_flops(tiny_setting):
+  """The block step's FLOPs are at least the projections' 2 x weights x rows; its bytes the weights and cache."""
+  api = benchmark_generation.Api()
+  batch, block = 2, (1, 1, 4)
+  model = api.build(tiny_setting, block)
+  params = jax.jit(model.init)(jax.random.key(0), jax.numpy.zeros((1, model.num_tokens), jax.numpy.int32))["params"]
+  machine_bandwidth = 1e10
+  floors = benchmark_generation.step_floors(api, model, params, batch, machine_bandwidth, repeats=1)
+  weights = roofline.tree_bytes(params)
+  rows = batch * model.block_len
+  decoder_weights = sum(x.size for x in jax.tree.leaves(params["decoder"]))
+  step = floors["step"]
+  # Every layer's projections over the block's rows, and the head, but not the whole sequence.
+  matmuls = 2 * rows * (decoder_weights + sum(x.size for x in jax.tree.leaves(params["head"])))
+  assert matmuls <= step.flops <= 2 * matmuls, (step.flops, matmuls)
+  # Weights and the cache of the mean step: 16 prefix + 4 start slots, then blocks 1..7 of 4 tokens.
+  slot_bytes = 2 * 2 * batch * 64 * 4  # layers x (key, value) x batch x width x float32
+  mean_slots = 16 + sum((k + 1) * 4 for k in range(1, model.num_blocks)) / (model.num_blocks - 1)
+  assert step.bytes_read == pytest.approx(weights + slot_bytes * mean_slots, rel=1e-6)
+  assert step.memory_seconds == pytest.approx(step.bytes_read / machine_bandwidth)
+  prefill = floors["prefill"]
+  assert prefill.flops > step.flops  # 20 rows against 4
