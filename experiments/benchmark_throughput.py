@@ -1,106 +1,125 @@
-r"""Training throughput of the next-token baseline on this machine.
+r"""Training throughput and model FLOPs utilisation (MFU) of every family's local config.
 
-  python -m experiments.benchmark_throughput [--sizes tiny,S,M] [--seq_len 512] [--batch 8] \
-      [--attention_impls auto,xla]
+  python -m experiments.benchmark_throughput [--families ntp,nbp,xar,aaren,ebt] [--sizes S,M] \
+      [--attention_impls config] [--batch 0] [--timed_steps 5]
 
-For each size and attention implementation (kernels.dispatch; "auto", the
-configs' default, is block-sparse XLA on CPU from 512 tokens, "xla" dense
-masked softmax): tokens/s of the jitted train step (forward, backward, AdamW),
-its achieved FLOP/s (XLA's own count of the compiled step) as a fraction of a
-dense float32 matmul measured in the same run, and its speed relative to the
-first implementation listed. The matmul is timed before and after the models
-and the mean is used, so machine noise shows as a spread.
+For each family, size and attention implementation: the jitted train step
+(forward, backward, AdamW) of the family's local config with `model.variant`
+set to the size, on a batch of its own training data. It prints the step
+time, XLA's FLOP count of the compiled step, the achieved FLOP/s and the MFU:
+that rate over the matmul rate the training loop measures at start-up
+(nbp.roofline.peak_matmul_rate: a square matmul in the config's dtype),
+measured here before and after the models, their mean used. The target for
+the M sizes is an MFU of at least 0.5.
+
+Families (their config, the variant set to SIZE):
+  ntp    ntp_text.py:SIZE,local             bytes, 256-byte windows, batch 16
+  nbp    nbp_digits.py:SIZE,local,row       moving digits as pixels, 576 tokens, batch 8
+  xar    xar_digits.py:cell,SIZE            sklearn digits, 4x4 cells, batch 64
+  aaren  aaren_forecasting.py:aaren,local   ETT-like series (the embedded default), Aaren layers
+  ebt    ebt_text.py:s2,local,SIZE          bytes, System 2 (2 thinking steps), batch 16
+`--attention_impls` sets model.attention_impl where the model has it ("config":
+the config's own); `--batch` > 0 overrides every config's batch.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
-import time
+import os
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from experiments.configs import ntp_text
+from nbp import roofline
 from nbp.training import loop as train
 from nbp.training import sharding
 
-SIZES = flags.DEFINE_list("sizes", ["tiny", "S", "M"], "Variants from nbp.models.block_transformer.SIZES.")
-SEQ_LEN = flags.DEFINE_integer("seq_len", 512, "Tokens per sequence.")
-BATCH = flags.DEFINE_integer("batch", 8, "Sequences per step.")
-REPEATS = flags.DEFINE_integer("timed_steps", 5, "Timed steps per size (after one warm-up).")
-MATMUL = flags.DEFINE_integer("matmul", 2048, "Side of the square float32 matmul used as the peak.")
-IMPLS = flags.DEFINE_list("attention_impls", ["auto", "xla"], "kernels.dispatch implementations, side by side.")
+FAMILIES = {  # family: (config module, argument with {size})
+    "ntp": ("ntp_text", "{size},local"),
+    "nbp": ("nbp_digits", "{size},local,row"),
+    "xar": ("xar_digits", "cell,{size}"),
+    "aaren": ("aaren_forecasting", "aaren,local"),
+    "ebt": ("ebt_text", "s2,local,{size}"),
+}
+
+FAMILIES_FLAG = flags.DEFINE_list("families", list(FAMILIES), f"Families: {list(FAMILIES)}.")
+SIZES = flags.DEFINE_list("sizes", ["S", "M"], "model.variant values (each family's SIZES table).")
+IMPLS = flags.DEFINE_list("attention_impls", ["config"], "model.attention_impl values, side by side; "
+                          "'config': the config's own.")
+BATCH = flags.DEFINE_integer("batch", 0, "Examples per step; 0: each config's own.")
+REPEATS = flags.DEFINE_integer("timed_steps", 5, "Timed steps per row (after one warm-up).")
+DATA_DIR = flags.DEFINE_string("data_dir", "", "Overrides config.data.dir (generated datasets are cached there).")
 
 
-def _time(fn, repeats: int) -> float:
-  """Median seconds of fn() over repeats, after one warm-up call."""
-  jax.block_until_ready(fn())
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn())
-    times.append(time.perf_counter() - start)
-  return float(np.median(times))
+def family_config(family: str, size: str, impl: str = "config", batch: int = 0, data_dir: str = ""):
+  """The family's local config at `size` (model.variant), with the attention impl and batch given."""
+  module, arg = FAMILIES[family]
+  config = importlib.import_module(f"experiments.configs.{module}").get_config(arg.format(size=size))
+  config.unlock()
+  config.model.variant = size
+  for key in ("num_layers", "width", "num_heads", "num_kv_heads"):  # explicit sizes would override the variant
+    if key in config.model:
+      config.model[key] = None
+  if impl != "config":
+    if "attention_impl" not in config.model:
+      raise ValueError(f"--attention_impls={impl}: {module}.py's model has no attention_impl")
+    config.model.attention_impl = impl
+  if batch:
+    config.batch_size = batch
+  if data_dir:
+    config.data.dir = data_dir
+  config.lock()
+  return config
 
 
-def matmul_flops_per_sec(n: int, repeats: int) -> float:
-  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-  b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
-  dot = jax.jit(jnp.dot)
-  return 2 * n ** 3 / _time(lambda: dot(a, b), repeats)
-
-
-def train_step_rate(size: str, impl: str, seq_len: int, batch: int, repeats: int) -> dict:
-  config = ntp_text.get_config(f"{size},local")
-  config.model.grid = (1, 1, seq_len)
-  config.model.attention_impl = impl
-  config.batch_size = batch
-  config.model.scan_layers = False
+def train_step_rate(config, repeats: int) -> dict:
+  """Seconds per train step of `config` on one batch of its training data, and XLA's FLOPs of the step."""
   s = train.setup(config)
   state = train.init_state(s, 0)
-  tokens = np.random.default_rng(0).integers(0, 256, (batch, seq_len), dtype=np.int32)
-  batch_arrays = sharding.global_batch({"tokens": tokens}, s.batch_sharding)
+  batch = sharding.global_batch(next(train.data_iterator(s, "train", 0)), s.batch_sharding)
   rng = jax.random.key(0)
   with s.context():
-    step = train.compile_train_step(s)
-    compiled = step.lower(state, batch_arrays, rng).compile()
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  flops = float(cost.get("flops", float("nan")))
+    compiled, flops = train.aot_compile(train.compile_train_step(s), state, batch, rng)
+  params = sum(x.size for x in jax.tree.leaves(state.params))
   holder = {"state": state}
 
   def run():
-    holder["state"], metrics = compiled(holder["state"], batch_arrays, rng)
+    holder["state"], metrics = compiled(holder["state"], batch, rng)
     return metrics["loss"]
 
-  seconds = _time(run, repeats)
-  params = sum(x.size for x in jax.tree.leaves(holder["state"].params))
-  return {"size": size, "attention_impl": impl, "params": int(params), "seconds_per_step": seconds,
-          "tokens_per_sec": batch * seq_len / seconds, "step_flops": flops, "flops_per_sec": flops / seconds}
+  seconds = roofline.median_seconds(run, repeats)
+  return {"params": int(params), "batch": config.batch_size, "seconds_per_step": seconds,
+          "step_flops": flops, "flops_per_sec": flops / seconds}
 
 
 def main(argv):
   del argv
-  before = matmul_flops_per_sec(MATMUL.value, REPEATS.value)
-  rows = [train_step_rate(size, impl, SEQ_LEN.value, BATCH.value, REPEATS.value)
-          for size in SIZES.value for impl in IMPLS.value]
-  after = matmul_flops_per_sec(MATMUL.value, REPEATS.value)
+  dtype = "float32"  # the local configs' dtype
+  before = roofline.measure_matmul_rate(*(3 * [roofline.PEAK_MATMUL_SIDE.get(jax.default_backend(), 8192)]),
+                                        repeats=REPEATS.value)
+  rows = []
+  for family in FAMILIES_FLAG.value:
+    for size in SIZES.value:
+      for impl in IMPLS.value:
+        config = family_config(family, size, impl, BATCH.value, DATA_DIR.value)
+        row = {"family": family, "size": size, "attention_impl": impl, **train_step_rate(config, REPEATS.value)}
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+  after = roofline.measure_matmul_rate(*(3 * [roofline.PEAK_MATMUL_SIDE.get(jax.default_backend(), 8192)]),
+                                       repeats=REPEATS.value)
   peak = (before + after) / 2
-  print(f"device: {jax.devices()[0].device_kind}, {jax.device_count()} device(s); "
-        f"float32 {MATMUL.value}^3 matmul: {before / 1e9:.1f} / {after / 1e9:.1f} GFLOP/s (before / after)")
-  print(f"batch {BATCH.value} x {SEQ_LEN.value} tokens, float32, AdamW step")
-  print(f"| size | params | attention | tokens/s | vs {IMPLS.value[0]} | step GFLOP | achieved GFLOP/s | "
-        "fraction of matmul |")
-  print("|---|---|---|---|---|---|---|---|")
-  first = {r["size"]: r for r in rows if r["attention_impl"] == IMPLS.value[0]}
+  print(f"\n{jax.devices()[0].device_kind}, {os.cpu_count()} CPUs; {dtype} matmul (the loop's start-up "
+        f"measure): {before / 1e9:.1f} / {after / 1e9:.1f} GFLOP/s before / after; median of {REPEATS.value} "
+        "steps\n")
+  print("| family | size | params | attention | batch | ms/step | GFLOP/step (XLA) | achieved GFLOP/s | MFU |")
+  print("|---|---|---|---|---|---|---|---|---|")
   for r in rows:
-    r["fraction_of_matmul"] = r["flops_per_sec"] / peak
-    r["speed_vs_first"] = r["tokens_per_sec"] / first[r["size"]]["tokens_per_sec"]
-    print(f"| {r['size']} | {r['params'] / 1e6:.2f}M | {r['attention_impl']} | {r['tokens_per_sec']:.0f} | "
-          f"{r['speed_vs_first']:.2f} | {r['step_flops'] / 1e9:.1f} | {r['flops_per_sec'] / 1e9:.1f} | "
-          f"{r['fraction_of_matmul']:.2f} |")
+    r["mfu"] = r["flops_per_sec"] / peak
+    print(f"| {r['family']} | {r['size']} | {r['params'] / 1e6:.2f}M | {r['attention_impl']} | {r['batch']} | "
+          f"{1e3 * r['seconds_per_step']:.1f} | {r['step_flops'] / 1e9:.2f} | {r['flops_per_sec'] / 1e9:.1f} | "
+          f"{r['mfu']:.2f} |")
   print(json.dumps({"matmul_flops_per_sec": [before, after], "rows": rows}))
 
 

@@ -3,8 +3,9 @@
 import jax
 import pytest
 
-from experiments import benchmark_generation
+from experiments import benchmark_generation, benchmark_throughput
 from nbp import roofline
+from nbp.training import loop as train
 
 
 @pytest.fixture
@@ -47,3 +48,23 @@ def test_a_block_step_is_floored_by_its_weights_cache_and_flops(tiny_setting):
   assert step.memory_seconds == pytest.approx(step.bytes_read / machine_bandwidth)
   prefill = floors["prefill"]
   assert prefill.flops > step.flops  # 20 rows against 4
+
+
+@pytest.mark.parametrize("family", list(benchmark_throughput.FAMILIES))
+def test_throughput_configs_take_the_size_asked_for(family):
+  config = benchmark_throughput.family_config(family, "M", batch=4)
+  assert config.model.variant == "M" and config.batch_size == 4
+  model = train.setup(config).task.model
+  assert (model.depth, model.embed_dim) == type(model).SIZES["M"][:2]
+
+
+def test_throughput_names_a_config_without_attention_impl():
+  with pytest.raises(ValueError, match="aaren_forecasting.py's model has no attention_impl"):
+    benchmark_throughput.family_config("aaren", "S", impl="xla")
+
+
+def test_throughput_step_counts_xlas_flops(tmp_path):
+  config = benchmark_throughput.family_config("xar", "tiny", batch=4, data_dir=str(tmp_path))
+  row = benchmark_throughput.train_step_rate(config, repeats=1)
+  assert row["step_flops"] > 6 * row["params"] * 4  # forward and backward over every example, at least
+  assert row["flops_per_sec"] == pytest.approx(row["step_flops"] / row["seconds_per_step"])
