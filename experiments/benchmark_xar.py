@@ -38,7 +38,14 @@ Parts (`--xar_parts`, any of):
              the context mode of xar_digits.py), jitted whole, calls
              interleaved, `--speed_repeats` of each at each batch of
              `--speed_batches`. Run it on an idle machine: the ratio is
-             measured side by side, absolute times are noisy.
+             measured side by side, absolute times are noisy. Beside each,
+             the milliseconds of one solver call (the sampler's time over
+             its model calls) against that call's floor (nbp.roofline): the
+             weights and the cache it attends over (the mean over the
+             entities) at the bandwidth measured in the run, or the FLOPs
+             XLA counts for one call compiled alone at that cache length at
+             the matmul rate of the call's own rows (batch x entity
+             tokens), whichever is larger.
 
 `--smoke` runs every part asked for at a tiny size (variant tiny, 2 steps,
 16 images, 2 solver steps, one seed, a 2-step classifier) under
@@ -63,7 +70,7 @@ import numpy as np
 from absl import app, flags
 
 from experiments.configs import image_classifier_digits, kl_vae_digits, xar_digits
-from nbp import evaluators
+from nbp import decoding, evaluators, roofline
 from nbp.evaluators import fid_digits
 from nbp.models import xar as xar_model
 from nbp.models.xar import XAR
@@ -262,8 +269,34 @@ def switches_part() -> list[dict]:
   return rows
 
 
-def speed(batch: int) -> dict:
-  """Images/s of the same network with 4 cells and with 64 tokens as entities (module docstring)."""
+def solver_call_floor(model, params, batch: int, context: str, bandwidth: float, repeats: int) -> dict:
+  """One solver call of `model`'s sampler at `batch` against its floor: {"calls", "floor"} (module docstring)."""
+  ents = model.entities
+  length, c = ents.sizes[0], model.token_dim
+  calls = ents.num_entities * (SPEED_STEPS.value if not SMOKE.value else 2) + (
+      ents.num_entities if context != "t_end" else 0)  # one more call per entity writes its context
+  example = (jnp.zeros((batch, 1, c)), jnp.zeros((batch, 1)), jnp.zeros((batch,), jnp.int32))
+  slot_bytes = (roofline.tree_bytes(decoding.init_cache(model, 2, *example))
+                - roofline.tree_bytes(decoding.init_cache(model, 1, *example)))
+  attended = [(k + 1) * length for k in range(ents.num_entities)]  # entity k sees slots 0 .. (k + 1) L - 1
+  mean_len = int(round(np.mean(attended)))
+
+  def call(params, cache, x, t, labels):  # the sampler's velocity: one entity at the last slots of the cache
+    slots = jnp.broadcast_to(mean_len - length + jnp.arange(length, dtype=jnp.int32), (batch, length))
+    return decoding.apply_decoding(model, params, cache, x, t, labels, slots=slots)
+
+  cache = decoding.init_cache(model, mean_len, *example)
+  compiled = jax.jit(call).lower(params, cache, jnp.zeros((batch, length, c)), jnp.zeros((batch, length)),
+                                 example[2]).compile()
+  rate = roofline.measure_matmul_rate(batch * length, model.embed_dim, xar_model.mlp_dim(model.embed_dim),
+                                      repeats=repeats)
+  return {"calls": calls, "floor": roofline.floor(
+      roofline.tree_bytes(params) + slot_bytes * float(np.mean(attended)), roofline.compiled_flops(compiled),
+      roofline.Machine(bandwidth, rate))}
+
+
+def speed(batch: int, bandwidth: float) -> dict:
+  """Images/s of the same network with 4 cells and with 64 tokens as entities, and each call against its floor."""
   variant = "tiny" if SMOKE.value else VARIANT.value
   base = dict(token_dim=4, grid=(8, 8), num_classes=10, variant=variant)
   models = {"cell (4 entities)": XAR(entity="cell", cell=4, **base), "token (64 entities)": XAR(entity="token", **base)}
@@ -286,9 +319,15 @@ def speed(batch: int) -> dict:
       jax.block_until_ready(fn(params["params"], jax.random.key(2 + i)))
       seconds[name].append(time.perf_counter() - start)
   rates = {name: batch / np.median(s) for name, s in seconds.items()}
+  calls = {}
+  for name, model in models.items():
+    floor = solver_call_floor(model, params["params"], batch, context, bandwidth, repeats + 2)
+    per_call = float(np.median(seconds[name])) / floor["calls"]
+    calls[name] = {"calls": floor["calls"], "ms_per_call": 1e3 * per_call, **roofline.as_dict(per_call, floor["floor"])}
   names = list(rates)
   return {"part": "speed", "images_per_s": rates, "ratio": rates[names[0]] / rates[names[1]], "batch": batch,
-          "solver_steps": steps, "repeats": repeats, "variant": variant}
+          "solver_steps": steps, "repeats": repeats, "variant": variant, "calls": calls,
+          "bandwidth_gb_per_s": bandwidth / 1e9}
 
 
 # ---------------------------------------------------------------------------
@@ -344,6 +383,13 @@ def print_tables(results: dict) -> None:
     for r in results["speed"]:
       rates = r["images_per_s"]
       print(f"| {r['batch']} | {rates[names[0]]:.1f} | {rates[names[1]]:.1f} | {r['ratio']:.1f}x |")
+    print(f"\nOne solver call against its floor (memory bandwidth {r['bandwidth_gb_per_s']:.1f} GB/s):\n")
+    print("| batch | entities | calls per image batch | ms per call | floor ms | bound | of floor |\n"
+          "|---|---|---|---|---|---|---|")
+    for r in results["speed"]:
+      for name, c in r["calls"].items():
+        print(f"| {r['batch']} | {name} | {c['calls']} | {c['ms_per_call']:.2f} | {c['floor_ms']:.2f} | "
+              f"{c['floor_bound']} | {c['of_floor']:.2f}x |")
 
 
 def main(argv):
@@ -356,7 +402,8 @@ def main(argv):
     raise ValueError(f"--xar_splits: {bad_splits} unknown; choose from {sorted(SPLIT_IMAGES)}")
   os.makedirs(runs_dir(), exist_ok=True)
   parts = {"kinds": kinds_part, "context": context_part, "posterior": posterior_part, "switches": switches_part,
-           "speed": lambda: [speed(int(b)) for b in SPEED_BATCHES.value]}
+           "speed": lambda: [speed(int(b), bandwidth) for b in SPEED_BATCHES.value]}
+  bandwidth = roofline.measure_bandwidth() if "speed" in PARTS_FLAG.value else None
   results = {}
   for name in PARTS:
     if name in PARTS_FLAG.value:

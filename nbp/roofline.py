@@ -5,7 +5,8 @@ attends over) and do its arithmetic. Both rates are measured on this machine,
 in this process, with the threads the caller's programs use:
 
   bandwidth    bytes/s of a large float32 array reduction (one pass over
-               memory, far larger than the caches);
+               memory, far larger than the caches; on 2 CPU cores a 4 MB
+               array reads at about the same rate);
   matmul rate  FLOP/s XLA reaches on a matmul of the step's own shape and
                dtype (a (M, K) @ (K, N) product, M the rows the step feeds
                through its projections: batch x tokens per step).
@@ -13,9 +14,10 @@ in this process, with the threads the caller's programs use:
 The floor of a step is the larger of bytes / bandwidth and FLOPs / matmul
 rate, with the FLOPs as XLA counts them for the compiled step
 (`compiled.cost_analysis()`), so the arithmetic the program really does, not
-a formula. `Floor.bound` names which term wins. Benchmarks print
-time, floor and their ratio (`ratio_line`); the training loop logs model
-FLOPs utilisation against `peak_matmul_rate`.
+a formula. `Floor.bound` names which term wins. A step whose weights and
+cache sit in caches can beat the bandwidth term: a ratio under 1 says so.
+Benchmarks print time, floor and their ratio (`ratio_line`); the training
+loop logs model FLOPs utilisation against `peak_matmul_rate`.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import numpy as np
 
 BANDWIDTH_BYTES = 1 << 28  # 256 MiB: well beyond any cache
 PEAK_MATMUL_SIDE = {"cpu": 1024}  # the start-up "peak" matmul side per platform; others 8192
+MATMUL_FLOPS_PER_CALL = 2e9  # work per timed call of measure_matmul_rate (about 20-50 ms on 2 CPU cores)
 
 
 def median_seconds(fn: Callable[[], Any], repeats: int) -> float:
@@ -51,12 +54,27 @@ def measure_bandwidth(num_bytes: int = BANDWIDTH_BYTES, repeats: int = 5) -> flo
   return x.nbytes / median_seconds(lambda: total(x), repeats)
 
 
-def measure_matmul_rate(m: int, k: int, n: int, dtype=jnp.float32, repeats: int = 5) -> float:
-  """FLOP/s of a jitted (m, k) @ (k, n) matmul in `dtype` (2mkn FLOPs per call)."""
+def measure_matmul_rate(m: int, k: int, n: int, dtype=jnp.float32, repeats: int = 5,
+                        flops_per_call: float = MATMUL_FLOPS_PER_CALL) -> float:
+  """FLOP/s of (m, k) @ (k, n) matmuls in `dtype`, as a compiled loop would run them.
+
+  One jitted call runs enough of them in a `lax.fori_loop` to do about
+  `flops_per_call` FLOPs, so a small shape (a decode step's few rows) is timed
+  without the per-call dispatch a sampler's jitted loop does not pay. Each
+  iteration shifts the left operand by its index so the product cannot be
+  hoisted out of the loop (an m x k add beside 2mkn FLOPs).
+  """
   a = jax.random.normal(jax.random.key(0), (m, k), dtype)
-  b = jax.random.normal(jax.random.key(1), (k, n), dtype)
-  dot = jax.jit(jnp.dot)
-  return 2 * m * k * n / median_seconds(lambda: dot(a, b), repeats)
+  b = jax.random.normal(jax.random.key(1), (k, n), dtype) / np.sqrt(k)
+  iterations = int(np.clip(flops_per_call // (2 * m * k * n), 1, 100_000))
+
+  @jax.jit
+  def products(a, b):
+    def body(i, acc):
+      return acc + jnp.dot(a + i.astype(dtype), b, preferred_element_type=jnp.float32)
+    return jax.lax.fori_loop(0, iterations, body, jnp.zeros((m, n), jnp.float32))
+
+  return 2 * m * k * n * iterations / median_seconds(lambda: products(a, b), repeats)
 
 
 @functools.lru_cache(maxsize=None)
@@ -77,10 +95,6 @@ class Machine:
   bandwidth: float  # bytes/s
   matmul_rate: float  # FLOP/s at the step's shape and dtype
 
-  @classmethod
-  def measure(cls, matmul_shape: tuple[int, int, int], dtype=jnp.float32, repeats: int = 5) -> "Machine":
-    return cls(bandwidth=measure_bandwidth(repeats=repeats),
-               matmul_rate=measure_matmul_rate(*matmul_shape, dtype=dtype, repeats=repeats))
 
 
 def compiled_flops(compiled) -> float:
