@@ -1,7 +1,7 @@
 r"""Training throughput and model FLOPs utilisation (MFU) of every family's local config.
 
   python -m experiments.benchmark_throughput [--families ntp,nbp,xar,aaren,ebt] [--sizes S,M] \
-      [--attention_impls config] [--batch 0] [--timed_steps 5]
+      [--attention_impls config] [--batch 0] [--timed_steps 5] [--throughput_data_dir DIR]
 
 For each family, size and attention implementation: the jitted train step
 (forward, backward, AdamW) of the family's local config with `model.variant`
@@ -50,7 +50,8 @@ IMPLS = flags.DEFINE_list("attention_impls", ["config"], "model.attention_impl v
                           "'config': the config's own.")
 BATCH = flags.DEFINE_integer("batch", 0, "Examples per step; 0: each config's own.")
 REPEATS = flags.DEFINE_integer("timed_steps", 5, "Timed steps per row (after one warm-up).")
-DATA_DIR = flags.DEFINE_string("data_dir", "", "Overrides config.data.dir (generated datasets are cached there).")
+DATA_DIR = flags.DEFINE_string("throughput_data_dir", "", "Overrides config.data.dir (where generated datasets "
+                               "are cached).")
 
 
 def family_config(family: str, size: str, impl: str = "config", batch: int = 0, data_dir: str = ""):
