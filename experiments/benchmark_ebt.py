@@ -47,6 +47,17 @@ denoising for each seed, ebt_denoising.py:ebt,local (the bidirectional EBT,
           after each step count (EBT: thinking steps, each one forward and
           one backward pass; flow: Euler steps from t*, one forward pass
           each).
+speed     at thinking's model size, untrained weights (speed does not depend
+          on them): one thinking step (the energy's forward and backward
+          pass over the candidates of a whole window, `think` with 1 step)
+          at each batch of `--ebt_speed_batches`, against its floor
+          (nbp.roofline: the weights at the bandwidth, or XLA's FLOPs of the
+          compiled step at the matmul rate of its rows, batch x 2L through
+          the width-to-MLP projection, both measured in the run); and
+          text generation with the KV cache at batch 1 (the recipe's
+          thinking steps per token, after a 32-byte prompt) against
+          Transformer++ decoding token by token with its KV cache, in
+          tokens/s, timed in turns. Run it on an idle machine.
 recipes   the local text recipe values, chosen on validation: each candidate
           of `--ebt_recipes` (ebt_text.py:RECIPE,local at thinking's model
           size, with its overrides) trained for each seed, and its validation
@@ -75,14 +86,17 @@ import numpy as np
 from absl import app, flags
 
 from experiments.configs import ebt_denoising, ebt_text, ebt_video, ntp_text
+from nbp import roofline
 from nbp.data import pipeline, video_sources
 from nbp.models import block_transformer
+from nbp.samplers import ebt as thinking
 from nbp.tasks import ebt as ebt_task
+from nbp.tasks import next_block
 from nbp.training import loop as train
 from nbp.training import sharding
 from nbp.training import workdir as workdir_lib
 
-PARTS = ("thinking", "cost", "video", "denoising", "recipes")
+PARTS = ("thinking", "cost", "video", "denoising", "recipes", "speed")
 PARTS_FLAG = flags.DEFINE_list("ebt_parts", ["thinking", "cost"], f"Which parts to run, of {PARTS}.")
 SEEDS = flags.DEFINE_list("ebt_seeds", ["0", "1", "2"], "Training seeds (one run of each model each).")
 SPLITS = flags.DEFINE_list("ebt_splits", ["validation"], "In-distribution splits scored (test: once).")
@@ -99,6 +113,7 @@ THINKING_OVERRIDES = flags.DEFINE_string(
     "ebt_thinking_overrides", "", "KEY=VALUE+... on the thinking part's System 2 config, e.g. loss.langevin_sigma=0.0 "
     "(give it its own --ebt_runs_dir).")
 COST_REPEATS = flags.DEFINE_integer("ebt_cost_repeats", 7, "Timed training steps per model in the cost part.")
+SPEED_BATCHES = flags.DEFINE_list("ebt_speed_batches", ["1", "16"], "Speed part: batches of the thinking step.")
 SMOKE = flags.DEFINE_bool("ebt_smoke", False, "Every part at a tiny size (checks the script).")
 DATA_DIR = flags.DEFINE_string("ebt_data_dir", "data", "config.data.dir of the runs.")
 DENOISE_STEPS = {
@@ -418,6 +433,58 @@ def denoising_part() -> list[dict]:
   return rows
 
 
+def speed_part() -> list[dict]:
+  """One thinking step against its floor, and cached text generation against Transformer++ (module docstring)."""
+  ebt_config, ntp_config = configs(0)
+  ebt_s, ntp_s = train.setup(ebt_config), train.setup(ntp_config)
+  ebt_model, ntp_model = ebt_s.task.model, ntp_s.task.model
+  ebt_params, ntp_params = train.init_state(ebt_s, 0).params, train.init_state(ntp_s, 0).params
+  length = ebt_config.data.seq_len
+  repeats = 1 if SMOKE.value else COST_REPEATS.value
+  bandwidth = roofline.measure_bandwidth(repeats=repeats)
+  rows = []
+  alpha = thinking.step_size(ebt_model, ebt_params)
+  for batch in [int(b) for b in SPEED_BATCHES.value]:
+    observed = jnp.zeros((batch, length), jnp.int32)
+    y0 = jax.random.normal(jax.random.key(0), (batch, length, ebt_model.candidate_dim))
+
+    def one_step(params, observed, y0):
+      energy = thinking.model_energy(ebt_model, params, observed)
+      return thinking.think(ebt_model, energy, y0, num_steps=1, alpha=alpha).ys[-1]
+
+    compiled = jax.jit(one_step).lower(ebt_params, observed, y0).compile()
+    seconds = roofline.median_seconds(lambda: compiled(ebt_params, observed, y0), repeats)
+    rate = roofline.measure_matmul_rate(batch * 2 * length, ebt_model.embed_dim, ebt_config.model.mlp_dim,
+                                        repeats=repeats)
+    floor = roofline.floor(roofline.tree_bytes(ebt_params), roofline.compiled_flops(compiled),
+                           roofline.Machine(bandwidth, rate))
+    emit(rows, {"part": "speed", "what": "thinking step", "batch": batch, "window": length,
+                "ms": 1e3 * seconds, **roofline.as_dict(seconds, floor)})
+
+  # Text generation at batch 1: EBT after a prompt, Transformer++ over its whole window, both with a KV cache.
+  prompt_len = min(ebt_config.sampler.prompt_len, length // 2)
+  num_new = length - prompt_len
+  steps = ebt_config.loss.num_steps
+  ebt_generate = jax.jit(lambda p, r: thinking.generate(ebt_model, p, r, jnp.zeros((1, prompt_len), jnp.int32),
+                                                        num_new, num_steps=steps))
+  ntp_generate = jax.jit(lambda p, r: next_block.sample(ntp_model, p, r, num_samples=1, top_p=1.0))
+  generators = {f"EBT System 2 ({steps} thinking steps per token)": (ebt_generate, ebt_params, num_new),
+                "Transformer++": (ntp_generate, ntp_params, ntp_model.num_generated)}
+  for fn, params, _ in generators.values():
+    jax.block_until_ready(fn(params, jax.random.key(0)))  # compile and warm up
+  seconds = {name: [] for name in generators}
+  for i in range(repeats):
+    for name, (fn, params, _) in generators.items():
+      start = time.perf_counter()
+      jax.block_until_ready(fn(params, jax.random.key(i + 1)))
+      seconds[name].append(time.perf_counter() - start)
+  rates = {name: n / float(np.median(seconds[name])) for name, (_, _, n) in generators.items()}
+  for name, tokens_per_s in rates.items():
+    emit(rows, {"part": "speed", "what": "generation", "model": name, "batch": 1, "tokens": generators[name][2],
+                "tokens_per_s": tokens_per_s, "vs_transformer_pp": tokens_per_s / rates["Transformer++"]})
+  return rows
+
+
 def _stepper(compiled, state, batch):
   """A function running one more training step of `compiled` (the state is donated, so it keeps the newest)."""
   holder = [state]
@@ -440,6 +507,16 @@ def _mean_sd(values, digits: int = 2) -> str:
 
 
 def print_tables(results: dict) -> None:
+  speed = results.get("speed", [])
+  if speed:
+    print(f"\nOne thinking step against its floor ({jax.default_backend()}):\n")
+    print("| batch | window | ms | floor ms | bound | of floor |\n|---|---|---|---|---|---|")
+    for r in (r for r in speed if r["what"] == "thinking step"):
+      print(f"| {r['batch']} | {r['window']} | {r['ms']:.2f} | {r['floor_ms']:.2f} | {r['floor_bound']} | "
+            f"{r['of_floor']:.2f}x |")
+    print("\nText generation with the KV cache, batch 1:\n\n| model | tokens/s | against Transformer++ |\n|---|---|---|")
+    for r in (r for r in speed if r["what"] == "generation"):
+      print(f"| {r['model']} | {r['tokens_per_s']:.0f} | {r['vs_transformer_pp']:.2f}x |")
   rows = results.get("thinking", [])
   if rows:
     texts = list(dict.fromkeys(r["text"] for r in rows))
@@ -509,7 +586,7 @@ def main(argv):
   os.makedirs(runs_dir(), exist_ok=True)
   results = {}
   for name, fn in (("thinking", thinking_part), ("cost", cost_part), ("video", video_part),
-                   ("denoising", denoising_part), ("recipes", recipes_part)):
+                   ("denoising", denoising_part), ("recipes", recipes_part), ("speed", speed_part)):
     if name in PARTS_FLAG.value:
       results[name] = fn()
   print_tables(results)
