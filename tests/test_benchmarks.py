@@ -2,8 +2,10 @@
 
 import jax
 import pytest
+from absl import flags
+from absl.testing import flagsaver
 
-from experiments import benchmark_generation, benchmark_throughput
+from experiments import benchmark_ebt, benchmark_generation, benchmark_throughput, benchmark_xar
 from nbp import roofline
 from nbp.training import loop as train
 
@@ -68,3 +70,34 @@ def test_throughput_step_counts_xlas_flops(tmp_path):
   row = benchmark_throughput.train_step_rate(config, repeats=1)
   assert row["step_flops"] > 6 * row["params"] * 4  # forward and backward over every example, at least
   assert row["flops_per_sec"] == pytest.approx(row["step_flops"] / row["seconds_per_step"])
+
+
+@pytest.fixture
+def parsed_flags():
+  """The benchmarks' absl flags at their defaults, parsed (as `app.run` would), restored afterwards."""
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+  with flagsaver.flagsaver():
+    yield flags.FLAGS
+
+
+def test_xar_solver_calls_carry_their_floor(parsed_flags):
+  parsed_flags.smoke = True
+  row = benchmark_xar.speed(2, bandwidth=1e10)
+  calls = row["calls"]
+  assert calls["cell (4 entities)"]["calls"] == 4 * 3  # 2 solver steps and the context's call per entity
+  assert calls["token (64 entities)"]["calls"] == 64 * 3
+  for c in calls.values():
+    assert c["floor_ms"] > 0 and c["of_floor"] == pytest.approx(c["ms_per_call"] / c["floor_ms"])
+
+
+def test_ebt_thinking_step_carries_its_floor(parsed_flags, tmp_path):
+  parsed_flags.ebt_smoke = True
+  parsed_flags.ebt_speed_batches = ["2"]
+  parsed_flags.ebt_data_dir = str(tmp_path)
+  rows = benchmark_ebt.speed_part()
+  step = next(r for r in rows if r["what"] == "thinking step")
+  assert step["batch"] == 2 and step["of_floor"] == pytest.approx(step["ms"] / step["floor_ms"])
+  generation = {r["model"]: r for r in rows if r["what"] == "generation"}
+  assert generation["Transformer++"]["vs_transformer_pp"] == 1.0
+  assert all(r["tokens_per_s"] > 0 for r in generation.values())
