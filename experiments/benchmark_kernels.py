@@ -20,9 +20,14 @@ GPU (--gpu), bfloat16, forward + backward:
      "cudnn") given the same dense mask, H=16, D=128, T in {2048, 8192, 16384,
      32768} (B=4 up to 8192, then 1), L in {16, 256, T/8}: times, ratio and
      TFLOP/s counted on the visible tiles only (visible_tile_fraction: 4*T*S*D*H
-     per forward on the visible area, 2.5x that for the backward). The dense
-     bool mask at 32k is 1 GiB, fine on an H200.
-  4. Pallas scan_attention vs the associative-scan reference, forward+backward.
+     per forward on the visible area, 2.5x that for the backward), and
+     Pallas's TFLOP/s as a fraction of a bf16 8192^3 matmul timed in the run
+     (the chip's reachable peak). The dense bool mask at 32k is 1 GiB, fine
+     on an H200.
+  4. Pallas scan_attention vs the associative-scan reference, forward+backward,
+     and against its memory floor: the bytes it must move (inputs read in
+     both passes, the output, its cotangent and the gradients) over the
+     bandwidth of a large reduction timed in the run (nbp.roofline).
   --budget_s stops starting new cases when the time is spent (experiments/
   gpu_checks.sh gives it ~4 minutes).
 
@@ -47,6 +52,7 @@ from kernels import dispatch
 from kernels import masks
 from kernels import reference
 from kernels import scan_attention
+from nbp import roofline
 
 
 def _sync(x):
@@ -139,10 +145,11 @@ def cpu_scan_vs_causal(lengths, heads, dim, repeats, rows):
 
 
 def gpu_block_attention_vs_cudnn(lengths, block_lens, heads, dim, block, repeats, deadline, rows):
+  peak = roofline.measure_matmul_rate(8192, 8192, 8192, jnp.bfloat16, repeats)
   print(f"\n## GPU: Pallas block_attention vs cuDNN (dense mask), bfloat16, fwd+bwd, H={heads} D={dim}, "
-        f"tiles {block}x{block}")
+        f"tiles {block}x{block}; bf16 8192^3 matmul: {peak / 1e12:.1f} TFLOP/s (the peak below)")
   print(f"{'B':>2} {'T':>6} {'L':>5} {'visible':>7} {'cudnn ms':>9} {'pallas ms':>9} {'cudnn/pallas':>12} "
-        f"{'pallas TF/s':>11} {'cudnn TF/s':>10}")
+        f"{'pallas TF/s':>11} {'of peak':>7} {'cudnn TF/s':>10}")
   for t in lengths:
     batch = 4 if t <= 8192 else 1
     q, k, v = (randn(i, (batch, t, heads, dim), jnp.bfloat16) for i in range(3))
@@ -167,14 +174,18 @@ def gpu_block_attention_vs_cudnn(lengths, block_lens, heads, dim, block, repeats
         continue
       p, c = med["pallas"], med["cudnn"]
       print(f"{batch:>2} {t:>6} {block_len:>5} {frac:>7.3f} {c * 1e3:>9.2f} {p * 1e3:>9.2f} {c / p:>12.2f} "
-            f"{flops / p / 1e12:>11.1f} {flops / c / 1e12:>10.1f}", flush=True)
+            f"{flops / p / 1e12:>11.1f} {flops / p / peak:>7.2f} {flops / c / 1e12:>10.1f}", flush=True)
       rows.append(dict(section="gpu_block_attention", B=batch, T=t, L=block_len, visible=frac, cudnn_s=c,
-                       pallas_s=p, ratio=c / p, pallas_tflops=flops / p / 1e12))
+                       pallas_s=p, ratio=c / p, pallas_tflops=flops / p / 1e12, pallas_of_peak=flops / p / peak,
+                       peak_tflops=peak / 1e12))
 
 
 def gpu_scan(lengths, heads, dim, repeats, deadline, rows):
-  print(f"\n## GPU: Pallas scan_attention vs associative scan, fwd+bwd, H={heads} D={dim}, v bfloat16")
-  print(f"{'B':>2} {'T':>6} {'assoc ms':>9} {'pallas ms':>9} {'assoc/pallas':>12}")
+  bandwidth = roofline.measure_bandwidth(repeats=repeats)
+  print(f"\n## GPU: Pallas scan_attention vs associative scan, fwd+bwd, H={heads} D={dim}, v bfloat16; "
+        f"memory-bound: floor = (3 x scores + 5 x values bytes: inputs read twice, output, its cotangent and "
+        f"the gradients once) / {bandwidth / 1e9:.0f} GB/s (a 256 MB reduction)")
+  print(f"{'B':>2} {'T':>6} {'assoc ms':>9} {'pallas ms':>9} {'assoc/pallas':>12} {'floor ms':>8} {'pallas/floor':>12}")
   for t in lengths:
     if time.monotonic() > deadline:
       print(f"   (time budget spent: T={t} and later skipped)", flush=True)
@@ -190,10 +201,11 @@ def gpu_scan(lengths, heads, dim, repeats, deadline, rows):
     except Exception as e:  # pylint: disable=broad-except
       print(f"{batch:>2} {t:>6}  failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
       continue
+    floor = (3 * s.nbytes + 5 * v.nbytes) / bandwidth
     print(f"{batch:>2} {t:>6} {med['assoc'] * 1e3:>9.2f} {med['pallas'] * 1e3:>9.2f} "
-          f"{med['assoc'] / med['pallas']:>12.2f}", flush=True)
+          f"{med['assoc'] / med['pallas']:>12.2f} {floor * 1e3:>8.3f} {med['pallas'] / floor:>12.2f}", flush=True)
     rows.append(dict(section="gpu_scan", B=batch, T=t, assoc_s=med["assoc"], pallas_s=med["pallas"],
-                     ratio=med["assoc"] / med["pallas"]))
+                     ratio=med["assoc"] / med["pallas"], floor_s=floor, pallas_of_floor=med["pallas"] / floor))
 
 
 def main(argv=None):

@@ -8,10 +8,13 @@
 #    `pip install "jax[cuda12]==0.10.2"` into .venv (needs a network or a wheel cache);
 # 2. runs the gpu-marked kernel tests (block attention, scan attention);
 # 3. runs the GPU benchmark (experiments/benchmark_kernels.py --gpu): Pallas
-#    block_attention vs cuDNN with the dense mask, Pallas scan vs associative scan.
+#    block_attention vs cuDNN with the dense mask (and as a fraction of the
+#    chip's bf16 matmul rate), Pallas scan vs associative scan and its memory floor;
+# 4. runs the NBP decode benchmark (experiments/benchmark_generation.py, the
+#    paper setting at batch 1 and 8), each step beside its floor.
 # Each step has its own timeout; a failing step is reported and the next one still runs.
 # Files written: env.txt, pip.log (if it installed), gpu_tests.log, gpu_bench.log,
-# gpu_bench.json, summary.txt.
+# gpu_bench.json, decode.log, summary.txt.
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 OUT_DIR="${OUT:-runs/gpu_checks}"
@@ -53,4 +56,9 @@ echo "== gpu benchmark" | tee -a "$OUT_DIR/summary.txt"
 timeout 270 "$PY" -m experiments.benchmark_kernels --gpu --budget_s 150 --repeats 5 \
   --json "$OUT_DIR/gpu_bench.json" 2>&1 | tee "$OUT_DIR/gpu_bench.log"
 rc=$?; echo "gpu benchmark exit $rc" | tee -a "$OUT_DIR/summary.txt"; [ $rc -eq 0 ] || status=1
+
+echo "== nbp decode benchmark" | tee -a "$OUT_DIR/summary.txt"
+timeout 200 "$PY" -m experiments.benchmark_generation --settings paper --batches 1,8 --repeats 3 \
+  2>&1 | tee "$OUT_DIR/decode.log"
+rc=$?; echo "decode benchmark exit $rc" | tee -a "$OUT_DIR/summary.txt"; [ $rc -eq 0 ] || status=1
 exit $status
