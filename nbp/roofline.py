@@ -5,8 +5,8 @@ attends over) and do its arithmetic. Both rates are measured on this machine,
 in this process, with the threads the caller's programs use:
 
   bandwidth    bytes/s of a large float32 array reduction (one pass over
-               memory, far larger than the caches; on 2 CPU cores a 4 MB
-               array reads at about the same rate);
+               memory, far larger than the caches; the faster of a full sum
+               and a matrix-vector product);
   matmul rate  FLOP/s XLA reaches on a matmul of the step's own shape and
                dtype (a (M, K) @ (K, N) product, M the rows the step feeds
                through its projections: batch x tokens per step).
@@ -48,10 +48,18 @@ def median_seconds(fn: Callable[[], Any], repeats: int) -> float:
 
 
 def measure_bandwidth(num_bytes: int = BANDWIDTH_BYTES, repeats: int = 5) -> float:
-  """Bytes/s of a jitted sum over a float32 array of `num_bytes` (read once per call)."""
+  """Bytes/s of reading a float32 array of `num_bytes` once: the faster of two reductions.
+
+  A full sum, and a matrix-vector product over the array as [R, 1024] (how a
+  decode step reads its weights; on CPU XLA runs it on every core, where the
+  full sum may use one). The faster one is what the machine allows.
+  """
   x = jnp.ones((num_bytes // 4,), jnp.float32)
-  total = jax.jit(jnp.sum)
-  return x.nbytes / median_seconds(lambda: total(x), repeats)
+  rows = x.reshape(-1, 1024)
+  ones = jnp.ones((rows.shape[0],), jnp.float32)
+  total, product = jax.jit(jnp.sum), jax.jit(jnp.dot)
+  return x.nbytes / min(median_seconds(lambda: total(x), repeats),
+                        median_seconds(lambda: product(ones, rows), repeats))
 
 
 def measure_matmul_rate(m: int, k: int, n: int, dtype=jnp.float32, repeats: int = 5,
