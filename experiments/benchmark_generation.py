@@ -77,6 +77,8 @@ REPEATS = flags.DEFINE_integer("repeats", 3, "Timed rounds (after one compile-an
 BLOCKS = flags.DEFINE_list("blocks", ["1x1x16"], "NBP blocks t x h x w (NTP, 1x1x1, always runs).")
 CACHE_PHASES = flags.DEFINE_list("cache_phases", ["4"], "Decoding phases of nbp.tasks.next_block.sample (a list: each).")
 BEFORE = flags.DEFINE_string("before", "", "A git revision whose samplers to time alongside (e.g. HEAD~1).")
+BREAKDOWN = flags.DEFINE_bool("breakdown", False, "Also time the parts of each sampler's block step "
+                              "(step_breakdown).")
 
 
 def parse_block(text: str, grid) -> tuple[int, int, int]:
@@ -211,6 +213,44 @@ def step_floors(api: Api, model, params, batch: int, bandwidth: float, repeats: 
   }
 
 
+def step_breakdown(api: Api, model, params, batch: int, repeats: int, iterations: int = 20) -> dict:
+  """Milliseconds of one block step and of its parts, each compiled alone and run `iterations` times in a loop.
+
+  "step": the sampler's loop body at the mean cache length (feed a block, draw
+  the next at top-p); "model call": the same with a greedy draw (argmax), so
+  the top-p draw costs the difference; "model call, no cache": with a cache of
+  just the block's slots, so attention over the cache costs the difference;
+  "top-p draw": the draw alone on logits of the step's shape.
+  """
+  block_len, start = model.block_len, model.prefix_len
+  example = jnp.zeros((batch, 1), jnp.int32)
+  mean_len = int(round(np.mean([start + (k + 1) * block_len for k in range(1, model.num_blocks)])))
+  key = jax.random.key(0)
+
+  def looped(body, *carry):
+    fn = jax.jit(lambda p, *c: jax.lax.fori_loop(0, iterations, lambda i, c: body(p, i, *c), c))
+    return 1e3 * roofline.median_seconds(lambda: fn(params, *carry), repeats) / iterations
+
+  def feed(length, draw):
+    slots = jnp.broadcast_to(length - block_len + jnp.arange(block_len, dtype=jnp.int32), (batch, block_len))
+
+    def body(p, i, cache, block):
+      logits, cache = api.decoding.apply_decoding(model, p, cache, block, slots=slots)
+      return cache, draw(jax.random.fold_in(key, i), logits[..., :model.bos])
+    return looped(body, api.decoding.init_cache(model, length, example), jnp.zeros((batch, block_len), jnp.int32))
+
+  top_p = lambda k, logits: api.sampling.sample_tokens(k, logits, top_p=TOP_P)
+  greedy = lambda k, logits: jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+  def draw_alone(p, i, logits):
+    tokens = top_p(jax.random.fold_in(key, i), logits)
+    return (logits + 1e-9 * tokens[..., None],)  # each draw depends on the last: none is hoisted
+
+  logits = jax.random.normal(key, (batch, block_len, model.bos))
+  return {"step": feed(mean_len, top_p), "model call": feed(mean_len, greedy),
+          "model call, no cache": feed(block_len, greedy), "top-p draw": looped(draw_alone, logits)}
+
+
 # The child process of --before: builds REV's samplers, then times one call per line of stdin.
 CHILD = r"""
 import json, sys
@@ -318,7 +358,7 @@ def measure(setting: str, batch: int, blocks, repeats: int, cache_phases: list[i
 def main(argv):
   del argv
   bandwidth = roofline.measure_bandwidth(repeats=REPEATS.value + 2)
-  all_rows = []
+  all_rows, breakdowns = [], []
   for setting in SETTINGS_FLAG.value:
     grid = SETTINGS[setting][4]
     blocks = [parse_block(b, grid) for b in BLOCKS.value]
@@ -328,6 +368,14 @@ def main(argv):
       for row in rows:
         print(json.dumps(row), flush=True)
       all_rows += rows
+      if BREAKDOWN.value:
+        api = Api()
+        for block in [(1, 1, 1)] + blocks:
+          model = api.build(setting, block)
+          params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, model.num_tokens), jnp.int32))["params"]
+          parts = step_breakdown(api, model, params, batch, REPEATS.value + 2)
+          breakdowns.append({"setting": setting, "batch": batch, "block": "x".join(map(str, block)), **parts})
+          print(json.dumps(breakdowns[-1]), flush=True)
   print(f"\n{jax.devices()[0].device_kind}, {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}; "
         f"cache_phases={','.join(CACHE_PHASES.value)}, top-p {TOP_P}, median of {REPEATS.value} interleaved runs; "
         f"memory bandwidth {bandwidth / 1e9:.1f} GB/s\n")
@@ -340,6 +388,14 @@ def main(argv):
           f"({r['prefill_floor_bound']}) | {r['prefill_of_floor']:.2f}x | {r['ms_per_step']:.1f} | "
           f"{r['step_floor_ms']:.1f} ({r['step_floor_bound']}) | {r['step_of_floor']:.2f}x | "
           f"{r['speedup']:.1f}x | {r['steps_speedup']:.1f}x |")
+  if breakdowns:
+    print("\nWhere a block step's time goes (ms, each part compiled alone at the mean cache length):\n")
+    print("| setting | batch | block | step | model call (greedy) | attention over the cache | top-p draw "
+          "(in the step) | top-p draw alone |\n|---|---|---|---|---|---|---|---|")
+    for r in breakdowns:
+      print(f"| {r['setting']} | {r['batch']} | {r['block']} | {r['step']:.2f} | {r['model call']:.2f} | "
+            f"{r['model call'] - r['model call, no cache']:.2f} | {r['step'] - r['model call']:.2f} | "
+            f"{r['top-p draw']:.2f} |")
 
 
 if __name__ == "__main__":

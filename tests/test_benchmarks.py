@@ -101,3 +101,12 @@ def test_ebt_thinking_step_carries_its_floor(parsed_flags, tmp_path):
   generation = {r["model"]: r for r in rows if r["what"] == "generation"}
   assert generation["Transformer++"]["vs_transformer_pp"] == 1.0
   assert all(r["tokens_per_s"] > 0 for r in generation.values())
+
+
+def test_step_breakdown_times_every_part(tiny_setting):
+  api = benchmark_generation.Api()
+  model = api.build(tiny_setting, (1, 1, 4))
+  params = jax.jit(model.init)(jax.random.key(0), jax.numpy.zeros((1, model.num_tokens), jax.numpy.int32))["params"]
+  parts = benchmark_generation.step_breakdown(api, model, params, 2, repeats=1, iterations=2)
+  assert set(parts) == {"step", "model call", "model call, no cache", "top-p draw"}
+  assert all(ms > 0 for ms in parts.values())
