@@ -5,8 +5,8 @@ attends over) and do its arithmetic. Both rates are measured on this machine,
 in this process, with the threads the caller's programs use:
 
   bandwidth    bytes/s of a large float32 array reduction (one pass over
-               memory, far larger than the caches; the faster of a full sum
-               and a matrix-vector product);
+               memory, far larger than the caches; the fastest of a full
+               sum and two vector-matrix products);
   matmul rate  FLOP/s XLA reaches on a matmul of the step's own shape and
                dtype (a (M, K) @ (K, N) product, M the rows the step feeds
                through its projections: batch x tokens per step).
@@ -48,18 +48,20 @@ def median_seconds(fn: Callable[[], Any], repeats: int) -> float:
 
 
 def measure_bandwidth(num_bytes: int = BANDWIDTH_BYTES, repeats: int = 5) -> float:
-  """Bytes/s of reading a float32 array of `num_bytes` once: the faster of two reductions.
+  """Bytes/s of reading a float32 array of `num_bytes` once: the fastest of three reductions.
 
-  A full sum, and a matrix-vector product over the array as [R, 1024] (how a
-  decode step reads its weights; on CPU XLA runs it on every core, where the
-  full sum may use one). The faster one is what the machine allows.
+  A full sum, and a vector-matrix product over the array as [1024, N] and as
+  [4096, N] (how a decode step reads its weights; on 2 CPU cores the full sum
+  reached about half the rate of the [4096, N] product). The fastest is what
+  the machine allows.
   """
   x = jnp.ones((num_bytes // 4,), jnp.float32)
-  rows = x.reshape(-1, 1024)
-  ones = jnp.ones((rows.shape[0],), jnp.float32)
   total, product = jax.jit(jnp.sum), jax.jit(jnp.dot)
-  return x.nbytes / min(median_seconds(lambda: total(x), repeats),
-                        median_seconds(lambda: product(ones, rows), repeats))
+  times = [median_seconds(lambda: total(x), repeats)]
+  for rows in (1024, 4096):
+    matrix, vector = x.reshape(rows, -1), jnp.ones((rows,), jnp.float32)
+    times.append(median_seconds(lambda: product(vector, matrix), repeats))
+  return x.nbytes / min(times)
 
 
 def measure_matmul_rate(m: int, k: int, n: int, dtype=jnp.float32, repeats: int = 5,
