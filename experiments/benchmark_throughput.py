@@ -10,7 +10,10 @@ time, XLA's FLOP count of the compiled step, the achieved FLOP/s and the MFU:
 that rate over the matmul rate the training loop measures at start-up
 (nbp.roofline.peak_matmul_rate: a square matmul in the config's dtype),
 measured here before and after the models, their mean used. The target for
-the M sizes is an MFU of at least 0.5.
+the M sizes is an MFU of at least 0.5. Where a model falls short, the last
+two columns say how much of it its width explains: the rate of a
+[4096, E] @ [E, 4E] matmul (E the model's width) over the peak, and the
+step's rate over that one.
 
 Families (their config, the variant set to SIZE):
   ntp    ntp_text.py:SIZE,local             bytes, 256-byte windows, batch 16
@@ -91,8 +94,11 @@ def train_step_rate(config, repeats: int) -> dict:
     return metrics["loss"]
 
   seconds = roofline.median_seconds(run, repeats)
-  return {"params": int(params), "batch": config.batch_size, "seconds_per_step": seconds,
-          "step_flops": flops, "flops_per_sec": flops / seconds}
+  width = s.task.model.embed_dim
+  # What matmuls as narrow as the model's reach: [4096, E] @ [E, 4E], the shape of its widest projection.
+  width_rate = roofline.measure_matmul_rate(4096, width, 4 * width, repeats=repeats)
+  return {"params": int(params), "batch": config.batch_size, "width": width, "seconds_per_step": seconds,
+          "step_flops": flops, "flops_per_sec": flops / seconds, "width_matmul_flops_per_sec": width_rate}
 
 
 def main(argv):
@@ -114,13 +120,17 @@ def main(argv):
   print(f"\n{jax.devices()[0].device_kind}, {os.cpu_count()} CPUs; {dtype} matmul (the loop's start-up "
         f"measure): {before / 1e9:.1f} / {after / 1e9:.1f} GFLOP/s before / after; median of {REPEATS.value} "
         "steps\n")
-  print("| family | size | params | attention | batch | ms/step | GFLOP/step (XLA) | achieved GFLOP/s | MFU |")
-  print("|---|---|---|---|---|---|---|---|---|")
+  print("| family | size | params | width | attention | batch | ms/step | GFLOP/step (XLA) | achieved GFLOP/s | "
+        "MFU | width's matmul / peak | of the width's matmul |")
+  print("|---|---|---|---|---|---|---|---|---|---|---|---|")
   for r in rows:
     r["mfu"] = r["flops_per_sec"] / peak
-    print(f"| {r['family']} | {r['size']} | {r['params'] / 1e6:.2f}M | {r['attention_impl']} | {r['batch']} | "
-          f"{1e3 * r['seconds_per_step']:.1f} | {r['step_flops'] / 1e9:.2f} | {r['flops_per_sec'] / 1e9:.1f} | "
-          f"{r['mfu']:.2f} |")
+    r["width_matmul_of_peak"] = r["width_matmul_flops_per_sec"] / peak
+    r["of_width_matmul"] = r["flops_per_sec"] / r["width_matmul_flops_per_sec"]
+    print(f"| {r['family']} | {r['size']} | {r['params'] / 1e6:.2f}M | {r['width']} | {r['attention_impl']} | "
+          f"{r['batch']} | {1e3 * r['seconds_per_step']:.1f} | {r['step_flops'] / 1e9:.2f} | "
+          f"{r['flops_per_sec'] / 1e9:.1f} | {r['mfu']:.2f} | {r['width_matmul_of_peak']:.2f} | "
+          f"{r['of_width_matmul']:.2f} |")
   print(json.dumps({"matmul_flops_per_sec": [before, after], "rows": rows}))
 
 
