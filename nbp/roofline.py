@@ -16,7 +16,7 @@ rate, with the FLOPs as XLA counts them for the compiled step
 (`compiled.cost_analysis()`), so the arithmetic the program really does, not
 a formula. `Floor.bound` names which term wins. A step whose weights and
 cache sit in caches can beat the bandwidth term: a ratio under 1 says so.
-Benchmarks print time, floor and their ratio (`ratio_line`); the training
+Benchmarks print time, floor and their ratio (`as_dict`); the training
 loop logs model FLOPs utilisation against `peak_matmul_rate`.
 """
 
@@ -142,13 +142,6 @@ class Floor:
 def floor(bytes_read: int, flops: float, machine: Machine) -> Floor:
   return Floor(bytes_read=int(bytes_read), flops=float(flops), memory_seconds=bytes_read / machine.bandwidth,
                compute_seconds=flops / machine.matmul_rate)
-
-
-def ratio_line(name: str, seconds: float, step_floor: Floor) -> str:
-  """One line a benchmark prints: time, floor (and what bounds it), their ratio."""
-  return (f"{name}: {1e3 * seconds:.2f} ms, floor {1e3 * step_floor.seconds:.2f} ms ({step_floor.bound}: "
-          f"{step_floor.bytes_read / 1e6:.1f} MB read, {step_floor.flops / 1e9:.2f} GFLOP), "
-          f"{seconds / step_floor.seconds:.2f}x the floor")
 
 
 def as_dict(seconds: float, step_floor: Floor) -> dict[str, Any]:
