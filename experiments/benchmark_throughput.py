@@ -1,7 +1,7 @@
 r"""Training throughput and model FLOPs utilisation (MFU) of every family's local config.
 
   python -m experiments.benchmark_throughput [--families ntp,nbp,xar,aaren,ebt] [--sizes S,M] \
-      [--attention_impls config] [--batch 0] [--timed_steps 5] [--throughput_data_dir DIR]
+      [--attention_impls config] [--batch 0] [--timed_steps 5] [--throughput_data_dir DIR] [--profile DIR]
 
 For each family, size and attention implementation: the jitted train step
 (forward, backward, AdamW) of the family's local config with `model.variant`
@@ -13,7 +13,9 @@ measured here before and after the models, their mean used. The target for
 the M sizes is an MFU of at least 0.5. Where a model falls short, the last
 two columns say how much of it its width explains: the rate of a
 [4096, E] @ [E, 4E] matmul (E the model's width) over the peak, and the
-step's rate over that one.
+step's rate over that one. `--profile DIR` also traces each row's step
+(nbp.profiling) and prints where its time goes: by kind of XLA op (matmul,
+elementwise, layout copy, loop) and by model path.
 
 Families (their config, the variant set to SIZE):
   ntp    ntp_text.py:SIZE,local             bytes, 256-byte windows, batch 16
@@ -35,7 +37,7 @@ import jax
 import numpy as np
 from absl import app, flags
 
-from nbp import roofline
+from nbp import profiling, roofline
 from nbp.training import loop as train
 from nbp.training import sharding
 
@@ -55,6 +57,8 @@ BATCH = flags.DEFINE_integer("batch", 0, "Examples per step; 0: each config's ow
 REPEATS = flags.DEFINE_integer("timed_steps", 5, "Timed steps per row (after one warm-up).")
 DATA_DIR = flags.DEFINE_string("throughput_data_dir", "", "Overrides config.data.dir (where generated datasets "
                                "are cached).")
+PROFILE = flags.DEFINE_string("profile", "", "If set, a directory: each row's step is traced there and its time "
+                              "split by kind of op and by model path.")
 
 
 def family_config(family: str, size: str, impl: str = "config", batch: int = 0, data_dir: str = ""):
@@ -78,8 +82,11 @@ def family_config(family: str, size: str, impl: str = "config", batch: int = 0, 
   return config
 
 
-def train_step_rate(config, repeats: int) -> dict:
-  """Seconds per train step of `config` on one batch of its training data, and XLA's FLOPs of the step."""
+def train_step_rate(config, repeats: int, profile_dir: str = "") -> dict:
+  """Seconds per train step of `config` on one batch of its training data, and XLA's FLOPs of the step.
+
+  With profile_dir, also "profile": the step's ops traced there (nbp.profiling.profile_ops), longest first.
+  """
   s = train.setup(config)
   state = train.init_state(s, 0)
   batch = sharding.global_batch(next(train.data_iterator(s, "train", 0)), s.batch_sharding)
@@ -97,8 +104,18 @@ def train_step_rate(config, repeats: int) -> dict:
   width = s.task.model.embed_dim
   # What matmuls as narrow as the model's reach: [4096, E] @ [E, 4E], the shape of its widest projection.
   width_rate = roofline.measure_matmul_rate(4096, width, 4 * width, repeats=repeats)
-  return {"params": int(params), "batch": config.batch_size, "width": width, "seconds_per_step": seconds,
-          "step_flops": flops, "flops_per_sec": flops / seconds, "width_matmul_flops_per_sec": width_rate}
+  row = {"params": int(params), "batch": config.batch_size, "width": width, "seconds_per_step": seconds,
+         "step_flops": flops, "flops_per_sec": flops / seconds, "width_matmul_flops_per_sec": width_rate}
+  if profile_dir:
+    row["profile"] = profiling.profile_ops(compiled.as_text(), run, repeats, profile_dir)
+  return row
+
+
+def print_profile(name: str, ops: list[dict], top: int = 8):
+  """A traced step's time by kind of op and by model path (shares of the ops' summed core time)."""
+  print(f"\n{name}: {sum(r['seconds'] for r in ops) * 1e3:.0f} ms of ops per step (core time)")
+  for key, count in (("kind", None), ("where", top)):
+    print("  " + "; ".join(f"{label} {share:.0%}" for label, _, share in profiling.summarise(ops, key)[:count]))
 
 
 def main(argv):
@@ -111,8 +128,13 @@ def main(argv):
     for size in SIZES.value:
       for impl in IMPLS.value:
         config = family_config(family, size, impl, BATCH.value, DATA_DIR.value)
-        row = {"family": family, "size": size, "attention_impl": impl, **train_step_rate(config, REPEATS.value)}
+        profile_dir = os.path.join(PROFILE.value, f"{family}_{size}_{impl}") if PROFILE.value else ""
+        row = {"family": family, "size": size, "attention_impl": impl,
+               **train_step_rate(config, REPEATS.value, profile_dir)}
+        ops = row.pop("profile", None)
         print(json.dumps(row), flush=True)
+        if ops:
+          print_profile(f"{family} {size} ({impl})", ops)
         rows.append(row)
   after = roofline.measure_matmul_rate(*(3 * [roofline.PEAK_MATMUL_SIDE.get(jax.default_backend(), 8192)]),
                                        repeats=REPEATS.value)

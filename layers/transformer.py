@@ -122,16 +122,18 @@ class Mlp(nn.Module):
   def __call__(self, x):
     if self.activation not in ACTIVATIONS:
       raise ValueError(f"activation={self.activation!r}: expected one of {ACTIVATIONS}")
-    width = x.shape[-1]
-    x = x.astype(self.dtype)
+    *lead, width = x.shape
+    # Rows [B*T, E]: XLA's CPU backend ran the MLP's forward and backward 1.2-1.5x faster on one row axis
+    # than on [B, T] (its weight gradients otherwise contract two axes through a transposing fusion).
+    x = x.astype(self.dtype).reshape(-1, width)
     if self.activation == "swiglu":
-      gate = self._dense(self.hidden_dim, ("embed", "mlp"), "wi_gate")(x)  # [B, T, F]
-      up = self._dense(self.hidden_dim, ("embed", "mlp"), "wi_up")(x)  # [B, T, F]
+      gate = self._dense(self.hidden_dim, ("embed", "mlp"), "wi_gate")(x)  # [B*T, F]
+      up = self._dense(self.hidden_dim, ("embed", "mlp"), "wi_up")(x)  # [B*T, F]
       h = nn.silu(gate) * up
     else:
-      h = nn.gelu(self._dense(self.hidden_dim, ("embed", "mlp"), "wi")(x))  # [B, T, F]
-    h = nn.with_logical_constraint(h, ("batch", "length", "mlp"))
-    return self._dense(width, ("mlp", "embed"), "wo")(h)  # [B, T, E]
+      h = nn.gelu(self._dense(self.hidden_dim, ("embed", "mlp"), "wi")(x))  # [B*T, F]
+    h = nn.with_logical_constraint(h, ("batch", "mlp"))  # B*T rows, split as the batch is
+    return self._dense(width, ("mlp", "embed"), "wo")(h).reshape(*lead, width)  # [B, T, E]
 
 
 def modulate(x, shift, scale):
