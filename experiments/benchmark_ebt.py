@@ -51,6 +51,7 @@ speed     at thinking's model size, untrained weights (speed does not depend
           on them): one thinking step (the energy's forward and backward
           pass over the candidates of a whole window, `think` with 1 step)
           at each batch of `--ebt_speed_batches`, against its floor
+          (with `--ebt_profile DIR`, also where its time goes)
           (nbp.roofline: the weights at the bandwidth, or XLA's FLOPs of the
           compiled step at the matmul rate of its rows, batch x 2L through
           the width-to-MLP projection, both measured in the run); and
@@ -86,7 +87,7 @@ import numpy as np
 from absl import app, flags
 
 from experiments.configs import ebt_denoising, ebt_text, ebt_video, ntp_text
-from nbp import roofline
+from nbp import profiling, roofline
 from nbp.data import pipeline, video_sources
 from nbp.models import block_transformer
 from nbp.samplers import ebt as thinking
@@ -114,6 +115,8 @@ THINKING_OVERRIDES = flags.DEFINE_string(
     "(give it its own --ebt_runs_dir).")
 COST_REPEATS = flags.DEFINE_integer("ebt_cost_repeats", 7, "Timed training steps per model in the cost part.")
 SPEED_BATCHES = flags.DEFINE_list("ebt_speed_batches", ["1", "16"], "Speed part: batches of the thinking step.")
+PROFILE = flags.DEFINE_string("ebt_profile", "", "Speed part: if set, a directory where each thinking step is "
+                              "traced; where its time goes is printed (nbp.profiling).")
 SMOKE = flags.DEFINE_bool("ebt_smoke", False, "Every part at a tiny size (checks the script).")
 DATA_DIR = flags.DEFINE_string("ebt_data_dir", "data", "config.data.dir of the runs.")
 DENOISE_STEPS = {
@@ -460,6 +463,10 @@ def speed_part() -> list[dict]:
                            roofline.Machine(bandwidth, rate))
     emit(rows, {"part": "speed", "what": "thinking step", "batch": batch, "window": length,
                 "ms": 1e3 * seconds, **roofline.as_dict(seconds, floor)})
+    if PROFILE.value:
+      ops = profiling.profile_ops(compiled.as_text(), lambda: compiled(ebt_params, observed, y0), repeats,
+                                  os.path.join(PROFILE.value, f"thinking_step_batch{batch}"))
+      profiling.print_summary(f"thinking step, batch {batch}", ops)
 
   # Text generation at batch 1: EBT after a prompt, Transformer++ over its whole window, both with a KV cache.
   prompt_len = min(ebt_config.sampler.prompt_len, length // 2)

@@ -27,6 +27,8 @@ attends over (the slots written so far: the mean over the generation's
 steps) and do the FLOPs XLA counts for one step compiled alone at the mean
 cache length (the model call and the top-p draw, as the sampler's loop body
 does it); the prefill, its weights and the FLOPs of its compiled call.
+`--generation_profile DIR` traces those two compiled calls and prints where their time
+goes (nbp.profiling: by kind of XLA op and by model path).
 
 --before REV also times the samplers of git revision REV (e.g. the commit
 before a change) in a child process that waits for its turn, interleaved with
@@ -64,6 +66,10 @@ try:
   from nbp import roofline
 except ImportError:  # the --before child runs this file against a revision older than nbp.roofline
   roofline = None
+try:
+  from nbp import profiling
+except ImportError:  # and than nbp.profiling (the child never profiles)
+  profiling = None
 
 SETTINGS = {  # name: (layers, width, heads, vocab, grid, given frames)
     "paper": (8, 512, 8, 1024, (5, 16, 16), 2),
@@ -77,6 +83,8 @@ REPEATS = flags.DEFINE_integer("repeats", 3, "Timed rounds (after one compile-an
 BLOCKS = flags.DEFINE_list("blocks", ["1x1x16"], "NBP blocks t x h x w (NTP, 1x1x1, always runs).")
 CACHE_PHASES = flags.DEFINE_list("cache_phases", ["4"], "Decoding phases of nbp.tasks.next_block.sample (a list: each).")
 BEFORE = flags.DEFINE_string("before", "", "A git revision whose samplers to time alongside (e.g. HEAD~1).")
+PROFILE = flags.DEFINE_string("generation_profile", "", "If set, a directory where each model's block step and prefill "
+                              "are traced; where their time goes is printed (nbp.profiling).")
 BREAKDOWN = flags.DEFINE_bool("breakdown", False, "Also time the parts of each sampler's block step "
                               "(step_breakdown).")
 
@@ -179,8 +187,12 @@ def compiled_runs(api: Api, setting: str, batch: int, blocks, cache_phases: list
   return runs
 
 
-def step_floors(api: Api, model, params, batch: int, bandwidth: float, repeats: int = 5) -> dict:
-  """{"step": Floor, "prefill": Floor} of `model`'s sampler at `batch` (this checkout's API only)."""
+def step_floors(api: Api, model, params, batch: int, bandwidth: float, repeats: int = 5,
+                profile_dir: str = "") -> dict:
+  """{"step": Floor, "prefill": Floor} of `model`'s sampler at `batch` (this checkout's API only).
+
+  With profile_dir, the step and the prefill are also traced there and where their time goes is printed.
+  """
   block_len, start = model.block_len, model.prefix_len
   example = jnp.zeros((batch, 1), jnp.int32)
   slot_bytes = (roofline.tree_bytes(api.decoding.init_cache(model, 2, example))
@@ -200,6 +212,23 @@ def step_floors(api: Api, model, params, batch: int, bandwidth: float, repeats: 
   step = jax.jit(one_step).lower(params, cache, block, jax.random.key(0)).compile()
   first = jnp.zeros((batch, model.prefix_len + block_len), jnp.int32)
   prefill = jax.jit(lambda p, x: api.prefill(model, p, x)).lower(params, first).compile()
+  if profile_dir:
+    # The step is traced as the sampler runs it, in a loop carrying the cache (updated in place); alone,
+    # a call would copy the cache it cannot donate. Its op times are per step.
+    steps_per_call = 8
+
+    def steps(params, cache, block, rng):
+      def body(i, carry):
+        cache, block = carry
+        return one_step(params, cache, block, jax.random.fold_in(rng, i))[::-1]
+      return jax.lax.fori_loop(0, steps_per_call, body, (cache, block))
+
+    looped = jax.jit(steps).lower(params, cache, block, jax.random.key(0)).compile()
+    for what, compiled, args, per_call in (("step", looped, (params, cache, block, jax.random.key(0)),
+                                            steps_per_call), ("prefill", prefill, (params, first), 1)):
+      ops = profiling.profile_ops(compiled.as_text(), lambda c=compiled, a=args: c(*a), repeats,
+                                  os.path.join(profile_dir, what))
+      profiling.print_summary(f"{profile_dir}: {what}", [{**r, "seconds": r["seconds"] / per_call} for r in ops])
 
   def rate(rows):
     return roofline.measure_matmul_rate(rows, model.embed_dim, api.model_module.mlp_dim(
@@ -299,15 +328,17 @@ class Before:
 
 
 def measure(setting: str, batch: int, blocks, repeats: int, cache_phases: list[int], before_rev: str,
-            bandwidth: float):
-  """Rows of one setting and batch: every sampler timed in turns, beside its floors."""
+            bandwidth: float, profile_root: str = ""):
+  """Rows of one setting and batch: every sampler timed in turns, beside its floors (profiled under profile_root)."""
   api = Api()
   runs = compiled_runs(api, setting, batch, blocks, cache_phases)
   floors = {}  # by model: the floors depend on its shapes, not on the phases or the revision
   for name, (run_sampler, _, model) in runs.items():
     base = name.split(", ")[0]
     if base not in floors:
-      floors[base] = step_floors(api, model, run_sampler.params, batch, bandwidth, repeats + 2)
+      profile_dir = os.path.join(profile_root, f"{setting}_{base.replace(' ', '_')}_batch{batch}") \
+          if profile_root else ""
+      floors[base] = step_floors(api, model, run_sampler.params, batch, bandwidth, repeats + 2, profile_dir)
   timers = {name: (r[0], r[1]) for name, r in runs.items()}
   first_calls = {name: r[0].first_call for name, r in runs.items()}  # compile + one run
   shapes = {name: (r[2].num_blocks, r[2].num_predicted) for name, r in runs.items()}
@@ -364,7 +395,7 @@ def main(argv):
     blocks = [parse_block(b, grid) for b in BLOCKS.value]
     for batch in map(int, BATCHES.value):
       rows = measure(setting, batch, blocks, REPEATS.value, [int(n) for n in CACHE_PHASES.value], BEFORE.value,
-                     bandwidth)
+                     bandwidth, PROFILE.value)
       for row in rows:
         print(json.dumps(row), flush=True)
       all_rows += rows

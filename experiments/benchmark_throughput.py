@@ -1,7 +1,7 @@
 r"""Training throughput and model FLOPs utilisation (MFU) of every family's local config.
 
   python -m experiments.benchmark_throughput [--families ntp,nbp,xar,aaren,ebt] [--sizes S,M] \
-      [--attention_impls config] [--batch 0] [--timed_steps 5] [--throughput_data_dir DIR] [--profile DIR]
+      [--attention_impls config] [--batch 0] [--timed_steps 5] [--throughput_data_dir DIR] [--throughput_profile DIR]
 
 For each family, size and attention implementation: the jitted train step
 (forward, backward, AdamW) of the family's local config with `model.variant`
@@ -13,7 +13,7 @@ measured here before and after the models, their mean used. The target for
 the M sizes is an MFU of at least 0.5. Where a model falls short, the last
 two columns say how much of it its width explains: the rate of a
 [4096, E] @ [E, 4E] matmul (E the model's width) over the peak, and the
-step's rate over that one. `--profile DIR` also traces each row's step
+step's rate over that one. `--throughput_profile DIR` also traces each row's step
 (nbp.profiling) and prints where its time goes: by kind of XLA op (matmul,
 elementwise, layout copy, loop) and by model path.
 
@@ -57,7 +57,7 @@ BATCH = flags.DEFINE_integer("batch", 0, "Examples per step; 0: each config's ow
 REPEATS = flags.DEFINE_integer("timed_steps", 5, "Timed steps per row (after one warm-up).")
 DATA_DIR = flags.DEFINE_string("throughput_data_dir", "", "Overrides config.data.dir (where generated datasets "
                                "are cached).")
-PROFILE = flags.DEFINE_string("profile", "", "If set, a directory: each row's step is traced there and its time "
+PROFILE = flags.DEFINE_string("throughput_profile", "", "If set, a directory: each row's step is traced there and its time "
                               "split by kind of op and by model path.")
 
 
@@ -111,13 +111,6 @@ def train_step_rate(config, repeats: int, profile_dir: str = "") -> dict:
   return row
 
 
-def print_profile(name: str, ops: list[dict], top: int = 8):
-  """A traced step's time by kind of op and by model path (shares of the ops' summed core time)."""
-  print(f"\n{name}: {sum(r['seconds'] for r in ops) * 1e3:.0f} ms of ops per step (core time)")
-  for key, count in (("kind", None), ("where", top)):
-    print("  " + "; ".join(f"{label} {share:.0%}" for label, _, share in profiling.summarise(ops, key)[:count]))
-
-
 def main(argv):
   del argv
   dtype = "float32"  # the local configs' dtype
@@ -134,7 +127,7 @@ def main(argv):
         ops = row.pop("profile", None)
         print(json.dumps(row), flush=True)
         if ops:
-          print_profile(f"{family} {size} ({impl})", ops)
+          profiling.print_summary(f"{family} {size} ({impl})", ops)
         rows.append(row)
   after = roofline.measure_matmul_rate(*(3 * [roofline.PEAK_MATMUL_SIDE.get(jax.default_backend(), 8192)]),
                                        repeats=REPEATS.value)

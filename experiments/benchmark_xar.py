@@ -3,7 +3,7 @@ r"""xAR on digits: entity kinds, what the sampler caches as context, latents, th
   python -m experiments.benchmark_xar --xar_parts kinds,context,posterior,switches,speed \
       [--image_classifier runs/image_classifier_digits] [--kinds cell,token,subsample,scale,image,cell:tf] \
       [--train_seeds 0,1,2] [--variant S] [--num_steps 1500] [--guidance_scales 1,3] \
-      [--xar_splits validation] [--runs_dir runs/xar_benchmark] [--smoke]
+      [--xar_splits validation] [--runs_dir runs/xar_benchmark] [--speed_profile DIR] [--smoke]
 
 Every quality figure is the `fid_digits` evaluator (nbp/evaluators/fid_digits.py):
 N generated images against N real images of a split, judged by the digit
@@ -70,7 +70,7 @@ import numpy as np
 from absl import app, flags
 
 from experiments.configs import image_classifier_digits, kl_vae_digits, xar_digits
-from nbp import decoding, evaluators, roofline
+from nbp import decoding, evaluators, profiling, roofline
 from nbp.evaluators import fid_digits
 from nbp.models import xar as xar_model
 from nbp.models.xar import XAR
@@ -98,6 +98,8 @@ DATA_DIR = flags.DEFINE_string("data_dir", "data", "tfds data dir of the digits.
 SMOKE = flags.DEFINE_bool("smoke", False, "Every part at a tiny size under runs_dir/smoke (checks the script).")
 SPEED_BATCHES = flags.DEFINE_list("speed_batches", ["1", "16"], "Images per sampler call in the speed comparison.")
 SPEED_STEPS = flags.DEFINE_integer("speed_solver_steps", 20, "Solver steps per entity in the speed comparison.")
+PROFILE = flags.DEFINE_string("speed_profile", "", "If set, a directory where each solver call of the speed "
+                              "comparison is traced; where its time goes is printed (nbp.profiling).")
 REPEATS = flags.DEFINE_integer("speed_repeats", 5, "Timed calls per sampler in the speed comparison.")
 
 
@@ -286,8 +288,13 @@ def solver_call_floor(model, params, batch: int, context: str, bandwidth: float,
     return decoding.apply_decoding(model, params, cache, x, t, labels, slots=slots)
 
   cache = decoding.init_cache(model, mean_len, *example)
-  compiled = jax.jit(call).lower(params, cache, jnp.zeros((batch, length, c)), jnp.zeros((batch, length)),
-                                 example[2]).compile()
+  args = (params, cache, jnp.zeros((batch, length, c)), jnp.zeros((batch, length)), example[2])
+  compiled = jax.jit(call).lower(*args).compile()
+  if PROFILE.value:
+    name = f"{ents.num_entities}_entities_batch{batch}"
+    ops = profiling.profile_ops(compiled.as_text(), lambda: compiled(*args), repeats,
+                                os.path.join(PROFILE.value, name))
+    profiling.print_summary(f"solver call, {name}", ops)
   rate = roofline.measure_matmul_rate(batch * length, model.embed_dim, xar_model.mlp_dim(model.embed_dim),
                                       repeats=repeats)
   return {"calls": calls, "floor": roofline.floor(

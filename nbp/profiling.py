@@ -36,6 +36,7 @@ _CONTAINER = re.compile(r"^(ThunkExecutor|\$|PjRt|TfrtCpu)")
 _INSTRUCTION = re.compile(r"^\s*(ROOT\s+)?%([\w.\-]+) = .*? (\w[\w\-]*)\((.*)$")
 _CALLS = re.compile(r"calls=%([\w.\-]+)")
 _OP_NAME = re.compile(r'op_name="([^"]*)"')
+_WRAPPERS = {"while", "body", "cond", "closed_call", "checkpoint", "remat"}  # control flow, not model paths
 _COMPUTATION = re.compile(r"^(?:ENTRY\s+)?%([\w.\-]+) .*\{\s*$")
 
 
@@ -60,8 +61,8 @@ def _where(op_name: str) -> str:
   parts = [p for p in op_name.split("/") if p and "(" not in p and not p.startswith("jit")]
   if not parts:
     return "optimizer" if "update" in op_name or "adam" in op_name else "other"
-  parts = [re.sub(r"_\d+$", "", p) for p in parts]
-  return "/".join(p for p in parts if p not in ("dot_general", "add_any"))[:80] or "other"
+  parts = [re.sub(r"_\d+$", "", p) for p in parts if p not in _WRAPPERS and not re.fullmatch(r"branch_\d+_fun", p)]
+  return "/".join(p for p in parts if p not in ("dot_general", "add_any"))[:120] or "other"
 
 
 def op_labels(hlo_text: str) -> dict[str, tuple[str, str]]:
@@ -147,3 +148,10 @@ def summarise(rows: list[dict[str, Any]], key: str) -> list[tuple[str, float, fl
     totals[r[key]] += r["seconds"]
   whole = sum(totals.values()) or 1.0
   return sorted(((k, v, v / whole) for k, v in totals.items()), key=lambda t: -t[1])
+
+
+def print_summary(name: str, ops: list[dict[str, Any]], top: int = 8):
+  """A traced step's time by kind of op and by model path (shares of the ops' summed core time)."""
+  print(f"\n{name}: {sum(r['seconds'] for r in ops) * 1e3:.2f} ms of ops per call (core time)")
+  for key, count in (("kind", None), ("where", top)):
+    print("  " + "; ".join(f"{label} {share:.0%}" for label, _, share in summarise(ops, key)[:count]))

@@ -70,6 +70,14 @@ def test_throughput_step_counts_xlas_flops(tmp_path):
   row = benchmark_throughput.train_step_rate(config, repeats=1)
   assert row["step_flops"] > 6 * row["params"] * 4  # forward and backward over every example, at least
   assert row["flops_per_sec"] == pytest.approx(row["step_flops"] / row["seconds_per_step"])
+  assert "profile" not in row
+
+
+def test_throughput_profile_splits_the_train_step(tmp_path):
+  config = benchmark_throughput.family_config("xar", "tiny", batch=4, data_dir=str(tmp_path / "data"))
+  ops = benchmark_throughput.train_step_rate(config, repeats=1, profile_dir=str(tmp_path / "trace"))["profile"]
+  kinds = {r["kind"] for r in ops}
+  assert "matmul" in kinds and any("mlp" in r["where"] for r in ops if r["kind"] == "matmul")
 
 
 @pytest.fixture
@@ -110,3 +118,13 @@ def test_step_breakdown_times_every_part(tiny_setting):
   parts = benchmark_generation.step_breakdown(api, model, params, 2, repeats=1, iterations=2)
   assert set(parts) == {"step", "model call", "model call, no cache", "top-p draw"}
   assert all(ms > 0 for ms in parts.values())
+
+
+def test_generation_profile_traces_the_block_step_and_the_prefill(tiny_setting, tmp_path, capsys):
+  api = benchmark_generation.Api()
+  run_sampler, _, model = list(benchmark_generation.compiled_runs(api, tiny_setting, 1, [(1, 1, 4)], [2]).values())[-1]
+  benchmark_generation.step_floors(api, model, run_sampler.params, 1, 1e10, repeats=1,
+                                   profile_dir=str(tmp_path))
+  printed = capsys.readouterr().out
+  assert f"{tmp_path}: step" in printed and f"{tmp_path}: prefill" in printed and "matmul" in printed
+  assert (tmp_path / "step").is_dir() and (tmp_path / "prefill").is_dir()
