@@ -1,7 +1,8 @@
 r"""Training throughput and model FLOPs utilisation (MFU) of every family's local config.
 
   python -m experiments.benchmark_throughput [--families ntp,nbp,xar,aaren,ebt] [--sizes S,M] \
-      [--attention_impls config] [--batch 0] [--timed_steps 5] [--throughput_data_dir DIR] [--throughput_profile DIR]
+      [--attention_impls config] [--batch 0] [--timed_steps 5] [--throughput_data_dir DIR] \
+      [--throughput_profile DIR]
 
 For each family, size and attention implementation: the jitted train step
 (forward, backward, AdamW) of the family's local config with `model.variant`
@@ -57,8 +58,8 @@ BATCH = flags.DEFINE_integer("batch", 0, "Examples per step; 0: each config's ow
 REPEATS = flags.DEFINE_integer("timed_steps", 5, "Timed steps per row (after one warm-up).")
 DATA_DIR = flags.DEFINE_string("throughput_data_dir", "", "Overrides config.data.dir (where generated datasets "
                                "are cached).")
-PROFILE = flags.DEFINE_string("throughput_profile", "", "If set, a directory: each row's step is traced there and its time "
-                              "split by kind of op and by model path.")
+PROFILE = flags.DEFINE_string("throughput_profile", "", "If set, a directory: each row's step is traced there "
+                              "and its time split by kind of op and by model path.")
 
 
 def family_config(family: str, size: str, impl: str = "config", batch: int = 0, data_dir: str = ""):

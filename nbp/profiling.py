@@ -12,8 +12,10 @@ compiled HLO text:
           elementwise (every other fusion: pointwise maps, reductions, scans'
           arithmetic);
   where   the model path in the op's metadata (e.g. "decoder/layer_2/mlp"
-          with the layer index dropped, so the layers add up), or "optimizer"
-          for the update outside the model.
+          with the layer index and control flow dropped, so the layers add
+          up); an op outside every module is named by its operation ("mul",
+          "sqrt": mostly the optimizer's update), one without metadata
+          "other".
 
 `summarise` adds seconds over either label. Times are core-seconds (the sum
 over the threads that ran the ops), so on 2 cores they can add up to about
@@ -59,8 +61,6 @@ def _computations(hlo_text: str) -> dict[str, list[tuple[bool, str, str, str]]]:
 def _where(op_name: str) -> str:
   """A model path from an op's metadata, without the jit/transform wrappers and layer indices."""
   parts = [p for p in op_name.split("/") if p and "(" not in p and not p.startswith("jit")]
-  if not parts:
-    return "optimizer" if "update" in op_name or "adam" in op_name else "other"
   parts = [re.sub(r"_\d+$", "", p) for p in parts if p not in _WRAPPERS and not re.fullmatch(r"branch_\d+_fun", p)]
   return "/".join(p for p in parts if p not in ("dot_general", "add_any"))[:120] or "other"
 
@@ -69,14 +69,14 @@ def op_labels(hlo_text: str) -> dict[str, tuple[str, str]]:
   """Every instruction of the compiled program -> (kind, where); see the module docstring."""
   computations = _computations(hlo_text)
 
-  def kind_of(opcode: str, rest: str, depth: int = 0) -> str:
+  def kind_of(opcode: str, rest: str) -> str:
     if opcode in ("dot", "convolution") or "__ynn_fusion" in rest or "__onednn" in rest:
       return "matmul"
     if opcode in ("while", "conditional", "call"):
       return "loop"
     if opcode in ("copy", "transpose"):
       return "layout copy"
-    if opcode == "fusion" and depth < 3:
+    if opcode == "fusion":
       called = _CALLS.search(rest)
       body = computations.get(called.group(1), []) if called else []
       opcodes = {op for _, _, op, _ in body}
