@@ -140,8 +140,10 @@ class MultiHeadAttention(nn.Module):
   (query positions, key positions) rotates each by its own.
 
   `impl` picks the attention implementation through `kernels.dispatch.attention`
-  ("auto" chooses per backend and sequence length); cached decode steps always
-  run `decode_attention` (plain XLA in the cache's layout). An impl outside
+  ("auto" chooses per backend and sequence length); cached decode steps run
+  `decode_attention` (plain XLA in the cache's layout), except a prefill of at
+  least AUTO_BLOCKSPARSE_MIN_LEN tokens into an empty cache, which attends over
+  its own keys through the dispatcher as training does. An impl outside
   kernels.dispatch.IMPLS is an AttentionImplError naming it and the choices.
   """
 
@@ -227,7 +229,16 @@ class MultiHeadAttention(nn.Module):
       written = jnp.broadcast_to(offset + t, (b,)).astype(jnp.int32)  # [B]
       if kv_valid_len is not None:
         written = jnp.minimum(written, jnp.asarray(kv_valid_len, jnp.int32))
-      out = self._attend_cache(q, keys, values, kv_valid_len=written, q_offset=offset)
+      if t >= dispatch.AUTO_BLOCKSPARSE_MIN_LEN:
+        # A prefill long enough for the training kernels: into an empty cache, the queries see only the keys
+        # they bring, so attention runs as in training (skipping invisible tiles) rather than as per-head
+        # products over the cache. Which branch runs is decided at run time by the cache index.
+        out = jax.lax.cond(
+            offset == 0,
+            lambda: dispatch.attention(q, k, v, mask=self.mask, kv_valid_len=written, impl=self.impl),
+            lambda: self._attend_cache(q, keys, values, kv_valid_len=written, q_offset=offset))
+      else:
+        out = self._attend_cache(q, keys, values, kv_valid_len=written, q_offset=offset)
     else:
       if positions is None:
         positions = self._default_positions(b, t, 0)

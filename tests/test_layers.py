@@ -172,6 +172,27 @@ def test_decode_with_a_cache_grown_between_steps_matches_forward(scan_layers):
     step(variables["params"], attention.resize_cache(variables["cache"], 2), x[:, :3])
 
 
+@pytest.mark.parametrize("impl", ["xla", "auto"])
+def test_a_long_prefill_into_an_empty_cache_attends_as_training_does(impl, monkeypatch):
+  """From AUTO_BLOCKSPARSE_MIN_LEN tokens a prefill at cache index 0 takes the dispatcher's path; later
+  long chunks (cache index > 0) take the cache's; both match the full forward pass."""
+  monkeypatch.setattr(dispatch, "AUTO_BLOCKSPARSE_MIN_LEN", 16)  # small shapes; both branches of the cond
+  prefix, block = 16, 4
+  t = prefix + 16 + 2 * block
+  mask = MaskSpec("block_causal", block_len=block, prefix_len=prefix)
+  model = _stack(False, mask, "1d", cache_len=t)
+  model = DecoderStack(num_layers=2, block={**model.block, "impl": impl})
+  x = randn(7, (2, t, 32))
+  variables = jax.jit(functools.partial(model.init, decode=True))(jax.random.key(5), x)
+  full = jax.jit(model.apply)({"params": variables["params"]}, x)
+  calls = []
+  real = dispatch.attention
+  monkeypatch.setattr(dispatch, "attention", lambda *a, **k: calls.append(a[0].shape[1]) or real(*a, **k))
+  decoded, _ = _decode_in_chunks(model, variables, x, [prefix, 16, block, block])
+  np.testing.assert_allclose(decoded, full, atol=1e-5)
+  assert 16 in calls  # the long chunks were traced through the dispatcher (a cond picks at run time)
+
+
 def test_decode_3d_rope_block_causal():
   grid = (3, 2, 4)  # (time, height, width); a block is one row of 4 tokens
   prefix, block = 2, 4
