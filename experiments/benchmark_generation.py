@@ -212,23 +212,15 @@ def step_floors(api: Api, model, params, batch: int, bandwidth: float, repeats: 
   step = jax.jit(one_step).lower(params, cache, block, jax.random.key(0)).compile()
   first = jnp.zeros((batch, model.prefix_len + block_len), jnp.int32)
   prefill = jax.jit(lambda p, x: api.prefill(model, p, x)).lower(params, first).compile()
-  if profile_dir:
-    # The step is traced as the sampler runs it, in a loop carrying the cache (updated in place); alone,
-    # a call would copy the cache it cannot donate. Its op times are per step.
-    steps_per_call = 8
+  if profile_dir:  # the step as the sampler runs it (in a loop carrying the cache), then the prefill
+    def body(i, params, carry):
+      cache, block = carry
+      return one_step(params, cache, block, jax.random.fold_in(jax.random.key(0), i))[::-1]
 
-    def steps(params, cache, block, rng):
-      def body(i, carry):
-        cache, block = carry
-        return one_step(params, cache, block, jax.random.fold_in(rng, i))[::-1]
-      return jax.lax.fori_loop(0, steps_per_call, body, (cache, block))
-
-    looped = jax.jit(steps).lower(params, cache, block, jax.random.key(0)).compile()
-    for what, compiled, args, per_call in (("step", looped, (params, cache, block, jax.random.key(0)),
-                                            steps_per_call), ("prefill", prefill, (params, first), 1)):
-      ops = profiling.profile_ops(compiled.as_text(), lambda c=compiled, a=args: c(*a), repeats,
-                                  os.path.join(profile_dir, what))
-      profiling.print_summary(f"{profile_dir}: {what}", [{**r, "seconds": r["seconds"] / per_call} for r in ops])
+    profiling.print_summary(f"{profile_dir}: step", profiling.profile_steps(
+        body, params, (cache, block), 8, repeats, os.path.join(profile_dir, "step")))
+    profiling.print_summary(f"{profile_dir}: prefill", profiling.profile_ops(
+        prefill.as_text(), lambda: prefill(params, first), repeats, os.path.join(profile_dir, "prefill")))
 
   def rate(rows):
     return roofline.measure_matmul_rate(rows, model.embed_dim, api.model_module.mlp_dim(

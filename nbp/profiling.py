@@ -17,7 +17,8 @@ compiled HLO text:
           "sqrt": mostly the optimizer's update), one without metadata
           "other".
 
-`summarise` adds seconds over either label. Times are core-seconds (the sum
+`profile_steps` does the same for a step run in a loop, as samplers run their
+steps. `summarise` adds seconds over either label. Times are core-seconds (the sum
 over the threads that ran the ops), so on 2 cores they can add up to about
 twice the wall time; the shares are what a profile is read for.
 """
@@ -33,6 +34,7 @@ import re
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 
 _CONTAINER = re.compile(r"^(ThunkExecutor|\$|PjRt|TfrtCpu)")
 _INSTRUCTION = re.compile(r"^\s*(ROOT\s+)?%([\w.\-]+) = .*? (\w[\w\-]*)\((.*)$")
@@ -139,6 +141,24 @@ def profile_ops(hlo_text: str, fn: Callable[[], Any], repeats: int, logdir: str)
   rows = [{"op": name, "seconds": seconds / repeats, "kind": labels[name][0], "where": labels[name][1]}
           for name, seconds in exclusive_seconds(trace_events(logdir)).items() if name in labels]
   return sorted(rows, key=lambda r: -r["seconds"])
+
+
+def profile_steps(step: Callable[[Any, Any, Any], Any], args, carry, num_steps: int, repeats: int,
+                  logdir: str) -> list[dict[str, Any]]:
+  """profile_ops of `num_steps` calls of carry = step(i, args, carry) in one compiled loop; seconds per step.
+
+  How a sampler runs its steps: a loop-carried cache is updated in place, where a step compiled alone
+  would copy the cache it cannot donate, and that copy would show in its profile. `args` (the weights)
+  are arguments of the compiled loop, not constants folded into it.
+  """
+  def loop(args, carry):
+    return jax.lax.fori_loop(0, num_steps, lambda i, c: step(i, args, c), carry)
+
+  looped = jax.jit(loop, donate_argnums=1).lower(args, carry).compile()
+  # Each call consumes (donates) its own carry, copied before the trace: the loop then needs no copy of it.
+  carries = [jax.tree.map(jnp.copy, carry) for _ in range(repeats + 1)]
+  rows = profile_ops(looped.as_text(), lambda: looped(args, carries.pop()), repeats, logdir)
+  return [{**r, "seconds": r["seconds"] / num_steps} for r in rows]
 
 
 def summarise(rows: list[dict[str, Any]], key: str) -> list[tuple[str, float, float]]:

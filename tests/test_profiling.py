@@ -48,3 +48,15 @@ def test_a_traced_step_splits_into_matmuls_and_elementwise_by_model_path(tmp_pat
 def test_profile_ops_names_a_directory_without_a_trace(tmp_path):
   with pytest.raises(FileNotFoundError, match=str(tmp_path)):
     profiling.trace_events(str(tmp_path))
+
+
+def test_profile_steps_traces_a_loop_carrying_a_cache_without_copying_it(tmp_path):
+  w = jnp.ones((64, 64)) * 0.01
+
+  def step(i, w, carry):  # a decode step: write a row of the cache, read the whole cache
+    cache, x = carry
+    cache = jax.lax.dynamic_update_slice(cache, x[None], (i, 0))
+    return cache, jnp.tanh(x @ w) + cache.sum(0)
+
+  ops = profiling.profile_steps(step, w, (jnp.zeros((4096, 64)), jnp.ones((64,))), 8, 2, str(tmp_path))
+  assert ops and all(r["kind"] != "layout copy" for r in ops[:3]), ops[:3]
