@@ -46,7 +46,7 @@ _COMPUTATION = re.compile(r"^(?:ENTRY\s+)?%([\w.\-]+) .*\{\s*$")
 
 def _computations(hlo_text: str) -> dict[str, list[tuple[bool, str, str, str]]]:
   """computation name -> [(is root, instruction, opcode, rest of its line)]."""
-  out: dict[str, list[tuple[str, str, str]]] = {}
+  out: dict[str, list[tuple[bool, str, str, str]]] = {}
   current = None
   for line in hlo_text.splitlines():
     head = _COMPUTATION.match(line)
