@@ -352,6 +352,37 @@ def test_candidates_keep_the_draw_agreeing_most_with_the_others(condition):
     nb.sample(model, params, jax.random.key(3), num_samples=2, labels=labels, prompt=prompt, candidates=0)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("condition", ["frames", "class"])
+def test_likelihood_selection_keeps_the_likeliest_draw(condition):
+  """selection="likelihood": of the K draws per condition, the one with the highest teacher-forced log p, which
+  is the loss's cross-entropy summed over the predicted tokens."""
+  model = _model(condition=condition, prefix_frames=1, block=(1, 1, 4))
+  tokens = _tokens(model)
+  labels = jnp.array([1, 7]) if condition == "class" else None
+  params = _init(model, tokens, labels)
+  batch = {"tokens": tokens} if labels is None else {"tokens": tokens, "class": labels}
+  cross_entropy, _ = nb.loss(model, params, batch, jax.random.key(0), train=False)
+  log_p = nb.log_likelihood(model, params, tokens.reshape(2, *model.grid), labels=labels)
+  np.testing.assert_allclose(-jnp.mean(log_p) / model.num_predicted, cross_entropy, rtol=1e-5)
+  k = 5
+  repeat = lambda x: None if x is None else jnp.repeat(x, k, axis=0)
+  prompt = tokens.reshape(2, *model.grid)[:, :1] if condition == "frames" else None
+  draws = jax.jit(lambda p: nb.sample(model, p, jax.random.key(3), num_samples=2 * k, labels=repeat(labels),
+                                      prompt=repeat(prompt), top_p=0.9))(params)
+  scores = np.asarray(nb.log_likelihood(model, params, draws, labels=repeat(labels))).reshape(2, k)
+  assert np.ptp(scores[0]) > 0  # the draws differ in likelihood: the choice is not trivial
+  chosen = np.asarray(jax.jit(lambda p: nb.sample(model, p, jax.random.key(3), num_samples=2, labels=labels,
+                                                  prompt=prompt, top_p=0.9, candidates=k,
+                                                  selection="likelihood"))(params))
+  draws = np.asarray(draws).reshape(2, k, *model.grid)
+  for row in range(2):
+    np.testing.assert_array_equal(chosen[row], draws[row, int(np.argmax(scores[row]))])
+  with pytest.raises(ValueError, match="selection='best'"):
+    nb.sample(model, params, jax.random.key(3), num_samples=2, labels=labels, prompt=prompt, candidates=k,
+              selection="best")
+
+
 def test_sampler_config_keys_the_sampler_does_not_take_are_named():
   model = _model()
   with pytest.raises(ValueError, match=r"\['top_q'\].*top_p"):

@@ -118,7 +118,8 @@ def get_config(arg: str = "XS,local,row"):
   c.sampler.temperature = 1.0
   c.sampler.top_k = 0
   c.sampler.top_p = 0.9 if not local else 1.0
-  c.sampler.candidates = 1  # K > 1: K draws per condition, the one agreeing most with the others kept
+  c.sampler.candidates = 1  # K > 1: K draws per condition, one kept by `selection`
+  c.sampler.selection = "consensus"  # the draw agreeing most with the others, or "likelihood": the likeliest
 
   ntp_digits.set_digits_budget(c, local)
   c.optimizer.weight_decay = 0.01

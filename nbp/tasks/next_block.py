@@ -75,6 +75,24 @@ def cross_entropy(logits: jax.Array, targets: jax.Array, weights: jax.Array | No
   return jnp.sum(losses * weights) / jnp.maximum(count, 1.0), count
 
 
+def token_log_probs(model: Model, params, grids: jax.Array, labels: jax.Array | None = None) -> jax.Array:
+  """log p of each predicted token of grids [B, F, H, W] given the blocks before it: [B, N] in target order.
+
+  Teacher forced (one forward pass), untempered and unfiltered; given frames
+  are not predicted. labels: int [B] classes (condition "class").
+  """
+  if model.condition == "class" and labels is None:
+    raise ValueError("scoring grids of a class-conditioned run needs their labels")
+  inputs, targets = next_block_targets(model, grids.reshape(grids.shape[0], -1))
+  logits = model.apply({"params": params}, inputs, labels=labels)[:, -model.num_predicted:]
+  return jnp.take_along_axis(jax.nn.log_softmax(logits.astype(jnp.float32), -1), targets[..., None], -1)[..., 0]
+
+
+def log_likelihood(model: Model, params, grids: jax.Array, labels: jax.Array | None = None) -> jax.Array:
+  """log p(predicted tokens | condition) of grids [B, F, H, W]: [B] (`token_log_probs` summed)."""
+  return jnp.sum(token_log_probs(model, params, grids, labels), axis=-1)
+
+
 def frame_log_likelihood(model: Model, params, grids: jax.Array, frame: int) -> jax.Array:
   """log p(frame `frame` | everything before it) of unconditioned or frame-conditioned grids [B, F, H, W]: [B].
 
@@ -88,9 +106,7 @@ def frame_log_likelihood(model: Model, params, grids: jax.Array, frame: int) -> 
   if not model.frame_prefix_len <= frame * model.grid[1] * model.grid[2] < model.num_tokens:
     raise ValueError(f"frame {frame} of {model.grid[0]} is not predicted by the model (given frames: "
                      f"{model.frame_prefix_len // (model.grid[1] * model.grid[2])})")
-  inputs, targets = next_block_targets(model, grids.reshape(grids.shape[0], -1))
-  logits = model.apply({"params": params}, inputs)[:, -model.num_predicted:]
-  log_p = jnp.take_along_axis(jax.nn.log_softmax(logits.astype(jnp.float32), -1), targets[..., None], -1)[..., 0]
+  log_p = token_log_probs(model, params, grids)
   in_frame = np.zeros(model.grid, bool)
   in_frame[frame] = True
   in_frame = to_block_order(in_frame.reshape(-1), model.order)[model.frame_prefix_len:]  # [N], target order
@@ -126,7 +142,8 @@ def loss(model: Model, params, batch, rng, *, cond_dropout: float = 0.0, train: 
 
 def sample(model: Model, params, rng, *, num_samples: int = 8, temperature: float = 1.0, top_k: int = 0,
            top_p: float = 1.0, labels: jax.Array | None = None, guidance_scale: float | None = None,
-           prompt: jax.Array | None = None, cache_phases: int = 4, candidates: int = 1) -> jax.Array:
+           prompt: jax.Array | None = None, cache_phases: int = 4, candidates: int = 1,
+           selection: str = "consensus") -> jax.Array:
   """Draws `num_samples` grids of tokens [B, F, H, W] block by block with the KV cache; jit it whole.
 
   One prefill call reads the prefix and the start block (a cache of exactly
@@ -145,10 +162,19 @@ def sample(model: Model, params, rng, *, num_samples: int = 8, temperature: floa
     prefill before the start block; as blocks (`given_frames="blocks"`) after
     it, so the prefill's last block predicts the first generated one.
   candidates: K > 1 draws K grids per condition in one batch of B K rows and
-    returns, per condition, the one agreeing with the other K - 1 on most
-    tokens (`sampling.consensus`, minimum Bayes risk): one typical answer,
-    at K times the cost.
+    returns one per condition, at K times the cost, chosen by `selection`:
+    "consensus" keeps the one agreeing with the other K - 1 on most tokens
+    (`sampling.consensus`, minimum Bayes risk): a typical answer;
+    "likelihood" keeps the one the model finds most likely (`log_likelihood`,
+    one more forward pass over the B K grids): the draw nearest the mode.
+    A block's tokens are drawn independently given the blocks before it, so
+    where the model is unsure (which of several places a digit moves to) a
+    draw can mix the alternatives within a block; such a mixture is unlikely
+    under the model once the later blocks have to follow it, so the likeliest
+    of K draws is mostly a coherent one.
   """
+  if selection not in ("consensus", "likelihood"):
+    raise ValueError(f"config.sampler.selection={selection!r}: 'consensus' or 'likelihood'")
   if candidates > 1:
     if model.condition == "class" and labels is None:
       labels = jnp.arange(num_samples, dtype=jnp.int32) % model.num_classes
@@ -156,7 +182,11 @@ def sample(model: Model, params, rng, *, num_samples: int = 8, temperature: floa
     grids = sample(model, params, rng, num_samples=num_samples * candidates, temperature=temperature, top_k=top_k,
                    top_p=top_p, labels=repeat(labels), guidance_scale=guidance_scale, prompt=repeat(prompt),
                    cache_phases=cache_phases)
-    return sampling.consensus(grids.reshape(num_samples, candidates, -1)).reshape(num_samples, *model.grid)
+    if selection == "consensus":
+      return sampling.consensus(grids.reshape(num_samples, candidates, -1)).reshape(num_samples, *model.grid)
+    score = log_likelihood(model, params, grids, labels=repeat(labels)).reshape(num_samples, candidates)
+    best = jnp.argmax(score, axis=-1)  # [B]; ties to the lowest index
+    return grids.reshape(num_samples, candidates, *model.grid)[jnp.arange(num_samples), best]
   if candidates != 1:
     raise ValueError(f"config.sampler.candidates={candidates}: draws per condition, at least 1")
   b, block_len, p = num_samples, model.block_len, model.prefix_len
