@@ -329,34 +329,10 @@ def test_frame_prediction_sampler_keeps_the_prompt_frames():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("condition", ["frames", "class"])
-def test_candidates_keep_the_draw_agreeing_most_with_the_others(condition):
-  """K candidates per condition: the K draws of a batch of B K repeated conditions, the consensus of each K."""
-  model = _model(condition=condition, prefix_frames=1, block=(1, 1, 4))
-  tokens = _tokens(model)
-  labels = jnp.array([1, 7]) if condition == "class" else None
-  params = _init(model, tokens, labels)
-  prompt = tokens.reshape(2, *model.grid)[:, :1] if condition == "frames" else None
-  k = 5
-  repeat = lambda x: None if x is None else jnp.repeat(x, k, axis=0)
-  draws = np.asarray(jax.jit(lambda p: nb.sample(model, p, jax.random.key(3), num_samples=2 * k, labels=repeat(labels),
-                                                 prompt=repeat(prompt), top_p=0.9))(params)).reshape(2, k, -1)
-  chosen = np.asarray(jax.jit(lambda p: nb.sample(model, p, jax.random.key(3), num_samples=2, labels=labels,
-                                                  prompt=prompt, top_p=0.9, candidates=k))(params))
-  assert len({draws[0, i].tobytes() for i in range(k)}) > 1  # the draws differ: the choice is not trivial
-  for row in range(2):
-    agreement = [sum(int(np.sum(draws[row, i] == draws[row, j])) for j in range(k)) for i in range(k)]
-    np.testing.assert_array_equal(chosen[row].reshape(-1), draws[row, int(np.argmax(agreement))])
-  if condition == "frames":
-    np.testing.assert_array_equal(chosen[:, :1], prompt)
-  with pytest.raises(ValueError, match="candidates=0"):
-    nb.sample(model, params, jax.random.key(3), num_samples=2, labels=labels, prompt=prompt, candidates=0)
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("condition", ["frames", "class"])
-def test_likelihood_selection_keeps_the_likeliest_draw(condition):
-  """selection="likelihood": of the K draws per condition, the one with the highest teacher-forced log p, which
-  is the loss's cross-entropy summed over the predicted tokens."""
+def test_candidates_keep_the_consensus_or_the_likeliest_draw(condition):
+  """K candidates per condition, of the K draws of a batch of B K repeated conditions: "consensus" keeps the one
+  agreeing most with the others, "likelihood" the one with the highest teacher-forced log p, which is the loss's
+  cross-entropy summed over the predicted tokens."""
   model = _model(condition=condition, prefix_frames=1, block=(1, 1, 4))
   tokens = _tokens(model)
   labels = jnp.array([1, 7]) if condition == "class" else None
@@ -365,19 +341,27 @@ def test_likelihood_selection_keeps_the_likeliest_draw(condition):
   cross_entropy, _ = nb.loss(model, params, batch, jax.random.key(0), train=False)
   log_p = nb.log_likelihood(model, params, tokens.reshape(2, *model.grid), labels=labels)
   np.testing.assert_allclose(-jnp.mean(log_p) / model.num_predicted, cross_entropy, rtol=1e-5)
+
+  prompt = tokens.reshape(2, *model.grid)[:, :1] if condition == "frames" else None
   k = 5
   repeat = lambda x: None if x is None else jnp.repeat(x, k, axis=0)
-  prompt = tokens.reshape(2, *model.grid)[:, :1] if condition == "frames" else None
   draws = jax.jit(lambda p: nb.sample(model, p, jax.random.key(3), num_samples=2 * k, labels=repeat(labels),
                                       prompt=repeat(prompt), top_p=0.9))(params)
   scores = np.asarray(nb.log_likelihood(model, params, draws, labels=repeat(labels))).reshape(2, k)
-  assert np.ptp(scores[0]) > 0  # the draws differ in likelihood: the choice is not trivial
-  chosen = np.asarray(jax.jit(lambda p: nb.sample(model, p, jax.random.key(3), num_samples=2, labels=labels,
-                                                  prompt=prompt, top_p=0.9, candidates=k,
-                                                  selection="likelihood"))(params))
-  draws = np.asarray(draws).reshape(2, k, *model.grid)
+  draws = np.asarray(draws).reshape(2, k, -1)
+  choose = jax.jit(lambda p, selection: nb.sample(model, p, jax.random.key(3), num_samples=2, labels=labels,
+                                                  prompt=prompt, top_p=0.9, candidates=k, selection=selection),
+                   static_argnums=1)
+  consensus, likeliest = np.asarray(choose(params, "consensus")), np.asarray(choose(params, "likelihood"))
+  assert len({draws[0, i].tobytes() for i in range(k)}) > 1 and np.ptp(scores[0]) > 0  # the choice is not trivial
   for row in range(2):
-    np.testing.assert_array_equal(chosen[row], draws[row, int(np.argmax(scores[row]))])
+    agreement = [sum(int(np.sum(draws[row, i] == draws[row, j])) for j in range(k)) for i in range(k)]
+    np.testing.assert_array_equal(consensus[row].reshape(-1), draws[row, int(np.argmax(agreement))])
+    np.testing.assert_array_equal(likeliest[row].reshape(-1), draws[row, int(np.argmax(scores[row]))])
+  if condition == "frames":
+    np.testing.assert_array_equal(consensus[:, :1], prompt)
+  with pytest.raises(ValueError, match="candidates=0"):
+    nb.sample(model, params, jax.random.key(3), num_samples=2, labels=labels, prompt=prompt, candidates=0)
   with pytest.raises(ValueError, match="selection='best'"):
     nb.sample(model, params, jax.random.key(3), num_samples=2, labels=labels, prompt=prompt, candidates=k,
               selection="best")
