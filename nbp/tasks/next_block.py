@@ -167,11 +167,6 @@ def sample(model: Model, params, rng, *, num_samples: int = 8, temperature: floa
     (`sampling.consensus`, minimum Bayes risk): a typical answer;
     "likelihood" keeps the one the model finds most likely (`log_likelihood`,
     one more forward pass over the B K grids): the draw nearest the mode.
-    A block's tokens are drawn independently given the blocks before it, so
-    where the model is unsure (which of several places a digit moves to) a
-    draw can mix the alternatives within a block; such a mixture is unlikely
-    under the model once the later blocks have to follow it, so the likeliest
-    of K draws is mostly a coherent one.
   """
   if selection not in ("consensus", "likelihood"):
     raise ValueError(f"config.sampler.selection={selection!r}: 'consensus' or 'likelihood'")
