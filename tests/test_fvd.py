@@ -491,7 +491,7 @@ def test_sampler_settings_are_the_configs_with_the_tasks_guidance_rule(data_dir)
     model = next_block.make_task(config).model
     assert next_block.sampler_kwargs(model, config.sampler) == {
         "num_samples": 2, "guidance_scale": expected, "temperature": 1.0, "top_k": 5, "top_p": config.sampler.top_p,
-        "cache_phases": 1, "candidates": 1}
+        "cache_phases": 1, "candidates": 1, "selection": "consensus"}
   # A family without a conditioned sampler (or decoded videos): the error names the evaluator and what it offers.
   classifier = video_classifier.make_task(tiny_classifier_config(data_dir))
   with pytest.raises(ValueError, match=r"an FVD evaluator asks for predict function 'to_videos'.*"
