@@ -35,11 +35,16 @@ from kernels import scan_attention
 IMPLS = ("auto", "xla", "xla_blocksparse", "pallas", "cudnn")
 
 # "auto" on CPU switches from dense xla to xla_blocksparse at this self-attention
-# length. Measured on the 2-core CPU with experiments/benchmark_kernels.py
-# (float32, B=1, H=4, D=64, L=16, forward + backward, dense/blocksparse time):
-# 1.0 at T=128 and 256, 1.35 at 512, 1.9 at 1024, 3.4 at 4096, 4.8 at 8192.
-# Below 512 the two are even and the dense path compiles to fewer ops.
-AUTO_BLOCKSPARSE_MIN_LEN = 512
+# length. Measured on the 2-core CPU (float32, H=4, forward + backward,
+# dense/blocksparse time, medians of interleaved runs):
+#   B=1, D=64, L=16: 1.02 at T=128, 0.95 at 256, 1.02 at 336, 1.63 at 512
+#     (1.9 at 1024, 3.4 at 4096, 4.8 at 8192: experiments/benchmark_kernels.py);
+#   B=1, D=32, L=8:  0.98 at 128, 1.17 at 256, 1.22 at 336, 1.93 at 512;
+#   B=8, D=32, L=8:  1.04 at 128, 1.04 at 256, 1.12 at 336, 1.45 at 512.
+# The demo's NBP training step (XS, 332 tokens, batch 8, 8-token rows) runs in
+# 0.82-0.87x the time with it. Below about 320 tokens the two are even and the dense
+# path compiles to fewer ops.
+AUTO_BLOCKSPARSE_MIN_LEN = 320
 
 ACCELERATORS = ("gpu", "cuda", "rocm", "tpu")
 

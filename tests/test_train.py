@@ -291,6 +291,18 @@ def test_demo_code_path(tmp_path, data_dir, classifier_workdir):
 
 
 @pytest.mark.slow
+def test_demo_code_path_on_two_devices(tmp_path, data_dir, classifier_workdir):
+  """`make demo` splits each batch over 2 CPU devices: every stage runs there, the tokenizer's decoder and the
+  judge (runs loaded by their workdirs) included, inside the training loop's mesh and outside it."""
+  result = run_module(["tests/demo_on_two_devices.py", data_dir, str(tmp_path), classifier_workdir], timeout=600)
+  assert result.returncode == 0, result.stderr[-5000:]
+  summary = json.loads(result.stdout.strip().splitlines()[-1])
+  assert summary["nbp"]["steps"] == 2 and np.isfinite(summary["nbp"]["eval_loss"])
+  assert summary["samples_judged"]["num_videos"] == 4
+  assert os.path.getsize(os.path.join(tmp_path, "samples.gif")) > 0
+
+
+@pytest.mark.slow
 def test_loss_falls_in_a_short_run(tmp_path, data_dir):
   config = tiny_ntp_config(data_dir, num_steps=60, log_every=10, checkpoint_every=60)
   config.model.num_layers = 2  # the tiny variant's depth: a test of learning

@@ -25,7 +25,6 @@ import time
 from typing import Any, Callable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from nbp.data import moving_digits
@@ -147,9 +146,11 @@ def generate_videos(setup, params, rng, conditions: dict[str, np.ndarray], *, ba
   with setup.context():
     compiled, compile_seconds = _compiled_sampler(setup, batch_size, params, rng, labels[:batch_size],
                                                   prompt[:batch_size])
-    # Keys and inputs on the device first: only the sampler calls are timed.
-    inputs = [jax.block_until_ready((jax.random.fold_in(rng, i), jnp.asarray(labels[i:i + batch_size]),
-                                     jnp.asarray(prompt[i:i + batch_size])))
+    # Keys and inputs on the devices first, placed as the compiled sampler takes them (split over the
+    # mesh's data axis where it is): only the sampler calls are timed.
+    placed = compiled.input_shardings[0][1:]
+    inputs = [jax.block_until_ready(jax.device_put(
+        (jax.random.fold_in(rng, i), labels[i:i + batch_size], prompt[i:i + batch_size]), placed))
               for i in range(0, batches * batch_size, batch_size)]
     out, seconds = [], 0.0
     for args in inputs:

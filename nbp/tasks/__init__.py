@@ -40,6 +40,7 @@ import inspect
 from typing import Any, Callable, Iterator, Mapping
 
 import flax.linen as nn
+import jax
 import ml_collections
 import numpy as np
 
@@ -144,11 +145,18 @@ class Run:
 
 @functools.cache
 def load_run(workdir: str) -> Run:
-  """The run trained in `workdir` (its config.json and newest readable checkpoint), loaded once per process."""
+  """The run trained in `workdir` (its config.json and newest readable checkpoint), loaded once per process.
+
+  Its parameters are replicated on every device, so a jitted call of the run
+  works inside any mesh over them (a training loop's several CPU devices or
+  chips, where the run decodes or judges the samples) as well as outside one.
+  """
   config = workdir_lib.read_config(workdir)
   task = make_task(config)
   params, _, _ = workdir_lib.load_params(workdir, task.model, task.init_inputs())
-  return Run(workdir, config, task, params)
+  everywhere = jax.sharding.NamedSharding(jax.sharding.Mesh(np.array(jax.devices()), ("devices",)),
+                                          jax.sharding.PartitionSpec())
+  return Run(workdir, config, task, jax.device_put(params, everywhere))
 
 
 def family_module(name: str):

@@ -22,7 +22,8 @@ uninterrupted one would have done.
 
 Every log line carries the step rate and the model FLOPs utilisation ("mfu"):
 XLA's FLOP count of the compiled step times the steps per second, over the
-matmul rate measured at start-up (nbp.roofline.peak_matmul_rate, per device).
+matmul rate measured at start-up (nbp.roofline.peak_matmul_rate, per device;
+on CPU the host's rate split among its devices, which share its cores).
 The step rate counts training steps only: time spent in evaluators and
 checkpoint saves is left out.
 """
@@ -341,6 +342,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     step_fn = compile_train_step(s)
   step_flops = None  # set with the compiled step, on the first batch
   peak = roofline.peak_matmul_rate(config.model.get("dtype", "float32"))  # FLOP/s, per device
+  if jax.default_backend() == "cpu":  # CPU devices (--num_cpu_devices) share one host's cores
+    peak /= jax.local_device_count()
   compiled = False
   start = int(state.step)
   pending: list[tuple[int, dict]] = []  # per-step metrics not yet fetched
