@@ -327,6 +327,33 @@ def test_frame_prediction_sampler_keeps_the_prompt_frames():
   np.testing.assert_array_equal(drawn[:, :1], prompt)
 
 
+@pytest.mark.parametrize("block,guidance", [((1, 2, 2), None), ((1, 1, 1), 2.0)])
+def test_a_generator_continues_given_frames(block, guidance):
+  """A class-conditioned generator given its first frame as a prompt returns it unchanged, and draws the rest as
+  if it had drawn that frame itself: greedy draws (top-k 1) are a fixed point of the teacher-forced forward
+  pass, guided or not. A prompt that does not fill whole blocks is refused."""
+  model = _model(block=block, condition="class")
+  tokens = _tokens(model)
+  labels = jnp.array([1, 7])
+  params = _init(model, tokens, labels)
+  prompt = tokens.reshape(2, *model.grid)[:, :1]
+  drawn = jax.jit(lambda p: nb.sample(model, p, jax.random.key(3), num_samples=2, labels=labels, prompt=prompt,
+                                      top_k=1, guidance_scale=guidance))(params)
+  np.testing.assert_array_equal(drawn[:, :1], prompt)
+  assert not np.array_equal(drawn[:, 1:], tokens.reshape(2, *model.grid)[:, 1:])
+  inputs, targets = nb.next_block_targets(model, drawn.reshape(2, -1))
+  logits = model.apply({"params": params}, inputs, labels=labels)[..., :model.bos]
+  if guidance is not None:
+    null = model.apply({"params": params}, inputs, labels=jnp.full((2,), model.num_classes))[..., :model.bos]
+    logits = decoding.guide(jnp.concatenate([logits, null]), guidance)
+  given = prompt[0].size
+  greedy = np.asarray(jnp.argmax(logits[:, -model.num_predicted:], -1))  # [B, N] in target (block) order
+  np.testing.assert_array_equal(greedy[:, given:], np.asarray(targets)[:, given:])
+  with pytest.raises(ValueError, match="whole blocks"):
+    nb.sample(_model(grid=(4, 4, 4), block=(2, 2, 2), condition="class"), params, jax.random.key(3), num_samples=2,
+              labels=labels, prompt=prompt)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("condition", ["frames", "class"])
 def test_candidates_keep_the_consensus_or_the_likeliest_draw(condition):

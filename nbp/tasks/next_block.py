@@ -160,7 +160,11 @@ def sample(model: Model, params, rng, *, num_samples: int = 8, temperature: floa
   prompt: int [B, prefix_frames, H, W] given frames (condition "frames"); they
     are returned unchanged in the output. As a prefix they are read in the
     prefill before the start block; as blocks (`given_frames="blocks"`) after
-    it, so the prefill's last block predicts the first generated one.
+    it, so the prefill's last block predicts the first generated one. Under
+    condition "class" or "none", a prompt [B, G, H, W] of any G < F frames
+    that fill whole blocks is continued the same way, as blocks after the
+    start block (the model was trained on such videos whole): next-frame
+    prediction by a generator, under its class or none.
   candidates: K > 1 draws K grids per condition in one batch of B K rows and
     returns one per condition, at K times the cost, chosen by `selection`:
     "consensus" keeps the one agreeing with the other K - 1 on most tokens
@@ -196,7 +200,7 @@ def sample(model: Model, params, rng, *, num_samples: int = 8, temperature: floa
   if model.condition == "class":
     labels = jnp.arange(b, dtype=jnp.int32) % model.num_classes if labels is None else labels
     prefill_labels = jnp.concatenate([labels, jnp.full((b,), model.num_classes, jnp.int32)]) if guided else labels
-  elif model.condition == "frames":
+  if model.condition == "frames":
     if prompt is None:
       raise ValueError("frame prediction needs `prompt` frames [B, prefix_frames, H, W]")
     given = to_block_order(prompt.reshape(b, -1).astype(jnp.int32), order[:model.given_len])  # its own order
@@ -205,6 +209,10 @@ def sample(model: Model, params, rng, *, num_samples: int = 8, temperature: floa
     else:
       fed = model.given_len
       first = jnp.concatenate([first, given], axis=1)  # [B, L + G]
+  elif prompt is not None:  # a generator continuing given frames: blocks after the start block
+    given = _prompt_blocks(model, prompt)  # [B, G]
+    fed = given.shape[1]
+    first = jnp.concatenate([first, jnp.concatenate([given, given]) if guided else given], axis=1)
 
   def draw(logits, key):
     logits = logits[..., :bos]  # the begin token is never drawn
@@ -213,7 +221,11 @@ def sample(model: Model, params, rng, *, num_samples: int = 8, temperature: floa
     return sampling.sample_tokens(key, logits, temperature=temperature, top_k=top_k, top_p=top_p)
 
   start = p + fed  # slots before the start block's position in the drawn blocks' numbering
+  num_drawn = model.num_tokens - model.given_len - (fed if model.condition != "frames" else 0)
   tokens_first = model.first_block == "tokens"
+  if tokens_first and fed and model.condition != "frames":
+    raise ValueError("a prompt continued by a generator needs config.model.first_block='start_block': with "
+                     "'tokens' the first block after the start is drawn token by token, not read.")
   if tokens_first:  # block 0 token by token (token j with fold_in(fold_in(rng, 0), j)), then blocks
     first = first[:, :first.shape[1] - block_len + 1]  # [given prefix, one begin token]
     block, cache = _first_block_by_tokens(model, params, first, prefill_labels, draw, start, rows,
@@ -222,7 +234,7 @@ def sample(model: Model, params, rng, *, num_samples: int = 8, temperature: floa
     cache = decoding.init_cache(model, start + block_len, jnp.zeros((rows, 1), jnp.int32))  # the prefill's slots
     logits, cache = decoding.apply_decoding(model, params, cache, first, labels=prefill_labels, last=block_len)
     block = draw(logits, jax.random.fold_in(rng, 0))  # [B, L], drawn block 0
-  drawn = jnp.zeros((b, model.num_generated), jnp.int32).at[:, :block_len].set(block)
+  drawn = jnp.zeros((b, num_drawn), jnp.int32).at[:, :block_len].set(block)
 
   def step(k, cache, carry):  # feeds drawn block k - 1, draws block k
     drawn, block = carry
@@ -236,10 +248,25 @@ def sample(model: Model, params, rng, *, num_samples: int = 8, temperature: floa
     return cache, (jax.lax.dynamic_update_slice(drawn, block, (0, k * block_len)), block)
 
   # The phase ending at step k1 writes slots up to start + k1 L.
-  _, (drawn, _) = decoding.decode_in_phases(step, cache, (drawn, block), 1, model.num_generated // block_len,
+  _, (drawn, _) = decoding.decode_in_phases(step, cache, (drawn, block), 1, num_drawn // block_len,
                                             cache_len=lambda k1: start + k1 * block_len, phases=cache_phases)
   seq = drawn if given is None else jnp.concatenate([given, drawn], axis=1)  # [B, F*H*W] block-major
   return to_grid_order(seq, order).reshape(b, *model.grid)
+
+
+def _prompt_blocks(model: Model, prompt: jax.Array) -> jax.Array:
+  """Given frames [B, G, H, W] of a generator (condition "class" or "none") -> their tokens in block order
+  [B, G*H*W]: the first G*H*W of the video's block order, which must be exactly these frames' tokens."""
+  f, h, w = model.grid
+  if prompt.ndim != 4 or tuple(prompt.shape[2:]) != (h, w) or not 0 < prompt.shape[1] < f:
+    raise ValueError(f"prompt of shape {tuple(prompt.shape)}: expected given frames [B, G, {h}, {w}] with "
+                     f"0 < G < {f} (config.model.grid={tuple(model.grid)}).")
+  g = prompt.shape[1] * h * w
+  if g % model.block_len or set(model.order[:g].tolist()) != set(range(g)):
+    raise ValueError(f"a prompt of {prompt.shape[1]} frames does not fill whole blocks of "
+                     f"config.model.block={tuple(model.block)}: the first {g} tokens in block order are not "
+                     "those frames' tokens.")
+  return to_block_order(prompt.reshape(prompt.shape[0], -1).astype(jnp.int32), model.order[:g])
 
 
 class _FirstBlock(NamedTuple):
