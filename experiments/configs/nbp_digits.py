@@ -15,7 +15,8 @@ tokenizer, encodes the tokens and trains this model, in one workdir). By hand:
   python -m experiments.train --config experiments/configs/nbp_digits.py:XS,local,tokens,row \
       --workdir runs/nbp_tokens_local
 Expected (the demo: 2 CPU cores, four class tokens, 1000 steps of batch 8 on
-5x8x8 tokens of 125 codes, 286 s; 8m38s alone with the 600-step tokenizer):
+5x8x8 tokens of 125 codes, 286 s; 8m38s alone with the 600-step tokenizer, or
+8m30s on a slower machine with the demo's two CPU devices, where 0.70 is found):
 validation cross-entropy 0.887 nats/token; sampled at top-p 0.9 with guidance
 2, the digit asked for is found in 0.71 of 128 videos by
 video_classifier_digits.py:5x16 (0.73 by a second judge; fvd_digits_classifier
