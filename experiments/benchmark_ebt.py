@@ -186,23 +186,13 @@ def configs(seed: int):
   return ebt, ntp
 
 
-def _flat(tree: dict, prefix: str = "") -> dict:
-  out = {}
-  for key, value in tree.items():
-    out.update(_flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
-  return out
-
-
 def trained(config, name: str) -> str:
   """The workdir of `config` trained under runs_dir()/name: resumed or reused if there, refused if another config's."""
   workdir = os.path.join(runs_dir(), name)
-  if os.path.exists(os.path.join(workdir, workdir_lib.CONFIG_FILE)):
-    before = _flat(json.loads(workdir_lib.read_config(workdir).to_json_best_effort()))
-    now = _flat(json.loads(config.to_json_best_effort()))
-    changed = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
-    if changed:
-      raise ValueError(f"{workdir} holds a run of another config (changed: {', '.join(changed[:6])}); "
-                       "give another --ebt_runs_dir or remove that run")
+  changed = workdir_lib.changed_keys(workdir, config)
+  if changed:
+    raise ValueError(f"{workdir} holds a run of another config (changed: {', '.join(changed[:6])}); "
+                     "give another --ebt_runs_dir or remove that run")
   start = time.perf_counter()
   result = train.train_and_evaluate(config, workdir)
   if result.get("status") != "done":

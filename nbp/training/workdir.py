@@ -42,6 +42,23 @@ def read_config(workdir: str) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(json.load(f))
 
 
+def changed_keys(workdir: str, config: ml_collections.ConfigDict) -> list[str]:
+  """The dotted keys where `config` differs from the config the run in `workdir` was trained with ([] if the
+  workdir holds no run yet): a caller that resumes runs by workdir refuses another config's run."""
+  if not os.path.exists(os.path.join(workdir, CONFIG_FILE)):
+    return []
+  before = _flat(json.loads(read_config(workdir).to_json_best_effort()))
+  now = _flat(json.loads(config.to_json_best_effort()))
+  return sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+  out = {}
+  for key, value in tree.items():
+    out.update(_flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
+  return out
+
+
 def abstract_params(model: nn.Module, init_inputs: dict[str, Any]):
   """ShapeDtypeStructs of `model`'s parameters (nothing computed)."""
   variables = jax.eval_shape(lambda: model.init({"params": jax.random.key(0), "dropout": jax.random.key(0)},

@@ -1,0 +1,126 @@
+r"""The paradigms compared on one task at one training budget: moving-digits videos, class-conditional.
+
+  python -m experiments.compare --config experiments/configs/compare_digits.py:local
+
+Every contender is trained on the same videos (the local pixel setting of
+nbp_digits.py: 4 frames of 12x12, one digit, 8 grey levels), for the same
+training FLOPs as XLA counts them for its compiled step: the reference
+contender trains `budget_steps` steps, every other one as many steps as its
+own step's FLOPs allow (experiments/compare.py calibrates them). Each model
+does both tasks: class-conditional generation, and next-frame prediction by
+continuing the first `given_frames` frames of real videos under their class.
+
+Contenders (the same parameter count within 10%: tests/test_compare.py):
+  ntp        next-token prediction: the block transformer with 1x1x1 blocks
+  ntp_aaren  the same with Aaren's prefix-scan attention in every layer
+             (learned positions), streaming at sampling
+  nbp_row    next-block prediction, one 12-token row per step (the paper's)
+  nbp_patch  next-block prediction, 4x4 patches
+Each has one or more sampler rows (`samplers`): keyword settings of its
+family's sampler, each measured and reported on its own.
+
+Argument: "local" (2 CPU cores), "tiny" (the test suite's: 5 frames of 8x8,
+one layer, a few steps) or "pod" (the same contenders at the paper sizes on
+UCF-101 tokens; the test suite builds their sharded states abstractly).
+"""
+
+import importlib
+
+import ml_collections
+
+from experiments.configs import nbp_digits
+
+ARGS = ("local", "tiny", "pod")
+
+
+def _contender(base: str, samplers: dict, **overrides) -> ml_collections.ConfigDict:
+  """base: "file.py:arg" of experiments/configs; overrides: sections of keys set on it (model={...})."""
+  return ml_collections.ConfigDict({"base": base, "overrides": overrides, "samplers": samplers})
+
+
+def get_config(arg: str = "local"):
+  if arg not in ARGS:
+    raise ValueError(f"compare_digits config argument must be one of {ARGS}, got {arg!r}")
+  c = ml_collections.ConfigDict()
+  c.arg = arg
+  size = "B" if arg == "pod" else "XS"
+  where = "" if arg == "pod" else ",local"
+  # The samplers' settings are those each base config chose on validation (nbp_digits.py).
+  c.contenders = ml_collections.ConfigDict({
+      "ntp": _contender(f"nbp_digits.py:{size}{where},token", {"guided": {}}),
+      "ntp_aaren": _contender(f"nbp_digits.py:{size}{where},token", {"guided": {}},
+                              model={"attention": "aaren", "position": "learned"}),
+      "nbp_row": _contender(f"nbp_digits.py:{size}{where},row", {"guided": {}}),
+      "nbp_patch": _contender(f"nbp_digits.py:{size}{where},patch", {"guided": {}}),
+  })
+  c.reference = "ntp"  # its step FLOPs x budget_steps is every contender's training budget
+  c.budget_steps = 300 if arg == "local" else 4 if arg == "tiny" else 50_000
+  c.seeds = (0, 1, 2) if arg != "tiny" else (0,)
+  c.given_frames = 2  # next-frame prediction: the first frames given, the rest predicted
+  c.num_videos = 256 if arg == "local" else 4  # generated per contender, sampler row and seed
+  c.split = "test"  # choices were made on validation by the base configs; the comparison is reported once
+  c.speed_batches = (1, 16) if arg != "tiny" else (2,)
+  c.speed_repeats = 3 if arg != "tiny" else 1
+  c.classifier_workdir = "runs/compare_digits_judge"  # video_classifier_digits.py:local,4x12 (trained if absent)
+  c.workdir = f"runs/compare_digits_{arg}"
+  c.data = ml_collections.ConfigDict()  # keys set on every contender's data section
+  if arg == "tiny":
+    c.data = ml_collections.ConfigDict({"num_frames": 5, "frame_size": 8, "num_train": 32, "num_test": 16})
+  c.lock()
+  return c
+
+
+def contender_config(c, name: str, seed: int, num_steps: int | None = None) -> ml_collections.ConfigDict:
+  """The training config of contender `name` and `seed`, `num_steps` steps (default its base config's); the
+  sampler rows are not in it (experiments/compare.py applies them at sampling)."""
+  if name not in c.contenders:
+    raise ValueError(f"no contender {name!r} in the compare config; it has {sorted(c.contenders)}")
+  spec = c.contenders[name]
+  config = base_config(spec.base)
+  with config.unlocked():
+    for section, keys in [*spec.overrides.items(), ("data", c.data)]:
+      for key, value in keys.items():
+        _set(config, f"{section}.{key}", value)
+    if c.arg == "tiny":
+      _tiny(config)
+    config.seed = seed
+    if num_steps is not None:
+      config.num_steps = num_steps
+      config.optimizer.warmup_steps = max(1, num_steps // 10)
+      config.checkpoint_every = max(1, num_steps // 3)
+    config.evals = ml_collections.ConfigDict()  # experiments/compare.py measures after training
+    if config.model.get("grid") is not None and config.data.name == "moving_digits":
+      config.model.grid = (config.data.num_frames, config.data.frame_size, config.data.frame_size)
+      if config.model.block[2] > config.data.frame_size or name == "nbp_row":
+        config.model.block = nbp_digits.block_shape("row" if name == "nbp_row" else "patch",
+                                                    config.data.frame_size)
+  config.lock()
+  return config
+
+
+def base_config(base: str) -> ml_collections.ConfigDict:
+  """"file.py:arg" of experiments/configs -> that config (unlocked)."""
+  file, _, arg = base.partition(":")
+  if not file.endswith(".py"):
+    raise ValueError(f"contender base {base!r}: expected 'file.py:arg' of experiments/configs")
+  config = importlib.import_module(f"experiments.configs.{file[:-3]}").get_config(arg)
+  config.unlock()
+  return config
+
+
+def _set(config, dotted: str, value) -> None:
+  *path, leaf = dotted.split(".")
+  node = config
+  for part in path:
+    if part not in node:
+      raise ValueError(f"compare config override {dotted}={value!r}: the contender's config has no {part!r}")
+    node = node[part]
+  node[leaf] = value  # a new key too (model fields a base config leaves at their default): the task checks them
+
+
+def _tiny(config) -> None:
+  """The test suite's scale: one narrow layer, a batch of 4, logging every step."""
+  config.model.num_layers = 1
+  config.batch_size = 4
+  config.log_every = 1
+  config.keep_checkpoints = 1

@@ -1,0 +1,75 @@
+"""The paradigms compared (experiments/compare.py): matched sizes and budgets, and the whole comparison, tiny."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from experiments import compare
+from experiments.configs import compare_digits
+from nbp import contenders
+
+
+def test_local_contenders_have_the_reference_parameter_count():
+  c = compare_digits.get_config("local")
+  counts = {name: contenders.num_params(compare_digits.contender_config(c, name, seed=0)) for name in c.contenders}
+  reference = counts[c.reference]
+  for name, count in counts.items():
+    assert abs(count - reference) <= 0.1 * reference, (name, count, reference)
+  assert len(set(counts.values())) > 1  # Aaren's query and learned positions: not the same model
+
+
+def test_contender_configs_name_what_is_wrong():
+  c = compare_digits.get_config("local")
+  with pytest.raises(ValueError, match="no contender 'xar'"):
+    compare_digits.contender_config(c, "xar", seed=0)
+  with pytest.raises(ValueError, match="must be one of"):
+    compare_digits.get_config("huge")
+  with c.unlocked():
+    c.contenders.ntp.overrides = {"modle": {"width": 3}}
+  with pytest.raises(ValueError, match="modle.width.*no 'modle'"):
+    compare_digits.contender_config(c, "ntp", seed=0)
+
+
+def _tiny(data_dir, classifier_workdir):
+  c = compare_digits.get_config("tiny")
+  with c.unlocked():
+    c.data.dir = data_dir
+    c.classifier_workdir = classifier_workdir
+  return c
+
+
+@pytest.mark.slow
+def test_tiny_comparison_end_to_end_and_resumed(tmp_path, data_dir, classifier_workdir):
+  """Every contender trained for the reference's FLOPs (within half a step of its own), measured for quality and
+  cost, written as results.json, table.md and pareto.png; a second run trains and measures nothing again."""
+  c = _tiny(data_dir, classifier_workdir)
+  results = compare.run(c, str(tmp_path))
+  cal = results["calibration"]
+  budget = cal[c.reference]["step_flops"] * c.budget_steps
+  for name in c.contenders:
+    assert abs(cal[name]["train_flops"] - budget) <= cal[name]["step_flops"] / 2, name
+    run_dir = os.path.join(tmp_path, "runs", f"{name}_s0")
+    steps = [r["step"] for r in map(json.loads, open(os.path.join(run_dir, "metrics.jsonl"))) if "loss" in r]
+    assert steps[-1] == cal[name]["steps"]
+    quality = results["quality"][f"{name}/guided/s0"]
+    for key in compare.QUALITY:
+      assert np.isfinite(quality[key]), (name, key)
+    assert 0.0 <= quality["class_match"] <= 1.0
+    cost = results["cost"][f"{name}/guided"]
+    assert cost["calls_generation"] == {"ntp": 320, "ntp_aaren": 320, "nbp_row": 40, "nbp_patch": 20}[name]
+    assert cost["calls_continuation"] == cost["calls_generation"] * 3 // 5  # 2 of 5 frames given
+    for batch in c.speed_batches:
+      speed = cost[f"b{batch}"]
+      assert 0 < speed["frames_per_s"] <= speed["floor_frames_per_s"] and speed["peak_bytes"] > 0
+  table = open(os.path.join(tmp_path, "table.md")).read()
+  assert all(f"| {name} | guided |" in table for name in c.contenders)
+  assert os.path.getsize(os.path.join(tmp_path, "pareto.png")) > 0
+
+  written = os.path.getmtime(os.path.join(tmp_path, "results.json"))
+  checkpoints = sorted(os.listdir(os.path.join(tmp_path, "runs", "ntp_s0", "checkpoints")))
+  again = compare.run(c, str(tmp_path))
+  assert again["quality"] == results["quality"] and again["cost"] == results["cost"]
+  assert os.path.getmtime(os.path.join(tmp_path, "results.json")) == written
+  assert sorted(os.listdir(os.path.join(tmp_path, "runs", "ntp_s0", "checkpoints"))) == checkpoints
