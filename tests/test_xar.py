@@ -450,6 +450,30 @@ def test_cached_sampling_equals_uncached(kind, teacher_forcing, context):
   np.testing.assert_allclose(np.asarray(cached), np.asarray(full), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("context", ["clean", "fixed"])
+def test_a_prompt_is_kept_and_continued_alike_with_and_without_the_cache(context):
+  """Given entities come back unchanged; the cached continuation equals the uncached reference, and what follows
+  them depends on them. A prompt of every entity, or of entities of several sizes, is refused."""
+  model = _tiny("cell")
+  params = _params(model)
+  prompt = jax.random.normal(jax.random.key(7), (3, 4, 4, 3))
+  kw = dict(num_samples=3, num_steps=2, guidance_scale=2.0, labels=jnp.array([0, 3, 4]), cache_phases=1,
+            context=context, context_t=0.3, given_entities=1)
+  draw = jax.jit(lambda p, prompt, use_cache: sampler.sample(model, p, jax.random.key(5), prompt=prompt,
+                                                             use_cache=use_cache, **kw), static_argnums=2)
+  cached, full = np.asarray(draw(params, prompt, True)), np.asarray(draw(params, prompt, False))
+  np.testing.assert_allclose(cached, full, rtol=1e-4, atol=1e-5)
+  first = model.entities.sizes[0]
+  seq = np.asarray(model.entities.decompose(jnp.asarray(cached)))
+  np.testing.assert_allclose(seq[:, :first], np.asarray(model.entities.decompose(prompt))[:, :first], rtol=1e-6)
+  other = np.asarray(model.entities.decompose(draw(params, prompt + 1.0, True)))
+  assert np.abs(other[:, first:] - seq[:, first:]).max() > 1e-3
+  with pytest.raises(ValueError, match="given_entities=4"):
+    sampler.sample(model, params, jax.random.key(0), prompt=prompt, given_entities=4)
+  with pytest.raises(ValueError, match="scale entities"):
+    sampler.sample(_tiny("scale"), _params(_tiny("scale")), jax.random.key(0), prompt=prompt, given_entities=1)
+
+
 def test_context_modes_differ_and_are_checked():
   """The three contexts give three different samples from the same noise (the later entities see them)."""
   model = _tiny("cell")

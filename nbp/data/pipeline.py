@@ -290,6 +290,19 @@ def quantize_video(video: np.ndarray, levels: int) -> np.ndarray:
   return (video.astype(np.int32) * levels) // 256
 
 
+def requantize(videos, levels: int):
+  """uint8 videos -> uint8 at the centres of `levels` uniform grey bins (0: unchanged).
+
+  numpy or jax arrays; equals `dequantize_tokens(quantize_video(v, levels))`
+  and is idempotent, so videos decoded from tokens pass through unchanged.
+  """
+  if not levels:
+    return videos
+  xp = jax.numpy if isinstance(videos, jax.Array) else np
+  bins = (videos.astype(xp.int32) * levels) // 256  # [...] in 0..levels-1
+  return xp.clip(xp.floor((bins + 0.5) * (256.0 / levels)), 0, 255).astype(xp.uint8)
+
+
 def dequantize_tokens(tokens, levels: int, shape: Sequence[int]) -> np.ndarray:
   """int tokens [..., L] -> uint8 frames [..., *shape] at the bin centres.
 

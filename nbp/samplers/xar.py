@@ -117,7 +117,8 @@ def check_kwargs(kwargs) -> None:
 def sample(model, params, rng, *, num_samples: int = 8, labels: jax.Array | None = None, num_steps: int = 40,
            solver: str = "sde", t_end: float = 0.04, noise_scale: float = 1.0, guidance_scale: float | None = None,
            guidance_schedule: str = "linear", context: str = "clean", context_t: float = 0.1,
-           use_cache: bool = True, cache_phases: int = 2) -> jax.Array:
+           use_cache: bool = True, cache_phases: int = 2, prompt: jax.Array | None = None,
+           given_entities: int = 0) -> jax.Array:
   """Draws `num_samples` token grids [B, h, w, C] entity by entity (module docstring); jit it whole.
 
   model: an nbp.models.xar.XAR (or anything with its `entities`, `seq_len`,
@@ -132,6 +133,12 @@ def sample(model, params, rng, *, num_samples: int = 8, labels: jax.Array | None
   context: what the cache keeps of a finished entity: "clean", "t_end" or
     "fixed" (at the level context_t).
   use_cache: False runs full forward passes instead of the KV cache (the reference).
+  prompt, given_entities: a token grid [B, h, w, C] whose first `given_entities`
+    entities are given (entities of one size): they are returned unchanged, and
+    one call writes them into the cache as the `context` mode keeps a finished
+    entity ("t_end": noised to t_end, as the last solver call would see it;
+    their noise is fold_in(rng, K)); the AR loop then starts at the next entity.
+    Video frames as entities make this next-frame prediction.
   """
   check(num_steps=num_steps, t_end=t_end, solver=solver, context=context, context_t=context_t,
         guidance_schedule=guidance_schedule)
@@ -202,6 +209,25 @@ def sample(model, params, rng, *, num_samples: int = 8, labels: jax.Array | None
     state = decoding.init_cache(model, ents.sizes[0], jnp.zeros((rows, 1, c)), jnp.zeros((rows, 1)), row_labels)
   else:
     state = (jnp.zeros((rows, s, c), jnp.float32), jnp.zeros((rows, s), jnp.float32))
+  k0 = 0
+  if prompt is not None:
+    if not ents.uniform or not 0 < given_entities < ents.num_entities:
+      raise ValueError(f"a prompt needs entities of one size and 0 < given_entities < {ents.num_entities}; got "
+                       f"given_entities={given_entities} ({ents.kind} entities)")
+    k0 = given_entities
+    given_len = k0 * ents.sizes[0]
+    given = ents.decompose(prompt.astype(jnp.float32))[:, :given_len]  # [B, G, C]
+    out = out.at[:, :given_len].set(given)
+    noise = jax.random.normal(jax.random.fold_in(rng, ents.num_entities), given.shape)
+    level = {"clean": 0.0, "t_end": last_t, "fixed": context_t}[context]
+    context_x = (1.0 - level) * given + level * noise
+    if use_cache:
+      state = attention_lib.resize_cache(state, given_len)
+      _, state = velocity(state, context_x, level, 0)
+    else:
+      seq_x, seq_t = state
+      written = jnp.concatenate([context_x, context_x]) if guided else context_x
+      state = (seq_x.at[:, :given_len].set(written), seq_t.at[:, :given_len].set(level))
   if ents.uniform:
     length = ents.sizes[0]
 
@@ -209,10 +235,10 @@ def sample(model, params, rng, *, num_samples: int = 8, labels: jax.Array | None
       return entity_step(k, k * length, length, state, out)
 
     if use_cache:
-      state, out = decoding.decode_in_phases(ar_step, state, out, 0, ents.num_entities,
+      state, out = decoding.decode_in_phases(ar_step, state, out, k0, ents.num_entities,
                                              cache_len=lambda k1: k1 * length, phases=cache_phases)
     else:
-      state, out = jax.lax.fori_loop(0, ents.num_entities, lambda k, so: ar_step(k, *so), (state, out))
+      state, out = jax.lax.fori_loop(k0, ents.num_entities, lambda k, so: ar_step(k, *so), (state, out))
   else:  # entities of several sizes (scales): one traced step per entity, the cache grown to each one's end
     for k, (start, length) in enumerate(zip(ents.starts.tolist(), ents.sizes)):
       if use_cache:

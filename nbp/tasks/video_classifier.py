@@ -66,17 +66,7 @@ def loss(model: Model, params, batch, rng):
                  "class_accuracy": jnp.mean(correct.astype(jnp.float32))}
 
 
-def requantize(videos, levels: int):
-  """uint8 videos -> uint8 at the centres of `levels` uniform grey bins (0: unchanged).
-
-  numpy or jax arrays; equals `pipeline.dequantize_tokens(pipeline.quantize_video(v, levels))`
-  and is idempotent, so videos decoded from tokens pass through unchanged.
-  """
-  if not levels:
-    return videos
-  xp = jnp if isinstance(videos, jax.Array) else np
-  bins = (videos.astype(xp.int32) * levels) // 256  # [...] in 0..levels-1
-  return xp.clip(xp.floor((bins + 0.5) * (256.0 / levels)), 0, 255).astype(xp.uint8)
+requantize = pipeline.requantize  # (its home is the data pipeline; the judges call it from here)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -7,6 +7,12 @@ the keywords of its `sample`).
 Tokens. An image becomes a token grid [h, w, C] (h, w = `config.model.grid`):
   pixels   (`config.data.name` digits or imagenet2012): scaled to [-1, 1] and
            cut into p x p patches, p = image_size / h, C = p*p*channels;
+  videos   (`config.data.name` moving_digits): the F frames of H x W stacked
+           top to bottom into one F*H x W image (requantised to
+           `config.data.levels` grey levels first, as the token models see
+           them), then as pixels with p = W / w, so h = F*H/p; cells of
+           (H/p) x (W/p) tokens are whole frames, and the entity sequence is
+           the frames in order;
   latents  (`config.data.name` latents, nbp.data.latents): a KL VAE's scaled
            latents, one per token (C = latent channels).
 The patch size is what the data's side and the model's grid imply (latents:
@@ -53,10 +59,11 @@ from nbp import visualization
 from nbp.data import images as images_lib
 from nbp.data import latents as latents_lib
 from nbp.data import pipeline
+from nbp.data import video_sources
 from nbp.models.xar import XAR as Model
 from nbp.samplers import xar as sampler_lib
 
-DATASETS = ("digits", "imagenet2012", "latents")
+DATASETS = ("digits", "imagenet2012", "latents", "moving_digits")
 POSTERIORS = ("mean", "sample")
 sample = sampler_lib.sample  # the schema of config.sampler (nbp.tasks.check_config)
 
@@ -93,6 +100,17 @@ def data_geometry(model: Model, data_cfg) -> tuple[int, int]:
       raise ValueError(f"config.model.grid={tuple(model.grid)}: the latents in config.data.latent_dir are "
                        f"{side}x{side}; a latent run's grid is the latent grid (one latent per token).")
     what = f"latents of side {side} (config.data.latent_dir)"
+  elif data_cfg.name == "moving_digits":
+    frames, size = data_cfg.num_frames, data_cfg.frame_size
+    if size % w or h * (size // w) != frames * size:
+      raise ValueError(f"config.model.grid={tuple(model.grid)}: {frames} frames of {size}x{size} stacked into a "
+                       f"{frames * size}x{size} image need a grid ({frames * size}/p, {size}/p) for a patch p "
+                       "dividing the frame size.")
+    patch, channels = size // w, 1
+    if model.token_dim != patch * patch:
+      raise ValueError(f"config.model.token_dim={model.token_dim}, but {size}x{size} frames on a grid "
+                       f"{tuple(model.grid)} give {patch}x{patch} patches: token_dim {patch * patch}.")
+    return patch, channels
   else:
     side, channels = data_cfg.image_size, {"digits": 1, "imagenet2012": 3}[data_cfg.name]
     what = f"config.data.image_size={side}"
@@ -212,6 +230,18 @@ def make_data(model: Model, data_cfg, split: str, *, seed: int, process_index: i
     return latents_lib.latent_iterator(
         data_cfg.latent_dir, split, seed=seed, process_index=process_index, process_count=process_count,
         batch_size=batch_size, worker_count=data_cfg.worker_count)
+  if data_cfg.name == "moving_digits":
+    source = video_sources.video_source(data_cfg, split)
+    levels = data_cfg.get("levels", 0)
+
+    def video_tokens(example):
+      video = pipeline.requantize(np.asarray(example["video"]), levels)  # [F, H, W, 1]
+      pixels = video.reshape(-1, *video.shape[2:]).astype(np.float32) / 127.5 - 1.0  # [F*H, W, 1]
+      return {"tokens": patchify(pixels, patch), "class": video_class(example["label"])}
+
+    return pipeline.make_iterator(
+        source, global_batch_size=batch_size * process_count, seed=seed, shuffle=True, transforms=(video_tokens,),
+        process_index=process_index, process_count=process_count, worker_count=data_cfg.worker_count)
   source = images_lib.image_source(data_cfg, split)
 
   def to_tokens(example):
@@ -221,6 +251,32 @@ def make_data(model: Model, data_cfg, split: str, *, seed: int, process_index: i
   return pipeline.make_iterator(
       source, global_batch_size=batch_size * process_count, seed=seed, shuffle=True, transforms=(to_tokens,),
       process_index=process_index, process_count=process_count, worker_count=data_cfg.worker_count)
+
+
+def video_class(label) -> np.int32:
+  """A moving-digits video's class: its digits d_i as sum_i d_i 10^i (the token models' class condition)."""
+  label = np.asarray(label, np.int64).reshape(-1)
+  return np.int32(np.sum(label * 10 ** np.arange(label.size)))
+
+
+def num_classes(data_cfg) -> int:
+  if data_cfg.name == "moving_digits":
+    return 10 ** data_cfg.num_digits
+  return images_lib.num_classes(data_cfg)
+
+
+def tokens_to_videos(model: Model, data_cfg, tokens) -> np.ndarray:
+  """Token grids [N, h, w, C] of stacked frames -> uint8 videos [N, F, H, W, 1] (moving_digits)."""
+  images = tokens_to_images(model, data_cfg, tokens)  # [N, F*H, W, 1]
+  return images.reshape(images.shape[0], data_cfg.num_frames, -1, *images.shape[2:])
+
+
+def videos_to_tokens(model: Model, data_cfg, videos) -> np.ndarray:
+  """uint8 videos [N, F, H, W, 1] -> token grids [N, h, w, C], as training reads them (requantised)."""
+  patch, _ = data_geometry(model, data_cfg)
+  videos = pipeline.requantize(np.asarray(videos), data_cfg.get("levels", 0))
+  pixels = videos.reshape(videos.shape[0], -1, *videos.shape[3:]).astype(np.float32) / 127.5 - 1.0
+  return patchify(pixels, patch)
 
 
 @functools.cache
@@ -259,9 +315,9 @@ def make_task(config) -> tasks.Task:
   model = tasks.build_model(Model, config.model)
   model.check()
   data_geometry(model, config.data)
-  if config.data.name != "latents" and model.num_classes != images_lib.num_classes(config.data):
+  if config.data.name != "latents" and model.num_classes != num_classes(config.data):
     raise ValueError(f"config.model.num_classes={model.num_classes}, but {config.data.name} has "
-                     f"{images_lib.num_classes(config.data)} classes.")
+                     f"{num_classes(config.data)} classes.")
   loss_cfg = dict(config.get("loss", {}))
   check_posterior(loss_cfg.get("posterior", "mean"), config.data)
   sampler = sampler_lib.sampler_kwargs(config.get("sampler", {}))
@@ -286,6 +342,9 @@ def make_task(config) -> tasks.Task:
           "write_samples": functools.partial(write_samples, model, config.data),
           "sample_images": sample_images,
           "to_images": functools.partial(tokens_to_images, model, config.data),
+          **({"to_videos": functools.partial(tokens_to_videos, model, config.data),
+              "from_videos": functools.partial(videos_to_tokens, model, config.data)}
+             if config.data.name == "moving_digits" else {}),
       },
   )
 
