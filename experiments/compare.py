@@ -32,8 +32,10 @@ workdir/pareto.png (quality against sampling cost).
 
 The floor of a sampler: its sequential calls must each read the weights
 (bytes / the bandwidth measured in the run), and together do at least the
-arithmetic of one uncached forward pass over the whole videos (XLA's FLOPs /
-the matmul rate measured in the run); the floor is the larger.
+arithmetic of the uncached forward passes over whole videos they amount to
+(one for next-token and next-block prediction, a solver step's worth per
+entity for xAR; XLA's FLOPs / the matmul rate measured in the run); the floor
+is the larger.
 """
 
 from __future__ import annotations
@@ -158,7 +160,7 @@ def cost(c, contender: contenders_lib.Contender, machine: roofline.Machine) -> d
     compiled, args = contender.compiled_sampler(batch)
     jax.block_until_ready(compiled(*args))
     seconds = roofline.median_seconds(lambda: compiled(*args), c.speed_repeats)
-    floor = roofline.floor(calls * weight_bytes, contender.forward_flops(batch), machine)
+    floor = roofline.floor(calls * weight_bytes, contender.sampler_flops(batch), machine)
     memory = compiled.memory_analysis()
     out[f"b{batch}"] = {
         "frames_per_s": batch * frames / seconds, "floor_frames_per_s": batch * frames / floor.seconds,

@@ -9,11 +9,12 @@ experiments/compare.py the same views of every paradigm:
 - `sequential_calls(given)`: model calls one video waits on, one after the
   other, at sampling (a guided batch of doubled rows counts once);
 - `compiled_sampler(batch)`: the whole sampler compiled for a batch, for its
-  speed and memory, and `forward_flops(batch)`: the FLOPs of one uncached
-  forward pass over whole videos, the arithmetic any sampler must do at least.
+  speed and memory, and `sampler_flops(batch)`: the arithmetic its calls must
+  do at least (XLA's count of the uncached forward passes over whole videos
+  that it amounts to).
 
 Families: next_block (next-token and next-block prediction, with softmax or
-Aaren attention).
+Aaren attention) and xar (frames as entities).
 
 The training budget is matched by FLOPs as XLA counts them for each compiled
 train step (`train_step_flops`), and the size by parameter count
@@ -34,6 +35,7 @@ import numpy as np
 
 from nbp import roofline
 from nbp import tasks
+from nbp.samplers import xar as xar_sampler
 from nbp.tasks import next_block
 from nbp.training import loop as train
 from nbp.training import metrics as metrics_lib
@@ -74,20 +76,78 @@ def training_seconds(workdir: str) -> float:
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Contender:
-  """A trained run of the next_block family with one sampler setting (`sampler`: keywords of
-  nbp.tasks.next_block.sample over the run's own config.sampler)."""
+  """A trained run with one sampler setting (`sampler`: keywords of its family's sampler over the run's own
+  config.sampler). Subclasses fill in the family's sampler."""
 
   config: ml_collections.ConfigDict
   params: Any
   sampler: dict
 
-  @property
-  def model(self) -> next_block.Model:
-    return self._task.model
-
   @functools.cached_property
-  def _task(self) -> tasks.Task:
+  def task(self) -> tasks.Task:
     return tasks.make_task(self.config)
+
+  @property
+  def model(self):
+    return self.task.model
+
+  @property
+  def video_shape(self) -> tuple[int, ...]:
+    d = self.config.data
+    return (d.num_frames, d.frame_size, d.frame_size, 1)
+
+  def _videos(self, grids) -> np.ndarray:
+    return np.asarray(self.task.predict_fn("to_videos")(np.asarray(grids)))
+
+  def _grids(self, videos: np.ndarray):
+    return jnp.asarray(self.task.predict_fn("from_videos")(videos))
+
+  def _draw(self, batch: int, given: int):
+    """The sampler jitted whole for `batch` videos with `given` frames: fn(params, rng, labels, prompt grids)."""
+    raise NotImplementedError
+
+  @functools.cache
+  def _jitted(self, batch: int, given: int):
+    return jax.jit(self._draw(batch, given))
+
+  def generate(self, rng, labels: np.ndarray) -> np.ndarray:
+    """Videos of the classes `labels` int [B]: uint8 [B, F, H, W, 1]."""
+    labels = jnp.asarray(labels, jnp.int32)
+    blank = np.zeros((labels.shape[0], *self.video_shape), np.uint8)
+    return self._videos(self._jitted(labels.shape[0], 0)(self.params, rng, labels, self._grids(blank)))
+
+  def continue_frames(self, rng, labels: np.ndarray, given: np.ndarray) -> np.ndarray:
+    """given: uint8 [B, G, H, W, 1], the first G frames; returns the whole videos with them unchanged."""
+    labels = jnp.asarray(labels, jnp.int32)
+    g = given.shape[1]
+    padded = np.zeros((given.shape[0], *self.video_shape), np.uint8)
+    padded[:, :g] = given
+    return self._videos(self._jitted(labels.shape[0], g)(self.params, rng, labels, self._grids(padded)))
+
+  def sequential_calls(self, given: int = 0) -> int:
+    """Model calls one video waits on, one after the other, at sampling (the guided rows of a call count once)."""
+    raise NotImplementedError
+
+  def compiled_sampler(self, batch: int):
+    """(the generation sampler compiled for `batch` videos, its arguments)."""
+    labels = jnp.arange(batch, dtype=jnp.int32) % self.model.num_classes
+    args = (self.params, jax.random.key(0), labels,
+            self._grids(np.zeros((batch, *self.video_shape), np.uint8)))
+    return self._jitted(batch, 0).lower(*args).compile(), args
+
+  def sampler_flops(self, batch: int) -> float:
+    """FLOPs the generation sampler's calls must do at least for `batch` videos (XLA's count of uncached forward
+    passes over whole videos, as many as the sampler passes over each token; doubled rows when guided)."""
+    raise NotImplementedError
+
+  @property
+  def guided(self) -> bool:
+    return self._kwargs.get("guidance_scale") is not None
+
+
+class NextBlock(Contender):
+  """Next-token and next-block prediction (nbp.tasks.next_block): one call per drawn block, each token read
+  once, so the arithmetic is one forward pass over the video."""
 
   @functools.cached_property
   def _kwargs(self) -> dict:
@@ -95,67 +155,68 @@ class Contender:
     settings.pop("num_samples", None)
     return next_block.sampler_kwargs(self.model, settings)
 
-  @property
-  def video_shape(self) -> tuple[int, ...]:
-    return tuple(self.model.grid) + (1,)
-
-  def _videos(self, tokens) -> np.ndarray:
-    return np.asarray(self._task.predict_fn("to_videos")(tokens))
-
-  @functools.cache
-  def _sampler(self, batch: int, given: int):
-    """The sampler jitted whole for `batch` videos and `given` frames: fn(params, rng, labels, prompt)."""
-    del batch  # (one jit per shape: the cache key)
-
-    def sample(params, rng, labels, prompt):
-      return next_block.sample(self.model, params, rng, num_samples=labels.shape[0], labels=labels,
-                               prompt=prompt if given else None, **self._kwargs)
-    return jax.jit(sample)
-
-  def _prompt(self, given_videos: np.ndarray | None, batch: int, given: int):
-    if not given:
-      return jnp.zeros((batch, 1, *self.model.grid[1:]), jnp.int32)  # unused
-    return jnp.asarray(self._task.predict_fn("from_videos")(given_videos))[:, :given]
-
-  def generate(self, rng, labels: np.ndarray) -> np.ndarray:
-    labels = jnp.asarray(labels, jnp.int32)
-    fn = self._sampler(labels.shape[0], 0)
-    return self._videos(fn(self.params, rng, labels, self._prompt(None, labels.shape[0], 0)))
-
-  def continue_frames(self, rng, labels: np.ndarray, given: np.ndarray) -> np.ndarray:
-    """given: uint8 [B, G, H, W, 1], the first G frames; returns the whole videos with them unchanged."""
-    labels = jnp.asarray(labels, jnp.int32)
-    g = given.shape[1]
-    padded = np.concatenate([given, np.zeros((given.shape[0], self.model.grid[0] - g, *given.shape[2:]),
-                                              given.dtype)], axis=1)  # the tokenizer of pixels wants whole videos
-    fn = self._sampler(labels.shape[0], g)
-    return self._videos(fn(self.params, rng, labels, self._prompt(padded, labels.shape[0], g)))
+  def _draw(self, batch: int, given: int):
+    def sample(params, rng, labels, grids):
+      return next_block.sample(self.model, params, rng, num_samples=batch, labels=labels,
+                               prompt=grids[:, :given] if given else None, **self._kwargs)
+    return sample
 
   def sequential_calls(self, given: int = 0) -> int:
-    """Sampler calls one video waits on: one per drawn block (the prefill draws the first)."""
     f, h, w = self.model.grid
-    return (f - given) * h * w // self.model.block_len
+    return (f - given) * h * w // self.model.block_len  # one per drawn block (the prefill draws the first)
 
-  def compiled_sampler(self, batch: int):
-    """(the generation sampler compiled for `batch` videos, its arguments)."""
-    labels = jnp.arange(batch, dtype=jnp.int32) % self.model.num_classes
-    args = (self.params, jax.random.key(0), labels, self._prompt(None, batch, 0))
-    return self._sampler(batch, 0).lower(*args).compile(), args
-
-  def forward_flops(self, batch: int) -> float:
-    """FLOPs of one uncached forward pass over `batch` whole videos, doubled when guided (two rows each)."""
-    rows = batch * (2 if self._kwargs.get("guidance_scale") is not None else 1)
-    tokens = jnp.zeros((rows, self.model.num_tokens), jnp.int32)
-    inputs, _ = next_block.next_block_targets(self.model, tokens)
+  def sampler_flops(self, batch: int) -> float:
+    rows = batch * (2 if self.guided else 1)
+    inputs, _ = next_block.next_block_targets(self.model, jnp.zeros((rows, self.model.num_tokens), jnp.int32))
     labels = jnp.zeros((rows,), jnp.int32)
-    compiled = jax.jit(lambda p, x, c: self.model.apply({"params": p}, x, labels=c)).lower(
-        self.params, inputs, labels).compile()
-    return roofline.compiled_flops(compiled)
+    return roofline.compiled_flops(jax.jit(lambda p, x, c: self.model.apply({"params": p}, x, labels=c)).lower(
+        self.params, inputs, labels).compile())
+
+
+class Xar(Contender):
+  """xAR (nbp.samplers.xar) with a frame per entity: each entity integrated by `num_steps` calls (plus one that
+  writes its context, except "t_end"), so the arithmetic is that many forward passes over the video."""
+
+  @functools.cached_property
+  def _kwargs(self) -> dict:
+    settings = {**self.config.sampler.to_dict(), **self.sampler}
+    settings.pop("num_samples", None)
+    return xar_sampler.sampler_kwargs(settings)
+
+  @property
+  def _entities_per_frame(self) -> int:
+    return self.model.entities.num_entities // self.config.data.num_frames
+
+  @property
+  def _calls_per_entity(self) -> int:
+    return self._kwargs.get("num_steps", 40) + (self._kwargs.get("context", "clean") != "t_end")
+
+  def _draw(self, batch: int, given: int):
+    def sample(params, rng, labels, grids):
+      return xar_sampler.sample(self.model, params, rng, num_samples=batch, labels=labels,
+                                prompt=grids if given else None, given_entities=given * self._entities_per_frame,
+                                **self._kwargs)
+    return sample
+
+  def sequential_calls(self, given: int = 0) -> int:
+    drawn = self.model.entities.num_entities - given * self._entities_per_frame
+    return drawn * self._calls_per_entity + (1 if given else 0)  # (one call writes the given frames)
+
+  def sampler_flops(self, batch: int) -> float:
+    rows = batch * (2 if self.guided else 1)
+    s = self.model.seq_len
+    compiled = jax.jit(lambda p, x, t, c: self.model.apply({"params": p}, x, t, c)).lower(
+        self.params, jnp.zeros((rows, s, self.model.token_dim)), jnp.zeros((rows, s)),
+        jnp.zeros((rows,), jnp.int32)).compile()
+    return roofline.compiled_flops(compiled) * self._calls_per_entity
+
+
+FAMILIES = {"next_block": NextBlock, "xar": Xar}
 
 
 def load(workdir: str, sampler: dict) -> Contender:
   """The run trained in `workdir` (its newest checkpoint) with the sampler setting `sampler`."""
   config = workdir_lib.read_config(workdir)
-  if config.family != "next_block":
-    raise ValueError(f"the run in {workdir} is of family {config.family!r}; contenders are next_block runs")
-  return Contender(config, tasks.load_run(workdir).params, dict(sampler))
+  if config.family not in FAMILIES:
+    raise ValueError(f"the run in {workdir} is of family {config.family!r}; contenders are of {sorted(FAMILIES)}")
+  return FAMILIES[config.family](config, tasks.load_run(workdir).params, dict(sampler))

@@ -28,7 +28,7 @@ import importlib
 
 import ml_collections
 
-from experiments.configs import nbp_digits
+from experiments.configs import nbp_digits, ntp_digits
 
 ARGS = ("local", "tiny", "pod")
 
@@ -52,7 +52,13 @@ def get_config(arg: str = "local"):
                               model={"attention": "aaren", "position": "learned"}),
       "nbp_row": _contender(f"nbp_digits.py:{size}{where},row", {"guided": {}}),
       "nbp_patch": _contender(f"nbp_digits.py:{size}{where},patch", {"guided": {}}),
+      # Frames as entities (a 6x6 cell of 2x2 patches per 12x12 frame), flow matching with noisy context; the
+      # sampler's settings are those xar_digits.py chose on validation: 20 SDE steps per entity, guidance 3,
+      # each finished frame kept as context noised again to t = 0.1.
+      "xar_frames": _contender("xar_digits.py:cell", {"guided": {}},
+                               model={"variant": None, "num_layers": 3, "width": 104, "num_heads": 2}),
   })
+  c.batch_size = 4 if arg == "tiny" else 8 if arg == "local" else 256  # every contender's (the digits budget's)
   c.reference = "ntp"  # its step FLOPs x budget_steps is every contender's training budget
   c.budget_steps = 300 if arg == "local" else 4 if arg == "tiny" else 50_000
   c.seeds = (0, 1, 2) if arg != "tiny" else (0,)
@@ -78,24 +84,47 @@ def contender_config(c, name: str, seed: int, num_steps: int | None = None) -> m
   spec = c.contenders[name]
   config = base_config(spec.base)
   with config.unlocked():
-    for section, keys in [*spec.overrides.items(), ("data", c.data)]:
+    for section, keys in spec.overrides.items():
       for key, value in keys.items():
         _set(config, f"{section}.{key}", value)
+    if config.family == "xar":  # images -> the token models' videos, frames stacked (nbp/tasks/xar.py)
+      del config.data["image_size"]
+      config.data.name = "moving_digits"
+      config.data.levels = ntp_digits.LEVELS
+      ntp_digits.set_digits_data(config.data, local=c.arg != "pod")
+    for key, value in c.data.items():
+      _set(config, f"data.{key}", value)
+    _fit_to_videos(config, spec.base)
+    config.batch_size = c.batch_size
     if c.arg == "tiny":
-      _tiny(config)
+      config.model.num_layers = 1
+      config.log_every = 1
+      config.keep_checkpoints = 1
     config.seed = seed
     if num_steps is not None:
       config.num_steps = num_steps
       config.optimizer.warmup_steps = max(1, num_steps // 10)
       config.checkpoint_every = max(1, num_steps // 3)
     config.evals = ml_collections.ConfigDict()  # experiments/compare.py measures after training
-    if config.model.get("grid") is not None and config.data.name == "moving_digits":
-      config.model.grid = (config.data.num_frames, config.data.frame_size, config.data.frame_size)
-      if config.model.block[2] > config.data.frame_size or name == "nbp_row":
-        config.model.block = nbp_digits.block_shape("row" if name == "nbp_row" else "patch",
-                                                    config.data.frame_size)
   config.lock()
   return config
+
+
+def _fit_to_videos(config, base: str) -> None:
+  """The model fields the videos' shape sets: next_block's grid and block (the base's block kind), xAR's grid of
+  2x2 patches of the stacked frames with a cell per frame."""
+  frames, size = config.data.num_frames, config.data.frame_size
+  if config.family == "next_block":
+    config.model.grid = (frames, size, size)
+    kind = next(f for f in base.partition(":")[2].split(",") if f in nbp_digits.BLOCKS)
+    config.model.block = nbp_digits.block_shape(kind, size)
+  elif config.family == "xar":
+    patch = 2
+    config.model.grid = (frames * size // patch, size // patch)
+    config.model.token_dim = patch * patch
+    config.model.entity = "cell"
+    config.model.cell = size // patch  # one entity per frame
+    config.model.num_classes = 10 ** config.data.num_digits
 
 
 def base_config(base: str) -> ml_collections.ConfigDict:
@@ -118,9 +147,3 @@ def _set(config, dotted: str, value) -> None:
   node[leaf] = value  # a new key too (model fields a base config leaves at their default): the task checks them
 
 
-def _tiny(config) -> None:
-  """The test suite's scale: one narrow layer, a batch of 4, logging every step."""
-  config.model.num_layers = 1
-  config.batch_size = 4
-  config.log_every = 1
-  config.keep_checkpoints = 1
