@@ -14,7 +14,8 @@ experiments/compare.py the same views of every paradigm:
   that it amounts to).
 
 Families: next_block (next-token and next-block prediction, with softmax or
-Aaren attention) and xar (frames as entities).
+Aaren attention), xar (frames as entities) and ebt (frames as tokens after a
+class token, thought into being one after the other).
 
 The training budget is matched by FLOPs as XLA counts them for each compiled
 train step (`train_step_flops`), and the size by parameter count
@@ -35,6 +36,8 @@ import numpy as np
 
 from nbp import roofline
 from nbp import tasks
+from nbp.data import pipeline
+from nbp.samplers import ebt as ebt_sampler
 from nbp.samplers import xar as xar_sampler
 from nbp.tasks import next_block
 from nbp.training import loop as train
@@ -211,7 +214,56 @@ class Xar(Contender):
     return roofline.compiled_flops(compiled) * self._calls_per_entity
 
 
-FAMILIES = {"next_block": NextBlock, "xar": Xar}
+class Ebt(Contender):
+  """The energy transformer with a class token (nbp.samplers.ebt.generate_frames): each frame thought into
+  being by `num_steps` gradient steps on the energy (a forward and a backward pass each), of `best_of` runs."""
+
+  @functools.cached_property
+  def _kwargs(self) -> dict:
+    keys = ("num_steps", "langevin_sigma", "best_of", "accept_lower", "alpha")
+    settings = {**self.config.sampler.to_dict(), **self.sampler}
+    return {k: settings[k] for k in keys if k in settings}
+
+  @property
+  def guided(self) -> bool:
+    return False
+
+  def _grids(self, videos: np.ndarray):
+    """uint8 videos [B, F, H, W, 1] -> frames [B, F, H*W] in [-1, 1], requantised as in training."""
+    videos = pipeline.requantize(np.asarray(videos), self.config.data.get("levels", 0))
+    return jnp.asarray(videos.reshape(*videos.shape[:2], -1).astype(np.float32) / 127.5 - 1.0)
+
+  def _videos(self, grids) -> np.ndarray:
+    frames = np.asarray(grids).reshape(-1, *self.video_shape)
+    return np.clip(np.round((frames + 1.0) * 127.5), 0, 255).astype(np.uint8)
+
+  def _draw(self, batch: int, given: int):
+    def sample(params, rng, labels, frames):
+      return ebt_sampler.generate_frames(self.model, params, rng, labels, self.video_shape[0],
+                                         prompt=frames[:, :given] if given else None, **self._kwargs)
+    return sample
+
+  @property
+  def _calls_per_frame(self) -> int:
+    steps, best_of = self._kwargs.get("num_steps", 2), self._kwargs.get("best_of", 1)
+    per_run = steps * (2 if self._kwargs.get("accept_lower") else 1) + (1 if best_of > 1 else 0)
+    return best_of * per_run  # (a best-of run ends with its final energy)
+
+  def sequential_calls(self, given: int = 0) -> int:
+    return (self.video_shape[0] - given) * self._calls_per_frame
+
+  def sampler_flops(self, batch: int) -> float:
+    """At least the thinking of every frame in one teacher-forced pass: steps x runs gradient calls over the
+    whole video (a rollout reads each prefix again; that is the sampler's choice, not the floor)."""
+    f, dim = self.video_shape[0], self.model.input_dim
+    energy = lambda p, obs, cand, c: jnp.sum(self.model.apply({"params": p}, obs, cand, 0, labels=c))
+    compiled = jax.jit(jax.grad(energy, argnums=2)).lower(
+        self.params, jnp.zeros((batch, f - 1, dim)), jnp.zeros((batch, f, dim)),
+        jnp.zeros((batch,), jnp.int32)).compile()
+    return roofline.compiled_flops(compiled) * self._calls_per_frame
+
+
+FAMILIES = {"next_block": NextBlock, "xar": Xar, "ebt": Ebt}
 
 
 def load(workdir: str, sampler: dict) -> Contender:

@@ -48,26 +48,30 @@ def test_tiny_comparison_end_to_end_and_resumed(tmp_path, data_dir, classifier_w
   results = compare.run(c, str(tmp_path))
   cal = results["calibration"]
   budget = cal[c.reference]["step_flops"] * c.budget_steps
+  # 5 frames of 8x8, 2 given: tokens, 8-token rows, 4x4 patches; xAR's 5 frames of 2 solver steps and a
+  # context call each (one call writes the given frames); EBT's 5 frames of 1 step, or 2 runs of 1 step and a
+  # final energy.
+  calls = {"ntp/guided": (320, 192), "ntp_aaren/guided": (320, 192), "nbp_row/guided": (40, 24),
+           "nbp_patch/guided": (20, 12), "xar_frames/guided": (15, 10), "ebt/think1": (5, 3),
+           "ebt/best_of2": (20, 12)}
+  assert sorted(calls) == sorted(f"{n}/{r}" for n, spec in c.contenders.items() for r in spec.samplers)
   for name in c.contenders:
     assert abs(cal[name]["train_flops"] - budget) <= cal[name]["step_flops"] / 2, name
     run_dir = os.path.join(tmp_path, "runs", f"{name}_s0")
     steps = [r["step"] for r in map(json.loads, open(os.path.join(run_dir, "metrics.jsonl"))) if "loss" in r]
     assert steps[-1] == cal[name]["steps"]
-    quality = results["quality"][f"{name}/guided/s0"]
+  for row, expected in calls.items():
+    quality = results["quality"][f"{row}/s0"]
     for key in compare.QUALITY:
-      assert np.isfinite(quality[key]), (name, key)
+      assert np.isfinite(quality[key]), (row, key)
     assert 0.0 <= quality["class_match"] <= 1.0
-    cost = results["cost"][f"{name}/guided"]
-    # 5 frames of 8x8, 2 given: tokens, 8-token rows, 4x4 patches, and xAR's 5 frames of 20 solver steps and a
-    # context call each (one call writes the given frames).
-    calls = {"ntp": (320, 192), "ntp_aaren": (320, 192), "nbp_row": (40, 24), "nbp_patch": (20, 12),
-             "xar_frames": (105, 64)}[name]
-    assert (cost["calls_generation"], cost["calls_continuation"]) == calls
+    cost = results["cost"][row]
+    assert (cost["calls_generation"], cost["calls_continuation"]) == expected, row
     for batch in c.speed_batches:
       speed = cost[f"b{batch}"]
-      assert 0 < speed["frames_per_s"] <= speed["floor_frames_per_s"] and speed["peak_bytes"] > 0
+      assert 0 < speed["frames_per_s"] <= speed["floor_frames_per_s"] and speed["peak_bytes"] > 0, row
   table = open(os.path.join(tmp_path, "table.md")).read()
-  assert all(f"| {name} | guided |" in table for name in c.contenders)
+  assert all(f"| {row.replace('/', ' | ')} |" in table for row in calls)
   assert os.path.getsize(os.path.join(tmp_path, "pareto.png")) > 0
 
   written = os.path.getmtime(os.path.join(tmp_path, "results.json"))

@@ -16,6 +16,9 @@ Contenders (the same parameter count within 10%: tests/test_compare.py):
              (learned positions), streaming at sampling
   nbp_row    next-block prediction, one 12-token row per step (the paper's)
   nbp_patch  next-block prediction, 4x4 patches
+  xar_frames xAR with a frame per entity: flow matching with noisy context
+  ebt        the energy transformer, a frame per token after a class token,
+             thinking 1, 2 or 4 steps at inference, or the best of 4
 Each has one or more sampler rows (`samplers`): keyword settings of its
 family's sampler, each measured and reported on its own.
 
@@ -57,15 +60,27 @@ def get_config(arg: str = "local"):
       # each finished frame kept as context noised again to t = 0.1.
       "xar_frames": _contender("xar_digits.py:cell", {"guided": {}},
                                model={"variant": None, "num_layers": 3, "width": 104, "num_heads": 2}),
+      # Frames as tokens, a class token first, trained with the System 2 recipe (randomised step size,
+      # truncated steps, the loss at the last) at 3 steps every batch (its 2-3 drawn per batch would be two
+      # compiled branches, which XLA's FLOP count cannot weigh) and without its replay buffer; System 2
+      # thinking at inference: 1, 2 and 4 steps, and the best of 4 at 2.
+      "ebt": _contender("ebt_video.py:s2,local", {
+          "think1": {"num_steps": 1}, "think2": {"num_steps": 2}, "think4": {"num_steps": 4},
+          "best_of4": {"num_steps": 2, "best_of": 4}},
+          model={"num_layers": 3, "width": 128, "mlp_dim": 384, "num_classes": 10},
+          loss={"replay_size": 0, "class_dropout": 0.1, "num_steps": 3, "num_steps_max": 0}),
   })
   c.batch_size = 4 if arg == "tiny" else 8 if arg == "local" else 256  # every contender's (the digits budget's)
+  if arg == "tiny":  # the test suite's: fewer solver steps and sampler rows, each compiled program costs seconds
+    c.contenders.xar_frames.samplers = {"guided": {"num_steps": 2}}
+    c.contenders.ebt.samplers = {"think1": {"num_steps": 1}, "best_of2": {"num_steps": 1, "best_of": 2}}
   c.reference = "ntp"  # its step FLOPs x budget_steps is every contender's training budget
   c.budget_steps = 300 if arg == "local" else 4 if arg == "tiny" else 50_000
   c.seeds = (0, 1, 2) if arg != "tiny" else (0,)
   c.given_frames = 2  # next-frame prediction: the first frames given, the rest predicted
   c.num_videos = 256 if arg == "local" else 4  # generated per contender, sampler row and seed
   c.split = "test"  # choices were made on validation by the base configs; the comparison is reported once
-  c.speed_batches = (1, 16) if arg != "tiny" else (2,)
+  c.speed_batches = (1, 16) if arg != "tiny" else (4,)  # tiny: num_videos, one compiled sampler for both
   c.speed_repeats = 3 if arg != "tiny" else 1
   c.classifier_workdir = "runs/compare_digits_judge"  # video_classifier_digits.py:local,4x12 (trained if absent)
   c.workdir = f"runs/compare_digits_{arg}"
@@ -87,8 +102,9 @@ def contender_config(c, name: str, seed: int, num_steps: int | None = None) -> m
     for section, keys in spec.overrides.items():
       for key, value in keys.items():
         _set(config, f"{section}.{key}", value)
-    if config.family == "xar":  # images -> the token models' videos, frames stacked (nbp/tasks/xar.py)
-      del config.data["image_size"]
+    if config.family in ("xar", "ebt"):  # the token models' videos: xAR stacks their frames (nbp/tasks/xar.py)
+      if "image_size" in config.data:
+        del config.data["image_size"]
       config.data.name = "moving_digits"
       config.data.levels = ntp_digits.LEVELS
       ntp_digits.set_digits_data(config.data, local=c.arg != "pod")

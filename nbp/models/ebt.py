@@ -70,6 +70,7 @@ class EBT(sizes.SizedByTable, nn.Module):
   num_heads: int | None = None  # H (head dim E / H)
   mlp_dim: int | None = None  # SwiGLU hidden width; None: E (the official)
   max_len: int = 512  # decoding cache slots (step token + prompt + generated tokens)
+  num_classes: int = 0  # > 0: a class token (the null class at index num_classes) follows the step token
   alpha: float = 5.0  # optimisation step size (its initial value when learned)
   learn_alpha: bool = False  # alpha a trained parameter ("alpha")
   attention_impl: str = "xla"  # the observed stream's attention; "xla" is the only twice-differentiable path
@@ -116,11 +117,14 @@ class EBT(sizes.SizedByTable, nn.Module):
     return table, lambda p: candidate(jnp.asarray(p, dtype))
 
   @nn.compact
-  def __call__(self, observed, candidates, step=0, *, decode: bool = False, prefill: bool = False):
+  def __call__(self, observed, candidates, step=0, *, labels=None, decode: bool = False, prefill: bool = False):
     """observed int [B, L] (text) or [B, L, F], or None; candidates [B, C, V|F] or None -> energies [B, C].
 
     Uncached: both given, C = L (candidate i guesses observed i + 1). Decoding:
     see the module docstring. `step`: the step-embedding row (int, may be traced).
+    With `num_classes`, labels int [B] (default the null class) become a class
+    token after the step token, the first of the observed stream: then C = L + 1,
+    and candidate 0 guesses the first frame from the class alone.
     """
     self.check()
     dtype = jnp.dtype(self.dtype)
@@ -136,6 +140,11 @@ class EBT(sizes.SizedByTable, nn.Module):
       batch = (observed if observed is not None else candidates).shape[0]
       row = jnp.take(step_table, jnp.minimum(step, self.num_step_embeddings - 1), axis=0)
       parts.append(jnp.broadcast_to(row.astype(dtype), (batch, 1, width)))
+      if self.num_classes:
+        labels = jnp.full((batch,), self.num_classes, jnp.int32) if labels is None else labels
+        classes = nn.Embed(self.num_classes + 1, width, dtype=dtype, name="class_embed",
+                           embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), (None, "embed")))
+        parts.append(classes(labels)[:, None])
     if observed is not None:
       parts.append(embed_observed(observed))
     num_observed = sum(p.shape[1] for p in parts)

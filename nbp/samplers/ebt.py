@@ -64,10 +64,11 @@ def randomized_alpha(rng, alpha, shape, scale: float):
   return low + jax.random.uniform(rng, shape) * (high - low)
 
 
-def model_energy(model: EBT, params, observed) -> Energy:
-  """The uncached energy: the whole two-stream pass over `observed` [B, L(, F)] and the candidates."""
+def model_energy(model: EBT, params, observed, labels=None) -> Energy:
+  """The uncached energy: the whole two-stream pass over `observed` [B, L(, F)] and the candidates (labels int
+  [B]: a class-conditioned model's classes)."""
   def energy(p, step):
-    return model.apply({"params": params}, observed, p, step)
+    return model.apply({"params": params}, observed, p, step, labels=labels)
   return energy
 
 
@@ -222,3 +223,32 @@ def generate_uncached(model: EBT, params, rng, prompt, num_new: int, *, num_step
     tokens = jnp.concatenate([tokens, token[:, None].astype(tokens.dtype)], axis=1)
   return tokens
 
+
+
+# ---------------------------------------------------------------------------
+# Video: frames generated one after the other, each thought into being.
+
+
+def generate_frames(model: EBT, params, rng, labels, num_frames: int, *, prompt=None, num_steps: int,
+                    alpha: float | None = None, langevin_sigma: float = 0.0, best_of: int = 1,
+                    accept_lower: bool = False):
+  """Videos [B, num_frames, F] of a class-conditioned frame model (labels int [B]); jit it whole.
+
+  Frame t is the last candidate of a two-stream pass over [class, frames 0..t-1]
+  (uncached: the few frames are read again at each), thought from N(0, 1)
+  noise with key fold_in(rng, t): `num_steps` steps, the lowest-energy of
+  `best_of` runs. prompt [B, G, F]: the first G frames, given and returned
+  unchanged. Frames are clipped to [-1, 1] as they are fed back.
+  """
+  if not model.num_classes:
+    raise ValueError("generate_frames needs a class-conditioned model (config.model.num_classes > 0)")
+  b = labels.shape[0]
+  frames = [] if prompt is None else list(jnp.moveaxis(prompt, 1, 0))
+  alpha = step_size(model, params, alpha)
+  for t in range(len(frames), num_frames):
+    observed = jnp.stack(frames, axis=1) if frames else jnp.zeros((b, 0, model.input_dim))
+    energy = model_energy(model, params, observed, labels)
+    y, _ = think_best_of(model, energy, jax.random.fold_in(rng, t), (b, t + 1, model.input_dim), best_of=best_of,
+                         num_steps=num_steps, alpha=alpha, langevin_sigma=langevin_sigma, accept_lower=accept_lower)
+    frames.append(jnp.clip(y[:, -1], -1.0, 1.0))
+  return jnp.stack(frames, axis=1)

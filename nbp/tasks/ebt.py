@@ -12,7 +12,12 @@ targets: averaged over the steps, or at the last step only.
 
 Video (`config.data.name` "moving_digits"): each frame is one token, its
 pixels in [-1, 1] flattened (F values, projected to the width by the model);
-the task is next-frame prediction. Candidates start from N(0, 1), are not
+the task is next-frame prediction. With `config.model.num_classes`, a class
+token opens the observed stream and every frame is predicted, the first from
+the class alone (`config.loss.class_dropout`: the null class in training), so
+the model generates videos frame by frame (nbp.samplers.ebt.generate_frames);
+frames are requantised to `config.data.levels` grey levels first, as the
+token models see them. Candidates start from N(0, 1), are not
 normalised, and the loss is the smooth L1 distance to the next frame
 (`config.model.input_dim` left 0 is filled with F).
 
@@ -52,6 +57,7 @@ import ml_collections
 import numpy as np
 import optax
 
+from nbp import decoding
 from nbp import tasks
 from nbp import visualization
 from nbp.data import pipeline
@@ -78,13 +84,14 @@ def smooth_l1(y, targets, weights):
 
 
 def split_window(model: EBT, batch):
-  """(observed [B, L(, F)], targets [B, L(, F)], the whole window) of a batch: bytes or flattened frames."""
+  """(observed [B, L(, F)], targets [B, L(, F)], the whole window) of a batch: bytes or flattened frames. A
+  class-conditioned model predicts every frame, the first from the class alone: targets [B, L + 1, F]."""
   if model.continuous:
     video = jnp.asarray(batch["video"], jnp.float32)  # [B, L + 1, H, W, C] in [-1, 1]
     window = video.reshape(*video.shape[:2], -1)  # [B, L + 1, F]
   else:
     window = batch["tokens"]  # [B, L + 1]
-  return window[:, :-1], window[:, 1:], window
+  return window[:, :-1], window if model.num_classes else window[:, 1:], window
 
 
 def prediction_loss(model: EBT, y, targets, weights):
@@ -131,11 +138,13 @@ def push_replay(buffer: dict, windows, candidates) -> dict:
 
 def loss(model: EBT, params, batch, rng, loss_state=None, *, num_steps: int = 2, num_steps_max: int = 0,
          alpha_scale: float = 1.0, langevin_sigma: float = 0.0, detach: bool = True, truncate: bool = False,
-         loss_at: str = "mean", replay_size: int = 0, replay_fraction: float = 0.5):
+         loss_at: str = "mean", replay_size: int = 0, replay_fraction: float = 0.5, class_dropout: float = 0.0):
   """The training loss of one recipe (module docstring); with a replay buffer, also its new state.
 
   num_steps_max > num_steps draws the step count per batch uniformly in
   [num_steps, num_steps_max] (each count is its own compiled branch).
+  class_dropout: a class-conditioned model sees the null class with this
+  probability (the unconditional model of the same weights).
   """
   del replay_size  # the buffer's size: make_task builds it (Task.init_loss_state)
   if loss_at not in LOSS_AT:
@@ -144,17 +153,21 @@ def loss(model: EBT, params, batch, rng, loss_state=None, *, num_steps: int = 2,
   b = windows.shape[0]
   noise_rng, alpha_rng, think_rng, replay_rng, count_rng = jax.random.split(rng, 5)
   weights = jnp.ones((b,), jnp.float32)
-  y0 = jax.random.normal(noise_rng, (b, windows.shape[1] - 1, model.candidate_dim))
+  labels = None
+  if model.num_classes:
+    labels = decoding.drop_condition(jax.random.fold_in(rng, 7), batch["class"], class_dropout, model.num_classes)
+  predicted = windows.shape[1] - (0 if model.num_classes else 1)
+  y0 = jax.random.normal(noise_rng, (b, predicted, model.candidate_dim))
   if loss_state is not None:
     num = max(1, round(replay_fraction * b))
     old_windows, old_candidates, old_weights = draw_replay(loss_state, replay_rng, num)
     windows = jnp.concatenate([windows, old_windows])
     y0 = jnp.concatenate([y0, old_candidates])
     weights = jnp.concatenate([weights, old_weights])
-  observed, targets = windows[:, :-1], windows[:, 1:]
+  observed, targets = windows[:, :-1], windows[:, windows.shape[1] - predicted:]
   alpha = thinking.randomized_alpha(alpha_rng, thinking.step_size(model, params), (*targets.shape[:2], 1),
                                     alpha_scale)
-  energy = thinking.model_energy(model, params, observed)
+  energy = thinking.model_energy(model, params, observed, labels)
 
   def run(steps: int):
     thought = thinking.think(model, energy, y0, num_steps=steps, alpha=alpha, rng=think_rng,
@@ -183,7 +196,7 @@ def eval_loss(model: EBT, params, batch, rng, *, num_steps: int = 2, langevin_si
   """Teacher-forced held-out cross-entropy of the final candidates under the given thinking (module docstring)."""
   model = with_impl(model, attention_impl)
   observed, targets, _ = split_window(model, batch)
-  energy = thinking.model_energy(model, params, observed)
+  energy = thinking.model_energy(model, params, observed, batch["class"] if model.num_classes else None)
   y, e = thinking.think_best_of(model, energy, rng, (*targets.shape[:2], model.candidate_dim), best_of=best_of,
                                 num_steps=num_steps, alpha=thinking.step_size(model, params, alpha),
                                 langevin_sigma=langevin_sigma, accept_lower=accept_lower)
@@ -229,6 +242,9 @@ def predict_frames(model: EBT, params, rng, videos, *, num_steps: int = 2, lange
                    best_of: int = 1, accept_lower: bool = False, alpha: float | None = None, attention_impl: str = ""):
   """Next-frame predictions, teacher-forced: videos float [B, L + 1, H, W, C] in [-1, 1] -> the same shape,
   frame 0 given and frame i + 1 predicted from frames 0..i."""
+  if model.num_classes:
+    raise ValueError("predict_frames is for unconditioned frame models; a class-conditioned one generates "
+                     "(nbp.samplers.ebt.generate_frames, with the given frames as its prompt)")
   model = with_impl(model, attention_impl)
   observed, targets, _ = split_window(model, {"video": videos})
   energy = thinking.model_energy(model, params, observed)
@@ -248,8 +264,17 @@ def make_data(seq_len: int, data_cfg, split: str, *, seed: int, process_index: i
   """A checkpointable grain iterator of byte windows {"tokens": int32 [b, seq_len + 1]} (text) or of videos
   {"video": float32 [b, F, H, W, 1] in [-1, 1], "label"} (moving digits)."""
   if data_cfg.name == "moving_digits":
-    return video_sources.video_iterator(data_cfg, split, seed=seed, process_index=process_index,
-                                        process_count=process_count, batch_size=batch_size)
+    levels = data_cfg.get("levels", 0)
+
+    def frames_and_class(example):  # requantised as the token models see them (0: raw), then in [-1, 1]
+      video = pipeline.requantize(np.asarray(example["video"]), levels).astype(np.float32) / 127.5 - 1.0
+      label = np.asarray(example["label"], np.int64).reshape(-1)
+      return {"video": video, "class": np.int32(np.sum(label * 10 ** np.arange(label.size)))}
+
+    return pipeline.make_iterator(
+        video_sources.video_source(data_cfg, split), global_batch_size=batch_size * process_count, seed=seed,
+        shuffle=True, transforms=(frames_and_class,), process_index=process_index, process_count=process_count,
+        worker_count=data_cfg.worker_count)
   fraction, validation_seed = pipeline.validation_keys(data_cfg)
   source = pipeline.text_bytes_source(split, seq_len, validation_fraction=fraction, validation_seed=validation_seed)
   return pipeline.make_iterator(
@@ -304,6 +329,12 @@ def make_task(config) -> tasks.Task:
                      "(the Pallas kernels' custom VJPs are not); set 'xla'. Thinking at inference "
                      "differentiates once: config.sampler.attention_impl may name a kernel")
   thinking.check_alpha_group(model, config)
+  if model.num_classes and (config.data.name != "moving_digits" or int(loss_cfg.get("replay_size", 0))):
+    raise ValueError(f"config.model.num_classes={model.num_classes}: class-conditioned EBT models videos of moving "
+                     "digits (config.data.name) without a replay buffer (config.loss.replay_size 0)")
+  if model.num_classes and model.num_classes != 10 ** config.data.num_digits:
+    raise ValueError(f"config.model.num_classes={model.num_classes}, but {config.data.num_digits} digits make "
+                     f"{10 ** config.data.num_digits} classes")
   sampler = dict(config.get("sampler", {}))
   think_keys = ("num_steps", "langevin_sigma", "best_of", "accept_lower", "alpha", "attention_impl")
   think_kwargs = {k: sampler[k] for k in think_keys if k in sampler}
@@ -313,6 +344,12 @@ def make_task(config) -> tasks.Task:
   def sample_fn(params, rng):
     """Validation examples continued: text from their first bytes, frames predicted one by one (the examples
     are a trace-time constant)."""
+    if model.num_classes:  # two of each class while they last, generated frame by frame
+      labels = jnp.arange(num_samples, dtype=jnp.int32) % model.num_classes
+      frames = thinking.generate_frames(model, params, rng, labels, int(config.data.num_frames),
+                                        **{k: v for k, v in think_kwargs.items() if k != "attention_impl"})
+      return jnp.clip(frames, -1.0, 1.0).reshape(num_samples, config.data.num_frames, config.data.frame_size,
+                                                config.data.frame_size, 1)
     if model.continuous:
       videos = jnp.asarray(video_sources.first_videos(config.data.to_json(), num_samples))
       return predict_frames(model, params, rng, videos, **think_kwargs)
@@ -321,7 +358,8 @@ def make_task(config) -> tasks.Task:
 
   def init_inputs():
     observed = jnp.zeros((1, 4, model.input_dim)) if model.continuous else jnp.zeros((1, 4), jnp.int32)
-    return {"observed": observed, "candidates": jnp.zeros((1, 4, model.candidate_dim))}
+    inputs = {"observed": observed, "candidates": jnp.zeros((1, 4 + bool(model.num_classes), model.candidate_dim))}
+    return dict(inputs, labels=jnp.zeros((1,), jnp.int32)) if model.num_classes else inputs
 
   def init_loss_state():
     return init_replay(replay_size, seq_len, model.candidate_dim, continuous=model.continuous)
