@@ -346,3 +346,45 @@ def test_a_frame_model_with_the_wrong_frame_size_is_refused(data_dir):
   config = _video_config("s2", data_dir, **{"model.input_dim": 100})
   with pytest.raises(ValueError, match="config.model.input_dim=100"):
     ebt_task.make_task(config)
+
+
+# ---------------------------------------------------------------------------
+# Class-conditioned video: a class token, frames generated one by one.
+
+
+def test_the_class_token_conditions_every_candidate_and_generation_continues_a_prompt():
+  """The class reaches every candidate's energy (the first's from the class alone, it sees no frame); a candidate
+  still never sees its own target. Generated frame t depends on the frames before it and its key only, so the
+  first G frames given as a prompt reproduce the rest of an unprompted draw."""
+  model = EBT(input_dim=16, num_classes=10, num_layers=1, width=32, num_heads=2)
+  observed = jax.random.normal(jax.random.key(0), (2, 3, 16))
+  candidates = jax.random.normal(jax.random.key(1), (2, 4, 16))
+  params = nn.meta.unbox(model.init(jax.random.key(2), observed, candidates, 0, labels=jnp.array([1, 2])))["params"]
+  energy = lambda obs, labels: model.apply({"params": params}, obs, candidates, 0, labels=labels)
+  base = energy(observed, jnp.array([1, 2]))
+  assert base.shape == (2, 4)
+  assert np.all(np.abs(np.asarray(energy(observed, jnp.array([3, 4])) - base)) > 1e-6)  # every candidate
+  np.testing.assert_allclose(energy(observed, None), energy(observed, jnp.array([10, 10])), rtol=1e-6)  # null
+  later = observed.at[:, 2].add(1.0)  # the last observed frame: the target of the last candidate
+  np.testing.assert_allclose(energy(later, jnp.array([1, 2]))[:, :3], base[:, :3], rtol=1e-5, atol=1e-6)
+  assert np.abs(np.asarray(energy(later, jnp.array([1, 2]))[:, 3] - base[:, 3])).max() > 1e-6
+
+  labels = jnp.array([1, 2])
+  draw = jax.jit(lambda rng, prompt: thinking.generate_frames(model, params, rng, labels, 4, prompt=prompt,
+                                                              num_steps=2))
+  whole = draw(jax.random.key(3), None)
+  assert whole.shape == (2, 4, 16) and np.abs(np.asarray(whole)).max() <= 1.0
+  np.testing.assert_allclose(draw(jax.random.key(3), whole[:, :2]), whole, rtol=1e-5, atol=1e-5)
+  assert np.abs(np.asarray(draw(jax.random.key(3), -whole[:, :2])[:, 2:] - whole[:, 2:])).max() > 1e-4
+  with pytest.raises(ValueError, match="class-conditioned"):
+    thinking.generate_frames(model.clone(num_classes=0), params, jax.random.key(3), labels, 4, num_steps=1)
+
+
+def test_class_conditioned_frames_train_and_refuse_a_replay_buffer(tmp_path, data_dir):
+  config = _video_config("s1", data_dir, **{"model.num_classes": 10, "loss.class_dropout": 0.1})
+  result = train.train_and_evaluate(config, str(tmp_path))
+  assert result["status"] == "done" and np.isfinite(result["loss"])
+  with pytest.raises(ValueError, match="replay_size"):
+    train.setup(_video_config("s2", data_dir, **{"model.num_classes": 10}))
+  with pytest.raises(ValueError, match="num_classes=100, but 1 digits make 10"):
+    train.setup(_video_config("s1", data_dir, **{"model.num_classes": 100}))
