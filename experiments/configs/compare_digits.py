@@ -22,9 +22,8 @@ Contenders (the same parameter count within 10%: tests/test_compare.py):
 Each has one or more sampler rows (`samplers`): keyword settings of its
 family's sampler, each measured and reported on its own.
 
-Argument: "local" (2 CPU cores), "tiny" (the test suite's: 5 frames of 8x8,
-one layer, a few steps) or "pod" (the same contenders at the paper sizes on
-UCF-101 tokens; the test suite builds their sharded states abstractly).
+Argument: "local" (2 CPU cores) or "tiny" (the test suite's: 5 frames of 8x8,
+one layer, a few steps, fewer sampler rows).
 """
 
 import importlib
@@ -33,7 +32,7 @@ import ml_collections
 
 from experiments.configs import nbp_digits, ntp_digits
 
-ARGS = ("local", "tiny", "pod")
+ARGS = ("local", "tiny")
 
 
 def _contender(base: str, samplers: dict, **overrides) -> ml_collections.ConfigDict:
@@ -46,15 +45,13 @@ def get_config(arg: str = "local"):
     raise ValueError(f"compare_digits config argument must be one of {ARGS}, got {arg!r}")
   c = ml_collections.ConfigDict()
   c.arg = arg
-  size = "B" if arg == "pod" else "XS"
-  where = "" if arg == "pod" else ",local"
   # The samplers' settings are those each base config chose on validation (nbp_digits.py).
   c.contenders = ml_collections.ConfigDict({
-      "ntp": _contender(f"nbp_digits.py:{size}{where},token", {"guided": {}}),
-      "ntp_aaren": _contender(f"nbp_digits.py:{size}{where},token", {"guided": {}},
+      "ntp": _contender("nbp_digits.py:XS,local,token", {"guided": {}}),
+      "ntp_aaren": _contender("nbp_digits.py:XS,local,token", {"guided": {}},
                               model={"attention": "aaren", "position": "learned"}),
-      "nbp_row": _contender(f"nbp_digits.py:{size}{where},row", {"guided": {}}),
-      "nbp_patch": _contender(f"nbp_digits.py:{size}{where},patch", {"guided": {}}),
+      "nbp_row": _contender("nbp_digits.py:XS,local,row", {"guided": {}}),
+      "nbp_patch": _contender("nbp_digits.py:XS,local,patch", {"guided": {}}),
       # Frames as entities (a 6x6 cell of 2x2 patches per 12x12 frame), flow matching with noisy context; the
       # sampler's settings are those xar_digits.py chose on validation: 20 SDE steps per entity, guidance 3,
       # each finished frame kept as context noised again to t = 0.1.
@@ -70,12 +67,12 @@ def get_config(arg: str = "local"):
           model={"num_layers": 3, "width": 128, "mlp_dim": 384, "num_classes": 10},
           loss={"replay_size": 0, "class_dropout": 0.1, "num_steps": 3, "num_steps_max": 0}),
   })
-  c.batch_size = 4 if arg == "tiny" else 8 if arg == "local" else 256  # every contender's (the digits budget's)
+  c.batch_size = 8 if arg == "local" else 4  # every contender's (the digits configs' local budget)
   if arg == "tiny":  # the test suite's: fewer solver steps and sampler rows, each compiled program costs seconds
     c.contenders.xar_frames.samplers = {"guided": {"num_steps": 2}}
     c.contenders.ebt.samplers = {"think1": {"num_steps": 1}, "best_of2": {"num_steps": 1, "best_of": 2}}
   c.reference = "ntp"  # its step FLOPs x budget_steps is every contender's training budget
-  c.budget_steps = 300 if arg == "local" else 4 if arg == "tiny" else 50_000
+  c.budget_steps = 300 if arg == "local" else 4
   c.seeds = (0, 1, 2) if arg != "tiny" else (0,)
   c.given_frames = 2  # next-frame prediction: the first frames given, the rest predicted
   c.num_videos = 256 if arg == "local" else 4  # generated per contender, sampler row and seed
@@ -107,7 +104,7 @@ def contender_config(c, name: str, seed: int, num_steps: int | None = None) -> m
         del config.data["image_size"]
       config.data.name = "moving_digits"
       config.data.levels = ntp_digits.LEVELS
-      ntp_digits.set_digits_data(config.data, local=c.arg != "pod")
+      ntp_digits.set_digits_data(config.data, local=True)
     for key, value in c.data.items():
       _set(config, f"data.{key}", value)
     _fit_to_videos(config, spec.base)
