@@ -146,7 +146,7 @@ def quality(c, contender: contenders_lib.Contender, judge: fvd_digits.Judge, see
          "class_match": fvd_digits.class_match(judge.logits(videos), stand_in["label"])}
   frames = generation.frame_prediction_metrics(stand_in["video"], continued, given)
   out.update({k: frames[k] for k in ("com_error_px", "com_error_px_repeat_last", "mse", "mse_repeat_last")})
-  out.update(frame_prediction._floors(data, given))  # pylint: disable=protected-access
+  out.update(frame_prediction.motion_floor_metrics(data, given))
   return out
 
 

@@ -79,7 +79,7 @@ class Evaluator:
       draws = generated.videos.reshape(self.num_videos, self.draws, *generated.videos.shape[1:])
       mean = generation.frame_prediction_metrics(real["video"], draws.astype(np.float64).mean(1), given)
       metrics.update({f"{k}_mean_of_draws": mean[k] for k in ("com_error_px", "empty_frames", "mse")})
-    metrics.update(_floors(generation.run_video_data(s.config), given))
+    metrics.update(motion_floor_metrics(generation.run_video_data(s.config), given))
     if self.belief:
       first = generation.frame_prediction_metrics(repeated["video"][:, :given + 1],
                                                   generated.videos[:, :given + 1], given)
@@ -88,7 +88,7 @@ class Evaluator:
                 draws=float(self.draws))
 
 
-def _floors(data_cfg, given: int) -> dict[str, float]:
+def motion_floor_metrics(data_cfg, given: int) -> dict[str, float]:
   """For one moving digit, the centre-of-mass errors of ideal predictors (`moving_digits.motion_floors`):
   com_error_px_exact_sampler (a draw of the true conditional distribution), com_error_px_exact_mean (the mean of
   many such draws) and com_error_px_best_point (the best single answer per condition). Other data: none."""
