@@ -47,7 +47,7 @@ import numpy as np
 import optax
 from absl import app, flags
 
-from nbp import tasks
+from nbp import contenders
 from nbp.models import sequence
 from nbp.training import loop as train
 
@@ -222,10 +222,7 @@ def final_metrics(workdir: str) -> dict[str, float]:
   return out
 
 
-def num_params(config) -> int:
-  task = tasks.make_task(config)
-  shapes = jax.eval_shape(lambda: task.model.init(jax.random.key(0), **task.init_inputs()))
-  return sum(x.size for x in jax.tree.leaves(flax.core.meta.unbox(shapes["params"])))
+num_params = contenders.num_params
 
 
 def tasks_table(task_names, seeds) -> dict:

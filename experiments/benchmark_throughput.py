@@ -35,12 +35,10 @@ import json
 import os
 
 import jax
-import numpy as np
 from absl import app, flags
 
 from nbp import profiling, roofline
 from nbp.training import loop as train
-from nbp.training import sharding
 
 FAMILIES = {  # family: (config module, argument with {size})
     "ntp": ("ntp_text", "{size},local"),
@@ -89,11 +87,8 @@ def train_step_rate(config, repeats: int, profile_dir: str = "") -> dict:
   With profile_dir, also "profile": the step's ops traced there (nbp.profiling.profile_ops), longest first.
   """
   s = train.setup(config)
-  state = train.init_state(s, 0)
-  batch = sharding.global_batch(next(train.data_iterator(s, "train", 0)), s.batch_sharding)
+  compiled, flops, state, batch = train.compile_on_data(s)
   rng = jax.random.key(0)
-  with s.context():
-    compiled, flops = train.aot_compile(train.compile_train_step(s), state, batch, rng)
   params = sum(x.size for x in jax.tree.leaves(state.params))
   holder = {"state": state}
 

@@ -42,7 +42,6 @@ from nbp.samplers import xar as xar_sampler
 from nbp.tasks import next_block
 from nbp.training import loop as train
 from nbp.training import metrics as metrics_lib
-from nbp.training import sharding
 from nbp.training import workdir as workdir_lib
 
 
@@ -55,11 +54,7 @@ def num_params(config: ml_collections.ConfigDict) -> int:
 def train_step_flops(config: ml_collections.ConfigDict) -> float:
   """FLOPs of one training step of `config` (per device), as XLA counts them for the compiled step on a real
   batch of its data."""
-  s = train.setup(config)
-  state = train.init_state(s, config.seed)
-  batch = sharding.global_batch(next(train.data_iterator(s, "train", config.seed)), s.batch_sharding)
-  with s.context():
-    _, flops = train.aot_compile(train.compile_train_step(s), state, batch, jax.random.key(0))
+  _, flops, _, _ = train.compile_on_data(train.setup(config), config.seed)
   if flops is None:
     raise ValueError(f"XLA gives no FLOP count for the train step of {config.family!r}: no FLOPs matching.")
   return flops

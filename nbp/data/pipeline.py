@@ -290,6 +290,13 @@ def quantize_video(video: np.ndarray, levels: int) -> np.ndarray:
   return (video.astype(np.int32) * levels) // 256
 
 
+def label_class(label) -> np.ndarray:
+  """Ordered digit tuples int [..., D] -> int32 classes [...]: sum_i label[i] * 10**i (10**D classes); a
+  single label (UCF-101, Kinetics) is its own class."""
+  label = np.asarray(label, np.int64)
+  return np.sum(label * 10 ** np.arange(label.shape[-1]), axis=-1).astype(np.int32)
+
+
 def requantize(videos, levels: int):
   """uint8 videos -> uint8 at the centres of `levels` uniform grey bins (0: unchanged).
 

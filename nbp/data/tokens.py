@@ -231,9 +231,8 @@ class TokensAndClass(grain.transforms.Map):
   """
 
   def map(self, element):
-    label = np.asarray(element["label"], np.int64).reshape(-1)
     return {"tokens": np.asarray(element["tokens"], np.int32).reshape(-1),
-            "class": np.int32(np.sum(label * 10 ** np.arange(label.shape[0])))}
+            "class": pipeline.label_class(np.reshape(element["label"], -1))}
 
 
 def tokenizer_workdir(token_dir: str) -> str:

@@ -28,6 +28,7 @@ import jax
 import numpy as np
 
 from nbp.data import moving_digits
+from nbp.data import pipeline
 from nbp.data import tokens as tokens_lib
 from nbp.data import video_sources
 from nbp.evaluators import frechet
@@ -57,7 +58,7 @@ def real_videos(data_cfg, start: int, count: int, split: str = "validation") -> 
                        "were asked for (fewer num_videos, or a smaller seed).")
     examples = [source[i] for i in range(start, start + count)]
   labels = np.stack([np.asarray(e["label"], np.int64).reshape(-1) for e in examples])  # [N, D]
-  classes = np.sum(labels * 10 ** np.arange(labels.shape[1]), axis=1).astype(np.int32)
+  classes = pipeline.label_class(labels)
   return {"video": np.stack([np.asarray(e["video"], np.uint8) for e in examples]),
           "label": labels.astype(np.int32), "class": classes}
 

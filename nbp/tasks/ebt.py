@@ -268,8 +268,7 @@ def make_data(seq_len: int, data_cfg, split: str, *, seed: int, process_index: i
 
     def frames_and_class(example):  # requantised as the token models see them (0: raw), then in [-1, 1]
       video = pipeline.requantize(np.asarray(example["video"]), levels).astype(np.float32) / 127.5 - 1.0
-      label = np.asarray(example["label"], np.int64).reshape(-1)
-      return {"video": video, "class": np.int32(np.sum(label * 10 ** np.arange(label.size)))}
+      return {"video": video, "class": pipeline.label_class(np.reshape(example["label"], -1))}
 
     return pipeline.make_iterator(
         video_sources.video_source(data_cfg, split), global_batch_size=batch_size * process_count, seed=seed,

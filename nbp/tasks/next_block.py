@@ -221,7 +221,7 @@ def sample(model: Model, params, rng, *, num_samples: int = 8, temperature: floa
     return sampling.sample_tokens(key, logits, temperature=temperature, top_k=top_k, top_p=top_p)
 
   start = p + fed  # slots before the start block's position in the drawn blocks' numbering
-  num_drawn = model.num_tokens - model.given_len - (fed if model.condition != "frames" else 0)
+  num_drawn = model.num_tokens - (0 if given is None else given.shape[1])  # tokens to draw
   tokens_first = model.first_block == "tokens"
   if tokens_first and fed and model.condition != "frames":
     raise ValueError("a prompt continued by a generator needs config.model.first_block='start_block': with "

@@ -237,7 +237,7 @@ def make_data(model: Model, data_cfg, split: str, *, seed: int, process_index: i
     def video_tokens(example):
       video = pipeline.requantize(np.asarray(example["video"]), levels)  # [F, H, W, 1]
       pixels = video.reshape(-1, *video.shape[2:]).astype(np.float32) / 127.5 - 1.0  # [F*H, W, 1]
-      return {"tokens": patchify(pixels, patch), "class": video_class(example["label"])}
+      return {"tokens": patchify(pixels, patch), "class": pipeline.label_class(np.reshape(example["label"], -1))}
 
     return pipeline.make_iterator(
         source, global_batch_size=batch_size * process_count, seed=seed, shuffle=True, transforms=(video_tokens,),
@@ -251,12 +251,6 @@ def make_data(model: Model, data_cfg, split: str, *, seed: int, process_index: i
   return pipeline.make_iterator(
       source, global_batch_size=batch_size * process_count, seed=seed, shuffle=True, transforms=(to_tokens,),
       process_index=process_index, process_count=process_count, worker_count=data_cfg.worker_count)
-
-
-def video_class(label) -> np.int32:
-  """A moving-digits video's class: its digits d_i as sum_i d_i 10^i (the token models' class condition)."""
-  label = np.asarray(label, np.int64).reshape(-1)
-  return np.int32(np.sum(label * 10 ** np.arange(label.size)))
 
 
 def num_classes(data_cfg) -> int:

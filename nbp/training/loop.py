@@ -268,6 +268,16 @@ def aot_compile(step_fn, state: TrainState, batch, rng):
     return compiled, None
 
 
+def compile_on_data(s: Setup, seed: int = 0):
+  """The train step compiled on a real batch of the training data: (compiled, its FLOPs as XLA counts them or
+  None, the initial state, the batch), for benchmarks and budgets."""
+  state = init_state(s, seed)
+  batch = sharding.global_batch(next(data_iterator(s, "train", seed)), s.batch_sharding)
+  with s.context():
+    compiled, flops = aot_compile(compile_train_step(s), state, batch, jax.random.key(0))
+  return compiled, flops, state, batch
+
+
 def data_iterator(s: Setup, split: str, seed: int):
   local = s.config.batch_size // jax.process_count()
   return s.task.data(split, seed=seed, process_index=jax.process_index(),
