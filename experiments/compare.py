@@ -45,21 +45,17 @@ import os
 import time
 
 import jax
-import matplotlib
 import numpy as np
 from absl import app, logging
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-
-from experiments import common  # pylint: disable=g-import-not-at-top
-from experiments.configs import compare_digits, video_classifier_digits  # pylint: disable=g-import-not-at-top
-from nbp import contenders as contenders_lib  # pylint: disable=g-import-not-at-top
-from nbp import roofline  # pylint: disable=g-import-not-at-top
-from nbp.evaluators import frechet, fvd_digits, generation  # pylint: disable=g-import-not-at-top
-from nbp.evaluators import frame_prediction  # pylint: disable=g-import-not-at-top
-from nbp.training import loop as train  # pylint: disable=g-import-not-at-top
-from nbp.training import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+from experiments import common
+from experiments.configs import compare_digits, video_classifier_digits
+from nbp import contenders as contenders_lib
+from nbp import roofline
+from nbp import visualization
+from nbp.evaluators import frame_prediction, frechet, fvd_digits, generation
+from nbp.training import loop as train
+from nbp.training import workdir as workdir_lib
 
 QUALITY = ("fvd", "fvd_floor", "class_match", "com_error_px", "com_error_px_repeat_last", "mse", "mse_repeat_last")
 GENERATION_BATCH = 64  # videos per sampler call when measuring quality
@@ -184,7 +180,6 @@ def table(c, results: dict) -> str:
   head = ["contender", "sampler", "params", "train GFLOPs", "train s", "FVD", "class match", "CoM error (px)",
           "MSE", "calls/video", *[f"frames/s b{b} (floor)" for b in batches], f"peak MiB b{batches[-1]}"]
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-  floors = []
   for name, spec in c.contenders.items():
     for row in spec.samplers:
       seeds = [results["quality"].get(f"{name}/{row}/s{seed}") for seed in c.seeds]
@@ -192,7 +187,6 @@ def table(c, results: dict) -> str:
       price = results["cost"].get(f"{name}/{row}", {})
       if not seeds:
         continue
-      floors += [s["fvd_floor"] for s in seeds]
       speeds = [f"{price[f'b{b}']['frames_per_s']:.1f} ({price[f'b{b}']['floor_frames_per_s']:.1f})"
                 if f"b{b}" in price else "" for b in batches]
       memory = price.get(f"b{batches[-1]}", {}).get("peak_bytes")
@@ -202,39 +196,28 @@ def table(c, results: dict) -> str:
           *[_mean_sd([s[k] for s in seeds]) for k in ("fvd", "class_match", "com_error_px", "mse")],
           str(price.get("calls_generation", "")), *speeds,
           f"{memory / 2**20:.1f}" if memory else ""]) + " |")
-  repeat = [s for s in results["quality"].values()]
-  lines.append(f"\nReal against real test videos (the FVD floor): {_mean_sd(floors)}. Repeating the last given "
-               f"frame: CoM error {_mean_sd([s['com_error_px_repeat_last'] for s in repeat])} px, "
-               f"MSE {_mean_sd([s['mse_repeat_last'] for s in repeat])}.")
+  # The real sets do not depend on the contender or the seed: one floor, one repeat-last figure.
+  real = next(iter(results["quality"].values()), None)
+  if real:
+    lines.append(f"\nReal against real test videos (the FVD floor): {real['fvd_floor']:.3f}. Repeating the last "
+                 f"given frame: CoM error {real['com_error_px_repeat_last']:.3f} px, MSE "
+                 f"{real['mse_repeat_last']:.4f}.")
   return "\n".join(lines) + "\n"
 
 
 def pareto_plot(c, results: dict, path: str) -> None:
-  """FVD against sequential calls per video, one point per contender and sampler row; the front joined."""
+  """FVD against sequential calls per video, one point per contender and sampler row (mean and sd over seeds)."""
   points = []
   for name, spec in c.contenders.items():
     for row in spec.samplers:
-      fvds = [results["quality"][k]["fvd"] for k in results["quality"] if k.startswith(f"{name}/{row}/")]
+      seeds = [results["quality"][k] for k in results["quality"] if k.startswith(f"{name}/{row}/")]
       calls = results["cost"].get(f"{name}/{row}", {}).get("calls_generation")
-      if fvds and calls:
+      if seeds and calls:
+        fvds = [s["fvd"] for s in seeds]
         points.append((calls, float(np.mean(fvds)), float(np.std(fvds)), f"{name} ({row})"))
-  fig, ax = plt.subplots(figsize=(6, 4))
-  for calls, fvd, sd, label in points:
-    ax.errorbar(calls, fvd, yerr=sd, fmt="o", capsize=3, label=label)
-  front, best = [], float("inf")
-  for calls, fvd, _, _ in sorted(points):
-    if fvd < best:
-      front.append((calls, fvd))
-      best = fvd
-  if front:
-    ax.plot(*zip(*front), "k--", lw=1, label="Pareto front")
-  ax.set_xscale("log")
-  ax.set_xlabel("sequential model calls per video")
-  ax.set_ylabel("in-domain FVD (lower is better)")
-  ax.legend(fontsize=7)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+  floors = [s["fvd_floor"] for s in results["quality"].values()]
+  visualization.save_pareto(path, points, xlabel="sequential model calls per video",
+                            ylabel="in-domain FVD (lower is better)", floor=float(np.mean(floors)) if floors else None)
 
 
 def run(c, workdir: str) -> dict:

@@ -123,3 +123,29 @@ def save_curves(path: str, curves: dict[str, tuple[list[float], list[float], lis
   fig.tight_layout()
   fig.savefig(path, dpi=100)
   plt.close(fig)
+
+
+def save_pareto(path: str, points: list[tuple[float, float, float, str]], *, xlabel: str, ylabel: str,
+                floor: float | None = None) -> None:
+  """One marker per (cost x, mean y, sd y, label), lower y better, x on a log scale; the Pareto front (no point
+  both cheaper and better) joined by a dashed line; `floor` a grey dashed line (e.g. real vs real)."""
+  fig, ax = plt.subplots(figsize=(6, 4))
+  for x, y, sd, label in points:
+    ax.errorbar(x, y, yerr=sd, fmt="o", capsize=3, label=label)
+  front, best = [], float("inf")
+  for x, y, _, _ in sorted(points):
+    if y < best:
+      front.append((x, y))
+      best = y
+  if front:
+    ax.plot(*zip(*front), "k--", lw=1, label="Pareto front")
+  if floor is not None:
+    ax.axhline(floor, color="grey", linestyle=":", label="real vs real (floor)")
+  ax.set_xscale("log")
+  ax.set_xlabel(xlabel)
+  ax.set_ylabel(ylabel)
+  ax.legend(fontsize=7)
+  ax.grid(alpha=0.3, which="both")
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
