@@ -3,6 +3,9 @@ r"""Training throughput and model FLOPs utilisation (MFU) of every family's loca
   python -m experiments.benchmark_throughput [--families ntp,nbp,xar,aaren,ebt] [--sizes S,M] \
       [--attention_impls config] [--batch 0] [--timed_steps 5] [--throughput_data_dir DIR] \
       [--throughput_profile DIR]
+  # one config's step instead, e.g. the demo's, on N CPU devices:
+  python -m experiments.benchmark_throughput --step_config experiments/configs/nbp_digits.py:XS,local,tokens,row \
+      --step_config.data.token_dir=runs/demo/tokens --attention_impls xla,xla_blocksparse [--num_cpu_devices 2]
 
 For each family, size and attention implementation: the jitted train step
 (forward, backward, AdamW) of the family's local config with `model.variant`
@@ -36,6 +39,7 @@ import os
 
 import jax
 from absl import app, flags
+from ml_collections import config_flags
 
 from nbp import profiling, roofline
 from nbp.training import loop as train
@@ -56,22 +60,34 @@ BATCH = flags.DEFINE_integer("batch", 0, "Examples per step; 0: each config's ow
 REPEATS = flags.DEFINE_integer("timed_steps", 5, "Timed steps per row (after one warm-up).")
 DATA_DIR = flags.DEFINE_string("throughput_data_dir", "", "Overrides config.data.dir (where generated datasets "
                                "are cached).")
+STEP_CONFIG = config_flags.DEFINE_config_file(
+    "step_config", None, "One config to time instead of the families' (e.g. the demo's "
+    "nbp_digits.py:XS,local,tokens,row with --step_config.data.token_dir=runs/demo/tokens).")
+CPU_DEVICES = flags.DEFINE_integer("num_cpu_devices", 0, "CPU devices the batch is split over (0: one).")
 PROFILE = flags.DEFINE_string("throughput_profile", "", "If set, a directory: each row's step is traced there "
                               "and its time split by kind of op and by model path.")
 
 
-def family_config(family: str, size: str, impl: str = "config", batch: int = 0, data_dir: str = ""):
-  """The family's local config at `size` (model.variant), with the attention impl and batch given."""
-  module, arg = FAMILIES[family]
-  config = importlib.import_module(f"experiments.configs.{module}").get_config(arg.format(size=size))
-  config.unlock()
-  config.model.variant = size
-  for key in ("num_layers", "width", "num_heads", "num_kv_heads"):  # explicit sizes would override the variant
-    if key in config.model:
-      config.model[key] = None
+def family_config(family: str, size: str, impl: str = "config", batch: int = 0, data_dir: str = "",
+                  given=None):
+  """The family's local config at `size` (model.variant), or the `given` config as it is, with the attention impl
+  and batch given."""
+  if given is not None:
+    config = given.copy_and_resolve_references()
+    config.unlock()
+    what = f"the given {family} config's"
+  else:
+    module, arg = FAMILIES[family]
+    what = f"{module}.py's"
+    config = importlib.import_module(f"experiments.configs.{module}").get_config(arg.format(size=size))
+    config.unlock()
+    config.model.variant = size
+    for key in ("num_layers", "width", "num_heads", "num_kv_heads"):  # explicit sizes would override the variant
+      if key in config.model:
+        config.model[key] = None
   if impl != "config":
     if "attention_impl" not in config.model:
-      raise ValueError(f"--attention_impls={impl}: {module}.py's model has no attention_impl")
+      raise ValueError(f"--attention_impls={impl}: {what} model has no attention_impl")
     config.model.attention_impl = impl
   if batch:
     config.batch_size = batch
@@ -97,9 +113,9 @@ def train_step_rate(config, repeats: int, profile_dir: str = "") -> dict:
     return metrics["loss"]
 
   seconds = roofline.median_seconds(run, repeats)
-  width = s.task.model.embed_dim
+  width = getattr(s.task.model, "embed_dim", None)  # (a convolutional model has none)
   # What matmuls as narrow as the model's reach: [4096, E] @ [E, 4E], the shape of its widest projection.
-  width_rate = roofline.measure_matmul_rate(4096, width, 4 * width, repeats=repeats)
+  width_rate = roofline.measure_matmul_rate(4096, width, 4 * width, repeats=repeats) if width else float("nan")
   row = {"params": int(params), "batch": config.batch_size, "width": width, "seconds_per_step": seconds,
          "step_flops": flops, "flops_per_sec": flops / seconds, "width_matmul_flops_per_sec": width_rate}
   if profile_dir:
@@ -109,25 +125,31 @@ def train_step_rate(config, repeats: int, profile_dir: str = "") -> dict:
 
 def main(argv):
   del argv
+  if CPU_DEVICES.value:
+    jax.config.update("jax_num_cpu_devices", CPU_DEVICES.value)
   dtype = "float32"  # the local configs' dtype
   before = roofline.measure_matmul_rate(*(3 * [roofline.PEAK_MATMUL_SIDE.get(jax.default_backend(), 8192)]),
                                         repeats=REPEATS.value)
   rows = []
-  for family in FAMILIES_FLAG.value:
-    for size in SIZES.value:
-      for impl in IMPLS.value:
-        config = family_config(family, size, impl, BATCH.value, DATA_DIR.value)
-        profile_dir = os.path.join(PROFILE.value, f"{family}_{size}_{impl}") if PROFILE.value else ""
-        row = {"family": family, "size": size, "attention_impl": impl,
-               **train_step_rate(config, REPEATS.value, profile_dir)}
-        ops = row.pop("profile", None)
-        print(json.dumps(row), flush=True)
-        if ops:
-          profiling.print_summary(f"{family} {size} ({impl})", ops)
-        rows.append(row)
+  cases = [(f, size) for f in FAMILIES_FLAG.value for size in SIZES.value]
+  if STEP_CONFIG.value is not None:
+    cases = [(STEP_CONFIG.value.family, STEP_CONFIG.value.model.get("variant", ""))]
+  for family, size in cases:
+    for impl in IMPLS.value:
+      config = family_config(family, size, impl, BATCH.value, DATA_DIR.value, STEP_CONFIG.value)
+      profile_dir = os.path.join(PROFILE.value, f"{family}_{size}_{impl}") if PROFILE.value else ""
+      row = {"family": family, "size": size, "attention_impl": impl,
+             **train_step_rate(config, REPEATS.value, profile_dir)}
+      ops = row.pop("profile", None)
+      print(json.dumps(row), flush=True)
+      if ops:
+        profiling.print_summary(f"{family} {size} ({impl})", ops)
+      rows.append(row)
   after = roofline.measure_matmul_rate(*(3 * [roofline.PEAK_MATMUL_SIDE.get(jax.default_backend(), 8192)]),
                                        repeats=REPEATS.value)
   peak = (before + after) / 2
+  if jax.default_backend() == "cpu":  # CPU devices (--num_cpu_devices) share the host's cores; FLOPs are per device
+    peak /= jax.local_device_count()
   print(f"\n{jax.devices()[0].device_kind}, {os.cpu_count()} CPUs; {dtype} matmul (the loop's start-up "
         f"measure): {before / 1e9:.1f} / {after / 1e9:.1f} GFLOP/s before / after; median of {REPEATS.value} "
         "steps\n")

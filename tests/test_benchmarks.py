@@ -65,6 +65,18 @@ def test_throughput_names_a_config_without_attention_impl():
     benchmark_throughput.family_config("aaren", "S", impl="xla")
 
 
+def test_throughput_times_a_given_config_as_it_is():
+  """--step_config: the config's own sizes and batch, the attention impl asked for; a model without one named."""
+  from experiments.configs import nbp_digits, video_tokenizer_digits  # pylint: disable=g-import-not-at-top
+  given = nbp_digits.get_config("XS,local,tokens,row")
+  config = benchmark_throughput.family_config("next_block", "XS", impl="xla_blocksparse", given=given)
+  assert config.model.attention_impl == "xla_blocksparse" and given.model.attention_impl == "auto"
+  assert config.batch_size == given.batch_size and config.model.num_class_tokens == 4
+  with pytest.raises(ValueError, match="the given video_tokenizer config's model has no attention_impl"):
+    benchmark_throughput.family_config("video_tokenizer", "", impl="xla",
+                                       given=video_tokenizer_digits.get_config("local"))
+
+
 def test_throughput_step_counts_xlas_flops(tmp_path):
   config = benchmark_throughput.family_config("xar", "tiny", batch=4, data_dir=str(tmp_path))
   row = benchmark_throughput.train_step_rate(config, repeats=1)
