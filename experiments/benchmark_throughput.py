@@ -41,6 +41,7 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
+from experiments import common
 from nbp import profiling, roofline
 from nbp.training import loop as train
 
@@ -63,7 +64,6 @@ DATA_DIR = flags.DEFINE_string("throughput_data_dir", "", "Overrides config.data
 STEP_CONFIG = config_flags.DEFINE_config_file(
     "step_config", None, "One config to time instead of the families' (e.g. the demo's "
     "nbp_digits.py:XS,local,tokens,row with --step_config.data.token_dir=runs/demo/tokens).")
-CPU_DEVICES = flags.DEFINE_integer("num_cpu_devices", 0, "CPU devices the batch is split over (0: one).")
 PROFILE = flags.DEFINE_string("throughput_profile", "", "If set, a directory: each row's step is traced there "
                               "and its time split by kind of op and by model path.")
 
@@ -125,8 +125,7 @@ def train_step_rate(config, repeats: int, profile_dir: str = "") -> dict:
 
 def main(argv):
   del argv
-  if CPU_DEVICES.value:
-    jax.config.update("jax_num_cpu_devices", CPU_DEVICES.value)
+  common.initialize()  # --num_cpu_devices: CPU devices the batch is split over
   dtype = "float32"  # the local configs' dtype
   before = roofline.measure_matmul_rate(*(3 * [roofline.PEAK_MATMUL_SIDE.get(jax.default_backend(), 8192)]),
                                         repeats=REPEATS.value)
