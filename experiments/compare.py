@@ -11,10 +11,14 @@ resumes where the last one stopped:
   2. calibration: each contender's parameter count and the FLOPs of its
      compiled train step (XLA's count); every contender trains for the
      training FLOPs of the reference's budget_steps steps;
-  3. training, per contender and seed, under workdir/runs/<name>_s<seed>
+  3. choices on validation: of each group in config.choices (NBP's block
+     shapes other than the row), every candidate is trained at the first
+     seed and measured as in 4 on the validation split; the one of lowest
+     FVD takes part in the comparison, the others do not;
+  4. training, per contender and seed, under workdir/runs/<name>_s<seed>
      (a run stopped mid-way resumes from its checkpoint; a run of another
      config there is refused);
-  4. quality, per contender, sampler row and seed, on the test split: videos
+  5. quality, per contender, sampler row and seed, on the test split: videos
      generated for the classes of real test videos N..2N-1, their in-domain
      FVD against real videos 0..N-1 (beside the distance between the two
      real sets, the floor), the share the judge finds the class asked for
@@ -22,7 +26,7 @@ resumes where the last one stopped:
      videos N..2N-1 continued under their class, centre-of-mass error and
      pixel MSE of the predicted frames against the true ones (beside
      repeating the last given frame);
-  5. cost, per contender and sampler row (training seed 0): training FLOPs
+  6. cost, per contender and sampler row (training seed 0): training FLOPs
      and seconds, sequential model calls per video, frames/s of the whole
      jitted sampler at each speed batch beside its floor, and XLA's peak
      memory for it.
@@ -122,12 +126,13 @@ def _batched(fn, n: int, *arrays):
   return np.concatenate(out)[:n]
 
 
-def quality(c, contender: contenders_lib.Contender, judge: fvd_digits.Judge, seed: int) -> dict:
-  """FVD (and its floor), class match and next-frame figures of one contender, sampler row and seed."""
+def quality(c, contender: contenders_lib.Contender, judge: fvd_digits.Judge, seed: int, split: str) -> dict:
+  """FVD (and its floor), class match and next-frame figures of one contender, sampler row and seed, measured
+  against real videos of `split`."""
   data = contender.config.data
   n = c.num_videos
-  reference = generation.real_videos(data, 0, n, c.split)
-  stand_in = generation.real_videos(data, n, n, c.split)
+  reference = generation.real_videos(data, 0, n, split)
+  stand_in = generation.real_videos(data, n, n, split)
   if reference["video"].shape[1:] != contender.video_shape:
     raise ValueError(f"the contender's videos are {contender.video_shape}, the real ones "
                      f"{reference['video'].shape[1:]}")
@@ -144,6 +149,34 @@ def quality(c, contender: contenders_lib.Contender, judge: fvd_digits.Judge, see
   out.update({k: frames[k] for k in ("com_error_px", "com_error_px_repeat_last", "mse", "mse_repeat_last")})
   out.update(frame_prediction.motion_floor_metrics(data, given))
   return out
+
+
+def choose(c, cal: dict, judge: fvd_digits.Judge, workdir: str, results: Results) -> dict[str, str]:
+  """Per group of c.choices, the candidate whose best sampler row has the lowest FVD on c.choice_split (each
+  trained at the first seed, the run the comparison then reuses); the figures go to results["choice"]."""
+  seed = c.seeds[0]
+  figures = results.data.setdefault("choice", {})
+  chosen = results.data.setdefault("chosen", {})
+  for group, names in c.choices.items():
+    for name in names:
+      run_dir = trained(c, name, seed, cal[name]["steps"], workdir)
+      for row, sampler in c.contenders[name].samplers.items():
+        if f"{name}/{row}" not in figures:
+          contender = contenders_lib.load(run_dir, sampler.to_dict())
+          figures[f"{name}/{row}"] = quality(c, contender, judge, seed, c.choice_split)
+          results.save()
+    best = min(names, key=lambda n: min(figures[f"{n}/{r}"]["fvd"] for r in c.contenders[n].samplers))
+    if chosen.get(group) != best:
+      chosen[group] = best
+      logging.info("%s: %s chosen on %s", group, best, c.choice_split)
+      results.save()
+  return chosen
+
+
+def compared(c, chosen: dict[str, str]) -> list[str]:
+  """The contenders of the comparison: every one outside c.choices, and each group's chosen candidate."""
+  candidates = {name for names in c.choices.values() for name in names}
+  return [name for name in c.contenders if name not in candidates or name in chosen.values()]
 
 
 def cost(c, contender: contenders_lib.Contender, machine: roofline.Machine) -> dict:
@@ -174,14 +207,14 @@ def _mean_sd(values: list[float]) -> str:
 
 
 def table(c, results: dict) -> str:
-  """The markdown table: one line per contender and sampler row."""
+  """The markdown table: one line per compared contender and sampler row; then the choices on validation."""
   cal = results["calibration"]
   batches = list(c.speed_batches)
   head = ["contender", "sampler", "params", "train GFLOPs", "train s", "FVD", "class match", "CoM error (px)",
           "MSE", "calls/video", *[f"frames/s b{b} (floor)" for b in batches], f"peak MiB b{batches[-1]}"]
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-  for name, spec in c.contenders.items():
-    for row in spec.samplers:
+  for name in compared(c, results.get("chosen", {})):
+    for row in c.contenders[name].samplers:
       seeds = [results["quality"].get(f"{name}/{row}/s{seed}") for seed in c.seeds]
       seeds = [s for s in seeds if s]
       price = results["cost"].get(f"{name}/{row}", {})
@@ -202,14 +235,22 @@ def table(c, results: dict) -> str:
     lines.append(f"\nReal against real test videos (the FVD floor): {real['fvd_floor']:.3f}. Repeating the last "
                  f"given frame: CoM error {real['com_error_px_repeat_last']:.3f} px, MSE "
                  f"{real['mse_repeat_last']:.4f}.")
+  for group, names in c.choices.items():
+    lines.append(f"\n{group}: {results['chosen'][group]} chosen on the {c.choice_split} split (seed {c.seeds[0]}, "
+                 "lowest FVD):\n\n| candidate | sampler | FVD | class match | CoM error (px) | MSE |\n|---|---|---|---|---|---|")
+    for name in names:
+      for row in c.contenders[name].samplers:
+        f = results["choice"][f"{name}/{row}"]
+        lines.append(f"| {name} | {row} | {f['fvd']:.3f} | {f['class_match']:.3f} | {f['com_error_px']:.3f} | "
+                     f"{f['mse']:.4f} |")
   return "\n".join(lines) + "\n"
 
 
 def pareto_plot(c, results: dict, path: str) -> None:
   """FVD against sequential calls per video, one point per contender and sampler row (mean and sd over seeds)."""
   points = []
-  for name, spec in c.contenders.items():
-    for row in spec.samplers:
+  for name in compared(c, results.get("chosen", {})):
+    for row in c.contenders[name].samplers:
       seeds = [results["quality"][k] for k in results["quality"] if k.startswith(f"{name}/{row}/")]
       calls = results["cost"].get(f"{name}/{row}", {}).get("calls_generation")
       if seeds and calls:
@@ -230,9 +271,11 @@ def run(c, workdir: str) -> dict:
     results.save()
   cal = results.data["calibration"]
   results.data.setdefault("train_seconds", {})
+  chosen = choose(c, cal, judge, workdir, results)
   machine = None
   for seed in c.seeds:
-    for name, spec in c.contenders.items():
+    for name in compared(c, chosen):
+      spec = c.contenders[name]
       run_dir = trained(c, name, seed, cal[name]["steps"], workdir)
       results.data["train_seconds"][f"{name}/s{seed}"] = contenders_lib.training_seconds(run_dir)
       for row, sampler in spec.samplers.items():
@@ -240,7 +283,7 @@ def run(c, workdir: str) -> dict:
         key = f"{name}/{row}/s{seed}"
         if key not in results.data["quality"]:
           start = time.perf_counter()
-          results.data["quality"][key] = quality(c, contender, judge, seed)
+          results.data["quality"][key] = quality(c, contender, judge, seed, c.split)
           logging.info("%s measured in %.1f s", key, time.perf_counter() - start)
           results.save()
         if seed == c.seeds[0] and f"{name}/{row}" not in results.data["cost"]:

@@ -32,6 +32,14 @@ def test_contender_configs_name_what_is_wrong():
     compare_digits.contender_config(c, "ntp", seed=0)
 
 
+def test_compared_contenders_keep_only_the_chosen_candidate():
+  c = compare_digits.get_config("local")
+  assert "nbp_2row" in c.choices.nbp_other and "nbp_row" not in c.choices.nbp_other
+  names = compare.compared(c, {"nbp_other": "nbp_2row"})
+  assert "nbp_2row" in names and "nbp_patch" not in names and "nbp_frame" not in names
+  assert sorted(set(c.contenders) - set(names)) == ["nbp_frame", "nbp_patch"]
+
+
 def _tiny(data_dir, classifier_workdir):
   c = compare_digits.get_config("tiny")
   with c.unlocked():
@@ -52,9 +60,20 @@ def test_tiny_comparison_end_to_end_and_resumed(tmp_path, data_dir, classifier_w
   # context call each (one call writes the given frames); EBT's 5 frames of 1 step, or 2 runs of 1 step and a
   # final energy.
   calls = {"ntp/guided": (320, 192), "ntp_aaren/guided": (320, 192), "nbp_row/guided": (40, 24),
-           "nbp_patch/guided": (20, 12), "xar_frames/guided": (15, 10), "ebt/think1": (5, 3),
-           "ebt/best_of2": (20, 12)}
+           "nbp_patch/guided": (20, 12), "nbp_frame/guided": (5, 3), "xar_frames/guided": (15, 10),
+           "ebt/think1": (5, 3), "ebt/best_of2": (20, 12)}
   assert sorted(calls) == sorted(f"{n}/{r}" for n, spec in c.contenders.items() for r in spec.samplers)
+  # NBP's other block shape: both candidates measured on validation, the one of lower FVD compared on test.
+  candidates = ("nbp_patch", "nbp_frame")
+  choice = results["choice"]
+  assert sorted(choice) == ["nbp_frame/guided", "nbp_patch/guided"]
+  chosen = results["chosen"]["nbp_other"]
+  assert chosen == min(candidates, key=lambda n: choice[f"{n}/guided"]["fvd"])
+  dropped = next(n for n in candidates if n != chosen)
+  calls = {row: v for row, v in calls.items() if not row.startswith(dropped)}
+  assert sorted(k.rsplit("/", 1)[0] for k in results["quality"]) == sorted(calls)
+  assert sorted(results["cost"]) == sorted(calls)
+  assert choice[f"{chosen}/guided"] != results["quality"][f"{chosen}/guided/s0"]  # validation, then test
   for name in c.contenders:
     assert abs(cal[name]["train_flops"] - budget) <= cal[name]["step_flops"] / 2, name
     run_dir = os.path.join(tmp_path, "runs", f"{name}_s0")
@@ -72,6 +91,7 @@ def test_tiny_comparison_end_to_end_and_resumed(tmp_path, data_dir, classifier_w
       assert 0 < speed["frames_per_s"] <= speed["floor_frames_per_s"] and speed["peak_bytes"] > 0, row
   table = open(os.path.join(tmp_path, "table.md")).read()
   assert all(f"| {row.replace('/', ' | ')} |" in table for row in calls)
+  assert f"nbp_other: {chosen} chosen on the validation split" in table and f"| {dropped} | guided |" in table
   assert os.path.getsize(os.path.join(tmp_path, "pareto.png")) > 0
 
   written = os.path.getmtime(os.path.join(tmp_path, "results.json"))

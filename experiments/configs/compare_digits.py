@@ -15,11 +15,15 @@ Contenders (the same parameter count within 10%: tests/test_compare.py):
   ntp_aaren  the same with Aaren's prefix-scan attention in every layer
              (learned positions), streaming at sampling
   nbp_row    next-block prediction, one 12-token row per step (the paper's)
+  nbp_2row   next-block prediction, two frames' rows at once (2x1x12)
   nbp_patch  next-block prediction, 4x4 patches
+  nbp_frame  next-block prediction, a whole frame per step
   xar_frames xAR with a frame per entity: flow matching with noisy context
   ebt        the energy transformer, a frame per token after a class token,
              thinking 1, 2 or 4 steps at inference, or the best of 4
-Each has one or more sampler rows (`samplers`): keyword settings of its
+The other NBP block shape is a choice (`choices`): 2row, patch and frame are
+each trained at the first seed and measured on validation, and the one of
+lowest FVD joins the comparison. Each has one or more sampler rows (`samplers`): keyword settings of its
 family's sampler, each measured and reported on its own.
 
 Argument: "local" (2 CPU cores) or "tiny" (the test suite's: 5 frames of 8x8,
@@ -51,7 +55,9 @@ def get_config(arg: str = "local"):
       "ntp_aaren": _contender("nbp_digits.py:XS,local,token", {"guided": {}},
                               model={"attention": "aaren", "position": "learned"}),
       "nbp_row": _contender("nbp_digits.py:XS,local,row", {"guided": {}}),
+      "nbp_2row": _contender("nbp_digits.py:XS,local,2row", {"guided": {}}),
       "nbp_patch": _contender("nbp_digits.py:XS,local,patch", {"guided": {}}),
+      "nbp_frame": _contender("nbp_digits.py:XS,local,frame", {"guided": {}}),
       # Frames as entities (a 6x6 cell of 2x2 patches per 12x12 frame), flow matching with noisy context; the
       # sampler's settings are those xar_digits.py chose on validation: 20 SDE steps per entity, guidance 3,
       # each finished frame kept as context noised again to t = 0.1.
@@ -67,10 +73,15 @@ def get_config(arg: str = "local"):
           model={"num_layers": 3, "width": 128, "mlp_dim": 384, "num_classes": 10},
           loss={"replay_size": 0, "class_dropout": 0.1, "num_steps": 3, "num_steps_max": 0}),
   })
+  # NBP's best other block shape, chosen on validation (experiments/compare.py: choose).
+  c.choices = ml_collections.ConfigDict({"nbp_other": ("nbp_2row", "nbp_patch", "nbp_frame")})
+  c.choice_split = "validation"
   c.batch_size = 8 if arg == "local" else 4  # every contender's (the digits configs' local budget)
   if arg == "tiny":  # the test suite's: fewer solver steps and sampler rows, each compiled program costs seconds
     c.contenders.xar_frames.samplers = {"guided": {"num_steps": 2}}
     c.contenders.ebt.samplers = {"think1": {"num_steps": 1}, "best_of2": {"num_steps": 1, "best_of": 2}}
+    del c.contenders["nbp_2row"]  # two frames a block do not tile 5 frames
+    c.choices.nbp_other = ("nbp_patch", "nbp_frame")
   c.reference = "ntp"  # its step FLOPs x budget_steps is every contender's training budget
   c.budget_steps = 300 if arg == "local" else 4
   c.seeds = (0, 1, 2) if arg != "tiny" else (0,)
