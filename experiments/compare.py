@@ -6,8 +6,8 @@ r"""The paradigms compared on one task at one training budget: one table, one pl
 In order, each step skipped where the workdir already holds it, so a rerun
 resumes where the last one stopped:
   1. the judge: a video classifier of the contenders' videos
-     (video_classifier_digits.py:local,4x12 data, trained at
-     config.classifier_workdir if absent);
+     (compare_digits.judge_config: video_classifier_digits.py:local,4x12
+     locally), trained at config.classifier_workdir if absent;
   2. calibration: each contender's parameter count and the FLOPs of its
      compiled train step (XLA's count); every contender trains for the
      training FLOPs of the reference's budget_steps steps;
@@ -53,7 +53,7 @@ import numpy as np
 from absl import app, logging
 
 from experiments import common
-from experiments.configs import compare_digits, video_classifier_digits
+from experiments.configs import compare_digits
 from nbp import contenders as contenders_lib
 from nbp import roofline
 from nbp import visualization
@@ -83,10 +83,10 @@ class Results:
 
 
 def judge_workdir(c) -> str:
-  """The judge's workdir: trained there (video_classifier_digits.py:local,4x12) if it holds no finished run."""
+  """The judge's workdir: trained there (compare_digits.judge_config) if it holds no finished run."""
   workdir = c.classifier_workdir
   if not os.path.exists(os.path.join(workdir, workdir_lib.CONFIG_FILE)):
-    train.train_and_evaluate(video_classifier_digits.get_config("local,4x12"), workdir)
+    train.train_and_evaluate(compare_digits.judge_config(c), workdir)
   return workdir
 
 

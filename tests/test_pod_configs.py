@@ -223,3 +223,50 @@ def test_pod_train_states_are_sharded_on_eight_devices():
     assert abs(r["num_params"] / size - 1) < 0.1, (name, r["num_params"])
     assert r["big_kernels"] >= 3 and not r["big_not_over_fsdp"], (name, r["big_not_over_fsdp"])
     assert r["mesh"]["fsdp"] == 8 and abs(r["state_share_per_device"] - 1 / 8) < 2e-3, (name, r)
+
+
+# ------------------------------------------------------------------ xAR and EBT on RGB videos (compare_digits.py:pod)
+
+def test_xar_and_ebt_read_rgb_videos_of_the_pod_comparison(ucf_dir):
+  """The pod comparison's pixel contenders on UCF-101's reader: xAR's stacked frames cut into patches of 3
+  channels (and back), EBT's frames as tokens of H*W*3 values, 101 classes."""
+  from experiments.configs import compare_digits  # pylint: disable=g-import-not-at-top
+  from nbp.evaluators import generation  # pylint: disable=g-import-not-at-top
+  from nbp.tasks import ebt as ebt_task  # pylint: disable=g-import-not-at-top
+  from nbp.tasks import xar as xar_task  # pylint: disable=g-import-not-at-top
+  c = compare_digits.get_config("pod")
+  with c.unlocked():
+    c.data = {"dir": ucf_dir, "num_frames": 5, "frame_size": 16, "worker_count": 0}
+    c.xar_patch = 4
+    c.mesh = (("data", 1), ("fsdp", 1), ("tensor", 1))
+    c.batch_size = 2
+  xar = compare_digits.contender_config(c, "xar_frames", seed=0)
+  assert tuple(xar.model.grid) == (20, 4) and xar.model.token_dim == 48 and xar.model.cell == 4
+  with xar.unlocked():
+    xar.model.update(num_layers=1, width=32, num_heads=2)
+  task = tasks.make_task(xar)
+  batch = next(task.data("train", seed=0, process_index=0, process_count=1, batch_size=2))
+  assert batch["tokens"].shape == (2, 20, 4, 48) and set(batch["class"].tolist()) <= {0, 10, 20}
+  videos = generation.real_videos(xar.data, 0, 2, "test")["video"]  # uint8 [2, 5, 16, 16, 3]
+  tokens = xar_task.videos_to_tokens(task.model, xar.data, videos)
+  np.testing.assert_array_equal(xar_task.tokens_to_videos(task.model, xar.data, tokens), videos)
+
+  ebt = compare_digits.contender_config(c, "ebt", seed=0)
+  with ebt.unlocked():
+    ebt.model.update(num_layers=1, width=32, num_heads=2, mlp_dim=64, scan_layers=False)
+  task = tasks.make_task(ebt)
+  assert task.model.input_dim == ebt_task.frame_values(ebt.data) == 16 * 16 * 3
+  batch = next(task.data("train", seed=0, process_index=0, process_count=1, batch_size=2))
+  assert batch["video"].shape == (2, 5, 16, 16, 3) and batch["video"].min() >= -1.0
+  with ebt.unlocked():
+    ebt.model.num_classes = 10
+  with pytest.raises(ValueError, match="num_classes=10.*'ucf101' have 101 classes"):
+    tasks.make_task(ebt)
+  judge = compare_digits.judge_config(c)
+  with judge.unlocked():
+    judge.mesh = c.mesh
+  task = tasks.make_task(judge)
+  batch = next(task.data("train", seed=0, process_index=0, process_count=1, batch_size=2))
+  assert batch["video"].shape == (2, 5, 16, 16, 3) and task.model.num_classes == 101
+  with pytest.raises(ValueError, match="config.data.num_classes"):
+    video_sources.num_classes(apply_overrides(video_tokenizer_pod.get_config("kinetics600"), {}).data)

@@ -64,6 +64,19 @@ def num_channels(data_cfg) -> int:
   return 1 if data_cfg.name == "moving_digits" else 3
 
 
+def num_classes(data_cfg) -> int:
+  """The class conditions of a data config's videos: ordered digit tuples (10^D) for moving digits, UCF-101's
+  101 actions; a video folder's classes are its label folders, set as `config.data.num_classes`."""
+  _check_name(data_cfg)
+  if data_cfg.name == "moving_digits":
+    return 10 ** int(data_cfg.num_digits)
+  if data_cfg.name == "ucf101":
+    return 101
+  if "num_classes" not in data_cfg:
+    raise ValueError("config.data.num_classes: a video folder's class count is not read from its files; set it")
+  return int(data_cfg.num_classes)
+
+
 def _check_name(data_cfg) -> None:
   if data_cfg.name not in NAMES:
     raise ValueError(f"config.data.name={data_cfg.name!r}: expected one of {NAMES}.")

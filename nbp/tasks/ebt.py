@@ -1,7 +1,7 @@
 """EBT on text and on video frames: prediction by optimisation against a learned energy.
 
 Dimension letters: B batch (R replayed rows on top), L positions, V
-vocabulary (256 bytes), F values per frame (H * W pixels).
+vocabulary (256 bytes), F values per frame (H * W * channels).
 
 Text: a batch is windows of L + 1 bytes: x = window[:-1] observed, the targets
 window[1:]. Every position's candidate starts from N(0, 1) noise over the
@@ -10,8 +10,9 @@ candidates) and takes the recipe's optimisation steps (nbp/samplers/ebt.py);
 the loss is the cross-entropy of log_softmax(y) after each step against the
 targets: averaged over the steps, or at the last step only.
 
-Video (`config.data.name` "moving_digits"): each frame is one token, its
-pixels in [-1, 1] flattened (F values, projected to the width by the model);
+Video (`config.data.name` moving_digits, ucf101 or video_folder): each frame
+is one token, its pixels in [-1, 1] flattened (F values, projected to the
+width by the model);
 the task is next-frame prediction. With `config.model.num_classes`, a class
 token opens the observed stream and every frame is predicted, the first from
 the class alone (`config.loss.class_dropout`: the null class in training), so
@@ -66,7 +67,7 @@ from nbp.models.ebt import EBT
 from nbp.samplers import ebt as thinking
 
 Model = EBT
-DATASETS = ("text", "moving_digits")
+DATASETS = ("text", *video_sources.NAMES)
 LOSS_AT = ("mean", "last")
 
 
@@ -262,8 +263,8 @@ def predict_frames(model: EBT, params, rng, videos, *, num_steps: int = 2, lange
 def make_data(seq_len: int, data_cfg, split: str, *, seed: int, process_index: int, process_count: int,
               batch_size: int):
   """A checkpointable grain iterator of byte windows {"tokens": int32 [b, seq_len + 1]} (text) or of videos
-  {"video": float32 [b, F, H, W, 1] in [-1, 1], "label"} (moving digits)."""
-  if data_cfg.name == "moving_digits":
+  {"video": float32 [b, F, H, W, C] in [-1, 1], "class"} (videos)."""
+  if data_cfg.name in video_sources.NAMES:
     levels = data_cfg.get("levels", 0)
 
     def frames_and_class(example):  # requantised as the token models see them (0: raw), then in [-1, 1]
@@ -296,16 +297,22 @@ def _param_labels(params):
   return {k: jax.tree.map(lambda _: "alpha" if k == "alpha" else "model", v) for k, v in params.items()}
 
 
+def frame_values(data_cfg) -> int:
+  """F: the values of one frame of a video data config (its pixels times channels)."""
+  return int(data_cfg.frame_size) ** 2 * video_sources.num_channels(data_cfg)
+
+
 def check_data(model: EBT, data_cfg) -> int:
   """The observed length L of the data (bytes per window, or frames - 1); a ValueError names a mismatch."""
-  if data_cfg.name == "moving_digits":
+  if data_cfg.name in video_sources.NAMES:
     if not model.continuous:
       raise ValueError(f"config.model.vocab_size={model.vocab_size}: video frames are continuous candidates; "
                        "set vocab_size 0")
-    pixels = data_cfg.frame_size ** 2
+    pixels = frame_values(data_cfg)
     if model.input_dim != pixels:
       raise ValueError(f"config.model.input_dim={model.input_dim}: frames of {data_cfg.frame_size}x"
-                       f"{data_cfg.frame_size} have {pixels} values (leave 0 to fill it)")
+                       f"{data_cfg.frame_size}x{video_sources.num_channels(data_cfg)} have {pixels} values (leave 0 "
+                       "to fill it)")
     return int(data_cfg.num_frames) - 1
   if model.vocab_size != 256:
     raise ValueError(f"config.model.vocab_size={model.vocab_size}: text is bytes, set 256")
@@ -317,8 +324,8 @@ def check_data(model: EBT, data_cfg) -> int:
 
 def make_task(config) -> tasks.Task:
   model = tasks.build_model(Model, config.model)
-  if config.data.name == "moving_digits" and model.input_dim == 0:
-    model = model.clone(input_dim=int(config.data.frame_size) ** 2)
+  if config.data.name in video_sources.NAMES and model.input_dim == 0:
+    model = model.clone(input_dim=frame_values(config.data))
   model.check()
   seq_len = check_data(model, config.data)
   loss_cfg = dict(config.get("loss", {}))
@@ -328,12 +335,12 @@ def make_task(config) -> tasks.Task:
                      "(the Pallas kernels' custom VJPs are not); set 'xla'. Thinking at inference "
                      "differentiates once: config.sampler.attention_impl may name a kernel")
   thinking.check_alpha_group(model, config)
-  if model.num_classes and (config.data.name != "moving_digits" or int(loss_cfg.get("replay_size", 0))):
-    raise ValueError(f"config.model.num_classes={model.num_classes}: class-conditioned EBT models videos of moving "
-                     "digits (config.data.name) without a replay buffer (config.loss.replay_size 0)")
-  if model.num_classes and model.num_classes != 10 ** config.data.num_digits:
-    raise ValueError(f"config.model.num_classes={model.num_classes}, but {config.data.num_digits} digits make "
-                     f"{10 ** config.data.num_digits} classes")
+  if model.num_classes and (config.data.name not in video_sources.NAMES or int(loss_cfg.get("replay_size", 0))):
+    raise ValueError(f"config.model.num_classes={model.num_classes}: class-conditioned EBT models videos "
+                     "(config.data.name) without a replay buffer (config.loss.replay_size 0)")
+  if model.num_classes and model.num_classes != video_sources.num_classes(config.data):
+    raise ValueError(f"config.model.num_classes={model.num_classes}, but the videos of config.data.name="
+                     f"{config.data.name!r} have {video_sources.num_classes(config.data)} classes")
   sampler = dict(config.get("sampler", {}))
   think_keys = ("num_steps", "langevin_sigma", "best_of", "accept_lower", "alpha", "attention_impl")
   think_kwargs = {k: sampler[k] for k in think_keys if k in sampler}
@@ -348,7 +355,7 @@ def make_task(config) -> tasks.Task:
       frames = thinking.generate_frames(model, params, rng, labels, int(config.data.num_frames),
                                         **{k: v for k, v in think_kwargs.items() if k != "attention_impl"})
       return jnp.clip(frames, -1.0, 1.0).reshape(num_samples, config.data.num_frames, config.data.frame_size,
-                                                config.data.frame_size, 1)
+                                                config.data.frame_size, video_sources.num_channels(config.data))
     if model.continuous:
       videos = jnp.asarray(video_sources.first_videos(config.data.to_json(), num_samples))
       return predict_frames(model, params, rng, videos, **think_kwargs)

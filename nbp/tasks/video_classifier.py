@@ -1,12 +1,15 @@
-"""The moving-digits video classifier as a task: a multi-label loss, quantised data, features and logits to judge.
+"""The video classifier as a task: a multi-label loss, quantised data, features and logits to judge.
 
 The network is nbp.models.video_classifier (`config.model` is its fields); its
 features are the in-domain FVD's (nbp.evaluators.fvd_digits) and, trained on
 digit images, the in-domain FID's (nbp.evaluators.fid_digits).
 
-Data. `config.data.name` "moving_digits": videos [F, H, W, 1] with D digits.
-"digits" (nbp.data.images, at `image_size` S): each image a one-frame video
-[1, S, S, 1], its label one digit (D = 1); the loss and metrics are the same.
+Data. `config.data.name` "moving_digits": videos [F, H, W, 1] with D digits;
+"ucf101" or "video_folder" (nbp.data.video_sources): RGB videos [F, H, W, 3]
+with one action label (D = 1, `config.model.num_classes` of them, 101 for
+UCF-101). "digits" (nbp.data.images, at `image_size` S): each image a
+one-frame video [1, S, S, 1], its label one digit (D = 1); the loss and
+metrics are the same.
 
 Head: multi-label. A video shows D digits; the target is the multi-hot vector
 of the classes present (a class shown twice counts once), trained with a
@@ -41,11 +44,11 @@ import numpy as np
 
 from nbp import tasks
 from nbp.data import images
-from nbp.data import moving_digits
+from nbp.data import video_sources
 from nbp.data import pipeline
 from nbp.models.video_classifier import VideoClassifier as Model
 
-DATASETS = ("moving_digits", "digits")
+DATASETS = (*video_sources.NAMES, "digits")
 
 
 def multi_hot(labels, num_classes: int):
@@ -89,18 +92,18 @@ def image_as_video(element):
 
 
 def video_shape(data_cfg) -> tuple[int, int, int, int]:
-  """[F, H, W, 1] of the classifier's input videos for `config.data`."""
+  """[F, H, W, C] of the classifier's input videos for `config.data`."""
   if data_cfg.name == "digits":
     return (1, data_cfg.image_size, data_cfg.image_size, 1)
-  return (data_cfg.num_frames, data_cfg.frame_size, data_cfg.frame_size, 1)
+  return (data_cfg.num_frames, data_cfg.frame_size, data_cfg.frame_size, video_sources.num_channels(data_cfg))
 
 
 def make_data(data_cfg, split: str, *, seed: int, process_index: int, process_count: int, batch_size: int):
-  """A checkpointable grain iterator of {"video": uint8 [b, F, H, W, 1], "label": int32 [b, D]}."""
+  """A checkpointable grain iterator of {"video": uint8 [b, F, H, W, C], "label": int32 [b, D]}."""
   if data_cfg.name == "digits":
     source, transforms = images.image_source(data_cfg, split), (image_as_video,)
   else:
-    source = pipeline.load_source(moving_digits.builder_from_config(data_cfg), split, data_cfg.dir)
+    source = video_sources.video_source(data_cfg, split)
     levels = data_cfg.get("levels", 0)
     transforms = (select_video_and_label,) + ((Requantize(levels),) if levels else ())
   return pipeline.make_iterator(
@@ -116,11 +119,11 @@ def make_task(config) -> tasks.Task:
   levels = config.data.get("levels", 0)  # inputs requantised as the training videos were
 
   def features(params, videos):
-    """uint8 videos [N, F, H, W, 1] -> the penultimate features [N, E] (what the in-domain FVD/FID compare)."""
+    """uint8 videos [N, F, H, W, C] -> the penultimate features [N, E] (what the in-domain FVD/FID compare)."""
     return model.apply({"params": params}, requantize(videos, levels), method=Model.features)
 
   def logits(params, videos):
-    """uint8 videos [N, F, H, W, 1] -> per-class logits [N, K]."""
+    """uint8 videos [N, F, H, W, C] -> per-class logits [N, K]."""
     return model.apply({"params": params}, requantize(videos, levels))
 
   return tasks.Task(

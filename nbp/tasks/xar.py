@@ -7,10 +7,11 @@ the keywords of its `sample`).
 Tokens. An image becomes a token grid [h, w, C] (h, w = `config.model.grid`):
   pixels   (`config.data.name` digits or imagenet2012): scaled to [-1, 1] and
            cut into p x p patches, p = image_size / h, C = p*p*channels;
-  videos   (`config.data.name` moving_digits): the F frames of H x W stacked
-           top to bottom into one F*H x W image (requantised to
-           `config.data.levels` grey levels first, as the token models see
-           them), then as pixels with p = W / w, so h = F*H/p; cells of
+  videos   (`config.data.name` moving_digits, ucf101 or video_folder): the F
+           frames of H x W stacked top to bottom into one F*H x W image
+           (requantised to `config.data.levels` grey levels first, as the
+           token models see them), then as pixels with p = W / w, so
+           h = F*H/p, C = p*p*channels; cells of
            (H/p) x (W/p) tokens are whole frames, and the entity sequence is
            the frames in order;
   latents  (`config.data.name` latents, nbp.data.latents): a KL VAE's scaled
@@ -63,7 +64,7 @@ from nbp.data import video_sources
 from nbp.models.xar import XAR as Model
 from nbp.samplers import xar as sampler_lib
 
-DATASETS = ("digits", "imagenet2012", "latents", "moving_digits")
+DATASETS = ("digits", "imagenet2012", "latents", *video_sources.NAMES)
 POSTERIORS = ("mean", "sample")
 sample = sampler_lib.sample  # the schema of config.sampler (nbp.tasks.check_config)
 
@@ -100,16 +101,17 @@ def data_geometry(model: Model, data_cfg) -> tuple[int, int]:
       raise ValueError(f"config.model.grid={tuple(model.grid)}: the latents in config.data.latent_dir are "
                        f"{side}x{side}; a latent run's grid is the latent grid (one latent per token).")
     what = f"latents of side {side} (config.data.latent_dir)"
-  elif data_cfg.name == "moving_digits":
+  elif data_cfg.name in video_sources.NAMES:
     frames, size = data_cfg.num_frames, data_cfg.frame_size
     if size % w or h * (size // w) != frames * size:
       raise ValueError(f"config.model.grid={tuple(model.grid)}: {frames} frames of {size}x{size} stacked into a "
                        f"{frames * size}x{size} image need a grid ({frames * size}/p, {size}/p) for a patch p "
                        "dividing the frame size.")
-    patch, channels = size // w, 1
-    if model.token_dim != patch * patch:
-      raise ValueError(f"config.model.token_dim={model.token_dim}, but {size}x{size} frames on a grid "
-                       f"{tuple(model.grid)} give {patch}x{patch} patches: token_dim {patch * patch}.")
+    patch, channels = size // w, video_sources.num_channels(data_cfg)
+    if model.token_dim != patch * patch * channels:
+      raise ValueError(f"config.model.token_dim={model.token_dim}, but {size}x{size} frames of {channels} "
+                       f"channels on a grid {tuple(model.grid)} give {patch}x{patch} patches: token_dim "
+                       f"{patch * patch * channels}.")
     return patch, channels
   else:
     side, channels = data_cfg.image_size, {"digits": 1, "imagenet2012": 3}[data_cfg.name]
@@ -230,7 +232,7 @@ def make_data(model: Model, data_cfg, split: str, *, seed: int, process_index: i
     return latents_lib.latent_iterator(
         data_cfg.latent_dir, split, seed=seed, process_index=process_index, process_count=process_count,
         batch_size=batch_size, worker_count=data_cfg.worker_count)
-  if data_cfg.name == "moving_digits":
+  if data_cfg.name in video_sources.NAMES:
     source = video_sources.video_source(data_cfg, split)
     levels = data_cfg.get("levels", 0)
 
@@ -254,19 +256,19 @@ def make_data(model: Model, data_cfg, split: str, *, seed: int, process_index: i
 
 
 def num_classes(data_cfg) -> int:
-  if data_cfg.name == "moving_digits":
-    return 10 ** data_cfg.num_digits
+  if data_cfg.name in video_sources.NAMES:
+    return video_sources.num_classes(data_cfg)
   return images_lib.num_classes(data_cfg)
 
 
 def tokens_to_videos(model: Model, data_cfg, tokens) -> np.ndarray:
-  """Token grids [N, h, w, C] of stacked frames -> uint8 videos [N, F, H, W, 1] (moving_digits)."""
+  """Token grids [N, h, w, C] of stacked frames -> uint8 videos [N, F, H, W, channels]."""
   images = tokens_to_images(model, data_cfg, tokens)  # [N, F*H, W, 1]
   return images.reshape(images.shape[0], data_cfg.num_frames, -1, *images.shape[2:])
 
 
 def videos_to_tokens(model: Model, data_cfg, videos) -> np.ndarray:
-  """uint8 videos [N, F, H, W, 1] -> token grids [N, h, w, C], as training reads them (requantised)."""
+  """uint8 videos [N, F, H, W, channels] -> token grids [N, h, w, C], as training reads them (requantised)."""
   patch, _ = data_geometry(model, data_cfg)
   videos = pipeline.requantize(np.asarray(videos), data_cfg.get("levels", 0))
   pixels = videos.reshape(videos.shape[0], -1, *videos.shape[3:]).astype(np.float32) / 127.5 - 1.0
@@ -338,7 +340,7 @@ def make_task(config) -> tasks.Task:
           "to_images": functools.partial(tokens_to_images, model, config.data),
           **({"to_videos": functools.partial(tokens_to_videos, model, config.data),
               "from_videos": functools.partial(videos_to_tokens, model, config.data)}
-             if config.data.name == "moving_digits" else {}),
+             if config.data.name in video_sources.NAMES else {}),
       },
   )
 
