@@ -236,8 +236,10 @@ def table(c, results: dict) -> str:
                  f"given frame: CoM error {real['com_error_px_repeat_last']:.3f} px, MSE "
                  f"{real['mse_repeat_last']:.4f}.")
   for group, names in c.choices.items():
+    floor = results["choice"][f"{names[0]}/{next(iter(c.contenders[names[0]].samplers))}"]["fvd_floor"]
     lines.append(f"\n{group}: {results['chosen'][group]} chosen on the {c.choice_split} split (seed {c.seeds[0]}, "
-                 "lowest FVD):\n\n| candidate | sampler | FVD | class match | CoM error (px) | MSE |\n|---|---|---|---|---|---|")
+                 f"lowest FVD; real against real {floor:.3f}):\n\n"
+                 "| candidate | sampler | FVD | class match | CoM error (px) | MSE |\n|---|---|---|---|---|---|")
     for name in names:
       for row in c.contenders[name].samplers:
         f = results["choice"][f"{name}/{row}"]
