@@ -9,7 +9,8 @@ resumes where the last one stopped:
      (compare_digits.judge_config: video_classifier_digits.py:local,4x12
      locally), trained at config.classifier_workdir if absent;
   2. calibration: each contender's parameter count and the FLOPs of its
-     compiled train step (XLA's count); every contender trains for the
+     compiled train step (XLA's count, per device: the step's share of
+     each device on the data-parallel mesh); every contender trains for the
      training FLOPs of the reference's budget_steps steps;
   3. choices on validation: of each group in config.choices (NBP's block
      shapes other than the row), every candidate is trained at the first
@@ -210,7 +211,7 @@ def table(c, results: dict) -> str:
   """The markdown table: one line per compared contender and sampler row; then the choices on validation."""
   cal = results["calibration"]
   batches = list(c.speed_batches)
-  head = ["contender", "sampler", "params", "train GFLOPs", "train s", "FVD", "class match", "CoM error (px)",
+  head = ["contender", "sampler", "params", "train GFLOPs per device", "train s", "FVD", "class match", "CoM error (px)",
           "MSE", "calls/video", *[f"frames/s b{b} (floor)" for b in batches], f"peak MiB b{batches[-1]}"]
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for name in compared(c, results.get("chosen", {})):

@@ -3,9 +3,11 @@
 A `Contender` wraps one trained run and one sampler setting, and gives
 experiments/compare.py the same views of every paradigm:
 
-- `generate(rng, labels)`: class-conditional videos, uint8 [B, F, H, W, 1];
+- `generate(rng, labels)`: class-conditional videos, uint8 [B, F, H, W, C];
 - `continue_frames(rng, labels, given)`: the first G frames given (uint8
-  [B, G, H, W, 1]), the rest predicted under the class: uint8 [B, F, H, W, 1];
+  [B, G, H, W, C]), the rest predicted under the class: uint8 [B, F, H, W, C]
+  (token runs: the videos their tokenizer encodes and decodes, G frames
+  given as the latent frames that hold them);
 - `sequential_calls(given)`: model calls one video waits on, one after the
   other, at sampling (a guided batch of doubled rows counts once);
 - `compiled_sampler(batch)`: the whole sampler compiled for a batch, for its
@@ -37,6 +39,9 @@ import numpy as np
 from nbp import roofline
 from nbp import tasks
 from nbp.data import pipeline
+from nbp.data import tokens as tokens_lib
+from nbp.data import video_sources
+from nbp.evaluators import generation
 from nbp.samplers import ebt as ebt_sampler
 from nbp.samplers import xar as xar_sampler
 from nbp.tasks import next_block
@@ -91,8 +96,8 @@ class Contender:
 
   @property
   def video_shape(self) -> tuple[int, ...]:
-    d = self.config.data
-    return (d.num_frames, d.frame_size, d.frame_size, 1)
+    d = generation.run_video_data(self.config)  # a token run's: its tokenizer's videos
+    return (d.num_frames, d.frame_size, d.frame_size, video_sources.num_channels(d))
 
   def _videos(self, grids) -> np.ndarray:
     return np.asarray(self.task.predict_fn("to_videos")(np.asarray(grids)))
@@ -109,13 +114,14 @@ class Contender:
     return jax.jit(self._draw(batch, given))
 
   def generate(self, rng, labels: np.ndarray) -> np.ndarray:
-    """Videos of the classes `labels` int [B]: uint8 [B, F, H, W, 1]."""
+    """Videos of the classes `labels` int [B]: uint8 [B, F, H, W, C]."""
     labels = jnp.asarray(labels, jnp.int32)
     blank = np.zeros((labels.shape[0], *self.video_shape), np.uint8)
     return self._videos(self._jitted(labels.shape[0], 0)(self.params, rng, labels, self._grids(blank)))
 
   def continue_frames(self, rng, labels: np.ndarray, given: np.ndarray) -> np.ndarray:
-    """given: uint8 [B, G, H, W, 1], the first G frames; returns the whole videos with them unchanged."""
+    """given: uint8 [B, G, H, W, C], the first G frames; returns the whole videos with them unchanged (token runs:
+    as their tokenizer reconstructs them)."""
     labels = jnp.asarray(labels, jnp.int32)
     g = given.shape[1]
     padded = np.zeros((given.shape[0], *self.video_shape), np.uint8)
@@ -153,7 +159,21 @@ class NextBlock(Contender):
     settings.pop("num_samples", None)
     return next_block.sampler_kwargs(self.model, settings)
 
+  def _grid_frames(self, frames: int) -> int:
+    """The grid frames that hold the first `frames` video frames: themselves for pixel runs; for token runs the
+    latent frames of a causal tokenizer, 1 + (G - 1) / its time factor."""
+    if not frames or self.config.data.name != "tokens":
+      return frames
+    tokenizer = workdir_lib.read_config(tokens_lib.tokenizer_workdir(self.config.data.token_dir))
+    factor = int(tokenizer.model.time_factor)
+    if (frames - 1) % factor:
+      raise ValueError(f"{frames} given frames: the tokenizer's latent frames hold 1, then {factor} frames each; "
+                       f"give 1 + {factor}k frames (the compare config's given_frames).")
+    return 1 + (frames - 1) // factor
+
   def _draw(self, batch: int, given: int):
+    given = self._grid_frames(given)
+
     def sample(params, rng, labels, grids):
       return next_block.sample(self.model, params, rng, num_samples=batch, labels=labels,
                                prompt=grids[:, :given] if given else None, **self._kwargs)
@@ -161,7 +181,8 @@ class NextBlock(Contender):
 
   def sequential_calls(self, given: int = 0) -> int:
     f, h, w = self.model.grid
-    return (f - given) * h * w // self.model.block_len  # one per drawn block (the prefill draws the first)
+    drawn = f - self._grid_frames(given)
+    return drawn * h * w // self.model.block_len  # one per drawn block (the prefill draws the first)
 
   def sampler_flops(self, batch: int) -> float:
     rows = batch * (2 if self.guided else 1)

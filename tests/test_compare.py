@@ -8,8 +8,10 @@ import pytest
 
 from experiments import compare
 from tests.conftest import run_module
-from experiments.configs import compare_digits
+from experiments.configs import compare_digits, video_tokenizer_pod
 from nbp import contenders
+from nbp.data import tokens as tokens_lib
+from nbp.training import workdir as workdir_lib
 
 
 def test_local_contenders_have_the_reference_parameter_count():
@@ -61,6 +63,25 @@ def test_pod_contenders_build_sharded_states_of_matched_size():
   assert config.data.name == "ucf101" and tuple(config.model.grid) == (17 * 8, 8)
   assert config.model.token_dim == 16 * 16 * 3 and config.model.num_classes == 101
   assert tuple(compare_digits.contender_config(c, "nbp_patch", seed=0).model.block) == (1, 4, 4)
+
+
+def test_token_contenders_are_given_the_latent_frames_that_hold_the_given_frames(tmp_path):
+  """A token run's prompt is in latent frames: 5 given video frames are the causal tokenizer's first 2 (1 + 4)."""
+  c = compare_digits.get_config("pod")
+  tokenizer_dir, token_dir = tmp_path / "tokenizer", tmp_path / "tokens"
+  tokenizer_dir.mkdir()
+  token_dir.mkdir()
+  workdir_lib.write_config(str(tokenizer_dir), video_tokenizer_pod.get_config("ucf101"))
+  (token_dir / tokens_lib.METADATA).write_text(json.dumps({"tokenizer_workdir": str(tokenizer_dir)}))
+  config = compare_digits.contender_config(c, "nbp_row", seed=0)
+  with config.unlocked():
+    config.data.token_dir = str(token_dir)
+  contender = contenders.NextBlock(config, params=None, sampler={})
+  assert [contender._grid_frames(g) for g in (0, 1, 5, 9)] == [0, 1, 2, 3]  # pylint: disable=protected-access
+  with pytest.raises(ValueError, match="give 1 \\+ 4k frames"):
+    contender._grid_frames(4)  # pylint: disable=protected-access
+  assert contender.sequential_calls(5) == (5 - 2) * 16  # a 16-token row per call, 3 latent frames drawn
+  assert contender.sequential_calls() == 5 * 16
 
 
 def _tiny(data_dir, classifier_workdir):
