@@ -169,6 +169,13 @@ def _pod_config() -> ml_collections.ConfigDict:
   return c
 
 
+def pixel_data(c) -> ml_collections.ConfigDict:
+  """The data section of a pixel reader (xAR, EBT, the judge): the loop's defaults with c.pixel_data set."""
+  data = config_lib.base_config().data
+  data.update(c.pixel_data)
+  return data
+
+
 def judge_config(c) -> ml_collections.ConfigDict:
   """The judge's training config: the in-domain video classifier of the contenders' videos (its features give the
   FVD, its logits the class match). Local: video_classifier_digits.py:local,4x12; pod: the same network at its
@@ -177,8 +184,7 @@ def judge_config(c) -> ml_collections.ConfigDict:
     return video_classifier_digits.get_config("local,4x12")
   config = video_classifier_digits.get_config("")
   with config.unlocked():
-    config.data = config_lib.base_config().data
-    config.data.update(c.pixel_data)
+    config.data = pixel_data(c)
     config.data.update(c.data)  # the keys set on every contender's data
     config.model.num_classes = video_sources.num_classes(config.data)
     config.mesh = c.mesh
@@ -197,8 +203,7 @@ def contender_config(c, name: str, seed: int, num_steps: int | None = None) -> m
       for key, value in keys.items():
         _set(config, f"{section}.{key}", value)
     if config.family in ("xar", "ebt"):  # the token models' videos: xAR stacks their frames (nbp/tasks/xar.py)
-      config.data = config_lib.base_config().data
-      config.data.update(c.pixel_data)
+      config.data = pixel_data(c)
     for key, value in c.data.items():
       _set(config, f"data.{key}", value)
     _fit_to_videos(config, spec.base, c.xar_patch)
