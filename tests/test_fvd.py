@@ -2,6 +2,7 @@
 the moving-digits classifier, the two FVD evaluators on tiny trained runs, and experiments/benchmark_fvd.py."""
 
 import dataclasses
+import functools
 import json
 import os
 import zlib
@@ -581,8 +582,9 @@ def test_frame_prediction_scores_the_pixel_mean_of_several_draws(data_dir):
 
 
 @pytest.mark.slow
-def test_frame_log_likelihoods_sum_to_the_loss_and_the_belief_is_scored(data_dir):
-  """The frames' teacher-forced log-likelihoods add up to the loss; the evaluator's belief figures exist."""
+def test_frame_log_likelihoods_sum_to_the_loss_and_the_belief_is_scored(data_dir, monkeypatch):
+  """The frames' teacher-forced log-likelihoods add up to the loss; the evaluator's belief figures exist, and
+  the sampler continues draws of the belief."""
   s, params = _untrained(tiny_generator_config(data_dir, "tiny,local,row,frames"))
   real = generation.real_videos(generation.run_video_data(s.config), 0, 3, "validation")
   tokens = s.task.predict_fn("from_videos")(real["video"])  # [3, F, H, W]
@@ -593,8 +595,11 @@ def test_frame_log_likelihoods_sum_to_the_loss_and_the_belief_is_scored(data_dir
   np.testing.assert_allclose(-float(total.mean()) / model.num_predicted, float(loss), rtol=1e-5)
   with pytest.raises(ValueError, match="frame 1 of 5 is not predicted"):
     score(params, tokens, frame=1)
-  metrics = frame_prediction.Evaluator(num_videos=2, batch_size=2, belief=True).run(_context(s, params))
+  metrics = frame_prediction.Evaluator(num_videos=2, batch_size=2, belief=True, draws=2).run(_context(s, params))
   assert 0 <= metrics["com_error_px_first_belief"] < 8 and np.isfinite(metrics["com_error_px_first"])
+  for name in ("after_belief", "after_truth"):
+    assert np.isfinite(metrics[f"com_error_px_{name}"]) and f"com_error_px_{name}_mean_of_draws" in metrics
+  assert 0 <= metrics["com_error_px_after_truth_belief"] < 8 and metrics["com_error_px_after_truth_exact_sampler"] == 0
   assert metrics["com_error_px_first_exact_sampler"] == 0  # an 8x8 digit in an 8x8 frame cannot move
   # Videos whose digit moves by the furthest shift down and right, and a scorer sure of that shift (it scores
   # ink lower and further right higher): a draw of its belief misses by nothing, one sure of no move by the move.
@@ -605,13 +610,24 @@ def test_frame_log_likelihoods_sum_to_the_loss_and_the_belief_is_scored(data_dir
   for video, move in zip(videos, moves):
     video[2] = np.roll(video[1], move, axis=(0, 1))
   reach = np.add.outer(np.arange(8), np.arange(8))
+  # The sampler continues draws of the belief (here the true next frame, then the last frame repeated) and the
+  # true first predicted frame, scored from the frame after it.
+  continued = {}
+  monkeypatch.setattr(frame_prediction, "_continued", lambda s, params, rng, prompts, videos, scored_from, size,
+                      name: continued.update({name: (prompts, scored_from)}) or {})
+  belief = functools.partial(frame_prediction._belief, s, params, videos, 2, 3, 2, jax.random.key(0))
   s.task.predict_fns["frame_log_likelihood"] = lambda params, grids, frame: (
       1e3 * ((grids[:, frame] != 0) * reach).sum((1, 2)))
-  assert frame_prediction._belief(s, params, videos, 2)["com_error_px_first_belief"] == 0
+  assert belief()["com_error_px_first_belief"] == 0
+  true = np.repeat(s.task.predict_fn("from_videos")(videos)[:, :3], 3, axis=0)
+  np.testing.assert_array_equal(continued["after_belief"][0], true)
+  assert continued["after_belief"][1] == 2 and continued["after_truth"][1] == 3
   s.task.predict_fns["frame_log_likelihood"] = lambda params, grids, frame: (
-      -1e3 * (grids[:, frame] != grids[:, 1]).sum((1, 2)))
-  np.testing.assert_allclose(frame_prediction._belief(s, params, videos, 2)["com_error_px_first_belief"],
+      -1e3 * (grids[:, frame] != grids[:, frame - 1]).sum((1, 2)))
+  np.testing.assert_allclose(belief()["com_error_px_first_belief"],
                              np.linalg.norm(np.asarray(moves, float), axis=-1).mean(), rtol=1e-9)
+  np.testing.assert_array_equal(continued["after_belief"][0][:, 2], true[:, 1])
+  np.testing.assert_array_equal(continued["after_truth"][0], true)
 
 
 def test_position_shifts_keep_every_inked_pixel():

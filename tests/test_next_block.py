@@ -327,6 +327,36 @@ def test_frame_prediction_sampler_keeps_the_prompt_frames():
   np.testing.assert_array_equal(drawn[:, :1], prompt)
 
 
+@pytest.mark.parametrize("given_frames,position", [("prefix", "rope3d_split"), ("blocks", "learned")])
+def test_frame_prediction_continues_a_partly_predicted_video(given_frames, position):
+  """A prompt longer than the condition: the frames past it are returned unchanged and the rest drawn as if the
+  model had drawn them: greedy draws are block-by-block argmax of the teacher-forced forward pass. Too short a
+  prompt, or one past the condition that does not fill whole blocks, is refused."""
+  model = _model(condition="frames", prefix_frames=1, block=(1, 2, 4), position=position,
+                 given_frames=given_frames)
+  tokens = _tokens(model)
+  params = jax.tree.map(lambda x: x * 3.0, _init(model, tokens))  # peaked logits: argmax ties are unlikely
+  prompt = tokens.reshape(2, *model.grid)[:, :2]
+  drawn = jax.jit(lambda p: nb.sample(model, p, jax.random.key(0), num_samples=2, temperature=0.0,
+                                      prompt=prompt, cache_phases=2))(params)
+  np.testing.assert_array_equal(drawn[:, :2], prompt)
+  seq = np.asarray(bt.to_block_order(tokens, model.order)).copy()  # block-major; frames 0-1 kept
+  frame, l = prompt[0, 0].size, model.block_len
+  seq[:, 2 * frame:] = 0
+  for k in range(2 * frame, model.num_tokens, l):  # block by block, each from the forward pass over the last
+    inputs, _ = nb.next_block_targets(model, bt.to_grid_order(jnp.asarray(seq), model.order))
+    logits = np.asarray(model.apply({"params": params}, inputs))[:, -model.num_predicted:]
+    at = k - model.frame_prefix_len  # the block's index among the predicted tokens
+    seq[:, k:k + l] = np.argmax(logits[:, at:at + l, :model.bos], -1)
+  np.testing.assert_array_equal(np.asarray(drawn).reshape(2, -1), bt.to_grid_order(seq, model.order))
+  with pytest.raises(ValueError, match="prefix_frames=2"):
+    nb.sample(_model(condition="frames", prefix_frames=2), params, jax.random.key(0), num_samples=2,
+              prompt=prompt[:, :1])
+  with pytest.raises(ValueError, match="whole blocks"):
+    nb.sample(_model(condition="frames", prefix_frames=2, grid=(4, 4, 4), block=(2, 2, 2)), params,
+              jax.random.key(0), num_samples=2, prompt=jnp.zeros((2, 3, 4, 4), jnp.int32))
+
+
 @pytest.mark.parametrize("block,guidance", [((1, 2, 2), None), ((1, 1, 1), 2.0)])
 def test_a_generator_continues_given_frames(block, guidance):
   """A class-conditioned generator given its first frame as a prompt returns it unchanged, and draws the rest as

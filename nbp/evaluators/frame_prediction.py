@@ -32,7 +32,16 @@ first predicted frame: what a draw of the belief misses by
 (com_error_px_first), and the exact sampler's floor
 (com_error_px_first_exact_sampler). A sampler that misses by more than the
 belief loses what the model knows; a belief that misses by more than the
-floor is the model's own.
+floor is the model's own. Where frames follow it, the evaluator also draws
+that first frame from the belief (a whole digit where the model believes it
+goes) and lets the sampler continue from it (com_error_px_after_belief, and
+its `*_mean_of_draws`): what the run would score with a sampler that drew the
+first frame as the model believes, whatever the block shape. And it lets the
+sampler continue the true first predicted frame (com_error_px_after_truth,
+scored on the frames after it), beside the belief over the next frame given
+the true ones (com_error_px_after_truth_belief) and that frame's floor
+(com_error_px_after_truth_exact_sampler): the model's skill one frame on,
+with more frames given.
 
 Dimensions: N videos, F frames, H height, W width, C channels.
 """
@@ -46,6 +55,7 @@ import jax
 import numpy as np
 
 from nbp.data import moving_digits
+from nbp.evaluators import frechet
 from nbp.evaluators import generation
 
 
@@ -83,7 +93,8 @@ class Evaluator:
     if self.belief:
       first = generation.frame_prediction_metrics(repeated["video"][:, :given + 1],
                                                   generated.videos[:, :given + 1], given)
-      metrics.update(_belief(s, context.params, real["video"], given), com_error_px_first=first["com_error_px"])
+      metrics.update(_belief(s, context.params, real["video"], given, self.draws, self.batch_size,
+                             jax.random.key(self.seed)), com_error_px_first=first["com_error_px"])
     return dict(metrics, frames_per_s=generated.rates()["frames_per_s"], num_videos=float(self.num_videos),
                 draws=float(self.draws))
 
@@ -94,24 +105,45 @@ def motion_floor_metrics(data_cfg, given: int) -> dict[str, float]:
   many such draws) and com_error_px_best_point (the best single answer per condition). Other data: none."""
   if data_cfg.name != "moving_digits" or data_cfg.num_digits != 1:
     return {}
-  floors = _motion_floors(data_cfg.num_frames, data_cfg.frame_size, float(data_cfg.speed), given)
+  floors = _motion_floors(data_cfg.num_frames, frame_size=data_cfg.frame_size, speed=float(data_cfg.speed),
+                          given=given)
   return {"com_error_px_exact_sampler": floors["exact_sampler"], "com_error_px_exact_mean": floors["exact_mean"],
           "com_error_px_best_point": floors["best_point"]}
 
 
-def _belief(s, params, videos, given: int) -> dict[str, float]:
-  """The first predicted frame: what a draw of the model's belief over shifts misses by, and the floor."""
+def _belief(s, params, videos, given: int, draws: int, batch_size: int, rng) -> dict[str, float]:
+  """The first predicted frame: what a draw of the model's belief over shifts misses by, and the floor. With
+  frames after it: the sampler continuing `draws` draws of that belief per video (`after_belief`), continuing
+  the true first predicted frame instead (`after_truth`), and the belief over the frame after that one given
+  the true frames before it (`after_truth_belief`, with its floor)."""
   data_cfg = s.config.data
   if data_cfg.name != "moving_digits" or data_cfg.num_digits != 1:
     raise ValueError(f"frame_prediction: belief=True scores shifts of one digit in pixels; config.data is "
                      f"{data_cfg.name!r} with {data_cfg.get('num_digits')} digits.")
   tokens = np.asarray(s.task.predict_fn("from_videos")(videos))  # [N, F, H, W]
+  picks = np.random.default_rng(np.asarray(jax.random.key_data(rng)).ravel())
+  miss, firsts = _shift_belief(s, params, videos, tokens, given, draws, picks)
+  floor = functools.partial(_motion_floors, frame_size=data_cfg.frame_size, speed=float(data_cfg.speed))
+  metrics = {"com_error_px_first_belief": miss,
+             "com_error_px_first_exact_sampler": floor(given + 1, given=given)["exact_sampler"]}
+  if given + 1 < videos.shape[1]:
+    metrics.update(_continued(s, params, rng, firsts, videos, given, batch_size, "after_belief"))
+    truth = np.repeat(tokens[:, :given + 1], draws, axis=0)
+    metrics.update(_continued(s, params, rng, truth, videos, given + 1, batch_size, "after_truth"))
+    metrics.update(com_error_px_after_truth_belief=_shift_belief(s, params, videos, tokens, given + 1, 1, picks)[0],
+                   com_error_px_after_truth_exact_sampler=floor(given + 2, given=given + 1)["exact_sampler"])
+  return metrics
+
+
+def _shift_belief(s, params, videos, tokens, given: int, draws: int, picks) -> tuple[float, np.ndarray]:
+  """(the mean over videos of what a draw of the belief over frame `given` misses by, `draws` draws of it per
+  video as token prompts [N draws, given + 1, H, W]): the belief scores every shift of frame given - 1."""
   background = np.asarray(s.task.predict_fn("from_videos")(np.zeros_like(videos[:1])))[0, 0, 0, 0]
   score = s.task.predict_fn("frame_log_likelihood", who="frame_prediction's belief")
   centres = generation.centres_of_mass(videos)[0]  # [N, F, 2]
   shifts = [position_shifts(frame != background) for frame in tokens[:, given - 1]]
   most = max(map(len, shifts))
-  misses = []
+  misses, drawn = [], []
   for video, last, centre, moves in zip(tokens, tokens[:, given - 1], centres, shifts):
     candidates = np.repeat(video[None], most, axis=0)  # padded with copies of the first shift, dropped below
     for k, move in enumerate(moves + moves[:1] * (most - len(moves))):
@@ -120,9 +152,29 @@ def _belief(s, params, videos, given: int) -> dict[str, float]:
     belief = np.exp(log_p - log_p.max())
     apart = np.linalg.norm(centre[given - 1] + np.asarray(moves, float) - centre[given], axis=-1)
     misses.append(np.sum(belief * apart) / belief.sum())
-  floor = _motion_floors(given + 1, data_cfg.frame_size, float(data_cfg.speed), given)
-  return {"com_error_px_first_belief": float(np.mean(misses)),
-          "com_error_px_first_exact_sampler": floor["exact_sampler"]}
+    drawn.append(candidates[picks.choice(len(moves), size=draws, p=belief / belief.sum()), :given + 1])
+  return float(np.mean(misses)), np.concatenate(drawn)
+
+
+def _continued(s, params, rng, prompts, videos, scored_from: int, batch_size: int, name: str) -> dict[str, float]:
+  """The sampler continuing prompts [N K, G, H, W] (K per video), scored on the frames from `scored_from` on:
+  com_error_px_<name> for one draw and (K > 1) com_error_px_<name>_mean_of_draws for the mean of the K."""
+  sampler = jax.jit(s.task.predict_fn("sample_conditioned", who="frame_prediction's belief"))
+  labels = np.zeros((batch_size,), np.int32)  # unused: frame-conditioned
+  padded = frechet.pad_rows(prompts, -(-len(prompts) // batch_size) * batch_size)
+  with s.context():
+    tokens = np.concatenate([np.asarray(sampler(params, jax.random.fold_in(rng, i), labels,
+                                                padded[i:i + batch_size]))
+                             for i in range(0, len(padded), batch_size)])[:len(prompts)]
+  generated = s.task.predict_fn("to_videos")(tokens)
+  draws = len(prompts) // len(videos)
+  one = generation.frame_prediction_metrics(np.repeat(videos, draws, axis=0), generated, scored_from)
+  metrics = {f"com_error_px_{name}": one["com_error_px"]}
+  if draws > 1:
+    mean = generated.reshape(len(videos), draws, *generated.shape[1:]).astype(np.float64).mean(1)
+    metrics[f"com_error_px_{name}_mean_of_draws"] = generation.frame_prediction_metrics(
+        videos, mean, scored_from)["com_error_px"]
+  return metrics
 
 
 def position_shifts(ink: np.ndarray) -> list[tuple[int, int]]:
@@ -135,5 +187,5 @@ def position_shifts(ink: np.ndarray) -> list[tuple[int, int]]:
 
 
 @functools.cache
-def _motion_floors(num_frames: int, frame_size: int, speed: float, given: int) -> dict[str, float]:
+def _motion_floors(num_frames: int, *, frame_size: int, speed: float, given: int) -> dict[str, float]:
   return moving_digits.motion_floors(num_frames=num_frames, frame_size=frame_size, speed=speed, given=given)

@@ -157,10 +157,13 @@ def sample(model: Model, params, rng, *, num_samples: int = 8, temperature: floa
   guidance_scale: None (or 1 from a config) for plain conditional sampling; a
     number runs the conditional and null-class rows as one doubled batch and
     draws from uncond + scale * (cond - uncond) (0.0: unconditional).
-  prompt: int [B, prefix_frames, H, W] given frames (condition "frames"); they
-    are returned unchanged in the output. As a prefix they are read in the
-    prefill before the start block; as blocks (`given_frames="blocks"`) after
-    it, so the prefill's last block predicts the first generated one. Under
+  prompt: int [B, G, H, W] given frames, returned unchanged in the output.
+    Condition "frames": its first prefix_frames are the condition; as a
+    prefix they are read in the prefill before the start block, as blocks
+    (`given_frames="blocks"`) after it, so the prefill's last block predicts
+    the first generated one. Frames past those (G > prefix_frames, filling
+    whole blocks) are read as blocks too: a partly predicted video is
+    continued as if the model had drawn those frames itself. Under
     condition "class" or "none", a prompt [B, G, H, W] of any G < F frames
     that fill whole blocks is continued the same way, as blocks after the
     start block (the model was trained on such videos whole): next-frame
@@ -203,12 +206,21 @@ def sample(model: Model, params, rng, *, num_samples: int = 8, temperature: floa
   if model.condition == "frames":
     if prompt is None:
       raise ValueError("frame prediction needs `prompt` frames [B, prefix_frames, H, W]")
-    given = to_block_order(prompt.reshape(b, -1).astype(jnp.int32), order[:model.given_len])  # its own order
+    if prompt.shape[1] < model.prefix_frames:
+      raise ValueError(f"prompt of {prompt.shape[1]} frames: config.model.prefix_frames={model.prefix_frames} "
+                       "are the condition")
+    condition = prompt[:, :model.prefix_frames].reshape(b, -1).astype(jnp.int32)
+    given = to_block_order(condition, order[:model.given_len])  # its own order
     if model.given_frames == "prefix":
       first = jnp.concatenate([given, first], axis=1)  # [B, P + L]
     else:
       fed = model.given_len
       first = jnp.concatenate([first, given], axis=1)  # [B, L + G]
+    if prompt.shape[1] > model.prefix_frames:  # frames past the condition: blocks read after it
+      more = _prompt_blocks(model, prompt, read=model.given_len)[:, model.given_len:]
+      fed += more.shape[1]
+      first = jnp.concatenate([first, more], axis=1)
+      given = jnp.concatenate([given, more], axis=1)
   elif prompt is not None:  # a generator continuing given frames: blocks after the start block
     given = _prompt_blocks(model, prompt)  # [B, G]
     fed = given.shape[1]
@@ -223,9 +235,9 @@ def sample(model: Model, params, rng, *, num_samples: int = 8, temperature: floa
   start = p + fed  # slots before the start block's position in the drawn blocks' numbering
   num_drawn = model.num_tokens - (0 if given is None else given.shape[1])  # tokens to draw
   tokens_first = model.first_block == "tokens"
-  if tokens_first and fed and model.condition != "frames":
-    raise ValueError("a prompt continued by a generator needs config.model.first_block='start_block': with "
-                     "'tokens' the first block after the start is drawn token by token, not read.")
+  if tokens_first and fed:  # (given frames as blocks rule out 'tokens' in Model.check)
+    raise ValueError("a prompt continued past the model's condition needs config.model.first_block="
+                     "'start_block': with 'tokens' the first block after the start is drawn token by token, not read.")
   if tokens_first:  # block 0 token by token (token j with fold_in(fold_in(rng, 0), j)), then blocks
     first = first[:, :first.shape[1] - block_len + 1]  # [given prefix, one begin token]
     block, cache = _first_block_by_tokens(model, params, first, prefill_labels, draw, start, rows,
@@ -254,15 +266,16 @@ def sample(model: Model, params, rng, *, num_samples: int = 8, temperature: floa
   return to_grid_order(seq, order).reshape(b, *model.grid)
 
 
-def _prompt_blocks(model: Model, prompt: jax.Array) -> jax.Array:
-  """Given frames [B, G, H, W] of a generator (condition "class" or "none") -> their tokens in block order
-  [B, G*H*W]: the first G*H*W of the video's block order, which must be exactly these frames' tokens."""
+def _prompt_blocks(model: Model, prompt: jax.Array, read: int = 0) -> jax.Array:
+  """Given frames [B, G, H, W] -> their tokens in block order [B, G*H*W]: the first G*H*W of the video's block
+  order, which must be exactly these frames' tokens, and past the first `read` (a frame-conditioned model's
+  given frames) fill whole blocks."""
   f, h, w = model.grid
   if prompt.ndim != 4 or tuple(prompt.shape[2:]) != (h, w) or not 0 < prompt.shape[1] < f:
     raise ValueError(f"prompt of shape {tuple(prompt.shape)}: expected given frames [B, G, {h}, {w}] with "
                      f"0 < G < {f} (config.model.grid={tuple(model.grid)}).")
   g = prompt.shape[1] * h * w
-  if g % model.block_len or set(model.order[:g].tolist()) != set(range(g)):
+  if (g - read) % model.block_len or set(model.order[:g].tolist()) != set(range(g)):
     raise ValueError(f"a prompt of {prompt.shape[1]} frames does not fill whole blocks of "
                      f"config.model.block={tuple(model.block)}: the first {g} tokens in block order are not "
                      "those frames' tokens.")
