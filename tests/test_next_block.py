@@ -501,6 +501,58 @@ def test_first_block_by_tokens_greedy_sampler_matches_recomputed_argmax(conditio
   np.testing.assert_array_equal(np.asarray(drawn).reshape(2, -1), bt.to_grid_order(seq, model.order))
 
 
+def test_in_block_causal_slot_sees_the_block_tokens_before_it_only():
+  """in_block "causal": the logits of token j of a block change with the block's tokens before j, not with j or
+  later ones, nor with other blocks' targets; "independent" ignores block_tokens."""
+  model = _model(condition="frames", prefix_frames=1, block=(1, 2, 2), in_block="causal")
+  tokens = _tokens(model)
+  inputs, targets = nb.next_block_targets(model, tokens)
+  params = jax.tree.map(lambda x: x * 3.0, model.init(jax.random.key(1), inputs, block_tokens=targets)["params"])
+  logits = lambda t: np.asarray(model.apply({"params": params}, inputs, block_tokens=t))[:, -model.num_predicted:]
+  base = logits(targets)
+  l = model.block_len
+  for j in range(l):  # change token j of block 1
+    changed = logits(targets.at[:, l + j].set((targets[:, l + j] + 1) % model.codebook_size))
+    moved = np.abs(changed - base).max(axis=(0, 2)) > 1e-6  # [N]
+    slot = np.arange(model.num_predicted)
+    np.testing.assert_array_equal(moved, (slot // l == 1) & (slot % l > j))
+  with pytest.raises(ValueError, match="block_tokens"):
+    model.apply({"params": params}, inputs)
+  independent = _model(condition="frames", prefix_frames=1, block=(1, 2, 2))
+  params = _init(independent, tokens)
+  np.testing.assert_array_equal(independent.apply({"params": params}, inputs),
+                                independent.apply({"params": params}, inputs, block_tokens=targets))
+  with pytest.raises(ValueError, match="in_block"):
+    _model(in_block="joint").check()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("condition,position,guidance", [("frames", "rope3d_split", None), ("class", "learned", 2.0)])
+def test_in_block_causal_greedy_sampler_is_token_by_token_argmax(condition, position, guidance):
+  """The jitted sampler with in_block "causal" at temperature 0 equals, token by token, the argmax of the
+  teacher-forced logits (guided or not): a block's tokens are drawn jointly, each given those before it."""
+  model = _model(condition=condition, prefix_frames=1, block=(1, 2, 2), position=position, in_block="causal")
+  tokens = _tokens(model)
+  labels = jnp.array([3, 7]) if condition == "class" else None
+  inputs, targets = nb.next_block_targets(model, tokens)
+  params = jax.tree.map(lambda x: x * 3.0, model.init(jax.random.key(1), inputs, labels=labels,
+                                                      block_tokens=targets)["params"])
+  prompt = tokens.reshape(2, *model.grid)[:, :1] if condition == "frames" else None
+  drawn = jax.jit(lambda p: nb.sample(model, p, jax.random.key(0), num_samples=2, temperature=0.0, labels=labels,
+                                      prompt=prompt, guidance_scale=guidance))(params)
+  seq = np.asarray(bt.to_block_order(tokens, model.order)).copy()  # block-major
+  given = model.frame_prefix_len
+  seq[:, given:] = 0
+  for position in range(model.num_predicted):
+    inputs, targets = nb.next_block_targets(model, bt.to_grid_order(jnp.asarray(seq), model.order))
+    logits = model.apply({"params": params}, inputs, labels=labels, block_tokens=targets)
+    if guidance is not None:
+      null = model.apply({"params": params}, inputs, labels=jnp.full((2,), model.num_classes), block_tokens=targets)
+      logits = decoding.guide(jnp.concatenate([logits, null]), guidance)
+    seq[:, given + position] = np.argmax(np.asarray(logits)[:, -model.num_predicted:][:, position, :model.bos], -1)
+  np.testing.assert_array_equal(np.asarray(drawn).reshape(2, -1), bt.to_grid_order(seq, model.order))
+
+
 # ---------------------------------------------------------------------------
 # Training through the shared loop.
 

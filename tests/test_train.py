@@ -498,6 +498,34 @@ def test_init_from_takes_parameters_and_ema_but_not_the_optimizer(tmp_path, data
   assert int(_checkpointed_state(s, str(tmp_path / "b"), 1).step) == 1
 
 
+@pytest.mark.slow
+def test_init_from_a_run_without_a_new_module_loads_the_rest(tmp_path, data_dir, monkeypatch):
+  """A model with a module its init_from run lacks (NBP's in-block stack) starts from that run's parameters for
+  everything else, and from its own initialisation for the new module."""
+  config_a = tiny_ntp_config(data_dir, num_steps=1, checkpoint_every=1)
+  train.train_and_evaluate(config_a, str(tmp_path / "a"))
+  final_a = _checkpointed_state(train.setup(config_a), str(tmp_path / "a"), 1)
+  started = []
+  aot_compile = train.aot_compile
+
+  def recording_compile(step_fn, *args):
+    compiled, flops = aot_compile(step_fn, *args)
+    return (lambda state, *rest: started.append(jax.device_get(state.params)) or compiled(state, *rest)), flops
+
+  monkeypatch.setattr(train, "aot_compile", recording_compile)
+  config_b = tiny_ntp_config(data_dir, num_steps=1, checkpoint_every=1)
+  with config_b.unlocked():  # the next-token configs leave the field at its default
+    config_b.model.in_block = "causal"
+  config_b.init_from = str(tmp_path / "a" / "checkpoints")
+  train.train_and_evaluate(config_b, str(tmp_path / "b"))
+  start = dict(started[0])
+  fresh = train.init_state(train.setup(config_b), config_b.seed).params
+  new = {k: start.pop(k) for k in list(start) if k.startswith("in_block")}
+  assert sorted(new) == ["in_block_begin", "in_block_embed", "in_block_positions", "in_block_stack"]
+  jax.tree.map(np.testing.assert_array_equal, start, dict(final_a.params))
+  jax.tree.map(np.testing.assert_array_equal, new, {k: fresh[k] for k in new})
+
+
 @pytest.mark.parametrize("kind", ["missing", "empty"])
 def test_bad_init_from_names_the_path(tmp_path, data_dir, kind):
   path = tmp_path / f"{kind}_checkpoints"

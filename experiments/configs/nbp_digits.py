@@ -100,6 +100,8 @@ def get_config(arg: str = "XS,local,row"):
   c.model.prefix_frames = grid[0] // 2 if condition == "frames" else 0
   c.model.given_frames = "prefix"  # frames: a prefix every block sees, or "blocks" trained on (the authors' K600)
   c.model.first_block = "start_block"  # or "tokens": block 0 token by token (the authors' UCF-101 model)
+  c.model.in_block = "independent"  # the paper's; or "causal": a small stack draws a block's tokens jointly
+  c.model.in_block_layers = 1  # layers of that stack
   c.model.variant = variant  # a key of nbp.models.block_transformer.SIZES
   c.model.num_layers = config_dict.placeholder(int)  # set, it overrides the variant's depth
   c.model.activation = "swiglu"

@@ -52,6 +52,20 @@ Positions ("learned" | "rope" | "rope3d" | "rope3d_split"):
            time, class tokens a further block back), so every query-key offset
            is the true offset between the predicted token and the seen one.
 
+Inside a block (`in_block`): "independent" (the NBP paper) predicts a
+block's L tokens from the blocks before it only, so the sampler draws them
+independently; where the next block is open (a digit that may be in several
+places) each token mixes the possibilities and a drawn block can take pieces
+of several. "causal" adds a small causal stack over each block's L slots
+(`in_block_layers` layers of the trunk's width, learned in-block positions):
+slot j reads the trunk's output at j plus the embedding of the block's token
+j - 1 (a learned begin vector for j = 0), and predicts token j through the
+shared final norm and head. The trunk still runs once per block; the sampler
+then draws the block's tokens one by one with the small stack (L cheap calls),
+so a block is drawn jointly. Training needs the targets (`block_tokens`),
+teacher forced. New parameters only: a run can start from an "independent"
+run's checkpoint (`config.init_from`).
+
 Sizes come from `SIZES` by `variant`; any of num_layers, width, num_heads,
 num_kv_heads set explicitly overrides the table.
 
@@ -92,6 +106,7 @@ SIZES = {
 CONDITIONS = ("none", "class", "frames")
 GIVEN_FRAMES = ("prefix", "blocks")
 FIRST_BLOCKS = ("start_block", "tokens")
+IN_BLOCK = ("independent", "causal")
 POSITIONS = ("learned", "rope", "rope3d", "rope3d_split")
 
 
@@ -159,6 +174,8 @@ class NextBlockTransformer(sizes.SizedByTable, nn.Module):
   prefix_frames: int = 0  # for "frames": the first frames, given
   given_frames: str = "prefix"  # for "frames": a prefix visible to all, or "blocks" trained on (module docstring)
   first_block: str = "start_block"  # or "tokens": block 0 token by token (module docstring)
+  in_block: str = "independent"  # or "causal": a block's tokens drawn jointly (module docstring)
+  in_block_layers: int = 1  # layers of the in-block causal stack ("causal")
   variant: str | None = None  # a key of SIZES; the four fields below override it when set
   num_layers: int | None = None
   width: int | None = None  # E
@@ -261,6 +278,11 @@ class NextBlockTransformer(sizes.SizedByTable, nn.Module):
     block_order(self.grid, self.block)
     if self.first_block not in FIRST_BLOCKS:
       raise ValueError(f"config.model.first_block={self.first_block!r}: expected one of {FIRST_BLOCKS}")
+    if self.in_block not in IN_BLOCK:
+      raise ValueError(f"config.model.in_block={self.in_block!r}: expected one of {IN_BLOCK}")
+    if self.in_block == "causal" and (self.first_block == "tokens" or self.in_block_layers < 1):
+      raise ValueError("config.model.in_block='causal' needs first_block='start_block' and in_block_layers >= 1; "
+                       f"got {self.first_block!r} and {self.in_block_layers}")
     if self.first_block == "tokens" and self.position == "rope3d_split":
       raise ValueError("config.model.first_block='tokens' has no rope3d_split keys: use position 'rope3d'")
     if self.first_block == "tokens" and self.condition == "frames" and self.given_frames == "blocks":
@@ -332,13 +354,27 @@ class NextBlockTransformer(sizes.SizedByTable, nn.Module):
                    dropout_rate=self.dropout),
         scan_layers=self.scan_layers, remat_policy=self.remat_policy)
     self.final_norm = transformer_lib.make_norm(self.norm)
+    if self.in_block == "causal":
+      self.in_block_embed = nn.Embed(self.padded_vocab, width, dtype=dtype, param_dtype=jnp.float32,
+                                     embedding_init=nn.with_logical_partitioning(
+                                         nn.initializers.normal(0.02), ("vocab", "embed")))
+      self.in_block_positions = position_lib.LearnedPositionEmbedding(self.block_len, width)
+      self.in_block_begin = self.param("in_block_begin", nn.with_logical_partitioning(
+          nn.initializers.normal(0.02), ("embed",)), (width,), jnp.float32)
+      self.in_block_stack = transformer_lib.DecoderStack(
+          num_layers=self.in_block_layers,
+          block=dict(num_heads=self.heads, num_kv_heads=self.kv_heads, head_dim=width // self.heads,
+                     mlp_dim=mlp_dim(width, self.activation), activation=self.activation, norm=self.norm,
+                     mask=attention_lib.MaskSpec("causal"), rope=None, impl="xla", dtype=dtype,
+                     max_decode_len=self.block_len, dropout_rate=self.dropout))
     self.embed_dropout = nn.Dropout(self.dropout)
     if not self.tie_embeddings:
       self.head = linear.DenseGeneral(self.padded_vocab, kernel_axes=("embed", "vocab"), dtype=dtype,
                                       kernel_init=nn.initializers.normal(0.02))
 
   def __call__(self, tokens: jax.Array, *, slots: jax.Array | None = None, labels: jax.Array | None = None,
-               decode: bool = False, last: int | None = None, deterministic: bool = True):
+               decode: bool = False, last: int | None = None, deterministic: bool = True,
+               block_tokens: jax.Array | None = None, hidden: bool = False):
     """tokens [B, T] at `slots` [B, T] (default: the first slots after any class prefix).
 
     labels int [B] (class condition): the class tokens are prepended at slots
@@ -348,6 +384,11 @@ class NextBlockTransformer(sizes.SizedByTable, nn.Module):
     sampler's prefill needs just the final block's).
     deterministic=False applies `dropout` (training; the apply then needs a
     "dropout" rng).
+    block_tokens [B, M] (M a multiple of L): the tokens the last M slots
+    predict, read by the in-block stack (`in_block` "causal", which needs
+    them; "independent" ignores them).
+    hidden: return the trunk's output [B, T', E] instead of logits (the
+    sampler's input to `in_block_logits`).
     """
     b, t = tokens.shape
     x = self.embed(tokens)  # [B, T, E]
@@ -374,6 +415,29 @@ class NextBlockTransformer(sizes.SizedByTable, nn.Module):
     x = self.decoder(x, positions=positions, decode=decode, deterministic=deterministic)
     if last is not None:
       x = x[:, -last:]
+    if hidden:
+      return x
+    if self.in_block == "independent":
+      return self._logits(x)
+    if block_tokens is None:
+      raise ValueError("config.model.in_block='causal' reads the tokens its slots predict: pass block_tokens")
+    m = block_tokens.shape[1]
+    in_block = self.in_block_logits(x[:, x.shape[1] - m:], block_tokens, deterministic=deterministic)
+    return jnp.concatenate([self._logits(x[:, :x.shape[1] - m]), in_block], axis=1)
+
+  def in_block_logits(self, x: jax.Array, block_tokens: jax.Array, deterministic: bool = True) -> jax.Array:
+    """The trunk's output at whole blocks [B, M, E] and the tokens they predict [B, M] -> logits [B, M, V]:
+    slot j of a block also sees the block's tokens before j (`in_block` "causal")."""
+    b, m, width = x.shape
+    l = self.block_len
+    before = self.in_block_embed(block_tokens).reshape(b * m // l, l, width)[:, :-1]
+    begin = jnp.broadcast_to(self.in_block_begin.astype(before.dtype), (b * m // l, 1, width))
+    y = (x.reshape(b * m // l, l, width) + jnp.concatenate([begin, before], axis=1)
+         + self.in_block_positions(jnp.arange(l, dtype=jnp.int32)[None]))
+    y = self.in_block_stack(y, deterministic=deterministic)
+    return self._logits(y.reshape(b, m, width))
+
+  def _logits(self, x: jax.Array) -> jax.Array:
     x = self.final_norm(x)
     logits = self.embed.attend(x) if self.tie_embeddings else self.head(x)
     logits = nn.with_logical_constraint(logits.astype(jnp.float32), ("batch", "length", "vocab"))

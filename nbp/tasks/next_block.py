@@ -84,7 +84,7 @@ def token_log_probs(model: Model, params, grids: jax.Array, labels: jax.Array | 
   if model.condition == "class" and labels is None:
     raise ValueError("scoring grids of a class-conditioned run needs their labels")
   inputs, targets = next_block_targets(model, grids.reshape(grids.shape[0], -1))
-  logits = model.apply({"params": params}, inputs, labels=labels)[:, -model.num_predicted:]
+  logits = model.apply({"params": params}, inputs, labels=labels, block_tokens=targets)[:, -model.num_predicted:]
   return jnp.take_along_axis(jax.nn.log_softmax(logits.astype(jnp.float32), -1), targets[..., None], -1)[..., 0]
 
 
@@ -124,7 +124,8 @@ def loss(model: Model, params, batch, rng, *, cond_dropout: float = 0.0, train: 
   if model.condition == "class":
     labels = decoding.drop_condition(rng, batch["class"], cond_dropout, model.num_classes)
   dropout = {"deterministic": False, "rngs": {"dropout": jax.random.fold_in(rng, 1)}} if train and model.dropout else {}
-  logits = model.apply({"params": params}, inputs, labels=labels, **dropout)[:, -model.num_predicted:]  # [B, N, V]
+  logits = model.apply({"params": params}, inputs, labels=labels, block_tokens=targets,
+                       **dropout)[:, -model.num_predicted:]  # [B, N, V]
   weights = batch.get("weights")
   if weights is not None:
     weights = to_block_order(weights, model.order)[:, model.frame_prefix_len:]
@@ -232,6 +233,20 @@ def sample(model: Model, params, rng, *, num_samples: int = 8, temperature: floa
       logits = decoding.guide(logits, guidance_scale)
     return sampling.sample_tokens(key, logits, temperature=temperature, top_k=top_k, top_p=top_p)
 
+  joint = model.in_block == "causal"
+
+  def draw_block(out, key):
+    """A block [B, L] from the block step's logits [rows, L, V], or (in_block "causal") from the trunk's output
+    [rows, L, E], token j by the in-block stack given tokens 0..j-1, with the key fold_in(key, j)."""
+    if not joint:
+      return draw(out, key)
+
+    def token(j, block):
+      seen = jnp.concatenate([block, block]) if guided else block
+      logits = model.apply({"params": params}, out, seen, method=Model.in_block_logits)  # [rows, L, V]
+      return block.at[:, j].set(draw(logits[:, j], jax.random.fold_in(key, j)))
+    return jax.lax.fori_loop(0, block_len, token, jnp.zeros((b, block_len), jnp.int32))
+
   start = p + fed  # slots before the start block's position in the drawn blocks' numbering
   num_drawn = model.num_tokens - (0 if given is None else given.shape[1])  # tokens to draw
   tokens_first = model.first_block == "tokens"
@@ -243,9 +258,10 @@ def sample(model: Model, params, rng, *, num_samples: int = 8, temperature: floa
     block, cache = _first_block_by_tokens(model, params, first, prefill_labels, draw, start, rows,
                                           jax.random.fold_in(rng, 0))
   else:
-    cache = decoding.init_cache(model, start + block_len, jnp.zeros((rows, 1), jnp.int32))  # the prefill's slots
-    logits, cache = decoding.apply_decoding(model, params, cache, first, labels=prefill_labels, last=block_len)
-    block = draw(logits, jax.random.fold_in(rng, 0))  # [B, L], drawn block 0
+    cache = decoding.init_cache(model, start + block_len, jnp.zeros((rows, 1), jnp.int32), hidden=True)  # prefill slots
+    out, cache = decoding.apply_decoding(model, params, cache, first, labels=prefill_labels, last=block_len,
+                                         hidden=joint)
+    block = draw_block(out, jax.random.fold_in(rng, 0))  # [B, L], drawn block 0
   drawn = jnp.zeros((b, num_drawn), jnp.int32).at[:, :block_len].set(block)
 
   def step(k, cache, carry):  # feeds drawn block k - 1, draws block k
@@ -255,8 +271,8 @@ def sample(model: Model, params, rng, *, num_samples: int = 8, temperature: floa
       placeholders = jnp.broadcast_to(bos + jnp.arange(1, block_len, dtype=jnp.int32), (b, block_len - 1))
       block = jnp.where(k == 1, jnp.concatenate([block[:, -1:], placeholders], axis=1), block)
     inputs = jnp.concatenate([block, block]) if guided else block  # [rows, L]
-    logits, cache = decoding.apply_decoding(model, params, cache, inputs, slots=slots)
-    block = draw(logits, jax.random.fold_in(rng, k))  # [B, L]
+    out, cache = decoding.apply_decoding(model, params, cache, inputs, slots=slots, hidden=joint)
+    block = draw_block(out, jax.random.fold_in(rng, k))  # [B, L]
     return cache, (jax.lax.dynamic_update_slice(drawn, block, (0, k * block_len)), block)
 
   # The phase ending at step k1 writes slots up to start + k1 L.
@@ -459,7 +475,8 @@ def make_task(config) -> tasks.Task:
                   prompt=prompt if model.condition == "frames" else None, **conditioned)
 
   def init_inputs():
-    inputs = {"tokens": jnp.zeros((1, model.frame_prefix_len + model.num_predicted), jnp.int32)}
+    inputs = {"tokens": jnp.zeros((1, model.frame_prefix_len + model.num_predicted), jnp.int32),
+              "block_tokens": jnp.zeros((1, model.num_predicted), jnp.int32)}
     if model.condition == "class":
       inputs["labels"] = jnp.zeros((1,), jnp.int32)
     return inputs

@@ -307,13 +307,15 @@ def restore_state(directory: str, abstract_state: Any) -> tuple[int, Any]:
 
 
 def restore_params(directory: str, abstract_params: Any, names: Sequence[str] = ("params",), *,
-                   step: int | None = None) -> tuple[int, dict[str, Any]]:
+                   step: int | None = None, missing_ok: bool = False) -> tuple[int, dict[str, Any]]:
   """(step, {name: parameters}) of the newest readable step (or of `step`): only the `names` items of the train state.
 
   `names` are TrainState fields holding parameter trees ("params",
   "ema_params"), each restored onto the shapes and shardings of
   `abstract_params`; the optimizer state is never read. A name the checkpoint
-  holds no tree for (no EMA kept) comes back as None. Damaged steps are
+  holds no tree for (no EMA kept) comes back as None. With `missing_ok`,
+  parameters of `abstract_params` the checkpoint lacks (a module added since)
+  are left out of the restored trees instead of failing. Damaged steps are
   skipped with a warning, nothing on disk is changed.
   """
   default = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
@@ -324,11 +326,18 @@ def restore_params(directory: str, abstract_params: Any, names: Sequence[str] = 
     checkpointer = ocp.PyTreeCheckpointer()
     held = checkpointer.metadata(path).item_metadata.tree
     present = [n for n in names if held.get(n)]
-    target = {n: abstract_params for n in present}
+    target = {n: _held_part(abstract_params, held[n]) if missing_ok else abstract_params for n in present}
     restored = checkpointer.restore(path, args=ocp.args.PyTreeRestore(
         item=target, restore_args=jax.tree.map(to_args, target), partial_restore=True))
     return {n: restored.get(n) for n in names}
   return _restore_readonly(directory, restore, step)
+
+
+def _held_part(tree: Any, held: Any) -> Any:
+  """The nested-dict `tree` cut down to the keys the checkpoint's metadata tree `held` also has."""
+  if not isinstance(tree, dict):
+    return tree
+  return {k: _held_part(v, held[k]) for k, v in tree.items() if isinstance(held, dict) and k in held}
 
 
 def abstract_with_shardings(tree, shardings):

@@ -186,6 +186,18 @@ def init_state(s: Setup, seed: int) -> TrainState:
     return jax.jit(lambda r: nn.meta.unbox(init(r)), out_shardings=s.state_sharding)(jax.random.key(seed))
 
 
+def _paths(params) -> list[str]:
+  return ["/".join(map(str, k)) for k in flax.traverse_util.flatten_dict(flax.core.unfreeze(params))]
+
+
+def _overlay(fresh, loaded):
+  """`fresh` parameters with every leaf `loaded` also has replaced by the loaded one (same tree type)."""
+  flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(fresh))
+  flat.update(flax.traverse_util.flatten_dict(flax.core.unfreeze(loaded)))
+  merged = flax.traverse_util.unflatten_dict(flat)
+  return flax.core.freeze(merged) if isinstance(fresh, flax.core.FrozenDict) else merged
+
+
 def _microbatches(batch, n: int):
   """[B, ...] -> [n, B/n, ...], micro-batch i holding rows i, i+n, ... (shard-local)."""
   return jax.tree.map(lambda x: x.reshape(x.shape[0] // n, n, *x.shape[1:]).swapaxes(0, 1), batch)
@@ -333,13 +345,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   elif config.init_from:
     # Parameters only (and the EMA when both runs keep one): a fresh optimizer and step 0.
     names = ("params", "ema_params") if s.abstract_state.ema_params is not None else ("params",)
-    step, loaded = checkpoint_lib.restore_params(config.init_from, s.abstract_state.params, names)
-    logging.info("Starting from the parameters of %s (step %d).", config.init_from, step)
+    step, loaded = checkpoint_lib.restore_params(config.init_from, s.abstract_state.params, names,
+                                                 missing_ok=True)
     state = init_state(s, config.seed)
+    new = sorted(set(_paths(state.params)) - set(_paths(loaded["params"])))
+    logging.info("Starting from the parameters of %s (step %d)%s.", config.init_from, step,
+                 f"; initialised afresh, as it has none: {new}" if new else "")
     ema = None
     if state.ema_params is not None:  # the EMA starts at the loaded average, or at the loaded parameters
       ema = loaded["ema_params"] if loaded.get("ema_params") is not None else loaded["params"]
-    state = state.replace(params=loaded["params"], ema_params=ema)
+      ema = _overlay(state.ema_params, ema)
+    state = state.replace(params=_overlay(state.params, loaded["params"]), ema_params=ema)
   else:
     state = init_state(s, config.seed)
 
