@@ -501,7 +501,8 @@ def test_init_from_takes_parameters_and_ema_but_not_the_optimizer(tmp_path, data
 @pytest.mark.slow
 def test_init_from_a_run_without_a_new_module_loads_the_rest(tmp_path, data_dir, monkeypatch):
   """A model with a module its init_from run lacks (NBP's in-block stack) starts from that run's parameters for
-  everything else, and from its own initialisation for the new module."""
+  everything else, and from its own initialisation for the new module. With config.optimizer.trainable naming
+  the new module, only it trains: the rest is checkpointed unchanged."""
   config_a = tiny_ntp_config(data_dir, num_steps=1, checkpoint_every=1)
   train.train_and_evaluate(config_a, str(tmp_path / "a"))
   final_a = _checkpointed_state(train.setup(config_a), str(tmp_path / "a"), 1)
@@ -517,13 +518,22 @@ def test_init_from_a_run_without_a_new_module_loads_the_rest(tmp_path, data_dir,
   with config_b.unlocked():  # the next-token configs leave the field at its default
     config_b.model.in_block = "causal"
   config_b.init_from = str(tmp_path / "a" / "checkpoints")
+  config_b.optimizer.trainable = "^in_block"
+  config_b.optimizer.warmup_steps = 0
   train.train_and_evaluate(config_b, str(tmp_path / "b"))
   start = dict(started[0])
-  fresh = train.init_state(train.setup(config_b), config_b.seed).params
+  s_b = train.setup(config_b)
+  fresh = train.init_state(s_b, config_b.seed).params
   new = {k: start.pop(k) for k in list(start) if k.startswith("in_block")}
   assert sorted(new) == ["in_block_begin", "in_block_embed", "in_block_positions", "in_block_stack"]
   jax.tree.map(np.testing.assert_array_equal, start, dict(final_a.params))
   jax.tree.map(np.testing.assert_array_equal, new, {k: fresh[k] for k in new})
+  trained = dict(_checkpointed_state(s_b, str(tmp_path / "b"), 1).params)
+  assert _max_abs_diff({k: trained.pop(k) for k in new}, new) > 0
+  jax.tree.map(np.testing.assert_array_equal, trained, dict(final_a.params))
+  config_b.optimizer.trainable = "^no_such_module"
+  with pytest.raises(ValueError, match="trainable='\\^no_such_module' matches no parameter"):
+    train.setup(config_b)
 
 
 @pytest.mark.parametrize("kind", ["missing", "empty"])

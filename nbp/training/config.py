@@ -56,6 +56,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.optimizer.final_lr_fraction = 0.1  # cosine decays to lr * this
   c.optimizer.cosine_from = 0.0  # share of the run held at lr before the cosine starts (0: right after warmup)
   c.optimizer.ema_decay = 0.0  # EMA of parameters; 0 keeps none
+  c.optimizer.trainable = ""  # a regex: only parameters whose path it finds train, the rest frozen ("": all)
 
   # Mesh axes and sizes (-1: all remaining devices), and the logical-axis rules.
   c.mesh = (("data", -1), ("fsdp", 1), ("tensor", 1))

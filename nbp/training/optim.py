@@ -8,6 +8,9 @@ in the train state and updated with `optax.incremental_update`.
 
 from __future__ import annotations
 
+import functools
+import re
+
 import jax
 import ml_collections
 import optax
@@ -60,4 +63,20 @@ def make_optimizer(cfg: ml_collections.ConfigDict, num_steps: int) -> tuple[opta
     chain.append(optax.clip_by_global_norm(cfg.clip_norm))
   chain.append(optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
                            weight_decay=cfg.weight_decay, mask=weight_decay_mask))
-  return optax.chain(*chain), schedule
+  tx = optax.chain(*chain)
+  if cfg.get("trainable"):  # the rest frozen: their updates are zero, no optimizer state kept
+    tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()},
+                               functools.partial(trainable_labels, cfg.trainable))
+  return tx, schedule
+
+
+def trainable_labels(pattern: str, params):
+  """"train" for the leaves whose path ("decoder/layer_0/mlp/wo/kernel") re.search finds `pattern` in, else
+  "frozen" (config.optimizer.trainable)."""
+  def label(path, _):
+    names = [getattr(k, "key", getattr(k, "name", None)) for k in path]
+    return "train" if re.search(pattern, "/".join(str(n) for n in names if n not in (None, "value"))) else "frozen"
+  labels = jax.tree_util.tree_map_with_path(label, params)
+  if "train" not in jax.tree.leaves(labels):
+    raise ValueError(f"config.optimizer.trainable={pattern!r} matches no parameter: every one would be frozen.")
+  return labels

@@ -14,6 +14,7 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax
 import numpy as np
+import optax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 # The default logical-axis rules: batch over every data-parallel axis, weights
@@ -94,9 +95,16 @@ def check_batch_size(batch_size: int, mesh: Mesh, rules, *, name: str = "config.
 
 
 def logical_sharding(abstract_tree, mesh: Mesh, rules) -> Any:
-  """NamedShardings for a tree of (possibly LogicallyPartitioned) abstract values."""
-  specs = nn.get_partition_spec(abstract_tree)
-  return nn.logical_to_mesh_sharding(specs, mesh, rules)
+  """NamedShardings for a tree of (possibly LogicallyPartitioned) abstract values.
+
+  Leaf by leaf, so the empty nodes of optax's masks (MaskedNode: the
+  optimizer state a frozen parameter keeps, inside its box) stay empty.
+  """
+  def leaf(x):
+    if isinstance(getattr(x, "value", None), optax.MaskedNode):
+      return optax.MaskedNode()
+    return nn.logical_to_mesh_sharding(nn.get_partition_spec(x), mesh, rules)
+  return jax.tree.map(leaf, abstract_tree, is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
 
 
 def batch_sharding(mesh: Mesh, rules) -> NamedSharding:
