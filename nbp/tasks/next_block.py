@@ -152,7 +152,9 @@ def sample(model: Model, params, rng, *, num_samples: int = 8, temperature: floa
   drawn and yields all L tokens of the next, in `cache_phases` loops over a
   cache grown per phase (nbp.decoding). Block k is drawn with the key
   fold_in(rng, k), whatever the number of phases; with 1x1x1 blocks this is
-  token-by-token next-token sampling.
+  token-by-token next-token sampling. With `in_block` "causal" each block
+  step yields the trunk's output, and the block's tokens are drawn one by one
+  by the in-block stack, token j with fold_in(fold_in(rng, k), j).
 
   labels: int [B] classes (condition "class"; default 0, 1, 2, ... mod classes).
   guidance_scale: None (or 1 from a config) for plain conditional sampling; a
