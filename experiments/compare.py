@@ -211,8 +211,9 @@ def table(c, results: dict) -> str:
   """The markdown table: one line per compared contender and sampler row; then the choices on validation."""
   cal = results["calibration"]
   batches = list(c.speed_batches)
-  head = ["contender", "sampler", "params", "train GFLOPs per device", "train s", "FVD", "class match", "CoM error (px)",
-          "MSE", "calls/video", *[f"frames/s b{b} (floor)" for b in batches], f"peak MiB b{batches[-1]}"]
+  head = ["contender", "sampler", "params", "train GFLOPs per device", "train s", "FVD", "class match",
+          "CoM error (px)", "MSE", "calls/video", *[f"frames/s b{b} (floor)" for b in batches],
+          f"peak MiB b{batches[-1]}"]
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for name in compared(c, results.get("chosen", {})):
     for row in c.contenders[name].samplers:

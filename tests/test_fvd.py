@@ -613,8 +613,8 @@ def test_frame_log_likelihoods_sum_to_the_loss_and_the_belief_is_scored(data_dir
   # The sampler continues draws of the belief (here the true next frame, then the last frame repeated) and the
   # true first predicted frame, scored from the frame after it.
   continued = {}
-  monkeypatch.setattr(frame_prediction, "_continued", lambda s, params, rng, prompts, videos, scored_from, size,
-                      name: continued.update({name: (prompts, scored_from)}) or {})
+  monkeypatch.setattr(frame_prediction, "_continued", lambda s, params, rng, prompts, *, scored_from, name, **kw:
+                      continued.update({name: (prompts, scored_from)}) or {})
   belief = functools.partial(frame_prediction._belief, s, params, videos, 2, 3, 2, jax.random.key(0))
   s.task.predict_fns["frame_log_likelihood"] = lambda params, grids, frame: (
       1e3 * ((grids[:, frame] != 0) * reach).sum((1, 2)))

@@ -531,6 +531,9 @@ def test_init_from_a_run_without_a_new_module_loads_the_rest(tmp_path, data_dir,
   trained = dict(_checkpointed_state(s_b, str(tmp_path / "b"), 1).params)
   assert _max_abs_diff({k: trained.pop(k) for k in new}, new) > 0
   jax.tree.map(np.testing.assert_array_equal, trained, dict(final_a.params))
+  with pytest.raises(checkpoint_lib.CheckpointRestoreError, match="holds none of this model.s parameters"):
+    checkpoint_lib.restore_params(str(tmp_path / "a" / "checkpoints"),
+                                  {"other": {"kernel": jax.ShapeDtypeStruct((2, 2), np.float32)}}, missing_ok=True)
   config_b.optimizer.trainable = "^no_such_module"
   with pytest.raises(ValueError, match="trainable='\\^no_such_module' matches no parameter"):
     train.setup(config_b)

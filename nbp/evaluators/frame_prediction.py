@@ -127,9 +127,11 @@ def _belief(s, params, videos, given: int, draws: int, batch_size: int, rng) -> 
   metrics = {"com_error_px_first_belief": miss,
              "com_error_px_first_exact_sampler": floor(given + 1, given=given)["exact_sampler"]}
   if given + 1 < videos.shape[1]:
-    metrics.update(_continued(s, params, rng, firsts, videos, given, batch_size, "after_belief"))
-    truth = np.repeat(tokens[:, :given + 1], draws, axis=0)
-    metrics.update(_continued(s, params, rng, truth, videos, given + 1, batch_size, "after_truth"))
+    continued = functools.partial(_continued, s, params, rng, videos=videos, batch_size=batch_size,
+                                  sampler=jax.jit(s.task.predict_fn("sample_conditioned", who="frame_prediction")))
+    metrics.update(continued(firsts, scored_from=given, name="after_belief"))
+    metrics.update(continued(np.repeat(tokens[:, :given + 1], draws, axis=0), scored_from=given + 1,
+                             name="after_truth"))
     metrics.update(com_error_px_after_truth_belief=_shift_belief(s, params, videos, tokens, given + 1, 1, picks)[0],
                    com_error_px_after_truth_exact_sampler=floor(given + 2, given=given + 1)["exact_sampler"])
   return metrics
@@ -156,10 +158,11 @@ def _shift_belief(s, params, videos, tokens, given: int, draws: int, picks) -> t
   return float(np.mean(misses)), np.concatenate(drawn)
 
 
-def _continued(s, params, rng, prompts, videos, scored_from: int, batch_size: int, name: str) -> dict[str, float]:
-  """The sampler continuing prompts [N K, G, H, W] (K per video), scored on the frames from `scored_from` on:
-  com_error_px_<name> for one draw and (K > 1) com_error_px_<name>_mean_of_draws for the mean of the K."""
-  sampler = jax.jit(s.task.predict_fn("sample_conditioned", who="frame_prediction's belief"))
+def _continued(s, params, rng, prompts, *, videos, scored_from: int, batch_size: int, name: str,
+               sampler) -> dict[str, float]:
+  """The run's jitted `sampler` continuing prompts [N K, G, H, W] (K per video), scored on the frames from
+  `scored_from` on: com_error_px_<name> for one draw and (K > 1) com_error_px_<name>_mean_of_draws for the mean
+  of the K."""
   labels = np.zeros((batch_size,), np.int32)  # unused: frame-conditioned
   padded = frechet.pad_rows(prompts, -(-len(prompts) // batch_size) * batch_size)
   with s.context():

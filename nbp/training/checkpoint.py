@@ -327,6 +327,8 @@ def restore_params(directory: str, abstract_params: Any, names: Sequence[str] = 
     held = checkpointer.metadata(path).item_metadata.tree
     present = [n for n in names if held.get(n)]
     target = {n: _held_part(abstract_params, held[n]) if missing_ok else abstract_params for n in present}
+    if any(not jax.tree.leaves(t) for t in target.values()):
+      raise ValueError(f"{path} holds none of this model's parameters (another model's checkpoint?).")
     restored = checkpointer.restore(path, args=ocp.args.PyTreeRestore(
         item=target, restore_args=jax.tree.map(to_args, target), partial_restore=True))
     return {n: restored.get(n) for n in names}

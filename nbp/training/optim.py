@@ -43,12 +43,17 @@ def learning_rate_schedule(cfg: ml_collections.ConfigDict, num_steps: int) -> op
   raise ValueError(f"config.optimizer.schedule={cfg.schedule!r}: expected 'cosine' or 'constant'.")
 
 
+def _leaf_names(path) -> list[str]:
+  """A parameter's key path -> its names ("decoder", "layer_0", ..., "kernel"), skipping the `.value` of a
+  LogicallyPartitioned box (the state is initialised boxed)."""
+  names = [getattr(k, "key", getattr(k, "name", None)) for k in path]
+  return [str(n) for n in names if n not in (None, "value")]
+
+
 def weight_decay_mask(params):
   """True for the leaves that are decayed: matrices named kernel or embedding."""
   def decayed(path, _):
-    # Skip the `.value` of a LogicallyPartitioned box (the state is initialised boxed).
-    names = [getattr(k, "key", getattr(k, "name", None)) for k in path]
-    names = [n for n in names if n not in (None, "value")]
+    names = _leaf_names(path)
     return bool(names) and names[-1] in DECAYED_LEAVES
   return jax.tree_util.tree_map_with_path(decayed, params)
 
@@ -73,9 +78,7 @@ def make_optimizer(cfg: ml_collections.ConfigDict, num_steps: int) -> tuple[opta
 def trainable_labels(pattern: str, params):
   """"train" for the leaves whose path ("decoder/layer_0/mlp/wo/kernel") re.search finds `pattern` in, else
   "frozen" (config.optimizer.trainable)."""
-  def label(path, _):
-    names = [getattr(k, "key", getattr(k, "name", None)) for k in path]
-    return "train" if re.search(pattern, "/".join(str(n) for n in names if n not in (None, "value"))) else "frozen"
+  label = lambda path, _: "train" if re.search(pattern, "/".join(_leaf_names(path))) else "frozen"
   labels = jax.tree_util.tree_map_with_path(label, params)
   if "train" not in jax.tree.leaves(labels):
     raise ValueError(f"config.optimizer.trainable={pattern!r} matches no parameter: every one would be frozen.")
