@@ -5,6 +5,8 @@ import itertools
 import json
 import os
 
+import flax
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -228,6 +230,36 @@ def test_split_rope3d_keys_sit_at_the_tokens_they_hold(condition, block):
   predicting[:split.frame_prefix_len] = False
   steps = {tuple(d) for d in plain.slot_positions()[p:][predicting] - coords[inputs[predicting]]}
   assert len(steps) >= 2, steps  # inside a row of blocks, and at each wrap
+
+
+def test_absolute_positions_embed_the_coordinates_each_slot_holds():
+  """Changing the time table's row of the last frame changes exactly the blocks that see a slot holding it.
+
+  The blocks that predict the last frame's first tokens (their targets in it, what they hold still in the
+  frame before) stay put: the embedding is of the held coordinates, not of the targets'.
+  """
+  model = _model(condition="frames", prefix_frames=1, block=(1, 2, 2), position="rope3d_split",
+                 absolute_positions=True)
+  tokens = _tokens(model)
+  params = flax.core.unfreeze(nn.meta.unbox(_init(model, tokens)))
+  np.testing.assert_array_equal(model.slot_positions(held=True), model.slot_positions(keys=True))
+  inputs, _ = nb.next_block_targets(model, tokens)
+  last = model.grid[0] - 1
+  table = params["axis_positions_0"]["embedding"]  # t, counted from the earliest held frame
+  held_t = model.slot_positions(held=True)[:, 0] - model.slot_positions(held=True)[:, 0].min()
+  moved = jax.tree.map(lambda x: x, params)  # a copy
+  moved["axis_positions_0"]["embedding"] = table.at[last].add(1.0)
+  apply = jax.jit(lambda p: model.apply({"params": p}, inputs))
+  diff = np.abs(np.asarray(apply(moved) - apply(params))).max(axis=(0, 2))[-model.num_predicted:]  # [N]
+  slot = model.prefix_len + np.arange(model.num_predicted)
+  first = slot[held_t[slot] == last].min()  # the first slot holding a token of the last frame
+  block_start = model.prefix_len + (first - model.prefix_len) // model.block_len * model.block_len
+  assert (diff[slot < block_start] == 0).all()
+  assert (diff[slot >= block_start] > 0).all()
+  targets_last = model.slot_positions()[slot, 0] == last
+  assert (targets_last & (slot < block_start)).any()  # predicting the last frame, holding the one before
+  with pytest.raises(ValueError, match="config.model.absolute_positions"):
+    _model(position="learned", absolute_positions=True).check()
 
 
 # ---------------------------------------------------------------------------

@@ -107,6 +107,7 @@ def get_config(arg: str = "XS,local,row"):
   c.model.activation = "swiglu"
   c.model.norm = "rmsnorm"
   c.model.position = "rope3d"  # or "rope3d_split", "learned" (the paper's code) or "rope" (1D over slots)
+  c.model.absolute_positions = False  # rope3d*: also learned (t, h, w) embeddings of what each slot holds
   # Dropout on embeddings and residual branches in training (the paper's code: 0.1). Local: none, measured on
   # validation (XS,local,row pixels, 300 steps, seed 0): cross-entropy 0.5391 without, 0.5419 with 0.1.
   c.model.dropout = 0.0

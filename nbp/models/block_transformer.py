@@ -51,6 +51,12 @@ Positions ("learned" | "rope" | "rope3d" | "rope3d_split"):
            token it holds (the start block's keys one block before block 0 in
            time, class tokens a further block back), so every query-key offset
            is the true offset between the predicted token and the seen one.
+  absolute_positions (with either rope3d): RoPE tells attention only the
+           offset between a query and a key, and nothing of where a token sits
+           reaches the residual stream. This adds a learned embedding of the
+           coordinates of the token each slot holds (one table per axis,
+           summed) to its input, so a layer can read where things are: where a
+           digit sits in each given frame, and from that how fast it moves.
 
 Inside a block (`in_block`): "independent" (the NBP paper) predicts a
 block's L tokens from the blocks before it only, so the sampler draws them
@@ -184,6 +190,7 @@ class NextBlockTransformer(sizes.SizedByTable, nn.Module):
   activation: str = "swiglu"  # or "gelu"
   norm: str = "rmsnorm"  # or "layernorm"
   position: str = "rope3d"  # "learned", "rope" (1D over slots) or "rope3d" (t, h, w)
+  absolute_positions: bool = False  # rope3d*: also add learned (t, h, w) embeddings of what each slot holds
   rope_base: float = 10000.0
   dropout: float = 0.0  # on the embeddings and on each residual branch, in training only (the official 0.1)
   tie_embeddings: bool = False  # share the token embedding with the head
@@ -283,6 +290,9 @@ class NextBlockTransformer(sizes.SizedByTable, nn.Module):
     if self.in_block == "causal" and (self.first_block == "tokens" or self.in_block_layers < 1):
       raise ValueError("config.model.in_block='causal' needs first_block='start_block' and in_block_layers >= 1; "
                        f"got {self.first_block!r} and {self.in_block_layers}")
+    if self.absolute_positions and (not self.position.startswith("rope3d") or self.first_block == "tokens"):
+      raise ValueError("config.model.absolute_positions embeds grid coordinates: it needs position 'rope3d' or "
+                       f"'rope3d_split' and first_block 'start_block', got {self.position!r}, {self.first_block!r}")
     if self.first_block == "tokens" and self.position == "rope3d_split":
       raise ValueError("config.model.first_block='tokens' has no rope3d_split keys: use position 'rope3d'")
     if self.first_block == "tokens" and self.condition == "frames" and self.given_frames == "blocks":
@@ -307,13 +317,14 @@ class NextBlockTransformer(sizes.SizedByTable, nn.Module):
     sizes = ((self.prefix_len,) if self.prefix_len else ()) + (1,) * self.block_len
     return attention_lib.MaskSpec("block_causal", block_sizes=sizes + (self.block_len,) * (self.num_blocks - 1))
 
-  def slot_positions(self, keys: bool = False) -> np.ndarray:
-    """int [S] (learned, rope) or [S, 3] (rope3d*): every slot's query position, or its key's (module docstring)."""
+  def slot_positions(self, keys: bool = False, held: bool = False) -> np.ndarray:
+    """int [S] (learned, rope) or [S, 3] (rope3d*): every slot's query position, or its key's (module docstring);
+    held: the coordinates of the token each slot holds (rope3d_split's keys, whatever `position`)."""
     if not self.position.startswith("rope3d"):
       return np.arange(self.max_len, dtype=np.int32)
     # position_lib.grid_positions's coordinates, built in numpy (a trace-time constant), block-major.
     coords = np.indices(self.grid).reshape(3, -1).T[self.order]  # [F*H*W, 3]
-    split = keys and self.position == "rope3d_split"
+    split = held or (keys and self.position == "rope3d_split")
     if split:
       # Each predicting slot holds the block before its target's: the start block one block back in time.
       given, step = self.frame_prefix_len, np.array([self.block[0], 0, 0])
@@ -338,6 +349,11 @@ class NextBlockTransformer(sizes.SizedByTable, nn.Module):
                               nn.initializers.normal(0.02), ("vocab", "embed")))
     if self.position == "learned":
       self.positions = position_lib.LearnedPositionEmbedding(self.max_len, width)
+    if self.absolute_positions:
+      held = self.slot_positions(held=True)
+      self.held_positions = held - held.min(axis=0)  # [S, 3], from 0 on every axis
+      self.axis_positions = [position_lib.LearnedPositionEmbedding(int(n), width)  # t, h, w
+                             for n in self.held_positions.max(axis=0) + 1]
     if self.condition == "class":
       # [classes + null, P, E]: P prefix tokens per class.
       self.class_embed = self.param(
@@ -405,6 +421,9 @@ class NextBlockTransformer(sizes.SizedByTable, nn.Module):
       start = self.num_class_tokens if self.condition == "class" else 0
       slots = jnp.broadcast_to(start + jnp.arange(t, dtype=jnp.int32), (b, t))
     positions = jnp.take(jnp.asarray(self.slot_positions()), slots, axis=0)  # [B, T'] or [B, T', 3]
+    if self.absolute_positions:
+      held = jnp.take(jnp.asarray(self.held_positions), slots, axis=0)  # [B, T', 3]
+      x = x + sum(table(held[..., a]) for a, table in enumerate(self.axis_positions)).astype(x.dtype)
     if self.position == "learned":
       x = x + self.positions(positions)
       positions = None
