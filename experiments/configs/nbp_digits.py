@@ -158,7 +158,9 @@ def get_config(arg: str = "XS,local,row"):
       # repeating the last given frame: 2.16): rope3d 1.80, rope3d_split 1.73; top-p 0.9 1.73 and 1.61,
       # temperature 0.8 worse (1.86, 1.74). Given frames as blocks: 1.80 (rope3d), no better than a prefix.
       # 20,000 training videos: cross-entropy 0.094-0.098 against 0.469 at 1,000 steps, but 1.66-1.74 px
-      # against 1.65 (docs/nbp.md, "What the given frames leave open"): 2,000 kept.
+      # against 1.65 (docs/nbp.md, "What the given frames leave open"): 2,000 kept. Absolute positions beside
+      # rope3d_split: 1.67 on both seeds at this budget, against 1.57 and 1.65 without (at 9,000 steps on 50,000
+      # videos they reach in 9,000 steps what rope alone did in 24,000; docs/nbp.md, "Where each token sits").
       c.model.position = "rope3d_split"
       c.sampler.top_p = 0.9
   c.lock()
