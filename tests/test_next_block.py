@@ -266,14 +266,15 @@ def test_absolute_positions_embed_the_coordinates_each_slot_holds():
 # Cached block decoding.
 
 
-@pytest.mark.parametrize("position,condition,block,scan_layers", [
-    ("learned", "class", (1, 2, 2), False), ("rope3d", "class", (1, 2, 2), False),
-    ("learned", "frames", (1, 2, 2), False), ("rope3d", "frames", (1, 2, 2), True),
-    ("rope3d_split", "frames", (1, 2, 2), False), ("rope", "none", (1, 1, 1), False),
-    ("rope", "none", (1, 1, 1), True)])
+@pytest.mark.parametrize("position,condition,block,scan_layers,absolute", [
+    ("learned", "class", (1, 2, 2), False, False), ("rope3d", "class", (1, 2, 2), False, True),
+    ("learned", "frames", (1, 2, 2), False, False), ("rope3d", "frames", (1, 2, 2), True, False),
+    ("rope3d_split", "frames", (1, 2, 2), False, False), ("rope3d_split", "frames", (1, 2, 2), False, True),
+    ("rope", "none", (1, 1, 1), False, False), ("rope", "none", (1, 1, 1), True, False)])
 @pytest.mark.slow
-def test_cached_block_decoding_equals_full_forward(position, condition, block, scan_layers):
-  model = _model(position=position, condition=condition, prefix_frames=1, block=block, scan_layers=scan_layers)
+def test_cached_block_decoding_equals_full_forward(position, condition, block, scan_layers, absolute):
+  model = _model(position=position, condition=condition, prefix_frames=1, block=block, scan_layers=scan_layers,
+                 absolute_positions=absolute)
   tokens = _tokens(model)
   labels = jnp.array([3, 10]) if condition == "class" else None  # a class and the null class
   params = _init(model, tokens, labels)

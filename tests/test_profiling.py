@@ -58,5 +58,14 @@ def test_profile_steps_traces_a_loop_carrying_a_cache_without_copying_it(tmp_pat
     cache = jax.lax.dynamic_update_slice(cache, x[None], (i, 0))
     return cache, jnp.tanh(x @ w) + cache.sum(0)
 
-  ops = profiling.profile_steps(step, w, (jnp.zeros((4096, 64)), jnp.ones((64,))), 8, 2, str(tmp_path))
-  assert ops and all(r["kind"] != "layout copy" for r in ops[:3]), ops[:3]
+  # A copy of the 1 MB cache every step would rank near the top in every trace; a small copy can too, in one
+  # trace taken while other tests load the cores. So three traces, and one of them must be free of it.
+  tops = []
+  for k in range(3):
+    ops = profiling.profile_steps(step, w, (jnp.zeros((4096, 64)), jnp.ones((64,))), 8, 2, str(tmp_path / str(k)))
+    assert ops
+    tops.append(ops[:3])
+    if all(r["kind"] != "layout copy" for r in ops[:3]):
+      break
+  else:
+    raise AssertionError(f"a layout copy among the 3 costliest ops of every trace: {tops}")
