@@ -189,7 +189,7 @@ class NextBlockTransformer(sizes.SizedByTable, nn.Module):
   num_kv_heads: int | None = None  # fewer than num_heads: grouped-query attention
   activation: str = "swiglu"  # or "gelu"
   norm: str = "rmsnorm"  # or "layernorm"
-  position: str = "rope3d"  # "learned", "rope" (1D over slots) or "rope3d" (t, h, w)
+  position: str = "rope3d"  # "learned", "rope" (1D over slots), "rope3d" (t, h, w) or "rope3d_split"
   absolute_positions: bool = False  # rope3d*: also add learned (t, h, w) embeddings of what each slot holds
   rope_base: float = 10000.0
   dropout: float = 0.0  # on the embeddings and on each residual branch, in training only (the official 0.1)
