@@ -600,6 +600,7 @@ def test_frame_log_likelihoods_sum_to_the_loss_and_the_belief_is_scored(data_dir
   for name in ("after_belief", "after_truth"):
     assert np.isfinite(metrics[f"com_error_px_{name}"]) and f"com_error_px_{name}_mean_of_draws" in metrics
   assert 0 <= metrics["com_error_px_after_truth_belief"] < 8 and metrics["com_error_px_after_truth_exact_sampler"] == 0
+  assert np.isfinite(metrics["com_error_px_belief_chain"]) and "com_error_px_belief_chain_mean_of_draws" in metrics
   assert metrics["com_error_px_first_exact_sampler"] == 0  # an 8x8 digit in an 8x8 frame cannot move
   # Videos whose digit moves by the furthest shift down and right, and a scorer sure of that shift (it scores
   # ink lower and further right higher): a draw of its belief misses by nothing, one sure of no move by the move.
@@ -628,6 +629,33 @@ def test_frame_log_likelihoods_sum_to_the_loss_and_the_belief_is_scored(data_dir
                              np.linalg.norm(np.asarray(moves, float), axis=-1).mean(), rtol=1e-9)
   np.testing.assert_array_equal(continued["after_belief"][0][:, 2], true[:, 1])
   np.testing.assert_array_equal(continued["after_truth"][0], true)
+
+
+@pytest.mark.slow
+def test_whole_frame_draws_follow_the_belief_frame_by_frame(data_dir, monkeypatch):
+  """Each next frame is a whole shift of the one before it, drawn from the scorer's belief over the shifts."""
+  s, params = _untrained(tiny_generator_config(data_dir, "tiny,local,row,frames"))
+  real = generation.real_videos(generation.run_video_data(s.config), 0, 2, "validation")
+  prompts = np.repeat(np.asarray(s.task.predict_fn("from_videos")(real["video"]))[:, :2], 3, axis=0)  # [6, 2, H, W]
+  draw = functools.partial(frame_prediction.whole_frame_draws, s, params, prompts, background=0, batch_size=4)
+  reach = np.add.outer(np.arange(8), np.arange(8))
+  scorers = {"still": lambda params, grids, frame: -1e3 * (grids[:, frame] != grids[:, frame - 1]).sum((1, 2)),
+             "down right": lambda params, grids, frame: 1e3 * ((grids[:, frame] != 0) * reach).sum((1, 2)),
+             "flat": lambda params, grids, frame: np.zeros(len(grids))}
+  drawn = {}
+  for name, scorer in scorers.items():
+    s.task.predict_fns["frame_log_likelihood"] = scorer
+    drawn[name] = draw(np.random.default_rng(0))
+    np.testing.assert_array_equal(drawn[name][:, :2], prompts)
+  np.testing.assert_array_equal(drawn["still"], np.concatenate([prompts, np.repeat(prompts[:, 1:], 3, axis=1)], 1))
+  for frame in range(2, 5):
+    for grid in drawn["down right"]:
+      furthest = frame_prediction.position_shifts(grid[frame - 1] != 0)[-1]
+      np.testing.assert_array_equal(grid[frame], np.roll(grid[frame - 1], furthest, axis=(0, 1)))
+    for grid in drawn["flat"]:  # a whole shift of the frame before, whatever the draw
+      assert any(np.array_equal(grid[frame], np.roll(grid[frame - 1], move, axis=(0, 1)))
+                 for move in frame_prediction.position_shifts(grid[frame - 1] != 0))
+  assert len({drawn["flat"][i].tobytes() for i in range(3)}) > 1  # draws of one prompt differ under a flat belief
 
 
 def test_position_shifts_keep_every_inked_pixel():

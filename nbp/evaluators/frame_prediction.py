@@ -41,7 +41,11 @@ sampler continue the true first predicted frame (com_error_px_after_truth,
 scored on the frames after it), beside the belief over the next frame given
 the true ones (com_error_px_after_truth_belief) and that frame's floor
 (com_error_px_after_truth_exact_sampler): the model's skill one frame on,
-with more frames given.
+with more frames given. Last, every predicted frame is drawn whole from the
+belief, each given the frames drawn before it (`whole_frame_draws`;
+com_error_px_belief_chain and its `*_mean_of_draws`): what the model's own
+likelihood forecasts when its frames are restricted to whole shifts of the
+digit, which the data guarantees and the row sampler does not know.
 
 Dimensions: N videos, F frames, H height, W width, C channels.
 """
@@ -134,6 +138,52 @@ def _belief(s, params, videos, given: int, draws: int, batch_size: int, rng) -> 
                              name="after_truth"))
     metrics.update(com_error_px_after_truth_belief=_shift_belief(s, params, videos, tokens, given + 1, 1, picks)[0],
                    com_error_px_after_truth_exact_sampler=floor(given + 2, given=given + 1)["exact_sampler"])
+    background = np.asarray(s.task.predict_fn("from_videos")(np.zeros_like(videos[:1])))[0, 0, 0, 0]
+    chained = s.task.predict_fn("to_videos")(whole_frame_draws(s, params, firsts, picks, background=background,
+                                                               batch_size=batch_size))
+    metrics.update(_scored(videos, chained, given, "belief_chain"))
+  return metrics
+
+
+def whole_frame_draws(s, params, prompts: np.ndarray, picks, *, background, batch_size: int) -> np.ndarray:
+  """Prompts [M, G, H, W] (tokens) continued to every frame, each next frame drawn whole from the model's belief
+  over the shifts of the frame before it (one moving digit; `background` the token of no ink): [M, F, H, W]. Draws of one prompt share the
+  scoring; the candidates are scored `batch_size` at a time."""
+  model = s.task.model
+  score = s.task.predict_fn("frame_log_likelihood", who="frame_prediction's whole-frame draws")
+  grids = np.full((len(prompts), *model.grid), background, dtype=np.asarray(prompts).dtype)
+  grids[:, :prompts.shape[1]] = prompts
+  for frame in range(prompts.shape[1], model.grid[0]):
+    seen, which = np.unique(grids[:, :frame].reshape(len(grids), -1), axis=0, return_inverse=True)
+    seen = seen.reshape(len(seen), frame, *model.grid[1:])
+    moves = [position_shifts(grid[-1] != background) for grid in seen]
+    candidates = np.concatenate([np.repeat(grids[:1], len(m), axis=0) for m in moves])
+    row = 0
+    for grid, options in zip(seen, moves):
+      for move in options:
+        candidates[row, :frame] = grid
+        candidates[row, frame] = np.roll(grid[-1], move, axis=(0, 1))
+        row += 1
+    padded = frechet.pad_rows(candidates, -(-len(candidates) // batch_size) * batch_size)
+    log_p = np.concatenate([np.asarray(score(params, padded[i:i + batch_size], frame=frame))
+                            for i in range(0, len(padded), batch_size)])[:len(candidates)]
+    starts = np.cumsum([0] + [len(m) for m in moves])
+    for m, k in enumerate(np.ravel(which)):
+      belief = np.exp(log_p[starts[k]:starts[k + 1]] - log_p[starts[k]:starts[k + 1]].max())
+      move = moves[k][picks.choice(len(moves[k]), p=belief / belief.sum())]
+      grids[m, frame] = np.roll(grids[m, frame - 1], move, axis=(0, 1))
+  return grids
+
+
+def _scored(videos, generated, scored_from: int, name: str) -> dict[str, float]:
+  """com_error_px_<name> of the draws [N K, F, H, W, C] (K per video [N, ...]) and, K > 1, of their pixel mean."""
+  draws = len(generated) // len(videos)
+  one = generation.frame_prediction_metrics(np.repeat(videos, draws, axis=0), generated, scored_from)
+  metrics = {f"com_error_px_{name}": one["com_error_px"]}
+  if draws > 1:
+    mean = generated.reshape(len(videos), draws, *generated.shape[1:]).astype(np.float64).mean(1)
+    metrics[f"com_error_px_{name}_mean_of_draws"] = generation.frame_prediction_metrics(
+        videos, mean, scored_from)["com_error_px"]
   return metrics
 
 
@@ -169,15 +219,7 @@ def _continued(s, params, rng, prompts, *, videos, scored_from: int, batch_size:
     tokens = np.concatenate([np.asarray(sampler(params, jax.random.fold_in(rng, i), labels,
                                                 padded[i:i + batch_size]))
                              for i in range(0, len(padded), batch_size)])[:len(prompts)]
-  generated = s.task.predict_fn("to_videos")(tokens)
-  draws = len(prompts) // len(videos)
-  one = generation.frame_prediction_metrics(np.repeat(videos, draws, axis=0), generated, scored_from)
-  metrics = {f"com_error_px_{name}": one["com_error_px"]}
-  if draws > 1:
-    mean = generated.reshape(len(videos), draws, *generated.shape[1:]).astype(np.float64).mean(1)
-    metrics[f"com_error_px_{name}_mean_of_draws"] = generation.frame_prediction_metrics(
-        videos, mean, scored_from)["com_error_px"]
-  return metrics
+  return _scored(videos, s.task.predict_fn("to_videos")(tokens), scored_from, name)
 
 
 def position_shifts(ink: np.ndarray) -> list[tuple[int, int]]:
