@@ -632,7 +632,7 @@ def test_frame_log_likelihoods_sum_to_the_loss_and_the_belief_is_scored(data_dir
 
 
 @pytest.mark.slow
-def test_whole_frame_draws_follow_the_belief_frame_by_frame(data_dir, monkeypatch):
+def test_whole_frame_draws_follow_the_belief_frame_by_frame(data_dir):
   """Each next frame is a whole shift of the one before it, drawn from the scorer's belief over the shifts."""
   s, params = _untrained(tiny_generator_config(data_dir, "tiny,local,row,frames"))
   real = generation.real_videos(generation.run_video_data(s.config), 0, 2, "validation")

@@ -147,8 +147,8 @@ def _belief(s, params, videos, given: int, draws: int, batch_size: int, rng) -> 
 
 def whole_frame_draws(s, params, prompts: np.ndarray, picks, *, background, batch_size: int) -> np.ndarray:
   """Prompts [M, G, H, W] (tokens) continued to every frame, each next frame drawn whole from the model's belief
-  over the shifts of the frame before it (one moving digit; `background` the token of no ink): [M, F, H, W]. Draws of one prompt share the
-  scoring; the candidates are scored `batch_size` at a time."""
+  over the shifts of the frame before it (one moving digit; `background` the token of no ink): [M, F, H, W].
+  Draws of one prompt share the scoring; the candidates are scored `batch_size` at a time."""
   model = s.task.model
   score = s.task.predict_fn("frame_log_likelihood", who="frame_prediction's whole-frame draws")
   grids = np.full((len(prompts), *model.grid), background, dtype=np.asarray(prompts).dtype)
