@@ -679,6 +679,8 @@ def test_frame_prediction_metrics_on_known_motion():
   np.testing.assert_allclose(exact["mse_black"], 4 * (200 / 255) ** 2 / 64)
   shifted = np.roll(real, 2, axis=2)  # two rows down
   np.testing.assert_allclose(generation.frame_prediction_metrics(real, shifted, given=2)["com_error_px"], 2.0)
+  grey = np.minimum(real.astype(np.int32) + 16, 255).astype(np.uint8)  # background at the zero bin's centre
+  assert generation.frame_prediction_metrics(real, grey, given=2)["com_error_px"] < 1e-9
   half_empty = real.copy()
   half_empty[0, 2:] = 0
   got = generation.frame_prediction_metrics(real, half_empty, given=2)

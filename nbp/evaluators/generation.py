@@ -181,8 +181,15 @@ def given_video_frames(config) -> int:
 
 
 def centres_of_mass(frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-  """Frames [..., H, W, C] -> (intensity-weighted centres [..., 2] as (row, col) in pixels, non-empty [...])."""
+  """Frames [..., H, W, C] -> (intensity-weighted centres [..., 2] as (row, col) in pixels, non-empty [...]).
+
+  The weights are each frame's intensity above its darkest pixel: frames
+  decoded from grey-level tokens have their background at the zero bin's
+  centre (16 of 255 at 8 levels), not at 0, and a uniform background would
+  pull their centre towards the middle of the frame.
+  """
   mass = frames.astype(np.float64).mean(-1)  # [..., H, W]
+  mass = mass - mass.min((-2, -1), keepdims=True)
   total = mass.sum((-2, -1))
   rows, cols = np.arange(mass.shape[-2]), np.arange(mass.shape[-1])
   safe = np.where(total > 0, total, 1.0)
