@@ -124,8 +124,8 @@ def get_config(arg: str = "XS,local,row"):
   c.sampler.top_p = 0.9 if not local else 1.0
   c.sampler.candidates = 1  # K > 1: K draws per condition, one kept by `selection`
   # The draw agreeing most with the others, or "likelihood": the likeliest under the model. Frame prediction
-  # (XS,local,row,frames, 50,000 videos, 12,000 steps, seed 1): the likeliest of 8 misses by 1.35 px, one draw
-  # by 1.39, the pixel mean of 8 draws by 1.24 (docs/nbp.md).
+  # (XS,local,row,frames, 50,000 videos, 12,000 steps, seed 1; centres before the background fix): the likeliest
+  # of 8 misses by 1.35 px, one draw by 1.39, the pixel mean of 8 draws by 1.24 (docs/nbp.md).
   c.sampler.selection = "consensus"
 
   ntp_digits.set_digits_budget(c, local)
@@ -154,8 +154,9 @@ def get_config(arg: str = "XS,local,row"):
     c.evals.frames = dict(type="frame_prediction", every=0, num_videos=64 if local else 256, batch_size=16, seed=0,
                           draws=1, belief=False)
     if local and "tokens" not in flags:
-      # Chosen on validation (XS pixels, 300 steps, seeds 0 and 1, 64 videos; centre-of-mass error in pixels,
-      # repeating the last given frame: 2.16): rope3d 1.80, rope3d_split 1.73; top-p 0.9 1.73 and 1.61,
+      # Chosen on validation (XS pixels, 300 steps, seeds 0 and 1, 64 videos; centre-of-mass error in pixels, taken
+      # before the centres left out the decoded background; repeating the last given frame: 2.16): rope3d 1.80,
+      # rope3d_split 1.73; top-p 0.9 1.73 and 1.61,
       # temperature 0.8 worse (1.86, 1.74). Given frames as blocks: 1.80 (rope3d), no better than a prefix.
       # 20,000 training videos: cross-entropy 0.094-0.098 against 0.469 at 1,000 steps, but 1.66-1.74 px
       # against 1.65 (docs/nbp.md, "What the given frames leave open"): 2,000 kept. Absolute positions beside
