@@ -138,8 +138,8 @@ def _belief(s, params, videos, given: int, draws: int, batch_size: int, rng) -> 
                              name="after_truth"))
     metrics.update(com_error_px_after_truth_belief=_shift_belief(s, params, videos, tokens, given + 1, 1, picks)[0],
                    com_error_px_after_truth_exact_sampler=floor(given + 2, given=given + 1)["exact_sampler"])
-    background = np.asarray(s.task.predict_fn("from_videos")(np.zeros_like(videos[:1])))[0, 0, 0, 0]
-    chained = s.task.predict_fn("to_videos")(whole_frame_draws(s, params, firsts, picks, background=background,
+    chained = s.task.predict_fn("to_videos")(whole_frame_draws(s, params, firsts, picks,
+                                                               background=_background(s, videos),
                                                                batch_size=batch_size))
     metrics.update(_scored(videos, chained, given, "belief_chain"))
   return metrics
@@ -190,7 +190,7 @@ def _scored(videos, generated, scored_from: int, name: str) -> dict[str, float]:
 def _shift_belief(s, params, videos, tokens, given: int, draws: int, picks) -> tuple[float, np.ndarray]:
   """(the mean over videos of what a draw of the belief over frame `given` misses by, `draws` draws of it per
   video as token prompts [N draws, given + 1, H, W]): the belief scores every shift of frame given - 1."""
-  background = np.asarray(s.task.predict_fn("from_videos")(np.zeros_like(videos[:1])))[0, 0, 0, 0]
+  background = _background(s, videos)
   score = s.task.predict_fn("frame_log_likelihood", who="frame_prediction's belief")
   centres = generation.centres_of_mass(videos)[0]  # [N, F, 2]
   shifts = [position_shifts(frame != background) for frame in tokens[:, given - 1]]
@@ -220,6 +220,11 @@ def _continued(s, params, rng, prompts, *, videos, scored_from: int, batch_size:
                                                 padded[i:i + batch_size]))
                              for i in range(0, len(padded), batch_size)])[:len(prompts)]
   return _scored(videos, s.task.predict_fn("to_videos")(tokens), scored_from, name)
+
+
+def _background(s, videos) -> int:
+  """The token of a pixel without ink (a black pixel through the run's own tokenization)."""
+  return np.asarray(s.task.predict_fn("from_videos")(np.zeros_like(videos[:1])))[0, 0, 0, 0]
 
 
 def position_shifts(ink: np.ndarray) -> list[tuple[int, int]]:
