@@ -201,6 +201,36 @@ def test_dropout_is_on_in_the_training_loss_only():
     _model(dropout=1.0).check()
 
 
+def test_context_draws_replace_the_read_copies_of_tokens_by_the_models_draws_at_their_rate():
+  """The given frames, the start block and the targets stay; each read token is the model's own draw with
+  probability `rate` (drawn from the teacher-forced logits); held out and at rate 0, plain teacher forcing."""
+  model = _model(condition="frames", prefix_frames=1)
+  tokens = _tokens(model, batch=64)
+  params = _init(model, tokens)
+  inputs, targets = nb.next_block_targets(model, tokens)
+  given, n, block_len = model.frame_prefix_len, model.num_predicted, model.block_len
+  rng = jax.random.key(3)
+  draw_key, _ = jax.random.split(rng)
+  logits = model.apply({"params": params}, inputs, block_tokens=targets)[:, -n:, :model.bos]
+  drawn = np.asarray(jax.random.categorical(draw_key, logits, axis=-1))
+  context = jax.jit(lambda rate: nb.drawn_context(model, params, inputs, targets, rng, rate))
+  for rate in (0.0, 0.5, 1.0):
+    read = np.asarray(context(rate))
+    np.testing.assert_array_equal(read[:, :given + block_len], np.asarray(inputs)[:, :given + block_len])
+    read = read[:, given + block_len:]  # the copies of target blocks 0 .. nb-2
+    truth, own = np.asarray(targets)[:, :n - block_len], drawn[:, :n - block_len]
+    assert np.all((read == truth) | (read == own))
+    differ = truth != own  # a random network's draws differ from the truth at most tokens
+    taken = (read == own)[differ].mean()
+    assert abs(taken - rate) < 0.05, (rate, taken)
+  batch = {"tokens": tokens}
+  plain = nb.loss(model, params, batch, rng)[0]
+  np.testing.assert_allclose(nb.loss(model, params, batch, rng, context_draws=0.5, train=False)[0], plain, rtol=1e-6)
+  assert abs(float(nb.loss(model, params, batch, rng, context_draws=0.5)[0]) - float(plain)) > 1e-4
+  with pytest.raises(ValueError, match="config.loss.context_draws"):
+    nb.loss(model, params, batch, rng, context_draws=1.5)
+
+
 @pytest.mark.parametrize("condition,block", [("class", (1, 1, 4)), ("frames", (1, 2, 2)), ("none", (1, 2, 4))])
 def test_split_rope3d_keys_sit_at_the_tokens_they_hold(condition, block):
   """rope3d_split: a key's label is its token's own coordinates, a query's its target's (brute force).

@@ -117,6 +117,7 @@ def get_config(arg: str = "XS,local,row"):
   c.model.dtype = "float32" if local else "bfloat16"
 
   c.loss.cond_dropout = 0.1 if condition == "class" else 0.0  # null class in training (CFG)
+  c.loss.context_draws = 0.0  # the paper's teacher forcing; p: each token read as the model's own draw w.p. p
   c.sampler.num_samples = 8
   c.sampler.guidance_scale = 1.0  # 1.0: plain conditional sampling (no doubled batch)
   c.sampler.temperature = 1.0

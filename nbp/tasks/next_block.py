@@ -113,16 +113,45 @@ def frame_log_likelihood(model: Model, params, grids: jax.Array, frame: int) -> 
   return jnp.sum(log_p * in_frame, axis=-1)
 
 
-def loss(model: Model, params, batch, rng, *, cond_dropout: float = 0.0, train: bool = True):
+def drawn_context(model: Model, params, inputs: jax.Array, targets: jax.Array, rng, rate: float,
+                  labels: jax.Array | None = None) -> jax.Array:
+  """Inputs [B, P + N] whose predicted tokens' copies are, each with probability `rate`, the model's own draw.
+
+  One teacher-forced pass without gradient draws every predicted token from
+  the model (temperature 1, the begin token excluded), as the sampler would
+  given the true blocks before it; each token of `targets` [B, N] is then
+  replaced by its draw with probability `rate` before the targets are
+  shifted into the inputs. The given frames and the start block stay as
+  they are, and the targets stay the true tokens: the model learns to
+  predict the truth from a context holding its own mistakes (parallel
+  scheduled sampling; xAR's noisy context, for tokens).
+  """
+  draw_key, keep_key = jax.random.split(rng)
+  logits = model.apply({"params": jax.lax.stop_gradient(params)}, inputs, labels=labels,
+                       block_tokens=targets)[:, -model.num_predicted:]
+  drawn = sampling.sample_tokens(draw_key, logits[..., :model.bos].astype(jnp.float32))  # [B, N]
+  mixed = jnp.where(jax.random.bernoulli(keep_key, rate, targets.shape), drawn, targets)
+  prefix = inputs[:, :model.frame_prefix_len]
+  return jnp.concatenate([prefix, next_block_inputs(mixed, model.block_len, model.bos, model.first_block)], axis=1)
+
+
+def loss(model: Model, params, batch, rng, *, cond_dropout: float = 0.0, context_draws: float = 0.0,
+         train: bool = True):
   """Cross-entropy over the predicted tokens (never the prefix); bits/token, accuracy, num_targets.
 
   cond_dropout: probability of the null class in place of the label (class condition; CFG).
-  train: the model's own `dropout`, when set, is on (False: held-out data).
+  context_draws: in training, the probability that a token is read as the model's own draw of it rather
+    than the true one (`drawn_context`); the targets stay the true tokens. 0: the paper's teacher forcing.
+  train: the model's own `dropout` and `context_draws`, when set, are on (False: held-out data).
   """
+  if not 0.0 <= context_draws <= 1.0:
+    raise ValueError(f"config.loss.context_draws={context_draws}: a probability in [0, 1]")
   inputs, targets = next_block_targets(model, batch["tokens"])
   labels = None
   if model.condition == "class":
     labels = decoding.drop_condition(rng, batch["class"], cond_dropout, model.num_classes)
+  if train and context_draws:
+    inputs = drawn_context(model, params, inputs, targets, jax.random.fold_in(rng, 2), context_draws, labels)
   dropout = {"deterministic": False, "rngs": {"dropout": jax.random.fold_in(rng, 1)}} if train and model.dropout else {}
   logits = model.apply({"params": params}, inputs, labels=labels, block_tokens=targets,
                        **dropout)[:, -model.num_predicted:]  # [B, N, V]
