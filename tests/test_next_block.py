@@ -606,13 +606,18 @@ def test_in_block_causal_greedy_sampler_is_token_by_token_argmax(condition, posi
   seq = np.asarray(bt.to_block_order(tokens, model.order)).copy()  # block-major
   given = model.frame_prefix_len
   seq[:, given:] = 0
-  for position in range(model.num_predicted):
-    inputs, targets = nb.next_block_targets(model, bt.to_grid_order(jnp.asarray(seq), model.order))
+
+  @jax.jit
+  def teacher_forced(seq):  # the full forward pass over a block-major sequence, compiled once for the loop
+    inputs, targets = nb.next_block_targets(model, bt.to_grid_order(seq, model.order))
     logits = model.apply({"params": params}, inputs, labels=labels, block_tokens=targets)
     if guidance is not None:
       null = model.apply({"params": params}, inputs, labels=jnp.full((2,), model.num_classes), block_tokens=targets)
       logits = decoding.guide(jnp.concatenate([logits, null]), guidance)
-    seq[:, given + position] = np.argmax(np.asarray(logits)[:, -model.num_predicted:][:, position, :model.bos], -1)
+    return logits[:, -model.num_predicted:, :model.bos]
+
+  for position in range(model.num_predicted):
+    seq[:, given + position] = np.argmax(np.asarray(teacher_forced(jnp.asarray(seq)))[:, position], -1)
   np.testing.assert_array_equal(np.asarray(drawn).reshape(2, -1), bt.to_grid_order(seq, model.order))
 
 

@@ -16,14 +16,11 @@ import numpy as np
 import optax
 import pytest
 
-from experiments import demo
 from nbp.training import checkpoint as checkpoint_lib
 from nbp.training import loop as train
 from nbp.training import metrics as metrics_lib
 from nbp.training import optim
 from tests.conftest import REPO, config_flags_for, run_module, tiny_ntp_config
-from tests.test_next_block import tiny_nbp_config
-from tests.test_video_tokenizer import tiny_tokenizer_config
 
 
 # ---------------------------------------------------------------------------
@@ -266,40 +263,29 @@ def test_experiment_entry_points_import_together():
 
 
 @pytest.mark.slow
-def test_demo_code_path(tmp_path, data_dir, classifier_workdir):
-  """The demo's three stages in a tiny setting; a second call resumes every stage instead of redoing it, and
-  judges the samples with the classifier it is given."""
-  config = tiny_nbp_config(data_dir, "tiny,local,tokens,row", num_steps=3)
-  tokenizer_config = tiny_tokenizer_config(data_dir, num_steps=2)
-  summary = demo.run(config, tokenizer_config, str(tmp_path))
+def test_demo_code_path_on_two_devices_and_resumed(tmp_path, data_dir, classifier_workdir):
+  """The demo's three stages in a tiny setting, each batch split over 2 CPU devices as `make demo` runs: every
+  stage runs there, the tokenizer's decoder and the judge (runs loaded by their workdirs) included, inside the
+  training loop's mesh and outside it. A second call resumes every stage instead of redoing it, and judges the
+  samples with the classifier it is given."""
+  result = run_module(["tests/demo_on_two_devices.py", data_dir, str(tmp_path), classifier_workdir], timeout=600)
+  assert result.returncode == 0, result.stderr[-5000:]
+  runs = json.loads(result.stdout.strip().splitlines()[-1])
+  summary, again = runs["first"], runs["again"]
   for name in ("samples.gif", "samples.png", "reconstructions.gif", "loss.png", "metrics.json"):
     assert os.path.getsize(os.path.join(tmp_path, name)) > 0, name
   assert summary["tokenizer"]["steps"] == 2 and summary["tokenizer"]["token_grid"] == [2, 2, 2]
   assert summary["nbp"]["steps"] == 3 and np.isfinite(summary["nbp"]["eval_loss"])
   assert np.isfinite(summary["tokenizer"]["eval_psnr_db"])
   assert set(summary["stage_seconds_this_invocation"]) == {"tokenizer", "tokens", "nbp"}
-  tokens_written = os.path.getmtime(os.path.join(tmp_path, "tokens", "metadata.json"))
   assert summary["samples_judged"] is None  # no classifier given
-  again = demo.run(config, tokenizer_config, str(tmp_path), classifier=classifier_workdir, judged_videos=4)
   assert again["nbp"]["steps"] == 3
-  assert os.path.getmtime(os.path.join(tmp_path, "tokens", "metadata.json")) == tokens_written
+  assert runs["tokens_written"][1] == runs["tokens_written"][0]  # the tokens were not encoded again
   judged = again["samples_judged"]
   assert judged["classifier"] == classifier_workdir and judged["step"] == 3 and judged["num_videos"] == 4
   assert 0.0 <= judged["class_match"] <= 1.0 and np.isfinite(judged["fvd_digits_classifier"])
   with open(os.path.join(tmp_path, "metrics.json")) as f:
     assert json.load(f)["samples_judged"] == judged
-
-
-@pytest.mark.slow
-def test_demo_code_path_on_two_devices(tmp_path, data_dir, classifier_workdir):
-  """`make demo` splits each batch over 2 CPU devices: every stage runs there, the tokenizer's decoder and the
-  judge (runs loaded by their workdirs) included, inside the training loop's mesh and outside it."""
-  result = run_module(["tests/demo_on_two_devices.py", data_dir, str(tmp_path), classifier_workdir], timeout=600)
-  assert result.returncode == 0, result.stderr[-5000:]
-  summary = json.loads(result.stdout.strip().splitlines()[-1])
-  assert summary["nbp"]["steps"] == 2 and np.isfinite(summary["nbp"]["eval_loss"])
-  assert summary["samples_judged"]["num_videos"] == 4
-  assert os.path.getsize(os.path.join(tmp_path, "samples.gif")) > 0
 
 
 @pytest.mark.slow
