@@ -202,7 +202,7 @@ def test_dropout_is_on_in_the_training_loss_only():
 
 
 def test_context_draws_replace_the_read_copies_of_tokens_by_the_models_draws_at_their_rate():
-  """The given frames, the start block and the targets stay; each read token is the model's own draw with
+  """The given frames and the start block stay; each other read token is the model's own draw with
   probability `rate` (drawn from the teacher-forced logits); held out and at rate 0, plain teacher forcing."""
   model = _model(condition="frames", prefix_frames=1)
   tokens = _tokens(model, batch=64)
