@@ -208,6 +208,12 @@ def test_evaluate_with_split_test_writes_its_own_file(tested_run):
   assert not os.path.exists(os.path.join(workdir, "eval_4.json"))  # the validation report is another file
   result = run_module(["-m", "experiments.evaluate", *flags, "--split", "dev"])
   assert result.returncode != 0 and "dev" in result.stderr
+  result = run_module(["-m", "experiments.evaluate", *flags, "--split", "test", "--step", "4", "--raw_params"])
+  assert result.returncode == 0, result.stderr[-3000:]
+  with open(os.path.join(workdir, "eval_4_test_raw.json")) as f:
+    assert json.load(f)["params"] == "params"  # a run without an EMA: its raw parameters either way
+  result = run_module(["-m", "experiments.evaluate", *flags, "--step", "3"])
+  assert result.returncode != 0 and "No checkpoint of step 3" in result.stderr
 
 
 # ---------------------------------------------------------------------------

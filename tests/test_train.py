@@ -538,7 +538,8 @@ def test_bad_init_from_names_the_path(tmp_path, data_dir, kind):
 
 @pytest.mark.slow
 def test_evaluation_and_sampling_use_the_ema_parameters_and_say_so(tmp_path, data_dir):
-  """With an EMA kept, load_params, the eval evaluator and the sampler all read ema_params, not params."""
+  """With an EMA kept, load_params, the eval evaluator and the sampler all read ema_params, not params (the raw
+  parameters only when asked for)."""
   config = tiny_ntp_config(data_dir, num_steps=3, checkpoint_every=3)
   config.optimizer.ema_decay = 0.5
   config.optimizer.warmup_steps = 0
@@ -550,6 +551,9 @@ def test_evaluation_and_sampling_use_the_ema_parameters_and_say_so(tmp_path, dat
   assert name == "ema_params" and step == 3 == result["step"]
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(params), state.ema_params)
   assert _max_abs_diff(state.ema_params, state.params) > 1e-4
+  _, raw, raw_name, _ = train.load_params(config, str(tmp_path), raw=True)  # experiments.evaluate --raw_params
+  assert raw_name == "params"
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(raw), state.params)
   # The held-out loss the run logged is that of the EMA parameters, not of the raw ones.
   on = {which: train.run_evaluators(s, p, which, 3, str(tmp_path / which), final=True)
         for which, p in (("ema_params", state.ema_params), ("params", state.params))}

@@ -500,14 +500,15 @@ def run_evaluators(s: Setup, params, params_name: str, step: int, workdir: str, 
   return out
 
 
-def load_params(config: ml_collections.ConfigDict, workdir: str, step: int | None = None
+def load_params(config: ml_collections.ConfigDict, workdir: str, step: int | None = None, *, raw: bool = False
                 ) -> tuple[Setup, Any, str, int]:
   """(setup, params, params_name, step) of a workdir's newest readable checkpoint (or of `step`), without optimizer
   state.
 
   params_name is "ema_params" when the run kept an EMA (what evaluation and
-  sampling use), else "params". The parameters lie on the run's shardings.
+  sampling use) and `raw` is not set, else "params". The parameters lie on
+  the run's shardings.
   """
   s = setup(config)
-  params, name, step = workdir_lib.load_params(workdir, s.task.model, s.task.init_inputs(), step=step)
+  params, name, step = workdir_lib.load_params(workdir, s.task.model, s.task.init_inputs(), step=step, raw=raw)
   return s, jax.device_put(params, s.state_sharding.params), name, step

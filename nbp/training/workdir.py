@@ -67,11 +67,12 @@ def abstract_params(model: nn.Module, init_inputs: dict[str, Any]):
 
 
 def load_params(workdir: str, model: nn.Module, init_inputs: dict[str, Any], *,
-                step: int | None = None) -> tuple[Any, str, int]:
+                step: int | None = None, raw: bool = False) -> tuple[Any, str, int]:
   """(params, which, step) of the newest readable checkpoint of `workdir` (or of `step`) for `model`.
 
   which is "ema_params" when the run kept an EMA (then those are returned),
-  else "params". Only parameters are read, never the optimizer state; a
+  else "params"; with `raw`, the raw parameters ("params") even of a run
+  that kept an EMA. Only parameters are read, never the optimizer state; a
   damaged step is skipped with a warning (nbp.training.checkpoint).
   """
   directory = checkpoint_lib.checkpoint_dir(workdir)
@@ -79,5 +80,5 @@ def load_params(workdir: str, model: nn.Module, init_inputs: dict[str, Any], *,
     raise FileNotFoundError(f"No checkpoint in workdir {workdir!r}: train first (experiments.train).")
   step, restored = checkpoint_lib.restore_params(workdir, abstract_params(model, init_inputs),
                                                  names=("params", "ema_params"), step=step)
-  which = "ema_params" if restored["ema_params"] is not None else "params"
+  which = "ema_params" if restored["ema_params"] is not None and not raw else "params"
   return restored[which], which, step
