@@ -10,9 +10,9 @@ Three stages, each resumed or skipped when the workdir already holds it:
      and samples videos through the tokenizer's decoder -> workdir/nbp
      (experiments/configs/nbp_digits.py:XS,local,tokens,row).
 To override keys, name the configs, e.g.
-  python -m experiments.demo --workdir runs/demo600 \
-      --config experiments/configs/nbp_digits.py:XS,local,tokens,row --config.num_steps=600 \
-      --tokenizer_config experiments/configs/video_tokenizer_digits.py:local --tokenizer_config.num_steps=600
+  python -m experiments.demo --workdir runs/demo2000 \
+      --config experiments/configs/nbp_digits.py:XS,local,tokens,row --config.num_steps=2000 \
+      --tokenizer_config experiments/configs/video_tokenizer_digits.py:local --tokenizer_config.num_steps=1200
 Then it writes workdir/samples.gif and samples.png (NBP's videos, one class
 per row), reconstructions.gif (validation videos above their tokenizer
 reconstructions), loss.png (one panel per trained stage) and metrics.json

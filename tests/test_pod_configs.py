@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from experiments.configs import nbp_kinetics600, nbp_pod, nbp_ucf101, video_tokenizer_pod, xar_imagenet
+from nbp import evaluators
 from nbp import tasks
 from nbp.data import splits
 from nbp.data import tokens as tokens_lib
@@ -175,6 +176,24 @@ def test_pod_configs_agree_with_the_tokenizer_and_the_official_scripts():
   assert k600.model.condition == "frames" and k600.model.prefix_frames == 2 and "num_classes" not in k600.model
   with pytest.raises(ValueError, match="700M"):
     nbp_ucf101.get_config("7B")
+  assert "fvd" not in k600.evals  # no I3D file named: no FVD evaluator
+
+
+def test_pod_configs_with_an_i3d_file_end_with_the_papers_fvd_protocol(tmp_path):
+  """SIZE,i3d=PATH adds the fvd evaluator: 16 of 17 frames, PyTorch's resize, Kinetics-600 through 64x64."""
+  weights = tmp_path / "i3d.npz"
+  weights.write_bytes(b"")
+  built = {}
+  for module in (nbp_ucf101, nbp_kinetics600):
+    c = module.get_config(f"1.2B,i3d={weights}")
+    assert c.model.variant == "1.2B" and c.evals.fvd.every == 0
+    _, built[module] = evaluators.build({"fvd": c.evals.fvd})["fvd"]
+  assert {m: (e.i3d_path, e.num_frames, e.half_pixel_centers, e.downsample) for m, e in built.items()} == {
+      nbp_ucf101: (str(weights), 16, True, 0), nbp_kinetics600: (str(weights), 16, True, 64)}
+  with pytest.raises(FileNotFoundError, match="i3d_path"):  # named but absent: refused before training
+    evaluators.build({"fvd": nbp_kinetics600.get_config(f"700M,i3d={tmp_path / 'absent.npz'}").evals.fvd})
+  with pytest.raises(ValueError, match="i3d=PATH.*'fvd=1'"):
+    nbp_kinetics600.get_config("700M,fvd=1")
 
 
 def test_xar_pod_configs_carry_the_papers_settings():

@@ -2,7 +2,10 @@ r"""NBP frame prediction on Kinetics-600: 2 latent frames (5 video frames) given
 
 17x128x128 videos as 5x16x16 tokens: a prefix of 2x16x16 = 512 tokens, then
 768 tokens generated as 48 blocks of one latent row.
-Argument: the model size, "700M", "1.2B" or "3B" (nbp.models.block_transformer.SIZES).
+Argument: "SIZE[,i3d=PATH]", the model size "700M", "1.2B" or "3B"
+(nbp.models.block_transformer.SIZES); with i3d=PATH, a local Kinetics-400 I3D
+weight file (nbp/models/i3d.py), the run ends with the FVD at the paper's
+protocol (nbp_pod.fvd_section).
 
 Pipeline (each step on the pod's hosts unless said):
   1. tokenizer: python -m experiments.train \
@@ -43,11 +46,10 @@ HYPERPARAMETERS = {"700M": (64, 1e-3), "1.2B": (64, 5e-4), "3B": (64, 2e-4)}
 
 
 def get_config(arg: str = "700M"):
-  if arg not in HYPERPARAMETERS:
-    raise ValueError(f"nbp_kinetics600 config argument must be one of {list(HYPERPARAMETERS)}, got {arg!r}")
-  batch_size, lr = HYPERPARAMETERS[arg]
-  c = nbp_pod.pod_config("kinetics600", arg, batch_size=batch_size, lr=lr, warmup_steps=10_000,
-                         num_steps=4_000_000, token_dir="data/tokens_k600")
+  size, i3d_path = nbp_pod.parse_argument(arg, "nbp_kinetics600", HYPERPARAMETERS)
+  batch_size, lr = HYPERPARAMETERS[size]
+  c = nbp_pod.pod_config("kinetics600", size, batch_size=batch_size, lr=lr, warmup_steps=10_000,
+                         num_steps=4_000_000, token_dir="data/tokens_k600", i3d_path=i3d_path)
   c.model.condition = "frames"
   c.model.prefix_frames = 2  # latent frames given (= 5 video frames)
   c.model.given_frames = "blocks"  # theirs: trained on as ordinary blocks, fed to the sampler as a prompt

@@ -1,6 +1,9 @@
 r"""NBP class-conditional generation on UCF-101 (101 classes), 17x128x128 videos as 5x16x16 tokens.
 
-Argument: the model size, "700M", "1.2B" or "3B" (nbp.models.block_transformer.SIZES).
+Argument: "SIZE[,i3d=PATH]", the model size "700M", "1.2B" or "3B"
+(nbp.models.block_transformer.SIZES); with i3d=PATH, a local Kinetics-400 I3D
+weight file (nbp/models/i3d.py), the run ends with the FVD at the paper's
+protocol (nbp_pod.fvd_section).
 
 Pipeline (each step on the pod's hosts unless said):
   1. tokenizer: python -m experiments.train \
@@ -45,11 +48,10 @@ HYPERPARAMETERS = {"700M": (256, 6e-4), "1.2B": (256, 6e-4), "3B": (256, 6e-4)}
 
 
 def get_config(arg: str = "700M"):
-  if arg not in HYPERPARAMETERS:
-    raise ValueError(f"nbp_ucf101 config argument must be one of {list(HYPERPARAMETERS)}, got {arg!r}")
-  batch_size, lr = HYPERPARAMETERS[arg]
-  c = nbp_pod.pod_config("ucf101", arg, batch_size=batch_size, lr=lr, warmup_steps=5000, num_steps=100_000,
-                         token_dir="data/tokens_ucf101")
+  size, i3d_path = nbp_pod.parse_argument(arg, "nbp_ucf101", HYPERPARAMETERS)
+  batch_size, lr = HYPERPARAMETERS[size]
+  c = nbp_pod.pod_config("ucf101", size, batch_size=batch_size, lr=lr, warmup_steps=5000, num_steps=100_000,
+                         token_dir="data/tokens_ucf101", i3d_path=i3d_path)
   c.model.condition = "class"
   c.model.num_classes = 101
   c.model.num_class_tokens = 8  # theirs: 8 text tokens of the class name
