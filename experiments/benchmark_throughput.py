@@ -6,6 +6,9 @@ r"""Training throughput and model FLOPs utilisation (MFU) of every family's loca
   # one config's step instead, e.g. the demo's, on N CPU devices:
   python -m experiments.benchmark_throughput --step_config experiments/configs/nbp_digits.py:XS,local,tokens,row \
       --step_config.data.token_dir=runs/demo/tokens --attention_impls xla,xla_blocksparse [--num_cpu_devices 2]
+  # two settings of one config, side by side (the step-time ratio to the first is printed):
+  python -m experiments.benchmark_throughput --step_config experiments/configs/video_tokenizer_digits.py:local \
+      --step_variants model.resample=space_to_depth --step_variants model.resample=conv
 
 For each family, size and attention implementation: the jitted train step
 (forward, backward, AdamW) of the family's local config with `model.variant`
@@ -21,6 +24,11 @@ step's rate over that one. `--throughput_profile DIR` also traces each row's ste
 (nbp.profiling) and prints where its time goes: by kind of XLA op (matmul,
 elementwise, layout copy, loop) and by model path.
 
+`--step_variants` (repeated; with `--step_config`) times the config once per
+variant, each "KEY=VALUE[,KEY=VALUE...]" of dotted config keys, one after the
+other in the same process, and prints each step time's ratio to the first
+variant's.
+
 Families (their config, the variant set to SIZE):
   ntp    ntp_text.py:SIZE,local             bytes, 256-byte windows, batch 16
   nbp    nbp_digits.py:SIZE,local,row       moving digits as pixels, 576 tokens, batch 8
@@ -33,6 +41,7 @@ the config's own); `--batch` > 0 overrides every config's batch.
 
 from __future__ import annotations
 
+import ast
 import importlib
 import json
 import os
@@ -64,14 +73,48 @@ DATA_DIR = flags.DEFINE_string("throughput_data_dir", "", "Overrides config.data
 STEP_CONFIG = config_flags.DEFINE_config_file(
     "step_config", None, "One config to time instead of the families' (e.g. the demo's "
     "nbp_digits.py:XS,local,tokens,row with --step_config.data.token_dir=runs/demo/tokens).")
+VARIANTS = flags.DEFINE_multi_string("step_variants", [], "With --step_config: KEY=VALUE[,KEY=VALUE...] of dotted "
+                                      "config keys; each one is timed, side by side.")
 PROFILE = flags.DEFINE_string("throughput_profile", "", "If set, a directory: each row's step is traced there "
                               "and its time split by kind of op and by model path.")
 
 
+def parse_variant(text: str) -> dict[str, str]:
+  """{dotted key: value text} of a --step_variants item "KEY=VALUE[,KEY=VALUE...]"."""
+  out = {}
+  for item in text.split(","):
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+      raise ValueError(f"--step_variants {text!r}: expected KEY=VALUE[,KEY=VALUE...], got {item!r}")
+    out[key] = value
+  return out
+
+
+def set_key(config, key: str, text: str) -> None:
+  """config[key] = text, typed like the value it replaces (a dotted key the config lacks is an error naming it)."""
+  *path, last = key.split(".")
+  node = config
+  for part in path:
+    if part not in node:
+      raise KeyError(f"--step_variants: the config has no key {key!r} ({part!r} missing)")
+    node = node[part]
+  if last not in node:
+    raise KeyError(f"--step_variants: the config has no key {key!r}")
+  old = node[last]
+  if isinstance(old, bool):
+    if text not in ("True", "False", "true", "false"):
+      raise ValueError(f"--step_variants {key}={text!r}: expected True or False")
+    node[last] = text in ("True", "true")
+  elif old is None or isinstance(old, (tuple, list)):
+    node[last] = ast.literal_eval(text)
+  else:
+    node[last] = type(old)(text)
+
+
 def family_config(family: str, size: str, impl: str = "config", batch: int = 0, data_dir: str = "",
-                  given=None):
-  """The family's local config at `size` (model.variant), or the `given` config as it is, with the attention impl
-  and batch given."""
+                  given=None, overrides: dict[str, str] | None = None):
+  """The family's local config at `size` (model.variant), or the `given` config as it is, with the attention impl,
+  batch and dotted-key `overrides` given."""
   if given is not None:
     config = given.copy_and_resolve_references()
     config.unlock()
@@ -93,6 +136,8 @@ def family_config(family: str, size: str, impl: str = "config", batch: int = 0, 
     config.batch_size = batch
   if data_dir:
     config.data.dir = data_dir
+  for key, text in (overrides or {}).items():
+    set_key(config, key, text)
   config.lock()
   return config
 
@@ -131,19 +176,25 @@ def main(argv):
                                         repeats=REPEATS.value)
   rows = []
   cases = [(f, size) for f in FAMILIES_FLAG.value for size in SIZES.value]
+  if VARIANTS.value and STEP_CONFIG.value is None:
+    raise ValueError("--step_variants needs --step_config (the config whose keys it sets)")
+  variants = VARIANTS.value or [""]
   if STEP_CONFIG.value is not None:
     cases = [(STEP_CONFIG.value.family, STEP_CONFIG.value.model.get("variant", ""))]
   for family, size in cases:
     for impl in IMPLS.value:
-      config = family_config(family, size, impl, BATCH.value, DATA_DIR.value, STEP_CONFIG.value)
-      profile_dir = os.path.join(PROFILE.value, f"{family}_{size}_{impl}") if PROFILE.value else ""
-      row = {"family": family, "size": size, "attention_impl": impl,
-             **train_step_rate(config, REPEATS.value, profile_dir)}
-      ops = row.pop("profile", None)
-      print(json.dumps(row), flush=True)
-      if ops:
-        profiling.print_summary(f"{family} {size} ({impl})", ops)
-      rows.append(row)
+      for variant in variants:
+        overrides = parse_variant(variant) if variant else {}
+        config = family_config(family, size, impl, BATCH.value, DATA_DIR.value, STEP_CONFIG.value, overrides)
+        name = "_".join(filter(None, [family, size, impl, variant.replace("=", "-").replace(",", "_")]))
+        profile_dir = os.path.join(PROFILE.value, name) if PROFILE.value else ""
+        row = {"family": family, "size": size, "attention_impl": impl, "variant": variant,
+               **train_step_rate(config, REPEATS.value, profile_dir)}
+        ops = row.pop("profile", None)
+        print(json.dumps(row), flush=True)
+        if ops:
+          profiling.print_summary(f"{family} {size} ({impl}{', ' + variant if variant else ''})", ops)
+        rows.append(row)
   after = roofline.measure_matmul_rate(*(3 * [roofline.PEAK_MATMUL_SIDE.get(jax.default_backend(), 8192)]),
                                        repeats=REPEATS.value)
   peak = (before + after) / 2
@@ -152,15 +203,19 @@ def main(argv):
   print(f"\n{jax.devices()[0].device_kind}, {os.cpu_count()} CPUs; {dtype} matmul (the loop's start-up "
         f"measure): {before / 1e9:.1f} / {after / 1e9:.1f} GFLOP/s before / after; median of {REPEATS.value} "
         "steps\n")
-  print("| family | size | params | width | attention | batch | ms/step | GFLOP/step (XLA) | achieved GFLOP/s | "
-        "MFU | width's matmul / peak | of the width's matmul |")
-  print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+  print("| family | size | variant | params | width | attention | batch | ms/step | of the first variant's | "
+        "GFLOP/step (XLA) | achieved GFLOP/s | MFU | width's matmul / peak | of the width's matmul |")
+  print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+  first = {}
   for r in rows:
     r["mfu"] = r["flops_per_sec"] / peak
     r["width_matmul_of_peak"] = r["width_matmul_flops_per_sec"] / peak
     r["of_width_matmul"] = r["flops_per_sec"] / r["width_matmul_flops_per_sec"]
-    print(f"| {r['family']} | {r['size']} | {r['params'] / 1e6:.2f}M | {r['width']} | {r['attention_impl']} | "
-          f"{r['batch']} | {1e3 * r['seconds_per_step']:.1f} | {r['step_flops'] / 1e9:.2f} | "
+    base = first.setdefault((r["family"], r["size"], r["attention_impl"]), r["seconds_per_step"])
+    r["of_first_variant"] = r["seconds_per_step"] / base
+    print(f"| {r['family']} | {r['size']} | {r['variant'] or '-'} | {r['params'] / 1e6:.2f}M | {r['width']} | "
+          f"{r['attention_impl']} | {r['batch']} | {1e3 * r['seconds_per_step']:.1f} | {r['of_first_variant']:.2f} | "
+          f"{r['step_flops'] / 1e9:.2f} | "
           f"{r['flops_per_sec'] / 1e9:.1f} | {r['mfu']:.2f} | {r['width_matmul_of_peak']:.2f} | "
           f"{r['of_width_matmul']:.2f} |")
   print(json.dumps({"matmul_flops_per_sec": [before, after], "rows": rows}))

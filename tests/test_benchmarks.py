@@ -77,6 +77,20 @@ def test_throughput_times_a_given_config_as_it_is():
                                        given=video_tokenizer_digits.get_config("local"))
 
 
+def test_throughput_variants_set_typed_config_keys_and_name_a_bad_one():
+  """--step_variants: each KEY=VALUE typed like the key it replaces, the given config untouched; bad items named."""
+  from experiments.configs import video_tokenizer_digits  # pylint: disable=g-import-not-at-top
+  given = video_tokenizer_digits.get_config("local")
+  overrides = benchmark_throughput.parse_variant("model.resample=conv,batch_size=4")
+  config = benchmark_throughput.family_config("video_tokenizer", "", given=given, overrides=overrides)
+  assert (config.model.resample, config.batch_size) == ("conv", 4) and isinstance(config.batch_size, int)
+  assert given.model.resample == "space_to_depth" and given.batch_size == 8
+  with pytest.raises(KeyError, match="model.resampling"):
+    benchmark_throughput.family_config("video_tokenizer", "", given=given, overrides={"model.resampling": "conv"})
+  with pytest.raises(ValueError, match="model.resample"):
+    benchmark_throughput.parse_variant("model.resample")
+
+
 def test_throughput_step_counts_xlas_flops(tmp_path):
   config = benchmark_throughput.family_config("xar", "tiny", batch=4, data_dir=str(tmp_path))
   row = benchmark_throughput.train_step_rate(config, repeats=1)
