@@ -10,6 +10,7 @@ import sys
 import time
 
 import flax.linen as nn
+import imageio.v3 as imageio
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -274,6 +275,7 @@ def test_demo_code_path_on_two_devices_and_resumed(tmp_path, data_dir, classifie
   summary, again = runs["first"], runs["again"]
   for name in ("samples.gif", "samples.png", "reconstructions.gif", "loss.png", "metrics.json"):
     assert os.path.getsize(os.path.join(tmp_path, name)) > 0, name
+  assert imageio.imread(os.path.join(tmp_path, "loss.png")).shape[1] == 2 * 500  # one 500-pixel panel per stage
   assert summary["tokenizer"]["steps"] == 2 and summary["tokenizer"]["token_grid"] == [2, 2, 2]
   assert summary["nbp"]["steps"] == 3 and np.isfinite(summary["nbp"]["eval_loss"])
   assert np.isfinite(summary["tokenizer"]["eval_psnr_db"])
