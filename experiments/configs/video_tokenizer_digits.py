@@ -32,9 +32,9 @@ Argument: "local" or "pod".
   docs/nbp.md has the table): activation="swish_beta"
   20.5 / 20.8 dB, no better than plain swish (20.6 / 20.8), so swish is kept;
   resample="conv" 15.7 dB and both together 16.7 dB (seed 0), far below
-  space-to-depth, so space-to-depth is kept on quality. Their speed was not
-  compared: these runs shared the 2 cores with another job, so the timing still
-  needs a measurement on an idle machine.
+  space-to-depth, so space-to-depth is kept on quality, and on speed: this
+  config's training step takes 1.20-1.22x as long with resample="conv" (two
+  CPU devices, alone; experiments.benchmark_throughput --step_variants).
 - pod: 17 frames of 128x128 (2 digits, sprites scaled 4x) -> 5x16x16 = 1,280
   tokens (time 4x, space 8x), the paper's levels (8, 8, 8, 5, 5, 5) = 64,000
   codes, channels 128 x (1, 2, 2, 4), two residual blocks, batch 64, bfloat16.
