@@ -119,7 +119,8 @@ def get_config(arg: str = "XS,local,row"):
   c.loss.cond_dropout = 0.1 if condition == "class" else 0.0  # null class in training (CFG)
   # The paper's teacher forcing; p: each token read as the model's own draw with probability p. Frame prediction
   # (XS,local,row,frames fine-tuned 2,000 steps from a 10,000-step run, docs/nbp.md "Reading its own draws"):
-  # the mean of 8 draws misses by 1.136 px at p = 1, 1.179 at 0.5, 1.231 teacher forced. At the frames config's
+  # the mean of 8 draws misses by 1.136 px at p = 1, 1.179 at 0.5, 1.231 teacher forced (training seed 1; on the
+  # test split at top-p 1.0, 0.475 and 0.502 of repeat-last for training seeds 1 and 2). At the frames config's
   # own 300 steps (training seeds 0 / 1, one draw, 64 validation videos): 1.712 / 1.664 at p = 1 against
   # 1.701 / 1.810, better on one seed only, and a worse pixel MSE (0.108 / 0.104 against 0.092 / 0.101): off.
   c.loss.context_draws = 0.0
