@@ -42,6 +42,7 @@ the config's own); `--batch` > 0 overrides every config's batch.
 from __future__ import annotations
 
 import ast
+import functools
 import importlib
 import json
 import os
@@ -92,23 +93,19 @@ def parse_variant(text: str) -> dict[str, str]:
 
 def set_key(config, key: str, text: str) -> None:
   """config[key] = text, typed like the value it replaces (a dotted key the config lacks is an error naming it)."""
-  *path, last = key.split(".")
-  node = config
-  for part in path:
-    if part not in node:
-      raise KeyError(f"--step_variants: the config has no key {key!r} ({part!r} missing)")
-    node = node[part]
-  if last not in node:
-    raise KeyError(f"--step_variants: the config has no key {key!r}")
-  old = node[last]
+  try:
+    old = functools.reduce(lambda node, part: node[part], key.split("."), config)
+  except (KeyError, AttributeError, TypeError):  # a missing part, or a part below a leaf
+    raise KeyError(f"--step_variants: the config has no key {key!r}") from None
   if isinstance(old, bool):
     if text not in ("True", "False", "true", "false"):
       raise ValueError(f"--step_variants {key}={text!r}: expected True or False")
-    node[last] = text in ("True", "true")
+    value = text in ("True", "true")
   elif old is None or isinstance(old, (tuple, list)):
-    node[last] = ast.literal_eval(text)
+    value = ast.literal_eval(text)
   else:
-    node[last] = type(old)(text)
+    value = type(old)(text)
+  config.update_from_flattened_dict({key: value})
 
 
 def family_config(family: str, size: str, impl: str = "config", batch: int = 0, data_dir: str = "",

@@ -85,8 +85,9 @@ def test_throughput_variants_set_typed_config_keys_and_name_a_bad_one():
   config = benchmark_throughput.family_config("video_tokenizer", "", given=given, overrides=overrides)
   assert (config.model.resample, config.batch_size) == ("conv", 4) and isinstance(config.batch_size, int)
   assert given.model.resample == "space_to_depth" and given.batch_size == 8
-  with pytest.raises(KeyError, match="model.resampling"):
-    benchmark_throughput.family_config("video_tokenizer", "", given=given, overrides={"model.resampling": "conv"})
+  for bad in ("model.resampling", "model.resample.kind"):  # a missing key, a key below a leaf
+    with pytest.raises(KeyError, match=bad):
+      benchmark_throughput.family_config("video_tokenizer", "", given=given, overrides={bad: "conv"})
   with pytest.raises(ValueError, match="model.resample"):
     benchmark_throughput.parse_variant("model.resample")
 
